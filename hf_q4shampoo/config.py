@@ -1,0 +1,310 @@
+"""Every hyper-parameter of Q4Shampoo in one frozen, validated dataclass.
+
+Where paper 1 (Cholesky + error feedback) is silent, the defaults follow paper 2's code and
+appendix G (papers.md §1.3, §2.7, §2.8); each such open choice is a named field whose docstring
+says which decision it encodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["Q4ShampooConfig", "parse_optim_args", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS"]
+
+PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
+ROOT_METHODS = ("auto", "eigh", "newton")
+QUANT_MAPS = ("linear2", "dynamic")
+
+#: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
+
+#: Fields that decide the layout of the saved state; a checkpoint made with other values of these
+#: cannot be loaded (the error names the differing fields).
+STATE_LAYOUT_KEYS = (
+    "precond",
+    "first_order",
+    "first_order_bits",
+    "max_precond_dim",
+    "max_aspect_ratio",
+    "min_precond_numel",
+    "min_quant_numel",
+    "quant_block_size",
+    "root_bits",
+)
+
+
+class ConfigError(ValueError):
+    """A Q4Shampoo option has an unknown name or an invalid value."""
+
+
+@dataclass(frozen=True)
+class Q4ShampooConfig:
+    """Hyper-parameters of :class:`~hf_q4shampoo.Q4Shampoo`.
+
+    First-order step (per parameter group):
+        lr, betas, eps, weight_decay: AdamW's (``first_order="adamw"``; decoupled decay).
+        momentum, nesterov: SGD's (``first_order="sgd"``; L2 decay added after grafting, paper 2).
+        first_order: ``"adamw"`` (default) or ``"sgd"``.
+        first_order_bits: 4 (paper 3: m block-128 dynamic exponent, v rank-1 zero-free linear;
+            tensors of <= 4096 entries stay fp32) or 32.
+
+    Shampoo schedule (paper 2 Algorithm 4):
+        update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
+            gradient only (the gradients in between are not accumulated, as in paper 2).
+        root_freq: T2. Inverse roots are recomputed on steps t with t % T2 == 0; before the first
+            one the roots are the identity and the step is a plain first-order step.
+            For runs of only a few thousand steps, lower both (e.g. ``update_freq=10,root_freq=50``).
+        start_precond_step: no statistics or roots before this step.
+        stat_decay: beta of ``L <- beta L + (1 - beta) G G^T`` (paper 2: 0.95).
+        matrix_eps: relative ridge: roots are of ``L + matrix_eps * lambda_max * I``; the statistics
+            start at ``matrix_eps * I`` (paper 2: 1e-6).
+
+    Blocking (see ``blocking.py``):
+        max_precond_dim: dimensions longer than this are cut into blocks (paper 2: 1200; we use
+            1024, which suits GPU matrix units and Distributed Shampoo's default).
+        max_aspect_ratio: a dimension more than this many times longer than the other is not
+            preconditioned (only the short side is); 0 disables the rule.
+        min_precond_numel: matrices with fewer entries bypass Shampoo.
+
+    Storage:
+        precond: ``"cholesky_ef"`` (paper 1, default), ``"cholesky"`` (paper 1 without error
+            feedback), ``"eigen"`` (paper 2), ``"naive"`` (4-bit statistics, paper 2's baseline /
+            paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
+        min_quant_numel: factors with fewer entries stay fp32 (paper 2: 4096, i.e. order < 64).
+        quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
+        quant_block_size: entries per absmax block inside a row (paper 2: 64).
+        root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4) or 32.
+        root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
+            Schur-Newton of paper 2) or ``"auto"`` (eigh on CPU, newton on accelerators, where batched
+            matrix products are far faster than eigendecompositions).
+        newton_max_iters, newton_tol: limits of the Newton iteration (paper 2: tol 1e-6).
+
+    Paper 1 choices it leaves open (papers.md §2.8), each a decision of ours:
+        ef_beta: beta_e of the error-feedback EMA ``E <- beta_e E + (1 - beta_e) residual``.
+            No value is published; see docs/results.md for the ablation behind the default.
+        cholesky_eps: ridge inside the Cholesky factorisation, relative to the largest diagonal entry
+            of the statistics (D5); failed factorisations are retried with 100x and 10^4x the ridge
+            and finally fall back to the diagonal factor (``linalg.robust_cholesky``).
+        remove_cholesky_ridge: subtract that ridge again when the statistics are rebuilt from the
+            stored factor (D3); otherwise it compounds to ~ridge / (1 - beta) over time.
+
+    Paper 2 (``precond="eigen"``):
+        bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
+            and before a root (paper 2: 1 and 4).
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    first_order: str = "adamw"
+    first_order_bits: int = 4
+    precond: str = "cholesky_ef"
+    update_freq: int = 100
+    root_freq: int = 500
+    start_precond_step: int = 1
+    stat_decay: float = 0.95
+    matrix_eps: float = 1e-6
+    max_precond_dim: int = 1024
+    max_aspect_ratio: float = 16.0
+    min_precond_numel: int = 64
+    min_quant_numel: int = 4096
+    quant_map: str = "linear2"
+    quant_block_size: int = 64
+    root_bits: int = 4
+    root_method: str = "auto"
+    newton_max_iters: int = 25
+    newton_tol: float = 1e-6
+    ef_beta: float = 0.0
+    cholesky_eps: float = 1e-6
+    remove_cholesky_ridge: bool = True
+    bjorck_update_iters: int = 1
+    bjorck_root_iters: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        for f in fields(self):
+            _validate(f.name, getattr(self, f.name))
+
+    # ---- construction helpers ------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "Q4ShampooConfig":
+        """Build from keyword arguments, naming any unknown key and the allowed ones."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"Q4Shampoo: unknown option(s) {', '.join(map(repr, unknown))}. "
+                f"Allowed options: {', '.join(cls.field_names())}."
+            )
+        return cls(**kwargs)
+
+    def replace(self, **kwargs: Any) -> "Q4ShampooConfig":
+        unknown = sorted(set(kwargs) - set(self.field_names()))
+        if unknown:
+            raise ConfigError(f"Q4Shampoo: unknown option(s) {', '.join(map(repr, unknown))}.")
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in GROUP_KEYS}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation rules: (kind, constraint, human description)
+# --------------------------------------------------------------------------------------------
+
+_CHOICES: dict[str, tuple] = {
+    "first_order": ("adamw", "sgd"),
+    "precond": PRECOND_FORMS,
+    "root_method": ROOT_METHODS,
+    "quant_map": QUANT_MAPS,
+    "first_order_bits": (4, 32),
+    "root_bits": (4, 32),
+}
+_INT_MIN = {
+    "update_freq": 1,
+    "root_freq": 1,
+    "start_precond_step": 0,
+    "max_precond_dim": 1,
+    "min_precond_numel": 0,
+    "min_quant_numel": 0,
+    "quant_block_size": 2,
+    "newton_max_iters": 1,
+    "bjorck_update_iters": 0,
+    "bjorck_root_iters": 0,
+}
+# (low, high, low inclusive, high inclusive)
+_FLOAT_RANGE = {
+    "lr": (0.0, float("inf"), True, False),
+    "eps": (0.0, float("inf"), True, False),
+    "weight_decay": (0.0, float("inf"), True, False),
+    "momentum": (0.0, 1.0, True, False),
+    "stat_decay": (0.0, 1.0, True, False),
+    "matrix_eps": (0.0, float("inf"), False, False),
+    "max_aspect_ratio": (0.0, float("inf"), True, False),
+    "newton_tol": (0.0, float("inf"), False, False),
+    "ef_beta": (0.0, 1.0, True, False),
+    "cholesky_eps": (0.0, float("inf"), False, False),
+}
+_BOOLS = ("nesterov", "remove_cholesky_ridge")
+
+
+def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
+    left = "[" if lo_inc else "("
+    right = "]" if hi_inc else ")"
+    return f"{left}{low:g}, {high:g}{right}"
+
+
+def _validate(name: str, value: Any) -> None:
+    if name in _CHOICES:
+        if value not in _CHOICES[name] or isinstance(value, bool):
+            raise ConfigError(
+                f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
+            )
+    elif name in _INT_MIN:
+        if not isinstance(value, int) or isinstance(value, bool) or value < _INT_MIN[name]:
+            raise ConfigError(f"Q4Shampoo: {name} must be an integer >= {_INT_MIN[name]}, got {value!r}.")
+    elif name in _FLOAT_RANGE:
+        low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            v = float(value)
+            ok = (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
+        if not ok:
+            raise ConfigError(
+                f"Q4Shampoo: {name} must be a number in {_range_text(low, high, lo_inc, hi_inc)}, got {value!r}."
+            )
+    elif name in _BOOLS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Q4Shampoo: {name} must be true or false, got {value!r}.")
+    elif name == "betas":
+        ok = isinstance(value, tuple) and len(value) == 2
+        ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+        if not ok:
+            raise ConfigError(f"Q4Shampoo: betas must be two numbers in [0, 1), got {value!r}.")
+    else:  # pragma: no cover - every field must have a rule
+        raise AssertionError(f"no validation rule for {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# ``--optim_args`` parsing
+# --------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _cast(name: str, text: str) -> Any:
+    default = getattr(Q4ShampooConfig, name)
+    try:
+        if name in _BOOLS:
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if name in _CHOICES and isinstance(_CHOICES[name][0], str):
+            return text.lower()
+        if isinstance(default, bool):  # pragma: no cover - covered by _BOOLS
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if name == "betas":
+            parts = text.replace(";", ":").split(":")
+            return tuple(float(p) for p in parts)
+    except ValueError:
+        pass
+    else:
+        return text
+    if name in _BOOLS:
+        expected = "true or false"
+    elif name == "betas":
+        expected = "two numbers written as b1:b2"
+    else:
+        expected = "an integer" if isinstance(default, int) else "a number"
+    raise ConfigError(f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}.")
+
+
+def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse ``"key=value,key=value"`` (``--optim_args``) into typed Q4Shampoo options.
+
+    Keys are :class:`Q4ShampooConfig` field names. Values are cast to the field's type and
+    validated. ``reserved`` maps keys that must not be given here to the place they come from
+    (e.g. ``{"lr": "--learning_rate"}``); giving one raises :class:`ConfigError` naming it.
+    """
+    if text is None or not text.strip():
+        return {}
+    out: dict[str, Any] = {}
+    names = Q4ShampooConfig.field_names()
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"Q4Shampoo: optim_args item {item!r} is not of the form key=value.")
+        key, value = item.split("=", 1)
+        if reserved and key in reserved:
+            raise ConfigError(f"Q4Shampoo: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
+        if key not in names:
+            allowed = [n for n in names if not reserved or n not in reserved]
+            raise ConfigError(
+                f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {', '.join(allowed)}."
+            )
+        out[key] = _cast(key, value)
+        _validate(key, out[key])
+    return out
+

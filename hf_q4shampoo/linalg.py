@@ -1,0 +1,196 @@
+"""Batched linear algebra for Shampoo: inverse p-th roots, Björck steps, power iteration, Cholesky.
+
+Every function takes a stack of matrices ``(..., n, n)`` and works on all of them at once. Nothing
+here knows about quantization.
+
+Ridges are *relative*: ``eps * lambda_max`` (paper 2's code, papers.md §1.2), so the result does
+not depend on the scale of the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "symmetrize",
+    "eye_like",
+    "power_iteration",
+    "inverse_root_eigh",
+    "inverse_root_newton",
+    "matrix_inverse_root",
+    "bjorck_orthonormalize",
+    "robust_cholesky",
+    "CHOLESKY_JITTER_STEPS",
+]
+
+# Relative jitter multipliers tried, in order, when a Cholesky factorisation fails.
+CHOLESKY_JITTER_STEPS = (1.0, 1e2, 1e4)
+
+
+def symmetrize(a: torch.Tensor) -> torch.Tensor:
+    return (a + a.mT) * 0.5
+
+
+def eye_like(a: torch.Tensor) -> torch.Tensor:
+    n = a.shape[-1]
+    return torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)
+
+
+def _start_vector(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Deterministic "random" start (uniform in (-1, 1) as in paper 2's PowerIter) so that a run is
+    # reproducible and a resumed run is identical without saving RNG state.
+    gen = torch.Generator().manual_seed(1234 + n)
+    return (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
+
+
+def power_iteration(a: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Estimate the largest eigenvalue of symmetric PSD matrices ``(..., n, n)``; returns ``(...,)``.
+
+    Ten iterations as in paper 2. The estimate is a lower bound of ``lambda_max``; it is only used
+    to scale a ridge, where a lower bound is harmless.
+    """
+    v = _start_vector(a.shape[-1], a.dtype, a.device).expand(*a.shape[:-1]).unsqueeze(-1)
+    v = v / v.norm(dim=-2, keepdim=True)
+    for _ in range(iters):
+        w = a @ v
+        v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return (v.mT @ a @ v).squeeze(-1).squeeze(-1).clamp_min(0.0)
+
+
+def _finite_per_matrix(x: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(x).flatten(-2).all(-1)
+
+
+def inverse_root_eigh(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6) -> torch.Tensor:
+    """``(A + eps * lambda_max I)^(-1/p)`` by a symmetric eigendecomposition.
+
+    Computed in fp32; if the decomposition fails or gives non-finite values it is redone in fp64.
+    Negative eigenvalues (from rounding or from a lossy reconstruction of A) are clamped to 0 before
+    the ridge is added. An all-zero matrix gives the identity.
+    """
+    out_dtype = a.dtype
+    work = symmetrize(a.float())
+    try:
+        evals, evecs = torch.linalg.eigh(work)
+        ok = bool(_finite_per_matrix(evecs).all() and torch.isfinite(evals).all())
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        ok = False
+    if not ok:
+        evals, evecs = torch.linalg.eigh(symmetrize(a.double()))
+    evals = evals.clamp_min(0.0)
+    lam_max = evals.amax(-1, keepdim=True)
+    ridge = ridge_eps * lam_max
+    inv = (evals + ridge).pow(-1.0 / p)
+    zero = lam_max <= 0
+    inv = torch.where(zero, torch.ones_like(inv), inv)
+    root = (evecs * inv.unsqueeze(-2)) @ evecs.mT
+    return symmetrize(root).to(out_dtype)
+
+
+def inverse_root_newton(
+    a: torch.Tensor,
+    p: int = 4,
+    ridge_eps: float = 1e-6,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+) -> torch.Tensor:
+    """``(A + eps * lambda_max I)^(-1/p)`` by the coupled Newton iteration (Guo & Higham 2006).
+
+    As in paper 2 (Algorithm 4 / ``ComputePower``), with ``lambda_max`` from power iteration:
+    ``z = (1 + p) / (2 ||A||_F)``, ``X = z^(1/p) I``, ``M = z A``, then
+    ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M`` while ``max|M - I| > tol``; a matrix
+    whose error grows by more than 1.2x keeps its previous X. All matrices iterate together; each
+    stops on its own (masked), the loop ends when none is active. Matrices whose result is not
+    finite are recomputed with :func:`inverse_root_eigh` in fp64.
+    """
+    out_dtype = a.dtype
+    work = symmetrize(a.float())
+    eye = eye_like(work)
+    lam = power_iteration(work)
+    # Normalise by lambda_max so fp32 never overflows; rescale at the end.
+    scale = torch.where(lam > 0, lam, torch.ones_like(lam))
+    work = work / scale[..., None, None] + ridge_eps * eye
+    z = (1.0 + p) / (2.0 * torch.linalg.matrix_norm(work))
+    x = z.pow(1.0 / p)[..., None, None] * eye
+    m = z[..., None, None] * work
+    err = (m - eye).abs().flatten(-2).amax(-1)
+    active = err > tol
+    for _ in range(max_iters):
+        if not bool(active.any()):
+            break
+        t = ((p + 1.0) * eye - m) / p
+        x_new = x @ t
+        t2 = t @ t
+        tp = t2 @ t2 if p == 4 else torch.linalg.matrix_power(t, p)
+        m_new = tp @ m
+        err_new = (m_new - eye).abs().flatten(-2).amax(-1)
+        take = active & (err_new <= 1.2 * err)
+        x = torch.where(take[..., None, None], x_new, x)
+        m = torch.where(take[..., None, None], m_new, m)
+        err = torch.where(take, err_new, err)
+        active = take & (err_new > tol)
+    x = x * scale.pow(-1.0 / p)[..., None, None]
+    x = torch.where((lam > 0)[..., None, None], x, eye)
+    bad = ~_finite_per_matrix(x)
+    if bool(bad.any()):
+        x = x.clone()
+        x[bad] = inverse_root_eigh(a[bad].double(), p, ridge_eps).float()
+    return symmetrize(x).to(out_dtype)
+
+
+def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw) -> torch.Tensor:
+    """Dispatch to :func:`inverse_root_eigh` or :func:`inverse_root_newton` (``method``)."""
+    if method == "eigh":
+        return inverse_root_eigh(a, p, ridge_eps)
+    if method == "newton":
+        return inverse_root_newton(a, p, ridge_eps, **kw)
+    raise ValueError(f"unknown inverse-root method {method!r}; allowed: 'eigh', 'newton'")
+
+
+def bjorck_orthonormalize(v: torch.Tensor, iters: int) -> torch.Tensor:
+    """``iters`` Björck steps ``V <- 1.5 V - 0.5 V V^T V`` (paper 2 Eq. 2)."""
+    for _ in range(iters):
+        v = 1.5 * v - 0.5 * (v @ v.mT @ v)
+    return v
+
+
+def robust_cholesky(a: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of ``A + r I`` for symmetric PSD ``A``, never NaN; returns ``(C, r)``.
+
+    The ridge is relative to the largest diagonal entry, ``r = rel_eps * max_i A_ii`` (a cheap
+    upper-bound proxy for ``lambda_max``, within a factor n of it). A matrix whose factorisation
+    fails is retried with the ridge multiplied by each of :data:`CHOLESKY_JITTER_STEPS`; if it still
+    fails (or A is not finite) the documented fallback is the *diagonal* factor
+    ``diag(sqrt(max(A_ii, 0) + r))``, which keeps the scale of each coordinate and drops the
+    correlations of that block for this update. ``r`` (shape ``(...,)``) is the ridge actually
+    used, so a caller can subtract it after reconstructing ``C C^T``.
+    """
+    work = symmetrize(a.float())
+    finite = _finite_per_matrix(work)
+    work = torch.where(finite[..., None, None], work, eye_like(work))
+    diag = work.diagonal(dim1=-2, dim2=-1)
+    base = rel_eps * diag.amax(-1).clamp_min(0.0)
+    base = torch.where(base > 0, base, torch.full_like(base, torch.finfo(torch.float32).tiny ** 0.5))
+    eye = eye_like(work)
+    chol = None
+    ridge = base
+    failed = torch.ones_like(base, dtype=torch.bool)
+    for mult in CHOLESKY_JITTER_STEPS:
+        r = base * mult
+        c, info = torch.linalg.cholesky_ex(work + r[..., None, None] * eye)
+        ok = (info == 0) & _finite_per_matrix(c)
+        if chol is None:
+            chol, ridge = c, r
+        else:
+            take = failed & ok
+            chol = torch.where(take[..., None, None], c, chol)
+            ridge = torch.where(take, r, ridge)
+        failed = failed & ~ok
+        if not bool(failed.any()):
+            break
+    assert chol is not None
+    if bool(failed.any()):
+        fallback = torch.diag_embed((diag.clamp_min(0.0) + ridge.unsqueeze(-1)).sqrt())
+        chol = torch.where(failed[..., None, None], fallback, chol)
+    chol = torch.where(finite[..., None, None], chol, eye)
+    return chol, ridge

@@ -1,0 +1,360 @@
+"""``Q4Shampoo``: Shampoo with 4-bit preconditioners and 4-bit first-order states.
+
+One step, for every matrix parameter W with gradient G (paper 2 Algorithm 4; papers.md §1.1)::
+
+    if t % update_freq == 0:  L <- beta L + (1-beta) G G^T ;  R <- beta R + (1-beta) G^T G   (per block)
+    if t % root_freq   == 0:  L^ <- (L + eps lmax I)^-1/4 ;  R^ <- (R + eps lmax I)^-1/4
+    G^ = L^ G R^                                  (per block, merged back)
+    G~ = G^ * ||G||_F / ||G^||_F                  (norm grafting, per tensor)
+    W  <- first_order_step(W, G~)                 (AdamW or SGD-momentum)
+
+How L, R and the roots are *stored* is the job of a preconditioner form (``preconditioners.py``);
+how a parameter is cut into blocks is ``blocking.py``. Blocks of the same order are concatenated
+across all parameters so every stage is a handful of batched tensor ops.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .blocking import BlockPlan, Region, extract_blocks, insert_blocks, plan_blocks
+from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
+from .first_order import adamw_step, init_first_order_state, sgd_step
+from .preconditioners import FormSettings, PreconditionerForm, make_form
+
+__all__ = ["Q4Shampoo"]
+
+SIDES = ("L", "R")
+_GRAFT_EPS = 1e-12
+
+
+def _is_due(step: int, freq: int, start: int) -> bool:
+    return step >= start and step % freq == 0
+
+
+def _first_due(freq: int, start: int) -> int:
+    return max(freq, math.ceil(start / freq) * freq)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _cat_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(states) == 1:
+        return dict(states[0])
+    return {key: torch.cat([s[key] for s in states]) for key in states[0]}
+
+
+def _scatter_states(big: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> None:
+    """Write the rows of ``big`` back into the per-parameter side states they came from."""
+    sizes = [next(iter(t.values())).shape[0] for t in targets]
+    parts = {key: value.split(sizes) for key, value in big.items()}
+    for i, target in enumerate(targets):
+        target.clear()
+        target.update({key: parts[key][i] for key in big})
+
+
+class Q4Shampoo(torch.optim.Optimizer):
+    """Shampoo with 4-bit preconditioners (Cholesky + error feedback by default).
+
+    Args:
+        params: parameters or parameter groups (dicts may set ``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``momentum``, ``nesterov``). Empty groups are allowed.
+        lr, betas, eps, weight_decay: first-order hyper-parameters (defaults 1e-3, (0.9, 0.999),
+            1e-8, 0.0). ``lr`` may be a tensor (e.g. driven by a scheduler).
+        config: a :class:`Q4ShampooConfig`; keyword options below override its fields.
+        **options: any other :class:`Q4ShampooConfig` field, e.g. ``precond="eigen"``,
+            ``update_freq=10``, ``root_freq=50``, ``first_order="sgd"``, ``momentum=0.9``.
+
+    Matrices (after dropping size-1 dims and flattening trailing dims) are preconditioned; 1-D
+    tensors and matrices under ``min_precond_numel`` take the first-order step alone. State is
+    created lazily on the parameter's device at its first step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        weight_decay: float | None = None,
+        *,
+        config: Q4ShampooConfig | None = None,
+        **options: Any,
+    ):
+        given = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        overrides.update(options)
+        lr_tensor = overrides.get("lr") if isinstance(overrides.get("lr"), torch.Tensor) else None
+        if lr_tensor is not None:
+            overrides["lr"] = float(lr_tensor)
+        cfg = (config or Q4ShampooConfig()).replace(**overrides) if overrides else (config or Q4ShampooConfig())
+        self.config = cfg
+        defaults = cfg.group_defaults()
+        if lr_tensor is not None:
+            defaults["lr"] = lr_tensor
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._settings = FormSettings(
+            **{k: getattr(cfg, k) for k in FormSettings.__dataclass_fields__ if k != "root_method"},
+            root_method="eigh",
+        )
+        self._forms: dict[str, PreconditionerForm] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # configuration helpers
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        # Other libraries put their own keys in groups (names, initial_lr, ...): only ours are checked.
+        checked = {k: group[k] for k in GROUP_KEYS if k in group}
+        lr = checked.get("lr")
+        if isinstance(lr, torch.Tensor):
+            checked["lr"] = float(lr)
+        if isinstance(checked.get("betas"), list):
+            checked["betas"] = tuple(checked["betas"])
+        Q4ShampooConfig().replace(**checked)
+
+    def _form(self, device: torch.device) -> PreconditionerForm:
+        method = self.config.root_method
+        if method == "auto":
+            method = "eigh" if device.type == "cpu" else "newton"
+        if method not in self._forms:
+            settings = FormSettings(**{**self._settings.__dict__, "root_method": method})
+            self._forms[method] = make_form(self.config.precond, settings)
+        return self._forms[method]
+
+    @staticmethod
+    @lru_cache(maxsize=4096)
+    def _plan_cached(shape: tuple[int, ...], max_dim: int, aspect: float, min_numel: int) -> BlockPlan | None:
+        return plan_blocks(shape, max_dim, aspect, min_numel)
+
+    def block_plan(self, shape: torch.Size | tuple[int, ...]) -> BlockPlan | None:
+        """How a parameter of ``shape`` is cut into blocks (None: first-order step only)."""
+        c = self.config
+        return self._plan_cached(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_param(p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                "Q4Shampoo does not support sparse gradients. Use dense gradients (e.g. "
+                "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings."
+            )
+        if torch.is_complex(p) or torch.is_complex(grad):
+            raise RuntimeError(
+                "Q4Shampoo does not support complex parameters. Optimise torch.view_as_real(param) "
+                "as a real parameter instead."
+            )
+        flattened = (
+            getattr(p, "_fsdp_flattened", False)
+            or getattr(p, "_is_flat_param", False)
+            or hasattr(p, "ds_id")
+            or ("deepspeed" in sys.modules and p.ndim == 1 and p.numel() >= 2**20)
+        )
+        if flattened:
+            raise RuntimeError(
+                "Q4Shampoo received a flattened 1-D view of model parameters (FSDP1 FlatParameter or "
+                "DeepSpeed ZeRO >= 1 partition), so the matrix shapes it needs are lost. Supported: single "
+                "device, DDP, FSDP2 (fully_shard / accelerate fsdp_version=2) and DeepSpeed ZeRO stage 0."
+            )
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        local = _local(p)
+        state["step"] = torch.tensor(0.0)
+        state.update(init_first_order_state(local, self.config.first_order, self.config.first_order_bits))
+        plan = self.block_plan(local.shape)
+        if plan is not None:
+            form = self._form(local.device)
+            regions = []
+            for region in plan.regions:
+                sides = {}
+                if region.precond_rows:
+                    sides["L"] = form.init_state(region.block_rows, region.num_blocks, local.device)
+                if region.precond_cols:
+                    sides["R"] = form.init_state(region.block_cols, region.num_blocks, local.device)
+                regions.append(sides)
+            state["regions"] = regions
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_param(p)
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                state["step"] += 1
+                local_p, local_g = _local(p), _local(p.grad)
+                if local_p.numel() == 0:
+                    continue
+                work.append((local_p, local_g, group, state))
+
+        directions = self._shampoo_directions(work)
+        cfg = self.config
+        for i, (p, g, group, state) in enumerate(work):
+            d = directions.get(i)
+            if d is None:
+                d = g.float()
+            step = int(state["step"].item())  # CPU tensor: no device sync
+            if cfg.first_order == "adamw":
+                adamw_step(
+                    p, d, state, step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits,
+                )
+            else:
+                sgd_step(
+                    p, d, state, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits,
+                )
+        return loss
+
+    def _shampoo_directions(self, work: list) -> dict[int, torch.Tensor]:
+        """Preconditioned, grafted directions for the Shampoo parameters in ``work`` (by index)."""
+        cfg = self.config
+        items = []  # (index, grad 2-D fp32, plan, state, step)
+        for i, (p, g, _group, state) in enumerate(work):
+            if "regions" not in state:
+                continue
+            plan = self.block_plan(p.shape)
+            items.append((i, g.float().reshape(plan.matrix_shape), plan, state, int(state["step"].item())))
+        if not items:
+            return {}
+
+        # 1. statistics (every update_freq steps), batched per factor order across parameters
+        stat_jobs: dict[tuple, list] = defaultdict(list)
+        for _i, g2d, plan, state, step in items:
+            if not _is_due(step, cfg.update_freq, cfg.start_precond_step):
+                continue
+            for region, sides in zip(plan.regions, state["regions"]):
+                blocks = extract_blocks(g2d, region)
+                if "L" in sides:
+                    stat_jobs[(blocks.device, region.block_rows)].append((sides["L"], blocks @ blocks.mT))
+                if "R" in sides:
+                    stat_jobs[(blocks.device, region.block_cols)].append((sides["R"], blocks.mT @ blocks))
+        for (device, _n), jobs in stat_jobs.items():
+            form = self._form(device)
+            targets = [side for side, _ in jobs]
+            big = _cat_states(targets)
+            form.update_statistics(big, torch.cat([gram for _, gram in jobs]))
+            _scatter_states(big, targets)
+
+        # 2. inverse roots (every root_freq steps)
+        root_jobs: dict[tuple, list] = defaultdict(list)
+        for _i, g2d, plan, state, step in items:
+            if not _is_due(step, cfg.root_freq, cfg.start_precond_step):
+                continue
+            for region, sides in zip(plan.regions, state["regions"]):
+                for name in SIDES:
+                    if name in sides:
+                        n = region.block_rows if name == "L" else region.block_cols
+                        root_jobs[(g2d.device, n)].append(sides[name])
+        for (device, _n), targets in root_jobs.items():
+            big = _cat_states(targets)
+            self._form(device).refresh_root(big)
+            _scatter_states(big, targets)
+
+        # 3. precondition every block: G^ = L^ G R^, batched per block shape across parameters
+        first_root = _first_due(cfg.root_freq, cfg.start_precond_step)
+        apply_jobs: dict[tuple, list] = defaultdict(list)
+        outputs: dict[int, torch.Tensor] = {}
+        for i, g2d, plan, state, step in items:
+            if step < first_root:
+                continue  # roots are still the identity: the direction is the gradient itself
+            outputs[i] = torch.empty_like(g2d)
+            for region, sides in zip(plan.regions, state["regions"]):
+                key = (g2d.device, region.block_rows, region.block_cols, "L" in sides, "R" in sides)
+                apply_jobs[key].append((i, region, sides, extract_blocks(g2d, region)))
+        for (device, _a, _b, has_l, has_r), jobs in apply_jobs.items():
+            form = self._form(device)
+            blocks = torch.cat([blk for *_, blk in jobs]) if len(jobs) > 1 else jobs[0][3]
+            if has_l:
+                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs])) @ blocks
+            if has_r:
+                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs]))
+            for (i, region, _sides, _), part in zip(jobs, blocks.split([region.num_blocks for _, region, _, _ in jobs])):
+                insert_blocks(outputs[i], region, part)
+
+        # 4. grafting: rescale each parameter's direction to the norm of its gradient
+        directions = {}
+        by_index = {i: g2d for i, g2d, *_ in items}
+        for i, out in outputs.items():
+            g2d = by_index[i]
+            out.mul_(torch.linalg.vector_norm(g2d) / (torch.linalg.vector_norm(out) + _GRAFT_EPS))
+            directions[i] = out.reshape(work[i][0].shape)
+        return directions
+
+    # ------------------------------------------------------------------------------------------
+    # state dict
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["q4shampoo_config"] = self.config.to_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's saved dtype (uint8 codes stay uint8).
+
+        torch's base class casts floating-point state to the parameter's dtype; that would turn
+        4-bit codes into floats and fp32 statistics into bf16. We let it do the bookkeeping, then
+        put back the saved tensors, moved to each parameter's device.
+        """
+        saved_cfg = state_dict.get("q4shampoo_config")
+        if saved_cfg is not None:
+            diffs = [k for k in STATE_LAYOUT_KEYS if k in saved_cfg and saved_cfg[k] != getattr(self.config, k)]
+            if diffs:
+                detail = ", ".join(f"{k}: saved {saved_cfg[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
+                raise ConfigError(
+                    "Q4Shampoo: the checkpoint's optimizer state was made with other storage options "
+                    f"({detail}); construct the optimizer with the saved values to resume."
+                )
+        saved_state = state_dict["state"]
+        inner = {k: v for k, v in state_dict.items() if k != "q4shampoo_config"}
+        super().load_state_dict(inner)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            if index in saved_state:
+                self.state[p] = _restore(saved_state[index], _local(p).device)
+
+
+def _restore(value: Any, device: torch.device) -> Any:
+    """A saved state value with its tensors on ``device`` and their saved dtypes.
+
+    The step counter stays a CPU fp32 tensor so reading it never waits for the accelerator.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {
+            k: v.to("cpu", torch.float32) if k == "step" and isinstance(v, torch.Tensor) else _restore(v, device)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_restore(v, device) for v in value]
+    return value

@@ -1,0 +1,368 @@
+"""Stored forms of one Shampoo preconditioner side (a Kronecker factor and its inverse root).
+
+Each form keeps, for a stack of K factors of order n, a plain ``dict[str, Tensor]`` whose tensors
+all have leading dimension K (so the optimizer can concatenate the states of many blocks and work
+on them in one batch). The interface, :class:`PreconditionerForm`:
+
+* ``init_state(n, k, device)``       - statistics ``eps I`` and root ``I`` (Algorithm 4 / Algorithm 3)
+* ``update_statistics(state, gram)`` - ``L <- beta L + (1 - beta) G G^T`` in the form's storage
+* ``refresh_root(state)``            - recompute and store ``(L + eps lambda_max I)^(-1/4)``
+* ``root(state)``                    - the stored inverse root, dequantized to fp32, ``(K, n, n)``
+* ``bytes_by_kind(state)``           - state bytes split into memory kinds (see ``memory.py``)
+
+Forms (papers.md):
+
+``fp32``
+    32-bit Shampoo, the reference (paper 2 Algorithm 4).
+``naive``
+    Statistics quantized directly: fp32 diagonal + 4-bit off-diagonal (paper 2's naive scheme,
+    paper 1's "VQ" baseline).
+``cholesky``
+    Paper 1 without error feedback: the lower Cholesky factor of the statistics is kept, diagonal in
+    fp32 and off-diagonal in 4 bit.
+``cholesky_ef``
+    Paper 1 (default): as ``cholesky`` plus an error-feedback state kept in 4 bit in the otherwise
+    unused upper triangle of the same code buffer.
+``eigen``
+    Paper 2: 4-bit eigenvectors (rows of V^T) + fp32 eigenvalues, one QR subspace step per update,
+    Björck rectification before updates and roots.
+
+Roots are stored like paper 2's ``QTensorDiagReal`` (fp32 diagonal, 4-bit off-diagonal) when
+``root_bits == 4``. Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
+(paper 2's ``min_lowbit_size``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from . import linalg
+from .quant import (
+    dequantize_blockwise,
+    dequantize_diagreal,
+    dequantize_lower_upper,
+    quantize_blockwise,
+    quantize_diagreal,
+    quantize_lower_upper,
+    roundtrip_blockwise,
+)
+
+__all__ = ["FormSettings", "PreconditionerForm", "FORMS", "make_form", "tensor_bytes"]
+
+State = dict[str, torch.Tensor]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class FormSettings:
+    """The subset of :class:`~hf_q4shampoo.config.Q4ShampooConfig` a preconditioner form needs."""
+
+    stat_decay: float = 0.95
+    matrix_eps: float = 1e-6
+    min_quant_numel: int = 4096
+    quant_map: str = "linear2"
+    quant_block_size: int = 64
+    root_bits: int = 4
+    root_method: str = "eigh"
+    newton_max_iters: int = 100
+    newton_tol: float = 1e-6
+    ef_beta: float = 0.0
+    cholesky_eps: float = 1e-6
+    remove_cholesky_ridge: bool = True
+    bjorck_update_iters: int = 1
+    bjorck_root_iters: int = 4
+
+
+class PreconditionerForm(ABC):
+    """How one side of a Kronecker preconditioner is stored and updated (see module docstring)."""
+
+    name: str = ""
+
+    def __init__(self, settings: FormSettings):
+        self.s = settings
+
+    # ---- helpers shared by the forms -----------------------------------------------------------
+    def quantized(self, n: int) -> bool:
+        return n * n >= self.s.min_quant_numel
+
+    def _eye(self, n: int, k: int, device: torch.device) -> torch.Tensor:
+        return torch.eye(n, device=device).expand(k, n, n).contiguous()
+
+    def _store_symmetric(self, x: torch.Tensor, prefix: str, quantize: bool) -> State:
+        if quantize:
+            q = quantize_diagreal(x, self.s.quant_map, self.s.quant_block_size)
+            return {f"{prefix}_{key}": v for key, v in q.items()}
+        return {prefix: x.float().contiguous()}
+
+    def _load_symmetric(self, state: State, prefix: str) -> torch.Tensor:
+        if prefix in state:
+            return state[prefix]
+        q = {key: state[f"{prefix}_{key}"] for key in ("codes", "scales", "diag")}
+        return dequantize_diagreal(q, self.s.quant_map, self.s.quant_block_size)
+
+    def _root_quantized(self, n: int) -> bool:
+        return self.s.root_bits == 4 and self.quantized(n)
+
+    def _inverse_root(self, a: torch.Tensor) -> torch.Tensor:
+        return linalg.matrix_inverse_root(
+            a,
+            p=4,
+            ridge_eps=self.s.matrix_eps,
+            method=self.s.root_method,
+            **({"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol} if self.s.root_method == "newton" else {}),
+        )
+
+    def _blend(self, old: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        beta = self.s.stat_decay
+        return beta * old + (1.0 - beta) * gram
+
+    # ---- interface -----------------------------------------------------------------------------
+    def init_state(self, n: int, k: int, device: torch.device) -> State:
+        eye = self._eye(n, k, device)
+        state = self._init_statistics(n, k, device)
+        state.update(self._store_symmetric(eye, "root", self._root_quantized(n)))
+        return state
+
+    @abstractmethod
+    def _init_statistics(self, n: int, k: int, device: torch.device) -> State: ...
+
+    @abstractmethod
+    def statistics(self, state: State) -> torch.Tensor:
+        """The statistics matrix the form currently represents, fp32 ``(K, n, n)``."""
+
+    @abstractmethod
+    def update_statistics(self, state: State, gram: torch.Tensor) -> None: ...
+
+    def refresh_root(self, state: State) -> None:
+        n = state_order(state)
+        root = self._inverse_root(self.statistics(state))
+        state.update(self._store_symmetric(root, "root", self._root_quantized(n)))
+
+    def root(self, state: State) -> torch.Tensor:
+        return self._load_symmetric(state, "root")
+
+    def bytes_by_kind(self, state: State) -> dict[str, int]:
+        out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}
+        for key, t in state.items():
+            out[self._kind_of(key)] += tensor_bytes(t)
+        return out
+
+    def _kind_of(self, key: str) -> str:
+        if key.startswith("root"):
+            return "roots" if key in ("root", "root_codes") else "scales_diagonals"
+        if key.endswith(("_scales", "_diag", "_upper_scale")) or key in ("eigenvalues", "ridge", "diag"):
+            return "scales_diagonals"
+        return "statistics"
+
+
+def state_order(state: State) -> int:
+    """The order n of the factors in a side state."""
+    for key in ("root_diag", "root"):
+        if key in state:
+            return state[key].shape[-1]
+    raise KeyError("side state has no root entry")
+
+
+class Fp32Form(PreconditionerForm):
+    """32-bit Shampoo (reference)."""
+
+    name = "fp32"
+
+    def _root_quantized(self, n: int) -> bool:
+        return False
+
+    def _init_statistics(self, n, k, device):
+        return {"stats": self.s.matrix_eps * self._eye(n, k, device)}
+
+    def statistics(self, state):
+        return state["stats"]
+
+    def update_statistics(self, state, gram):
+        state["stats"] = self._blend(state["stats"], gram)
+
+
+class NaiveForm(PreconditionerForm):
+    """Direct 4-bit quantization of the statistics, fp32 diagonal (paper 2 naive / paper 1 VQ)."""
+
+    name = "naive"
+
+    def _init_statistics(self, n, k, device):
+        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n))
+
+    def statistics(self, state):
+        return self._load_symmetric(state, "stats")
+
+    def update_statistics(self, state, gram):
+        n = gram.shape[-1]
+        state.update(self._store_symmetric(self._blend(self.statistics(state), gram), "stats", self.quantized(n)))
+
+
+class CholeskyForm(PreconditionerForm):
+    """Paper 1: 4-bit Cholesky factor (exact fp32 diagonal), optionally with error feedback.
+
+    Storage per side: ``factor_codes`` (one n x n 4-bit buffer: strictly-lower = off-diagonal of
+    the factor C, strictly-upper = transposed error state E^T), ``factor_scales`` +
+    ``factor_diag_block_upper_scale`` (fp32 block scales, separate for C and E; see
+    :func:`~hf_q4shampoo.quant.quantize_lower_upper`), ``diag`` (fp32 diagonal of C) and ``ridge``
+    (fp32 scalar per factor: the jitter r of the last factorisation, ``C C^T ~ L + r I``).
+    Small sides (``n*n < min_quant_numel``) keep C in fp32 as ``factor`` and have no error state.
+
+    Statistics update (every ``update_freq`` steps), for each factor::
+
+        L_old = C C^T - r I          (r removed only if remove_cholesky_ridge; decision D3)
+        L     = beta L_old + (1 - beta) G G^T
+        C     = chol(L + r' I)       (r' = cholesky_eps * max diag(L), jitter retries; D5)
+        X     = C + E                (error feedback; E strictly lower, zero diagonal)
+        store Q(offdiag X), diag X   (diag exact)
+        E     = ef_beta E + (1 - ef_beta) (X - D(Q(X)))   stored 4-bit as E^T in the upper triangle
+
+    Root (every ``root_freq`` steps): ``(C C^T + eps lambda_max I)^(-1/4)`` from the dequantized
+    factor (decision D4), stored as fp32 diagonal + 4-bit off-diagonal.
+    """
+
+    name = "cholesky"
+
+    def __init__(self, settings: FormSettings, error_feedback: bool):
+        super().__init__(settings)
+        self.error_feedback = error_feedback
+        if error_feedback:
+            self.name = "cholesky_ef"
+
+    def _init_statistics(self, n, k, device):
+        factor = (self.s.matrix_eps**0.5) * self._eye(n, k, device)  # chol(eps I)
+        state = self._store_factor(factor, torch.zeros_like(factor))
+        state["ridge"] = torch.zeros(k, device=device)
+        return state
+
+    def _store_factor(self, x: torch.Tensor, error_upper: torch.Tensor) -> State:
+        n = x.shape[-1]
+        if not self.quantized(n):
+            return {"factor": torch.tril(x).contiguous()}
+        q = quantize_lower_upper(torch.tril(x, -1), error_upper, self.s.quant_map, self.s.quant_block_size)
+        state = {f"factor_{key}": v for key, v in q.items()}
+        state["diag"] = x.diagonal(dim1=-2, dim2=-1).clone()
+        return state
+
+    def _load_factor(self, state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (C, E) in fp32; E (strictly lower) is None for fp32-stored factors."""
+        if "factor" in state:
+            return state["factor"], None
+        n = state["diag"].shape[-1]
+        q = {
+            "codes": state["factor_codes"],
+            "scales": state["factor_scales"],
+            "diag_block_upper_scale": state["factor_diag_block_upper_scale"],
+        }
+        lower, upper = dequantize_lower_upper(q, n, self.s.quant_map, self.s.quant_block_size)
+        return lower + torch.diag_embed(state["diag"]), upper.mT
+
+    def statistics(self, state):
+        c, _ = self._load_factor(state)
+        return c @ c.mT
+
+    def update_statistics(self, state, gram):
+        n = gram.shape[-1]
+        c, err = self._load_factor(state)
+        old = c @ c.mT
+        if self.s.remove_cholesky_ridge:
+            old = old - state["ridge"][:, None, None] * torch.eye(n, device=old.device)
+        new_c, ridge = linalg.robust_cholesky(self._blend(old, gram), self.s.cholesky_eps)
+        state["ridge"] = ridge
+        if err is None:  # fp32 factor: nothing is lost, no error feedback needed
+            state["factor"] = new_c.contiguous()
+            return
+        if not self.error_feedback:
+            state.update(self._store_factor(new_c, torch.zeros_like(new_c)))
+            return
+        x = new_c + err
+        x_lower = torch.tril(x, -1)
+        residual = x_lower - roundtrip_blockwise(x_lower, self.s.quant_map, self.s.quant_block_size)
+        beta_e = self.s.ef_beta
+        new_err = beta_e * err + (1.0 - beta_e) * residual
+        state.update(self._store_factor(x, new_err.mT))
+
+    def _kind_of(self, key):
+        if key == "factor_codes":
+            return "statistics"  # split into statistics / error_feedback in bytes_by_kind
+        return super()._kind_of(key)
+
+    def bytes_by_kind(self, state):
+        out = super().bytes_by_kind(state)
+        if self.error_feedback and "factor_codes" in state:
+            # One buffer holds both triangles: half of it is the error state.
+            half = tensor_bytes(state["factor_codes"]) // 2
+            out["statistics"] -= half
+            out["error_feedback"] += half
+        return out
+
+
+class EigenForm(PreconditionerForm):
+    """Paper 2: eigenvector quantization with Björck rectification.
+
+    Storage per side: ``eigvecs_t_codes`` / ``eigvecs_t_scales`` (4-bit V^T, one eigenvector per
+    row, blocks inside a row) or ``eigvecs_t`` (fp32, small sides), and ``eigenvalues`` (fp32).
+    """
+
+    name = "eigen"
+
+    def _store_vt(self, vt: torch.Tensor) -> State:
+        if not self.quantized(vt.shape[-1]):
+            return {"eigvecs_t": vt.contiguous()}
+        codes, scales = quantize_blockwise(vt, self.s.quant_map, self.s.quant_block_size)
+        return {"eigvecs_t_codes": codes, "eigvecs_t_scales": scales}
+
+    def _load_vt(self, state: State, bjorck_iters: int) -> torch.Tensor:
+        if "eigvecs_t" in state:
+            return state["eigvecs_t"]  # fp32: no rectification needed (as in paper 2's 32-bit path)
+        n = state["eigenvalues"].shape[-1]
+        vt = dequantize_blockwise(
+            state["eigvecs_t_codes"], state["eigvecs_t_scales"], n, self.s.quant_map, self.s.quant_block_size
+        )
+        return linalg.bjorck_orthonormalize(vt, bjorck_iters)
+
+    def _init_statistics(self, n, k, device):
+        state = self._store_vt(self._eye(n, k, device))
+        state["eigenvalues"] = torch.full((k, n), self.s.matrix_eps, device=device)
+        return state
+
+    def statistics(self, state):
+        vt = self._load_vt(state, self.s.bjorck_update_iters)
+        return (vt.mT * state["eigenvalues"].unsqueeze(-2)) @ vt
+
+    def update_statistics(self, state, gram):
+        vt = self._load_vt(state, self.s.bjorck_update_iters)
+        a = self._blend((vt.mT * state["eigenvalues"].unsqueeze(-2)) @ vt, gram)
+        v, _ = torch.linalg.qr(a @ vt.mT)  # one subspace iteration warm-started at the old vectors
+        state["eigenvalues"] = ((v.mT @ a) * v.mT).sum(-1).clamp_min(0.0)  # Rayleigh quotients
+        state.update(self._store_vt(v.mT))
+
+    def refresh_root(self, state):
+        vt = self._load_vt(state, self.s.bjorck_root_iters)
+        s = state["eigenvalues"]
+        ridge = self.s.matrix_eps * s.amax(-1, keepdim=True)
+        inv = (s + ridge).clamp_min(torch.finfo(torch.float32).tiny).pow(-0.25)
+        root = (vt.mT * inv.unsqueeze(-2)) @ vt
+        state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1])))
+
+
+FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
+
+
+def make_form(name: str, settings: FormSettings) -> PreconditionerForm:
+    if name == "fp32":
+        return Fp32Form(settings)
+    if name == "naive":
+        return NaiveForm(settings)
+    if name == "cholesky":
+        return CholeskyForm(settings, error_feedback=False)
+    if name == "cholesky_ef":
+        return CholeskyForm(settings, error_feedback=True)
+    if name == "eigen":
+        return EigenForm(settings)
+    raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}")

@@ -1,0 +1,352 @@
+"""4-bit codecs: code tables, block-wise absmax quantization and nibble packing.
+
+Pure PyTorch (CPU and CUDA). Nothing here knows about optimizers.
+
+Conventions (papers.md §3.1, §3.4, §4.2, §6.1):
+
+* A code table is a sorted 1-D fp32 tensor of ``2**bits`` values in [-1, 1] (or (0, 1] for the
+  zero-free table). Quantization picks the *nearest* table entry of the normalised value; a value
+  exactly on a midpoint takes the lower entry.
+* Block-wise absmax normalisation works on the **last** dimension: each row is cut into blocks of
+  ``block_size`` contiguous entries (the last block of a row may be shorter), and every block is
+  divided by its largest absolute value. Blocks never span two rows, so eigenvector rows and matrix
+  rows are normalised on their own (paper 2 requires blocks inside one eigenvector).
+* Two 4-bit codes share a byte, the even element in the low nibble. Rows are packed separately and
+  padded to an even length, so odd row lengths never share a byte between rows (the "odd-order
+  hazard" of paper 2's CUDA kernels cannot happen here).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "CODE_NAMES",
+    "get_code",
+    "linear2_code",
+    "dynamic_code",
+    "zero_free_linear_code",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "encode_blockwise",
+    "decode_blockwise",
+    "roundtrip_blockwise",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_diagreal",
+    "dequantize_diagreal",
+    "quantize_lower_upper",
+    "dequantize_lower_upper",
+    "quantize_rank1",
+    "dequantize_rank1",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Code tables
+# --------------------------------------------------------------------------------------------
+
+
+def linear2_code(bits: int = 4) -> torch.Tensor:
+    """Linear-2 ("linear square") map of paper 2, Eq. (3).
+
+    ``R(j) = -(-1 + 2j/(2^b-1))^2`` below the middle index ``2^(b-1)-1``, ``0`` at it and
+    ``(-1 + 2j/(2^b-1))^2`` above. The table is asymmetric: it holds +0.0044 but not -0.0044.
+    """
+    n = 2**bits
+    mid = 2 ** (bits - 1) - 1
+    values = []
+    for j in range(n):
+        base = -1.0 + 2.0 * j / (n - 1)
+        if j < mid:
+            values.append(-(base**2))
+        elif j == mid:
+            values.append(0.0)
+        else:
+            values.append(base**2)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_code(bits: int = 4, signed: bool = True) -> torch.Tensor:
+    """Dynamic-exponent ("dynamic tree") map of papers 2 and 3.
+
+    The bitsandbytes/lpmm construction with ``max_exponent_bits = bits - 1``: for exponent ``i``
+    the fraction grid is the midpoints of ``linspace(0.1, 1, 2^i + 1)`` scaled by
+    ``10^(i - (E - 1))``; then 0 and 1.0 are added. For 4 signed bits this gives the table of
+    papers.md §3.1 (no -1.0 entry).
+    """
+    sign_bits = 1 if signed else 0
+    non_sign_bits = bits - sign_bits
+    max_exponent_bits = bits - 1
+    values: list[float] = []
+    for i in range(max_exponent_bits):
+        fraction_items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        grid = torch.linspace(0.1, 1.0, fraction_items, dtype=torch.float64)
+        means = ((grid[:-1] + grid[1:]) / 2.0) * (10.0 ** (-(max_exponent_bits - 1) + i))
+        values.extend(means.tolist())
+        if signed:
+            values.extend((-means).tolist())
+    values.append(0.0)
+    values.append(1.0)
+    table = torch.tensor(sorted(values), dtype=torch.float64)
+    if table.numel() != 2**bits:  # pragma: no cover - guards the construction above
+        raise AssertionError(f"dynamic code has {table.numel()} entries, expected {2**bits}")
+    return table.to(torch.float32)
+
+
+def zero_free_linear_code(bits: int = 4) -> torch.Tensor:
+    """Unsigned linear map without zero, ``T(i) = (i + 1) / 2^b`` (paper 3, second moment)."""
+    n = 2**bits
+    return torch.arange(1, n + 1, dtype=torch.float32) / n
+
+
+CODE_NAMES = ("linear2", "dynamic", "zero_free_linear")
+
+
+@lru_cache(maxsize=None)
+def _code_cpu(name: str, bits: int) -> torch.Tensor:
+    if name == "linear2":
+        return linear2_code(bits)
+    if name == "dynamic":
+        return dynamic_code(bits, signed=True)
+    if name == "zero_free_linear":
+        return zero_free_linear_code(bits)
+    raise ValueError(f"unknown code table {name!r}; allowed: {', '.join(CODE_NAMES)}")
+
+
+_DEVICE_CACHE: dict[tuple[str, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def get_code(name: str, device: torch.device | str = "cpu", bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(table, midpoints)`` of a code on ``device`` (cached per device)."""
+    device = torch.device(device)
+    key = (name, bits, device)
+    if key not in _DEVICE_CACHE:
+        table = _code_cpu(name, bits).to(device)
+        _DEVICE_CACHE[key] = (table, (table[1:] + table[:-1]) / 2)
+    return _DEVICE_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Nibble packing
+# --------------------------------------------------------------------------------------------
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack integer codes in [0, 15] along the last dim, two per byte (even element low).
+
+    A row of odd length is padded with one zero code, so the packed last dim is ``ceil(n / 2)``.
+    """
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`; returns int64 codes with last dim ``length``."""
+    low = packed & 0x0F
+    high = packed >> 4
+    out = torch.stack((low, high), dim=-1).flatten(-2)
+    return out[..., :length].long()
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise absmax quantization along the last dimension
+# --------------------------------------------------------------------------------------------
+
+
+def _num_blocks(length: int, block_size: int) -> int:
+    return math.ceil(length / block_size)
+
+
+def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View ``(..., n)`` as ``(..., nb, block_size)``, zero-padding the last block."""
+    n = x.shape[-1]
+    nb = _num_blocks(n, block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], nb, block_size)
+
+
+def encode_blockwise(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code indices (unpacked, int32) and fp32 per-block absmax of ``x`` along its last dim.
+
+    Returns ``(indices, absmax)`` with shapes ``x.shape`` and ``(..., ceil(n / block_size))``.
+    An all-zero block gets absmax 0 and decodes to exact zeros.
+    """
+    n = x.shape[-1]
+    table, mids = get_code(code, x.device)
+    blocks = _blocked(x.float(), block_size)
+    absmax = blocks.abs().amax(dim=-1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = blocks / safe.unsqueeze(-1)
+    idx = torch.bucketize(normed, mids, out_int32=True)
+    idx = idx.reshape(*x.shape[:-1], -1)[..., :n]
+    return idx, absmax
+
+
+def decode_blockwise(
+    idx: torch.Tensor, absmax: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> torch.Tensor:
+    """Inverse of :func:`encode_blockwise` (fp32)."""
+    n = idx.shape[-1]
+    table, _ = get_code(code, idx.device)
+    values = table[idx.long()]
+    scale = absmax.repeat_interleave(block_size, dim=-1)[..., :n]
+    return values * scale
+
+
+def roundtrip_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> torch.Tensor:
+    """``D(Q(x))``: what block-wise quantization of ``x`` gives back (used for error feedback)."""
+    idx, absmax = encode_blockwise(x, code, block_size)
+    return decode_blockwise(idx, absmax, code, block_size)
+
+
+def quantize_blockwise(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to packed 4-bit codes (uint8, ``(..., ceil(n/2))``) and fp32 block scales."""
+    idx, absmax = encode_blockwise(x, code, block_size)
+    return pack_nibbles(idx), absmax
+
+
+def dequantize_blockwise(
+    packed: torch.Tensor, absmax: torch.Tensor, length: int, code: str = "linear2", block_size: int = 64
+) -> torch.Tensor:
+    """Dequantize the output of :func:`quantize_blockwise`; ``length`` is the original last dim."""
+    return decode_blockwise(unpack_nibbles(packed, length), absmax, code, block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Square matrices with an exact (fp32) diagonal — paper 2's "DiagReal" scheme
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_diagreal(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Quantize the off-diagonal of square matrices ``(..., n, n)``; keep the diagonal in fp32.
+
+    The diagonal is removed *before* block maxima are taken, so it neither inflates the scales nor
+    is reconstructed from codes (its 4-bit slot decodes to zero and is overwritten).
+    """
+    x = x.float()
+    diag = x.diagonal(dim1=-2, dim2=-1).clone()
+    off = x - torch.diag_embed(diag)
+    codes, scales = quantize_blockwise(off, code, block_size)
+    return {"codes": codes, "scales": scales, "diag": diag}
+
+
+def dequantize_diagreal(q: dict[str, torch.Tensor], code: str = "linear2", block_size: int = 64) -> torch.Tensor:
+    n = q["diag"].shape[-1]
+    off = dequantize_blockwise(q["codes"], q["scales"], n, code, block_size)
+    return off + torch.diag_embed(q["diag"])  # diagonal slots of ``off`` decode to exactly 0
+
+
+# --------------------------------------------------------------------------------------------
+# Two triangular matrices in one code buffer (Cholesky factor + error feedback, paper 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _diag_block_masks(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row r and block j: (j < block of r's diagonal, j == block of r's diagonal)."""
+    nb = _num_blocks(n, block_size)
+    diag_block = (torch.arange(n, device=device) // block_size).unsqueeze(-1)
+    j = torch.arange(nb, device=device).unsqueeze(0)
+    return j < diag_block, j == diag_block
+
+
+def quantize_lower_upper(
+    lower: torch.Tensor, upper: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Store a strictly-lower and a strictly-upper matrix in **one** n x n 4-bit code buffer.
+
+    ``lower`` (e.g. a Cholesky factor's off-diagonal) fills the strictly-lower triangle and
+    ``upper`` (e.g. the transposed error-feedback state) the strictly-upper one. The two triangles
+    are normalised with **separate** block scales (decision D2 of papers.md §2.8: the error state is
+    much smaller than the factor, and a shared absmax would round it to zero). Blocks are 64
+    entries of a row; blocks left of the diagonal belong to ``lower``, blocks right of it to
+    ``upper``, and only the one block per row that straddles the diagonal needs both scales, so the
+    layout is: ``scales`` (n x nb: lower's scale for blocks up to the diagonal block, upper's after
+    it) plus ``diag_block_upper_scale`` (n,) for upper's part of the straddling block. Memory is
+    that of one quantized matrix plus 4n bytes.
+    """
+    n = lower.shape[-1]
+    lo_idx, lo_max = encode_blockwise(torch.tril(lower.float(), -1), code, block_size)
+    up_idx, up_max = encode_blockwise(torch.triu(upper.float(), 1), code, block_size)
+    row = torch.arange(n, device=lower.device).unsqueeze(-1)
+    col = torch.arange(n, device=lower.device).unsqueeze(0)
+    idx = torch.where(col < row, lo_idx, up_idx)
+    left, at = _diag_block_masks(n, block_size, lower.device)
+    scales = torch.where(left | at, lo_max, up_max)
+    diag_upper = (up_max * at).sum(-1)
+    return {"codes": pack_nibbles(idx), "scales": scales, "diag_block_upper_scale": diag_upper}
+
+
+def dequantize_lower_upper(
+    q: dict[str, torch.Tensor], n: int, code: str = "linear2", block_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`quantize_lower_upper`: returns ``(strict lower, strict upper)`` in fp32."""
+    idx = unpack_nibbles(q["codes"], n)
+    left, at = _diag_block_masks(n, block_size, idx.device)
+    scales = q["scales"]
+    lo_scale = torch.where(left | at, scales, torch.zeros_like(scales))
+    up_scale = torch.where(left | at, torch.zeros_like(scales), scales) + at * q["diag_block_upper_scale"].unsqueeze(-1)
+    lower = torch.tril(decode_blockwise(idx, lo_scale, code, block_size), -1)
+    upper = torch.triu(decode_blockwise(idx, up_scale, code, block_size), 1)
+    return lower, upper
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-1 normalisation for non-negative tensors (paper 3, second moment)
+# --------------------------------------------------------------------------------------------
+
+
+def _rank1_scale(maxima: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    scale = None
+    for dim, m in enumerate(maxima):
+        view = [1] * len(shape)
+        view[dim] = shape[dim]
+        m = m.reshape(view)
+        scale = m if scale is None else torch.minimum(scale, m)
+    assert scale is not None
+    return scale
+
+
+def quantize_rank1(x: torch.Tensor, code: str = "zero_free_linear") -> dict[str, torch.Tensor]:
+    """Rank-1 normalised 4-bit quantization of a non-negative tensor with ``ndim >= 2``.
+
+    Every dimension d keeps the maxima over all other dimensions; an entry is normalised by the
+    smallest of its maxima (``min(r_i, c_j)`` for a matrix), so it lies in [0, 1]. The maxima are
+    stored as ``max0, max1, ...`` (fp32).
+    """
+    if x.ndim < 2:
+        raise ValueError("rank-1 normalisation needs a tensor with at least 2 dims; use block-wise for 1-D")
+    x = x.float()
+    maxima = []
+    for dim in range(x.ndim):
+        others = tuple(d for d in range(x.ndim) if d != dim)
+        maxima.append(x.amax(dim=others))
+    scale = _rank1_scale(maxima, x.shape)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    _, mids = get_code(code, x.device)
+    idx = torch.bucketize(x / safe, mids, out_int32=True)
+    out = {"codes": pack_nibbles(idx.reshape(1, -1))}
+    for dim, m in enumerate(maxima):
+        out[f"max{dim}"] = m
+    return out
+
+
+def dequantize_rank1(q: dict[str, torch.Tensor], shape: torch.Size, code: str = "zero_free_linear") -> torch.Tensor:
+    numel = math.prod(shape)
+    table, _ = get_code(code, q["codes"].device)
+    values = table[unpack_nibbles(q["codes"], numel)].reshape(shape)
+    maxima = [q[f"max{d}"] for d in range(len(shape))]
+    return values * _rank1_scale(maxima, torch.Size(shape))
