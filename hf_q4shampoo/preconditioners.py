@@ -119,15 +119,21 @@ class PreconditionerForm(ABC):
         )
 
     def _blend(self, old: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """``beta old + (1 - beta) gram``; a block whose gram is not finite keeps ``old``.
+
+        (A NaN/Inf gradient would otherwise poison the statistics for good; this needs no host sync.)
+        """
+        finite = torch.isfinite(gram).flatten(-2).all(-1)[..., None, None]
+        gram = torch.where(finite, gram, old)
         beta = self.s.stat_decay
         return beta * old + (1.0 - beta) * gram
 
     # ---- interface -----------------------------------------------------------------------------
     def init_state(self, n: int, k: int, device: torch.device) -> State:
-        eye = self._eye(n, k, device)
-        state = self._init_statistics(n, k, device)
-        state.update(self._store_symmetric(eye, "root", self._root_quantized(n)))
-        return state
+        # Every factor starts equal (statistics eps I, root I): encode one and repeat it.
+        one = self._init_statistics(n, 1, device)
+        one.update(self._store_symmetric(self._eye(n, 1, device), "root", self._root_quantized(n)))
+        return {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in one.items()}
 
     @abstractmethod
     def _init_statistics(self, n: int, k: int, device: torch.device) -> State: ...

@@ -1,0 +1,161 @@
+"""Byte accounting of optimizer state, and equivalents for AdamW and fp32 Shampoo.
+
+Memory kinds (``MemoryReport.by_kind``):
+
+``statistics``        stored preconditioner statistics: 4-bit Cholesky factor / eigenvectors /
+                      statistics codes (fp32 matrices for the ``fp32`` form and small factors)
+``roots``             stored inverse roots (4-bit codes, or fp32)
+``error_feedback``    the error-feedback state of ``cholesky_ef`` (half of the shared code buffer)
+``first_order``       first-order moments (4-bit codes or fp32 tensors)
+``scales_diagonals``  fp32 block scales, exact diagonals, eigenvalues, ridges, rank-1 maxima
+``other``             step counters
+
+Equivalents are computed for the *same parameters and the same block plan*: ``adamw`` = 8 bytes per
+parameter (fp32 m and v), ``fp32_shampoo`` = fp32 statistics and roots for every factor
+(``8 n^2`` bytes per factor) + fp32 Adam moments (8 bytes per parameter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .first_order import first_order_keys
+from .preconditioners import tensor_bytes
+
+__all__ = ["MemoryReport", "KINDS", "optimizer_state_bytes", "unwrap_optimizer", "format_bytes"]
+
+KINDS = ("statistics", "roots", "error_feedback", "first_order", "scales_diagonals", "other")
+
+
+@dataclass
+class MemoryReport:
+    """Optimizer-state bytes of one optimizer (see module docstring for the kinds)."""
+
+    by_kind: dict[str, int]
+    num_params: int  # parameters (entries) that have optimizer state
+    num_tensors: int
+    adamw_equivalent: int
+    fp32_shampoo_equivalent: int
+    by_group: list[int] = field(default_factory=list)
+    largest: list[dict[str, Any]] = field(default_factory=list)  # biggest per-tensor states
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.total / max(1, self.num_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total"] = self.total
+        d["bytes_per_param"] = self.bytes_per_param
+        return d
+
+
+def unwrap_optimizer(opt: Any) -> Any:
+    """Follow ``.optimizer`` (accelerate / DeepSpeed wrappers) down to the real optimizer."""
+    seen = set()
+    while hasattr(opt, "optimizer") and id(opt) not in seen and not hasattr(opt, "block_plan"):
+        seen.add(id(opt))
+        opt = opt.optimizer
+    return opt
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    to_local = getattr(p, "to_local", None)
+    return (to_local() if callable(to_local) else p).numel()
+
+
+def _nested_tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _nested_tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _nested_tensors(v)
+
+
+def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
+    plan = optimizer.block_plan(shape) if hasattr(optimizer, "block_plan") else None
+    if plan is None:
+        return 0
+    total = 0
+    for r in plan.regions:
+        if r.precond_rows:
+            total += r.num_blocks * r.block_rows**2
+        if r.precond_cols:
+            total += r.num_blocks * r.block_cols**2
+    return total
+
+
+def optimizer_state_bytes(optimizer: Any, largest: int = 10) -> MemoryReport:
+    """Measure the state of ``optimizer`` (a Q4Shampoo, or any torch optimizer) right now.
+
+    For optimizers other than Q4Shampoo every state tensor counts as ``first_order`` (a tensor-subclass
+    state such as torchao's counts its inner tensors through ``numel * element_size`` of the subclass,
+    which those subclasses report in their packed size).
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    by_kind = dict.fromkeys(KINDS, 0)
+    by_group = []
+    per_tensor = []
+    num_params = num_tensors = 0
+    adamw = fp32_shampoo = 0
+    form = optimizer._form(torch.device("cpu")) if hasattr(optimizer, "_form") else None
+    for group in optimizer.param_groups:
+        group_bytes = 0
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            numel = _local_numel(p)
+            num_params += numel
+            num_tensors += 1
+            adamw += 8 * numel
+            fp32_shampoo += 8 * numel + 8 * _plan_factor_numel(optimizer, p.shape)
+            kinds = dict.fromkeys(KINDS, 0)
+            if form is None:
+                for t in _nested_tensors(state):
+                    kinds["first_order"] += tensor_bytes(t)
+            else:
+                for key in first_order_keys(state):
+                    t = state[key]
+                    kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
+                    kinds[kind] += tensor_bytes(t)
+                kinds["other"] += tensor_bytes(state["step"])
+                for sides in state.get("regions", []):
+                    for side in sides.values():
+                        for kind, b in form.bytes_by_kind(side).items():
+                            kinds[kind] += b
+            for kind, b in kinds.items():
+                by_kind[kind] += b
+            total = sum(kinds.values())
+            group_bytes += total
+            per_tensor.append({"shape": list(p.shape), "numel": numel, "bytes": total, "bytes_per_param": total / max(1, numel)})
+        by_group.append(group_bytes)
+    per_tensor.sort(key=lambda r: -r["bytes"])
+    return MemoryReport(
+        by_kind=by_kind,
+        num_params=num_params,
+        num_tensors=num_tensors,
+        adamw_equivalent=adamw,
+        fp32_shampoo_equivalent=fp32_shampoo,
+        by_group=by_group,
+        largest=per_tensor[:largest],
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+

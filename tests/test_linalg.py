@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from hf_q4shampoo import linalg
+
+
+def spd(n: int, cond: float, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, -math.log10(cond), n, dtype=torch.float64) * (10 ** (4 * torch.rand(batch, 1, generator=g, dtype=torch.float64) - 2))
+    return (q * lam.unsqueeze(-2)) @ q.mT
+
+
+def fp64_root(a: torch.Tensor, eps: float, p: int = 4) -> torch.Tensor:
+    lam, v = torch.linalg.eigh(a.double())
+    lam = lam.clamp_min(0)
+    return (v * (lam + eps * lam.amax(-1, keepdim=True)).pow(-1 / p).unsqueeze(-2)) @ v.mT
+
+
+def rel_err(x, ref):
+    return float((torch.linalg.matrix_norm(x.double() - ref) / torch.linalg.matrix_norm(ref)).max())
+
+
+@pytest.mark.parametrize("cond", [1e1, 1e4, 1e8])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_inverse_root_against_fp64(cond, method):
+    a = spd(96, cond, seed=int(math.log10(cond))).float()
+    eps = 1e-6
+    x = linalg.matrix_inverse_root(a, 4, eps, method=method)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    err = rel_err(x, fp64_root(a.double(), eps))  # reference: fp64 root of the same fp32 input
+    # eigh retries in fp64 when fp32 cannot resolve the ridge; Newton stays in fp32, whose rounding
+    # of A (~1e-7 lambda_max) is a 10% perturbation of the ridge at eps = 1e-6 for cond >= 1e6.
+    tol = {"eigh": {1e1: 1e-5, 1e4: 1e-5, 1e8: 1e-5}, "newton": {1e1: 1e-4, 1e4: 1e-3, 1e8: 5e-2}}[method][cond]
+    assert err < tol, err
+
+
+def test_inverse_root_other_p_and_zero_matrix():
+    a = spd(40, 1e3)
+    x = linalg.inverse_root_eigh(a.float(), p=2, ridge_eps=1e-8)
+    assert rel_err(x, fp64_root(a, 1e-8, p=2)) < 1e-3
+    z = linalg.inverse_root_eigh(torch.zeros(2, 5, 5))
+    assert torch.equal(z, torch.eye(5).expand(2, 5, 5))
+    z = linalg.inverse_root_newton(torch.zeros(2, 5, 5))
+    torch.testing.assert_close(z, torch.eye(5).expand(2, 5, 5))
+
+
+def test_newton_matches_eigh_on_indefinite_rounding_noise():
+    a = spd(64, 1e6).float()
+    a = a + 1e-9 * torch.randn_like(a)  # not exactly symmetric
+    x1 = linalg.inverse_root_newton(a, ridge_eps=1e-4)
+    x2 = linalg.inverse_root_eigh(a, ridge_eps=1e-4)
+    assert rel_err(x1, x2.double()) < 2e-3
+
+
+def test_power_iteration():
+    a = spd(80, 1e3)
+    est = linalg.power_iteration(a, iters=50)
+    true = torch.linalg.eigvalsh(a)[..., -1]
+    torch.testing.assert_close(est, true, rtol=1e-3, atol=0)
+    assert torch.all(linalg.power_iteration(a, iters=10) <= true * (1 + 1e-9))
+
+
+def test_bjorck_improves_orthogonality():
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(4, 100, 100, generator=g))
+    noisy = q + 0.02 * torch.randn(q.shape, generator=g)
+    eye = torch.eye(100)
+    errs = [float((linalg.bjorck_orthonormalize(noisy, k) @ linalg.bjorck_orthonormalize(noisy, k).mT - eye).norm()) for k in range(4)]
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+    assert errs[3] < 1e-3 * errs[0]
+
+
+@pytest.mark.parametrize("rank", [0, 1, 5])
+def test_cholesky_rank_deficient_never_nan(rank):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(3, 50, rank, generator=g) * 1e3
+    a = x @ x.mT  # PSD with rank `rank` (or zero)
+    c, r = linalg.robust_cholesky(a, 1e-6)
+    assert torch.isfinite(c).all() and torch.isfinite(r).all() and torch.all(r > 0)
+    assert torch.equal(c, torch.tril(c))
+    recon = c @ c.mT
+    torch.testing.assert_close(recon, a + r[:, None, None] * torch.eye(50), rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6)
+
+
+def test_cholesky_indefinite_and_nonfinite_fall_back():
+    a = torch.diag(torch.tensor([1.0, -5.0, 2.0])).expand(2, 3, 3).clone()
+    a[1, 0, 0] = float("nan")
+    c, r = linalg.robust_cholesky(a, 1e-6)
+    assert torch.isfinite(c).all()
+    # indefinite matrix -> diagonal fallback sqrt(max(diag, 0) + r)
+    torch.testing.assert_close(c[0].diagonal(), torch.tensor([1.0, 0.0, 2.0]).add(r[0]).sqrt())
+    assert torch.equal(c[1], torch.eye(3))  # non-finite input -> identity factor
+
+
+def test_cholesky_jitter_retry_recovers_nearly_singular():
+    a = spd(60, 1e12, batch=2).float()  # fails in fp32 with a tiny ridge
+    c, r = linalg.robust_cholesky(a, 1e-12)
+    assert torch.isfinite(c).all()
+    recon = c.double() @ c.double().mT
+    assert rel_err(recon, a.double() + r.double()[:, None, None] * torch.eye(60, dtype=torch.float64)) < 1e-3
