@@ -137,20 +137,23 @@ class Q4ShampooConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "Q4ShampooConfig":
-        """Build from keyword arguments, naming any unknown key and the allowed ones."""
+    def _check_names(cls, kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
                 f"Q4Shampoo: unknown option(s) {', '.join(map(repr, unknown))}. "
                 f"Allowed options: {', '.join(cls.field_names())}."
             )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "Q4ShampooConfig":
+        """Build from keyword arguments, naming any unknown key and the allowed ones."""
+        cls._check_names(kwargs)
         return cls(**kwargs)
 
     def replace(self, **kwargs: Any) -> "Q4ShampooConfig":
-        unknown = sorted(set(kwargs) - set(self.field_names()))
-        if unknown:
-            raise ConfigError(f"Q4Shampoo: unknown option(s) {', '.join(map(repr, unknown))}.")
+        """A copy with some fields changed (validated; unknown names are refused)."""
+        self._check_names(kwargs)
         return dataclasses.replace(self, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

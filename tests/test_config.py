@@ -1,0 +1,50 @@
+import pytest
+
+from hf_q4shampoo import ConfigError, Q4ShampooConfig, parse_optim_args
+
+
+def test_defaults_are_the_documented_ones():
+    c = Q4ShampooConfig()
+    assert c.precond == "cholesky_ef" and c.stat_decay == 0.95 and c.matrix_eps == 1e-6
+    assert c.quant_map == "linear2" and c.quant_block_size == 64 and c.min_quant_numel == 4096
+    assert (c.bjorck_update_iters, c.bjorck_root_iters) == (1, 4)
+    assert c.first_order == "adamw" and c.first_order_bits == 4
+
+
+def test_parse_optim_args_types_and_spaces():
+    out = parse_optim_args("precond = eigen, update_freq=10,root_freq=50, ef_beta=0.5,nesterov=True,"
+                           "max_aspect_ratio=0,first_order_bits=32,quant_map=DYNAMIC")
+    assert out == {"precond": "eigen", "update_freq": 10, "root_freq": 50, "ef_beta": 0.5, "nesterov": True,
+                   "max_aspect_ratio": 0.0, "first_order_bits": 32, "quant_map": "dynamic"}
+    assert isinstance(out["max_aspect_ratio"], float)
+    assert parse_optim_args(None) == {} and parse_optim_args("  ") == {}
+    Q4ShampooConfig(**out)  # parsed values build a valid config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("precondd=eigen", "unknown optim_args key 'precondd'. Allowed keys: .*update_freq"),
+    ("update_freq=ten", "update_freq='ten' is not an integer"),
+    ("update_freq=0", "update_freq must be an integer >= 1, got 0"),
+    ("precond=int8", "precond='int8' is not valid; allowed values: 'cholesky_ef', 'cholesky', 'eigen', 'naive', 'fp32'"),
+    ("nesterov=maybe", "nesterov='maybe' is not true or false"),
+    ("ef_beta=1.5", r"ef_beta must be a number in \[0, 1\)"),
+    ("root_bits=8", "root_bits=8 is not valid; allowed values: 4, 32"),
+    ("update_freq", "not of the form key=value"),
+])
+def test_parse_optim_args_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_optim_args(text)
+
+
+def test_reserved_keys_point_to_their_flag():
+    with pytest.raises(ConfigError, match="'lr' cannot be set in optim_args; use --learning_rate"):
+        parse_optim_args("lr=0.1", reserved={"lr": "--learning_rate"})
+
+
+def test_config_is_frozen_and_serialisable():
+    c = Q4ShampooConfig(update_freq=7)
+    with pytest.raises(Exception):
+        c.update_freq = 3
+    d = c.to_dict()
+    assert d["update_freq"] == 7 and all(isinstance(v, (int, float, str, bool, tuple)) for v in d.values())
+    assert Q4ShampooConfig(**d) == c

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+
+
+def _state_tensor_bytes(opt):
+    total = 0
+
+    def walk(v):
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    for st in opt.state.values():
+        walk(st)
+    return total
+
+
+def test_report_counts_every_state_byte():
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 10), torch.nn.Embedding(5000, 32))
+    opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    r = optimizer_state_bytes(opt)
+    assert set(r.by_kind) == set(KINDS)
+    assert r.total == _state_tensor_bytes(opt)
+    assert r.num_params == sum(p.numel() for p in model.parameters())
+    assert r.adamw_equivalent == 8 * r.num_params
+    assert r.by_kind["error_feedback"] > 0 and r.by_kind["roots"] > 0
+    assert r.largest[0]["bytes"] >= r.largest[-1]["bytes"]
+
+
+def test_adamw_report_is_8_bytes_per_param():
+    model = torch.nn.Linear(100, 100)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 100)).sum().backward()
+    opt.step()
+    r = optimizer_state_bytes(opt)
+    # fp32 m and v plus the step counters
+    assert 8.0 <= r.bytes_per_param < 8.1
+
+
+@pytest.mark.heavy
+def test_gpt2_small_default_config_bytes_per_param():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())  # 124M parameters, random init
+    opt = Q4Shampoo(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 50257, (1, 16))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    r = optimizer_state_bytes(opt)
+    print(f"\nGPT-2 small, default config: {r.bytes_per_param:.3f} bytes/param "
+          f"({r.total / 2**20:.1f} MiB for {r.num_params / 1e6:.1f}M params); AdamW {r.adamw_equivalent / r.num_params:.1f}, "
+          f"fp32 Shampoo (same blocks) {r.fp32_shampoo_equivalent / r.num_params:.1f}; by kind (MiB): "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.by_kind.items()))
+    assert 124e6 < r.num_params < 125e6
+    assert r.bytes_per_param <= 3.0
+    assert r.fp32_shampoo_equivalent / r.num_params > 15

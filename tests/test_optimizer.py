@@ -1,0 +1,293 @@
+import io
+import math
+
+import pytest
+import torch
+
+from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
+from reference_shampoo import ReferenceShampoo
+
+SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1)]
+
+
+def _params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def _grads(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # gradients with a correlated (anisotropic) structure, so preconditioning matters
+    out = []
+    for _ in range(steps):
+        out.append([torch.randn(*s, generator=g) * torch.linspace(0.1, 3.0, s[-1]) for s in SHAPES])
+    return out
+
+
+@pytest.mark.parametrize("first_order,extra", [
+    ("adamw", dict(weight_decay=0.1)),
+    ("sgd", dict(weight_decay=0.01, momentum=0.9, nesterov=False)),
+    ("sgd", dict(weight_decay=0.0, momentum=0.8, nesterov=True)),
+])
+def test_fp32_form_matches_fp64_algorithm4(first_order, extra):
+    hyper = dict(lr=0.01, stat_decay=0.9, matrix_eps=1e-4, update_freq=2, root_freq=4, max_precond_dim=32, **extra)
+    params = _params()
+    start = [p.detach().double().clone() for p in params]
+    ref = ReferenceShampoo(params, first_order=first_order, **hyper)
+    opt = Q4Shampoo(params, precond="fp32", first_order=first_order, first_order_bits=32, root_method="eigh", **hyper)
+    worst = 0.0
+    for grads in _grads(13):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads)
+        # error relative to how far the parameters moved: fp32 storage of p alone gives ~1e-5
+        for p, r, p0 in zip(params, ref.params, start):
+            worst = max(worst, float((p.detach().double() - r).norm() / (r - p0).norm()))
+    print(f"{first_order}: worst relative error of the parameter displacement vs fp64, 13 steps: {worst:.2e}")
+    assert worst < 2e-4
+
+
+def test_preconditioning_is_applied():
+    # the same run without Shampoo must differ: guards against a silently skipped preconditioner
+    params_a, params_b = _params(), _params()
+    opt_a = Q4Shampoo(params_a, lr=0.01, precond="fp32", update_freq=1, root_freq=1, first_order_bits=32)
+    opt_b = torch.optim.Adam(params_b, lr=0.01)
+    for grads in _grads(3):
+        for pa, pb, g in zip(params_a, params_b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert (params_a[0] - params_b[0]).abs().max() > 1e-4
+    # 1-D parameters take the plain first-order step in both
+    torch.testing.assert_close(params_a[3], params_b[3])
+
+
+def _train(opt_factory, params, grads_seq):
+    opt = opt_factory(params)
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+    return opt
+
+
+def _roundtrip(opt) -> dict:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _state_dtypes(opt):
+    out = {}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        def walk(prefix, v):
+            if isinstance(v, torch.Tensor):
+                out[f"{i}.{prefix}"] = v.dtype
+            elif isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}", x)
+            elif isinstance(v, list):
+                for k, x in enumerate(v):
+                    walk(f"{prefix}.{k}", x)
+        walk("", opt.state[p])
+    return out
+
+
+@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "naive", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_resume(precond, dtype):
+    kw = dict(lr=0.01, precond=precond, update_freq=2, root_freq=3, max_precond_dim=64, min_quant_numel=256)
+    grads = _grads(9)
+    straight = _params(dtype=dtype)
+    opt_s = _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
+
+    first = _params(dtype=dtype)
+    opt1 = _train(lambda p: Q4Shampoo(p, **kw), first, grads[:4])
+    saved = _roundtrip(opt1)  # torch.load(weights_only=True)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = Q4Shampoo(resumed, **kw)
+    opt2.load_state_dict(saved)
+    assert _state_dtypes(opt2) == _state_dtypes(opt1)  # uint8 codes stay uint8, fp32 stays fp32
+    dtypes = set(_state_dtypes(opt2).values())
+    assert torch.float32 in dtypes and (precond == "fp32" or torch.uint8 in dtypes)
+    for grads_t in grads[4:]:
+        for p, g in zip(resumed, grads_t):
+            p.grad = g.clone().to(dtype)
+        opt2.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b), "resumed run must be bitwise identical on CPU"
+
+
+def test_lazy_state_and_device():
+    params = _params()
+    opt = Q4Shampoo(params, lr=1e-3)
+    assert len(opt.state) == 0
+    for p, g in zip(params, _grads(1)[0]):
+        p.grad = g
+    opt.step()
+    assert len(opt.state) == len(params)
+    st = opt.state[params[0]]
+    assert st["step"].device.type == "cpu" and "regions" in st
+    assert "regions" not in opt.state[params[3]]  # 1-D: first-order only
+
+
+def test_tensor_lr_matches_float_lr():
+    grads = _grads(5)
+    a, b = _params(), _params()
+    _train(lambda p: Q4Shampoo(p, lr=0.01, update_freq=1, root_freq=2), a, grads)
+    lr = torch.tensor(0.02)
+    opt = Q4Shampoo(b, lr=lr, update_freq=1, root_freq=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # writes 0.01 into the tensor
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for grads_t in grads:
+        for p, g in zip(b, grads_t):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_param_groups_and_empty_group():
+    params = _params()
+    opt = Q4Shampoo([{"params": params[:2], "weight_decay": 0.1}, {"params": [], "weight_decay": 0.0},
+                     {"params": params[2:], "lr": 0.0}], lr=0.01)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, _grads(1)[0]):
+        p.grad = g
+    opt.step()
+    assert not torch.equal(before[0], params[0])
+    for b, p in zip(before[2:], params[2:]):  # lr 0 group does not move
+        assert torch.equal(b, p)
+
+
+def test_zero_gradients_and_zero_lr_are_safe():
+    # LoRA B = 0 at start makes A's gradients exactly zero; torch's DCP init steps with lr 0 and zero grads
+    params = _params()
+    opt = Q4Shampoo(params, lr=0.0, update_freq=1, root_freq=1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p in params:
+        assert torch.isfinite(p).all()
+    opt.param_groups[0]["lr"] = 0.01
+    for grads in _grads(3):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    for p in params:
+        assert torch.isfinite(p).all()
+
+
+def test_bf16_parameters_train_with_fp32_statistics():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8)).to(torch.bfloat16)
+    opt = Q4Shampoo(model.parameters(), lr=3e-3, update_freq=1, root_freq=2, min_quant_numel=1024)
+    x = torch.randn(256, 64).to(torch.bfloat16)
+    y = torch.randint(0, 8, (256,))
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    side = opt.state[model[0].weight]["regions"][0]["R"]
+    assert side["factor_codes"].dtype == torch.uint8 and side["diag"].dtype == torch.float32
+    assert model[0].weight.dtype == torch.bfloat16
+
+
+def test_clear_errors():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ConfigError, match="unknown option.*'precondd'.*Allowed options"):
+        Q4Shampoo([p], precondd="eigen")
+    with pytest.raises(ConfigError, match="precond='bad' is not valid; allowed values: 'cholesky_ef'"):
+        Q4Shampoo([p], precond="bad")
+    with pytest.raises(ConfigError, match="update_freq must be an integer >= 1, got 0"):
+        Q4Shampoo([p], update_freq=0)
+    with pytest.raises(ConfigError, match="betas"):
+        Q4Shampoo([{"params": [p], "betas": (0.9, 1.5)}])
+    with pytest.raises(ConfigError, match="stat_decay must be a number in"):
+        Q4ShampooConfig(stat_decay=1.0)
+
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = Q4Shampoo(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients.*SparseAdam"):
+        opt.step()
+
+    c = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    c.grad = torch.randn(3, 3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex.*view_as_real"):
+        Q4Shampoo([c]).step()
+
+    flat = torch.nn.Parameter(torch.randn(1000))
+    flat._fsdp_flattened = True  # what FSDP1 sets on its flattened views (torch _set_fsdp_flattened)
+    flat.grad = torch.randn(1000)
+    with pytest.raises(RuntimeError, match="flattened 1-D view.*FSDP2"):
+        Q4Shampoo([flat]).step()
+
+
+def test_checkpoint_with_other_storage_options_is_refused():
+    params = _params()
+    opt = _train(lambda p: Q4Shampoo(p, lr=0.01), params, _grads(1))
+    other = Q4Shampoo(params, lr=0.01, precond="eigen")
+    with pytest.raises(ConfigError, match="precond: saved 'cholesky_ef', now 'eigen'"):
+        other.load_state_dict(_roundtrip(opt))
+
+
+# ------------------------------------------------------------------------------------------------
+# A small ill-conditioned learning problem: teacher MLP, inputs with condition number 1e4 in a
+# random basis, noisy targets (so the loss has a floor and "within a few percent" is meaningful).
+# ------------------------------------------------------------------------------------------------
+
+
+def _problem(seed, n=2048, d=128, h=128, k=64):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = torch.randn(n, d, generator=g) @ (q * torch.logspace(0, -2, d)) @ q.T * 3
+    w1 = torch.randn(h, d, generator=g) / math.sqrt(d) * 3
+    w2 = torch.randn(k, h, generator=g) / math.sqrt(h)
+    y = torch.tanh(x @ w1.T) @ w2.T
+    return x, y + 0.1 * y.std() * torch.randn(y.shape, generator=g)
+
+
+def _fit(make_opt, seed, steps=200, batch=256):
+    x, y = _problem(seed)
+    torch.manual_seed(seed + 1)
+    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+    opt = make_opt(net.parameters())
+    g = torch.Generator().manual_seed(seed + 2)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        loss = ((net(x[idx]) - y[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((net(x) - y) ** 2).mean())
+
+
+@pytest.mark.heavy
+def test_cholesky_ef_close_to_fp32_and_beats_adamw():
+    shampoo_grid, adam_grid = [3e-3, 1e-2, 3e-2], [3e-3, 1e-2, 3e-2, 1e-1]
+    kw = dict(update_freq=1, root_freq=10)
+    makers = {
+        "adamw": (adam_grid, lambda lr: lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)),
+        "fp32": (shampoo_grid, lambda lr: lambda p: Q4Shampoo(p, lr=lr, precond="fp32", first_order_bits=32, **kw)),
+        "cholesky_ef": (shampoo_grid, lambda lr: lambda p: Q4Shampoo(p, lr=lr, **kw)),
+        "naive": (shampoo_grid, lambda lr: lambda p: Q4Shampoo(p, lr=lr, precond="naive", **kw)),
+    }
+    # each optimizer's best learning rate from its grid, final loss averaged over two problems
+    best = {
+        name: min(sum(_fit(make(lr), seed) for seed in (0, 1)) / 2 for lr in grid)
+        for name, (grid, make) in makers.items()
+    }
+    print("best final loss per optimizer (grid-tuned lr, mean of 2 seeds):", {k: round(v, 4) for k, v in best.items()})
+    assert best["cholesky_ef"] <= 1.05 * best["fp32"]
+    assert best["cholesky_ef"] < 0.97 * best["adamw"]
+    assert best["naive"] > best["cholesky_ef"]
