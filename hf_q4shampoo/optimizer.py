@@ -174,6 +174,17 @@ class Q4Shampoo(torch.optim.Optimizer):
                 "device, DDP, FSDP2 (fully_shard / accelerate fsdp_version=2) and DeepSpeed ZeRO stage 0."
             )
 
+    def build_state(self) -> None:
+        """Create the state of every parameter now instead of at its first step.
+
+        Works on parameters on the ``meta`` device, which is how ``estimate_memory`` sizes the state of a
+        model without allocating it: the layout is the one the first step would create.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_state(p, self.state[p])
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
         state["step"] = torch.tensor(0.0)
