@@ -1,0 +1,320 @@
+"""Speed and memory benchmark: the same model and batches under several optimizers, in one process.
+
+    python -m hf_q4shampoo.bench [--optimizers adamw,adamw_8bit,adamw_4bit,q4shampoo,shampoo_fp32]
+                                 [--n_layer 12 --n_embd 768 --batch 8 --seq 1024] [--steps 220 --warmup 10]
+                                 [--optim_args "update_freq=100,root_freq=100"] [--json out.json]
+
+Model: GPT-2 built from ``GPT2Config`` (default: GPT-2 small, 124M), random tokens, bf16 autocast with
+fp32 weights on CUDA (fp32 on CPU). Each optimizer gets a fresh model with the same initial weights and
+the same batches. Weight decay 0.1 on matrices, 0 on biases/norms, as the Trainer groups it.
+
+Reported per optimizer: optimizer-state bytes/param (``memory.optimizer_state_bytes``), persistent
+optimizer memory (allocated bytes added by creating the optimizer and its state), peak allocated memory
+over the timed steps, median step, amortized mean step (over a window that includes Shampoo's
+statistics/root refreshes: pick ``--steps`` >= ``root_freq``), worst step, and each as a ratio to the
+first optimizer in the list (fused AdamW by default). A step = zero_grad + forward + backward +
+optimizer step, timed with CUDA events (wall clock on CPU).
+
+Peers that are not installed (bitsandbytes, torchao) are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import Q4Shampoo, parse_optim_args
+from .memory import optimizer_state_bytes
+
+__all__ = ["OPTIMIZERS", "run_benchmark", "main"]
+
+
+def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw(groups, lr, device, _opts):
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def _bnb_8bit(groups, lr, _device, _opts):
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional peer
+
+    return bnb.optim.AdamW8bit(groups, lr=lr)
+
+
+def _ao(bits: int):
+    def make(groups, lr, _device, _opts):
+        try:
+            from torchao.optim import AdamW4bit, AdamW8bit  # noqa: PLC0415 - optional peer
+        except ImportError:
+            from torchao.prototype.low_bit_optim import AdamW4bit, AdamW8bit  # noqa: PLC0415
+
+        return (AdamW4bit if bits == 4 else AdamW8bit)(groups, lr=lr)
+
+    return make
+
+
+def _q4(**fixed):
+    def make(groups, lr, _device, opts):
+        return Q4Shampoo(groups, lr=lr, **{**opts, **fixed})
+
+    return make
+
+
+#: name -> (factory(groups, lr, device, q4shampoo_options), description)
+OPTIMIZERS: dict[str, tuple[Callable, str]] = {
+    "adamw": (_adamw, "torch AdamW (fused on CUDA), fp32 states"),
+    "adamw_8bit": (_bnb_8bit, "bitsandbytes AdamW8bit"),
+    "adamw_4bit": (_ao(4), "torchao AdamW4bit"),
+    "adamw_8bit_ao": (_ao(8), "torchao AdamW8bit"),
+    "q4shampoo": (_q4(), "Q4Shampoo with --optim_args (default: cholesky_ef)"),
+    "shampoo_fp32": (_q4(precond="fp32", first_order_bits=32), "our fp32 Shampoo (fp32 factors/roots, fp32 Adam)"),
+    "q4shampoo_eigen": (_q4(precond="eigen"), "Q4Shampoo precond=eigen"),
+    "q4shampoo_naive": (_q4(precond="naive"), "Q4Shampoo precond=naive"),
+}
+
+
+def _build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+
+    cfg = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab,
+                     n_positions=max(args.seq, 1024), loss_type="ForCausalLMLoss")
+    torch.manual_seed(args.seed)
+    return GPT2LMHeadModel(cfg).to(device)
+
+
+def _batches(args: argparse.Namespace, device: torch.device, count: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    return [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device) for _ in range(count)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
+              q4_options: dict[str, Any]) -> dict[str, Any]:
+    factory, _ = OPTIMIZERS[name]
+    model = _build_model(args, device)
+    model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    _sync(device)
+    before_opt = _allocated(device)
+    opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
+
+    step_ms: list[float] = []
+    opt_ms: list[float] = []
+    losses: list[float] = []
+    total = args.warmup + args.steps
+    events = []
+    for i in range(total):
+        if i == args.warmup:
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        x = batches[i % len(batches)]
+        if device.type == "cuda":
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+        else:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(x, labels=x).loss
+        loss.backward()
+        if device.type == "cuda":
+            ev[1].record()
+        else:
+            t1 = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            ev[2].record()
+            events.append(ev)
+        else:
+            t2 = time.perf_counter()
+            step_ms.append((t2 - t0) * 1e3)
+            opt_ms.append((t2 - t1) * 1e3)
+        if i >= args.warmup and (i - args.warmup) % 20 == 0:
+            losses.append(float(loss.detach()))
+    _sync(device)
+    if device.type == "cuda":
+        step_ms = [a.elapsed_time(c) for a, _, c in events]
+        opt_ms = [b.elapsed_time(c) for _, b, c in events]
+    timed, timed_opt = step_ms[args.warmup :], opt_ms[args.warmup :]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    persistent = _allocated(device) - before_opt
+    report = optimizer_state_bytes(opt)
+    worst_at = max(range(len(timed)), key=timed.__getitem__)
+    result = {
+        "optimizer": name,
+        "description": OPTIMIZERS[name][1],
+        "state_bytes_per_param": report.bytes_per_param,
+        "state_MiB": report.total / 2**20,
+        "persistent_optimizer_MiB": persistent / 2**20 if device.type == "cuda" else None,
+        "peak_MiB": peak / 2**20 if device.type == "cuda" else None,
+        "median_step_ms": statistics.median(timed),
+        "mean_step_ms": statistics.fmean(timed),
+        "worst_step_ms": timed[worst_at],
+        "worst_step_index": args.warmup + worst_at + 1,
+        "median_optimizer_ms": statistics.median(timed_opt),
+        "mean_optimizer_ms": statistics.fmean(timed_opt),
+        "losses_every_20": losses,
+        "final_loss": float(loss.detach()),
+        "step_ms": timed,
+    }
+    del opt, model, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile_steps(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
+                  q4_options: dict[str, Any]) -> str:
+    """Top ops (by self device time, then CPU time) of ``args.profile`` optimizer steps after a short warm-up."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    factory, _ = OPTIMIZERS[name]
+    model = _build_model(args, device)
+    opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def one(i):
+        x = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            model(x, labels=x).loss.backward()
+
+    for i in range(3):
+        one(i)
+        opt.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.profile):
+            one(i)
+            _sync(device)
+            with torch.profiler.record_function("optimizer.step"):
+                opt.step()
+            _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=sort, row_limit=25)
+    text += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
+    print(f"\n=== profile of {args.profile} steps, {name} ===\n{text}")
+    del opt, model
+    gc.collect()
+    return text
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    q4_options = parse_optim_args(args.optim_args)
+    batches = _batches(args, device, min(args.warmup + args.steps, 16))
+    results, skipped = [], {}
+    for name in args.optimizers.split(","):
+        if name not in OPTIMIZERS:
+            raise SystemExit(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        try:
+            results.append(bench_one(name, args, device, batches, q4_options))
+            if args.profile and name.startswith(("q4shampoo", "shampoo")):
+                results[-1]["profile"] = profile_steps(name, args, device, batches, q4_options)
+        except ImportError as exc:
+            skipped[name] = f"not installed ({exc.name or exc})"
+        except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the others' numbers
+            skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+            if args.raise_errors:
+                raise
+    base = results[0] if results else None
+    for r in results:
+        for key in ("median_step_ms", "mean_step_ms", "worst_step_ms", "peak_MiB", "state_bytes_per_param"):
+            if base and base.get(key) and r.get(key) is not None:
+                r[f"{key}_ratio"] = r[key] / base[key]
+        r["worst_over_median"] = r["worst_step_ms"] / r["median_step_ms"]
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    try:
+        import transformers  # noqa: PLC0415
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return {"args": vars(args), "env": env, "results": results, "skipped": skipped}
+
+
+def format_table(out: dict[str, Any]) -> str:
+    head = (f"{'optimizer':<16}{'B/param':>8}{'state MiB':>10}{'persist MiB':>12}{'peak MiB':>10}"
+            f"{'median ms':>10}{'mean ms':>9}{'worst ms':>9}{'opt ms':>8}{'x median':>9}{'x mean':>8}{'x peak':>8}")
+    lines = [head, "-" * len(head)]
+    for r in out["results"]:
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+
+        lines.append(
+            f"{r['optimizer']:<16}{r['state_bytes_per_param']:>8.2f}{r['state_MiB']:>10.1f}"
+            f"{fmt(r['persistent_optimizer_MiB'], '.1f'):>12}{fmt(r['peak_MiB'], '.0f'):>10}"
+            f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}{r['median_optimizer_ms']:>8.1f}"
+            f"{r.get('median_step_ms_ratio', 1):>9.2f}{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
+        )
+    for name, why in out["skipped"].items():
+        lines.append(f"{name:<16}skipped: {why}")
+    env = out["env"]
+    lines.append(f"[{env['device']}, torch {env['torch']}, transformers {env.get('transformers', '?')}, {env['date']}]")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimizers", default="adamw,adamw_8bit,adamw_4bit,shampoo_fp32,q4shampoo")
+    p.add_argument("--optim_args", default="update_freq=100,root_freq=100", help="Q4Shampoo options")
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=220)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the full results (incl. every step time) here")
+    p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = run_benchmark(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    print(format_table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
