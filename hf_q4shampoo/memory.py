@@ -25,7 +25,14 @@ import torch
 from .first_order import first_order_keys
 from .preconditioners import tensor_bytes
 
-__all__ = ["MemoryReport", "KINDS", "optimizer_state_bytes", "unwrap_optimizer", "format_bytes"]
+__all__ = [
+    "MemoryReport",
+    "KINDS",
+    "optimizer_state_bytes",
+    "param_state_bytes",
+    "unwrap_optimizer",
+    "format_bytes",
+]
 
 KINDS = ("statistics", "roots", "error_feedback", "first_order", "scales_diagonals", "other")
 
@@ -41,6 +48,7 @@ class MemoryReport:
     fp32_shampoo_equivalent: int
     by_group: list[int] = field(default_factory=list)
     largest: list[dict[str, Any]] = field(default_factory=list)  # biggest per-tensor states
+    group_num_params: list[int] = field(default_factory=list)  # entries with state, per group
 
     @property
     def total(self) -> int:
@@ -71,9 +79,24 @@ def _local_numel(p: torch.Tensor) -> int:
     return (to_local() if callable(to_local) else p).numel()
 
 
+def _leaf_tensors(t: torch.Tensor):
+    """The tensors that own memory behind ``t``.
+
+    A wrapper subclass (torchao's ``OptimState4bit``, a DTensor) reports its *logical* shape and dtype,
+    so ``numel * element_size`` would count a 4-bit state as fp32 and a DTensor shard as the full
+    tensor; its inner tensors (``__tensor_flatten__``) are what is allocated.
+    """
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(t, name))
+    else:
+        yield t
+
+
 def _nested_tensors(value: Any):
     if isinstance(value, torch.Tensor):
-        yield value
+        yield from _leaf_tensors(value)
     elif isinstance(value, dict):
         for v in value.values():
             yield from _nested_tensors(v)
@@ -95,51 +118,81 @@ def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
     return total
 
 
-def optimizer_state_bytes(optimizer: Any, largest: int = 10) -> MemoryReport:
+def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = None) -> dict[str, int]:
+    """Bytes of the state ``optimizer`` holds for parameter ``p``, split into :data:`KINDS`.
+
+    ``seen`` (ids of tensors already counted) lets a caller count a tensor shared between parameters
+    once: bitsandbytes puts the same quantization-map tensor in every parameter's state.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    kinds = dict.fromkeys(KINDS, 0)
+    state = optimizer.state.get(p)
+    if not state:
+        return kinds
+    if not hasattr(optimizer, "_form"):
+        for t in _nested_tensors(state):
+            if seen is not None:
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+            kinds["first_order"] += tensor_bytes(t)
+        return kinds
+    form = optimizer._form(torch.device("cpu"))
+    numel = _local_numel(p)
+    for key in first_order_keys(state):
+        t = state[key]
+        kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
+        kinds[kind] += tensor_bytes(t)
+    kinds["other"] += tensor_bytes(state["step"])
+    for sides in state.get("regions", []):
+        for side in sides.values():
+            for kind, b in form.bytes_by_kind(side).items():
+                kinds[kind] += b
+    return kinds
+
+
+def optimizer_state_bytes(
+    optimizer: Any, largest: int = 10, param_names: dict[int, str] | None = None
+) -> MemoryReport:
     """Measure the state of ``optimizer`` (a Q4Shampoo, or any torch optimizer) right now.
 
-    For optimizers other than Q4Shampoo every state tensor counts as ``first_order`` (a tensor-subclass
-    state such as torchao's counts its inner tensors through ``numel * element_size`` of the subclass,
-    which those subclasses report in their packed size).
+    For optimizers other than Q4Shampoo every state tensor counts as ``first_order``; a tensor-subclass
+    state (torchao's ``OptimState4bit``, a DTensor) counts the inner tensors that hold its memory, and a
+    tensor shared by several parameters' states is counted once.
+
+    ``param_names`` maps ``id(parameter)`` to a name (e.g. from ``model.named_parameters()``); the
+    ``largest`` rows then carry a ``name``.
     """
     optimizer = unwrap_optimizer(optimizer)
     by_kind = dict.fromkeys(KINDS, 0)
-    by_group = []
+    by_group: list[int] = []
+    group_num_params: list[int] = []
     per_tensor = []
     num_params = num_tensors = 0
     adamw = fp32_shampoo = 0
-    form = optimizer._form(torch.device("cpu")) if hasattr(optimizer, "_form") else None
+    seen: set[int] = set()
     for group in optimizer.param_groups:
-        group_bytes = 0
+        group_bytes = group_params = 0
         for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state:
+            if not optimizer.state.get(p):
                 continue
             numel = _local_numel(p)
             num_params += numel
+            group_params += numel
             num_tensors += 1
             adamw += 8 * numel
             fp32_shampoo += 8 * numel + 8 * _plan_factor_numel(optimizer, p.shape)
-            kinds = dict.fromkeys(KINDS, 0)
-            if form is None:
-                for t in _nested_tensors(state):
-                    kinds["first_order"] += tensor_bytes(t)
-            else:
-                for key in first_order_keys(state):
-                    t = state[key]
-                    kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
-                    kinds[kind] += tensor_bytes(t)
-                kinds["other"] += tensor_bytes(state["step"])
-                for sides in state.get("regions", []):
-                    for side in sides.values():
-                        for kind, b in form.bytes_by_kind(side).items():
-                            kinds[kind] += b
+            kinds = param_state_bytes(optimizer, p, seen)
             for kind, b in kinds.items():
                 by_kind[kind] += b
             total = sum(kinds.values())
             group_bytes += total
-            per_tensor.append({"shape": list(p.shape), "numel": numel, "bytes": total, "bytes_per_param": total / max(1, numel)})
+            row = {"shape": list(p.shape), "numel": numel, "bytes": total, "bytes_per_param": total / max(1, numel)}
+            if param_names is not None and id(p) in param_names:
+                row = {"name": param_names[id(p)], **row}
+            per_tensor.append(row)
         by_group.append(group_bytes)
+        group_num_params.append(group_params)
     per_tensor.sort(key=lambda r: -r["bytes"])
     return MemoryReport(
         by_kind=by_kind,
@@ -149,6 +202,7 @@ def optimizer_state_bytes(optimizer: Any, largest: int = 10) -> MemoryReport:
         fp32_shampoo_equivalent=fp32_shampoo,
         by_group=by_group,
         largest=per_tensor[:largest],
+        group_num_params=group_num_params,
     )
 
 
