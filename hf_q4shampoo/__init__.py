@@ -1,8 +1,41 @@
-"""hf_q4shampoo: 4-bit Shampoo for Hugging Face Transformers."""
+"""hf_q4shampoo: 4-bit Shampoo for Hugging Face Transformers.
+
+Importing the package registers ``optim="q4shampoo"`` with transformers (see
+``integrations/registration.py``; set ``HF_Q4SHAMPOO_AUTO_REGISTER=0`` to skip). Import it before any
+``HfArgumentParser`` is constructed. ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` are loaded on
+first access, which imports ``transformers.Trainer``.
+"""
+
+import os as _os
 
 from .config import ConfigError, Q4ShampooConfig, parse_optim_args
+from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
 from .optimizer import Q4Shampoo
 
 __version__ = "0.1.0"
 
-__all__ = ["Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__"]
+__all__ = [
+    "Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__",
+    "register", "make_optimizer_cls_and_kwargs", "UnsupportedSetupError",
+    "Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin",
+]
+
+# --- Transformers integration (issue #3) -------------------------------------------------------
+_LAZY_TRAINER_NAMES = ("Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_TRAINER_NAMES:  # importing Trainer costs ~1 s: only when asked for
+        from .integrations import transformers as _hf
+
+        return getattr(_hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if _os.environ.get("HF_Q4SHAMPOO_AUTO_REGISTER", "1").strip().lower() not in ("0", "false", "no", "off"):
+    try:
+        register()
+    except Exception as _err:  # the optimizer stays usable; `register()` called explicitly re-raises
+        import warnings as _warnings
+
+        _warnings.warn(f"hf_q4shampoo: could not register optim='q4shampoo' with transformers: {_err!r}")

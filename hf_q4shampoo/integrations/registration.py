@@ -1,0 +1,326 @@
+"""Make ``optim="q4shampoo"`` known to stock transformers: the light part of the integration.
+
+``import hf_q4shampoo`` calls :func:`register`, so this module imports only what registration needs
+(``transformers.training_args`` and, from 5.2 on, ``transformers.trainer_optimizer``; not ``Trainer``
+itself except on 5.0/5.1, where the dispatch lives in it).
+
+What :func:`register` does, and why it works across transformers 5.x
+--------------------------------------------------------------------
+Transformers validates ``optim`` in three places (docs: transformers-integration.md §1.2), and
+registration touches exactly the two objects those checks consult:
+
+1. ``OptimizerNames`` (a closed ``str`` Enum; the same in every 5.x) gets one member
+   ``Q4SHAMPOO = "q4shampoo"``. ``HfArgumentParser`` computes ``--optim``'s argparse ``choices`` from
+   this Enum *when the parser is constructed*, and ``TrainingArguments.__post_init__`` converts with
+   ``OptimizerNames(value)``: so registration must run before ``HfArgumentParser(...)`` is built.
+2. The dispatch from that name to ``(Q4Shampoo, kwargs)``:
+
+   * transformers >= 5.2 (``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` exists): one entry
+     is added to that dict (mode ``"handler_registry"``);
+   * transformers 5.0 / 5.1 (no such module; an if/elif chain inside
+     ``Trainer.get_optimizer_cls_and_kwargs``): that staticmethod is wrapped once; the wrapper answers
+     ``q4shampoo`` and hands every other name to the original (mode ``"trainer_wrapper"``). The
+     wrapper is also the fallback if a later release drops the private dict.
+
+Both steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
+names keep transformers' own errors. The handler reads ``--optim_args`` itself with
+:func:`~hf_q4shampoo.config.parse_optim_args` (typed, validated, naming the bad key and the allowed
+ones) instead of transformers' untyped string dict.
+
+Without registration (``HF_Q4SHAMPOO_AUTO_REGISTER=0`` before the import), the same optimizer is
+reachable through ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` or
+``Trainer(optimizer_cls_and_kwargs=make_optimizer_cls_and_kwargs(args))``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from typing import Any, Literal
+
+from ..config import ConfigError, Q4ShampooConfig, parse_optim_args
+from ..optimizer import Q4Shampoo
+
+__all__ = [
+    "OPTIM_NAME",
+    "RESERVED_OPTIM_ARGS",
+    "UnsupportedSetupError",
+    "register",
+    "is_registered",
+    "is_q4shampoo_optim",
+    "make_optimizer_cls_and_kwargs",
+    "check_supported_setup",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The ``optim`` value that selects Q4Shampoo (``--optim q4shampoo``).
+OPTIM_NAME = "q4shampoo"
+_MEMBER_NAME = "Q4SHAMPOO"
+
+#: Q4Shampoo options that come from the usual TrainingArguments fields, not from ``--optim_args``.
+RESERVED_OPTIM_ARGS = {
+    "lr": "--learning_rate",
+    "betas": "--adam_beta1 / --adam_beta2",
+    "eps": "--adam_epsilon",
+    "weight_decay": "--weight_decay (applied per parameter group by the Trainer)",
+}
+
+_SUPPORTED = (
+    "Supported setups: single device, DDP, FSDP2 (fsdp_config {'version': 2}, accelerate fsdp_version: 2) "
+    "and DeepSpeed ZeRO stage 0."
+)
+
+RegistrationMode = Literal["handler_registry", "trainer_wrapper"]
+_MARK = "_q4shampoo_handler"  # attribute set on our handler / wrapper functions
+
+
+class UnsupportedSetupError(RuntimeError):
+    """The training setup hands the optimizer flattened parameters (DeepSpeed ZeRO >= 1, FSDP1)."""
+
+
+# --------------------------------------------------------------------------------------------
+# name handling
+# --------------------------------------------------------------------------------------------
+
+
+def is_q4shampoo_optim(optim: Any) -> bool:
+    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4Shampoo."""
+    value = getattr(optim, "value", optim)
+    return isinstance(value, str) and value.lower() == OPTIM_NAME
+
+
+# --------------------------------------------------------------------------------------------
+# TrainingArguments -> (Q4Shampoo, kwargs)
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4Shampoo], dict[str, Any]]:
+    """``(Q4Shampoo, kwargs)`` for a ``TrainingArguments`` (or ``SFTConfig``) instance.
+
+    The no-magic path: ``Trainer(..., optimizer_cls_and_kwargs=make_optimizer_cls_and_kwargs(args))``
+    works with stock ``TrainingArguments`` whatever ``args.optim`` says (the model card will then show
+    that ``optim`` name). ``lr``, ``betas``, ``eps`` and the default ``weight_decay`` come from
+    ``learning_rate``, ``adam_beta1``/``adam_beta2``, ``adam_epsilon`` and ``weight_decay``; the
+    Trainer's decay / no-decay parameter groups carry their own ``weight_decay``, which takes
+    precedence. Every other option comes from ``args.optim_args`` (``"update_freq=10,root_freq=50"``),
+    typed and validated.
+
+    Raises:
+        ConfigError: an unknown ``optim_args`` key, a bad value, or a reserved key (the message names
+            the key and the allowed keys / values).
+        UnsupportedSetupError: DeepSpeed ZeRO >= 1 or FSDP1 (see :func:`check_supported_setup`).
+    """
+    del model  # Q4Shampoo needs no model: the Trainer's parameter groups carry everything
+    check_supported_setup(args)
+    options = parse_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS)
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+        **options,
+    }
+    try:  # validate now, so a bad learning rate or beta stops before the model is touched
+        Q4ShampooConfig.from_kwargs(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from the TrainingArguments of --optim {OPTIM_NAME})") from err
+    return Q4Shampoo, kwargs
+
+
+def _handler(ctx: Any) -> tuple[type[Q4Shampoo], dict[str, Any]]:
+    """``_OPTIMIZER_HANDLERS`` entry (transformers >= 5.2). ``ctx`` is an ``OptimizerContext``.
+
+    ``ctx.optim_args`` is transformers' untyped string dict; the original text in ``ctx.args`` is
+    parsed again with our typed parser.
+    """
+    return make_optimizer_cls_and_kwargs(ctx.args, ctx.model)
+
+
+setattr(_handler, _MARK, True)
+
+
+# --------------------------------------------------------------------------------------------
+# unsupported distributed setups
+# --------------------------------------------------------------------------------------------
+
+
+def _truthy(text: str | None) -> bool:
+    return str(text).strip().lower() in {"1", "true", "yes", "y", "on"}
+
+
+def _deepspeed_config(args: Any) -> dict[str, Any] | None:
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if isinstance(getattr(hf_config, "config", None), dict):
+        return hf_config.config
+    source = getattr(args, "deepspeed", None)
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, str) and source:
+        try:
+            with open(source, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}  # DeepSpeed is on, but we cannot read its stage: let the plugin or DeepSpeed say
+    return None
+
+
+def _deepspeed_problem(args: Any) -> str | None:
+    """A description of the DeepSpeed setup if it flattens parameters, else None."""
+    config = _deepspeed_config(args)
+    stage: Any = None
+    if config is not None:
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+    elif getattr(args, "deepspeed_plugin", None) is not None:
+        stage = getattr(args.deepspeed_plugin, "zero_stage", None)
+    elif _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED")):  # accelerate launch --use_deepspeed
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2)  # accelerate's default stage
+    if stage is None:
+        return None
+    try:
+        stage = int(stage)
+    except (TypeError, ValueError):
+        return f"DeepSpeed with zero_optimization.stage={stage!r}"
+    if stage >= 1:
+        return f"DeepSpeed ZeRO stage {stage} (it hands the optimizer flat 1-D partitions)"
+    if config and config.get("bf16", {}).get("enabled") and config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+        return "DeepSpeed bf16 with grad_accum_dtype fp32 (its BF16_Optimizer flattens the parameters)"
+    return None
+
+
+def _fsdp_version(args: Any) -> int | None:
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if isinstance(plugin_args, dict) and "fsdp_version" in plugin_args:
+        return int(plugin_args["fsdp_version"])
+    if getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("version", 1))
+    if _truthy(os.environ.get("ACCELERATE_USE_FSDP")):  # accelerate launch --use_fsdp
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default version
+    return None
+
+
+def check_supported_setup(args: Any) -> None:
+    """Raise :class:`UnsupportedSetupError` if ``args`` select DeepSpeed ZeRO >= 1 or FSDP1.
+
+    Both hand the optimizer flattened 1-D views of the parameters, so the matrix shapes Shampoo needs are
+    lost. Called when the optimizer is chosen (before the first step); the optimizer itself also refuses
+    flattened parameters it receives.
+    """
+    problem = _deepspeed_problem(args)
+    if problem is None and _fsdp_version(args) == 1:
+        problem = "FSDP1 (fsdp_config version 1: FlatParameter / flattened use_orig_params views)"
+    if problem is not None:
+        raise UnsupportedSetupError(
+            f"--optim {OPTIM_NAME} cannot run with {problem}: Shampoo needs each parameter's matrix shape. "
+            f"{_SUPPORTED}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+
+
+def _extend_enum(cls: Any, name: str, value: str) -> Any:
+    """Add ``name = value`` to the ``str`` Enum ``cls`` (idempotent); return the member.
+
+    ``Enum`` has no public API for this; the steps are those ``EnumType.__new__`` performs for each
+    member, checked on CPython 3.10-3.13 (3.13 offers ``_add_member_``).
+    """
+    existing = cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    member = str.__new__(cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = cls
+    member._sort_order_ = len(cls._member_names_)
+    if hasattr(cls, "_add_member_"):  # Python >= 3.13
+        cls._add_member_(name, member)
+    else:
+        type.__setattr__(cls, name, member)  # EnumType.__setattr__ refuses to (re)bind members
+        cls._member_map_[name] = member
+    if name not in cls._member_names_:
+        cls._member_names_.append(name)
+    cls._value2member_map_[value] = member
+    return member
+
+
+def _register_handler(member: Any) -> bool:
+    """Add our entry to ``_OPTIMIZER_HANDLERS`` (5.2+). False if that registry does not exist."""
+    if importlib.util.find_spec("transformers.trainer_optimizer") is None:
+        return False
+    import transformers.trainer_optimizer as trainer_optimizer
+
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(handlers, dict):
+        return False
+    current = handlers.get(member)
+    if current is not None and not getattr(current, _MARK, False):
+        logger.warning("transformers already has a handler for optim=%r; keeping it.", OPTIM_NAME)
+        return True
+    handlers[member] = _handler
+    return True
+
+
+def _wrap_trainer() -> None:
+    """Wrap the staticmethod ``Trainer.get_optimizer_cls_and_kwargs`` once (5.0 / 5.1 dispatch)."""
+    from transformers import Trainer
+
+    original = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+    original = getattr(original, "__func__", original)
+    if getattr(original, _MARK, False):
+        return
+
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        if is_q4shampoo_optim(args.optim):
+            return make_optimizer_cls_and_kwargs(args, model)
+        return original(args, model)
+
+    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
+    get_optimizer_cls_and_kwargs.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(get_optimizer_cls_and_kwargs, _MARK, True)
+    Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+
+_mode: RegistrationMode | None = None
+
+
+def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
+    """:func:`register` with the dispatch mode forced (tests exercise the 5.0/5.1 wrapper on 5.2+)."""
+    global _mode
+    from transformers.training_args import OptimizerNames
+
+    member = _extend_enum(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
+    if mode is None:
+        if _mode is not None:
+            return _mode
+        mode = "handler_registry" if _register_handler(member) else "trainer_wrapper"
+    elif mode == "handler_registry" and not _register_handler(member):
+        raise RuntimeError("this transformers version has no trainer_optimizer._OPTIMIZER_HANDLERS")
+    if mode == "trainer_wrapper":
+        _wrap_trainer()
+    _mode = mode
+    return mode
+
+
+def register() -> RegistrationMode:
+    """Make ``optim="q4shampoo"`` work with stock ``TrainingArguments``, ``HfArgumentParser`` and ``Trainer``.
+
+    ``import hf_q4shampoo`` already calls it. Run it before ``HfArgumentParser(...)`` is constructed
+    (the parser freezes ``--optim``'s choices then). Additive and idempotent; returns how the name is
+    dispatched: ``"handler_registry"`` (transformers >= 5.2) or ``"trainer_wrapper"`` (5.0 / 5.1).
+    """
+    return _register()
+
+
+def is_registered() -> bool:
+    """Whether ``q4shampoo`` is an ``OptimizerNames`` member and dispatched by the Trainer."""
+    if _mode is None:
+        return False
+    from transformers.training_args import OptimizerNames
+
+    return OPTIM_NAME in OptimizerNames._value2member_map_

@@ -1,0 +1,166 @@
+"""Q4Shampoo in the transformers ``Trainer`` without global registration.
+
+Three ways in (README, "Transformers"):
+
+1. ``import hf_q4shampoo`` registers ``optim="q4shampoo"`` with stock transformers
+   (:func:`~hf_q4shampoo.integrations.registration.register`; how it handles transformers 5.0 - 5.2x is
+   explained there). ``q4shampoo run SCRIPT.py ...`` (:mod:`hf_q4shampoo.launcher`) does the same for
+   unmodified scripts.
+2. This module: :class:`Q4ShampooTrainingArguments` accepts ``optim="q4shampoo"`` as a plain string and
+   :class:`Q4ShampooTrainer` dispatches it, with no change to transformers' own classes. Both are thin:
+   a mixin each (:class:`Q4ShampooArgumentsMixin`, :class:`Q4ShampooTrainerMixin`) on the stock class, so
+   the same mixins serve TRL (``Q4ShampooSFTConfig``, ``Q4ShampooSFTTrainer``, built on first access when
+   TRL is installed) and any other ``Trainer`` subclass.
+3. ``Trainer(optimizer_cls_and_kwargs=make_optimizer_cls_and_kwargs(args))``: no name at all.
+
+Version notes: the Trainer mixin overrides the staticmethod ``get_optimizer_cls_and_kwargs(args,
+model=None)``, whose signature is the same from transformers 5.0 to 5.23; ``create_optimizer`` is
+deliberately not overridden (its signature changed within 5.x). The arguments mixin redeclares
+``optim: str`` and passes a placeholder through ``TrainingArguments.__post_init__`` (which converts
+``optim`` with ``OptimizerNames(...)``, in every 5.x), then puts ``"q4shampoo"`` back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from .registration import (
+    OPTIM_NAME,
+    UnsupportedSetupError,
+    check_supported_setup,
+    is_q4shampoo_optim,
+    make_optimizer_cls_and_kwargs,
+    register,
+)
+
+__all__ = [
+    "Q4ShampooArgumentsMixin",
+    "Q4ShampooTrainerMixin",
+    "Q4ShampooTrainer",
+    "Q4ShampooTrainingArguments",
+    "make_optimizer_cls_and_kwargs",
+    "check_supported_setup",
+    "register",
+    "UnsupportedSetupError",
+    "OPTIM_NAME",
+]
+
+#: ``TrainingArguments``' own default (``adamw_torch_fused`` with torch >= 2.8), kept by the subclasses.
+_BASE_OPTIM_DEFAULT = TrainingArguments.__dataclass_fields__["optim"].default
+#: A built-in name with no side effects in ``__post_init__``, held by ``optim`` while the base class runs.
+_PLACEHOLDER = "adamw_torch"
+
+
+@dataclass
+class Q4ShampooArgumentsMixin:
+    """Lets a ``TrainingArguments`` subclass accept ``optim="q4shampoo"`` without global registration.
+
+    Use as the first base of a dataclass: ``@dataclass class MyArgs(Q4ShampooArgumentsMixin,
+    TrainingArguments)``. ``optim`` is redeclared as a plain ``str`` (so ``HfArgumentParser`` sets no
+    ``choices``) and stays the plain string ``"q4shampoo"`` (so ``to_dict()``, JSON and
+    ``training_args.bin`` need nothing registered); built-in names still become ``OptimizerNames``
+    members and unknown names still raise transformers' ``ValueError``.
+    """
+
+    optim: str = field(
+        default=_BASE_OPTIM_DEFAULT,
+        metadata={
+            "help": f"The optimizer to use: '{OPTIM_NAME}' (4-bit Shampoo; options in --optim_args) or any "
+            "name of transformers' OptimizerNames."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        ours = is_q4shampoo_optim(self.optim)
+        if ours:
+            self.optim = _PLACEHOLDER
+        try:
+            super().__post_init__()  # type: ignore[misc]
+        finally:
+            if ours:
+                self.optim = OPTIM_NAME
+
+    def set_optimizer(self, name: Any = "adamw_torch", *args: Any, **kwargs: Any) -> Any:
+        """``TrainingArguments.set_optimizer`` that also accepts ``"q4shampoo"``."""
+        ours = is_q4shampoo_optim(name)
+        result = super().set_optimizer(_PLACEHOLDER if ours else name, *args, **kwargs)  # type: ignore[misc]
+        if ours:
+            self.optim = OPTIM_NAME
+        return result
+
+
+@dataclass
+class Q4ShampooTrainingArguments(Q4ShampooArgumentsMixin, TrainingArguments):
+    """``TrainingArguments`` whose ``optim`` also accepts ``"q4shampoo"`` (options via ``optim_args``).
+
+    Works with ``HfArgumentParser`` (command line, JSON, YAML, dict) whether or not
+    :func:`~hf_q4shampoo.register` ran. Pair it with :class:`Q4ShampooTrainer`, or with the stock
+    ``Trainer`` once ``q4shampoo`` is registered.
+    """
+
+
+class Q4ShampooTrainerMixin:
+    """Dispatches ``args.optim == "q4shampoo"`` to :class:`~hf_q4shampoo.Q4Shampoo` in any ``Trainer`` subclass.
+
+    Place it before the Trainer class in the bases: ``class MyTrainer(Q4ShampooTrainerMixin, Trainer)``.
+    It overrides only the staticmethod ``get_optimizer_cls_and_kwargs`` (the supported customisation hook)
+    and checks ``optim_args`` and the distributed setup when the trainer is built, so mistakes surface
+    before training. Other mixins (e.g. the memory report) can sit beside it in the bases.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        uses_q4 = (
+            getattr(self, "optimizer", None) is None
+            and getattr(self, "optimizer_cls_and_kwargs", None) is None
+            and is_q4shampoo_optim(self.args.optim)  # type: ignore[attr-defined]
+        )
+        if uses_q4:
+            make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        """``(Q4Shampoo, kwargs)`` for ``optim="q4shampoo"``, else transformers' own choice."""
+        if is_q4shampoo_optim(args.optim):
+            return make_optimizer_cls_and_kwargs(args, model)
+        return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+
+class Q4ShampooTrainer(Q4ShampooTrainerMixin, Trainer):
+    """The stock ``Trainer`` that understands ``optim="q4shampoo"`` without global registration."""
+
+
+# --------------------------------------------------------------------------------------------
+# TRL variants, built on first access (TRL is optional)
+# --------------------------------------------------------------------------------------------
+
+
+def _build_trl_classes() -> dict[str, type]:
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as err:
+        raise ImportError("Q4ShampooSFTConfig / Q4ShampooSFTTrainer need TRL: pip install trl") from err
+
+    @dataclass
+    class Q4ShampooSFTConfig(Q4ShampooArgumentsMixin, SFTConfig):
+        """TRL's ``SFTConfig`` whose ``optim`` also accepts ``"q4shampoo"`` (SFT defaults kept)."""
+
+    class Q4ShampooSFTTrainer(Q4ShampooTrainerMixin, SFTTrainer):
+        """TRL's ``SFTTrainer`` that understands ``optim="q4shampoo"`` without global registration."""
+
+    classes: dict[str, type] = {"Q4ShampooSFTConfig": Q4ShampooSFTConfig, "Q4ShampooSFTTrainer": Q4ShampooSFTTrainer}
+    for name, cls in classes.items():  # importable (and picklable) under this module's name
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Q4ShampooSFTConfig", "Q4ShampooSFTTrainer"):
+        classes = _build_trl_classes()
+        globals().update(classes)
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
