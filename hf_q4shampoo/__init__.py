@@ -18,13 +18,23 @@ __all__ = [
     "Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__",
     "register", "make_optimizer_cls_and_kwargs", "UnsupportedSetupError",
     "Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin",
+    "estimate_memory", "MemoryReportCallback", "MemoryReportMixin", "attach_memory_report",
 ]
+
+# --- Memory estimate and report (issue #4) -----------------------------------------------------
+from .estimate import estimate_memory  # noqa: E402  (light: no transformers import)
+
+_LAZY_CALLBACK_NAMES = ("MemoryReportCallback", "MemoryReportMixin", "attach_memory_report")
 
 # --- Transformers integration (issue #3) -------------------------------------------------------
 _LAZY_TRAINER_NAMES = ("Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin")
 
 
 def __getattr__(name: str):
+    if name in _LAZY_CALLBACK_NAMES:  # imports transformers' TrainerCallback: only when asked for
+        from .integrations import callback as _cb
+
+        return getattr(_cb, name)
     if name in _LAZY_TRAINER_NAMES:  # importing Trainer costs ~1 s: only when asked for
         from .integrations import transformers as _hf
 

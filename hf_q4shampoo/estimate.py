@@ -1,0 +1,641 @@
+"""Pre-flight estimate of optimizer-state memory: :func:`estimate_memory` and ``q4shampoo memory``.
+
+Nothing is allocated. A model given by name or config is built on the ``meta`` device (only its
+config is read), and every Q4Shampoo number is the optimizer's own ``build_state`` on meta parameters,
+measured by :func:`hf_q4shampoo.memory.optimizer_state_bytes`' per-parameter code: the code that
+measures a real run, so estimate and measurement agree by construction. The state of a parameter
+depends only on its shape and dtype, so one meta representative per (shape, dtype) is built and its
+bytes are multiplied by the count: a 7B Llama has a handful of distinct shapes, and is estimated in
+seconds.
+
+Which parameters count: the trainable ones (``requires_grad``), each once (tied weights are one
+parameter), as Trainer hands them to the optimizer. A peft model therefore gives the adapter's numbers.
+
+How each row of the table is computed, per trainable tensor of ``n`` entries whose dtype takes ``s``
+bytes per entry:
+
+================================  ==========================================================================
+row                               bytes per tensor (source)
+================================  ==========================================================================
+``adamw``                         ``2 n s + 4``: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype and an
+                                  fp32 0-d ``step`` (``torch.optim.Adam/AdamW._init_group``; tested against a
+                                  real AdamW step).
+``adamw_8bit_bnb``                ``n < 4096``: ``8 n`` (fp32 ``state1``/``state2``); otherwise ``2 n + 8
+                                  ceil(n / 256)`` (uint8 ``state1``/``state2`` and fp32 ``absmax1``/``absmax2``,
+                                  block 256 since bitsandbytes 0.44); plus 2 KiB once for the two 256-entry fp32
+                                  quantization maps every state shares; ``step`` is a Python int
+                                  (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state``). As HF
+                                  Trainer's ``--optim adamw_bnb_8bit`` sets it up, ``nn.Embedding`` weights keep
+                                  32-bit state (``Trainer.create_optimizer`` registers them with
+                                  ``GlobalOptimManager``); ``bnb_embeddings_32bit=False`` gives the plain
+                                  library layout.
+``adamw_4bit_torchao``            ``n >= 4096`` and ``n % block == 0``: ``2 (n / 2 + 4 n / block + 64)``
+                                  (per moment: packed uint8 codes, fp32 block scales and a 16-entry fp32 code
+                                  table); otherwise ``2 n s`` (``zeros_like(p)``); plus an fp32 ``step``
+                                  (``torchao/optim/adam.py`` ``_new_buffer``, ``subclass_4bit.py``
+                                  ``OptimState4bit.zeros``). ``block`` is 256, the value HF Trainer's ``--optim
+                                  adamw_torch_4bit`` passes by default (``trainer_optimizer.py``); torchao's
+                                  own default is 128 (``torchao_block_size=128``).
+``fp32_shampoo``                  ``8 n + 8 sum(k^2)``: fp32 Adam ``m``, ``v`` plus an fp32 statistic and an fp32
+                                  inverse root for every Kronecker factor of order ``k`` in the same block plan
+                                  as Q4Shampoo (``blocking.py``) - Distributed Shampoo's "4mn floats per block"
+                                  for the factors; ``hf_q4shampoo.memory`` computes the same equivalent.
+``q4shampoo_<precond>``           exact: ``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors.
+================================  ==========================================================================
+
+The dtype of the trainable parameters (``dtype=``, default float32, the master weights of mixed
+precision training) only changes the rows whose state follows it: AdamW, and the tensors that the
+quantized AdamWs leave unquantized. Q4Shampoo's state is fp32 or 4 bit whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocking import plan_blocks
+from .config import PRECOND_FORMS, ConfigError, Q4ShampooConfig, parse_optim_args
+from .memory import KINDS, MemoryReport, format_bytes, param_state_bytes, unwrap_optimizer
+from .optimizer import Q4Shampoo
+
+__all__ = [
+    "EstimateRow",
+    "MemoryEstimate",
+    "EstimateUnavailable",
+    "estimate_memory",
+    "estimate_optimizer_state",
+    "shampoo_equivalents",
+    "build_meta_model",
+    "trainable_parameters",
+    "main",
+]
+
+#: bitsandbytes: tensors with fewer entries keep 32-bit state (``min_8bit_size``); block size of absmax.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+BNB_SHARED_QMAP_BYTES = 2 * 256 * 4
+#: torchao: tensors with fewer entries stay unquantized; each quantized moment has a 16-entry fp32 qmap.
+TORCHAO_MIN_NUMEL = 4096
+TORCHAO_QMAP_BYTES = 16 * 4
+TRAINER_TORCHAO_BLOCK = 256
+#: fp32 0-d ``step`` tensor of torch's and torchao's Adam.
+STEP_BYTES = 4
+
+ShapeKey = tuple[tuple[int, ...], torch.dtype]
+
+
+class EstimateUnavailable(RuntimeError):
+    """The state of this optimizer cannot be sized without running it on real tensors."""
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EstimateRow:
+    """Estimated optimizer state of one optimizer for one model."""
+
+    name: str  # machine key, e.g. "adamw", "q4shampoo_cholesky_ef"
+    label: str  # what a person reads
+    total_bytes: int
+    bytes_per_param: float
+    how: str  # formula and source, or "exact"
+    by_kind: dict[str, int] | None = None  # Q4Shampoo rows only
+    selected: bool = False  # the Q4Shampoo form the given options select
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "total_bytes": self.total_bytes,
+            "bytes_per_param": self.bytes_per_param,
+            "by_kind": self.by_kind,
+            "selected": self.selected,
+            "how": self.how,
+        }
+
+
+@dataclass
+class MemoryEstimate:
+    """Optimizer-state bytes of several optimizers for one model (see the module docstring)."""
+
+    model: str
+    num_params: int
+    num_trainable: int
+    param_dtype: str
+    options: dict[str, Any]
+    rows: list[EstimateRow]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> EstimateRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no estimate row {name!r}; rows: {', '.join(r.name for r in self.rows)}")
+
+    @property
+    def selected(self) -> EstimateRow:
+        """The Q4Shampoo row of the options given."""
+        return next(r for r in self.rows if r.selected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "num_params": self.num_params,
+            "num_trainable": self.num_trainable,
+            "param_dtype": self.param_dtype,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()},
+            "rows": [r.to_dict() for r in self.rows],
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    def to_markdown(self, by_kind: bool = True) -> str:
+        """The table ``q4shampoo memory`` prints (markdown, readable as plain text)."""
+        adamw = self.row("adamw").total_bytes
+        lines = [
+            "| optimizer | state | bytes / param | vs AdamW |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            label = f"**{r.label}**" if r.selected else r.label
+            ratio = r.total_bytes / adamw if adamw else float("nan")
+            lines.append(f"| {label} | {format_bytes(r.total_bytes)} | {r.bytes_per_param:.2f} | {ratio:.2f}x |")
+        if by_kind:
+            shampoo = [r for r in self.rows if r.by_kind is not None]
+            lines += ["", "Q4Shampoo state by kind:", ""]
+            lines.append("| precond | " + " | ".join(KINDS) + " |")
+            lines.append("|---|" + "---:|" * len(KINDS))
+            for r in shampoo:
+                cells = " | ".join(format_bytes(r.by_kind[k]) for k in KINDS)
+                lines.append(f"| {r.name.removeprefix('q4shampoo_')} | {cells} |")
+        return "\n".join(lines)
+
+    def how_text(self) -> str:
+        """One line per row: how its number was obtained."""
+        return "\n".join(f"- {r.label}: {r.how}" for r in self.rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters and models
+# ----------------------------------------------------------------------------------------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters an optimizer would get: ``requires_grad``, each once (tied weights once)."""
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _embedding_weight_ids(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def _load_config(name_or_path: str | os.PathLike) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is a folder without a config.json.")
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors depending on the cause
+        if path.exists():
+            raise ValueError(f"could not read a transformers config from {str(path)!r}: {e}") from e
+        raise ValueError(
+            f"could not load the config of {str(name_or_path)!r}: it is not a local folder or config.json "
+            f"file, and the Hub lookup failed ({type(e).__name__}: {e}). Offline, pass a folder that holds "
+            "config.json or the path of a config.json."
+        ) from e
+
+
+def _model_class(config: Any, model_class: str | type | None) -> Any:
+    import transformers
+
+    if model_class is not None and not isinstance(model_class, str):
+        return model_class
+    if model_class:
+        cls = getattr(transformers, model_class, None)
+        if cls is None:
+            raise ValueError(f"transformers has no class {model_class!r} (e.g. AutoModelForCausalLM).")
+        return cls
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def build_meta_model(
+    model_or_config: Any, *, model_class: str | type | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[nn.Module, str]:
+    """A model on the ``meta`` device and a description of where it came from.
+
+    ``model_or_config``: an ``nn.Module`` (returned as is), a transformers config, a ``dict`` of config
+    fields (with ``model_type``), a folder holding ``config.json``, a ``config.json`` path or a Hub name.
+    The class is ``model_class`` if given (a transformers class or its name), else the config's first
+    ``architectures`` entry, else ``AutoModelForCausalLM``, else ``AutoModel``.
+    """
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+        if dtype is not None:
+            raise ValueError("dtype= applies to models built from a config; cast the module yourself.")
+        return model, type(model).__name__
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    source = "config"
+    config = model_or_config
+    if isinstance(config, dict):
+        fields = dict(config)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    elif isinstance(config, (str, os.PathLike)):
+        source = str(config)
+        config = _load_config(config)
+    cls = _model_class(config, model_class)
+    with torch.device("meta"):
+        if cls is not None:
+            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except ValueError:  # no causal-LM head for this architecture
+                model = AutoModel.from_config(config)
+    if dtype is not None:
+        model = model.to(_dtype(dtype))
+    return model, f"{type(model).__name__} from {source}"
+
+
+def _dtype(d: torch.dtype | str) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    out = getattr(torch, str(d), None)
+    if not isinstance(out, torch.dtype):
+        raise ValueError(f"unknown dtype {d!r} (e.g. float32, bfloat16, float16).")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shape census and per-shape state
+# ----------------------------------------------------------------------------------------------
+
+
+def _census(params: Iterable[torch.Tensor]) -> Counter[ShapeKey]:
+    return Counter((tuple(_local(p).shape), p.dtype) for p in params)
+
+
+def _meta_param(key: ShapeKey) -> nn.Parameter:
+    shape, dtype = key
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+
+
+def _per_shape_state(
+    groups: Sequence[tuple[dict[str, Any], Counter[ShapeKey]]],
+    make: Callable[[list[dict[str, Any]]], Any],
+    needs_step: bool,
+) -> list[dict[ShapeKey, dict[str, int]]]:
+    """Build an optimizer over one meta representative per (group, shape) and measure each one's state."""
+    reps = [{key: _meta_param(key) for key in census} for _, census in groups]
+    param_groups = [{**hp, "params": list(r.values())} for (hp, _), r in zip(groups, reps)]
+    opt = make(param_groups)
+    if needs_step:
+        for r in reps:
+            for p in r.values():
+                p.grad = torch.empty_like(p)
+        opt.step()
+    else:
+        opt.build_state()
+    return [{key: param_state_bytes(opt, p) for key, p in r.items()} for r in reps]
+
+
+def _report_from_shapes(
+    groups: Sequence[tuple[dict[str, Any], Counter[ShapeKey]]],
+    per_shape: list[dict[ShapeKey, dict[str, int]]],
+    config: Q4ShampooConfig,
+) -> MemoryReport:
+    by_kind = dict.fromkeys(KINDS, 0)
+    by_group, group_num_params = [], []
+    num_params = num_tensors = 0
+    for (_, census), sizes in zip(groups, per_shape):
+        g_bytes = g_params = 0
+        for key, count in census.items():
+            numel = math.prod(key[0])
+            for kind, b in sizes[key].items():
+                by_kind[kind] += b * count
+                g_bytes += b * count
+            g_params += numel * count
+            num_tensors += count
+        by_group.append(g_bytes)
+        group_num_params.append(g_params)
+        num_params += g_params
+    all_shapes = sum((c for _, c in groups), Counter())
+    adamw, fp32_shampoo = _equivalents_from_census(all_shapes, config)
+    return MemoryReport(
+        by_kind=by_kind,
+        num_params=num_params,
+        num_tensors=num_tensors,
+        adamw_equivalent=adamw,
+        fp32_shampoo_equivalent=fp32_shampoo,
+        by_group=by_group,
+        largest=[],
+        group_num_params=group_num_params,
+    )
+
+
+def _factor_numel(shape: tuple[int, ...], config: Q4ShampooConfig) -> int:
+    plan = plan_blocks(shape, config.max_precond_dim, config.max_aspect_ratio, config.min_precond_numel)
+    if plan is None:
+        return 0
+    total = 0
+    for r in plan.regions:
+        total += r.num_blocks * ((r.block_rows**2 if r.precond_rows else 0) + (r.block_cols**2 if r.precond_cols else 0))
+    return total
+
+
+def _equivalents_from_census(census: Counter[ShapeKey], config: Q4ShampooConfig) -> tuple[int, int]:
+    adamw = fp32 = 0
+    for (shape, _dtype), count in census.items():
+        n = math.prod(shape)
+        adamw += 8 * n * count
+        fp32 += (8 * n + 8 * _factor_numel(shape, config)) * count
+    return adamw, fp32
+
+
+def shampoo_equivalents(params: Iterable[torch.Tensor], config: Q4ShampooConfig | None = None) -> tuple[int, int]:
+    """``(adamw, fp32_shampoo)`` equivalent bytes for ``params``, as :mod:`hf_q4shampoo.memory` defines them.
+
+    ``fp32_shampoo`` uses the block plan of ``config`` (default :class:`Q4ShampooConfig`), so an AdamW
+    run can be compared with the Shampoo a Q4Shampoo run would have stored.
+    """
+    return _equivalents_from_census(_census(params), config or Q4ShampooConfig())
+
+
+def _group_hparams(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _ctor_kwargs(cls: type, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's ``defaults`` that its constructor accepts (torch keeps extra keys there)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in params}
+
+
+def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
+    """Size the state ``optimizer`` will hold once every parameter has stepped, without allocating it.
+
+    Q4Shampoo: its ``build_state`` on meta copies of its parameter groups (same config). Any other
+    optimizer: a new instance of its class (same defaults and group options) takes one step on meta
+    copies; optimizers whose step cannot run on meta tensors (custom kernels, ``.item()`` on state)
+    raise :class:`EstimateUnavailable`. ``fp32_shampoo_equivalent`` uses Q4Shampoo's block plan (its own
+    config, or the default one for other optimizers).
+    """
+    opt = unwrap_optimizer(optimizer)
+    groups = [(_group_hparams(g), _census(g["params"])) for g in opt.param_groups]
+    if isinstance(opt, Q4Shampoo):
+        config = opt.config
+        per_shape = _per_shape_state(groups, lambda pg: Q4Shampoo(pg, config=config), needs_step=False)
+        return _report_from_shapes(groups, per_shape, config)
+    cls = type(opt)
+    kwargs = _ctor_kwargs(cls, opt.defaults)
+    try:
+        per_shape = _per_shape_state(groups, lambda pg: cls(pg, **kwargs), needs_step=True)
+    except Exception as e:  # any failure of a foreign optimizer on meta tensors means "cannot estimate"
+        raise EstimateUnavailable(
+            f"cannot size the state of {cls.__name__} on the meta device ({type(e).__name__}: {e})."
+        ) from e
+    return _report_from_shapes(groups, per_shape, Q4ShampooConfig())
+
+
+# ----------------------------------------------------------------------------------------------
+# peer formulas (see the module docstring for sources)
+# ----------------------------------------------------------------------------------------------
+
+
+def _adamw_bytes(census: Counter[ShapeKey]) -> int:
+    return sum((2 * math.prod(s) * torch.empty((), dtype=d).element_size() + STEP_BYTES) * c for (s, d), c in census.items())
+
+
+def _bnb_8bit_bytes(census: Counter[ShapeKey], embeddings: Counter[ShapeKey], embeddings_32bit: bool) -> int:
+    total = 0
+    any_8bit = False
+    for key, count in census.items():
+        n = math.prod(key[0])
+        n32 = embeddings.get(key, 0) if embeddings_32bit else 0
+        if n < BNB_MIN_8BIT_SIZE:
+            n32 = count
+        total += 8 * n * n32
+        n8 = count - n32
+        if n8:
+            any_8bit = True
+            total += (2 * n + 8 * math.ceil(n / BNB_BLOCK)) * n8
+    return total + (BNB_SHARED_QMAP_BYTES if any_8bit else 0)
+
+
+def _torchao_4bit_bytes(census: Counter[ShapeKey], block_size: int) -> int:
+    total = 0
+    for (shape, dtype), count in census.items():
+        n = math.prod(shape)
+        if n >= TORCHAO_MIN_NUMEL and n % block_size == 0:
+            per_moment = n // 2 + 4 * (n // block_size) + TORCHAO_QMAP_BYTES
+        else:
+            per_moment = n * torch.empty((), dtype=dtype).element_size()
+        total += (2 * per_moment + STEP_BYTES) * count
+    return total
+
+
+_HOW = {
+    "adamw": "2·n·s + 4 per tensor (m, v in the parameter dtype, fp32 step); torch.optim.AdamW",
+    "adamw_8bit_bnb": (
+        "n < 4096: 8·n; else 2·n + 8·ceil(n/256) (uint8 m, v + fp32 absmax per 256-block), + 2 KiB shared "
+        "qmaps; {emb}; bitsandbytes Optimizer2State.init_state"
+    ),
+    "adamw_4bit_torchao": (
+        "n ≥ 4096 and n % {block} == 0: 2·(n/2 + 4·n/{block} + 64) (packed codes, fp32 scales, qmap); "
+        "else 2·n·s; + 4 (step); torchao AdamW4bit, block_size={block}"
+    ),
+    "fp32_shampoo": "8·n + 8·Σk² (fp32 Adam m, v + fp32 statistic and root per factor of order k, same blocks)",
+    "q4shampoo": "exact: Q4Shampoo(precond={form}).build_state() on meta tensors",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# estimate_memory
+# ----------------------------------------------------------------------------------------------
+
+
+def estimate_memory(
+    model_or_config: Any,
+    *,
+    dtype: torch.dtype | str | None = None,
+    model_class: str | type | None = None,
+    bnb_embeddings_32bit: bool = True,
+    torchao_block_size: int = TRAINER_TORCHAO_BLOCK,
+    **optimizer_kwargs: Any,
+) -> MemoryEstimate:
+    """Optimizer-state bytes of AdamW, its 8-bit and 4-bit peers, fp32 Shampoo and every Q4Shampoo form.
+
+    Args:
+        model_or_config: an ``nn.Module`` (real or meta; a peft model counts its adapters), a transformers
+            config or ``dict``, a folder holding ``config.json``, a ``config.json`` path, or a Hub name
+            (needs the Hub). Only the trainable parameters' shapes are used; nothing is allocated.
+        dtype: dtype of the trainable parameters when the model is built from a config (default float32).
+        model_class: transformers class (or its name) to build from a config; see :func:`build_meta_model`.
+        bnb_embeddings_32bit: the 8-bit row keeps ``nn.Embedding`` weights in 32 bit, as HF Trainer does.
+        torchao_block_size: block of the torchao 4-bit row (HF Trainer's default 256; torchao's own 128).
+        **optimizer_kwargs: :class:`~hf_q4shampoo.Q4ShampooConfig` fields (``precond`` selects the
+            highlighted row; the others apply to every Q4Shampoo row and to the fp32-Shampoo block plan).
+
+    Returns:
+        A :class:`MemoryEstimate`; ``estimate.row("adamw")``, ``estimate.selected``, ``to_markdown()``.
+    """
+    start = time.perf_counter()
+    config = Q4ShampooConfig.from_kwargs(**optimizer_kwargs)
+    model, description = build_meta_model(model_or_config, model_class=model_class, dtype=dtype)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(f"{description} has no trainable parameters (requires_grad=True).")
+    census = _census(params)
+    embedding_ids = _embedding_weight_ids(model)
+    embeddings = _census(p for p in params if id(p) in embedding_ids)
+    n_trainable = sum(math.prod(s) * c for (s, _), c in census.items())
+    n_total = sum(_local(p).numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    rows: list[EstimateRow] = []
+
+    def add(name: str, label: str, total: int, how: str, **extra: Any) -> None:
+        rows.append(EstimateRow(name, label, total, total / n_trainable, how, **extra))
+
+    add("adamw", "AdamW (torch)", _adamw_bytes(census), _HOW["adamw"])
+    emb_note = "nn.Embedding weights 32-bit, as HF Trainer sets up" if bnb_embeddings_32bit else "no 32-bit overrides"
+    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", _bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
+        _HOW["adamw_8bit_bnb"].format(emb=emb_note))
+    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", _torchao_4bit_bytes(census, torchao_block_size),
+        _HOW["adamw_4bit_torchao"].format(block=torchao_block_size))
+    groups = [({}, census)]
+    _, fp32_shampoo = _equivalents_from_census(census, config)
+    add("fp32_shampoo", "fp32 Shampoo (same blocks)", fp32_shampoo, _HOW["fp32_shampoo"])
+    for form in PRECOND_FORMS:
+        form_config = config.replace(precond=form)
+        per_shape = _per_shape_state(groups, lambda pg, c=form_config: Q4Shampoo(pg, config=c), needs_step=False)
+        report = _report_from_shapes(groups, per_shape, form_config)
+        add(f"q4shampoo_{form}", f"Q4Shampoo {form}", report.total, _HOW["q4shampoo"].format(form=form),
+            by_kind=dict(report.by_kind), selected=form == config.precond)
+    notes = []
+    if n_trainable < n_total:
+        notes.append(f"{n_total - n_trainable:,} frozen parameters (requires_grad=False) have no optimizer state.")
+    return MemoryEstimate(
+        model=description,
+        num_params=n_total,
+        num_trainable=n_trainable,
+        param_dtype=", ".join(sorted({str(d).removeprefix("torch.") for _, d in census})),
+        options=dict(optimizer_kwargs),
+        rows=rows,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: q4shampoo memory MODEL [--optim_args ...]
+# ----------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="q4shampoo memory",
+        description="Estimate optimizer-state memory for a model before training (nothing is allocated: "
+        "the model is built on the meta device from its config).",
+    )
+    p.add_argument("model", metavar="MODEL_NAME_OR_PATH",
+                   help="folder holding config.json, a config.json path, or a Hub name (needs the Hub)")
+    p.add_argument("--optim_args", default=None,
+                   help="Q4Shampoo options as key=value,... (Q4ShampooConfig fields), e.g. precond=eigen,max_precond_dim=2048")
+    p.add_argument("--dtype", default="float32", help="dtype of the trainable parameters (default float32)")
+    p.add_argument("--model_class", default=None,
+                   help="transformers class to build (default: the config's architectures, else AutoModelForCausalLM)")
+    p.add_argument("--lora_r", type=int, default=None,
+                   help="estimate for a peft LoRA adapter of this rank (only the adapter is trainable)")
+    p.add_argument("--lora_target_modules", default="all-linear",
+                   help="comma-separated module names for --lora_r (default all-linear)")
+    p.add_argument("--torchao_block_size", type=int, default=TRAINER_TORCHAO_BLOCK,
+                   help=f"block size of the torchao 4-bit row (default {TRAINER_TORCHAO_BLOCK}, as HF Trainer)")
+    p.add_argument("--bnb_quantize_embeddings", action="store_true",
+                   help="8-bit row: quantize embeddings too (plain bitsandbytes; HF Trainer keeps them 32-bit)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    return p
+
+
+def _with_lora(model: nn.Module, r: int, target_modules: str) -> nn.Module:
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - peft is a dependency
+        raise SystemExit("--lora_r needs the peft package") from e
+    targets: str | list[str] = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=targets))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``q4shampoo memory``: print the estimate table; returns the exit code."""
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        options = parse_optim_args(args.optim_args)
+        target: Any = args.model
+        if args.lora_r is not None:
+            target, _ = build_meta_model(args.model, model_class=args.model_class, dtype=args.dtype)
+            target = _with_lora(target, args.lora_r, args.lora_target_modules)
+        estimate = estimate_memory(
+            target,
+            dtype=None if args.lora_r is not None else args.dtype,
+            model_class=None if args.lora_r is not None else args.model_class,
+            bnb_embeddings_32bit=not args.bnb_quantize_embeddings,
+            torchao_block_size=args.torchao_block_size,
+            **options,
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"q4shampoo memory: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return 0
+    print(f"{estimate.model}: {estimate.num_params / 1e6:,.1f}M parameters, "
+          f"{estimate.num_trainable / 1e6:,.1f}M trainable ({estimate.param_dtype})")
+    opts = ", ".join(f"{k}={v}" for k, v in estimate.options.items()) or "defaults"
+    print(f"Q4Shampoo options: {opts}. Optimizer state once every parameter has stepped:\n")
+    print(estimate.to_markdown())
+    print("\nHow each row is computed (n: entries of a trainable tensor, s: bytes per entry of its dtype):")
+    print(estimate.how_text())
+    for note in estimate.notes:
+        print(f"Note: {note}")
+    print(f"\n(estimated in {estimate.seconds:.1f} s on the meta device; nothing was allocated)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
