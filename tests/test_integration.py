@@ -23,7 +23,7 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.integrations import registration
-from tiny_hf import lm_dataset, tiny_gpt2, training_args
+from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
 
 CLI = [
     "--output_dir", "unused", "--optim", "q4shampoo", "--learning_rate", "0.02", "--adam_beta1", "0.8",
@@ -111,7 +111,7 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["wrapped_once"] = not getattr(Trainer.get_optimizer_cls_and_kwargs.__wrapped__, "_q4shampoo_handler", False)
         print("RESULT" + json.dumps(out))
     """)
-    env = {**__import__("os").environ, "HF_Q4SHAMPOO_AUTO_REGISTER": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**__import__("os").environ, "HF_Q4SHAMPOO_AUTO_REGISTER": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -7,6 +7,7 @@ token occurs. Both are plain ``torch.utils.data.Dataset`` objects of dicts, whic
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -91,3 +92,16 @@ def training_args(output_dir, cls=None, **overrides):
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run these small models on one intra-op thread, restored afterwards.
+
+    On a shared 2-core machine, two OpenMP threads competing with other processes made the same
+    6 steps ~30-90x slower (spin-waiting); one thread costs little at these sizes.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
