@@ -8,66 +8,43 @@ Their states are 4-bit by default (paper 3, papers.md §4.1):
   1-D tensors fall back to blocks of 128 with the same code;
 * tensors with at most 4096 entries stay fp32 (paper 3 App. D.1).
 
-With ``first_order_bits=32`` every moment is a plain fp32 tensor.
+With ``bits=32`` every moment is a plain fp32 tensor.
 
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
+
+Speed: a step works on a *group* of tensors with one shape (and one parameter group): their states
+are concatenated along a new leading dimension, updated by one batched computation, and written
+back as views, so the number of kernels does not grow with the number of tensors. The per-tensor
+state layout (what ``state_dict`` holds) is the same as for a group of one. The math between
+"dequantize" and "quantize" is a pure function that can be compiled (``torch.compile``) into a few
+fused kernels on accelerators.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
-__all__ = ["FIRST_ORDER", "init_first_order_state", "adamw_step", "sgd_step", "first_order_keys"]
+__all__ = ["FIRST_ORDER", "init_first_order_state", "adamw_group_step", "sgd_group_step", "first_order_keys",
+           "quantized_moments"]
 
 FIRST_ORDER = ("adamw", "sgd")
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
 SIGNED_BLOCK = 128
 State = dict[str, torch.Tensor]
+Moments = dict[str, torch.Tensor]  # the batched (K, ...) entries of one moment
 
 
-def _quantized(numel: int, bits: int) -> bool:
+def quantized_moments(numel: int, bits: int) -> bool:
+    """Whether moments of a tensor with ``numel`` entries are stored in 4 bit."""
     return bits == 4 and numel > QUANT_MIN_NUMEL
-
-
-def _store_signed(name: str, x: torch.Tensor, bits: int) -> State:
-    if not _quantized(x.numel(), bits):
-        return {name: x.contiguous()}
-    codes, scales = quantize_blockwise(x.reshape(1, -1), "dynamic", SIGNED_BLOCK)
-    return {f"{name}_codes": codes, f"{name}_scales": scales}
-
-
-def _load_signed(state: State, name: str, shape: torch.Size) -> torch.Tensor:
-    if name in state:
-        return state[name]
-    numel = math.prod(shape)
-    x = dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_scales"], numel, "dynamic", SIGNED_BLOCK)
-    return x.reshape(shape)
-
-
-def _store_nonneg(name: str, x: torch.Tensor, bits: int) -> State:
-    if not _quantized(x.numel(), bits):
-        return {name: x.contiguous()}
-    if x.ndim >= 2:
-        return {f"{name}_{key}": v for key, v in quantize_rank1(x).items()}
-    codes, scales = quantize_blockwise(x.reshape(1, -1), "zero_free_linear", SIGNED_BLOCK)
-    return {f"{name}_codes": codes, f"{name}_scales": scales}
-
-
-def _load_nonneg(state: State, name: str, shape: torch.Size) -> torch.Tensor:
-    if name in state:
-        return state[name]
-    if f"{name}_scales" in state:
-        numel = math.prod(shape)
-        x = dequantize_blockwise(state[f"{name}_codes"], state[f"{name}_scales"], numel, "zero_free_linear", SIGNED_BLOCK)
-        return x.reshape(shape)
-    q = {key[len(name) + 1 :]: v for key, v in state.items() if key.startswith(f"{name}_")}
-    return dequantize_rank1(q, shape)
 
 
 def first_order_keys(state: State) -> list[str]:
@@ -75,23 +52,151 @@ def first_order_keys(state: State) -> list[str]:
     return [k for k in state if k.startswith(("exp_avg", "momentum_buffer"))]
 
 
+# ---------------------------------------------------------------------------------------------
+# encode / decode a batch of K moments of one shape; ``x`` is (K, *shape) fp32
+# ---------------------------------------------------------------------------------------------
+
+
+def _encode_signed(x: torch.Tensor, quantized: bool) -> Moments:
+    if not quantized:
+        return {"": x}
+    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), "dynamic", SIGNED_BLOCK)
+    return {"_codes": codes, "_scales": scales}
+
+
+def _decode_signed(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
+    if "" in m:
+        return m[""]
+    numel = math.prod(shape[1:])
+    return dequantize_blockwise(m["_codes"], m["_scales"], numel, "dynamic", SIGNED_BLOCK).reshape(shape)
+
+
+def _encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
+    if not quantized:
+        return {"": x}
+    if x.ndim >= 3:  # batch dim + a tensor of >= 2 dims: rank-1 normalisation
+        return {f"_{k}": v for k, v in quantize_rank1(x, batch_dims=1).items()}
+    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), "zero_free_linear", SIGNED_BLOCK)
+    return {"_codes": codes, "_scales": scales}
+
+
+def _decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
+    if "" in m:
+        return m[""]
+    if "_scales" in m:
+        numel = math.prod(shape[1:])
+        return dequantize_blockwise(m["_codes"], m["_scales"], numel, "zero_free_linear", SIGNED_BLOCK).reshape(shape)
+    return dequantize_rank1({k[1:]: v for k, v in m.items()}, shape, batch_dims=1)
+
+
+_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+)")
+
+
+def _gather(states: list[State], name: str) -> Moments:
+    """Concatenate one moment of K tensors: codes/scales along dim 0, per-dim maxima and fp32 moments stacked."""
+    suffixes = [k[len(name):] for k in states[0] if k.startswith(name) and _SUFFIX.fullmatch(k[len(name):])]
+    out = {}
+    for suf in suffixes:
+        parts = [s[name + suf] for s in states]
+        out[suf] = torch.cat(parts) if suf in ("_codes", "_scales") else torch.stack(parts)
+    return out
+
+
+def _scatter(states: list[State], name: str, batched: Moments) -> None:
+    for suf, value in batched.items():
+        parts = value.split(1) if suf in ("_codes", "_scales") else value.unbind(0)
+        for state, part in zip(states, parts):
+            state[name + suf] = part
+
+
 def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
-    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    zeros = torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
+    quantized = quantized_moments(p.numel(), bits)
+    state: State = {}
     if kind == "adamw":
-        return {**_store_signed("exp_avg", zeros, bits), **_store_nonneg("exp_avg_sq", zeros, bits)}
-    return _store_signed("momentum_buffer", zeros, bits)
+        _scatter([state], "exp_avg", _encode_signed(zeros, quantized))
+        _scatter([state], "exp_avg_sq", _encode_nonneg(zeros, quantized))
+    else:
+        _scatter([state], "momentum_buffer", _encode_signed(zeros, quantized))
+    return state
 
 
-def _replace(state: State, name: str, new: State) -> None:
-    for key in [k for k in state if k == name or k.startswith(f"{name}_")]:
-        del state[key]
-    state.update(new)
+# ---------------------------------------------------------------------------------------------
+# the math (pure functions of batched tensors; compiled on accelerators)
+# ---------------------------------------------------------------------------------------------
 
 
-def adamw_step(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    state: State,
+def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
+                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool):
+    shape = tuple(d.shape)
+    m_new = _decode_signed(m, shape).lerp(d, 1.0 - beta1)
+    v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+    update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
+    return _encode_signed(m_new, quantized), _encode_nonneg(v_new, quantized), update
+
+
+def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool):
+    new = _decode_signed(buf, tuple(d.shape)) * momentum + d
+    direction = d + momentum * new if nesterov else new
+    return _encode_signed(new, quantized), direction * lr
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _maybe_compiled(fn: Callable, device: torch.device, compile_: bool) -> Callable:
+    if not compile_ or device.type == "cpu":
+        return fn
+    if fn not in _COMPILED:
+        # Default (automatic) dynamic shapes: the first shape compiles static, the next ones share one
+        # dynamic-shape graph, so a model with ten tensor shapes compiles about twice, not ten times.
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
+
+
+class _DeviceScalars:
+    """0-dim fp32 tensors on a device, refilled in place every step.
+
+    ``torch.tensor(x, device="cuda")`` copies from pageable host memory and makes the host wait for
+    the stream; ``fill_`` is an ordinary kernel launch. Compiled functions take these tensors, so a
+    new learning rate never triggers a recompilation.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+    def __call__(self, device: torch.device, name: str, value: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            if value.device == device and value.dtype == torch.float32:
+                return value
+            if value.device.type == "cpu":
+                value = float(value)  # reading a CPU tensor costs no device sync
+            else:
+                return value.to(device=device, dtype=torch.float32)
+        key = (device, name)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty((), dtype=torch.float32, device=device)
+        return buf.fill_(value)
+
+
+_scalars = _DeviceScalars()
+
+
+def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
+    """A Python float for CPU tensors (free to read); device tensors stay tensors."""
+    return float(x) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+
+def _apply_update(params: list[torch.Tensor], update: torch.Tensor) -> None:
+    parts = update.to(params[0].dtype).unbind(0)
+    torch._foreach_sub_(params, list(parts))
+
+
+def adamw_group_step(
+    params: list[torch.Tensor],
+    directions: torch.Tensor,
+    states: list[State],
     *,
     step: int,
     lr: float | torch.Tensor,
@@ -99,37 +204,48 @@ def adamw_step(
     eps: float,
     weight_decay: float,
     bits: int,
+    compile_: bool = False,
 ) -> None:
-    """One AdamW step on ``p`` with the fp32 direction ``grad`` (already preconditioned/grafted)."""
+    """One AdamW step for K same-shape tensors; ``directions`` is their fp32 (K, *shape) update direction."""
     beta1, beta2 = betas
+    device = directions.device
     if weight_decay:
-        p.mul_(1.0 - lr * weight_decay)
-    m = _load_signed(state, "exp_avg", p.shape).lerp(grad, 1.0 - beta1)
-    v = _load_nonneg(state, "exp_avg_sq", p.shape).mul(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    _replace(state, "exp_avg", _store_signed("exp_avg", m, bits))
-    _replace(state, "exp_avg_sq", _store_nonneg("exp_avg_sq", v, bits))
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
-    p.sub_((m / denom).mul_(lr / bias1))  # m may be the stored fp32 state: no in-place op on it
+        decay = 1.0 - _host_float(lr) * weight_decay
+        torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
+    quantized = quantized_moments(params[0].numel(), bits)
+    fn = _maybe_compiled(_adamw_math, device, compile_)
+    m, v, update = fn(
+        _gather(states, "exp_avg"), _gather(states, "exp_avg_sq"), directions, _scalars(device, "lr", lr),
+        _scalars(device, "bias1", 1.0 - beta1**step), _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
+        beta1, beta2, eps, quantized,
+    )
+    _scatter(states, "exp_avg", m)
+    _scatter(states, "exp_avg_sq", v)
+    _apply_update(params, update)
 
 
-def sgd_step(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    state: State,
+def sgd_group_step(
+    params: list[torch.Tensor],
+    directions: torch.Tensor,
+    states: list[State],
     *,
     lr: float | torch.Tensor,
     momentum: float,
     nesterov: bool,
     weight_decay: float,
     bits: int,
+    compile_: bool = False,
 ) -> None:
-    """One SGD-momentum step (coupled L2 added to the grafted direction, no dampening)."""
+    """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction)."""
+    device = directions.device
     if weight_decay:
-        grad = grad.add(p.float(), alpha=weight_decay)
-    if momentum:
-        buf = _load_signed(state, "momentum_buffer", p.shape).mul(momentum).add_(grad)
-        _replace(state, "momentum_buffer", _store_signed("momentum_buffer", buf, bits))
-        grad = grad.add(buf, alpha=momentum) if nesterov else buf
-    p.sub_(grad * lr)
+        directions = directions + weight_decay * torch.stack([p.float() for p in params])
+    if not momentum:
+        _apply_update(params, directions * _scalars(device, "lr", lr))
+        return
+    quantized = quantized_moments(params[0].numel(), bits)
+    fn = _maybe_compiled(_sgd_math, device, compile_)
+    buf, update = fn(_gather(states, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
+                     quantized)
+    _scatter(states, "momentum_buffer", buf)
+    _apply_update(params, update)

@@ -26,7 +26,7 @@ import torch
 
 from .blocking import BlockPlan, Region, extract_blocks, insert_blocks, plan_blocks
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
-from .first_order import adamw_step, init_first_order_state, sgd_step
+from .first_order import adamw_group_step, init_first_order_state, sgd_group_step
 from .preconditioners import FormSettings, PreconditionerForm, make_form
 
 __all__ = ["Q4Shampoo"]
@@ -212,8 +212,8 @@ class Q4Shampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        work = []
-        for group in self.param_groups:
+        work = []  # (param, grad, group index, state) of the parameters that have a gradient
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -221,32 +221,43 @@ class Q4Shampoo(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                state["step"] += 1
                 local_p, local_g = _local(p), _local(p.grad)
                 if local_p.numel() == 0:
                     continue
-                work.append((local_p, local_g, group, state))
+                work.append((local_p, local_g, gi, state))
+        if not work:
+            return loss
+        counters = [state["step"] for *_, state in work]
+        torch._foreach_add_(counters, 1.0)  # CPU tensors: no device sync, one op for all
+        steps = [int(s) for s in torch.stack(counters).tolist()]
 
-        directions = self._shampoo_directions(work)
-        cfg = self.config
-        for i, (p, g, group, state) in enumerate(work):
-            d = directions.get(i)
-            if d is None:
-                d = g.float()
-            step = int(state["step"].item())  # CPU tensor: no device sync
-            if cfg.first_order == "adamw":
-                adamw_step(
-                    p, d, state, step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits,
-                )
-            else:
-                sgd_step(
-                    p, d, state, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits,
-                )
+        directions = self._shampoo_directions(work, steps)
+        self._first_order_steps(work, steps, directions)
         return loss
 
-    def _shampoo_directions(self, work: list) -> dict[int, torch.Tensor]:
+    def _first_order_steps(self, work: list, steps: list[int], directions: dict[int, torch.Tensor]) -> None:
+        """The AdamW / SGD step, batched over tensors that share parameter group, shape, dtype and step."""
+        cfg = self.config
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for i, (p, _g, gi, _state) in enumerate(work):
+            batches[(gi, tuple(p.shape), p.dtype, p.device, steps[i])].append(i)
+        for (gi, _shape, _dtype, _device, step), idx in batches.items():
+            group = self.param_groups[gi]
+            params = [work[i][0] for i in idx]
+            states = [work[i][3] for i in idx]
+            dirs = torch.stack([directions[i] if i in directions else work[i][1] for i in idx]).float()
+            if cfg.first_order == "adamw":
+                adamw_group_step(
+                    params, dirs, states, step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                )
+            else:
+                sgd_group_step(
+                    params, dirs, states, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                )
+
+    def _shampoo_directions(self, work: list, steps: list[int]) -> dict[int, torch.Tensor]:
         """Preconditioned, grafted directions for the Shampoo parameters in ``work`` (by index)."""
         cfg = self.config
         items = []  # (index, grad 2-D fp32, plan, state, step)
@@ -254,7 +265,7 @@ class Q4Shampoo(torch.optim.Optimizer):
             if "regions" not in state:
                 continue
             plan = self.block_plan(p.shape)
-            items.append((i, g.float().reshape(plan.matrix_shape), plan, state, int(state["step"].item())))
+            items.append((i, g.float().reshape(plan.matrix_shape), plan, state, steps[i]))
         if not items:
             return {}
 
@@ -304,22 +315,32 @@ class Q4Shampoo(torch.optim.Optimizer):
                 apply_jobs[key].append((i, region, sides, extract_blocks(g2d, region)))
         for (device, _a, _b, has_l, has_r), jobs in apply_jobs.items():
             form = self._form(device)
+            dtype = self._apply_dtype(device)
             blocks = torch.cat([blk for *_, blk in jobs]) if len(jobs) > 1 else jobs[0][3]
+            blocks = blocks.to(dtype)
             if has_l:
-                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs])) @ blocks
+                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs])).to(dtype) @ blocks
             if has_r:
-                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs]))
+                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs])).to(dtype)
             for (i, region, _sides, _), part in zip(jobs, blocks.split([region.num_blocks for _, region, _, _ in jobs])):
                 insert_blocks(outputs[i], region, part)
 
-        # 4. grafting: rescale each parameter's direction to the norm of its gradient
-        directions = {}
+        # 4. grafting: rescale each parameter's direction to the norm of its gradient (batched norms)
+        if not outputs:
+            return {}
+        order = list(outputs)
         by_index = {i: g2d for i, g2d, *_ in items}
-        for i, out in outputs.items():
-            g2d = by_index[i]
-            out.mul_(torch.linalg.vector_norm(g2d) / (torch.linalg.vector_norm(out) + _GRAFT_EPS))
-            directions[i] = out.reshape(work[i][0].shape)
-        return directions
+        outs = [outputs[i] for i in order]
+        grad_norms = torch._foreach_norm([by_index[i] for i in order])
+        out_norms = torch._foreach_add(torch._foreach_norm(outs), _GRAFT_EPS)
+        torch._foreach_mul_(outs, torch._foreach_div(grad_norms, out_norms))
+        return {i: outputs[i].reshape(work[i][0].shape) for i in order}
+
+    def _apply_dtype(self, device: torch.device) -> torch.dtype:
+        choice = self.config.apply_dtype
+        if choice == "auto":
+            return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
     # ------------------------------------------------------------------------------------------
     # state dict

@@ -309,44 +309,48 @@ def dequantize_lower_upper(
 # --------------------------------------------------------------------------------------------
 
 
-def _rank1_scale(maxima: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+def _rank1_scale(maxima: list[torch.Tensor], shape: tuple[int, ...], batch_dims: int) -> torch.Tensor:
+    """``min`` over the per-dimension maxima, broadcast to ``shape`` (leading ``batch_dims`` kept)."""
     scale = None
     for dim, m in enumerate(maxima):
-        view = [1] * len(shape)
-        view[dim] = shape[dim]
+        view = list(shape[:batch_dims]) + [1] * (len(shape) - batch_dims)
+        view[batch_dims + dim] = shape[batch_dims + dim]
         m = m.reshape(view)
         scale = m if scale is None else torch.minimum(scale, m)
     assert scale is not None
     return scale
 
 
-def quantize_rank1(x: torch.Tensor, code: str = "zero_free_linear") -> dict[str, torch.Tensor]:
-    """Rank-1 normalised 4-bit quantization of a non-negative tensor with ``ndim >= 2``.
+def quantize_rank1(x: torch.Tensor, code: str = "zero_free_linear", batch_dims: int = 0) -> dict[str, torch.Tensor]:
+    """Rank-1 normalised 4-bit quantization of a non-negative tensor (paper 3's second moment).
 
-    Every dimension d keeps the maxima over all other dimensions; an entry is normalised by the
-    smallest of its maxima (``min(r_i, c_j)`` for a matrix), so it lies in [0, 1]. The maxima are
-    stored as ``max0, max1, ...`` (fp32).
+    Every (non-batch) dimension d keeps the maxima over all other dimensions; an entry is normalised
+    by the smallest of its maxima (``min(r_i, c_j)`` for a matrix), so it lies in [0, 1]. Returns
+    ``codes`` (``(*batch, ceil(numel / 2))``, packed) and ``max0, max1, ...`` (fp32, ``(*batch, size_d)``).
+    The first ``batch_dims`` dimensions index independent tensors quantized in one go.
     """
-    if x.ndim < 2:
+    if x.ndim - batch_dims < 2:
         raise ValueError("rank-1 normalisation needs a tensor with at least 2 dims; use block-wise for 1-D")
     x = x.float()
-    maxima = []
-    for dim in range(x.ndim):
-        others = tuple(d for d in range(x.ndim) if d != dim)
-        maxima.append(x.amax(dim=others))
-    scale = _rank1_scale(maxima, x.shape)
+    dims = range(batch_dims, x.ndim)
+    maxima = [x.amax(dim=tuple(d for d in dims if d != dim)) for dim in dims]
+    scale = _rank1_scale(maxima, tuple(x.shape), batch_dims)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     _, mids = get_code(code, x.device)
     idx = torch.bucketize(x / safe, mids, out_int32=True)
-    out = {"codes": pack_nibbles(idx.reshape(1, -1))}
-    for dim, m in enumerate(maxima):
-        out[f"max{dim}"] = m
+    batch = tuple(x.shape[:batch_dims])
+    out = {"codes": pack_nibbles(idx.reshape(*batch, -1) if batch else idx.reshape(1, -1))}
+    for i, m in enumerate(maxima):
+        out[f"max{i}"] = m
     return out
 
 
-def dequantize_rank1(q: dict[str, torch.Tensor], shape: torch.Size, code: str = "zero_free_linear") -> torch.Tensor:
-    numel = math.prod(shape)
+def dequantize_rank1(
+    q: dict[str, torch.Tensor], shape: tuple[int, ...], code: str = "zero_free_linear", batch_dims: int = 0
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_rank1`; ``shape`` includes the batch dimensions."""
+    numel = math.prod(shape[batch_dims:])
     table, _ = get_code(code, q["codes"].device)
     values = table[unpack_nibbles(q["codes"], numel)].reshape(shape)
-    maxima = [q[f"max{d}"] for d in range(len(shape))]
-    return values * _rank1_scale(maxima, torch.Size(shape))
+    maxima = [q[f"max{d}"] for d in range(len(shape) - batch_dims)]
+    return values * _rank1_scale(maxima, tuple(shape), batch_dims)
