@@ -27,6 +27,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from .callback import MemoryReportMixin
 from .registration import (
     OPTIM_NAME,
     UnsupportedSetupError,
@@ -129,8 +130,14 @@ class Q4ShampooTrainerMixin:
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
 
-class Q4ShampooTrainer(Q4ShampooTrainerMixin, Trainer):
-    """The stock ``Trainer`` that understands ``optim="q4shampoo"`` without global registration."""
+class Q4ShampooTrainer(Q4ShampooTrainerMixin, MemoryReportMixin, Trainer):
+    """The stock ``Trainer`` that understands ``optim="q4shampoo"`` without global registration.
+
+    It also reports optimizer memory (:class:`~hf_q4shampoo.integrations.callback.MemoryReportMixin`): a
+    ``MemoryReportCallback`` is attached by default, its keys go into the Trainer's logs, the report files
+    into ``output_dir`` and a section into the model card. ``memory_report=False`` opts out;
+    ``memory_report=MemoryReportCallback(...)`` sets its options.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +155,7 @@ def _build_trl_classes() -> dict[str, type]:
     class Q4ShampooSFTConfig(Q4ShampooArgumentsMixin, SFTConfig):
         """TRL's ``SFTConfig`` whose ``optim`` also accepts ``"q4shampoo"`` (SFT defaults kept)."""
 
-    class Q4ShampooSFTTrainer(Q4ShampooTrainerMixin, SFTTrainer):
+    class Q4ShampooSFTTrainer(Q4ShampooTrainerMixin, MemoryReportMixin, SFTTrainer):
         """TRL's ``SFTTrainer`` that understands ``optim="q4shampoo"`` without global registration."""
 
     classes: dict[str, type] = {"Q4ShampooSFTConfig": Q4ShampooSFTConfig, "Q4ShampooSFTTrainer": Q4ShampooSFTTrainer}

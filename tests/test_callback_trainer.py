@@ -1,0 +1,53 @@
+"""Q4ShampooTrainer attaches the memory report by default (issue #4 on top of issue #3)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from hf_q4shampoo import Q4ShampooTrainer, Q4ShampooTrainingArguments  # noqa: E402
+from hf_q4shampoo.integrations.callback import (  # noqa: E402
+    LOG_KEYS,
+    REPORT_FILES,
+    MemoryReportCallback,
+    load_report,
+    memory_callback,
+)
+from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
+from tiny_hf import FAST, lm_dataset, tiny_gpt2, training_args  # noqa: E402
+
+pytestmark = pytest.mark.heavy  # Trainer runs
+
+
+def _trainer(out, **kwargs):
+    args = training_args(out, cls=Q4ShampooTrainingArguments, optim="q4shampoo", optim_args=FAST, max_steps=4,
+                         logging_steps=2, per_device_train_batch_size=4)
+    return Q4ShampooTrainer(model=tiny_gpt2(n_embd=64), args=args, train_dataset=lm_dataset(16), **kwargs)
+
+
+def test_q4shampoo_trainer_writes_the_reports_and_logs_the_keys(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert isinstance(memory_callback(trainer), MemoryReportCallback)
+    trainer.train()
+    trainer.save_state()
+    for name in REPORT_FILES.values():
+        assert (tmp_path / name).is_file()
+    report = load_report(tmp_path)
+    assert report["optimizer"]["class"] == "Q4Shampoo"
+    assert report["measured"]["total_bytes"] == optimizer_state_bytes(trainer.optimizer).total
+    assert abs(report["estimate_relative_error"]) <= 0.02
+    log_history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    expected = {k for k in LOG_KEYS if not k.startswith("peak_")} | {"peak_rss_mib"}
+    assert all(expected <= set(e) for e in log_history if "loss" in e)
+
+    trainer.create_model_card()
+    assert (tmp_path / "README.md").read_text().count("## Optimizer memory") == 1
+
+
+def test_q4shampoo_trainer_memory_report_opt_out(tmp_path):
+    trainer = _trainer(tmp_path, memory_report=False)
+    assert memory_callback(trainer) is None
+    trainer.train()
+    assert not (tmp_path / REPORT_FILES["json"]).exists()
+    assert all("optim_state_mib" not in e for e in trainer.state.log_history)
