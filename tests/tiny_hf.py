@@ -90,6 +90,31 @@ def training_args(output_dir, cls=None, **overrides):
     return cls(**values)
 
 
+def tiny_tokenizer():
+    """A word-level fast tokenizer over ``t0 ... t{VOCAB-5}`` plus four special tokens (no files, no Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"t{i}" for i in range(VOCAB - len(specials))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def text_rows(n: int = 64, seed: int = 0) -> list[dict[str, str]]:
+    """The progressions of :func:`lm_dataset` as text for ``tiny_tokenizer`` (ids 4 .. VOCAB-1)."""
+    g = torch.Generator().manual_seed(seed)
+    words = VOCAB - 4
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(0, words, (1,), generator=g))
+        stride = int(torch.randint(1, 3, (1,), generator=g))
+        rows.append({"text": " ".join(f"t{(start + stride * i) % words}" for i in range(SEQ_LEN - 2))})
+    return rows
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
