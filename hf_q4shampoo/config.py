@@ -57,6 +57,11 @@ class Q4ShampooConfig:
             one the roots are the identity and the step is a plain first-order step.
             For runs of only a few thousand steps, lower both (e.g. ``update_freq=10,root_freq=50``).
         start_precond_step: no statistics or roots before this step.
+        refresh_spread: spread the refreshes over this many consecutive steps, so no single step pays
+            for every statistics update and root: each matrix gets a fixed offset o in
+            [0, min(refresh_spread, update_freq, root_freq)), chosen to balance the work (sum of K n^3
+            per offset), and is refreshed on steps t with (t - o) a positive multiple of the frequency.
+            1 gives paper 2's schedule exactly. The offsets are saved with the state.
         stat_decay: beta of ``L <- beta L + (1 - beta) G G^T`` (paper 2: 0.95).
         matrix_eps: relative ridge: roots are of ``L + matrix_eps * lambda_max * I``; the statistics
             start at ``matrix_eps * I`` (paper 2: 1e-6).
@@ -99,7 +104,7 @@ class Q4ShampooConfig:
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
-            ~0.3% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);
+            ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);
             statistics, roots and the first-order step stay fp32.
     """
 
@@ -134,6 +139,7 @@ class Q4ShampooConfig:
     bjorck_root_iters: int = 4
     use_compile: bool = True
     apply_dtype: str = "auto"
+    refresh_spread: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -198,6 +204,7 @@ _INT_MIN = {
     "newton_max_iters": 1,
     "bjorck_update_iters": 0,
     "bjorck_root_iters": 0,
+    "refresh_spread": 1,
 }
 # (low, high, low inclusive, high inclusive)
 _FLOAT_RANGE = {

@@ -35,12 +35,21 @@ SIDES = ("L", "R")
 _GRAFT_EPS = 1e-12
 
 
-def _is_due(step: int, freq: int, start: int) -> bool:
-    return step >= start and step % freq == 0
+def _is_due(step: int, freq: int, start: int, offset: int) -> bool:
+    """Refresh on steps t >= start where t - offset is a positive multiple of ``freq``."""
+    return step >= start and step > offset and (step - offset) % freq == 0
 
 
-def _first_due(freq: int, start: int) -> int:
-    return max(freq, math.ceil(start / freq) * freq)
+def _first_due(freq: int, start: int, offset: int) -> int:
+    return offset + freq * max(1, math.ceil((start - offset) / freq))
+
+
+def _refresh_cost(plan: BlockPlan) -> int:
+    """Work of one refresh of a parameter's factors, ~ sum of K n^3 (Cholesky / roots are cubic)."""
+    cost = 0
+    for r in plan.regions:
+        cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
+    return cost
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -185,6 +194,31 @@ class Q4Shampoo(torch.optim.Optimizer):
                 if not self.state[p]:
                     self._init_state(p, self.state[p])
 
+    def _refresh_offsets(self) -> dict[int, int]:
+        """Offset of every matrix parameter's refreshes (see ``refresh_spread``), by ``id(param)``.
+
+        Greedy balancing, largest first, over all parameters of the optimizer in group order, so the
+        assignment depends only on the parameter list (and a resumed run reads the saved offsets).
+        """
+        c = self.config
+        spread = min(c.refresh_spread, c.update_freq, c.root_freq)
+        key = (spread, tuple(id(p) for g in self.param_groups for p in g["params"]))
+        if getattr(self, "_offset_key", None) == key:
+            return self._offsets
+        costs = []
+        for p in (p for g in self.param_groups for p in g["params"]):
+            plan = self.block_plan(_local(p).shape)
+            if plan is not None:
+                costs.append((-_refresh_cost(plan), len(costs), id(p)))
+        load = [0] * spread
+        offsets = {}
+        for neg_cost, _, pid in sorted(costs):
+            slot = min(range(spread), key=lambda s: (load[s], s))
+            load[slot] -= neg_cost
+            offsets[pid] = slot
+        self._offset_key, self._offsets = key, offsets
+        return offsets
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
         state["step"] = torch.tensor(0.0)
@@ -201,6 +235,7 @@ class Q4Shampoo(torch.optim.Optimizer):
                     sides["R"] = form.init_state(region.block_cols, region.num_blocks, local.device)
                 regions.append(sides)
             state["regions"] = regions
+            state["refresh_offset"] = self._refresh_offsets().get(id(p), 0)
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -272,7 +307,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         # 1. statistics (every update_freq steps), batched per factor order across parameters
         stat_jobs: dict[tuple, list] = defaultdict(list)
         for _i, g2d, plan, state, step in items:
-            if not _is_due(step, cfg.update_freq, cfg.start_precond_step):
+            if not _is_due(step, cfg.update_freq, cfg.start_precond_step, state["refresh_offset"]):
                 continue
             for region, sides in zip(plan.regions, state["regions"]):
                 blocks = extract_blocks(g2d, region)
@@ -290,7 +325,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         # 2. inverse roots (every root_freq steps)
         root_jobs: dict[tuple, list] = defaultdict(list)
         for _i, g2d, plan, state, step in items:
-            if not _is_due(step, cfg.root_freq, cfg.start_precond_step):
+            if not _is_due(step, cfg.root_freq, cfg.start_precond_step, state["refresh_offset"]):
                 continue
             for region, sides in zip(plan.regions, state["regions"]):
                 for name in SIDES:
@@ -303,11 +338,10 @@ class Q4Shampoo(torch.optim.Optimizer):
             _scatter_states(big, targets)
 
         # 3. precondition every block: G^ = L^ G R^, batched per block shape across parameters
-        first_root = _first_due(cfg.root_freq, cfg.start_precond_step)
         apply_jobs: dict[tuple, list] = defaultdict(list)
         outputs: dict[int, torch.Tensor] = {}
         for i, g2d, plan, state, step in items:
-            if step < first_root:
+            if step < _first_due(cfg.root_freq, cfg.start_precond_step, state["refresh_offset"]):
                 continue  # roots are still the identity: the direction is the gradient itself
             outputs[i] = torch.empty_like(g2d)
             for region, sides in zip(plan.regions, state["regions"]):

@@ -27,8 +27,9 @@ Forms (papers.md):
     Paper 2: 4-bit eigenvectors (rows of V^T) + fp32 eigenvalues, one QR subspace step per update,
     Björck rectification before updates and roots.
 
-Roots are stored like paper 2's ``QTensorDiagReal`` (fp32 diagonal, 4-bit off-diagonal) when
-``root_bits == 4``. Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
+Roots are stored with an fp32 diagonal and 4-bit off-diagonal entries when ``root_bits == 4``, as
+paper 2's ``QTensorDiagReal`` does, except that only the strict lower triangle is kept (a root is
+symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
 (paper 2's ``min_lowbit_size``).
 """
 
@@ -44,9 +45,11 @@ from .quant import (
     dequantize_blockwise,
     dequantize_diagreal,
     dequantize_lower_upper,
+    dequantize_symmetric,
     quantize_blockwise,
     quantize_diagreal,
     quantize_lower_upper,
+    quantize_symmetric,
     roundtrip_blockwise,
 )
 
@@ -94,17 +97,21 @@ class PreconditionerForm(ABC):
     def _eye(self, n: int, k: int, device: torch.device) -> torch.Tensor:
         return torch.eye(n, device=device).expand(k, n, n).contiguous()
 
-    def _store_symmetric(self, x: torch.Tensor, prefix: str, quantize: bool) -> State:
+    def _store_symmetric(self, x: torch.Tensor, prefix: str, quantize: bool, packed: bool) -> State:
+        """fp32, or fp32 diagonal + 4-bit off-diagonal: the full matrix (paper 2's DiagReal) or,
+        with ``packed``, only its strict lower triangle (half the codes; used for the roots)."""
         if quantize:
-            q = quantize_diagreal(x, self.s.quant_map, self.s.quant_block_size)
+            encode = quantize_symmetric if packed else quantize_diagreal
+            q = encode(x, self.s.quant_map, self.s.quant_block_size)
             return {f"{prefix}_{key}": v for key, v in q.items()}
         return {prefix: x.float().contiguous()}
 
-    def _load_symmetric(self, state: State, prefix: str) -> torch.Tensor:
+    def _load_symmetric(self, state: State, prefix: str, packed: bool) -> torch.Tensor:
         if prefix in state:
             return state[prefix]
         q = {key: state[f"{prefix}_{key}"] for key in ("codes", "scales", "diag")}
-        return dequantize_diagreal(q, self.s.quant_map, self.s.quant_block_size)
+        decode = dequantize_symmetric if packed else dequantize_diagreal
+        return decode(q, self.s.quant_map, self.s.quant_block_size)
 
     def _root_quantized(self, n: int) -> bool:
         return self.s.root_bits == 4 and self.quantized(n)
@@ -132,7 +139,7 @@ class PreconditionerForm(ABC):
     def init_state(self, n: int, k: int, device: torch.device) -> State:
         # Every factor starts equal (statistics eps I, root I): encode one and repeat it.
         one = self._init_statistics(n, 1, device)
-        one.update(self._store_symmetric(self._eye(n, 1, device), "root", self._root_quantized(n)))
+        one.update(self._store_symmetric(self._eye(n, 1, device), "root", self._root_quantized(n), packed=True))
         return {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in one.items()}
 
     @abstractmethod
@@ -148,10 +155,10 @@ class PreconditionerForm(ABC):
     def refresh_root(self, state: State) -> None:
         n = state_order(state)
         root = self._inverse_root(self.statistics(state))
-        state.update(self._store_symmetric(root, "root", self._root_quantized(n)))
+        state.update(self._store_symmetric(root, "root", self._root_quantized(n), packed=True))
 
     def root(self, state: State) -> torch.Tensor:
-        return self._load_symmetric(state, "root")
+        return self._load_symmetric(state, "root", packed=True)
 
     def bytes_by_kind(self, state: State) -> dict[str, int]:
         out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}
@@ -199,14 +206,15 @@ class NaiveForm(PreconditionerForm):
     name = "naive"
 
     def _init_statistics(self, n, k, device):
-        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n))
+        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False)
 
     def statistics(self, state):
-        return self._load_symmetric(state, "stats")
+        return self._load_symmetric(state, "stats", packed=False)
 
     def update_statistics(self, state, gram):
         n = gram.shape[-1]
-        state.update(self._store_symmetric(self._blend(self.statistics(state), gram), "stats", self.quantized(n)))
+        new = self._blend(self.statistics(state), gram)
+        state.update(self._store_symmetric(new, "stats", self.quantized(n), packed=False))
 
 
 class CholeskyForm(PreconditionerForm):
@@ -354,7 +362,7 @@ class EigenForm(PreconditionerForm):
         ridge = self.s.matrix_eps * s.amax(-1, keepdim=True)
         inv = (s + ridge).clamp_min(torch.finfo(torch.float32).tiny).pow(-0.25)
         root = (vt.mT * inv.unsqueeze(-2)) @ vt
-        state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1])))
+        state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1]), packed=True))
 
 
 FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")

@@ -37,6 +37,8 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "quantize_diagreal",
+    "quantize_symmetric",
+    "dequantize_symmetric",
     "dequantize_diagreal",
     "quantize_lower_upper",
     "dequantize_lower_upper",
@@ -248,6 +250,79 @@ def dequantize_diagreal(q: dict[str, torch.Tensor], code: str = "linear2", block
     n = q["diag"].shape[-1]
     off = dequantize_blockwise(q["codes"], q["scales"], n, code, block_size)
     return off + torch.diag_embed(q["diag"])  # diagonal slots of ``off`` decode to exactly 0
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric matrices: packed strict lower triangle + fp32 diagonal
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _symmetric_layout_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index maps of the packed layout of an n x n symmetric matrix's strict lower triangle.
+
+    Row i of the strict lower triangle has i entries; row i is paired with row n - i so each packed
+    row holds exactly n entries (the single middle row of an even n is zero-padded): n // 2 packed
+    rows of width n. Returns ``(source, valid, gather)``: ``source`` / ``valid`` (P*n,) say which flat
+    index of the full matrix each packed slot holds; ``gather`` (n*n,) says, for each entry of the
+    full matrix, its slot in ``cat(packed values, diagonal)``.
+    """
+    rows, width = n // 2, n
+    r = torch.arange(rows).unsqueeze(1)  # packed row
+    k = torch.arange(width).unsqueeze(0)  # position in the packed row
+    a, b = r + 1, n - 1 - r  # the two triangle rows sharing packed row r (a + b = n)
+    first = k < a
+    row = torch.where(first, a, b).expand(rows, width)
+    col = torch.where(first, k, k - a).expand(rows, width)
+    valid = (first | (a != b)).flatten()
+    row, col = row.flatten(), col.flatten()
+    source = torch.where(valid, row * n + col, torch.zeros_like(row))
+    slots = torch.arange(rows * width)[valid]
+    gather = torch.empty(n * n, dtype=torch.int64)
+    gather[(row * n + col)[valid]] = slots
+    gather[(col * n + row)[valid]] = slots
+    diag = torch.arange(n)
+    gather[diag * n + diag] = rows * width + diag
+    return source, valid, gather
+
+
+_LAYOUT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _symmetric_layout(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (n, torch.device(device))
+    if key not in _LAYOUT_CACHE:
+        _LAYOUT_CACHE[key] = tuple(t.to(device) for t in _symmetric_layout_cpu(n))
+    return _LAYOUT_CACHE[key]
+
+
+def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> dict[str, torch.Tensor]:
+    """4-bit storage of symmetric matrices ``(..., n, n)``: half the codes of :func:`quantize_diagreal`.
+
+    Only the strict lower triangle is quantized, packed two rows per line (see
+    ``_symmetric_layout_cpu``) in blocks of ``block_size`` along the packed rows; the diagonal is kept
+    in fp32. Decoding mirrors the triangle, so the result is exactly symmetric. (The same idea as
+    Distributed Shampoo's lossless symmetric packing, applied to 4-bit codes.)
+    """
+    n = x.shape[-1]
+    if n < 2:
+        return {"codes": x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8),
+                "scales": x.new_zeros((*x.shape[:-2], 0, 0)), "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
+    source, valid, _ = _symmetric_layout(n, x.device)
+    flat = x.float().flatten(-2)
+    packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device))
+    codes, scales = quantize_blockwise(packed.reshape(*x.shape[:-2], n // 2, n), code, block_size)
+    return {"codes": codes, "scales": scales, "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
+
+
+def dequantize_symmetric(q: dict[str, torch.Tensor], code: str = "linear2", block_size: int = 64) -> torch.Tensor:
+    n = q["diag"].shape[-1]
+    if n < 2:
+        return torch.diag_embed(q["diag"])
+    _, _, gather = _symmetric_layout(n, q["diag"].device)
+    packed = dequantize_blockwise(q["codes"], q["scales"], n, code, block_size).flatten(-2)
+    flat = torch.cat([packed, q["diag"]], dim=-1)
+    return flat[..., gather].unflatten(-1, (n, n))
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,10 +31,12 @@ def _grads(steps, seed=1):
 ])
 def test_fp32_form_matches_fp64_algorithm4(first_order, extra):
     hyper = dict(lr=0.01, stat_decay=0.9, matrix_eps=1e-4, update_freq=2, root_freq=4, max_precond_dim=32, **extra)
+    spread = {"refresh_spread": 1}  # paper 2's schedule: every matrix refreshed on the same steps
     params = _params()
     start = [p.detach().double().clone() for p in params]
     ref = ReferenceShampoo(params, first_order=first_order, **hyper)
-    opt = Q4Shampoo(params, precond="fp32", first_order=first_order, first_order_bits=32, root_method="eigh", **hyper)
+    opt = Q4Shampoo(params, precond="fp32", first_order=first_order, first_order_bits=32, root_method="eigh", **hyper,
+                    **spread)
     worst = 0.0
     for grads in _grads(13):
         for p, g in zip(params, grads):
@@ -291,3 +293,46 @@ def test_cholesky_ef_close_to_fp32_and_beats_adamw():
     assert best["cholesky_ef"] <= 1.05 * best["fp32"]
     assert best["cholesky_ef"] < 0.97 * best["adamw"]
     assert best["naive"] > best["cholesky_ef"]
+
+
+def test_refresh_spread_balances_and_shifts_the_schedule():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(80, 80)) for _ in range(6)] + [torch.nn.Parameter(torch.randn(200, 160))]
+    opt = Q4Shampoo(params, lr=1e-3, update_freq=4, root_freq=4, refresh_spread=4)
+    form = opt._form(torch.device("cpu"))
+    eye = torch.eye(80)
+    first_change = {}
+    for step in range(1, 10):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for k, p in enumerate(params[:6]):
+            root = form.root(opt.state[p]["regions"][0]["L"])[0]
+            if k not in first_change and not torch.equal(root, eye):
+                first_change[k] = step
+    offsets = [opt.state[p]["refresh_offset"] for p in params]
+    assert offsets[6] == 0  # the largest matrix is placed first
+    assert sorted(set(offsets)) == [0, 1, 2, 3]  # work is spread over all four offsets
+    for k in range(6):  # each matrix's first root comes at root_freq + its offset
+        assert first_change[k] == 4 + offsets[k]
+    # a resumed optimizer keeps the saved offsets
+    again = Q4Shampoo(params, lr=1e-3, update_freq=4, root_freq=4, refresh_spread=4)
+    again.load_state_dict(_roundtrip(opt))
+    assert [again.state[p]["refresh_offset"] for p in params] == offsets
+
+
+def test_bf16_application_is_close_to_fp32():
+    torch.manual_seed(0)
+    grads = [torch.randn(96, 130) * torch.linspace(0.1, 3, 130) for _ in range(4)]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        p = torch.nn.Parameter(torch.zeros(96, 130))
+        opt = Q4Shampoo([p], lr=1e-3, update_freq=1, root_freq=1, apply_dtype=dtype)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        work = [(p, grads[-1], 0, opt.state[p])]
+        out[dtype] = opt._shampoo_directions(work, [int(opt.state[p]["step"])])[0]
+    rel = float((out["bfloat16"] - out["float32"]).norm() / out["float32"].norm())
+    print(f"bf16 vs fp32 preconditioned direction: relative difference {rel:.2e}")
+    assert 0 < rel < 1e-2
