@@ -118,6 +118,7 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
     before_opt = _allocated(device)
     opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
 
+    phase_events = _instrument_phases(opt, device) if args.phases else None
     step_ms: list[float] = []
     opt_ms: list[float] = []
     losses: list[float] = []
@@ -180,6 +181,12 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         "final_loss": float(loss.detach()),
         "step_ms": timed,
     }
+    if phase_events is not None:
+        for phase, evs in phase_events.items():
+            times = [a.elapsed_time(b) for a, b in evs[args.warmup:]] if device.type == "cuda" else evs[args.warmup:]
+            if times:
+                result[f"phase_{phase}_median_ms"] = statistics.median(times)
+                result[f"phase_{phase}_mean_ms"] = statistics.fmean(times)
     del opt, model, loss
     gc.collect()
     if device.type == "cuda":
@@ -221,6 +228,33 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
     del opt, model
     gc.collect()
     return text
+
+
+def _instrument_phases(opt: Any, device: torch.device) -> dict[str, list] | None:
+    """Time Q4Shampoo's two phases (preconditioned directions, first-order step) per step."""
+    if not hasattr(opt, "_shampoo_directions"):
+        return None
+    events: dict[str, list] = {"shampoo": [], "first_order": []}
+
+    def wrap(name: str, fn):
+        def timed(*a, **kw):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*a, **kw)
+                end.record()
+                events[name].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*a, **kw)
+                events[name].append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        return timed
+
+    opt._shampoo_directions = wrap("shampoo", opt._shampoo_directions)
+    opt._first_order_steps = wrap("first_order", opt._first_order_steps)
+    return events
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -276,6 +310,11 @@ def format_table(out: dict[str, Any]) -> str:
             f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}{r['median_optimizer_ms']:>8.1f}"
             f"{r.get('median_step_ms_ratio', 1):>9.2f}{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
         )
+    for r in out["results"]:
+        if "phase_shampoo_median_ms" in r:
+            lines.append(f"  {r['optimizer']} phases (median / mean ms): shampoo directions "
+                         f"{r['phase_shampoo_median_ms']:.2f} / {r['phase_shampoo_mean_ms']:.2f}, first-order "
+                         f"{r['phase_first_order_median_ms']:.2f} / {r['phase_first_order_mean_ms']:.2f}")
     for name, why in out["skipped"].items():
         lines.append(f"{name:<16}skipped: {why}")
     env = out["env"]
@@ -301,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the full results (incl. every step time) here")
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
+    p.add_argument("--phases", action="store_true",
+                   help="also time Q4Shampoo's phases (Shampoo directions incl. refreshes, first-order step)")
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
     return p.parse_args(argv)

@@ -61,7 +61,9 @@ class Q4ShampooConfig:
             for every statistics update and root: each matrix gets a fixed offset o in
             [0, min(refresh_spread, update_freq, root_freq)), chosen to balance the work (sum of K n^3
             per offset), and is refreshed on steps t with (t - o) a positive multiple of the frequency.
-            1 gives paper 2's schedule exactly. The offsets are saved with the state.
+            1 gives paper 2's schedule exactly. The offsets are saved with the state. Each factor is still
+            refreshed every update_freq / root_freq steps; only its first refresh may come up to
+            ``spread - 1`` steps later than in the paper's schedule.
         stat_decay: beta of ``L <- beta L + (1 - beta) G G^T`` (paper 2: 0.95).
         matrix_eps: relative ridge: roots are of ``L + matrix_eps * lambda_max * I``; the statistics
             start at ``matrix_eps * I`` (paper 2: 1e-6).
@@ -139,7 +141,7 @@ class Q4ShampooConfig:
     bjorck_root_iters: int = 4
     use_compile: bool = True
     apply_dtype: str = "auto"
-    refresh_spread: int = 10
+    refresh_spread: int = 100
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 
 import torch
 
+from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
 __all__ = ["FIRST_ORDER", "init_first_order_state", "adamw_group_step", "sgd_group_step", "first_order_keys",
@@ -141,19 +141,6 @@ def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, 
     return _encode_signed(new, quantized), direction * lr
 
 
-_COMPILED: dict[Callable, Callable] = {}
-
-
-def _maybe_compiled(fn: Callable, device: torch.device, compile_: bool) -> Callable:
-    if not compile_ or device.type == "cpu":
-        return fn
-    if fn not in _COMPILED:
-        # Default (automatic) dynamic shapes: the first shape compiles static, the next ones share one
-        # dynamic-shape graph, so a model with ten tensor shapes compiles about twice, not ten times.
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
-    return _COMPILED[fn]
-
-
 class _DeviceScalars:
     """0-dim fp32 tensors on a device, refilled in place every step.
 
@@ -213,7 +200,7 @@ def adamw_group_step(
         decay = 1.0 - _host_float(lr) * weight_decay
         torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
     quantized = quantized_moments(params[0].numel(), bits)
-    fn = _maybe_compiled(_adamw_math, device, compile_)
+    fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(
         _gather(states, "exp_avg"), _gather(states, "exp_avg_sq"), directions, _scalars(device, "lr", lr),
         _scalars(device, "bias1", 1.0 - beta1**step), _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
@@ -244,7 +231,7 @@ def sgd_group_step(
         _apply_update(params, directions * _scalars(device, "lr", lr))
         return
     quantized = quantized_moments(params[0].numel(), bits)
-    fn = _maybe_compiled(_sgd_math, device, compile_)
+    fn = maybe_compiled(_sgd_math, device, compile_)
     buf, update = fn(_gather(states, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
                      quantized)
     _scatter(states, "momentum_buffer", buf)

@@ -353,9 +353,9 @@ class Q4Shampoo(torch.optim.Optimizer):
             blocks = torch.cat([blk for *_, blk in jobs]) if len(jobs) > 1 else jobs[0][3]
             blocks = blocks.to(dtype)
             if has_l:
-                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs])).to(dtype) @ blocks
+                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs]), dtype) @ blocks
             if has_r:
-                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs])).to(dtype)
+                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs]), dtype)
             for (i, region, _sides, _), part in zip(jobs, blocks.split([region.num_blocks for _, region, _, _ in jobs])):
                 insert_blocks(outputs[i], region, part)
 

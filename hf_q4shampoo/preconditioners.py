@@ -41,16 +41,19 @@ from dataclasses import dataclass
 import torch
 
 from . import linalg
+from .kernels import maybe_compiled
 from .quant import (
     dequantize_blockwise,
     dequantize_diagreal,
     dequantize_lower_upper,
+    decode_symmetric,
     dequantize_symmetric,
     quantize_blockwise,
     quantize_diagreal,
     quantize_lower_upper,
     quantize_symmetric,
     roundtrip_blockwise,
+    symmetric_decode_tables,
 )
 
 __all__ = ["FormSettings", "PreconditionerForm", "FORMS", "make_form", "tensor_bytes"]
@@ -80,6 +83,7 @@ class FormSettings:
     remove_cholesky_ridge: bool = True
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
+    use_compile: bool = True
 
 
 class PreconditionerForm(ABC):
@@ -157,8 +161,18 @@ class PreconditionerForm(ABC):
         root = self._inverse_root(self.statistics(state))
         state.update(self._store_symmetric(root, "root", self._root_quantized(n), packed=True))
 
-    def root(self, state: State) -> torch.Tensor:
-        return self._load_symmetric(state, "root", packed=True)
+    def root(self, state: State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel)."""
+        if "root" in state:
+            return state["root"].to(dtype)
+        n = state["root_diag"].shape[-1]
+        if n < 2:
+            return self._load_symmetric(state, "root", packed=True).to(dtype)
+        device = state["root_diag"].device
+        table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
+        decode = maybe_compiled(decode_symmetric, device, self.s.use_compile)
+        return decode(state["root_codes"], state["root_scales"], state["root_diag"], table, gather,
+                      self.s.quant_block_size, dtype)
 
     def bytes_by_kind(self, state: State) -> dict[str, int]:
         out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}

@@ -315,14 +315,31 @@ def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int =
     return {"codes": codes, "scales": scales, "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
 
 
-def dequantize_symmetric(q: dict[str, torch.Tensor], code: str = "linear2", block_size: int = 64) -> torch.Tensor:
+def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tensor, table: torch.Tensor,
+                     gather: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable)."""
+    n = diag.shape[-1]
+    low, high = codes & 0x0F, codes >> 4
+    idx = torch.stack((low, high), dim=-1).flatten(-2)[..., :n].long()
+    scale = scales.repeat_interleave(block_size, dim=-1)[..., :n]
+    packed = (table[idx] * scale).flatten(-2)
+    flat = torch.cat([packed, diag], dim=-1)
+    return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
+
+
+def symmetric_decode_tables(n: int, code: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(code table, gather index)`` that :func:`decode_symmetric` needs for order ``n``."""
+    return get_code(code, device)[0], _symmetric_layout(n, device)[2]
+
+
+def dequantize_symmetric(
+    q: dict[str, torch.Tensor], code: str = "linear2", block_size: int = 64, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     n = q["diag"].shape[-1]
     if n < 2:
-        return torch.diag_embed(q["diag"])
-    _, _, gather = _symmetric_layout(n, q["diag"].device)
-    packed = dequantize_blockwise(q["codes"], q["scales"], n, code, block_size).flatten(-2)
-    flat = torch.cat([packed, q["diag"]], dim=-1)
-    return flat[..., gather].unflatten(-1, (n, n))
+        return torch.diag_embed(q["diag"]).to(dtype)
+    table, gather = symmetric_decode_tables(n, code, q["diag"].device)
+    return decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, block_size, dtype)
 
 
 # --------------------------------------------------------------------------------------------
