@@ -260,7 +260,8 @@ def build_meta_model(
     ``model_or_config``: an ``nn.Module`` (returned as is), a transformers config, a ``dict`` of config
     fields (with ``model_type``), a folder holding ``config.json``, a ``config.json`` path or a Hub name.
     The class is ``model_class`` if given (a transformers class or its name), else the config's first
-    ``architectures`` entry, else ``AutoModelForCausalLM``, else ``AutoModel``.
+    ``architectures`` entry, else ``AutoModelForCausalLM``, else ``AutoModel``. Parameters built from a
+    config are ``dtype`` (default float32, whatever dtype the config names).
     """
     if isinstance(model_or_config, nn.Module):
         model = model_or_config
@@ -286,8 +287,9 @@ def build_meta_model(
                 model = AutoModelForCausalLM.from_config(config)
             except ValueError:  # no causal-LM head for this architecture
                 model = AutoModel.from_config(config)
-    if dtype is not None:
-        model = model.to(_dtype(dtype))
+    # A checkpoint's config often names bf16/fp16 (its storage dtype); training keeps fp32 master weights
+    # unless told otherwise, and torch's AdamW state follows the parameter dtype, so default to fp32.
+    model = model.to(_dtype(dtype) if dtype is not None else torch.float32)
     return model, f"{type(model).__name__} from {source}"
 
 

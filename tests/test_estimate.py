@@ -207,6 +207,9 @@ def test_every_config_input_gives_the_same_numbers(tmp_path):
     model, description = build_meta_model(tmp_path)
     assert description.startswith("GPT2LMHeadModel")  # a config without `architectures`: causal LM
     assert all(p.device.type == "meta" for p in model.parameters())
+    cfg.torch_dtype = "bfloat16"  # a checkpoint's storage dtype does not make the master weights bf16
+    model, _ = build_meta_model(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_clear_errors(tmp_path):

@@ -724,7 +724,7 @@ def plot_memory_report(report: dict[str, Any], path: str | os.PathLike, compare:
     ax_mem.set_xlabel("step")
     ax_mem.set_ylabel("MiB")
     ax_mem.set_title(_memory_name(dev["memory_kind"], dev["peak_since"]), fontsize=9)
-    ax_mem.legend(fontsize=7)
+    ax_mem.legend(fontsize=7, loc="best")
     ax_mem.grid(alpha=0.3)
 
     model = report.get("model") or {}
