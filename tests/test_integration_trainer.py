@@ -222,19 +222,23 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     # summation-order differences is amplified, so that run is checked for training only.
     reference = FAST + ",precond=fp32,first_order_bits=32"
     start = trainable_state(tiny_gpt2())
-    runs = {}
-    for name, optim_args, batch, accumulation in [
-        ("large", reference, 8, 1), ("accumulated", reference, 4, 2), ("accumulated_4bit", FAST, 4, 2),
-    ]:
-        trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / name, max_steps=6, optim_args=optim_args,
-                                                                per_device_train_batch_size=batch,
-                                                                gradient_accumulation_steps=accumulation),
-                          train_dataset=lm_dataset())
+
+    def run(name, optim, optim_args, batch, accumulation):
+        args = training_args(tmp_path / name, optim=optim, optim_args=optim_args, max_steps=6,
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
         trainer.train()
-        runs[name] = trainer
-    large, accumulated = trainable_state(runs["large"].model), trainable_state(runs["accumulated"].model)
+        return trainer
+
+    # transformers itself must make accumulation equivalent (5.2.0 does not: plain SGD differs by ~40%)
+    sgd = [trainable_state(run(f"sgd{a}", "sgd", None, 8 // a, a).model) for a in (1, 2)]
+    if _max_relative_change(sgd[1], sgd[0], start) > 1e-4:
+        pytest.skip("this transformers version's gradient accumulation differs from the large batch even for SGD")
+
+    large = trainable_state(run("large", "q4shampoo", reference, 8, 1).model)
+    accumulated = trainable_state(run("accumulated", "q4shampoo", reference, 4, 2).model)
     assert _max_relative_change(accumulated, large, start) < 1e-3
-    four_bit = runs["accumulated_4bit"]
+    four_bit = run("accumulated_4bit", "q4shampoo", FAST, 4, 2)
     assert four_bit.state.global_step == 6 and _losses(four_bit)[-1] < _losses(four_bit)[0]
     assert all(torch.isfinite(p).all() for p in four_bit.model.parameters())
 
@@ -318,7 +322,11 @@ def test_push_to_hub_flags_pass_through(tmp_path, monkeypatch):
     import transformers.trainer
 
     hub = FakeHub()
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    if hasattr(transformers.trainer, "hf_api"):  # newer 5.x (5.17, 5.23): an HfApi factory
+        monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    else:  # 5.0 / 5.1: huggingface_hub functions imported by name
+        monkeypatch.setattr(transformers.trainer, "create_repo", hub.create_repo)
+        monkeypatch.setattr(transformers.trainer, "upload_folder", hub.upload_folder)
     args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
                          hub_model_id="someone/tiny-q4shampoo", hub_strategy="checkpoint", hub_private_repo=True)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())

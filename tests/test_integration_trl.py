@@ -7,7 +7,7 @@ trl = pytest.importorskip("trl", reason="TRL is not installed (optional): SFTTra
 
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
+from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.memory import unwrap_optimizer  # noqa: E402
@@ -15,9 +15,12 @@ from tiny_hf import FAST, one_torch_thread, text_rows, tiny_gpt2, tiny_tokenizer
 
 pytestmark = pytest.mark.heavy
 
+# renamed from gradient_checkpointing in later 5.x releases
+_CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+    else "gradient_checkpointing"
 ARGS = ["--optim", "q4shampoo", "--optim_args", FAST, "--max_steps", "6", "--learning_rate", "1e-2",
         "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
-        "--bf16", "false", "--activation_checkpointing", "false", "--save_strategy", "no", "--max_length", "32",
+        "--bf16", "false", f"--{_CHECKPOINTING}", "false", "--save_strategy", "no", "--max_length", "32",
         "--disable_tqdm", "true"]
 
 
