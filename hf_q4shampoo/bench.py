@@ -118,7 +118,9 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
     before_opt = _allocated(device)
     opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
 
-    phase_events = _instrument_phases(opt, device) if args.phases else None
+    stage_timer = _StageTimer(device) if args.phases and hasattr(opt, "stage_timer") else None
+    if stage_timer is not None:
+        opt.stage_timer = stage_timer
     step_ms: list[float] = []
     opt_ms: list[float] = []
     losses: list[float] = []
@@ -181,12 +183,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         "final_loss": float(loss.detach()),
         "step_ms": timed,
     }
-    if phase_events is not None:
-        for phase, evs in phase_events.items():
-            times = [a.elapsed_time(b) for a, b in evs[args.warmup:]] if device.type == "cuda" else evs[args.warmup:]
-            if times:
-                result[f"phase_{phase}_median_ms"] = statistics.median(times)
-                result[f"phase_{phase}_mean_ms"] = statistics.fmean(times)
+    if stage_timer is not None:
+        result.update(stage_timer.summary(skip=args.warmup))
     del opt, model, loss
     gc.collect()
     if device.type == "cuda":
@@ -230,31 +228,44 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
     return text
 
 
-def _instrument_phases(opt: Any, device: torch.device) -> dict[str, list] | None:
-    """Time Q4Shampoo's two phases (preconditioned directions, first-order step) per step."""
-    if not hasattr(opt, "_shampoo_directions"):
-        return None
-    events: dict[str, list] = {"shampoo": [], "first_order": []}
+class _StageTimer:
+    """Records CUDA events (wall time on CPU) around each stage of Q4Shampoo's step (``stage_timer``)."""
 
-    def wrap(name: str, fn):
-        def timed(*a, **kw):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*a, **kw)
-                end.record()
-                events[name].append((start, end))
-            else:
-                t0 = time.perf_counter()
-                out = fn(*a, **kw)
-                events[name].append((time.perf_counter() - t0) * 1e3)
-            return out
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.records: dict[str, list] = {}
+        self._step_marks: list[int] = []
 
-        return timed
+    def __call__(self, name: str):
+        timer = self
 
-    opt._shampoo_directions = wrap("shampoo", opt._shampoo_directions)
-    opt._first_order_steps = wrap("first_order", opt._first_order_steps)
-    return events
+        class _Ctx:
+            def __enter__(self):
+                if timer.device.type == "cuda":
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
+                else:
+                    self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    timer.records.setdefault(name, []).append((self.start, end))
+                else:
+                    timer.records.setdefault(name, []).append((time.perf_counter() - self.start) * 1e3)
+
+        return _Ctx()
+
+    def summary(self, skip: int) -> dict[str, float]:
+        out = {}
+        for name, recs in self.records.items():
+            times = [a.elapsed_time(b) for a, b in recs] if self.device.type == "cuda" else recs
+            times = times[skip:]
+            if times:
+                out[f"stage_{name}_median_ms"] = statistics.median(times)
+                out[f"stage_{name}_mean_ms"] = statistics.fmean(times)
+        return out
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -311,10 +322,10 @@ def format_table(out: dict[str, Any]) -> str:
             f"{r.get('median_step_ms_ratio', 1):>9.2f}{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
         )
     for r in out["results"]:
-        if "phase_shampoo_median_ms" in r:
-            lines.append(f"  {r['optimizer']} phases (median / mean ms): shampoo directions "
-                         f"{r['phase_shampoo_median_ms']:.2f} / {r['phase_shampoo_mean_ms']:.2f}, first-order "
-                         f"{r['phase_first_order_median_ms']:.2f} / {r['phase_first_order_mean_ms']:.2f}")
+        stages = [k[len("stage_"):-len("_median_ms")] for k in r if k.startswith("stage_") and k.endswith("_median_ms")]
+        if stages:
+            parts = [f"{st} {r[f'stage_{st}_median_ms']:.2f}/{r[f'stage_{st}_mean_ms']:.2f}" for st in stages]
+            lines.append(f"  {r['optimizer']} stages, median/mean ms per step: " + ", ".join(parts))
     for name, why in out["skipped"].items():
         lines.append(f"{name:<16}skipped: {why}")
     env = out["env"]
@@ -341,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the full results (incl. every step time) here")
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
     p.add_argument("--phases", action="store_true",
-                   help="also time Q4Shampoo's phases (Shampoo directions incl. refreshes, first-order step)")
+                   help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)")
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
     return p.parse_args(argv)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -27,7 +28,7 @@ import torch
 from .blocking import BlockPlan, Region, extract_blocks, insert_blocks, plan_blocks
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_group_step, init_first_order_state, sgd_group_step
-from .preconditioners import FormSettings, PreconditionerForm, make_form
+from .preconditioners import FormSettings, PreconditionerForm, make_form, state_order as side_order
 
 __all__ = ["Q4Shampoo"]
 
@@ -120,6 +121,12 @@ class Q4Shampoo(torch.optim.Optimizer):
             root_method="eigh",
         )
         self._forms: dict[str, PreconditionerForm] = {}
+        #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
+        #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
+        self.stage_timer: Callable[[str], Any] | None = None
+
+    def _stage(self, name: str):
+        return nullcontext() if self.stage_timer is None else self.stage_timer(name)
 
     # ------------------------------------------------------------------------------------------
     # configuration helpers
@@ -234,8 +241,21 @@ class Q4Shampoo(torch.optim.Optimizer):
                 if region.precond_cols:
                     sides["R"] = form.init_state(region.block_cols, region.num_blocks, local.device)
                 regions.append(sides)
+                self._precompile(form, sides.values(), local.device)
             state["regions"] = regions
             state["refresh_offset"] = self._refresh_offsets().get(id(p), 0)
+
+    def _precompile(self, form: PreconditionerForm, sides, device: torch.device) -> None:
+        """Decode each new root order once now, so its compilation (accelerators only) happens at the
+        first step instead of in the middle of training when preconditioning starts."""
+        if not self.config.use_compile or device.type in ("cpu", "meta"):
+            return
+        warmed = self.__dict__.setdefault("_warmed_orders", set())
+        for side in sides:
+            key = (device, side_order(side))
+            if key not in warmed:
+                warmed.add(key)
+                form.root(side, self._apply_dtype(device))
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -267,7 +287,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         steps = [int(s) for s in torch.stack(counters).tolist()]
 
         directions = self._shampoo_directions(work, steps)
-        self._first_order_steps(work, steps, directions)
+        with self._stage("first_order"):
+            self._first_order_steps(work, steps, directions)
         return loss
 
     def _first_order_steps(self, work: list, steps: list[int], directions: dict[int, torch.Tensor]) -> None:
@@ -293,82 +314,93 @@ class Q4Shampoo(torch.optim.Optimizer):
                 )
 
     def _shampoo_directions(self, work: list, steps: list[int]) -> dict[int, torch.Tensor]:
-        """Preconditioned, grafted directions for the Shampoo parameters in ``work`` (by index)."""
+        """Preconditioned, grafted directions for the Shampoo parameters in ``work`` (by index).
+
+        In the order of paper 2's Algorithm 4: statistics, roots, ``L^ G R^``, grafting.
+        """
         cfg = self.config
         items = []  # (index, grad 2-D fp32, plan, state, step)
         for i, (p, g, _group, state) in enumerate(work):
-            if "regions" not in state:
-                continue
-            plan = self.block_plan(p.shape)
-            items.append((i, g.float().reshape(plan.matrix_shape), plan, state, steps[i]))
+            if "regions" in state:
+                plan = self.block_plan(p.shape)
+                items.append((i, g.float().reshape(plan.matrix_shape), plan, state, steps[i]))
         if not items:
             return {}
+        due = [it for it in items if _is_due(it[4], cfg.update_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        with self._stage("statistics"):
+            self._update_statistics(due)
+        due = [it for it in items if _is_due(it[4], cfg.root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        with self._stage("roots"):
+            self._refresh_roots(due)
+        # until a parameter's first root, its roots are the identity and its direction is the gradient
+        ready = [it for it in items if it[4] >= _first_due(cfg.root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        with self._stage("apply"):
+            outputs = self._precondition(ready)
+        with self._stage("grafting"):
+            self._graft(outputs, {i: g2d for i, g2d, *_ in ready})
+        return {i: out.reshape(work[i][0].shape) for i, out in outputs.items()}
 
-        # 1. statistics (every update_freq steps), batched per factor order across parameters
-        stat_jobs: dict[tuple, list] = defaultdict(list)
-        for _i, g2d, plan, state, step in items:
-            if not _is_due(step, cfg.update_freq, cfg.start_precond_step, state["refresh_offset"]):
-                continue
+    def _update_statistics(self, items: list) -> None:
+        """``L <- beta L + (1 - beta) G G^T`` (and R), batched per factor order across parameters."""
+        jobs: dict[tuple, list] = defaultdict(list)
+        for _i, g2d, plan, state, _step in items:
             for region, sides in zip(plan.regions, state["regions"]):
                 blocks = extract_blocks(g2d, region)
                 if "L" in sides:
-                    stat_jobs[(blocks.device, region.block_rows)].append((sides["L"], blocks @ blocks.mT))
+                    jobs[(blocks.device, region.block_rows)].append((sides["L"], blocks @ blocks.mT))
                 if "R" in sides:
-                    stat_jobs[(blocks.device, region.block_cols)].append((sides["R"], blocks.mT @ blocks))
-        for (device, _n), jobs in stat_jobs.items():
-            form = self._form(device)
-            targets = [side for side, _ in jobs]
+                    jobs[(blocks.device, region.block_cols)].append((sides["R"], blocks.mT @ blocks))
+        for (device, _n), bucket in jobs.items():
+            targets = [side for side, _ in bucket]
             big = _cat_states(targets)
-            form.update_statistics(big, torch.cat([gram for _, gram in jobs]))
+            self._form(device).update_statistics(big, torch.cat([gram for _, gram in bucket]))
             _scatter_states(big, targets)
 
-        # 2. inverse roots (every root_freq steps)
-        root_jobs: dict[tuple, list] = defaultdict(list)
-        for _i, g2d, plan, state, step in items:
-            if not _is_due(step, cfg.root_freq, cfg.start_precond_step, state["refresh_offset"]):
-                continue
+    def _refresh_roots(self, items: list) -> None:
+        """Recompute the stored inverse roots, batched per factor order across parameters."""
+        jobs: dict[tuple, list] = defaultdict(list)
+        for _i, g2d, plan, state, _step in items:
             for region, sides in zip(plan.regions, state["regions"]):
-                for name in SIDES:
-                    if name in sides:
-                        n = region.block_rows if name == "L" else region.block_cols
-                        root_jobs[(g2d.device, n)].append(sides[name])
-        for (device, _n), targets in root_jobs.items():
+                for name, side in sides.items():
+                    n = region.block_rows if name == "L" else region.block_cols
+                    jobs[(g2d.device, n)].append(side)
+        for (device, _n), targets in jobs.items():
             big = _cat_states(targets)
             self._form(device).refresh_root(big)
             _scatter_states(big, targets)
 
-        # 3. precondition every block: G^ = L^ G R^, batched per block shape across parameters
-        apply_jobs: dict[tuple, list] = defaultdict(list)
+    def _precondition(self, items: list) -> dict[int, torch.Tensor]:
+        """``G^ = L^ G R^`` for every block, batched per block shape across parameters."""
+        jobs: dict[tuple, list] = defaultdict(list)
         outputs: dict[int, torch.Tensor] = {}
-        for i, g2d, plan, state, step in items:
-            if step < _first_due(cfg.root_freq, cfg.start_precond_step, state["refresh_offset"]):
-                continue  # roots are still the identity: the direction is the gradient itself
+        for i, g2d, plan, state, _step in items:
             outputs[i] = torch.empty_like(g2d)
             for region, sides in zip(plan.regions, state["regions"]):
                 key = (g2d.device, region.block_rows, region.block_cols, "L" in sides, "R" in sides)
-                apply_jobs[key].append((i, region, sides, extract_blocks(g2d, region)))
-        for (device, _a, _b, has_l, has_r), jobs in apply_jobs.items():
+                jobs[key].append((i, region, sides, extract_blocks(g2d, region)))
+        for (device, _a, _b, has_l, has_r), bucket in jobs.items():
             form = self._form(device)
             dtype = self._apply_dtype(device)
-            blocks = torch.cat([blk for *_, blk in jobs]) if len(jobs) > 1 else jobs[0][3]
+            blocks = torch.cat([blk for *_, blk in bucket]) if len(bucket) > 1 else bucket[0][3]
             blocks = blocks.to(dtype)
             if has_l:
-                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in jobs]), dtype) @ blocks
+                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in bucket]), dtype) @ blocks
             if has_r:
-                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in jobs]), dtype)
-            for (i, region, _sides, _), part in zip(jobs, blocks.split([region.num_blocks for _, region, _, _ in jobs])):
+                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in bucket]), dtype)
+            for (i, region, _sides, _), part in zip(bucket, blocks.split([r.num_blocks for _, r, _, _ in bucket])):
                 insert_blocks(outputs[i], region, part)
+        return outputs
 
-        # 4. grafting: rescale each parameter's direction to the norm of its gradient (batched norms)
+    @staticmethod
+    def _graft(outputs: dict[int, torch.Tensor], grads: dict[int, torch.Tensor]) -> None:
+        """Rescale each parameter's direction to the Frobenius norm of its gradient (batched norms)."""
         if not outputs:
-            return {}
+            return
         order = list(outputs)
-        by_index = {i: g2d for i, g2d, *_ in items}
         outs = [outputs[i] for i in order]
-        grad_norms = torch._foreach_norm([by_index[i] for i in order])
+        grad_norms = torch._foreach_norm([grads[i] for i in order])
         out_norms = torch._foreach_add(torch._foreach_norm(outs), _GRAFT_EPS)
         torch._foreach_mul_(outs, torch._foreach_div(grad_norms, out_norms))
-        return {i: outputs[i].reshape(work[i][0].shape) for i in order}
 
     def _apply_dtype(self, device: torch.device) -> torch.dtype:
         choice = self.config.apply_dtype

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from . import linalg
-from .kernels import maybe_compiled
+from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     dequantize_blockwise,
     dequantize_diagreal,
@@ -170,9 +170,13 @@ class PreconditionerForm(ABC):
             return self._load_symmetric(state, "root", packed=True).to(dtype)
         device = state["root_diag"].device
         table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
+        # the number of stacked roots changes as parameters join a bucket: keep that dimension dynamic,
+        # the matrix order static (one compilation per order)
         decode = maybe_compiled(decode_symmetric, device, self.s.use_compile)
-        return decode(state["root_codes"], state["root_scales"], state["root_diag"], table, gather,
-                      self.s.quant_block_size, dtype)
+        codes, scales, diag = state["root_codes"], state["root_scales"], state["root_diag"]
+        if decode is not decode_symmetric:
+            mark_batch_dynamic(codes, scales, diag)
+        return decode(codes, scales, diag, table, gather, self.s.quant_block_size, dtype)
 
     def bytes_by_kind(self, state: State) -> dict[str, int]:
         out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}
