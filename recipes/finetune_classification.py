@@ -115,7 +115,7 @@ class DataTrainingArguments:
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: int | None = field(
-        default=2048, metadata={"help": "Train on this many examples (a seeded random subset); None for all."}
+        default=2048, metadata={"help": "Train on this many examples (a seeded random subset); 0 for all."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many examples."})
     metric_names: list[str] = field(
@@ -130,6 +130,8 @@ class DataTrainingArguments:
             raise RecipeArgumentError("--validation_file needs --train_file.")
         if len(self.text_column_names) > 2:
             raise RecipeArgumentError("--text_column_names takes one column or a pair of columns.")
+        if self.max_train_samples == 0:  # the command line cannot say None
+            self.max_train_samples = None
         if self.max_seq_length < 8:
             raise RecipeArgumentError(f"--max_seq_length must be at least 8, got {self.max_seq_length}.")
 

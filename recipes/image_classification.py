@@ -136,9 +136,15 @@ class DataTrainingArguments:
     image_mean: list[float] = field(default_factory=list, metadata={"help": "Per-channel mean (default: Fashion-MNIST's, or 0.5)."})
     image_std: list[float] = field(default_factory=list, metadata={"help": "Per-channel std (default: Fashion-MNIST's, or 0.5)."})
     augment: bool = field(default=True, metadata={"help": "Random crop (padding 2) and horizontal flip in training."})
-    max_train_samples: int | None = field(default=10000, metadata={"help": "Train on this many images (None: all)."})
+    max_train_samples: int | None = field(
+        default=10000, metadata={"help": "Train on this many images (a seeded random subset); 0 for all."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many images."})
     metric_names: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "Metrics to report."})
+
+    def __post_init__(self) -> None:
+        if self.max_train_samples == 0:  # the command line cannot say None
+            self.max_train_samples = None
 
 
 def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
