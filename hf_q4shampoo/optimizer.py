@@ -255,7 +255,10 @@ class Q4Shampoo(torch.optim.Optimizer):
             key = (device, side_order(side))
             if key not in warmed:
                 warmed.add(key)
-                form.root(side, self._apply_dtype(device))
+                # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
+                one = {k: v[:1] for k, v in side.items()}
+                form.root(one, self._apply_dtype(device))
+                form.root(_cat_states([one, one]), self._apply_dtype(device))
 
     # ------------------------------------------------------------------------------------------
     # step

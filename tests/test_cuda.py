@@ -25,18 +25,40 @@ def _run(device, precond, steps=6, **kw):
     return [p.detach().cpu() for p in model.parameters()], opt
 
 
-@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "naive", "fp32"])
-def test_optimizer_cuda_matches_cpu(precond):
-    # same arithmetic on both devices (fp32 application, eager first-order step)
-    cpu, _ = _run("cpu", precond)
-    gpu, opt = _run("cuda", precond)
+def test_fp32_optimizer_trajectory_cuda_matches_cpu():
+    # same arithmetic on both devices (fp32 application, eager first-order step, fp32 moments)
+    cpu, _ = _run("cpu", "fp32", first_order_bits=32)
+    gpu, opt = _run("cuda", "fp32", first_order_bits=32)
     for a, b in zip(cpu, gpu):
-        # quantization is discontinuous: a value on a rounding boundary can flip a code, so compare loosely
         rel = float((a - b).norm() / a.norm())
-        print(f"{precond}: CPU vs CUDA relative parameter difference {rel:.2e}")
-        assert rel < 2e-2
+        print(f"fp32 form, 6 steps: CPU vs CUDA relative parameter difference {rel:.2e}")
+        assert rel < 1e-4
     state = opt.state[next(iter(opt.state))]
     assert all(t.device.type == "cuda" for side in state["regions"][0].values() for t in side.values())
+
+
+@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "naive"])
+def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
+    # One statistics update and one root from the same grams on both devices. Over many steps the
+    # trajectories drift apart (a value on a rounding boundary flips a 4-bit code and the runs then see
+    # different gradients), so the comparison is of a single refresh.
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 200, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    out = {}
+    for device in ("cpu", "cuda"):
+        form = make_form(precond, FormSettings(root_method="eigh", use_compile=False))
+        state = form.init_state(200, 3, torch.device(device))
+        for k in range(3):
+            gk = grads[k:k + 1].expand(3, -1, -1).to(device)
+            form.update_statistics(state, gk @ gk.mT)
+        form.refresh_root(state)
+        out[device] = (form.statistics(state).cpu(), form.root(state).cpu())
+    for name, a, b in (("statistics", out["cpu"][0], out["cuda"][0]), ("root", out["cpu"][1], out["cuda"][1])):
+        rel = float((torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(a)).max())
+        print(f"{precond} {name}: CPU vs CUDA relative difference {rel:.2e}")
+        assert rel < 2e-2
 
 
 @pytest.mark.parametrize("precond", ["cholesky_ef", "fp32"])

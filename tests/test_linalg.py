@@ -103,3 +103,19 @@ def test_cholesky_jitter_retry_recovers_nearly_singular():
     assert torch.isfinite(c).all()
     recon = c.double() @ c.double().mT
     assert rel_err(recon, a.double() + r.double()[:, None, None] * torch.eye(60, dtype=torch.float64)) < 1e-3
+
+
+def test_sync_free_paths_match_host_checked_paths():
+    # accelerators skip host checks (no device sync): same Cholesky, same root to fp32 precision
+    a = torch.cat([spd(60, 1e12, batch=2).float(), spd(60, 1e2, batch=2, seed=3).float()])
+    c1, r1 = linalg.robust_cholesky(a, 1e-12, host_checks=True)
+    c2, r2 = linalg.robust_cholesky(a, 1e-12, host_checks=False)
+    assert torch.equal(c1, c2) and torch.equal(r1, r2)
+    b = spd(64, 1e6).float()
+    x1 = linalg.inverse_root_newton(b, ridge_eps=1e-6, max_iters=25, host_checks=True)
+    x2 = linalg.inverse_root_newton(b, ridge_eps=1e-6, max_iters=25, host_checks=False)
+    assert rel_err(x2, x1.double()) < 1e-4
+    bad = b.clone()
+    bad[0, 0, 0] = float("nan")
+    x3 = linalg.inverse_root_newton(bad, host_checks=False)  # no fp64 redo without host checks
+    assert torch.equal(x3[0], torch.eye(64)) and torch.isfinite(x3).all()
