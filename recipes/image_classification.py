@@ -116,25 +116,34 @@ class ModelArguments:
             raise RecipeArgumentError(f"--patch_size {self.patch_size} must divide --image_size {self.image_size}.")
         if self.model_type == "vit" and self.hidden_size % self.num_attention_heads:
             raise RecipeArgumentError(
-                f"--num_attention_heads {self.num_attention_heads} must divide --hidden_size {self.hidden_size}.")
+                f"--num_attention_heads {self.num_attention_heads} must divide --hidden_size {self.hidden_size}."
+            )
         if self.model_type == "resnet" and len(self.hidden_sizes) != len(self.depths):
-            raise RecipeArgumentError(f"--hidden_sizes {self.hidden_sizes} and --depths {self.depths} need one "
-                                      "entry per stage each.")
+            raise RecipeArgumentError(
+                f"--hidden_sizes {self.hidden_sizes} and --depths {self.depths} need one entry per stage each."
+            )
 
 
 @dataclass
 class DataTrainingArguments:
     """Fashion-MNIST from disk (default) or a Hub image dataset."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub image dataset. Default: Fashion-MNIST (offline)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub image dataset. Default: Fashion-MNIST (offline)."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     data_dir: str | None = field(
-        default=None, metadata={"help": "Folder with the Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist)."}
+        default=None,
+        metadata={"help": "Folder with the Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist)."},
     )
     image_column_name: str = field(default="image", metadata={"help": "Image column of a Hub dataset."})
     label_column_name: str = field(default="label", metadata={"help": "Label column of a Hub dataset."})
-    image_mean: list[float] = field(default_factory=list, metadata={"help": "Per-channel mean (default: Fashion-MNIST's, or 0.5)."})
-    image_std: list[float] = field(default_factory=list, metadata={"help": "Per-channel std (default: Fashion-MNIST's, or 0.5)."})
+    image_mean: list[float] = field(
+        default_factory=list, metadata={"help": "Per-channel mean (default: Fashion-MNIST's, or 0.5)."}
+    )
+    image_std: list[float] = field(
+        default_factory=list, metadata={"help": "Per-channel std (default: Fashion-MNIST's, or 0.5)."}
+    )
     augment: bool = field(default=True, metadata={"help": "Random crop (padding 2) and horizontal flip in training."})
     max_train_samples: int | None = field(
         default=10000, metadata={"help": "Train on this many images (a seeded random subset); 0 for all."}
@@ -152,8 +161,10 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
     offline = data_args.dataset_name is None
     mean = data_args.image_mean or (FASHION_MNIST_MEAN if offline else (0.5,))
     std = data_args.image_std or (FASHION_MNIST_STD if offline else (0.5,))
-    transforms = [ImageTransform(model_args.image_size, model_args.num_channels, mean, std, augment=a)
-                  for a in (data_args.augment, False)]
+    transforms = [
+        ImageTransform(model_args.image_size, model_args.num_channels, mean, std, augment=a)
+        for a in (data_args.augment, False)
+    ]
     generator = torch.Generator().manual_seed(seed)
     if offline:
         data = load_fashion_mnist(fashion_mnist_dir(data_args.data_dir))
@@ -163,10 +174,14 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
             train_x, train_y = train_x[keep], train_y[keep]
         if data_args.max_eval_samples is not None:
             test_x, test_y = test_x[: data_args.max_eval_samples], test_y[: data_args.max_eval_samples]
-        return (TensorImageDataset(train_x, train_y, transforms[0]), TensorImageDataset(test_x, test_y, transforms[1]),
-                list(FASHION_MNIST_LABELS))
-    raw = load_hub_or_files(data_args.dataset_name, data_args.dataset_config_name,
-                            cache_dir=model_args.cache_dir, token=model_args.token)
+        return (
+            TensorImageDataset(train_x, train_y, transforms[0]),
+            TensorImageDataset(test_x, test_y, transforms[1]),
+            list(FASHION_MNIST_LABELS),
+        )
+    raw = load_hub_or_files(
+        data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
+    )
     train = raw["train"]
     split = next((s for s in ("validation", "test") if s in raw), None)
     if split is None:
@@ -176,40 +191,67 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
         evaluation = raw[split]
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in train.column_names:
-            raise RecipeArgumentError(f"no column '{column}' (columns: {', '.join(train.column_names)}); "
-                                      "set --image_column_name / --label_column_name.")
+            raise RecipeArgumentError(
+                f"no column '{column}' (columns: {', '.join(train.column_names)}); "
+                "set --image_column_name / --label_column_name."
+            )
     feature = train.features[data_args.label_column_name]
-    labels = list(feature.names) if hasattr(feature, "names") else [str(i) for i in sorted(train.unique(data_args.label_column_name))]
+    labels = (
+        list(feature.names)
+        if hasattr(feature, "names")
+        else [str(i) for i in sorted(train.unique(data_args.label_column_name))]
+    )
     if data_args.max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    wrap = [HubImageDataset(d, data_args.image_column_name, data_args.label_column_name, t)
-            for d, t in ((train, transforms[0]), (evaluation, transforms[1]))]
+    wrap = [
+        HubImageDataset(d, data_args.image_column_name, data_args.label_column_name, t)
+        for d, t in ((train, transforms[0]), (evaluation, transforms[1]))
+    ]
     return wrap[0], wrap[1], labels
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
-    label_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                    "label2id": {name: i for i, name in enumerate(labels)}}
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    label_kwargs = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     if model_args.model_name_or_path:
         return AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs, **hub_kwargs)
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs, **hub_kwargs
+        )
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, **label_kwargs, **hub_kwargs)
         return AutoModelForImageClassification.from_config(config)
     if model_args.model_type == "vit":
-        config = ViTConfig(image_size=model_args.image_size, patch_size=model_args.patch_size,
-                           num_channels=model_args.num_channels, hidden_size=model_args.hidden_size,
-                           num_hidden_layers=model_args.num_hidden_layers,
-                           num_attention_heads=model_args.num_attention_heads,
-                           intermediate_size=model_args.intermediate_size, **label_kwargs)
+        config = ViTConfig(
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+            num_channels=model_args.num_channels,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            intermediate_size=model_args.intermediate_size,
+            **label_kwargs,
+        )
         return ViTForImageClassification(config)
-    config = ResNetConfig(num_channels=model_args.num_channels, embedding_size=model_args.embedding_size,
-                          hidden_sizes=model_args.hidden_sizes, depths=model_args.depths, layer_type="basic",
-                          downsample_in_first_stage=False, **label_kwargs)
+    config = ResNetConfig(
+        num_channels=model_args.num_channels,
+        embedding_size=model_args.embedding_size,
+        hidden_sizes=model_args.hidden_sizes,
+        depths=model_args.depths,
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        **label_kwargs,
+    )
     return ResNetForImageClassification(config)
 
 
@@ -224,8 +266,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with training_args.main_process_first(desc="loading images"):
         train_dataset, eval_dataset, labels = build_datasets(data_args, model_args, training_args.seed)
     model = build_model(model_args, labels)
-    logger.info("%s: %.2fM parameters; %d training and %d evaluation images", type(model).__name__,
-                model.num_parameters() / 1e6, len(train_dataset), len(eval_dataset))
+    logger.info(
+        "%s: %.2fM parameters; %d training and %d evaluation images",
+        type(model).__name__,
+        model.num_parameters() / 1e6,
+        len(train_dataset),
+        len(eval_dataset),
+    )
 
     compute_metrics = classification_metrics(data_args.metric_names, len(labels), model_args.cache_dir)
 

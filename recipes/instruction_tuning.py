@@ -100,7 +100,8 @@ class ModelArguments:
         metadata={"help": "Module names that get adapters, or 'all-linear'."},
     )
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Hub downloads, and the de-quantized GGUF model (default ~/.cache/hf_q4shampoo)."}
+        default=None,
+        metadata={"help": "Hub downloads, and the de-quantized GGUF model (default ~/.cache/hf_q4shampoo)."},
     )
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
@@ -109,7 +110,9 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if not self.full_finetuning:
             if self.lora_r < 1:
-                raise RecipeArgumentError(f"--lora_r must be at least 1, got {self.lora_r} (or pass --full_finetuning).")
+                raise RecipeArgumentError(
+                    f"--lora_r must be at least 1, got {self.lora_r} (or pass --full_finetuning)."
+                )
             if not self.lora_target_modules:
                 raise RecipeArgumentError("--lora_target_modules is empty.")
             if not 0.0 <= self.lora_dropout < 1.0:
@@ -120,7 +123,9 @@ class ModelArguments:
 class DataTrainingArguments:
     """Instruction data: generated tasks (default), JSON / JSONL files or a Hub dataset."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with messages or instruction/output."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset with messages or instruction/output."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_file: str | None = field(default=None, metadata={"help": "Local .json / .jsonl training records."})
     validation_file: str | None = field(default=None, metadata={"help": "Local .json / .jsonl validation records."})
@@ -155,16 +160,23 @@ def load_records(data_args: DataTrainingArguments, model_args: ModelArguments, s
     """(train records, validation records) as dicts that :func:`record_to_messages` understands."""
     if data_args.dataset_name is None and data_args.train_file is None:
         # different seeds for the two sides: validation questions are new ones
-        return (generate_tasks(data_args.num_train_examples, seed, data_args.tasks),
-                generate_tasks(data_args.num_eval_examples, seed + 1, data_args.tasks))
+        return (
+            generate_tasks(data_args.num_train_examples, seed, data_args.tasks),
+            generate_tasks(data_args.num_eval_examples, seed + 1, data_args.tasks),
+        )
     if data_args.train_file:
-        check_data_files({"train": data_args.train_file, "validation": data_args.validation_file},
-                         allowed=(".json", ".jsonl"))
+        check_data_files(
+            {"train": data_args.train_file, "validation": data_args.validation_file}, allowed=(".json", ".jsonl")
+        )
         train = read_instruction_file(data_args.train_file)
         validation = read_instruction_file(data_args.validation_file) if data_args.validation_file else None
     else:
-        raw = load_hub_or_files(data_args.dataset_name, data_args.dataset_config_name,
-                                cache_dir=model_args.cache_dir, token=model_args.token)
+        raw = load_hub_or_files(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
         train = list(raw["train"])
         split = next((s for s in ("validation", "test") if s in raw), None)
         validation = list(raw[split]) if split else None
@@ -180,10 +192,15 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     if model_args.model_name_or_path is None:
         return load_gguf_causal_lm(smollm2_gguf(), cache_dir=model_args.cache_dir)
     if model_args.gguf_file:
-        return load_gguf_causal_lm(Path(model_args.model_name_or_path) / model_args.gguf_file,
-                                   cache_dir=model_args.cache_dir)
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+        return load_gguf_causal_lm(
+            Path(model_args.model_name_or_path) / model_args.gguf_file, cache_dir=model_args.cache_dir
+        )
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub_kwargs)
     return model, tokenizer
@@ -213,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eval_dataset = ListDataset([encode(r) for r in eval_records])
     dropped = sum(all(label == -100 for label in ex["labels"]) for ex in train_dataset.rows)
     if dropped:  # truncation removed the whole answer: nothing to learn from these
-        logger.warning("%d training conversations lose their answer to --max_seq_length %d and are dropped",
-                       dropped, data_args.max_seq_length)
+        logger.warning(
+            "%d training conversations lose their answer to --max_seq_length %d and are dropped",
+            dropped,
+            data_args.max_seq_length,
+        )
         train_dataset.rows = [ex for ex in train_dataset.rows if any(label != -100 for label in ex["labels"])]
     logger.info("%d training and %d validation conversations", len(train_dataset), len(eval_dataset))
 
@@ -224,8 +244,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from peft import LoraConfig, get_peft_model
 
         targets = model_args.lora_target_modules
-        lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                          target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
         try:
             model = get_peft_model(model, lora)
         except ValueError as err:  # e.g. target modules that this architecture does not have
@@ -239,8 +264,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in conversations]
         prompts = [c[:i] for c, i in zip(conversations, last)]
         references = [c[i]["content"] for c, i in zip(conversations, last)]
-        answers = generate_answers(model, tokenizer, prompts, data_args.max_new_tokens,
-                                   training_args.per_device_eval_batch_size)
+        answers = generate_answers(
+            model, tokenizer, prompts, data_args.max_new_tokens, training_args.per_device_eval_batch_size
+        )
         for prompt, answer, reference in list(zip(prompts, answers, references))[:3]:
             logger.info("prompt %r -> %r (expected %r)", prompt[-1]["content"], answer, reference)
         return metric.compute(predictions=answers, references=references)
@@ -254,12 +280,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data_collator=ChatCollator(tokenizer.pad_token_id),
         callbacks=[MemoryReportCallback()],
     )
-    card = {"finetuned_from": model_args.model_name_or_path or "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "tasks": "text-generation",
-            "dataset": data_args.dataset_name or data_args.train_file or "generated tasks: " + ", ".join(data_args.tasks)}
-    return train_and_evaluate(trainer, training_args, len(train_dataset), len(eval_dataset),
-                              extra_evaluation=exact_match_of_generations if data_args.eval_generate else None,
-                              model_card_kwargs=card)
+    card = {
+        "finetuned_from": model_args.model_name_or_path or "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "tasks": "text-generation",
+        "dataset": data_args.dataset_name or data_args.train_file or "generated tasks: " + ", ".join(data_args.tasks),
+    }
+    return train_and_evaluate(
+        trainer,
+        training_args,
+        len(train_dataset),
+        len(eval_dataset),
+        extra_evaluation=exact_match_of_generations if data_args.eval_generate else None,
+        model_card_kwargs=card,
+    )
 
 
 if __name__ == "__main__":

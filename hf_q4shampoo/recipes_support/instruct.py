@@ -39,7 +39,8 @@ IGNORE_INDEX = -100
 
 #: ChatML, the template SmolLM2 uses; given to tokenizers that have none (e.g. one trained on the fly).
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -57,26 +58,38 @@ def _arithmetic(rng: random.Random) -> dict[str, str]:
     op = rng.choice("+-*")
     a, b = (rng.randint(2, 12), rng.randint(2, 20)) if op == "*" else (rng.randint(0, 99), rng.randint(0, 99))
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return {"instruction": "Compute the result. Answer with the number only.", "input": f"{a} {op} {b}",
-            "output": str(value)}
+    return {
+        "instruction": "Compute the result. Answer with the number only.",
+        "input": f"{a} {op} {b}",
+        "output": str(value),
+    }
 
 
 def _sorting(rng: random.Random) -> dict[str, str]:
     values = _numbers(rng)
-    return {"instruction": "Sort the numbers in ascending order. Answer with the sorted list only.",
-            "input": ", ".join(map(str, values)), "output": ", ".join(map(str, sorted(values)))}
+    return {
+        "instruction": "Sort the numbers in ascending order. Answer with the sorted list only.",
+        "input": ", ".join(map(str, values)),
+        "output": ", ".join(map(str, sorted(values))),
+    }
 
 
 def _maximum(rng: random.Random) -> dict[str, str]:
     values = _numbers(rng)
-    return {"instruction": "What is the largest number in the list? Answer with the number only.",
-            "input": ", ".join(map(str, values)), "output": str(max(values))}
+    return {
+        "instruction": "What is the largest number in the list? Answer with the number only.",
+        "input": ", ".join(map(str, values)),
+        "output": str(max(values)),
+    }
 
 
 def _uppercase(rng: random.Random) -> dict[str, str]:
     text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 4)))
-    return {"instruction": "Rewrite the text in upper case. Answer with the rewritten text only.", "input": text,
-            "output": text.upper()}
+    return {
+        "instruction": "Rewrite the text in upper case. Answer with the rewritten text only.",
+        "input": text,
+        "output": text.upper(),
+    }
 
 
 #: task name -> generator of one ``{"instruction", "input", "output"}`` record.
@@ -105,7 +118,8 @@ def record_to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
             prompt += "\n\n" + str(record["input"]).strip()
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"]).strip()}]
     raise RecipeArgumentError(
-        f"a record with keys {sorted(record)} is neither {{'instruction', 'input', 'output'}} nor {{'messages': [...]}}."
+        f"a record with keys {sorted(record)} is neither {{'instruction', 'input', 'output'}} "
+        "nor {'messages': [...]}."
     )
 
 
@@ -204,14 +218,22 @@ def generate_answers(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = [_ids(tokenizer, _render(tokenizer, list(p), add_generation_prompt=True))
-                 for p in prompts[start : start + batch_size]]
+        batch = [
+            _ids(tokenizer, _render(tokenizer, list(p), add_generation_prompt=True))
+            for p in prompts[start : start + batch_size]
+        ]
         input_ids = pad_sequences(batch, pad_id, side="left").to(device)  # left: new tokens line up at the end
         lengths = torch.tensor([len(b) for b in batch], device=device)
         positions = torch.arange(input_ids.shape[1], device=device)[None, :]
         attention_mask = (positions >= input_ids.shape[1] - lengths[:, None]).long()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for row in out[:, input_ids.shape[1] :]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     if was_training:

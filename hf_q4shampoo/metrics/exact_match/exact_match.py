@@ -30,7 +30,22 @@ class ExactMatch(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, regexes_to_ignore=None, ignore_case=False,
-                 ignore_punctuation=False, ignore_numbers=False, strip=True):
-        return exact_match(predictions, references, regexes_to_ignore=regexes_to_ignore, ignore_case=ignore_case,
-                           ignore_punctuation=ignore_punctuation, ignore_numbers=ignore_numbers, strip=strip)
+    def _compute(
+        self,
+        predictions,
+        references,
+        regexes_to_ignore=None,
+        ignore_case=False,
+        ignore_punctuation=False,
+        ignore_numbers=False,
+        strip=True,
+    ):
+        return exact_match(
+            predictions,
+            references,
+            regexes_to_ignore=regexes_to_ignore,
+            ignore_case=ignore_case,
+            ignore_punctuation=ignore_punctuation,
+            ignore_numbers=ignore_numbers,
+            strip=strip,
+        )

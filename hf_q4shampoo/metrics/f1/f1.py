@@ -26,11 +26,10 @@ class F1(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None):
-        return f1(predictions, references, labels=labels, pos_label=pos_label, average=average,
-                  sample_weight=sample_weight)
+        return f1(
+            predictions, references, labels=labels, pos_label=pos_label, average=average, sample_weight=sample_weight
+        )
