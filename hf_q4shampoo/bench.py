@@ -268,6 +268,51 @@ class _StageTimer:
         return out
 
 
+def micro_refresh(args: argparse.Namespace) -> str:
+    """Time the pieces of one refresh on a stack of ``--micro_k`` factors of order ``--micro_n``."""
+    from . import linalg, quant  # noqa: PLC0415
+    from .preconditioners import FormSettings, make_form  # noqa: PLC0415
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    k, n = args.micro_k, args.micro_n
+    g = torch.randn(k, n, 4 * n, device=device) * torch.logspace(0, -3, n, device=device)[:, None]
+    a = g @ g.mT / (4 * n)
+    c, _ = linalg.robust_cholesky(a)
+    q_lu = quant.quantize_lower_upper(torch.tril(c, -1), torch.zeros_like(c))
+    q_sym = quant.quantize_symmetric(a)
+    cases: dict[str, Callable[[], Any]] = {
+        "gram G G^T (n x 4n)": lambda: g @ g.mT,
+        "matmul n x n": lambda: a @ a,
+        "cholesky_ex x1": lambda: torch.linalg.cholesky_ex(a),
+        "robust_cholesky (3 attempts, no sync)": lambda: linalg.robust_cholesky(a, host_checks=False),
+        "power_iteration (32)": lambda: linalg.power_iteration(a),
+        "newton root (25 it, no sync)": lambda: linalg.inverse_root_newton(a, max_iters=25, host_checks=False),
+        "eigh root": lambda: linalg.inverse_root_eigh(a),
+        "quantize_lower_upper": lambda: quant.quantize_lower_upper(torch.tril(c, -1), torch.zeros_like(c)),
+        "dequantize_lower_upper": lambda: quant.dequantize_lower_upper(q_lu, n),
+        "quantize_symmetric": lambda: quant.quantize_symmetric(a),
+        "dequantize_symmetric": lambda: quant.dequantize_symmetric(q_sym),
+    }
+    for form_name in ("cholesky_ef", "eigen", "fp32"):
+        form = make_form(form_name, FormSettings(root_method="newton", newton_max_iters=25))
+        state = form.init_state(n, k, device)
+        form.update_statistics(state, a)
+        cases[f"{form_name}: update_statistics"] = lambda f=form, st=state: f.update_statistics(dict(st), a)
+        cases[f"{form_name}: refresh_root"] = lambda f=form, st=state: f.refresh_root(dict(st))
+    lines = [f"refresh pieces, K={k} factors of order n={n} on {device} (median of 5 after 2 warm-ups):"]
+    for name, fn in cases.items():
+        times = []
+        for rep in range(7):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+        lines.append(f"  {name:<42}{statistics.median(times):>10.2f} ms")
+    return "\n".join(lines)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     q4_options = parse_optim_args(args.optim_args)
@@ -353,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
     p.add_argument("--phases", action="store_true",
                    help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)")
+    p.add_argument("--micro", action="store_true", help="time the pieces of one refresh instead (see --micro_k/_n)")
+    p.add_argument("--micro_k", type=int, default=6)
+    p.add_argument("--micro_n", type=int, default=1024)
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
     return p.parse_args(argv)
@@ -360,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.micro:
+        print(micro_refresh(args))
+        return 0
     out = run_benchmark(args)
     if args.json:
         with open(args.json, "w") as fh:

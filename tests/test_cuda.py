@@ -44,8 +44,14 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
     # different gradients), so the comparison is of a single refresh.
     from hf_q4shampoo.preconditioners import FormSettings, make_form
 
+    from hf_q4shampoo import fidelity
+
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 200, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    exact = 1e-6 * torch.eye(200, dtype=torch.float64)
+    for k in range(3):
+        gk = grads[k].double()
+        exact = 0.95 * exact + 0.05 * gk @ gk.T
     out = {}
     for device in ("cpu", "cuda"):
         form = make_form(precond, FormSettings(root_method="eigh", use_compile=False))
@@ -55,10 +61,16 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
             form.update_statistics(state, gk @ gk.mT)
         form.refresh_root(state)
         out[device] = (form.statistics(state).cpu(), form.root(state).cpu())
-    for name, a, b in (("statistics", out["cpu"][0], out["cuda"][0]), ("root", out["cpu"][1], out["cuda"][1])):
+    # a value on a rounding boundary can flip a 4-bit code (and QR's sign conventions differ between
+    # devices, which matters because Linear-2 is not symmetric): devices may differ by up to the
+    # quantization error itself, but not by more
+    references = {"statistics": exact, "root": fidelity.reference_root(exact, 1e-6)}
+    for i, name in enumerate(("statistics", "root")):
+        a, b = out["cpu"][i], out["cuda"][i]
         rel = float((torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(a)).max())
-        print(f"{precond} {name}: CPU vs CUDA relative difference {rel:.2e}")
-        assert rel < 2e-2
+        own_error = fidelity.nre(references[name], a[0])
+        print(f"{precond} {name}: CPU vs CUDA relative difference {rel:.2e}; quantization error {own_error:.2e}")
+        assert rel <= max(2e-2, 1.5 * own_error)
 
 
 @pytest.mark.parametrize("precond", ["cholesky_ef", "fp32"])
