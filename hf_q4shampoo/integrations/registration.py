@@ -47,11 +47,11 @@ __all__ = [
     "OPTIM_NAME",
     "RESERVED_OPTIM_ARGS",
     "UnsupportedSetupError",
-    "register",
-    "is_registered",
-    "is_q4shampoo_optim",
-    "make_optimizer_cls_and_kwargs",
     "check_supported_setup",
+    "is_q4shampoo_optim",
+    "is_registered",
+    "make_optimizer_cls_and_kwargs",
+    "register",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _deepspeed_problem(args: Any) -> str | None:
     elif getattr(args, "deepspeed_plugin", None) is not None:
         stage = getattr(args.deepspeed_plugin, "zero_stage", None)
     elif _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED")):  # accelerate launch --use_deepspeed
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2)  # accelerate's default stage
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default stage
     if stage is None:
         return None
     try:
@@ -253,7 +253,7 @@ def _register_handler(member: Any) -> bool:
     """Add our entry to ``_OPTIMIZER_HANDLERS`` (5.2+). False if that registry does not exist."""
     if importlib.util.find_spec("transformers.trainer_optimizer") is None:
         return False
-    import transformers.trainer_optimizer as trainer_optimizer
+    from transformers import trainer_optimizer
 
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
     if not isinstance(handlers, dict):

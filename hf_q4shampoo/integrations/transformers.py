@@ -38,15 +38,15 @@ from .registration import (
 )
 
 __all__ = [
-    "Q4ShampooArgumentsMixin",
-    "Q4ShampooTrainerMixin",
-    "Q4ShampooTrainer",
-    "Q4ShampooTrainingArguments",
-    "make_optimizer_cls_and_kwargs",
-    "check_supported_setup",
-    "register",
-    "UnsupportedSetupError",
     "OPTIM_NAME",
+    "Q4ShampooArgumentsMixin",
+    "Q4ShampooTrainer",
+    "Q4ShampooTrainerMixin",
+    "Q4ShampooTrainingArguments",
+    "UnsupportedSetupError",
+    "check_supported_setup",
+    "make_optimizer_cls_and_kwargs",
+    "register",
 ]
 
 #: ``TrainingArguments``' own default (``adamw_torch_fused`` with torch >= 2.8), kept by the subclasses.
