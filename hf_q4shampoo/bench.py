@@ -257,14 +257,15 @@ class _StageTimer:
 
         return _Ctx()
 
-    def summary(self, skip: int) -> dict[str, float]:
-        out = {}
+    def summary(self, skip: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"stage_ms": {}}
         for name, recs in self.records.items():
             times = [a.elapsed_time(b) for a, b in recs] if self.device.type == "cuda" else recs
             times = times[skip:]
             if times:
                 out[f"stage_{name}_median_ms"] = statistics.median(times)
                 out[f"stage_{name}_mean_ms"] = statistics.fmean(times)
+                out["stage_ms"][name] = times
         return out
 
 
