@@ -401,12 +401,20 @@ def _group_hparams(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
+#: torch's kernel choices: they decide how a step runs, not what state it keeps, and fused kernels refuse
+#: meta tensors, so the meta dry-run takes the plain for-loop path.
+_KERNEL_CHOICES = {"fused": False, "foreach": False}
+
+
 def _ctor_kwargs(cls: type, defaults: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's ``defaults`` that its constructor accepts (torch keeps extra keys there)."""
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(defaults)
-    return {k: v for k, v in defaults.items() if k in params}
+        kwargs = dict(defaults)
+    else:
+        kwargs = {k: v for k, v in defaults.items() if k in params}
+    kwargs.update({k: v for k, v in _KERNEL_CHOICES.items() if k in kwargs})
+    return kwargs
 
 
 def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
@@ -426,6 +434,7 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
         return _report_from_shapes(groups, per_shape, config)
     cls = type(opt)
     kwargs = _ctor_kwargs(cls, opt.defaults)
+    groups = [({**hp, **{k: v for k, v in _KERNEL_CHOICES.items() if k in hp}}, census) for hp, census in groups]
     try:
         per_shape = _per_shape_state(groups, lambda pg: cls(pg, **kwargs), needs_step=True)
     except Exception as e:  # any failure of a foreign optimizer on meta tensors means "cannot estimate"
@@ -441,7 +450,7 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
 
 
 def _adamw_bytes(census: Counter[ShapeKey]) -> int:
-    return sum((2 * math.prod(s) * torch.empty((), dtype=d).element_size() + STEP_BYTES) * c for (s, d), c in census.items())
+    return sum((2 * math.prod(s) * d.itemsize + STEP_BYTES) * c for (s, d), c in census.items())
 
 
 def _bnb_8bit_bytes(census: Counter[ShapeKey], embeddings: Counter[ShapeKey], embeddings_32bit: bool) -> int:
@@ -467,7 +476,7 @@ def _torchao_4bit_bytes(census: Counter[ShapeKey], block_size: int) -> int:
         if n >= TORCHAO_MIN_NUMEL and n % block_size == 0:
             per_moment = n // 2 + 4 * (n // block_size) + TORCHAO_QMAP_BYTES
         else:
-            per_moment = n * torch.empty((), dtype=dtype).element_size()
+            per_moment = n * dtype.itemsize
         total += (2 * per_moment + STEP_BYTES) * count
     return total
 

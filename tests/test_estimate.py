@@ -106,7 +106,9 @@ def test_estimate_counts_only_trainable_parameters_of_a_peft_model():
     lambda groups: Q4Shampoo(groups, precond="cholesky_ef", update_freq=1, root_freq=1),
     lambda groups: Q4Shampoo(groups, precond="eigen", update_freq=1, root_freq=1),
     lambda groups: torch.optim.AdamW(groups),
-], ids=["cholesky_ef", "eigen", "adamw"])
+    lambda groups: torch.optim.AdamW(groups, fused=True),  # Trainer's default optim: adamw_torch_fused
+    lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9),
+], ids=["cholesky_ef", "eigen", "adamw", "adamw_fused", "sgd_momentum"])
 def test_estimate_optimizer_state_matches_a_step_with_statistics_and_roots(make):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 200), nn.ReLU(), nn.Linear(200, 10))
