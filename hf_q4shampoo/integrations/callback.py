@@ -91,6 +91,8 @@ __all__ = [
     "REPORT_FILES",
     "render_markdown",
     "plot_memory_report",
+    "write_report_files",
+    "model_card_section",
     "update_model_card",
     "load_report",
 ]
