@@ -17,8 +17,9 @@ from . import Q4Shampoo, parse_optim_args
 from .memory import optimizer_state_bytes
 
 
-def _data(seed: int):
-    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+def digits_data(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's handwritten digits (ships with the package: no download), 80/20 split by a seed."""
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -29,26 +30,33 @@ def _data(seed: int):
     return (x[:split], y[:split]), (x[split:], y[split:])
 
 
-def _model() -> torch.nn.Module:
+def digits_mlp(hidden: int = 256) -> torch.nn.Module:
+    """MLP 64-hidden-hidden-10 with GELU."""
     return torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
+        torch.nn.Linear(64, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+        torch.nn.Linear(hidden, 10),
     )
 
 
-def train(name: str, make_opt, epochs: int, seed: int) -> dict:
-    (xtr, ytr), (xte, yte) = _data(seed)
-    torch.manual_seed(seed)
-    model = _model()
-    opt = make_opt(model.parameters())
-    gen = torch.Generator().manual_seed(seed + 1)
-    start = time.perf_counter()
-    loss = torch.tensor(0.0)
+def train_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
+                 seed: int, batch_size: int = 64) -> None:
+    """Plain minibatch training with cross-entropy, batches drawn by a seeded permutation each epoch."""
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(len(ytr), generator=gen).split(64):
-            loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def train(name: str, make_opt, epochs: int, seed: int) -> dict:
+    (xtr, ytr), (xte, yte) = digits_data(seed)
+    torch.manual_seed(seed)
+    model = digits_mlp()
+    opt = make_opt(model.parameters())
+    start = time.perf_counter()
+    train_epochs(model, opt, xtr, ytr, epochs, seed + 1)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         acc = (model(xte).argmax(-1) == yte).float().mean().item()

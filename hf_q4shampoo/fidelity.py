@@ -174,25 +174,15 @@ def dynamic_errors(
 def captured_preconditioners(epochs: int = 6, hidden: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
     """Real Shampoo statistics: train an MLP on scikit-learn's digits with 32-bit Shampoo (statistics every
     step) and return the fp64 factors of its hidden-to-hidden layer (order ``hidden`` on both sides)."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-
+    from .demo import digits_data, digits_mlp, train_epochs  # noqa: PLC0415
     from .optimizer import Q4Shampoo  # noqa: PLC0415
 
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
+    (x, y), _ = digits_data(seed)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
-                                torch.nn.GELU(), torch.nn.Linear(hidden, 10))
+    model = digits_mlp(hidden)
     opt = Q4Shampoo(model.parameters(), lr=3e-3, precond="fp32", first_order_bits=32, update_freq=1, root_freq=10,
                     refresh_spread=1)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_epochs(model, opt, x, y, epochs, seed)
     sides = opt.state[model[2].weight]["regions"][0]
     return {f"L (order {hidden})": sides["L"]["stats"][0].double(), f"R (order {hidden})": sides["R"]["stats"][0].double()}
 
