@@ -223,8 +223,6 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
     text = prof.key_averages().table(sort_by=sort, row_limit=25)
     text += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
     print(f"\n=== profile of {args.profile} steps, {name} ===\n{text}")
-    del opt, model
-    gc.collect()
     return text
 
 

@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from .blocking import BlockPlan, Region, extract_blocks, insert_blocks, plan_blocks
+from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_group_step, init_first_order_state, sgd_group_step
-from .preconditioners import FormSettings, PreconditionerForm, make_form, state_order as side_order
+from .preconditioners import FormSettings, PreconditionerForm, make_form
+from .preconditioners import state_order as side_order
 
 __all__ = ["Q4Shampoo"]
 
-SIDES = ("L", "R")
 _GRAFT_EPS = 1e-12
 
 
@@ -108,7 +108,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         lr_tensor = overrides.get("lr") if isinstance(overrides.get("lr"), torch.Tensor) else None
         if lr_tensor is not None:
             overrides["lr"] = float(lr_tensor)
-        cfg = (config or Q4ShampooConfig()).replace(**overrides) if overrides else (config or Q4ShampooConfig())
+        base = config or Q4ShampooConfig()
+        cfg = base.replace(**overrides) if overrides else base
         self.config = cfg
         defaults = cfg.group_defaults()
         if lr_tensor is not None:

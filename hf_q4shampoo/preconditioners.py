@@ -43,10 +43,10 @@ import torch
 from . import linalg
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
+    decode_symmetric,
     dequantize_blockwise,
     dequantize_diagreal,
     dequantize_lower_upper,
-    decode_symmetric,
     dequantize_symmetric,
     quantize_blockwise,
     quantize_diagreal,

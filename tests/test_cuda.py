@@ -42,9 +42,8 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
     # One statistics update and one root from the same grams on both devices. Over many steps the
     # trajectories drift apart (a value on a rounding boundary flips a 4-bit code and the runs then see
     # different gradients), so the comparison is of a single refresh.
-    from hf_q4shampoo.preconditioners import FormSettings, make_form
-
     from hf_q4shampoo import fidelity
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
 
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(3, 200, 96, generator=g) * torch.linspace(0.1, 3.0, 96)

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from reference_shampoo import ReferenceShampoo
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
-from reference_shampoo import ReferenceShampoo
 
 SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1)]
 
@@ -103,7 +103,7 @@ def test_exact_resume(precond, dtype):
     kw = dict(lr=0.01, precond=precond, update_freq=2, root_freq=3, max_precond_dim=64, min_quant_numel=256)
     grads = _grads(9)
     straight = _params(dtype=dtype)
-    opt_s = _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
+    _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
 
     first = _params(dtype=dtype)
     opt1 = _train(lambda p: Q4Shampoo(p, **kw), first, grads[:4])
