@@ -146,7 +146,7 @@ class DataTrainingArguments:
     )
     augment: bool = field(default=True, metadata={"help": "Random crop (padding 2) and horizontal flip in training."})
     max_train_samples: int | None = field(
-        default=10000, metadata={"help": "Train on this many images (a seeded random subset); 0 for all."}
+        default=None, metadata={"help": "Train on this many images (a seeded random subset); default / 0: all."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many images."})
     metric_names: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "Metrics to report."})
