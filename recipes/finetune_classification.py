@@ -183,13 +183,18 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     feature = train.features[label]
     if hasattr(feature, "names"):  # ClassLabel
         label_names = list(feature.names)
-    else:  # local files: plain values, mapped to ids in sorted order (as run_glue does)
+    else:  # local files: plain values, given ids in sorted order (as run_glue does)
+        from datasets import ClassLabel, Value
+
         label_names = sorted({str(v) for v in train.unique(label)})
-        to_id = {name: i for i, name in enumerate(label_names)}
-        train, validation = (d.map(lambda ex: {label: to_id[str(ex[label])]}) for d in (train, validation))
+        # through strings, so that integer labels in a file work too; `map` would keep the column's old type
+        train, validation = (
+            d.cast_column(label, Value("string")).cast_column(label, ClassLabel(names=label_names))
+            for d in (train, validation)
+        )
     text_columns = data_args.text_column_names
     if not text_columns:  # run_glue's rule of thumb: "sentence" or "text", else the first string column
-        strings = [c for c, f in train.features.items() if getattr(f, "dtype", None) == "string"]
+        strings = [c for c, f in train.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         preferred = [c for c in ("sentence", "text") if c in train.column_names]
         if not preferred and not strings:
             raise RecipeArgumentError(

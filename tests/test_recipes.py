@@ -80,11 +80,13 @@ def test_finetune_classification_default_assets(tmp_path):
     recipe = load_recipe("finetune_classification")
     out = tmp_path / "cls"
     # 16 sentences for 4 epochs: memorising them must lower the loss (one pass over a few new ones need not)
-    results = recipe.main(flags(
-        f"--output_dir {out} --max_train_samples 16 --max_eval_samples 32 --num_train_epochs 4 "
-        f"--per_device_train_batch_size 8 --learning_rate 2e-4 --warmup_steps 0 --logging_steps 1 "
-        f"--max_seq_length 48 --optim_args update_freq=2,root_freq=4"
-    ))
+    results = recipe.main(
+        flags(
+            f"--output_dir {out} --max_train_samples 16 --max_eval_samples 32 --num_train_epochs 4 "
+            f"--per_device_train_batch_size 8 --learning_rate 2e-4 --warmup_steps 0 --logging_steps 1 "
+            f"--max_seq_length 48 --optim_args update_freq=2,root_freq=4"
+        )
+    )
     assert results["optim"] == "q4shampoo" and results["train_samples"] == 16
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_f1"] <= 1.0
     assert_loss_falls(out)
@@ -94,15 +96,59 @@ def test_finetune_classification_default_assets(tmp_path):
 
 
 @needs_classification_assets
+def test_finetune_classification_local_csv_files_through_datasets(tmp_path):
+    """Local CSV files (read by `datasets`), string labels mapped to ids, a tiny BERT with MiniLM's tokenizer."""
+    pytest.importorskip("datasets")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_q4shampoo.recipes_support.assets import minilm_dir
+
+    model_dir = tmp_path / "tiny_bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for split, n in (("train", 48), ("dev", 16)):
+        rows = ["sentence,label"] + [
+            f"{'great fun' if i % 2 else 'dull mess'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(n)
+        ]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "csv"
+    results = load_recipe("finetune_classification").main(
+        flags(
+            f"--model_name_or_path {model_dir} --train_file {tmp_path / 'train.csv'} "
+            f"--validation_file {tmp_path / 'dev.csv'} --output_dir {out} --max_steps 48 "
+            f"--per_device_train_batch_size 8 --learning_rate 2e-2 --lr_scheduler_type constant --warmup_steps 0 "
+            f"--logging_steps 8 --optim_args update_freq=2,root_freq=4"
+        )
+    )
+    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    assert results["train_samples"] == 48 and results["eval_samples"] == 16
+    assert_loss_falls(out, factor=0.8)
+
+
+@needs_classification_assets
 def test_pretrain_clm_default_text_tiny_model(tmp_path):
     recipe = load_recipe("pretrain_clm")
     out = tmp_path / "clm"
-    results = recipe.main(flags(
-        f"--output_dir {out} --hidden_size 32 --num_hidden_layers 1 --num_attention_heads 2 "
-        f"--vocab_size 512 --block_size 32 --max_train_samples 128 --max_eval_samples 16 --max_steps 16 "
-        f"--per_device_train_batch_size 8 --learning_rate 1e-2 --warmup_steps 0 "
-        f"--lr_scheduler_type constant --logging_steps 2 --optim_args update_freq=2,root_freq=4"
-    ))
+    results = recipe.main(
+        flags(
+            f"--output_dir {out} --hidden_size 32 --num_hidden_layers 1 --num_attention_heads 2 "
+            f"--vocab_size 512 --block_size 32 --max_train_samples 128 --max_eval_samples 16 --max_steps 16 "
+            f"--per_device_train_batch_size 8 --learning_rate 1e-2 --warmup_steps 0 "
+            f"--lr_scheduler_type constant --logging_steps 2 --optim_args update_freq=2,root_freq=4"
+        )
+    )
     assert_loss_falls(out, factor=0.9)
     assert_run_artifacts(out, results, "eval_perplexity", "eval_accuracy", "eval_loss")
     assert results["eval_perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
@@ -117,12 +163,14 @@ def test_pretrain_clm_text_files_gpt2_adamw(tmp_path):
         files.append(tmp_path / f"part{i}.txt")
         files[-1].write_text(text)
     out = tmp_path / "gpt2"
-    results = load_recipe("pretrain_clm").main(flags(
-        f"--output_dir {out} --train_files {' '.join(map(str, files))} --model_type gpt2 --hidden_size 32 "
-        f"--num_hidden_layers 1 --num_attention_heads 2 --vocab_size 300 --block_size 32 --max_steps 12 "
-        f"--per_device_train_batch_size 8 --learning_rate 5e-3 --logging_steps 2 --warmup_steps 0 "
-        f"--optim adamw_torch"
-    ))
+    results = load_recipe("pretrain_clm").main(
+        flags(
+            f"--output_dir {out} --train_files {' '.join(map(str, files))} --model_type gpt2 --hidden_size 32 "
+            f"--num_hidden_layers 1 --num_attention_heads 2 --vocab_size 300 --block_size 32 --max_steps 12 "
+            f"--per_device_train_batch_size 8 --learning_rate 5e-3 --logging_steps 2 --warmup_steps 0 "
+            f"--optim adamw_torch"
+        )
+    )
     assert results["optim"] == "adamw_torch" and results["optim_args"] is None
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert_loss_falls(out, factor=0.8)
@@ -167,13 +215,15 @@ def test_instruction_tuning_lora_generated_tasks(tmp_path, tiny_chat_model):
     out = tmp_path / "sft"
     # the base model is random, so its output is near uniform whatever the attention adapters do: an
     # adapter on the output layer (lm_head) is what lets 16 LoRA steps lower the loss
-    results = load_recipe("instruction_tuning").main(flags(
-        f"--model_name_or_path {tiny_chat_model} --output_dir {out} --num_train_examples 64 "
-        f"--num_eval_examples 8 --max_steps 16 --per_device_train_batch_size 8 --learning_rate 1e-2 "
-        f"--lr_scheduler_type constant --warmup_steps 0 --logging_steps 2 --lora_r 8 "
-        f"--lora_target_modules q_proj v_proj lm_head --max_new_tokens 8 "
-        f"--optim_args update_freq=2,root_freq=4"
-    ))
+    results = load_recipe("instruction_tuning").main(
+        flags(
+            f"--model_name_or_path {tiny_chat_model} --output_dir {out} --num_train_examples 64 "
+            f"--num_eval_examples 8 --max_steps 16 --per_device_train_batch_size 8 --learning_rate 1e-2 "
+            f"--lr_scheduler_type constant --warmup_steps 0 --logging_steps 2 --lora_r 8 "
+            f"--lora_target_modules q_proj v_proj lm_head --max_new_tokens 8 "
+            f"--optim_args update_freq=2,root_freq=4"
+        )
+    )
     assert_loss_falls(out, factor=0.8)
     assert_run_artifacts(out, results, "eval_exact_match", "eval_loss")
     assert 0.0 <= results["eval_exact_match"] <= 1.0
@@ -183,12 +233,14 @@ def test_instruction_tuning_lora_generated_tasks(tmp_path, tiny_chat_model):
 def test_instruction_tuning_full_finetuning_on_jsonl(tmp_path, tiny_chat_model):
     out = tmp_path / "full"
     data = FIXTURES / "instructions.jsonl"
-    results = load_recipe("instruction_tuning").main(flags(
-        f"--model_name_or_path {tiny_chat_model} --output_dir {out} --train_file {data} "
-        f"--validation_file {data} --full_finetuning --max_steps 8 --per_device_train_batch_size 4 "
-        f"--learning_rate 1e-2 --lr_scheduler_type constant --warmup_steps 0 --logging_steps 1 "
-        f"--max_new_tokens 4 --optim_args update_freq=2,root_freq=4"
-    ))
+    results = load_recipe("instruction_tuning").main(
+        flags(
+            f"--model_name_or_path {tiny_chat_model} --output_dir {out} --train_file {data} "
+            f"--validation_file {data} --full_finetuning --max_steps 8 --per_device_train_batch_size 4 "
+            f"--learning_rate 1e-2 --lr_scheduler_type constant --warmup_steps 0 --logging_steps 1 "
+            f"--max_new_tokens 4 --optim_args update_freq=2,root_freq=4"
+        )
+    )
     assert results["train_samples"] == 4 and results["eval_samples"] == 4
     assert_loss_falls(out, factor=0.8)
     assert (out / "model.safetensors").is_file()
@@ -211,11 +263,13 @@ def fake_fashion_mnist(tmp_path_factory):
 
 def test_image_classification_tiny_resnet_on_idx_files(tmp_path, fake_fashion_mnist):
     out = tmp_path / "img"
-    results = load_recipe("image_classification").main(flags(
-        f"--data_dir {fake_fashion_mnist} --output_dir {out} --embedding_size 8 --hidden_sizes 8 16 "
-        f"--depths 1 1 --max_steps 16 --per_device_train_batch_size 32 --learning_rate 1e-2 "
-        f"--warmup_steps 0 --logging_steps 2 --augment false --optim_args update_freq=2,root_freq=4"
-    ))
+    results = load_recipe("image_classification").main(
+        flags(
+            f"--data_dir {fake_fashion_mnist} --output_dir {out} --embedding_size 8 --hidden_sizes 8 16 "
+            f"--depths 1 1 --max_steps 16 --per_device_train_batch_size 32 --learning_rate 1e-2 "
+            f"--warmup_steps 0 --logging_steps 2 --augment false --optim_args update_freq=2,root_freq=4"
+        )
+    )
     assert_loss_falls(out, factor=0.8)
     assert_run_artifacts(out, results, "eval_accuracy")
     assert results["eval_samples"] == 64
