@@ -29,9 +29,11 @@ from hf_q4shampoo.recipes_support.instruct import (
     IGNORE_INDEX,
     ChatCollator,
     encode_chat,
+    generate_answers,
     generate_tasks,
     read_instruction_file,
     record_to_messages,
+    stop_token_ids,
 )
 from hf_q4shampoo.recipes_support.metrics import FunctionalMetric, classification_metrics, load_metric
 from hf_q4shampoo.recipes_support.text import chunk_text, group_into_blocks, split_documents, train_bpe_tokenizer
@@ -312,6 +314,62 @@ def test_masking_refuses_templates_that_rewrite_history(chat_tokenizer):
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(RecipeArgumentError, match="cannot be masked reliably"):
         encode_chat(tokenizer, messages)
+
+
+def _with_eos(tokenizer, eos_token):
+    copy = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, chat_template=tokenizer.chat_template)
+    copy.eos_token = eos_token
+    return copy
+
+
+def test_stop_tokens_include_the_end_of_turn_when_eos_is_another_token(chat_tokenizer):
+    # transformers < 5.23 reads SmolLM2's GGUF tokenizer with eos "<|im_start|>": answers must still stop
+    tokenizer = _with_eos(chat_tokenizer, "<|im_start|>")
+    im_end, im_start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert stop_token_ids(tokenizer) == [im_start, im_end]
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM: `generate` appends fixed continuations and records its arguments."""
+
+    def __init__(self, continuations):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuations, self.calls = continuations, []
+        self.generation_config = None
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append(kwargs)
+        width = max(map(len, self.continuations))
+        rows = [c + [kwargs["pad_token_id"]] * (width - len(c)) for c in self.continuations[: input_ids.shape[0]]]
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_generated_answers_end_at_the_end_of_turn_token(chat_tokenizer):
+    tokenizer = _with_eos(chat_tokenizer, "<|im_start|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # first answer: "42", end of turn, then text a model may write after it; second: no stop at all
+    model = _ScriptedModel([ids("42") + [im_end] + ids("\n12 + 30"), ids("17")])
+    prompts = [[{"role": "user", "content": "12 + 30"}], [{"role": "user", "content": "9 + 8"}]]
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=8) == ["42", "17"]
+    assert im_end in model.calls[0]["eos_token_id"]
+
+
+def test_gguf_tokenizer_eos_follows_the_model(chat_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_q4shampoo.recipes_support.gguf import align_eos_with_generation_config
+
+    tokenizer = _with_eos(chat_tokenizer, "<|im_start|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=im_end)
+    model = LlamaForCausalLM(config)
+    align_eos_with_generation_config(model, tokenizer)
+    assert tokenizer.eos_token == "<|im_end|>"
+    align_eos_with_generation_config(model, tokenizer)  # idempotent
+    assert tokenizer.eos_token_id == im_end
 
 
 def test_chat_collator_pads_labels_with_ignore_index():

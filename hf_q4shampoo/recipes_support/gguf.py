@@ -21,7 +21,7 @@ import torch
 
 from .assets import MissingAssetError, cache_root
 
-__all__ = ["plain_copy", "load_gguf_causal_lm", "gguf_cache_dir"]
+__all__ = ["plain_copy", "load_gguf_causal_lm", "gguf_cache_dir", "align_eos_with_generation_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,23 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
+def align_eos_with_generation_config(model: torch.nn.Module, tokenizer) -> None:
+    """Make ``tokenizer.eos_token`` the token the GGUF metadata names as end of sequence.
+
+    transformers before 5.23 converts SmolLM2's GGUF tokenizer with ``eos_token = "<|im_start|>"`` while
+    the GGUF header (and so ``model.generation_config``) says ``<|im_end|>``; generation then runs past
+    every answer until ``max_new_tokens``. The model's own ids are the ones it was trained to emit.
+    """
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if not isinstance(eos, int) or tokenizer.eos_token_id == eos:
+        return
+    token = tokenizer.convert_ids_to_tokens(eos)
+    logger.warning("the GGUF tokenizer's eos_token %r is not the model's end of sequence %r (id %d): using %r",
+                   tokenizer.eos_token, token, eos, token)
+    tokenizer.eos_token = token
+
+
 def gguf_cache_dir(gguf_path: Path, cache_dir: str | None = None) -> Path:
     """Cache folder of one GGUF file (its name and size identify it)."""
     root = Path(cache_dir) if cache_dir else cache_root()
@@ -57,7 +74,9 @@ def load_gguf_causal_lm(gguf_path: str | Path, cache_dir: str | None = None):
     cached = gguf_cache_dir(gguf_path, cache_dir)
     if (cached / "config.json").is_file():
         logger.info("loading the rebuilt GGUF model from %s", cached)
-        return AutoModelForCausalLM.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+        align_eos_with_generation_config(model, tokenizer)  # caches written by older transformers
+        return model, tokenizer
     if importlib.util.find_spec("gguf") is None:
         raise MissingAssetError(
             f"reading {gguf_path.name} needs the gguf package, which is not installed.\n"
@@ -68,6 +87,7 @@ def load_gguf_causal_lm(gguf_path: str | Path, cache_dir: str | None = None):
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model = plain_copy(quantized)
     del quantized
+    align_eos_with_generation_config(model, tokenizer)
     # write to a temporary sibling and rename: a concurrent run never sees a half-written cache
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))

@@ -32,6 +32,7 @@ __all__ = [
     "encode_chat",
     "ChatCollator",
     "generate_answers",
+    "stop_token_ids",
 ]
 
 #: Label of tokens that take no part in the loss (torch's cross-entropy ``ignore_index``).
@@ -207,6 +208,28 @@ class ChatCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end an answer: the tokenizer's and the model's end of sequence, and the chat template's
+    end-of-turn token (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), which a model fine-tuned by
+    :func:`encode_chat` learns to emit after each answer even where the tokenizer's eos is another token."""
+    ids: list[int] = []
+    candidates = [tokenizer.eos_token_id]
+    if model is not None and getattr(model, "generation_config", None) is not None:
+        eos = model.generation_config.eos_token_id
+        candidates += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
+    answer = _render(tokenizer, messages, False)[len(_render(tokenizer, messages[:1], True)) :]
+    after = answer.partition("ANSWER")[2]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if after:
+        first = _ids(tokenizer, after)[:1]
+        candidates += [t for t in first if t in special]
+    for t in candidates:
+        if isinstance(t, int) and t not in ids:
+            ids.append(t)
+    return ids
+
+
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int = 32, batch_size: int = 16
@@ -216,6 +239,7 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = [
@@ -232,9 +256,11 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
         )
-        for row in out[:, input_ids.shape[1] :]:
+        for row in out[:, input_ids.shape[1] :].tolist():
+            ends = [i for i, t in enumerate(row) if t in stops]
+            row = row[: ends[0]] if ends else row  # rows that finished early are padded after their stop
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     if was_training:
         model.train()
