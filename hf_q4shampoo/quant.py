@@ -198,11 +198,14 @@ def decode_blockwise(
     idx: torch.Tensor, absmax: torch.Tensor, code: str = "linear2", block_size: int = 64
 ) -> torch.Tensor:
     """Inverse of :func:`encode_blockwise` (fp32)."""
+    return _decode_with_table(idx, absmax, get_code(code, idx.device)[0], block_size)
+
+
+def _decode_with_table(idx: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``table[idx]`` times each entry's block scale; the table is passed in so compiled callers
+    (:func:`decode_symmetric`) need no cache lookup."""
     n = idx.shape[-1]
-    table, _ = get_code(code, idx.device)
-    values = table[idx.long()]
-    scale = absmax.repeat_interleave(block_size, dim=-1)[..., :n]
-    return values * scale
+    return table[idx.long()] * absmax.repeat_interleave(block_size, dim=-1)[..., :n]
 
 
 def roundtrip_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> torch.Tensor:
@@ -319,10 +322,7 @@ def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tens
                      gather: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable)."""
     n = diag.shape[-1]
-    low, high = codes & 0x0F, codes >> 4
-    idx = torch.stack((low, high), dim=-1).flatten(-2)[..., :n].long()
-    scale = scales.repeat_interleave(block_size, dim=-1)[..., :n]
-    packed = (table[idx] * scale).flatten(-2)
+    packed = _decode_with_table(unpack_nibbles(codes, n), scales, table, block_size).flatten(-2)
     flat = torch.cat([packed, diag], dim=-1)
     return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
 
