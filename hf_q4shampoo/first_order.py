@@ -141,6 +141,11 @@ def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, 
     return _encode_signed(new, quantized), direction * lr
 
 
+def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
+    """A Python float for CPU tensors (free to read); device tensors stay tensors."""
+    return float(x) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+
 class _DeviceScalars:
     """0-dim fp32 tensors on a device, refilled in place every step.
 
@@ -153,13 +158,9 @@ class _DeviceScalars:
         self._buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
 
     def __call__(self, device: torch.device, name: str, value: float | torch.Tensor) -> torch.Tensor:
-        if isinstance(value, torch.Tensor):
-            if value.device == device and value.dtype == torch.float32:
-                return value
-            if value.device.type == "cpu":
-                value = float(value)  # reading a CPU tensor costs no device sync
-            else:
-                return value.to(device=device, dtype=torch.float32)
+        value = _host_float(value)
+        if isinstance(value, torch.Tensor):  # already on an accelerator: use it as it is
+            return value.to(device=device, dtype=torch.float32)
         key = (device, name)
         buf = self._buffers.get(key)
         if buf is None:
@@ -168,11 +169,6 @@ class _DeviceScalars:
 
 
 _scalars = _DeviceScalars()
-
-
-def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
-    """A Python float for CPU tensors (free to read); device tensors stay tensors."""
-    return float(x) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
 
 
 def _apply_update(params: list[torch.Tensor], update: torch.Tensor) -> None:
