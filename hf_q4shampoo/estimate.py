@@ -66,10 +66,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocking import plan_blocks
 from .config import PRECOND_FORMS, ConfigError, Q4ShampooConfig, parse_optim_args
-from .memory import KINDS, MemoryReport, format_bytes, param_state_bytes, unwrap_optimizer
-from .optimizer import Q4Shampoo
+from .memory import KINDS, MemoryReport, _config_factor_numel, format_bytes, param_state_bytes, unwrap_optimizer
+from .optimizer import Q4Shampoo, _local
 
 __all__ = [
     "EstimateRow",
@@ -195,11 +194,6 @@ class MemoryEstimate:
 # ----------------------------------------------------------------------------------------------
 # parameters and models
 # ----------------------------------------------------------------------------------------------
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -369,22 +363,12 @@ def _report_from_shapes(
     )
 
 
-def _factor_numel(shape: tuple[int, ...], config: Q4ShampooConfig) -> int:
-    plan = plan_blocks(shape, config.max_precond_dim, config.max_aspect_ratio, config.min_precond_numel)
-    if plan is None:
-        return 0
-    total = 0
-    for r in plan.regions:
-        total += r.num_blocks * ((r.block_rows**2 if r.precond_rows else 0) + (r.block_cols**2 if r.precond_cols else 0))
-    return total
-
-
 def _equivalents_from_census(census: Counter[ShapeKey], config: Q4ShampooConfig) -> tuple[int, int]:
     adamw = fp32 = 0
     for (shape, _dtype), count in census.items():
         n = math.prod(shape)
         adamw += 8 * n * count
-        fp32 += (8 * n + 8 * _factor_numel(shape, config)) * count
+        fp32 += (8 * n + 8 * _config_factor_numel(shape, config)) * count
     return adamw, fp32
 
 

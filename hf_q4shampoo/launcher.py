@@ -50,12 +50,11 @@ def _exit_status(code: object) -> int:
 def _run(target: str, args: list[str], as_module: bool) -> int:
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
+        sys.argv = [target, *args]  # with -m, run_module puts the module's file in argv[0]
         if as_module:
-            sys.argv = [target, *args]  # run_module puts the module's file in argv[0]
             sys.path.insert(0, os.getcwd())  # as `python -m` does
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [target, *args]
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))  # as `python SCRIPT.py` does
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:

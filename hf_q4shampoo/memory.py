@@ -12,7 +12,9 @@ Memory kinds (``MemoryReport.by_kind``):
 
 Equivalents are computed for the *same parameters and the same block plan*: ``adamw`` = 8 bytes per
 parameter (fp32 m and v), ``fp32_shampoo`` = fp32 statistics and roots for every factor
-(``8 n^2`` bytes per factor) + fp32 Adam moments (8 bytes per parameter).
+(``8 n^2`` bytes per factor) + fp32 Adam moments (8 bytes per parameter). The block plan is the
+optimizer's own for a Q4Shampoo, and that of the default :class:`~hf_q4shampoo.Q4ShampooConfig` for
+any other optimizer (so an AdamW run compares with the Shampoo a Q4Shampoo run would have stored).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any
 
 import torch
 
+from .blocking import BlockPlan, plan_blocks
+from .config import Q4ShampooConfig
 from .first_order import first_order_keys
+from .optimizer import _local
 from .preconditioners import tensor_bytes
 
 __all__ = [
@@ -74,11 +79,6 @@ def unwrap_optimizer(opt: Any) -> Any:
     return opt
 
 
-def _local_numel(p: torch.Tensor) -> int:
-    to_local = getattr(p, "to_local", None)
-    return (to_local() if callable(to_local) else p).numel()
-
-
 def _leaf_tensors(t: torch.Tensor):
     """The tensors that own memory behind ``t``.
 
@@ -105,8 +105,12 @@ def _nested_tensors(value: Any):
             yield from _nested_tensors(v)
 
 
-def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
-    plan = optimizer.block_plan(shape) if hasattr(optimizer, "block_plan") else None
+#: Block plan of the fp32-Shampoo equivalent for optimizers other than Q4Shampoo.
+_DEFAULT_CONFIG = Q4ShampooConfig()
+
+
+def _factor_numel(plan: BlockPlan | None) -> int:
+    """Entries of every Kronecker factor (statistic or root) of ``plan``."""
     if plan is None:
         return 0
     total = 0
@@ -116,6 +120,18 @@ def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
         if r.precond_cols:
             total += r.num_blocks * r.block_cols**2
     return total
+
+
+def _config_factor_numel(shape: torch.Size | tuple[int, ...], config: Q4ShampooConfig) -> int:
+    """Entries of every Kronecker factor a Q4Shampoo with ``config`` keeps for a parameter of ``shape``."""
+    c = config
+    return _factor_numel(plan_blocks(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel))
+
+
+def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
+    if hasattr(optimizer, "block_plan"):
+        return _factor_numel(optimizer.block_plan(shape))
+    return _config_factor_numel(shape, _DEFAULT_CONFIG)
 
 
 def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = None) -> dict[str, int]:
@@ -138,7 +154,7 @@ def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = N
             kinds["first_order"] += tensor_bytes(t)
         return kinds
     form = optimizer._form(torch.device("cpu"))
-    numel = _local_numel(p)
+    numel = _local(p).numel()
     for key in first_order_keys(state):
         t = state[key]
         kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
@@ -176,12 +192,13 @@ def optimizer_state_bytes(
         for p in group["params"]:
             if not optimizer.state.get(p):
                 continue
-            numel = _local_numel(p)
+            local = _local(p)
+            numel = local.numel()
             num_params += numel
             group_params += numel
             num_tensors += 1
             adamw += 8 * numel
-            fp32_shampoo += 8 * numel + 8 * _plan_factor_numel(optimizer, p.shape)
+            fp32_shampoo += 8 * numel + 8 * _plan_factor_numel(optimizer, local.shape)
             kinds = param_state_bytes(optimizer, p, seen)
             for kind, b in kinds.items():
                 by_kind[kind] += b

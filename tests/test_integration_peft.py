@@ -12,7 +12,13 @@ from transformers import Trainer, TrainerCallback
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.memory import optimizer_state_bytes, unwrap_optimizer
-from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
+from tiny_hf import (  # noqa: F401 (one_torch_thread: autouse fixture)
+    lm_dataset,
+    nested_tensors,
+    one_torch_thread,
+    tiny_gpt2,
+    training_args,
+)
 
 R = 2
 
@@ -97,15 +103,4 @@ def test_large_rectangular_adapter_memory_and_zero_gradients():
     shampoo = report.by_kind["statistics"] + report.by_kind["roots"] + report.by_kind["error_feedback"]
     assert shampoo <= 2 * 2 * r * r * 4  # two r x r factors (statistics + root) per adapter, at most fp32
     assert report.total < report.adamw_equivalent  # 4-bit moments: below AdamW's 8 bytes per parameter
-    assert max(t.numel() for s in opt.state.values() for t in _tensors(s)) <= r * d
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
+    assert max(t.numel() for s in opt.state.values() for t in nested_tensors(s)) <= r * d

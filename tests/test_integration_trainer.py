@@ -25,6 +25,7 @@ from tiny_hf import (  # noqa: F401  (one_torch_thread: autouse fixture)
     FAST,
     cls_dataset,
     lm_dataset,
+    nested_tensors,
     tiny_bert_classifier,
     tiny_gpt2,
     trainable_state,
@@ -182,9 +183,9 @@ def test_resume_matches_uninterrupted_run_and_checkpoint_is_small(tmp_path):
     assert _same_state(opt_a.state_dict()["state"], opt_b.state_dict()["state"])
 
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    dtypes = {t.dtype for t in _tensors(saved["state"])}
+    dtypes = {t.dtype for t in nested_tensors(saved["state"])}
     assert torch.uint8 in dtypes  # the 4-bit codes are saved as codes ...
-    assert {t.dtype for t in _tensors(unwrap_optimizer(resumed.optimizer).state)} >= {torch.uint8}  # ... and stay codes
+    assert {t.dtype for t in nested_tensors(unwrap_optimizer(resumed.optimizer).state)} >= {torch.uint8}  # ... and stay codes
 
     adamw = Trainer(model=tiny_gpt2(n_embd), args=training_args(tmp_path / "adamw", optim="adamw_torch", optim_args=None,
                                                                 **common), train_dataset=lm_dataset(),
@@ -198,20 +199,9 @@ def test_resume_matches_uninterrupted_run_and_checkpoint_is_small(tmp_path):
     assert q4_bytes < adamw_bytes
 
 
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _same_state(a, b):
-    ta, tb = list(_tensors(a)), list(_tensors(b))
-    return len(ta) == len(tb) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
+    ta, tb = list(nested_tensors(a)), list(nested_tensors(b))
+    return len(ta) == len(tb) > 0 and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
 
 
 # ---- gradient accumulation, mixed precision --------------------------------------------------
@@ -261,7 +251,7 @@ def test_bf16_mixed_precision(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16" and torch.bfloat16 in seen
     assert _losses(trainer)[-1] < _losses(trainer)[0]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
-    assert {t.dtype for t in _tensors(unwrap_optimizer(trainer.optimizer).state)} >= {torch.uint8, torch.float32}
+    assert {t.dtype for t in nested_tensors(unwrap_optimizer(trainer.optimizer).state)} >= {torch.uint8, torch.float32}
 
 
 def test_fp16_grad_scaler_protocol():

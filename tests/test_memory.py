@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from hf_q4shampoo import Q4Shampoo
-from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+from hf_q4shampoo.estimate import shampoo_equivalents
+from hf_q4shampoo.memory import KINDS, optimizer_state_bytes, param_state_bytes
 
 
 def _state_tensor_bytes(opt):
@@ -47,6 +48,36 @@ def test_adamw_report_is_8_bytes_per_param():
     r = optimizer_state_bytes(opt)
     # fp32 m and v plus the step counters
     assert 8.0 <= r.bytes_per_param < 8.1
+
+
+def test_other_optimizers_get_the_default_shampoo_blocks_names_and_group_sizes():
+    model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.Linear(200, 10))
+    groups = [{"params": [model[0].weight, model[1].weight]}, {"params": [model[0].bias, model[1].bias]}]
+    opt = torch.optim.AdamW(groups)
+    model(torch.randn(3, 96)).sum().backward()
+    opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    r = optimizer_state_bytes(opt, param_names=names)
+    adamw_eq, fp32_eq = shampoo_equivalents(model.parameters())  # Q4ShampooConfig()'s blocks
+    assert (r.adamw_equivalent, r.fp32_shampoo_equivalent) == (adamw_eq, fp32_eq)
+    assert fp32_eq > adamw_eq
+    assert r.group_num_params == [96 * 200 + 200 * 10, 200 + 10]
+    assert r.by_group == [sum(param_state_bytes(opt, p)["first_order"] for p in g["params"]) for g in groups]
+    assert r.largest[0]["name"] == "0.weight" and {t["name"] for t in r.largest} == set(names.values())
+
+
+def test_shared_and_wrapped_state_tensors():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    shared = torch.zeros(256)  # e.g. bitsandbytes' quantization map, in every parameter's state
+    opt.state[a] = {"qmap": shared, "m": torch.zeros(4, 4)}
+    # a wrapper subclass reports the logical size of one inner tensor; both inner tensors are allocated
+    opt.state[b] = {"qmap": shared, "w": TwoTensor(torch.zeros(8), torch.zeros(8))}
+    r = optimizer_state_bytes(opt)
+    assert r.total == r.by_kind["first_order"] == 256 * 4 + 16 * 4 + 2 * 8 * 4
+    assert param_state_bytes(opt, b)["first_order"] == 256 * 4 + 2 * 8 * 4  # alone: its qmap counts
 
 
 @pytest.mark.heavy

@@ -119,6 +119,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def nested_tensors(value):
+    """The tensors in a (nested) dict / list / tuple, e.g. an optimizer state, in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from nested_tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from nested_tensors(v)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Run these small models on one intra-op thread, restored afterwards.

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..estimate import EstimateUnavailable, estimate_memory, estimate_optimizer_state, shampoo_equivalents
+from ..estimate import EstimateUnavailable, estimate_memory, estimate_optimizer_state
 from ..memory import KINDS, MemoryReport, format_bytes, optimizer_state_bytes, unwrap_optimizer
 from ..optimizer import Q4Shampoo
 
@@ -338,13 +338,10 @@ class MemoryReportCallback(TrainerCallback):
 
     # ---- measuring -------------------------------------------------------------------------------
     def measure(self) -> MemoryReport:
-        """The optimizer's state right now (with the fp32-Shampoo equivalent for any optimizer)."""
+        """The optimizer's state right now (:func:`~hf_q4shampoo.memory.optimizer_state_bytes`)."""
         if not self.bound:
             raise RuntimeError("MemoryReportCallback has no optimizer yet: training has not begun.")
         report = optimizer_state_bytes(self._opt, largest=self.largest, param_names=self._names)
-        if not isinstance(self._opt, Q4Shampoo):
-            with_state = [p for g in self._opt.param_groups for p in g["params"] if self._opt.state.get(p)]
-            report.fp32_shampoo_equivalent = shampoo_equivalents(with_state)[1]
         self._last = report
         return report
 
@@ -435,10 +432,9 @@ class MemoryReportCallback(TrainerCallback):
         if self._estimate is None:
             return f"[hf_q4shampoo] {label}: no pre-flight estimate ({self._estimate_error})"
         e = self._estimate
-        n = max(1, e.num_params)
         return (
             f"[hf_q4shampoo] Pre-flight estimate of optimizer state, {label}: {format_bytes(e.total)} "
-            f"({e.total / n:.2f} bytes/param over {e.num_params:,} parameters). Same parameters with AdamW "
+            f"({e.bytes_per_param:.2f} bytes/param over {e.num_params:,} parameters). Same parameters with AdamW "
             f"(fp32 m, v): {format_bytes(e.adamw_equivalent)}; with fp32 Shampoo: "
             f"{format_bytes(e.fp32_shampoo_equivalent)}."
         )
