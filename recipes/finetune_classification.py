@@ -37,11 +37,21 @@ from hf_q4shampoo.integrations.callback import MemoryReportCallback
 from hf_q4shampoo.recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
+    check_data_source,
+    hub_kwargs,
     parse_recipe_args,
     run_main,
 )
 from hf_q4shampoo.recipes_support.assets import minilm_dir
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, split_by_group, take
+from hf_q4shampoo.recipes_support.data import (
+    ListDataset,
+    check_data_files,
+    encode_class_labels,
+    load_hub_or_files,
+    split_by_group,
+    take,
+    take_dataset,
+)
 from hf_q4shampoo.recipes_support.metrics import classification_metrics
 from hf_q4shampoo.recipes_support.text import ROTTEN_TOMATOES_LABELS, rotten_tomatoes_rows
 from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
@@ -133,10 +143,7 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_name and (self.train_file or self.validation_file):
-            raise RecipeArgumentError("give either --dataset_name or --train_file/--validation_file, not both.")
-        if self.validation_file and not self.train_file:
-            raise RecipeArgumentError("--validation_file needs --train_file.")
+        check_data_source(self.dataset_name, self.train_file, self.validation_file)
         if len(self.text_column_names) > 2:
             raise RecipeArgumentError("--text_column_names takes one column or a pair of columns.")
         if self.max_train_samples == 0:  # the command line cannot say None
@@ -180,18 +187,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         raise RecipeArgumentError(
             f"no label column '{label}' (columns: {', '.join(train.column_names)}); set --label_column_name."
         )
-    feature = train.features[label]
-    if hasattr(feature, "names"):  # ClassLabel
-        label_names = list(feature.names)
-    else:  # local files: plain values, given ids in sorted order (as run_glue does)
-        from datasets import ClassLabel, Value
-
-        label_names = sorted({str(v) for v in train.unique(label)})
-        # through strings, so that integer labels in a file work too; `map` would keep the column's old type
-        train, validation = (
-            d.cast_column(label, Value("string")).cast_column(label, ClassLabel(names=label_names))
-            for d in (train, validation)
-        )
+    train, validation, label_names = encode_class_labels(train, validation, label)
     text_columns = data_args.text_column_names
     if not text_columns:  # run_glue's rule of thumb: "sentence" or "text", else the first string column
         strings = [c for c, f in train.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
@@ -221,22 +217,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with training_args.main_process_first(desc="loading data"):
         train_rows, eval_rows, label_names, text_columns = load_data(data_args, model_args, training_args.seed)
 
-    hub_kwargs = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
+    hub = hub_kwargs(model_args)
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_path,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
-        **hub_kwargs,
+        **hub,
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
+        model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
     )
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
@@ -249,12 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_dataset = ListDataset(take(train_rows, data_args.max_train_samples, seed=training_args.seed), tokenize)
         eval_dataset = ListDataset(take(eval_rows, data_args.max_eval_samples), tokenize)
     else:
-        if data_args.max_train_samples is not None:
-            train_rows = train_rows.shuffle(seed=training_args.seed).select(
-                range(min(data_args.max_train_samples, len(train_rows)))
-            )
-        if data_args.max_eval_samples is not None:
-            eval_rows = eval_rows.select(range(min(data_args.max_eval_samples, len(eval_rows))))
+        train_rows = take_dataset(train_rows, data_args.max_train_samples, seed=training_args.seed)
+        eval_rows = take_dataset(eval_rows, data_args.max_eval_samples)
         with training_args.main_process_first(desc="tokenizing"):
             train_dataset = train_rows.map(tokenize, remove_columns=train_rows.column_names)
             eval_dataset = eval_rows.map(tokenize, remove_columns=eval_rows.column_names)

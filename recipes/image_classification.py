@@ -41,11 +41,12 @@ from hf_q4shampoo.integrations.callback import MemoryReportCallback
 from hf_q4shampoo.recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
+    hub_kwargs,
     parse_recipe_args,
     run_main,
 )
 from hf_q4shampoo.recipes_support.assets import fashion_mnist_dir
-from hf_q4shampoo.recipes_support.data import load_hub_or_files
+from hf_q4shampoo.recipes_support.data import encode_class_labels, load_hub_or_files, take_dataset
 from hf_q4shampoo.recipes_support.metrics import classification_metrics
 from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
 from hf_q4shampoo.recipes_support.vision import (
@@ -195,16 +196,9 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
                 f"no column '{column}' (columns: {', '.join(train.column_names)}); "
                 "set --image_column_name / --label_column_name."
             )
-    feature = train.features[data_args.label_column_name]
-    labels = (
-        list(feature.names)
-        if hasattr(feature, "names")
-        else [str(i) for i in sorted(train.unique(data_args.label_column_name))]
-    )
-    if data_args.max_train_samples is not None:
-        train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation, labels = encode_class_labels(train, evaluation, data_args.label_column_name)
+    train = take_dataset(train, data_args.max_train_samples, seed=seed)
+    evaluation = take_dataset(evaluation, data_args.max_eval_samples)
     wrap = [
         HubImageDataset(d, data_args.image_column_name, data_args.label_column_name, t)
         for d, t in ((train, transforms[0]), (evaluation, transforms[1]))
@@ -218,18 +212,12 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         "id2label": dict(enumerate(labels)),
         "label2id": {name: i for i, name in enumerate(labels)},
     }
-    hub_kwargs = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
     if model_args.model_name_or_path:
         return AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs, **hub_kwargs
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs, **hub_kwargs(model_args)
         )
     if model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.config_name, **label_kwargs, **hub_kwargs)
+        config = AutoConfig.from_pretrained(model_args.config_name, **label_kwargs, **hub_kwargs(model_args))
         return AutoModelForImageClassification.from_config(config)
     if model_args.model_type == "vit":
         config = ViTConfig(

@@ -35,6 +35,8 @@ from hf_q4shampoo.integrations.callback import MemoryReportCallback
 from hf_q4shampoo.recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
+    check_data_source,
+    hub_kwargs,
     parse_recipe_args,
     run_main,
 )
@@ -42,6 +44,7 @@ from hf_q4shampoo.recipes_support.assets import smollm2_gguf
 from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
 from hf_q4shampoo.recipes_support.gguf import load_gguf_causal_lm
 from hf_q4shampoo.recipes_support.instruct import (
+    IGNORE_INDEX,
     TASKS,
     ChatCollator,
     encode_chat,
@@ -145,10 +148,7 @@ class DataTrainingArguments:
     metric_name: str = field(default="exact_match", metadata={"help": "Metric of the generated answers."})
 
     def __post_init__(self) -> None:
-        if self.dataset_name and (self.train_file or self.validation_file):
-            raise RecipeArgumentError("give either --dataset_name or --train_file/--validation_file, not both.")
-        if self.validation_file and not self.train_file:
-            raise RecipeArgumentError("--validation_file needs --train_file.")
+        check_data_source(self.dataset_name, self.train_file, self.validation_file)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise RecipeArgumentError(f"unknown --tasks {unknown}; choose among {', '.join(TASKS)}.")
@@ -195,14 +195,9 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         return load_gguf_causal_lm(
             Path(model_args.model_name_or_path) / model_args.gguf_file, cache_dir=model_args.cache_dir
         )
-    hub_kwargs = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub_kwargs)
+    hub = hub_kwargs(model_args)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
     return model, tokenizer
 
 
@@ -226,16 +221,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def encode(record: dict) -> dict:
         return encode_chat(tokenizer, record_to_messages(record), data_args.max_seq_length)
 
-    train_dataset = ListDataset([encode(r) for r in train_records])
+    encoded = [encode(r) for r in train_records]
+    # truncation can remove the whole answer: nothing to learn from those conversations
+    train_dataset = ListDataset([ex for ex in encoded if any(label != IGNORE_INDEX for label in ex["labels"])])
     eval_dataset = ListDataset([encode(r) for r in eval_records])
-    dropped = sum(all(label == -100 for label in ex["labels"]) for ex in train_dataset.rows)
-    if dropped:  # truncation removed the whole answer: nothing to learn from these
+    if len(train_dataset) < len(encoded):
         logger.warning(
             "%d training conversations lose their answer to --max_seq_length %d and are dropped",
-            dropped,
+            len(encoded) - len(train_dataset),
             data_args.max_seq_length,
         )
-        train_dataset.rows = [ex for ex in train_dataset.rows if any(label != -100 for label in ex["labels"])]
     logger.info("%d training and %d validation conversations", len(train_dataset), len(eval_dataset))
 
     if model_args.full_finetuning:

@@ -42,6 +42,8 @@ from hf_q4shampoo.integrations.callback import MemoryReportCallback
 from hf_q4shampoo.recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
+    check_data_source,
+    hub_kwargs,
     parse_recipe_args,
     run_main,
 )
@@ -136,10 +138,7 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_name and (self.train_files or self.validation_file):
-            raise RecipeArgumentError("give either --dataset_name or --train_files/--validation_file, not both.")
-        if self.validation_file and not self.train_files:
-            raise RecipeArgumentError("--validation_file needs --train_files.")
+        check_data_source(self.dataset_name, self.train_files, self.validation_file, train_flag="--train_files")
         if self.block_size < 2:
             raise RecipeArgumentError(f"--block_size must be at least 2, got {self.block_size}.")
 
@@ -178,17 +177,19 @@ def load_texts(data_args: DataTrainingArguments, model_args: ModelArguments, see
     return split_documents(train, data_args.validation_fraction, seed)
 
 
-def build_model(model_args: ModelArguments, tokenizer, block_size: int, hub_kwargs: dict):
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     """A pretrained model to continue, a model from ``--config_name``, or one from the size flags."""
     if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
     special = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
     if model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.config_name, vocab_size=len(tokenizer), **special, **hub_kwargs)
+        config = AutoConfig.from_pretrained(
+            model_args.config_name, vocab_size=len(tokenizer), **special, **hub_kwargs(model_args)
+        )
     elif model_args.model_type == "gpt2":
         config = GPT2Config(
             vocab_size=len(tokenizer),
@@ -222,18 +223,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
     setup_logging(training_args)
     set_seed(training_args.seed)
-    hub_kwargs = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
 
     with training_args.main_process_first(desc="loading and tokenizing text"):
         train_texts, eval_texts = load_texts(data_args, model_args, training_args.seed)
         tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
         if tokenizer_name:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, **hub_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, **hub_kwargs(model_args))
         else:  # trained on the training side only, so validation text stays unseen
             tokenizer = train_bpe_tokenizer(train_texts, vocab_size=model_args.vocab_size)
             logger.info("trained a byte-level BPE tokenizer of %d tokens", len(tokenizer))
@@ -251,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeArgumentError(f"not enough text for one block of {block_size} tokens in each split.")
     logger.info("%d training and %d validation blocks of %d tokens", len(train_blocks), len(eval_blocks), block_size)
 
-    model = build_model(model_args, tokenizer, block_size, hub_kwargs)
+    model = build_model(model_args, tokenizer, block_size)
     logger.info("model: %s, %.2fM parameters", type(model).__name__, model.num_parameters() / 1e6)
 
     metrics = [load_metric(name, cache_dir=model_args.cache_dir) for name in data_args.metric_names]

@@ -19,11 +19,20 @@ from hf_q4shampoo.recipes_support import assets
 from hf_q4shampoo.recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
+    check_data_source,
+    hub_kwargs,
     parse_recipe_args,
     run_main,
 )
 from hf_q4shampoo.recipes_support.assets import MissingAssetError
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, split_by_group
+from hf_q4shampoo.recipes_support.data import (
+    ListDataset,
+    check_data_files,
+    encode_class_labels,
+    split_by_group,
+    take,
+    take_dataset,
+)
 from hf_q4shampoo.recipes_support.instruct import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
@@ -84,6 +93,10 @@ def test_exact_match_normalisations():
         == 1.0
     )
     assert metric.compute(predictions=[" 42"], references=["42"], strip=False)["exact_match"] == 0.0
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        metric.compute(predictions=["a", "b"], references=["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        metric.compute(predictions=[], references=[])
 
 
 def test_shipped_evaluate_modules_load_offline_and_agree(tmp_path, monkeypatch):
@@ -168,6 +181,20 @@ def test_parse_recipe_args_defaults_cli_and_json(tmp_path):
         parse_recipe_args((TrainingArguments,), defaults, [str(tmp_path / "missing.json")])
 
 
+def test_data_source_checks_and_hub_kwargs():
+    check_data_source(None, None, None)
+    check_data_source("imdb", None, None)
+    check_data_source(None, ["a.txt"], "b.txt", train_flag="--train_files")
+    with pytest.raises(RecipeArgumentError, match="either --dataset_name or --train_files/--validation_file, not"):
+        check_data_source("imdb", ["a.txt"], None, train_flag="--train_files")
+    with pytest.raises(RecipeArgumentError, match="not both"):
+        check_data_source("imdb", None, "b.json")
+    with pytest.raises(RecipeArgumentError, match="--validation_file needs --train_file"):
+        check_data_source(None, None, "b.json")
+    model_args = type("M", (), {"cache_dir": "c", "model_revision": "r", "token": "t", "trust_remote_code": True})()
+    assert hub_kwargs(model_args) == {"cache_dir": "c", "revision": "r", "token": "t", "trust_remote_code": True}
+
+
 def test_q4shampoo_optim_args_default_only_for_q4shampoo(tmp_path):
     import hf_q4shampoo  # noqa: F401  registers the name
 
@@ -194,6 +221,36 @@ def test_split_by_group_keeps_groups_on_one_side():
     assert split_by_group(rows, "g", 0.2, seed=1) == (train, val)  # deterministic
     with pytest.raises(RecipeArgumentError):
         split_by_group(rows, "g", 1.5, seed=1)
+
+
+def test_take_and_take_dataset():
+    rows = list(range(10))
+    assert take(rows, 3) == [0, 1, 2] and take(rows, None) == rows
+    shuffled = take(rows, None, seed=0)
+    assert sorted(shuffled) == rows and shuffled != rows and take(rows, 4, seed=0) == shuffled[:4]
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"i": rows})
+    assert take_dataset(dataset, None, seed=0) is dataset  # no limit: left as it is
+    assert take_dataset(dataset, 3)["i"] == [0, 1, 2]
+    assert len(take_dataset(dataset, 50)) == 10
+    subset = take_dataset(dataset, 4, seed=0)["i"]
+    assert subset == dataset.shuffle(seed=0)["i"][:4] and subset != [0, 1, 2, 3]
+
+
+def test_encode_class_labels_of_plain_and_class_label_columns():
+    datasets = pytest.importorskip("datasets")
+    train = datasets.Dataset.from_dict({"label": ["pos", "neg", "pos"]})
+    evaluation = datasets.Dataset.from_dict({"label": ["neg"]})
+    train, evaluation, names = encode_class_labels(train, evaluation, "label")
+    assert names == ["neg", "pos"] and train["label"] == [1, 0, 1] and evaluation["label"] == [0]
+    # integer values that are not ids 0..n-1 (e.g. 1-based classes) become ids too
+    train, evaluation, names = encode_class_labels(
+        datasets.Dataset.from_dict({"label": [3, 1, 2]}), datasets.Dataset.from_dict({"label": [2]}), "label"
+    )
+    assert names == ["1", "2", "3"] and train["label"] == [2, 0, 1] and evaluation["label"] == [1]
+    features = datasets.Features({"label": datasets.ClassLabel(names=["b", "a"])})
+    labelled = datasets.Dataset.from_dict({"label": [1, 0]}, features=features)
+    assert encode_class_labels(labelled, labelled, "label") == (labelled, labelled, ["b", "a"])
 
 
 def test_check_data_files_errors(tmp_path):
@@ -379,7 +436,8 @@ def test_chat_collator_pads_labels_with_ignore_index():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert len(ListDataset([{"a": 1}], transform=lambda r: r["a"] + 1)) == 1
+    dataset = ListDataset([{"a": 1}, {"a": 5}], transform=lambda r: r["a"] + 1)
+    assert len(dataset) == 2 and dataset[1] == 6 and ListDataset([{"a": 1}])[0] == {"a": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +502,8 @@ def test_plain_copy_drops_the_quantization_config():
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     plain = plain_copy(model)
     assert not hasattr(plain.config, "quantization_config")
-    for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
-        assert torch.equal(a, b), name
+    expected, rebuilt = model.state_dict(), plain.state_dict()
+    assert list(rebuilt) == list(expected)
+    for name, a in expected.items():
+        assert torch.equal(a, rebuilt[name]), name
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()

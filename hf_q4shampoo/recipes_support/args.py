@@ -16,14 +16,18 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..integrations.registration import OPTIM_NAME, is_q4shampoo_optim
+from ..integrations.registration import is_q4shampoo_optim
 
-__all__ = ["RecipeArgumentError", "Q4SHAMPOO", "parse_recipe_args", "apply_q4shampoo_defaults", "run_main"]
+__all__ = [
+    "RecipeArgumentError",
+    "parse_recipe_args",
+    "apply_q4shampoo_defaults",
+    "check_data_source",
+    "hub_kwargs",
+    "run_main",
+]
 
 logger = logging.getLogger(__name__)
-
-#: The ``--optim`` value of this package (registered with transformers by ``import hf_q4shampoo``).
-Q4SHAMPOO = OPTIM_NAME
 
 
 class RecipeArgumentError(ValueError):
@@ -69,6 +73,26 @@ def apply_q4shampoo_defaults(training_args: TrainingArguments, optim_args: str) 
     if is_q4shampoo_optim(training_args.optim) and not training_args.optim_args:
         training_args.optim_args = optim_args
         logger.info("--optim q4shampoo with the recipe's default --optim_args %s", optim_args)
+
+
+def check_data_source(
+    dataset_name: str | None, train: str | Sequence[str] | None, validation: str | None, train_flag: str = "--train_file"
+) -> None:
+    """Refuse a Hub dataset together with local files, and a validation file without training files."""
+    if dataset_name and (train or validation):
+        raise RecipeArgumentError(f"give either --dataset_name or {train_flag}/--validation_file, not both.")
+    if validation and not train:
+        raise RecipeArgumentError(f"--validation_file needs {train_flag}.")
+
+
+def hub_kwargs(model_args: Any) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords every recipe's ``ModelArguments`` carries (cache, revision, token, ...)."""
+    return {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> None:

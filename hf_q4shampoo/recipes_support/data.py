@@ -16,7 +16,16 @@ import torch
 
 from .args import RecipeArgumentError
 
-__all__ = ["ListDataset", "load_hub_or_files", "check_data_files", "take", "split_by_group", "pad_sequences"]
+__all__ = [
+    "ListDataset",
+    "load_hub_or_files",
+    "check_data_files",
+    "take",
+    "take_dataset",
+    "encode_class_labels",
+    "split_by_group",
+    "pad_sequences",
+]
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -33,9 +42,6 @@ class ListDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         return self.transform(row) if self.transform is not None else row
 
-    def column(self, name: str) -> list[Any]:
-        return [row[name] for row in self.rows]
-
 
 def take(rows: Sequence[Any], limit: int | None, seed: int | None = None) -> list[Any]:
     """The first ``limit`` rows (all when ``limit`` is None); shuffled first when ``seed`` is given."""
@@ -43,6 +49,37 @@ def take(rows: Sequence[Any], limit: int | None, seed: int | None = None) -> lis
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return rows if limit is None else rows[:limit]
+
+
+def take_dataset(dataset, limit: int | None, seed: int | None = None):
+    """:func:`take` for a ``datasets.Dataset``: the first ``limit`` rows, shuffled first when ``seed`` is given.
+
+    Unlike :func:`take` it leaves the dataset as it is (no shuffle) when ``limit`` is None.
+    """
+    if limit is None:
+        return dataset
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset.select(range(min(limit, len(dataset))))
+
+
+def encode_class_labels(train, evaluation, column: str):
+    """(train, evaluation, label names) of two ``datasets`` splits whose ``column`` holds class ids.
+
+    A ``ClassLabel`` column keeps its names. Plain values (local files, some Hub datasets) become a
+    ``ClassLabel`` with ids in the sorted order of their strings, as ``run_glue.py`` does; the cast goes
+    through strings so that integer labels work too (``map`` would keep the column's old type).
+    """
+    feature = train.features[column]
+    if hasattr(feature, "names"):
+        return train, evaluation, list(feature.names)
+    from datasets import ClassLabel, Value
+
+    names = sorted({str(v) for v in train.unique(column)})
+    train, evaluation = (
+        d.cast_column(column, Value("string")).cast_column(column, ClassLabel(names=names)) for d in (train, evaluation)
+    )
+    return train, evaluation, names
 
 
 def split_by_group(
