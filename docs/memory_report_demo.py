@@ -14,6 +14,7 @@ memory of the optimizer state does not depend on them).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for kind, name in REPORT_FILES.items():
             shutil.copyfile(Path(args.out) / "q4shampoo" / name, DOCS / f"memory_report_example.{kind}")
+        # the report names the device and date but not the command or the machine: say them above it
+        md = DOCS / "memory_report_example.md"
+        title, _, rest = md.read_text().partition("\n")
+        note = (f"Made by `python docs/memory_report_demo.py` (this report is its Q4Shampoo run) on a "
+                f"{os.cpu_count()}-core CPU.")
+        md.write_text(f"{title}\n\n{note}\n{rest}")
         print(f"copied the Q4Shampoo report to {DOCS}/memory_report_example.*")
     return 0
 

@@ -21,6 +21,7 @@ Peers that are not installed (bitsandbytes, torchao) are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -108,12 +109,21 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 weights), plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
 def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
               q4_options: dict[str, Any]) -> dict[str, Any]:
     factory, _ = OPTIMIZERS[name]
     model = _build_model(args, device)
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = _autocast(device)
     _sync(device)
     before_opt = _allocated(device)
     opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
@@ -121,45 +131,25 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
     stage_timer = _StageTimer(device) if args.phases and hasattr(opt, "stage_timer") else None
     if stage_timer is not None:
         opt.stage_timer = stage_timer
-    step_ms: list[float] = []
-    opt_ms: list[float] = []
+    clock = _StageTimer(device)
     losses: list[float] = []
-    total = args.warmup + args.steps
-    events = []
-    for i in range(total):
+    for i in range(args.warmup + args.steps):
         if i == args.warmup:
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         x = batches[i % len(batches)]
-        if device.type == "cuda":
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            ev[0].record()
-        else:
-            t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = model(x, labels=x).loss
-        loss.backward()
-        if device.type == "cuda":
-            ev[1].record()
-        else:
-            t1 = time.perf_counter()
-        opt.step()
-        if device.type == "cuda":
-            ev[2].record()
-            events.append(ev)
-        else:
-            t2 = time.perf_counter()
-            step_ms.append((t2 - t0) * 1e3)
-            opt_ms.append((t2 - t1) * 1e3)
+        with clock("step"):
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = model(x, labels=x).loss
+            loss.backward()
+            with clock("optimizer"):
+                opt.step()
         if i >= args.warmup and (i - args.warmup) % 20 == 0:
             losses.append(float(loss.detach()))
     _sync(device)
-    if device.type == "cuda":
-        step_ms = [a.elapsed_time(c) for a, _, c in events]
-        opt_ms = [b.elapsed_time(c) for _, b, c in events]
-    timed, timed_opt = step_ms[args.warmup :], opt_ms[args.warmup :]
+    timed, timed_opt = clock.times("step")[args.warmup :], clock.times("optimizer")[args.warmup :]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
     _sync(device)
@@ -200,12 +190,11 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
     factory, _ = OPTIMIZERS[name]
     model = _build_model(args, device)
     opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def one(i):
         x = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with _autocast(device):
             model(x, labels=x).loss.backward()
 
     for i in range(3):
@@ -227,39 +216,41 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
 
 
 class _StageTimer:
-    """Records CUDA events (wall time on CPU) around each stage of Q4Shampoo's step (``stage_timer``)."""
+    """Times named intervals: CUDA events on CUDA (read after the run), wall clock on CPU.
+
+    Q4Shampoo calls it around each stage of its step (``stage_timer``); :func:`bench_one` times whole
+    steps and optimizer steps with it.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.records: dict[str, list] = {}
-        self._step_marks: list[int] = []
 
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self.records.setdefault(name, []).append((start, self._mark()))
 
-        class _Ctx:
-            def __enter__(self):
-                if timer.device.type == "cuda":
-                    self.start = torch.cuda.Event(enable_timing=True)
-                    self.start.record()
-                else:
-                    self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    end = torch.cuda.Event(enable_timing=True)
-                    end.record()
-                    timer.records.setdefault(name, []).append((self.start, end))
-                else:
-                    timer.records.setdefault(name, []).append((time.perf_counter() - self.start) * 1e3)
-
-        return _Ctx()
+    def times(self, name: str) -> list[float]:
+        """Milliseconds of each interval recorded under ``name`` (synchronize CUDA first)."""
+        if self.device.type == "cuda":
+            return [a.elapsed_time(b) for a, b in self.records.get(name, [])]
+        return [(b - a) * 1e3 for a, b in self.records.get(name, [])]
 
     def summary(self, skip: int) -> dict[str, Any]:
         out: dict[str, Any] = {"stage_ms": {}}
-        for name, recs in self.records.items():
-            times = [a.elapsed_time(b) for a, b in recs] if self.device.type == "cuda" else recs
-            times = times[skip:]
+        for name in self.records:
+            times = self.times(name)[skip:]
             if times:
                 out[f"stage_{name}_median_ms"] = statistics.median(times)
                 out[f"stage_{name}_mean_ms"] = statistics.fmean(times)
@@ -272,7 +263,7 @@ def micro_refresh(args: argparse.Namespace) -> str:
     from . import linalg, quant  # noqa: PLC0415
     from .preconditioners import FormSettings, make_form  # noqa: PLC0415
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     k, n = args.micro_k, args.micro_n
     g = torch.randn(k, n, 4 * n, device=device) * torch.logspace(0, -3, n, device=device)[:, None]
     a = g @ g.mT / (4 * n)
@@ -366,7 +357,7 @@ def tf32_check() -> str:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     q4_options = parse_optim_args(args.optim_args)
     batches = _batches(args, device, min(args.warmup + args.steps, 16))
     results, skipped = [], {}

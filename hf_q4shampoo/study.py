@@ -57,7 +57,6 @@ OPTIMIZERS = ("adamw", "adamw_4bit", *FORMS)
 class Task:
     name = ""
     metric = ""
-    higher_is_better = True
 
     def model(self, seed: int) -> torch.nn.Module: ...
 
@@ -123,7 +122,6 @@ class FashionMnistTask(Task):
 class ClmTask(Task):
     name = "clm"
     metric = "eval_loss"
-    higher_is_better = False
 
     def __init__(self, device: torch.device, batch_size: int, block_size: int = 256, vocab_size: int = 4096):
         from .recipes_support import text  # noqa: PLC0415
