@@ -133,6 +133,7 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         opt.stage_timer = stage_timer
     clock = _StageTimer(device)
     losses: list[float] = []
+    host_opt: list[float] = []  # host time of optimizer.step() (how long the CPU is busy launching it)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             _sync(device)
@@ -145,7 +146,9 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
                 loss = model(x, labels=x).loss
             loss.backward()
             with clock("optimizer"):
+                host_start = time.perf_counter()
                 opt.step()
+                host_opt.append((time.perf_counter() - host_start) * 1e3)
         if i >= args.warmup and (i - args.warmup) % 20 == 0:
             losses.append(float(loss.detach()))
     _sync(device)
@@ -168,6 +171,9 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         "worst_step_ms": timed[worst_at],
         "worst_step_index": args.warmup + worst_at + 1,
         "median_optimizer_ms": statistics.median(timed_opt),
+        "host_optimizer_median_ms": statistics.median(host_opt[args.warmup:]),
+        "host_optimizer_mean_ms": statistics.fmean(host_opt[args.warmup:]),
+        "warmup_step_ms": clock.times("step")[: args.warmup],
         "mean_optimizer_ms": statistics.fmean(timed_opt),
         "losses_every_20": losses,
         "final_loss": float(loss.detach()),
