@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["Q4ShampooConfig", "parse_optim_args", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS"]
+__all__ = ["Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS"]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
 ROOT_METHODS = ("auto", "eigh", "newton")
@@ -55,7 +55,12 @@ class Q4ShampooConfig:
             gradient only (the gradients in between are not accumulated, as in paper 2).
         root_freq: T2. Inverse roots are recomputed on steps t with t % T2 == 0; before the first
             one the roots are the identity and the step is a plain first-order step.
-            For runs of only a few thousand steps, lower both (e.g. ``update_freq=10,root_freq=50``).
+            Both default to ``"auto"``: derived from ``total_steps`` by :func:`auto_schedule` (a tenth of
+            the run between roots, clamped to [10, 500], statistics ten times as often), or 10 / 100 when
+            the run's length is unknown. Paper 2's 100 / 500 suits runs of 10^4-10^5 steps; in a run of a
+            few thousand steps it computes its first root late or never.
+        total_steps: the run's length in optimizer steps, if known (the Trainer integration fills it
+            from ``max_steps``); only the ``"auto"`` schedule reads it.
         start_precond_step: no statistics or roots before this step.
         refresh_spread: spread the refreshes over this many consecutive steps, so no single step pays
             for every statistics update and root: each matrix gets a fixed offset o in
@@ -119,8 +124,9 @@ class Q4ShampooConfig:
     first_order: str = "adamw"
     first_order_bits: int = 4
     precond: str = "cholesky_ef"
-    update_freq: int = 100
-    root_freq: int = 500
+    update_freq: int | str = "auto"
+    root_freq: int | str = "auto"
+    total_steps: int | None = None
     start_precond_step: int = 1
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
@@ -181,6 +187,35 @@ class Q4ShampooConfig:
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in GROUP_KEYS}
 
+    def schedule(self) -> tuple[int, int]:
+        """``(update_freq, root_freq)`` with ``"auto"`` resolved (see :func:`auto_schedule`)."""
+        auto_update, auto_root = auto_schedule(self.total_steps)
+        root = auto_root if self.root_freq == "auto" else self.root_freq
+        if self.update_freq != "auto":
+            update = self.update_freq
+        else:
+            update = auto_update if self.root_freq == "auto" else max(1, root // 10)
+        return update, root
+
+
+#: (update_freq, root_freq) of the "auto" schedule when the run's length is unknown.
+UNKNOWN_LENGTH_SCHEDULE = (10, 100)
+
+
+def auto_schedule(total_steps: int | None) -> tuple[int, int]:
+    """The ``"auto"`` ``(update_freq, root_freq)`` for a run of ``total_steps`` optimizer steps.
+
+    Roots every tenth of the run (so the run has about ten preconditioned stretches, the first after 10% of
+    it), clamped to [10, 500]: 500 is paper 2's value for long runs, 10 keeps a root refresh (the costliest
+    stage) from running more often than about every 10 steps. Statistics ten times as often as roots, as in
+    paper 2 (100 / 500 there is 5x; a shorter run gets fewer roots, so each should see more updates).
+    Unknown length: 10 / 100, the schedule measured in docs/results.md for runs of ~10^3 steps.
+    """
+    if total_steps is None:
+        return UNKNOWN_LENGTH_SCHEDULE
+    root = min(500, max(10, round(total_steps / 10)))
+    return max(1, root // 10), root
+
 
 # --------------------------------------------------------------------------------------------
 # Validation rules: (kind, constraint, human description)
@@ -195,9 +230,8 @@ _CHOICES: dict[str, tuple] = {
     "first_order_bits": (4, 32),
     "root_bits": (4, 32),
 }
+_AUTO_INT = ("update_freq", "root_freq")  # a positive integer or "auto"
 _INT_MIN = {
-    "update_freq": 1,
-    "root_freq": 1,
     "start_precond_step": 0,
     "max_precond_dim": 1,
     "min_precond_numel": 0,
@@ -231,7 +265,13 @@ def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
 
 
 def _validate(name: str, value: Any) -> None:
-    if name in _CHOICES:
+    if name in _AUTO_INT:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"Q4Shampoo: {name} must be \"auto\" or an integer >= 1, got {value!r}.")
+    elif name == "total_steps":
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"Q4Shampoo: total_steps must be None (unknown) or an integer >= 1, got {value!r}.")
+    elif name in _CHOICES:
         if value not in _CHOICES[name] or isinstance(value, bool):
             raise ConfigError(
                 f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
@@ -271,6 +311,10 @@ _FALSE = {"false", "0", "no", "n", "off"}
 
 def _cast(name: str, text: str) -> Any:
     default = getattr(Q4ShampooConfig, name)
+    if name in _AUTO_INT and text.strip().lower() == "auto":
+        return "auto"
+    if name in _AUTO_INT or name == "total_steps":
+        default = 0  # an integer field whose default is not an int
     try:
         if name in _BOOLS:
             low = text.lower()

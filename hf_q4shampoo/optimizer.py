@@ -209,7 +209,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         assignment depends only on the parameter list (and a resumed run reads the saved offsets).
         """
         c = self.config
-        spread = min(c.refresh_spread, c.update_freq, c.root_freq)
+        spread = min(c.refresh_spread, *c.schedule())
         key = (spread, tuple(id(p) for g in self.param_groups for p in g["params"]))
         if getattr(self, "_offset_key", None) == key:
             return self._offsets
@@ -323,6 +323,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         In the order of paper 2's Algorithm 4: statistics, roots, ``L^ G R^``, grafting.
         """
         cfg = self.config
+        update_freq, root_freq = cfg.schedule()
         items = []  # (index, grad 2-D fp32, plan, state, step)
         for i, (p, g, _group, state) in enumerate(work):
             if "regions" in state:
@@ -330,14 +331,14 @@ class Q4Shampoo(torch.optim.Optimizer):
                 items.append((i, g.float().reshape(plan.matrix_shape), plan, state, steps[i]))
         if not items:
             return {}
-        due = [it for it in items if _is_due(it[4], cfg.update_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        due = [it for it in items if _is_due(it[4], update_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
         with self._stage("statistics"):
             self._update_statistics(due)
-        due = [it for it in items if _is_due(it[4], cfg.root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        due = [it for it in items if _is_due(it[4], root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
         with self._stage("roots"):
             self._refresh_roots(due)
         # until a parameter's first root, its roots are the identity and its direction is the gradient
-        ready = [it for it in items if it[4] >= _first_due(cfg.root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
+        ready = [it for it in items if it[4] >= _first_due(root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
         with self._stage("apply"):
             outputs = self._precondition(ready)
         with self._stage("grafting"):

@@ -24,7 +24,7 @@ def test_parse_optim_args_types_and_spaces():
 @pytest.mark.parametrize("text,message", [
     ("precondd=eigen", "unknown optim_args key 'precondd'. Allowed keys: .*update_freq"),
     ("update_freq=ten", "update_freq='ten' is not an integer"),
-    ("update_freq=0", "update_freq must be an integer >= 1, got 0"),
+    ("update_freq=0", 'update_freq must be "auto" or an integer >= 1, got 0'),
     ("precond=int8", "precond='int8' is not valid; allowed values: 'cholesky_ef', 'cholesky', 'eigen', 'naive', 'fp32'"),
     ("nesterov=maybe", "nesterov='maybe' is not true or false"),
     ("ef_beta=1.5", r"ef_beta must be a number in \[0, 1\)"),
@@ -46,5 +46,19 @@ def test_config_is_frozen_and_serialisable():
     with pytest.raises(Exception):
         c.update_freq = 3
     d = c.to_dict()
-    assert d["update_freq"] == 7 and all(isinstance(v, (int, float, str, bool, tuple)) for v in d.values())
+    assert d["update_freq"] == 7 and all(isinstance(v, (int, float, str, bool, tuple, type(None))) for v in d.values())
     assert Q4ShampooConfig(**d) == c
+
+
+def test_auto_schedule_follows_the_run_length():
+    from hf_q4shampoo.config import UNKNOWN_LENGTH_SCHEDULE, auto_schedule
+
+    assert Q4ShampooConfig().schedule() == UNKNOWN_LENGTH_SCHEDULE == (10, 100)
+    assert Q4ShampooConfig(total_steps=800).schedule() == (8, 80) == auto_schedule(800)
+    assert auto_schedule(50) == (1, 10) and auto_schedule(10**6) == (50, 500)
+    # an explicit root_freq with an automatic update_freq keeps the 10:1 ratio; explicit values win
+    assert Q4ShampooConfig(root_freq=50).schedule() == (5, 50)
+    assert Q4ShampooConfig(update_freq=1, total_steps=800).schedule() == (1, 80)
+    assert parse_optim_args("update_freq=AUTO,total_steps=300") == {"update_freq": "auto", "total_steps": 300}
+    with pytest.raises(ConfigError, match="total_steps must be None"):
+        Q4ShampooConfig(total_steps=0)
