@@ -209,7 +209,7 @@ def test_clear_errors():
         Q4Shampoo([p], precondd="eigen")
     with pytest.raises(ConfigError, match="precond='bad' is not valid; allowed values: 'cholesky_ef'"):
         Q4Shampoo([p], precond="bad")
-    with pytest.raises(ConfigError, match="update_freq must be "auto" or an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match='update_freq must be "auto" or an integer >= 1, got 0'):
         Q4Shampoo([p], update_freq=0)
     with pytest.raises(ConfigError, match="betas"):
         Q4Shampoo([{"params": [p], "betas": (0.9, 1.5)}])
