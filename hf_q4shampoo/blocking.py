@@ -104,17 +104,23 @@ def plan_blocks(
 
 
 def extract_blocks(matrix: torch.Tensor, region: Region) -> torch.Tensor:
-    """The region's blocks as a ``(num_blocks, block_rows, block_cols)`` tensor (row-major order)."""
-    sub = matrix[region.row_start : region.row_stop, region.col_start : region.col_stop]
+    """The region's blocks as a ``(num_blocks, block_rows, block_cols)`` tensor (row-major order).
+
+    ``matrix`` may carry leading batch dimensions ``(K, rows, cols)``: the result is then
+    ``(K * num_blocks, block_rows, block_cols)``, member-major (the blocks of member 0 first).
+    """
+    lead = matrix.shape[:-2]
+    sub = matrix[..., region.row_start : region.row_stop, region.col_start : region.col_stop]
     a, b = region.block_rows, region.block_cols
-    blocks = sub.reshape(region.n_row_blocks, a, region.n_col_blocks, b).transpose(1, 2)
-    return blocks.reshape(region.num_blocks, a, b)
+    blocks = sub.reshape(*lead, region.n_row_blocks, a, region.n_col_blocks, b).transpose(-3, -2)
+    return blocks.reshape(-1, a, b)
 
 
 def insert_blocks(matrix: torch.Tensor, region: Region, blocks: torch.Tensor) -> None:
     """Write ``blocks`` (as returned by :func:`extract_blocks`) back into ``matrix`` in place."""
+    lead = matrix.shape[:-2]
     a, b = region.block_rows, region.block_cols
-    grid = blocks.reshape(region.n_row_blocks, region.n_col_blocks, a, b).transpose(1, 2)
-    matrix[region.row_start : region.row_stop, region.col_start : region.col_stop] = grid.reshape(
-        region.n_row_blocks * a, region.n_col_blocks * b
+    grid = blocks.reshape(*lead, region.n_row_blocks, region.n_col_blocks, a, b).transpose(-3, -2)
+    matrix[..., region.row_start : region.row_stop, region.col_start : region.col_stop] = grid.reshape(
+        *lead, region.n_row_blocks * a, region.n_col_blocks * b
     )

@@ -110,14 +110,16 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
 
 
 def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
-    zeros = torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
+    def zeros() -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
+        return torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
+
     quantized = quantized_moments(p.numel(), bits)
     state: State = {}
     if kind == "adamw":
-        _scatter([state], "exp_avg", _encode_signed(zeros, quantized))
-        _scatter([state], "exp_avg_sq", _encode_nonneg(zeros, quantized))
+        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized))
+        _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
     else:
-        _scatter([state], "momentum_buffer", _encode_signed(zeros, quantized))
+        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized))
     return state
 
 
@@ -176,6 +178,23 @@ def _apply_update(params: list[torch.Tensor], update: torch.Tensor) -> None:
     torch._foreach_sub_(params, list(parts))
 
 
+def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, states: list[State], step: int,
+                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """fp32 moments of fp32 parameters: torch's fused AdamW kernel (one launch for the whole batch, no
+    compilation), which computes the same update as :func:`_adamw_math` (decoupled decay, bias-corrected
+    Adam step; equal up to rounding)."""
+    device = directions.device
+    lr = _host_float(lr)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(device=device, dtype=torch.float32)
+    steps = [_scalars(device, "step", float(step))] * len(params)
+    torch._fused_adamw_(
+        params, list(directions.unbind(0)), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+        steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+        maximize=False,
+    )
+
+
 def adamw_group_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
@@ -192,10 +211,13 @@ def adamw_group_step(
     """One AdamW step for K same-shape tensors; ``directions`` is their fp32 (K, *shape) update direction."""
     beta1, beta2 = betas
     device = directions.device
+    quantized = quantized_moments(params[0].numel(), bits)
+    if not quantized and params[0].dtype == torch.float32:
+        _fused_adamw(params, directions, states, step, lr, betas, eps, weight_decay)
+        return
     if weight_decay:
         decay = 1.0 - _host_float(lr) * weight_decay
         torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
-    quantized = quantized_moments(params[0].numel(), bits)
     fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(
         _gather(states, "exp_avg"), _gather(states, "exp_avg_sq"), directions, _scalars(device, "lr", lr),

@@ -24,7 +24,11 @@ __all__ = [
     "matrix_inverse_root",
     "bjorck_orthonormalize",
     "robust_cholesky",
+    "cholesky_attempt",
     "newton_schedule",
+    "inverse_root_scheduled",
+    "inverse_root_checked",
+    "tf32_matmul",
     "fp32_matmul",
     "CHOLESKY_JITTER_STEPS",
 ]
@@ -110,62 +114,27 @@ def inverse_root_newton(
     a: torch.Tensor,
     p: int = 4,
     ridge_eps: float = 1e-6,
-    max_iters: int = 100,
+    max_iters: int = 40,
     tol: float = 1e-6,
     host_checks: bool | None = None,
 ) -> torch.Tensor:
     """``(A + eps * lambda_max I)^(-1/p)`` by the coupled Newton iteration (Guo & Higham 2006).
 
-    As in paper 2 (Algorithm 4 / ``ComputePower``), with ``lambda_max`` from power iteration:
-    ``z = (1 + p) / (2 ||A||_F)``, ``X = z^(1/p) I``, ``M = z A``, then
-    ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M`` while ``max|M - I| > tol``; a matrix
-    whose error grows by more than 1.2x keeps its previous X. All matrices iterate together; each
-    stops on its own (masked); the loop ends when none is active (checked every iteration on CPU, from
-    iteration 12 every 4th on accelerators, never with ``host_checks=False``). Matrices whose result is not finite are recomputed with
-    :func:`inverse_root_eigh` in fp64 on CPU, and get the identity on accelerators (sync-free).
+    Paper 2's ``ComputePower`` (with ``lambda_max`` from power iteration) iterates plain Newton steps until
+    ``max|M - I| <= tol``; here the steps follow :func:`newton_schedule` (the same fixed point in about
+    half the iterations, with no data-dependent stopping), see :func:`inverse_root_scheduled`.
+    ``max_iters`` caps the schedule's length. A matrix whose result is not finite or did not converge is
+    recomputed with :func:`inverse_root_eigh` in fp64 when ``host_checks`` (default: on CPU, where reading
+    the flag is free), and gets the identity otherwise (no host sync; grafting keeps the step's norm).
     """
-    out_dtype = a.dtype
-    work = symmetrize(a.float())
-    eye = eye_like(work)
-    lam = power_iteration(work)
-    # Normalise by lambda_max so fp32 never overflows; rescale at the end.
-    scale = torch.where(lam > 0, lam, torch.ones_like(lam))
-    work = work / scale[..., None, None] + ridge_eps * eye
-    z = (1.0 + p) / (2.0 * torch.linalg.matrix_norm(work))
-    x = z.pow(1.0 / p)[..., None, None] * eye
-    m = z[..., None, None] * work
-    err = (m - eye).abs().flatten(-2).amax(-1)
-    active = err > tol
-    # Reading ``active`` makes the host wait for the device. On CPU that is free and the loop stops as
-    # soon as every matrix is done. On accelerators it costs the overlap of the rest of the step, so it
-    # is read only from iteration 12 on, every 4th (no ill-conditioned factor converges sooner; typical
-    # ones need 16-20, measured in docs/perf_notes.md). Finished matrices are masked either way, so the
-    # check only saves time, it never changes a result. ``host_checks=False`` never reads it.
+    x, ok = inverse_root_scheduled(a, p, ridge_eps, tol, max_iters=max_iters)
     host = a.device.type == "cpu" if host_checks is None else host_checks
-    for it in range(max_iters):
-        if host_checks is not False and (host or (it >= 12 and it % 4 == 0)) and not bool(active.any()):
-            break
-        t = ((p + 1.0) * eye - m) / p
-        x_new = x @ t
-        t2 = t @ t
-        tp = t2 @ t2 if p == 4 else torch.linalg.matrix_power(t, p)
-        m_new = tp @ m
-        err_new = (m_new - eye).abs().flatten(-2).amax(-1)
-        take = active & (err_new <= 1.2 * err)
-        x = torch.where(take[..., None, None], x_new, x)
-        m = torch.where(take[..., None, None], m_new, m)
-        err = torch.where(take, err_new, err)
-        active = take & (err_new > tol)
-    x = x * scale.pow(-1.0 / p)[..., None, None]
-    x = torch.where((lam > 0)[..., None, None], x, eye)
-    bad = ~_finite_per_matrix(x)
     if host:
-        if bool(bad.any()):
+        if not bool(ok.all()):
             x = x.clone()
-            x[bad] = inverse_root_eigh(a[bad].double(), p, ridge_eps).float()
-    else:  # no host sync: a failed matrix gets no preconditioning this time (grafting keeps the norm)
-        x = torch.where(bad[..., None, None], eye, x)
-    return symmetrize(x).to(out_dtype)
+            x[~ok] = inverse_root_eigh(a[~ok].double(), p, ridge_eps).to(x.dtype)
+        return x
+    return torch.where(ok[..., None, None], x, eye_like(x))
 
 
 def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw) -> torch.Tensor:
@@ -177,11 +146,47 @@ def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, me
     raise ValueError(f"unknown inverse-root method {method!r}; allowed: 'eigh', 'newton'")
 
 
+def inverse_root_checked(a: torch.Tensor, p: int, ridge_eps: float, method: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(root, ok)``: like :func:`matrix_inverse_root`, but Newton's failures are reported, not replaced,
+    so that the caller can keep the previous root of a failed matrix (no host sync on accelerators)."""
+    if method == "eigh":
+        x = inverse_root_eigh(a, p, ridge_eps)
+        return x, torch.ones(a.shape[:-2], dtype=torch.bool, device=a.device)
+    if method == "newton":
+        if a.device.type == "cpu":  # fp64 eigh fallback is free to decide on the host
+            x = inverse_root_newton(a, p, ridge_eps, **kw)
+            return x, torch.ones(a.shape[:-2], dtype=torch.bool, device=a.device)
+        return inverse_root_scheduled(a, p, ridge_eps, kw.get("tol", 1e-6), max_iters=kw.get("max_iters", 40))
+    raise ValueError(f"unknown inverse-root method {method!r}; allowed: 'eigh', 'newton'")
+
+
 def bjorck_orthonormalize(v: torch.Tensor, iters: int) -> torch.Tensor:
     """``iters`` Björck steps ``V <- 1.5 V - 0.5 V V^T V`` (paper 2 Eq. 2)."""
     for _ in range(iters):
         v = 1.5 * v - 0.5 * (v @ v.mT @ v)
     return v
+
+
+def cholesky_attempt(a: torch.Tensor, rel_eps: float, jitter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Cholesky factorisation of ``A + r I`` per matrix, ``r = rel_eps * jitter * max_i A_ii``; no host sync.
+
+    The sync-free counterpart of :func:`robust_cholesky` for accelerators: instead of retrying at once
+    (which needs the host to read which matrices failed), the caller keeps a failed matrix's previous
+    factor and raises its ``jitter`` for the next update. Retries (``jitter > 1``) use at least
+    ``n * eps32 * max_i A_ii``, as in :func:`robust_cholesky`. Returns ``(C, r, ok)``; ``C`` is only
+    meaningful where ``ok``. Products run in IEEE fp32.
+    """
+    work = symmetrize(a.float())
+    finite = _finite_per_matrix(work)
+    work = torch.where(finite[..., None, None], work, eye_like(work))
+    top = work.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0.0)
+    base = rel_eps * top
+    base = torch.where(base > 0, base, torch.full_like(base, torch.finfo(torch.float32).tiny ** 0.5))
+    floor = a.shape[-1] * torch.finfo(torch.float32).eps * top
+    ridge = torch.where(jitter > 1, torch.maximum(base * jitter, floor), base)
+    c, info = torch.linalg.cholesky_ex(work + ridge[..., None, None] * eye_like(work))
+    ok = (info == 0) & _finite_per_matrix(c) & finite
+    return c, ridge, ok
 
 
 def robust_cholesky(
@@ -266,6 +271,34 @@ def fp32_matmul():
             matmul.allow_tf32 = old
 
 
+@contextmanager
+def tf32_matmul(enabled: bool = True):
+    """Let CUDA float32 products inside the block use TF32 (when ``enabled``), then restore the setting.
+
+    Only for Gram products ``X X^T``: TF32 rounds each input to a 10-bit mantissa and accumulates in fp32,
+    so the result is the exact Gram matrix of a slightly rounded X (relative 2^-11 per entry), still PSD
+    (docs/perf_notes.md v6). Not for the Newton iteration (v4).
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:  # pragma: no cover - torch < 2.9
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inverse p-th roots by a coupled iteration with a precomputed polynomial schedule
 # ----------------------------------------------------------------------------------------------------
@@ -321,7 +354,7 @@ def newton_schedule(p: int, ridge_eps: float, tol: float = 1e-6, max_iters: int 
 
 
 def inverse_root_scheduled(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, tol: float = 1e-6,
-                           accept: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                           accept: float = 1e-3, max_iters: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A + eps * lambda_max I)^(-1/p)`` by the coupled iteration with :func:`newton_schedule`'s steps.
 
     Returns ``(X, ok)``: ``ok`` (shape ``(...,)``) is False where the result is not finite or where
@@ -338,7 +371,7 @@ def inverse_root_scheduled(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6,
         start = 1.0 / (NEWTON_HEADROOM + ridge_eps)
         m = (work / scale[..., None, None] + ridge_eps * eye) * start
         x = None  # X_0 = start^(1/p) I is folded into the first product
-        for coef_a, coef_b in newton_schedule(p, ridge_eps, tol):
+        for coef_a, coef_b in newton_schedule(p, ridge_eps, tol, max_iters):
             t = coef_a * eye - coef_b * m
             x = t if x is None else x @ t
             t2 = t @ t

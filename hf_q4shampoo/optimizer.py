@@ -20,16 +20,18 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
+from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_group_step, init_first_order_state, sgd_group_step
+from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form
-from .preconditioners import state_order as side_order
 
 __all__ = ["Q4Shampoo"]
 
@@ -59,19 +61,27 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def _cat_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if len(states) == 1:
-        return dict(states[0])
-    return {key: torch.cat([s[key] for s in states]) for key in states[0]}
+@dataclass(eq=False)
+class _Batch:
+    """Members (positions in ``group``) that have a gradient this step and share one step count."""
+
+    group: ShapeGroup
+    members: list[int]
+    step: int
+    grads: list[torch.Tensor]
 
 
-def _scatter_states(big: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> None:
-    """Write the rows of ``big`` back into the per-parameter side states they came from."""
-    sizes = [next(iter(t.values())).shape[0] for t in targets]
-    parts = {key: value.split(sizes) for key, value in big.items()}
-    for i, target in enumerate(targets):
-        target.clear()
-        target.update({key: parts[key][i] for key in big})
+def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[_Batch]:
+    """This step's work, one batch per (shape group, step count); usually one batch per shape group."""
+    out = []
+    for group in layout.groups:
+        by_step: dict[int, list[int]] = {}
+        for m, state in enumerate(group.states):
+            if id(state) in grads:
+                by_step.setdefault(steps[id(state)], []).append(m)
+        for step, members in by_step.items():
+            out.append(_Batch(group, members, step, [grads[id(group.states[m])] for m in members]))
+    return out
 
 
 class Q4Shampoo(torch.optim.Optimizer):
@@ -118,10 +128,11 @@ class Q4Shampoo(torch.optim.Optimizer):
         for group in self.param_groups:
             self._validate_group(group)
         self._settings = FormSettings(
-            **{k: getattr(cfg, k) for k in FormSettings.__dataclass_fields__ if k != "root_method"},
+            **{k: getattr(cfg, k) for k in FormSettings.__dataclass_fields__ if k not in ("root_method", "gram_tf32")},
             root_method="eigh",
         )
-        self._forms: dict[str, PreconditionerForm] = {}
+        self._forms: dict[tuple, PreconditionerForm] = {}
+        self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
         #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
         self.stage_timer: Callable[[str], Any] | None = None
@@ -147,10 +158,11 @@ class Q4Shampoo(torch.optim.Optimizer):
         method = self.config.root_method
         if method == "auto":
             method = "eigh" if device.type == "cpu" else "newton"
-        if method not in self._forms:
-            settings = FormSettings(**{**self._settings.__dict__, "root_method": method})
-            self._forms[method] = make_form(self.config.precond, settings)
-        return self._forms[method]
+        key = (method, self._gram_tf32(device))
+        if key not in self._forms:
+            settings = FormSettings(**{**self._settings.__dict__, "root_method": method, "gram_tf32": key[1]})
+            self._forms[key] = make_form(self.config.precond, settings)
+        return self._forms[key]
 
     @staticmethod
     @lru_cache(maxsize=4096)
@@ -242,24 +254,24 @@ class Q4Shampoo(torch.optim.Optimizer):
                 if region.precond_cols:
                     sides["R"] = form.init_state(region.block_cols, region.num_blocks, local.device)
                 regions.append(sides)
-                self._precompile(form, sides.values(), local.device)
             state["regions"] = regions
             state["refresh_offset"] = self._refresh_offsets().get(id(p), 0)
 
-    def _precompile(self, form: PreconditionerForm, sides, device: torch.device) -> None:
-        """Decode each new root order once now, so its compilation (accelerators only) happens at the
+    def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
+        """Decode roots of a new order once now, so its compilation (accelerators only) happens at the
         first step instead of in the middle of training when preconditioning starts."""
-        if not self.config.use_compile or device.type in ("cpu", "meta"):
+        if not self.config.use_compile or bucket.device.type in ("cpu", "meta"):
             return
         warmed = self.__dict__.setdefault("_warmed_orders", set())
-        for side in sides:
-            key = (device, side_order(side))
-            if key not in warmed:
-                warmed.add(key)
-                # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
-                one = {k: v[:1] for k, v in side.items()}
-                form.root(one, self._apply_dtype(device))
-                form.root(_cat_states([one, one]), self._apply_dtype(device))
+        key = (bucket.device, bucket.order)
+        if key in warmed:
+            return
+        warmed.add(key)
+        roots = {k: v for k, v in bucket.storage.items() if k.startswith("root")}
+        # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
+        for size in (1, 2):
+            form.root({k: v[:1].expand(size, *v.shape[1:]).contiguous() for k, v in roots.items()},
+                      self._apply_dtype(bucket.device))
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -271,8 +283,9 @@ class Q4Shampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        work = []  # (param, grad, group index, state) of the parameters that have a gradient
-        for gi, group in enumerate(self.param_groups):
+        grads: dict[int, torch.Tensor] = {}  # id(state) -> local gradient
+        counters = []
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -280,132 +293,194 @@ class Q4Shampoo(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                local_p, local_g = _local(p), _local(p.grad)
-                if local_p.numel() == 0:
+                local_g = _local(p.grad)
+                if local_g.numel() == 0:
                     continue
-                work.append((local_p, local_g, gi, state))
-        if not work:
+                grads[id(state)] = local_g
+                counters.append(state["step"])
+        if not grads:
             return loss
-        counters = [state["step"] for *_, state in work]
         torch._foreach_add_(counters, 1.0)  # CPU tensors: no device sync, one op for all
-        steps = [int(s) for s in torch.stack(counters).tolist()]
-
-        directions = self._shampoo_directions(work, steps)
-        with self._stage("first_order"):
-            self._first_order_steps(work, steps, directions)
+        values = torch.stack(counters).tolist()
+        steps = {sid: int(v) for sid, v in zip(grads, values)}
+        layout = self._current_layout()
+        for batch in _batches(layout, grads, steps):
+            self._step_batch(batch)
         return loss
 
-    def _first_order_steps(self, work: list, steps: list[int], directions: dict[int, torch.Tensor]) -> None:
-        """The AdamW / SGD step, batched over tensors that share parameter group, shape, dtype and step."""
-        cfg = self.config
-        batches: dict[tuple, list[int]] = defaultdict(list)
-        for i, (p, _g, gi, _state) in enumerate(work):
-            batches[(gi, tuple(p.shape), p.dtype, p.device, steps[i])].append(i)
-        for (gi, _shape, _dtype, _device, step), idx in batches.items():
-            group = self.param_groups[gi]
-            params = [work[i][0] for i in idx]
-            states = [work[i][3] for i in idx]
-            dirs = torch.stack([directions[i] if i in directions else work[i][1] for i in idx]).float()
-            if cfg.first_order == "adamw":
-                adamw_group_step(
-                    params, dirs, states, step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
-                )
-            else:
-                sgd_group_step(
-                    params, dirs, states, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
-                )
+    def _current_layout(self) -> Layout:
+        """The persistent layout of every parameter that has state (rebuilt when that set changes)."""
+        members = [(gi, _local(p), self.state[p]) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                   if self.state.get(p)]
+        key = (self._layout_version, tuple(id(s) for _, _, s in members))
+        layout = self.__dict__.get("_layout")
+        if layout is None or layout.key != key:
+            layout = self._layout = build_layout(members, self.block_plan, key)
+            for bucket in layout.buckets:
+                self._precompile(self._form(bucket.device), bucket)
+        return layout
 
-    def _shampoo_directions(self, work: list, steps: list[int]) -> dict[int, torch.Tensor]:
-        """Preconditioned, grafted directions for the Shampoo parameters in ``work`` (by index).
+    def _step_batch(self, batch: _Batch) -> None:
+        """One step for members of one shape group that share a step count, in paper 2's order."""
+        group, step = batch.group, batch.step
+        grads = batch.grads
+        if len(grads) == 1:
+            g = grads[0].float().unsqueeze(0)
+        else:
+            g = torch.stack(grads).float()
+        directions = g
+        if group.plan is not None:
+            cfg = self.config
+            update_freq, root_freq = cfg.schedule()
+            start = cfg.start_precond_step
+            offsets = [group.states[m]["refresh_offset"] for m in batch.members]
+            g2 = g.reshape(len(grads), *group.plan.matrix_shape)
+            positions = range(len(grads))
+            stats_due = [i for i in positions if _is_due(step, update_freq, start, offsets[i])]
+            roots_due = [i for i in positions if _is_due(step, root_freq, start, offsets[i])]
+            ready = [i for i in positions if step >= _first_due(root_freq, start, offsets[i])]
+            if stats_due:
+                with self._stage("statistics"):
+                    self._update_statistics(batch, g2, stats_due)
+            if roots_due:
+                with self._stage("roots"):
+                    self._refresh_roots(batch, roots_due)
+            if ready:
+                with self._stage("apply"):
+                    pre = self._precondition(batch, g2, ready)
+                with self._stage("grafting"):
+                    directions = self._graft(g2, pre, ready, batch).reshape(g.shape)
+        with self._stage("first_order"):
+            self._first_order_step(batch, directions)
 
-        In the order of paper 2's Algorithm 4: statistics, roots, ``L^ G R^``, grafting.
-        """
-        cfg = self.config
-        update_freq, root_freq = cfg.schedule()
-        items = []  # (index, grad 2-D fp32, plan, state, step)
-        for i, (p, g, _group, state) in enumerate(work):
-            if "regions" in state:
-                plan = self.block_plan(p.shape)
-                items.append((i, g.float().reshape(plan.matrix_shape), plan, state, steps[i]))
-        if not items:
-            return {}
-        due = [it for it in items if _is_due(it[4], update_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
-        with self._stage("statistics"):
-            self._update_statistics(due)
-        due = [it for it in items if _is_due(it[4], root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
-        with self._stage("roots"):
-            self._refresh_roots(due)
-        # until a parameter's first root, its roots are the identity and its direction is the gradient
-        ready = [it for it in items if it[4] >= _first_due(root_freq, cfg.start_precond_step, it[3]["refresh_offset"])]
-        with self._stage("apply"):
-            outputs = self._precondition(ready)
-        with self._stage("grafting"):
-            self._graft(outputs, {i: g2d for i, g2d, *_ in ready})
-        return {i: out.reshape(work[i][0].shape) for i, out in outputs.items()}
-
-    def _update_statistics(self, items: list) -> None:
-        """``L <- beta L + (1 - beta) G G^T`` (and R), batched per factor order across parameters."""
-        jobs: dict[tuple, list] = defaultdict(list)
-        for _i, g2d, plan, state, _step in items:
-            for region, sides in zip(plan.regions, state["regions"]):
-                blocks = extract_blocks(g2d, region)
-                if "L" in sides:
-                    jobs[(blocks.device, region.block_rows)].append((sides["L"], blocks @ blocks.mT))
-                if "R" in sides:
-                    jobs[(blocks.device, region.block_cols)].append((sides["R"], blocks.mT @ blocks))
-        for (device, _n), bucket in jobs.items():
-            targets = [side for side, _ in bucket]
-            big = _cat_states(targets)
-            self._form(device).update_statistics(big, torch.cat([gram for _, gram in bucket]))
-            _scatter_states(big, targets)
-
-    def _refresh_roots(self, items: list) -> None:
-        """Recompute the stored inverse roots, batched per factor order across parameters."""
-        jobs: dict[tuple, list] = defaultdict(list)
-        for _i, g2d, plan, state, _step in items:
-            for region, sides in zip(plan.regions, state["regions"]):
-                for name, side in sides.items():
-                    n = region.block_rows if name == "L" else region.block_cols
-                    jobs[(g2d.device, n)].append(side)
-        for (device, _n), targets in jobs.items():
-            big = _cat_states(targets)
-            self._form(device).refresh_root(big)
-            _scatter_states(big, targets)
-
-    def _precondition(self, items: list) -> dict[int, torch.Tensor]:
-        """``G^ = L^ G R^`` for every block, batched per block shape across parameters."""
-        jobs: dict[tuple, list] = defaultdict(list)
-        outputs: dict[int, torch.Tensor] = {}
-        for i, g2d, plan, state, _step in items:
-            outputs[i] = torch.empty_like(g2d)
-            for region, sides in zip(plan.regions, state["regions"]):
-                key = (g2d.device, region.block_rows, region.block_cols, "L" in sides, "R" in sides)
-                jobs[key].append((i, region, sides, extract_blocks(g2d, region)))
-        for (device, _a, _b, has_l, has_r), bucket in jobs.items():
-            form = self._form(device)
-            dtype = self._apply_dtype(device)
-            blocks = torch.cat([blk for *_, blk in bucket]) if len(bucket) > 1 else bucket[0][3]
-            blocks = blocks.to(dtype)
-            if has_l:
-                blocks = form.root(_cat_states([sides["L"] for _, _, sides, _ in bucket]), dtype) @ blocks
-            if has_r:
-                blocks = blocks @ form.root(_cat_states([sides["R"] for _, _, sides, _ in bucket]), dtype)
-            for (i, region, _sides, _), part in zip(bucket, blocks.split([r.num_blocks for _, r, _, _ in bucket])):
-                insert_blocks(outputs[i], region, part)
-        return outputs
-
-    @staticmethod
-    def _graft(outputs: dict[int, torch.Tensor], grads: dict[int, torch.Tensor]) -> None:
-        """Rescale each parameter's direction to the Frobenius norm of its gradient (batched norms)."""
-        if not outputs:
+    # ---- the stages ---------------------------------------------------------------------------
+    def _bucket_update(self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None]) -> None:
+        """Run ``update`` on the stored state of some rows of a bucket and write the result back in place."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            window = slice(rows[0], rows[0] + len(rows))
+            sub = {k: v[window] for k, v in bucket.storage.items()}
+            update(sub)
+            for k, v in bucket.storage.items():
+                if sub[k] is not v[window]:
+                    v[window].copy_(sub[k])
             return
-        order = list(outputs)
-        outs = [outputs[i] for i in order]
-        grad_norms = torch._foreach_norm([grads[i] for i in order])
-        out_norms = torch._foreach_add(torch._foreach_norm(outs), _GRAFT_EPS)
-        torch._foreach_mul_(outs, torch._foreach_div(grad_norms, out_norms))
+        index = self._index(rows, bucket.device)
+        sub = {k: v.index_select(0, index) for k, v in bucket.storage.items()}
+        update(sub)
+        for k, v in bucket.storage.items():
+            v.index_copy_(0, index, sub[k])
+
+    def _chunks(self, positions: list[int], slot: SideSlot) -> list[list[int]]:
+        """Split member positions so one call handles at most ~2^26 factor entries (bounded transients)."""
+        per = max(1, (1 << 26) // max(1, slot.blocks * slot.bucket.order**2))
+        return [positions[i : i + per] for i in range(0, len(positions), per)]
+
+    def _update_statistics(self, batch: _Batch, g2: torch.Tensor, positions: list[int]) -> None:
+        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the members at ``positions``."""
+        group = batch.group
+        form = self._form(g2.device)
+        tf32 = self._gram_tf32(g2.device)
+        for slot in group.slots:
+            region = group.plan.regions[slot.region_index]
+            for chunk in self._chunks(positions, slot):
+                sub = g2 if len(chunk) == g2.shape[0] else g2[self._index(chunk, g2.device)]
+                blocks = extract_blocks(sub, region)
+                with linalg.tf32_matmul(tf32):
+                    gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
+                rows = [r for i in chunk for r in slot.member_rows(batch.members[i])]
+                self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram))
+
+    def _refresh_roots(self, batch: _Batch, positions: list[int]) -> None:
+        """Recompute the stored inverse roots of the members at ``positions``."""
+        group = batch.group
+        form = self._form(group.params[0].device)
+        for slot in group.slots:
+            for chunk in self._chunks(positions, slot):
+                rows = [r for i in chunk for r in slot.member_rows(batch.members[i])]
+                self._bucket_update(slot.bucket, rows, form.refresh_root)
+
+    def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
+        rows = [r for m in members for r in slot.member_rows(m)]
+        storage = slot.bucket.storage
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            sub = {k: v[rows[0] : rows[0] + len(rows)] for k, v in storage.items() if k.startswith("root")}
+        else:
+            index = self._index(rows, slot.bucket.device)
+            sub = {k: v.index_select(0, index) for k, v in storage.items() if k.startswith("root")}
+        return self._form(slot.bucket.device).root(sub, dtype)
+
+    def _precondition(self, batch: _Batch, g2: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """``G^ = L^ G R^`` blockwise for the members at ``positions``: ``(len(positions), rows, cols)`` fp32."""
+        group = batch.group
+        dtype = self._apply_dtype(g2.device)
+        members = [batch.members[i] for i in positions]
+        sub = g2 if len(positions) == g2.shape[0] else g2[self._index(positions, g2.device)]
+        out = torch.empty_like(sub)
+        for ri, region in enumerate(group.plan.regions):
+            slots = group.region_slots(ri)
+            blocks = extract_blocks(sub, region).to(dtype)
+            if "L" in slots:
+                blocks = self._roots(slots["L"], members, dtype) @ blocks
+            if "R" in slots:
+                blocks = blocks @ self._roots(slots["R"], members, dtype)
+            insert_blocks(out, region, blocks)
+        return out
+
+    def _graft(self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int], batch: _Batch) -> torch.Tensor:
+        """Rescale each preconditioned direction to its gradient's Frobenius norm; members not yet ready
+        (before their first root) keep the gradient itself."""
+        every = len(positions) == g2.shape[0]
+        sub = g2 if every else g2[self._index(positions, g2.device)]
+        grad_norm = torch.linalg.vector_norm(sub, dim=(-2, -1))
+        pre_norm = torch.linalg.vector_norm(pre, dim=(-2, -1)).add_(_GRAFT_EPS)
+        pre.mul_((grad_norm / pre_norm)[:, None, None])
+        if every:
+            return pre
+        return g2.index_copy(0, self._index(positions, g2.device), pre)
+
+    def _first_order_step(self, batch: _Batch, directions: torch.Tensor) -> None:
+        """The AdamW / SGD step for the members of one batch (same group, shape and step)."""
+        cfg = self.config
+        group = self.param_groups[batch.group.group_index]
+        params = [batch.group.params[m] for m in batch.members]
+        states = [batch.group.states[m] for m in batch.members]
+        if cfg.first_order == "adamw":
+            adamw_group_step(
+                params, directions, states, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+            )
+        else:
+            sgd_group_step(
+                params, directions, states, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+            )
+
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The preconditioned, grafted direction the current roots give ``grad`` for parameter ``p``
+        (no state changes; for tests and inspection)."""
+        state = self.state[p]
+        for group in self._current_layout().groups:
+            for m, s in enumerate(group.states):
+                if s is state:
+                    if group.plan is None:
+                        return grad.float()
+                    batch = _Batch(group, [m], int(state["step"]), [grad])
+                    g2 = grad.float().reshape(1, *group.plan.matrix_shape)
+                    return self._graft(g2, self._precondition(batch, g2, [0]), [0], batch)[0].reshape(grad.shape)
+        raise KeyError("parameter has no Q4Shampoo state yet")
+
+    def _index(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.get("_index_cache")
+        if cache is None:
+            cache = self._index_cache = IndexCache()
+        return cache(rows, device)
+
+    def _gram_tf32(self, device: torch.device) -> bool:
+        choice = self.config.gram_precision
+        if choice == "auto":
+            return device.type == "cuda" and self.config.precond != "fp32"
+        return choice == "tf32"
 
     def _apply_dtype(self, device: torch.device) -> torch.dtype:
         choice = self.config.apply_dtype
@@ -418,6 +493,9 @@ class Q4Shampoo(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        # The per-parameter state tensors are views of the layout's stacked buffers: give the checkpoint
+        # independent tensors (a view would serialise its whole buffer under some checkpoint writers).
+        sd["state"] = {index: _detach_views(value) for index, value in sd["state"].items()}
         sd["q4shampoo_config"] = self.config.to_dict()
         return sd
 
@@ -444,6 +522,27 @@ class Q4Shampoo(torch.optim.Optimizer):
         for index, p in enumerate(params):
             if index in saved_state:
                 self.state[p] = _restore(saved_state[index], _local(p).device)
+                _add_missing_keys(self.state[p])
+        self._layout_version += 1
+        self.__dict__.pop("_layout", None)
+
+
+def _detach_views(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value._base is not None else value
+    if isinstance(value, dict):
+        return {k: _detach_views(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_detach_views(v) for v in value]
+    return value
+
+
+def _add_missing_keys(state: dict[str, Any]) -> None:
+    """Fill state keys that checkpoints of earlier versions lack (the Cholesky forms' ``jitter``: 1)."""
+    for sides in state.get("regions", []):
+        for side in sides.values():
+            if "ridge" in side and "jitter" not in side:
+                side["jitter"] = torch.ones_like(side["ridge"])
 
 
 def _restore(value: Any, device: torch.device) -> Any:

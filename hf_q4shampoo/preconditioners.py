@@ -84,6 +84,8 @@ class FormSettings:
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
     use_compile: bool = True
+    #: Gram products (``C C^T`` of a Cholesky factor) in TF32: set by the optimizer for quantized forms on CUDA.
+    gram_tf32: bool = False
 
 
 class PreconditionerForm(ABC):
@@ -120,8 +122,9 @@ class PreconditionerForm(ABC):
     def _root_quantized(self, n: int) -> bool:
         return self.s.root_bits == 4 and self.quantized(n)
 
-    def _inverse_root(self, a: torch.Tensor) -> torch.Tensor:
-        return linalg.matrix_inverse_root(
+    def _inverse_root(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(root, ok)``; where not ok (a Newton root that did not converge) the caller keeps the old root."""
+        return linalg.inverse_root_checked(
             a,
             p=4,
             ridge_eps=self.s.matrix_eps,
@@ -158,8 +161,8 @@ class PreconditionerForm(ABC):
 
     def refresh_root(self, state: State) -> None:
         n = state_order(state)
-        root = self._inverse_root(self.statistics(state))
-        state.update(self._store_symmetric(root, "root", self._root_quantized(n), packed=True))
+        root, ok = self._inverse_root(self.statistics(state))
+        _update_rows(state, self._store_symmetric(root, "root", self._root_quantized(n), packed=True), ok)
 
     def root(self, state: State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel)."""
@@ -187,9 +190,23 @@ class PreconditionerForm(ABC):
     def _kind_of(self, key: str) -> str:
         if key.startswith("root"):
             return "roots" if key in ("root", "root_codes") else "scales_diagonals"
-        if key.endswith(("_scales", "_diag", "_upper_scale")) or key in ("eigenvalues", "ridge", "diag"):
+        if key.endswith(("_scales", "_diag", "_upper_scale")) or key in ("eigenvalues", "ridge", "diag", "jitter"):
             return "scales_diagonals"
         return "statistics"
+
+
+def _update_rows(state: State, new: State, ok: torch.Tensor) -> None:
+    """``state[key] = new[key]`` for the factors (rows) where ``ok``; the others keep their stored values.
+
+    A sync-free way to skip a failed computation for some factors of a batch (the host never reads ``ok``).
+    """
+    for key, value in new.items():
+        old = state.get(key)
+        if old is None or old.shape != value.shape:
+            state[key] = value
+            continue
+        mask = ok.reshape(-1, *([1] * (value.dim() - 1)))
+        state[key] = torch.where(mask, value, old)
 
 
 def state_order(state: State) -> int:
@@ -270,6 +287,7 @@ class CholeskyForm(PreconditionerForm):
         factor = (self.s.matrix_eps**0.5) * self._eye(n, k, device)  # chol(eps I)
         state = self._store_factor(factor, torch.zeros_like(factor))
         state["ridge"] = torch.zeros(k, device=device)
+        state["jitter"] = torch.ones(k, device=device)
         return state
 
     def _store_factor(self, x: torch.Tensor, error_upper: torch.Tensor) -> State:
@@ -294,30 +312,51 @@ class CholeskyForm(PreconditionerForm):
         lower, upper = dequantize_lower_upper(q, n, self.s.quant_map, self.s.quant_block_size)
         return lower + torch.diag_embed(state["diag"]), upper.mT
 
+    def _gram(self, c: torch.Tensor) -> torch.Tensor:
+        with linalg.tf32_matmul(self.s.gram_tf32):
+            return c @ c.mT
+
     def statistics(self, state):
         c, _ = self._load_factor(state)
-        return c @ c.mT
+        return self._gram(c)
+
+    def _factorize(self, a: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(C, ridge, ok)`` of ``a``: retried at once on CPU (``ok`` None: always usable); on accelerators
+        one sync-free attempt whose failures keep their old factor and retry with 100x the ridge next time
+        (``jitter``, relaxed 10x after each success)."""
+        if a.device.type == "cpu":
+            c, ridge = linalg.robust_cholesky(a, self.s.cholesky_eps)
+            return c, ridge, None
+        jitter = state.get("jitter")
+        if jitter is None:
+            jitter = torch.ones(a.shape[0], device=a.device)
+        c, ridge, ok = linalg.cholesky_attempt(a, self.s.cholesky_eps, jitter)
+        state["jitter"] = torch.where(ok, (jitter / 10).clamp_min(1.0), (jitter * 100).clamp_max(1e4))
+        return c, ridge, ok
 
     def update_statistics(self, state, gram):
         n = gram.shape[-1]
         c, err = self._load_factor(state)
-        old = c @ c.mT
+        old = self._gram(c)
         if self.s.remove_cholesky_ridge:
             old = old - state["ridge"][:, None, None] * torch.eye(n, device=old.device)
-        new_c, ridge = linalg.robust_cholesky(self._blend(old, gram), self.s.cholesky_eps)
-        state["ridge"] = ridge
+        new_c, ridge, ok = self._factorize(self._blend(old, gram), state)
         if err is None:  # fp32 factor: nothing is lost, no error feedback needed
-            state["factor"] = new_c.contiguous()
-            return
-        if not self.error_feedback:
-            state.update(self._store_factor(new_c, torch.zeros_like(new_c)))
-            return
-        x = new_c + err
-        x_lower = torch.tril(x, -1)
-        residual = x_lower - roundtrip_blockwise(x_lower, self.s.quant_map, self.s.quant_block_size)
-        beta_e = self.s.ef_beta
-        new_err = beta_e * err + (1.0 - beta_e) * residual
-        state.update(self._store_factor(x, new_err.mT))
+            new = {"factor": new_c.contiguous()}
+        elif not self.error_feedback:
+            new = self._store_factor(new_c, torch.zeros_like(new_c))
+        else:
+            x = new_c + err
+            x_lower = torch.tril(x, -1)
+            residual = x_lower - roundtrip_blockwise(x_lower, self.s.quant_map, self.s.quant_block_size)
+            beta_e = self.s.ef_beta
+            new_err = beta_e * err + (1.0 - beta_e) * residual
+            new = self._store_factor(x, new_err.mT)
+        new["ridge"] = ridge
+        if ok is None:
+            state.update(new)
+        else:
+            _update_rows(state, new, ok)
 
     def _kind_of(self, key):
         if key == "factor_codes":

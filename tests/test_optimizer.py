@@ -331,8 +331,29 @@ def test_bf16_application_is_close_to_fp32():
         for g in grads:
             p.grad = g.clone()
             opt.step()
-        work = [(p, grads[-1], 0, opt.state[p])]
-        out[dtype] = opt._shampoo_directions(work, [int(opt.state[p]["step"])])[0]
+        out[dtype] = opt._direction(p, grads[-1])
     rel = float((out["bfloat16"] - out["float32"]).norm() / out["float32"].norm())
     print(f"bf16 vs fp32 preconditioned direction: relative difference {rel:.2e}")
     assert 0 < rel < 1e-2
+
+
+def test_first_order_only_tensors_follow_torch_adamw():
+    # 1-D and small tensors take AdamW alone (fp32 moments, torch's fused kernel): the same trajectory as
+    # torch.optim.AdamW, with each moment in a buffer of its own
+    g = torch.Generator().manual_seed(3)
+    shapes = [(70,), (30, 20)]  # (30, 20): 600 entries, under min_precond_numel? no: under min_quant_numel
+    ours = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = Q4Shampoo(ours, lr=0.02, weight_decay=0.1, min_precond_numel=10**6)
+    torch_opt = torch.optim.AdamW(ref, lr=0.02, weight_decay=0.1)
+    for _ in range(6):
+        grads = [torch.randn(*s, generator=g) for s in shapes]
+        for p, q, gr in zip(ours, ref, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ours, ref):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    st = opt.state[ours[0]]
+    assert st["exp_avg"].data_ptr() != st["exp_avg_sq"].data_ptr()

@@ -296,7 +296,7 @@ def test_image_classification_vit_flags(tmp_path):
         (
             "image_classification",
             ["--data_dir", "{data}", "--optim_args", "update_freq=0"],
-            "update_freq must be an integer >= 1",
+            'update_freq must be "auto" or an integer >= 1',
         ),
     ],
 )

@@ -1,0 +1,151 @@
+"""Where Q4Shampoo's state lives: persistent stacked buffers with per-parameter views.
+
+A step works on *shape groups* (parameters of one parameter group with the same local shape, dtype and
+device: GPT-2 small has a dozen) and on *factor buckets* (every Kronecker factor of one order on one
+device). Each bucket keeps every state tensor of its factors stacked in one buffer (``storage[key]``,
+leading dimension = factor rows), and the per-parameter state that ``state_dict`` shows is made of views
+into those buffers. So:
+
+* a step reads the roots of a whole shape group as one slice of a bucket and decodes them in one call
+  (no per-step concatenation), and extracts, preconditions and re-inserts the blocks of all the group's
+  parameters with one batched op per region instead of one per parameter;
+* a refresh of some factors gathers their rows, updates them and writes them back in place, so the views
+  (and the checkpoint) always hold the current state and no buffer is re-allocated.
+
+Row order inside a bucket: shape group, then region of the block plan, then side (L, R), then member
+parameter, then block; so the rows of one (group, region, side) form one contiguous range, member-major.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocking import BlockPlan, Region
+
+__all__ = ["FactorBucket", "SideSlot", "ShapeGroup", "Layout", "build_layout", "IndexCache"]
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(eq=False)
+class FactorBucket:
+    """All factors of order ``order`` on ``device``: one stacked buffer per state key."""
+
+    order: int
+    device: torch.device
+    storage: State = field(default_factory=dict)
+    rows: int = 0
+
+
+@dataclass(eq=False)
+class SideSlot:
+    """The factors of one side (``"L"`` or ``"R"``) of one region for every member of a shape group."""
+
+    region_index: int
+    side: str
+    bucket: FactorBucket
+    start: int  # first bucket row of member 0
+    blocks: int  # blocks per member in this region (rows per member)
+
+    def member_rows(self, member: int) -> range:
+        first = self.start + member * self.blocks
+        return range(first, first + self.blocks)
+
+
+@dataclass(eq=False)
+class ShapeGroup:
+    """Parameters of one parameter group sharing local shape, dtype and device."""
+
+    group_index: int
+    shape: tuple[int, ...]
+    params: list[torch.Tensor]  # local tensors (the DTensor shard under FSDP2)
+    states: list[dict]
+    plan: BlockPlan | None
+    slots: list[SideSlot] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.params)
+
+    def region_slots(self, region_index: int) -> dict[str, SideSlot]:
+        return {s.side: s for s in self.slots if s.region_index == region_index}
+
+
+@dataclass(eq=False)
+class Layout:
+    groups: list[ShapeGroup]
+    buckets: list[FactorBucket]
+    key: tuple
+
+
+def _side_order(region: Region, side: str) -> int:
+    return region.block_rows if side == "L" else region.block_cols
+
+
+def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, key: tuple) -> Layout:
+    """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
+
+    ``plan_of(shape)`` gives the block plan. The per-parameter side states are replaced by views of the
+    bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g. after
+    ``load_state_dict`` or when a parameter gets its first gradient late.
+    """
+    by_key: dict[tuple, ShapeGroup] = {}
+    for gi, p, state in members:
+        k = (gi, tuple(p.shape), p.dtype, p.device)
+        if k not in by_key:
+            by_key[k] = ShapeGroup(gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None)
+        by_key[k].params.append(p)
+        by_key[k].states.append(state)
+    groups = list(by_key.values())
+    buckets: dict[tuple, FactorBucket] = {}
+    pieces: dict[int, list[State]] = {}  # id(bucket) -> side states in row order
+    for group in groups:
+        if group.plan is None:
+            continue
+        for ri, region in enumerate(group.plan.regions):
+            for side in ("L", "R"):
+                if side not in group.states[0]["regions"][ri]:
+                    continue
+                device = group.params[0].device
+                bucket = buckets.setdefault((device, _side_order(region, side)),
+                                            FactorBucket(_side_order(region, side), device))
+                group.slots.append(SideSlot(ri, side, bucket, bucket.rows, region.num_blocks))
+                bucket.rows += region.num_blocks * group.size
+                pieces.setdefault(id(bucket), []).extend(s["regions"][ri][side] for s in group.states)
+    for bucket in buckets.values():
+        sides = pieces[id(bucket)]
+        keys = list(sides[0])
+        bucket.storage = {k: torch.cat([s[k] for s in sides]) for k in keys}
+        start = 0
+        for s in sides:
+            n = s[keys[0]].shape[0]
+            for k in keys:
+                s[k] = bucket.storage[k][start : start + n]
+            start += n
+    return Layout(groups, list(buckets.values()), key)
+
+
+class IndexCache:
+    """Device index tensors for row lists, made once per distinct list.
+
+    Building an index from a Python list on an accelerator copies from pageable host memory, which makes
+    the host wait for the stream; the row patterns of a run repeat (one per refresh offset), so each is
+    copied once.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, rows: Iterable[int], device: torch.device) -> torch.Tensor:
+        rows = tuple(rows)
+        key = (rows, device)
+        index = self._cache.get(key)
+        if index is None:
+            index = self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return index
+
+    def clear(self) -> None:
+        self._cache.clear()
