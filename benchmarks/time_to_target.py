@@ -405,6 +405,8 @@ def run_child(spec: RunSpec, args: argparse.Namespace, runs_dir: Path) -> dict[s
         job.write_text(json.dumps({"spec": asdict(spec), "args": vars(args)}))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
                "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+        # spinning OpenMP workers of a CPU child starve everything else on a small machine (tests/conftest.py)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--child", str(job)], env=env, check=True)
         result = json.loads((Path(tmp) / "result.json").read_text())
@@ -429,7 +431,7 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
         diff = sorted(k for k in first if run["setup"].get(k) != first[k])
         if diff:
             raise SystemExit(f"runs {runs[0]['name']} and {run['name']} differ in {', '.join(diff)}")
-    return sorted(runs, key=lambda r: (r["optimizer"] != "adamw", r["name"]))
+    return sorted(runs, key=lambda r: (r["optimizer"] != "adamw", r["lr"] if r["optimizer"] == "adamw" else 0.0, r["name"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
