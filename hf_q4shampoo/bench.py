@@ -140,6 +140,10 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         x = batches[i % len(batches)]
+        if i:
+            clock.next_step()
+            if stage_timer is not None:
+                stage_timer.next_step()
         with clock("step"):
             opt.zero_grad(set_to_none=True)
             with autocast:
@@ -152,7 +156,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         if i >= args.warmup and (i - args.warmup) % 20 == 0:
             losses.append(float(loss.detach()))
     _sync(device)
-    timed, timed_opt = clock.times("step")[args.warmup :], clock.times("optimizer")[args.warmup :]
+    total_steps = args.warmup + args.steps
+    timed, timed_opt = clock.times("step", total_steps)[args.warmup :], clock.times("optimizer", total_steps)[args.warmup :]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
     _sync(device)
@@ -173,14 +178,14 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         "median_optimizer_ms": statistics.median(timed_opt),
         "host_optimizer_median_ms": statistics.median(host_opt[args.warmup:]),
         "host_optimizer_mean_ms": statistics.fmean(host_opt[args.warmup:]),
-        "warmup_step_ms": clock.times("step")[: args.warmup],
+        "warmup_step_ms": clock.times("step", total_steps)[: args.warmup],
         "mean_optimizer_ms": statistics.fmean(timed_opt),
         "losses_every_20": losses,
         "final_loss": float(loss.detach()),
         "step_ms": timed,
     }
     if stage_timer is not None:
-        result.update(stage_timer.summary(skip=args.warmup))
+        result.update(stage_timer.summary(skip=args.warmup, steps=args.warmup + args.steps))
     del opt, model, loss
     gc.collect()
     if device.type == "cuda":
@@ -224,13 +229,18 @@ def profile_steps(name: str, args: argparse.Namespace, device: torch.device, bat
 class _StageTimer:
     """Times named intervals: CUDA events on CUDA (read after the run), wall clock on CPU.
 
-    Q4Shampoo calls it around each stage of its step (``stage_timer``); :func:`bench_one` times whole
-    steps and optimizer steps with it.
+    Q4Shampoo calls it around each stage of its step (``stage_timer``), once per batch of same-shape
+    parameters, so a stage can run several times in one step: :meth:`next_step` starts a new step and
+    :meth:`times` sums each step's intervals. :func:`bench_one` times whole steps and optimizer steps with it.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.records: dict[str, list] = {}
+        self.step_index = 0
+
+    def next_step(self) -> None:
+        self.step_index += 1
 
     def _mark(self):
         if self.device.type != "cuda":
@@ -245,18 +255,21 @@ class _StageTimer:
         try:
             yield
         finally:
-            self.records.setdefault(name, []).append((start, self._mark()))
+            self.records.setdefault(name, []).append((self.step_index, start, self._mark()))
 
-    def times(self, name: str) -> list[float]:
-        """Milliseconds of each interval recorded under ``name`` (synchronize CUDA first)."""
-        if self.device.type == "cuda":
-            return [a.elapsed_time(b) for a, b in self.records.get(name, [])]
-        return [(b - a) * 1e3 for a, b in self.records.get(name, [])]
+    def times(self, name: str, steps: int | None = None) -> list[float]:
+        """Milliseconds spent in ``name`` in each step (0 in steps without it; synchronize CUDA first)."""
+        total = [0.0] * ((self.step_index + 1) if steps is None else steps)
+        for index, a, b in self.records.get(name, []):
+            ms = a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
+            if index < len(total):
+                total[index] += ms
+        return total
 
-    def summary(self, skip: int) -> dict[str, Any]:
+    def summary(self, skip: int, steps: int) -> dict[str, Any]:
         out: dict[str, Any] = {"stage_ms": {}}
         for name in self.records:
-            times = self.times(name)[skip:]
+            times = self.times(name, steps)[skip:]
             if times:
                 out[f"stage_{name}_median_ms"] = statistics.median(times)
                 out[f"stage_{name}_mean_ms"] = statistics.fmean(times)

@@ -14,12 +14,13 @@ The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (pa
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
 
-Speed: a step works on a *group* of tensors with one shape (and one parameter group): their states
-are concatenated along a new leading dimension, updated by one batched computation, and written
-back as views, so the number of kernels does not grow with the number of tensors. The per-tensor
-state layout (what ``state_dict`` holds) is the same as for a group of one. The math between
-"dequantize" and "quantize" is a pure function that can be compiled (``torch.compile``) into a few
-fused kernels on accelerators.
+Speed: a step works on a *batch* of tensors with one shape (and one parameter group) whose states are
+stacked along a leading dimension in persistent buffers (``layout.py``; the per-tensor state that
+``state_dict`` holds is views of them) and updated in place, so the number of kernels does not grow
+with the number of tensors and nothing is concatenated per step. On CUDA, 4-bit AdamW of matrices runs
+in two hand-written Triton kernels (``triton_kernels.py``, one compilation for every shape); fp32 moments
+use torch's fused AdamW; everything else is the pure-PyTorch math below (compiled with ``torch.compile``
+on accelerators), which is also the tested oracle of the kernels.
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ import re
 
 import torch
 
+from . import triton_kernels
 from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
-__all__ = ["FIRST_ORDER", "init_first_order_state", "adamw_group_step", "sgd_group_step", "first_order_keys",
-           "quantized_moments"]
+__all__ = ["init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments"]
 
-FIRST_ORDER = ("adamw", "sgd")
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
 SIGNED_BLOCK = 128
 State = dict[str, torch.Tensor]
@@ -92,17 +92,8 @@ def _decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
 _SUFFIX = re.compile(r"(|_codes|_scales|_max\d+)")
 
 
-def _gather(states: list[State], name: str) -> Moments:
-    """Concatenate one moment of K tensors: codes/scales along dim 0, per-dim maxima and fp32 moments stacked."""
-    suffixes = [k[len(name):] for k in states[0] if k.startswith(name) and _SUFFIX.fullmatch(k[len(name):])]
-    out = {}
-    for suf in suffixes:
-        parts = [s[name + suf] for s in states]
-        out[suf] = torch.cat(parts) if suf in ("_codes", "_scales") else torch.stack(parts)
-    return out
-
-
 def _scatter(states: list[State], name: str, batched: Moments) -> None:
+    """Per-tensor state entries from a batch: codes/scales keep a leading 1, maxima and fp32 moments do not."""
     for suf, value in batched.items():
         parts = value.split(1) if suf in ("_codes", "_scales") else value.unbind(0)
         for state, part in zip(states, parts):
@@ -178,27 +169,47 @@ def _apply_update(params: list[torch.Tensor], update: torch.Tensor) -> None:
     torch._foreach_sub_(params, list(parts))
 
 
-def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, states: list[State], step: int,
+def _batched(moments: State, name: str) -> Moments:
+    """One moment of a batch in the layout the encoders use: codes/scales ``(K, n)``, maxima ``(K, size)``.
+
+    ``moments`` holds the stacked per-parameter state, ``(K, *per-parameter shape)`` (see layout.py).
+    """
+    out = {}
+    for key, value in moments.items():
+        if key.startswith(name) and _SUFFIX.fullmatch(key[len(name):]):
+            suffix = key[len(name):]
+            out[suffix] = value.reshape(value.shape[0], -1) if suffix in ("_codes", "_scales") else value
+    return out
+
+
+def _write_back(moments: State, name: str, new: Moments) -> None:
+    """Copy a batch's new moment into the stacked state in place (its views stay valid)."""
+    for suffix, value in new.items():
+        target = moments[name + suffix]
+        target.copy_(value.reshape(target.shape))
+
+
+def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, moments: State, step: int,
                  lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     """fp32 moments of fp32 parameters: torch's fused AdamW kernel (one launch for the whole batch, no
     compilation), which computes the same update as :func:`_adamw_math` (decoupled decay, bias-corrected
-    Adam step; equal up to rounding)."""
+    Adam step; equal up to rounding). Updates the moments in place."""
     device = directions.device
     lr = _host_float(lr)
     if isinstance(lr, torch.Tensor):
         lr = lr.to(device=device, dtype=torch.float32)
     steps = [_scalars(device, "step", float(step))] * len(params)
     torch._fused_adamw_(
-        params, list(directions.unbind(0)), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-        steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+        params, list(directions.unbind(0)), list(moments["exp_avg"].unbind(0)), list(moments["exp_avg_sq"].unbind(0)),
+        [], steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
         maximize=False,
     )
 
 
-def adamw_group_step(
+def adamw_batch_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
-    states: list[State],
+    moments: State,
     *,
     step: int,
     lr: float | torch.Tensor,
@@ -208,31 +219,37 @@ def adamw_group_step(
     bits: int,
     compile_: bool = False,
 ) -> None:
-    """One AdamW step for K same-shape tensors; ``directions`` is their fp32 (K, *shape) update direction."""
+    """One AdamW step for K same-shape tensors, moments updated in place.
+
+    ``directions`` is their fp32 ``(K, *shape)`` update direction; ``moments`` their stacked state
+    (``exp_avg*`` keys, leading dimension K).
+    """
     beta1, beta2 = betas
     device = directions.device
     quantized = quantized_moments(params[0].numel(), bits)
     if not quantized and params[0].dtype == torch.float32:
-        _fused_adamw(params, directions, states, step, lr, betas, eps, weight_decay)
+        _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay)
+        return
+    scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
+               _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
+    if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
+        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay)
         return
     if weight_decay:
         decay = 1.0 - _host_float(lr) * weight_decay
         torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
     fn = maybe_compiled(_adamw_math, device, compile_)
-    m, v, update = fn(
-        _gather(states, "exp_avg"), _gather(states, "exp_avg_sq"), directions, _scalars(device, "lr", lr),
-        _scalars(device, "bias1", 1.0 - beta1**step), _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
-        beta1, beta2, eps, quantized,
-    )
-    _scatter(states, "exp_avg", m)
-    _scatter(states, "exp_avg_sq", v)
+    m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
+                      beta1, beta2, eps, quantized)
+    _write_back(moments, "exp_avg", m)
+    _write_back(moments, "exp_avg_sq", v)
     _apply_update(params, update)
 
 
-def sgd_group_step(
+def sgd_batch_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
-    states: list[State],
+    moments: State,
     *,
     lr: float | torch.Tensor,
     momentum: float,
@@ -250,7 +267,7 @@ def sgd_group_step(
         return
     quantized = quantized_moments(params[0].numel(), bits)
     fn = maybe_compiled(_sgd_math, device, compile_)
-    buf, update = fn(_gather(states, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
+    buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
                      quantized)
-    _scatter(states, "momentum_buffer", buf)
+    _write_back(moments, "momentum_buffer", buf)
     _apply_update(params, update)

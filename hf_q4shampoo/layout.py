@@ -65,6 +65,8 @@ class ShapeGroup:
     states: list[dict]
     plan: BlockPlan | None
     slots: list[SideSlot] = field(default_factory=list)
+    #: first-order state of the members stacked along dim 0 (``(K, *per-parameter shape)`` per key)
+    moments: State = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -85,11 +87,11 @@ def _side_order(region: Region, side: str) -> int:
     return region.block_rows if side == "L" else region.block_cols
 
 
-def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, key: tuple) -> Layout:
+def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, moment_keys, key: tuple) -> Layout:
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
-    ``plan_of(shape)`` gives the block plan. The per-parameter side states are replaced by views of the
-    bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g. after
+    ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
+    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g. after
     ``load_state_dict`` or when a parameter gets its first gradient late.
     """
     by_key: dict[tuple, ShapeGroup] = {}
@@ -100,6 +102,11 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, key
         by_key[k].params.append(p)
         by_key[k].states.append(state)
     groups = list(by_key.values())
+    for group in groups:
+        for k in moment_keys(group.states[0]):
+            group.moments[k] = torch.stack([s[k] for s in group.states])
+            for i, s in enumerate(group.states):
+                s[k] = group.moments[k][i]
     buckets: dict[tuple, FactorBucket] = {}
     pieces: dict[int, list[State]] = {}  # id(bucket) -> side states in row order
     for group in groups:

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from . import linalg
+from . import linalg, triton_kernels
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
-from .first_order import adamw_group_step, init_first_order_state, sgd_group_step
+from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form
 
@@ -260,8 +260,8 @@ class Q4Shampoo(torch.optim.Optimizer):
     def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
         """Decode roots of a new order once now, so its compilation (accelerators only) happens at the
         first step instead of in the middle of training when preconditioning starts."""
-        if not self.config.use_compile or bucket.device.type in ("cpu", "meta"):
-            return
+        if not self.config.use_compile or bucket.device.type in ("cpu", "meta") or triton_kernels.HAS_TRITON:
+            return  # (the Triton decoder compiles once for every order, at its first call)
         warmed = self.__dict__.setdefault("_warmed_orders", set())
         key = (bucket.device, bucket.order)
         if key in warmed:
@@ -315,7 +315,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
-            layout = self._layout = build_layout(members, self.block_plan, key)
+            layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key)
             for bucket in layout.buckets:
                 self._precompile(self._form(bucket.device), bucket)
         return layout
@@ -440,21 +440,27 @@ class Q4Shampoo(torch.optim.Optimizer):
         return g2.index_copy(0, self._index(positions, g2.device), pre)
 
     def _first_order_step(self, batch: _Batch, directions: torch.Tensor) -> None:
-        """The AdamW / SGD step for the members of one batch (same group, shape and step)."""
+        """The AdamW / SGD step for the members of one batch (same group, shape and step), in place."""
         cfg = self.config
         group = self.param_groups[batch.group.group_index]
         params = [batch.group.params[m] for m in batch.members]
-        states = [batch.group.states[m] for m in batch.members]
+        stacked = batch.group.moments
+        whole = batch.members == list(range(batch.group.size))
+        index = None if whole else self._index(batch.members, directions.device)
+        moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
         if cfg.first_order == "adamw":
-            adamw_group_step(
-                params, directions, states, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            adamw_batch_step(
+                params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
             )
         else:
-            sgd_group_step(
-                params, directions, states, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            sgd_batch_step(
+                params, directions, moments, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
             )
+        if not whole:
+            for k, v in stacked.items():
+                v.index_copy_(0, index.to(v.device), moments[k])
 
     def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The preconditioned, grafted direction the current roots give ``grad`` for parameter ``p``

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import linalg
+from . import linalg, triton_kernels
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
@@ -173,10 +173,12 @@ class PreconditionerForm(ABC):
             return self._load_symmetric(state, "root", packed=True).to(dtype)
         device = state["root_diag"].device
         table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
+        codes, scales, diag = state["root_codes"], state["root_scales"], state["root_diag"]
+        if device.type == "cuda" and self.s.use_compile and triton_kernels.HAS_TRITON:
+            return triton_kernels.decode_symmetric(codes, scales, diag, table, self.s.quant_block_size, dtype)
         # the number of stacked roots changes as parameters join a bucket: keep that dimension dynamic,
         # the matrix order static (one compilation per order)
         decode = maybe_compiled(decode_symmetric, device, self.s.use_compile)
-        codes, scales, diag = state["root_codes"], state["root_scales"], state["root_diag"]
         if decode is not decode_symmetric:
             mark_batch_dynamic(codes, scales, diag)
         return decode(codes, scales, diag, table, gather, self.s.quant_block_size, dtype)

@@ -83,14 +83,27 @@ def test_fast_paths_match_reference_on_cuda(precond):
         assert rel < 2e-2
 
 
+def _moments(shape, dtype=torch.float32, steps=1):
+    """Stacked 4-bit AdamW state of K = shape[0] matrices after ``steps`` eager steps, on CUDA."""
+    from hf_q4shampoo import first_order as fo
+
+    params = [torch.randn(shape[1:], device="cuda").to(dtype) for _ in range(shape[0])]
+    states = [fo.init_first_order_state(p, "adamw", 4) for p in params]
+    moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
+    for step in range(1, steps + 1):
+        fo.adamw_batch_step(params, torch.randn(shape, device="cuda"), moments, step=step, lr=1e-2, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.1, bits=4, compile_=False)
+    return params, moments
+
+
 def test_compiled_first_order_matches_eager():
     from hf_q4shampoo import first_order as fo
 
     shape = (3, 96, 200)
-    states = [fo.init_first_order_state(torch.zeros(shape[1:], device="cuda"), "adamw", 4) for _ in range(3)]
+    _, moments = _moments(shape, steps=2)
     d = torch.randn(shape, device="cuda")
     scalars = [torch.tensor(v, device="cuda") for v in (1e-3, 0.1, 0.03)]
-    args = (fo._gather(states, "exp_avg"), fo._gather(states, "exp_avg_sq"), d, *scalars, 0.9, 0.999, 1e-8, True)
+    args = (fo._batched(moments, "exp_avg"), fo._batched(moments, "exp_avg_sq"), d, *scalars, 0.9, 0.999, 1e-8, True)
     m1, v1, u1 = fo._adamw_math(*args)
     m2, v2, u2 = torch.compile(fo._adamw_math, fullgraph=True)(*args)
     for a, b in ((m1, m2), (v1, v2)):
@@ -100,6 +113,69 @@ def test_compiled_first_order_matches_eager():
             else:
                 torch.testing.assert_close(a[key], b[key])
     torch.testing.assert_close(u1, u2, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_matches_torch_math(dtype):
+    # the Triton kernels (compile_=True on CUDA) against the eager torch math on identical inputs, 3 steps
+    from hf_q4shampoo import first_order as fo
+    from hf_q4shampoo import triton_kernels
+
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("no Triton")
+    shape = (3, 96, 328)  # 328 columns: rows are not a whole number of 128-blocks, last program partial
+    torch.manual_seed(0)
+    params, moments = _moments(shape, dtype, steps=2)
+    fast = ([p.clone() for p in params], {k: v.clone() for k, v in moments.items()})
+    assert triton_kernels.supports(fast[0], torch.empty(shape, device="cuda"), fast[1])
+    for step in (3, 4, 5):
+        d = torch.randn(shape, device="cuda") * torch.linspace(0.1, 3, shape[-1], device="cuda")
+        kw = dict(step=step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4)
+        fo.adamw_batch_step(params, d, moments, **kw, compile_=False)
+        fo.adamw_batch_step(fast[0], d, fast[1], **kw, compile_=True)
+        for key, ref in moments.items():
+            got = fast[1][key]
+            if ref.dtype == torch.uint8:  # a last-bit difference in a division can flip a code by one
+                assert float((ref != got).float().mean()) < 1e-3, key
+            else:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+        for p, q in zip(params, fast[0]):
+            rel = float((p.float() - q.float()).norm() / p.float().norm())
+            assert rel < (1e-6 if dtype == torch.float32 else 4e-3), rel
+
+
+def test_triton_root_decoder_matches_torch():
+    from hf_q4shampoo import quant, triton_kernels
+
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("no Triton")
+    for n in (64, 257, 1024):
+        x = torch.randn(5, n, n, device="cuda")
+        q = quant.quantize_symmetric(x + x.mT)
+        table, gather = quant.symmetric_decode_tables(n, "linear2", x.device)
+        for dtype in (torch.float32, torch.bfloat16):
+            ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, dtype)
+            got = triton_kernels.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, dtype)
+            assert torch.equal(ref, got), (n, dtype)
+
+
+def test_sync_free_cholesky_keeps_failed_factors_and_raises_their_jitter():
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    form = make_form("cholesky_ef", FormSettings(root_method="newton"))
+    state = form.init_state(128, 3, torch.device("cuda"))
+    g = torch.randn(3, 128, 256, device="cuda")
+    form.update_statistics(state, g @ g.mT)
+    before = {k: v.clone() for k, v in state.items()}
+    bad = g @ g.mT
+    bad[1] = -1e3 * torch.eye(128, device="cuda")  # finite but indefinite: the factorisation must fail
+    form.update_statistics(state, bad)
+    for key in ("factor_codes", "diag", "ridge"):
+        assert torch.equal(state[key][1], before[key][1]), key  # the failed factor is kept
+        assert not torch.equal(state[key][0], before[key][0]), key  # the others moved on
+    assert state["jitter"].tolist() == [1.0, 100.0, 1.0]
+    form.update_statistics(state, g @ g.mT)
+    assert state["jitter"].tolist() == [1.0, 10.0, 1.0]  # relaxed after a success
 
 
 def test_newton_cuda_matches_eigh():

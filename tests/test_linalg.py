@@ -119,3 +119,31 @@ def test_sync_free_paths_match_host_checked_paths():
     bad[0, 0, 0] = float("nan")
     x3 = linalg.inverse_root_newton(bad, host_checks=False)  # no fp64 redo without host checks
     assert torch.equal(x3[0], torch.eye(64)) and torch.isfinite(x3).all()
+
+
+def test_cholesky_attempt_reports_failures_without_retrying():
+    a = spd(48, 1e3, batch=3).float()
+    a[1] = -a[1]  # indefinite
+    c, ridge, ok = linalg.cholesky_attempt(a, 1e-6, torch.ones(3))
+    assert ok.tolist() == [True, False, True]
+    top = a.diagonal(dim1=-2, dim2=-1).amax(-1)
+    torch.testing.assert_close(ridge[0], 1e-6 * top[0])
+    rebuilt = c[0].double() @ c[0].double().T
+    assert rel_err(rebuilt, a[0].double() + ridge[0].double() * torch.eye(48, dtype=torch.float64)) < 1e-5
+    # a raised jitter multiplies the ridge, and never goes below n * eps32 * max diag
+    _, ridge_up, _ = linalg.cholesky_attempt(a, 1e-6, torch.tensor([100.0, 1.0, 1e4]))
+    floor = 48 * torch.finfo(torch.float32).eps * top[0]
+    torch.testing.assert_close(ridge_up[0], torch.maximum(1e-4 * top[0], floor))
+    torch.testing.assert_close(ridge_up[2], torch.maximum(1e-2 * top[2], floor))
+
+
+def test_newton_schedule_reaches_the_fixed_point_on_its_design_interval():
+    for eps in (1e-6, 1e-4, 1e-3):
+        steps = linalg.newton_schedule(4, eps)
+        assert len(steps) <= 11  # plain Newton needs ~19 at eps = 1e-6 (docstring)
+        m = torch.logspace(math.log10(eps / (linalg.NEWTON_HEADROOM + eps)), 0, 500, dtype=torch.float64)
+        for a, b in steps:
+            t = a - b * m
+            assert bool((t > 0).all())  # X stays positive definite
+            m = m * t**4
+        assert float((m - 1).abs().max()) < 1e-6

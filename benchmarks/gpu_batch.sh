@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
+#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | ttt_adamw | ttt_q4 | report
+# Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
+set -u
+out=$1; shift
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+fresh_caches() {  # every benchmark process compiles from empty caches, as a user's first run does
+  export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)
+}
+for part in "$@"; do
+  case $part in
+    tests)
+      python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 > "$out/tests.log" ;;
+    bench)
+      for cfg in "100 update_freq=100,root_freq=100" "10 update_freq=10,root_freq=100" "1 update_freq=1,root_freq=100"; do
+        set -- $cfg
+        fresh_caches
+        python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --phases \
+          --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
+        tail -4 "$out/bench_$1.log"
+      done ;;
+    ttt_adamw)
+      fresh_caches
+      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only adamw@6e-4,adamw@1e-3,adamw@2e-3 \
+        > "$out/ttt_adamw.log" 2>&1; tail -5 "$out/ttt_adamw.log" ;;
+    ttt_q4)
+      fresh_caches
+      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only default,uf10,uf1 \
+        > "$out/ttt_q4.log" 2>&1; tail -12 "$out/ttt_q4.log" ;;
+  esac
+done
