@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
-#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | ttt_adamw | ttt_q4 | report
+#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | ttt:RUN,RUN,...
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
 out=$1; shift
@@ -21,13 +21,10 @@ for part in "$@"; do
           --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
         tail -4 "$out/bench_$1.log"
       done ;;
-    ttt_adamw)
+    ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
       fresh_caches
-      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only adamw@6e-4,adamw@1e-3,adamw@2e-3 \
-        > "$out/ttt_adamw.log" 2>&1; tail -5 "$out/ttt_adamw.log" ;;
-    ttt_q4)
-      fresh_caches
-      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only default,uf10,uf1 \
-        > "$out/ttt_q4.log" 2>&1; tail -12 "$out/ttt_q4.log" ;;
+      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only "${part#ttt:}" \
+        > "$out/ttt_${part#ttt:}.log" 2>&1; tail -8 "$out/ttt_${part#ttt:}.log"
+      tar -czf "$out/ttt_runs.tgz" -C "$out/ttt" runs ;;
   esac
 done

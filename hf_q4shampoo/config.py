@@ -63,12 +63,16 @@ class Q4ShampooConfig:
             from ``max_steps``); only the ``"auto"`` schedule reads it.
         start_precond_step: no statistics or roots before this step.
         refresh_spread: spread the refreshes over this many consecutive steps, so no single step pays
-            for every statistics update and root: each matrix gets a fixed offset o in
-            [0, min(refresh_spread, update_freq, root_freq)), chosen to balance the work (sum of K n^3
-            per offset), and is refreshed on steps t with (t - o) a positive multiple of the frequency.
-            1 gives paper 2's schedule exactly. The offsets are saved with the state. Each factor is still
-            refreshed every update_freq / root_freq steps; only its first refresh may come up to
-            ``spread - 1`` steps later than in the paper's schedule.
+            for every statistics update and root: each matrix gets a statistics offset in
+            [0, min(refresh_spread, update_freq)) and a root offset in [0, min(refresh_spread, root_freq)),
+            each chosen to balance the work (sum of K n^3 per offset) over runs of consecutive same-shape
+            matrices (so a step refreshes whole stacks in one batched call), and is refreshed on steps t with
+            (t - offset) a positive multiple of the frequency. 1 gives paper 2's schedule exactly. The
+            offsets are saved with the state. Each factor is still refreshed every update_freq / root_freq
+            steps; only its first refresh may come up to ``spread - 1`` steps later than in the paper's
+            schedule. Default 25: a full round of roots costs ~0.4 s on GPT-2 small on an H200, so a step
+            carries ~16 ms of it; spreading wider leaves the GPU idle between small calls (100 made the
+            round 3.7x as expensive, docs/perf_notes.md v7).
         stat_decay: beta of ``L <- beta L + (1 - beta) G G^T`` (paper 2: 0.95).
         matrix_eps: relative ridge: roots are of ``L + matrix_eps * lambda_max * I``; the statistics
             start at ``matrix_eps * I`` (paper 2: 1e-6).
@@ -154,7 +158,7 @@ class Q4ShampooConfig:
     use_compile: bool = True
     apply_dtype: str = "auto"
     gram_precision: str = "auto"
-    refresh_spread: int = 100
+    refresh_spread: int = 25
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

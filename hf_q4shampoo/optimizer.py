@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -69,6 +69,10 @@ class _Batch:
     members: list[int]
     step: int
     grads: list[torch.Tensor]
+    # positions (into ``members``) whose statistics / roots are due this step, and those preconditioned
+    stats_due: list[int] = field(default_factory=list)
+    roots_due: list[int] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)
 
 
 def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[_Batch]:
@@ -214,30 +218,49 @@ class Q4Shampoo(torch.optim.Optimizer):
                 if not self.state[p]:
                     self._init_state(p, self.state[p])
 
-    def _refresh_offsets(self) -> dict[int, int]:
-        """Offset of every matrix parameter's refreshes (see ``refresh_spread``), by ``id(param)``.
+    def _refresh_offsets(self) -> dict[int, tuple[int, int]]:
+        """``(statistics offset, root offset)`` of every matrix parameter (see ``refresh_spread``), by id.
 
-        Greedy balancing, largest first, over all parameters of the optimizer in group order, so the
-        assignment depends only on the parameter list (and a resumed run reads the saved offsets).
+        Statistics spread over ``min(refresh_spread, update_freq)`` steps and roots over
+        ``min(refresh_spread, root_freq)``, each balanced on its own. The units placed are runs of
+        consecutive parameters of one shape group, as large as a step's share of the work allows, so a
+        step refreshes whole stacks of factors (one batched call each: a few factors per call wasted most
+        of the GPU, docs/perf_notes.md v7). Greedy, largest first; depends only on the parameter list, and
+        a resumed run reads the saved offsets.
         """
         c = self.config
-        spread = min(c.refresh_spread, *c.schedule())
-        key = (spread, tuple(id(p) for g in self.param_groups for p in g["params"]))
+        update_freq, root_freq = c.schedule()
+        spreads = (min(c.refresh_spread, update_freq), min(c.refresh_spread, root_freq))
+        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        key = (spreads, tuple(id(p) for _, p in params))
         if getattr(self, "_offset_key", None) == key:
             return self._offsets
-        costs = []
-        for p in (p for g in self.param_groups for p in g["params"]):
-            plan = self.block_plan(_local(p).shape)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        costs: dict[tuple, int] = {}
+        for gi, p in params:
+            shape = tuple(_local(p).shape)
+            plan = self.block_plan(shape)
             if plan is not None:
-                costs.append((-_refresh_cost(plan), len(costs), id(p)))
-        load = [0] * spread
-        offsets = {}
-        for neg_cost, _, pid in sorted(costs):
-            slot = min(range(spread), key=lambda s: (load[s], s))
-            load[slot] -= neg_cost
-            offsets[pid] = slot
-        self._offset_key, self._offsets = key, offsets
-        return offsets
+                groups[(gi, shape)].append(id(p))
+                costs[(gi, shape)] = _refresh_cost(plan)
+        total = sum(costs[k] * len(v) for k, v in groups.items())
+        per_side = []
+        for spread in spreads:
+            units = []  # (cost, order, ids)
+            for k, ids in groups.items():
+                size = max(1, min(len(ids), round(total / spread / max(1, costs[k]))))
+                for start in range(0, len(ids), size):
+                    units.append((costs[k] * len(ids[start : start + size]), len(units), ids[start : start + size]))
+            load = [0] * spread
+            offsets = {}
+            for cost, _, ids in sorted(units, key=lambda u: (-u[0], u[1])):
+                slot = min(range(spread), key=lambda s: (load[s], s))
+                load[slot] += cost
+                offsets.update(dict.fromkeys(ids, slot))
+            per_side.append(offsets)
+        self._offset_key = key
+        self._offsets = {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}
+        return self._offsets
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
@@ -255,13 +278,14 @@ class Q4Shampoo(torch.optim.Optimizer):
                     sides["R"] = form.init_state(region.block_cols, region.num_blocks, local.device)
                 regions.append(sides)
             state["regions"] = regions
-            state["refresh_offset"] = self._refresh_offsets().get(id(p), 0)
+            state["refresh_offset"], state["root_offset"] = self._refresh_offsets().get(id(p), (0, 0))
 
     def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
-        """Decode roots of a new order once now, so its compilation (accelerators only) happens at the
-        first step instead of in the middle of training when preconditioning starts."""
-        if not self.config.use_compile or bucket.device.type in ("cpu", "meta") or triton_kernels.HAS_TRITON:
-            return  # (the Triton decoder compiles once for every order, at its first call)
+        """Decode roots of a new order once now, so its compilation (accelerators only: the Triton decoder,
+        once for every order, or the compiled torch decoder, once per order) happens at the first step
+        instead of in the middle of training when preconditioning starts (a 1.5 s stall, v7)."""
+        if not self.config.use_compile or bucket.device.type in ("cpu", "meta"):
+            return
         warmed = self.__dict__.setdefault("_warmed_orders", set())
         key = (bucket.device, bucket.order)
         if key in warmed:
@@ -304,8 +328,27 @@ class Q4Shampoo(torch.optim.Optimizer):
         values = torch.stack(counters).tolist()
         steps = {sid: int(v) for sid, v in zip(grads, values)}
         layout = self._current_layout()
-        for batch in _batches(layout, grads, steps):
-            self._step_batch(batch)
+        batches = _batches(layout, grads, steps)
+        cfg = self.config
+        update_freq, root_freq = cfg.schedule()
+        start = cfg.start_precond_step
+        for b in batches:
+            if b.group.plan is not None:
+                states = [b.group.states[m] for m in b.members]
+                b.stats_due = [i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])]
+                b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
+                b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
+        # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
+        if any(b.stats_due for b in batches):
+            with self._stage("statistics"):
+                for b in batches:
+                    if b.stats_due:
+                        self._update_statistics(b)
+        if any(b.roots_due for b in batches):
+            with self._stage("roots"):
+                self._refresh_roots(batches)
+        for b in batches:
+            self._step_batch(b)
         return loss
 
     def _current_layout(self) -> Layout:
@@ -321,35 +364,16 @@ class Q4Shampoo(torch.optim.Optimizer):
         return layout
 
     def _step_batch(self, batch: _Batch) -> None:
-        """One step for members of one shape group that share a step count, in paper 2's order."""
-        group, step = batch.group, batch.step
+        """Precondition, graft and take the first-order step for one batch."""
         grads = batch.grads
-        if len(grads) == 1:
-            g = grads[0].float().unsqueeze(0)
-        else:
-            g = torch.stack(grads).float()
+        g = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
         directions = g
-        if group.plan is not None:
-            cfg = self.config
-            update_freq, root_freq = cfg.schedule()
-            start = cfg.start_precond_step
-            offsets = [group.states[m]["refresh_offset"] for m in batch.members]
-            g2 = g.reshape(len(grads), *group.plan.matrix_shape)
-            positions = range(len(grads))
-            stats_due = [i for i in positions if _is_due(step, update_freq, start, offsets[i])]
-            roots_due = [i for i in positions if _is_due(step, root_freq, start, offsets[i])]
-            ready = [i for i in positions if step >= _first_due(root_freq, start, offsets[i])]
-            if stats_due:
-                with self._stage("statistics"):
-                    self._update_statistics(batch, g2, stats_due)
-            if roots_due:
-                with self._stage("roots"):
-                    self._refresh_roots(batch, roots_due)
-            if ready:
-                with self._stage("apply"):
-                    pre = self._precondition(batch, g2, ready)
-                with self._stage("grafting"):
-                    directions = self._graft(g2, pre, ready, batch).reshape(g.shape)
+        if batch.ready:
+            g2 = g.reshape(len(grads), *batch.group.plan.matrix_shape)
+            with self._stage("apply"):
+                pre = self._precondition(batch, g2, batch.ready)
+            with self._stage("grafting"):
+                directions = self._graft(g2, pre, batch.ready, batch).reshape(g.shape)
         with self._stage("first_order"):
             self._first_order_step(batch, directions)
 
@@ -375,29 +399,38 @@ class Q4Shampoo(torch.optim.Optimizer):
         per = max(1, (1 << 26) // max(1, slot.blocks * slot.bucket.order**2))
         return [positions[i : i + per] for i in range(0, len(positions), per)]
 
-    def _update_statistics(self, batch: _Batch, g2: torch.Tensor, positions: list[int]) -> None:
-        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the members at ``positions``."""
-        group = batch.group
+    def _update_statistics(self, batch: _Batch) -> None:
+        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the batch's due members."""
+        group, positions = batch.group, batch.stats_due
+        grads = [batch.grads[i] for i in positions]
+        g2 = (grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()).reshape(
+            len(grads), *group.plan.matrix_shape)
         form = self._form(g2.device)
         tf32 = self._gram_tf32(g2.device)
         for slot in group.slots:
             region = group.plan.regions[slot.region_index]
-            for chunk in self._chunks(positions, slot):
-                sub = g2 if len(chunk) == g2.shape[0] else g2[self._index(chunk, g2.device)]
+            for chunk in self._chunks(list(range(len(positions))), slot):
+                sub = g2 if len(chunk) == g2.shape[0] else g2[chunk[0] : chunk[-1] + 1]
                 blocks = extract_blocks(sub, region)
                 with linalg.tf32_matmul(tf32):
                     gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
-                rows = [r for i in chunk for r in slot.member_rows(batch.members[i])]
+                rows = [r for i in chunk for r in slot.member_rows(batch.members[positions[i]])]
                 self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram))
 
-    def _refresh_roots(self, batch: _Batch, positions: list[int]) -> None:
-        """Recompute the stored inverse roots of the members at ``positions``."""
-        group = batch.group
-        form = self._form(group.params[0].device)
-        for slot in group.slots:
-            for chunk in self._chunks(positions, slot):
-                rows = [r for i in chunk for r in slot.member_rows(batch.members[i])]
-                self._bucket_update(slot.bucket, rows, form.refresh_root)
+    def _refresh_roots(self, batches: list[_Batch]) -> None:
+        """Recompute the stored inverse roots of every due factor, one batched call per factor order."""
+        rows: dict[int, list[int]] = defaultdict(list)
+        buckets: dict[int, FactorBucket] = {}
+        for b in batches:
+            for slot in (b.group.slots if b.roots_due else ()):
+                buckets[id(slot.bucket)] = slot.bucket
+                rows[id(slot.bucket)].extend(r for i in b.roots_due for r in slot.member_rows(b.members[i]))
+        for bid, bucket in buckets.items():
+            form = self._form(bucket.device)
+            due = sorted(rows[bid])
+            per = max(1, (1 << 26) // bucket.order**2)
+            for i in range(0, len(due), per):
+                self._bucket_update(bucket, due[i : i + per], form.refresh_root)
 
     def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
@@ -544,7 +577,10 @@ def _detach_views(value: Any) -> Any:
 
 
 def _add_missing_keys(state: dict[str, Any]) -> None:
-    """Fill state keys that checkpoints of earlier versions lack (the Cholesky forms' ``jitter``: 1)."""
+    """Fill state keys that checkpoints of earlier versions lack (the Cholesky forms' ``jitter``: 1; the
+    root offset: the statistics offset, which earlier versions used for both)."""
+    if "refresh_offset" in state and "root_offset" not in state:
+        state["root_offset"] = state["refresh_offset"]
     for sides in state.get("regions", []):
         for side in sides.values():
             if "ridge" in side and "jitter" not in side:

@@ -298,7 +298,7 @@ def test_cholesky_ef_close_to_fp32_and_beats_adamw():
 def test_refresh_spread_balances_and_shifts_the_schedule():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(80, 80)) for _ in range(6)] + [torch.nn.Parameter(torch.randn(200, 160))]
-    opt = Q4Shampoo(params, lr=1e-3, update_freq=4, root_freq=4, refresh_spread=4)
+    opt = Q4Shampoo(params, lr=1e-3, update_freq=2, root_freq=4, refresh_spread=4)
     form = opt._form(torch.device("cpu"))
     eye = torch.eye(80)
     first_change = {}
@@ -310,15 +310,21 @@ def test_refresh_spread_balances_and_shifts_the_schedule():
             root = form.root(opt.state[p]["regions"][0]["L"])[0]
             if k not in first_change and not torch.equal(root, eye):
                 first_change[k] = step
-    offsets = [opt.state[p]["refresh_offset"] for p in params]
-    assert offsets[6] == 0  # the largest matrix is placed first
-    assert sorted(set(offsets)) == [0, 1, 2, 3]  # work is spread over all four offsets
-    for k in range(6):  # each matrix's first root comes at root_freq + its offset
-        assert first_change[k] == 4 + offsets[k]
+    stats = [opt.state[p]["refresh_offset"] for p in params]
+    roots = [opt.state[p]["root_offset"] for p in params]
+    assert sorted(set(stats)) == [0, 1]  # statistics spread over min(spread, update_freq) = 2 steps
+    # costs (sum of n^3): the 200x160 matrix 12.1M, each 80x80 one 1.0M; a step's share is 18.2M / 4, so
+    # the 80x80 stack is cut into runs of round(4.55 / 1.02) = 4 consecutive parameters: 4 + 2
+    assert roots[6] == 0  # the largest unit is placed first
+    assert len(set(roots[:4])) == 1 and len(set(roots[4:6])) == 1
+    assert len({roots[0], roots[4], roots[6]}) == 3
+    for k in range(6):  # each matrix's first root comes at root_freq + its root offset
+        assert first_change[k] == 4 + roots[k]
     # a resumed optimizer keeps the saved offsets
-    again = Q4Shampoo(params, lr=1e-3, update_freq=4, root_freq=4, refresh_spread=4)
+    again = Q4Shampoo(params, lr=1e-3, update_freq=2, root_freq=4, refresh_spread=4)
     again.load_state_dict(_roundtrip(opt))
-    assert [again.state[p]["refresh_offset"] for p in params] == offsets
+    assert [again.state[p]["root_offset"] for p in params] == roots
+    assert [again.state[p]["refresh_offset"] for p in params] == stats
 
 
 def test_bf16_application_is_close_to_fp32():
