@@ -46,11 +46,20 @@ def eye_like(a: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)
 
 
+_START_VECTORS: dict[tuple, torch.Tensor] = {}
+
+
 def _start_vector(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Deterministic "random" start (uniform in (-1, 1) as in paper 2's PowerIter) so that a run is
-    # reproducible and a resumed run is identical without saving RNG state.
-    gen = torch.Generator().manual_seed(1234 + n)
-    return (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
+    # reproducible and a resumed run is identical without saving RNG state. Cached per device: copying it
+    # from host memory at every refresh made the host wait for the GPU's queue (docs/perf_notes.md v8).
+    key = (n, dtype, torch.device(device))
+    vector = _START_VECTORS.get(key)
+    if vector is None:
+        gen = torch.Generator().manual_seed(1234 + n)
+        vector = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype)
+        _START_VECTORS[key] = vector
+    return vector
 
 
 def power_iteration(a: torch.Tensor, iters: int = 32) -> torch.Tensor:

@@ -361,6 +361,8 @@ class Q4Shampoo(torch.optim.Optimizer):
             layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key)
             for bucket in layout.buckets:
                 self._precompile(self._form(bucket.device), bucket)
+            if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
+                linalg.newton_schedule(4, self.config.matrix_eps, self.config.newton_tol, self.config.newton_max_iters)
         return layout
 
     def _step_batch(self, batch: _Batch) -> None:
