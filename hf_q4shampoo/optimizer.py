@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -137,9 +138,32 @@ class Q4Shampoo(torch.optim.Optimizer):
         )
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
+        self._warn_if_no_root()
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
         #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
         self.stage_timer: Callable[[str], Any] | None = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the optimizer the run's length (optimizer steps), which the ``"auto"`` schedule reads.
+
+        Call it before the first step (the Trainer integration does); later, the schedule of a running
+        optimizer would change under it, so that raises.
+        """
+        if any(self.state.values()):
+            raise RuntimeError("Q4Shampoo.set_total_steps must be called before the first step.")
+        self.config = self.config.replace(total_steps=total_steps)
+        self._warn_if_no_root()
+
+    def _warn_if_no_root(self) -> None:
+        total = self.config.total_steps
+        update_freq, root_freq = self.config.schedule()
+        first = max(root_freq, self.config.start_precond_step)
+        if total is not None and first > total:
+            warnings.warn(
+                f"Q4Shampoo: root_freq={root_freq} but the run has {total} steps: no inverse root will be computed, "
+                "so it trains as (4-bit) AdamW alone. Leave update_freq/root_freq at \"auto\" or lower them.",
+                stacklevel=3,
+            )
 
     def _stage(self, name: str):
         return nullcontext() if self.stage_timer is None else self.stage_timer(name)

@@ -5,6 +5,7 @@ computed within the first steps, i.e. the preconditioned path is the one being t
 """
 
 import os
+import warnings
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -332,3 +333,28 @@ def test_push_to_hub_flags_pass_through(tmp_path, monkeypatch):
     assert "q4shampoo" in final["readme"].lower() and "root_freq=2" in final["readme"]
     saved_args = torch.load(tmp_path / "training_args.bin", weights_only=False)
     assert saved_args.optim == "q4shampoo" and saved_args.optim_args == FAST
+
+
+def test_auto_schedule_follows_the_trainers_run_length(tmp_path):
+    # max_steps reaches the optimizer as total_steps; with no optim_args the schedule is the "auto" one
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "a", optim_args=None, max_steps=40),
+                      train_dataset=lm_dataset())
+    trainer.create_optimizer()
+    opt = unwrap_optimizer(trainer.optimizer)
+    assert opt.config.total_steps == 40 and opt.config.schedule() == (1, 10)
+    # an epoch-based run: Q4ShampooTrainer fills the length once the Trainer knows it
+    from hf_q4shampoo import Q4ShampooTrainer
+
+    epochs = Q4ShampooTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "b", optim_args=None, max_steps=-1,
+                                                                     num_train_epochs=2), train_dataset=lm_dataset())
+    epochs.create_optimizer_and_scheduler(num_training_steps=123)
+    assert unwrap_optimizer(epochs.optimizer).config.total_steps == 123
+
+
+def test_a_run_that_ends_before_its_first_root_warns():
+    p = torch.nn.Parameter(torch.randn(80, 80))
+    with pytest.warns(UserWarning, match="no inverse root will be computed"):
+        Q4Shampoo([p], root_freq=500, total_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Q4Shampoo([p], total_steps=100)  # "auto": roots every 10 steps

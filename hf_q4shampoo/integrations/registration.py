@@ -106,7 +106,8 @@ def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4
     ``learning_rate``, ``adam_beta1``/``adam_beta2``, ``adam_epsilon`` and ``weight_decay``; the
     Trainer's decay / no-decay parameter groups carry their own ``weight_decay``, which takes
     precedence. Every other option comes from ``args.optim_args`` (``"update_freq=10,root_freq=50"``),
-    typed and validated.
+    typed and validated. ``total_steps`` (which the ``"auto"`` schedule reads) is ``max_steps`` when that
+    is set; :class:`~hf_q4shampoo.Q4ShampooTrainer` also fills it for runs given in epochs.
 
     Raises:
         ConfigError: an unknown ``optim_args`` key, a bad value, or a reserved key (the message names
@@ -123,6 +124,9 @@ def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4
         "weight_decay": args.weight_decay,
         **options,
     }
+    max_steps = getattr(args, "max_steps", -1)
+    if "total_steps" not in kwargs and isinstance(max_steps, int) and max_steps > 0:
+        kwargs["total_steps"] = max_steps  # the "auto" schedule follows the run's length
     try:  # validate now, so a bad learning rate or beta stops before the model is touched
         Q4ShampooConfig.from_kwargs(**kwargs)
     except ConfigError as err:

@@ -28,6 +28,8 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from .callback import MemoryReportMixin
+from ..memory import unwrap_optimizer
+from ..optimizer import Q4Shampoo
 from .registration import (
     OPTIM_NAME,
     UnsupportedSetupError,
@@ -121,6 +123,14 @@ class Q4ShampooTrainerMixin:
         )
         if uses_q4:
             make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """As the Trainer's, and tells a Q4Shampoo with an unknown run length how many steps the run has
+        (epoch-based runs: ``max_steps`` is only known here), so its ``"auto"`` schedule fits the run."""
+        super().create_optimizer_and_scheduler(num_training_steps)  # type: ignore[misc]
+        optimizer = unwrap_optimizer(getattr(self, "optimizer", None))
+        if isinstance(optimizer, Q4Shampoo) and optimizer.config.total_steps is None and num_training_steps > 0:
+            optimizer.set_total_steps(num_training_steps)
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
