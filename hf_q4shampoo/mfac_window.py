@@ -19,7 +19,7 @@ Windows:
 * :class:`TopKWindow` (``variant="topk"``): ``c`` = the ``k`` entries of ``a`` largest in magnitude,
   stored as fp32 values and int32 (int64 when ``d >= 2**31``) positions, ``m x k`` each; with
   ``dense=True`` the slot is an fp32 row of length ``d`` instead (the dense M-FAC baseline when
-  ``k == d``). Inner products with stored rows gather ``x`` at the stored positions.
+  ``k == d``, which also keeps no error accumulator: nothing is dropped). Inner products with stored rows gather ``x`` at the stored positions.
 * :class:`LowRankWindow` (``variant="lowrank"``): each matrix parameter (``shape[0] x rest``) is
   compressed to ``P Q^T`` of rank ``r`` by one power iteration warm-started from the previous ``Q``
   (PowerSGD-style, as EFCP's low-rank compressor); vectors and matrices whose short side is ``<= r``
@@ -69,6 +69,11 @@ class TopKWindow:
     dense: bool = False
 
     @property
+    def uncompressed(self) -> bool:
+        """Dense rows at k == d: dense M-FAC, which drops nothing and so keeps no error accumulator."""
+        return self.dense and self.k == self.d
+
+    @property
     def index_dtype(self) -> torch.dtype:
         return torch.int32 if self.d < 2**31 else torch.int64
 
@@ -77,17 +82,17 @@ class TopKWindow:
         state["window_values"] = torch.zeros(self.m, width, dtype=torch.float32, device=device)
         if not self.dense:
             state["window_indices"] = torch.zeros(self.m, self.k, dtype=self.index_dtype, device=device)
-        state["error"] = torch.zeros(self.d, dtype=torch.float32, device=device)
+        if not self.uncompressed:
+            state["error"] = torch.zeros(self.d, dtype=torch.float32, device=device)
 
     def insert(self, state: dict, grad: torch.Tensor, slot: int, step: int) -> torch.Tensor:
         """Error feedback + top-k of ``grad`` into ``slot``; returns ``G c``. ``grad`` is used as scratch."""
         del step  # top-k needs no randomness
-        acc = state["error"].add_(grad)  # a_t = e_{t-1} + g_t, in the error buffer
         values = state["window_values"]
-        if self.dense and self.k == self.d:  # dense M-FAC: c = a, e = 0
-            values[slot].copy_(acc)
-            acc.zero_()
+        if self.uncompressed:  # dense M-FAC: c = g
+            values[slot].copy_(grad)
             return self.dots(state, values[slot])
+        acc = state["error"].add_(grad)  # a_t = e_{t-1} + g_t, in the error buffer
         picked = torch.topk(acc.abs(), self.k, sorted=False).indices
         kept = acc.index_select(0, picked)
         acc.index_fill_(0, picked, 0.0)  # e_t = a_t - c_t: exactly zero where c_t took the entry
@@ -129,7 +134,7 @@ class TopKWindow:
         """Slot ``slot`` as a dense vector (tests, diagnostics)."""
         if self.dense:
             return state["window_values"][slot].clone()
-        out = torch.zeros(self.d, dtype=torch.float32, device=state["error"].device)
+        out = torch.zeros(self.d, dtype=torch.float32, device=state["window_values"].device)
         return out.index_copy_(0, state["window_indices"][slot].long(), state["window_values"][slot])
 
 
