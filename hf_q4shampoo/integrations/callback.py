@@ -40,7 +40,7 @@ How the log keys reach the console, ``trainer_state.json`` and reporters
     created           ISO-8601 time (UTC)
     run               {output_dir, global_step, max_steps, world_size, process_index}
     model             {class, num_params, num_trainable}
-    optimizer         {class, label, config (Q4ShampooConfig fields, or null), num_groups}
+    optimizer         {class, label, config (Q4ShampooConfig / SparseMFACConfig fields, or null), num_groups}
     device            {type, memory_kind ("cuda" | "xpu" | "mps" | "rss"), peak_since
                        ("train_begin" | "process_start"), log_key (e.g. "peak_rss_mib")}
     estimate          pre-flight estimate {total_bytes, bytes_per_param, num_params, by_kind, by_group}
@@ -480,7 +480,7 @@ class MemoryReportCallback(TrainerCallback):
             "optimizer": {
                 "class": type(self._opt).__name__,
                 "label": _optimizer_label(self._opt),
-                "config": _jsonable(self._opt.config.to_dict()) if isinstance(self._opt, Q4Shampoo) else None,
+                "config": _jsonable(self._opt.config.to_dict()) if isinstance(self._opt, (Q4Shampoo, SparseMFAC)) else None,
                 "num_groups": len(self._opt.param_groups),
             },
             "device": {
