@@ -1,6 +1,6 @@
 """hf_q4shampoo: 4-bit Shampoo for Hugging Face Transformers.
 
-Importing the package registers ``optim="q4shampoo"`` with transformers (see
+Importing the package registers ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` with transformers (see
 ``integrations/registration.py``; set ``HF_Q4SHAMPOO_AUTO_REGISTER=0`` to skip). Import it before any
 ``HfArgumentParser`` is constructed. ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` are loaded on
 first access, which imports ``transformers.Trainer``.
@@ -11,11 +11,13 @@ import os as _os
 from .config import ConfigError, Q4ShampooConfig, parse_optim_args
 from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
 from .optimizer import Q4Shampoo
+from .sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__",
+    "SparseMFAC", "SparseMFACConfig", "parse_sparse_mfac_optim_args",
     "register", "make_optimizer_cls_and_kwargs", "UnsupportedSetupError",
     "Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin",
     "estimate_memory", "MemoryReportCallback", "MemoryReportMixin", "attach_memory_report",

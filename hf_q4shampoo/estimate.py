@@ -69,6 +69,7 @@ from torch import nn
 from .config import PRECOND_FORMS, ConfigError, Q4ShampooConfig, parse_optim_args
 from .memory import KINDS, MemoryReport, _config_factor_numel, format_bytes, param_state_bytes, unwrap_optimizer
 from .optimizer import Q4Shampoo, _local
+from .sparse_mfac import SparseMFAC
 
 __all__ = [
     "EstimateRow",
@@ -179,10 +180,11 @@ class MemoryEstimate:
         if by_kind:
             shampoo = [r for r in self.rows if r.by_kind is not None]
             lines += ["", "Q4Shampoo state by kind:", ""]
-            lines.append("| precond | " + " | ".join(KINDS) + " |")
-            lines.append("|---|" + "---:|" * len(KINDS))
+            kinds = [k for k in KINDS if any(r.by_kind.get(k, 0) for r in shampoo)] or list(KINDS[:1])
+            lines.append("| precond | " + " | ".join(kinds) + " |")
+            lines.append("|---|" + "---:|" * len(kinds))
             for r in shampoo:
-                cells = " | ".join(format_bytes(r.by_kind[k]) for k in KINDS)
+                cells = " | ".join(format_bytes(r.by_kind[k]) for k in kinds)
                 lines.append(f"| {r.name.removeprefix('q4shampoo_')} | {cells} |")
         return "\n".join(lines)
 
@@ -411,6 +413,11 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
     config, or the default one for other optimizers).
     """
     opt = unwrap_optimizer(optimizer)
+    if isinstance(opt, SparseMFAC):  # its state is per flattened group, not per parameter shape
+        raise EstimateUnavailable(
+            "no pre-flight estimate for SparseMFAC: its state is one window per parameter group "
+            "(the measured report counts it)."
+        )
     groups = [(_group_hparams(g), _census(g["params"])) for g in opt.param_groups]
     if isinstance(opt, Q4Shampoo):
         config = opt.config

@@ -9,6 +9,15 @@ Memory kinds (``MemoryReport.by_kind``):
 ``first_order``       first-order moments (4-bit codes or fp32 tensors)
 ``scales_diagonals``  fp32 block scales, exact diagonals, eigenvalues, ridges, rank-1 maxima
 ``other``             step counters
+``indices``           integer positions of sparse stored entries (SparseMFAC's top-k window)
+``gram``              m x m inner-product matrices (SparseMFAC's ``D = G G^T``, fp64)
+
+:class:`~hf_q4shampoo.sparse_mfac.SparseMFAC` keeps one state per parameter group (in the state of the
+group's first parameter); its tensors map to kinds by ``sparse_mfac.STATE_KINDS``: the window's values
+(or low-rank factors and exactly stored vectors) are ``statistics`` (M-FAC's statistics *are* the window
+of past gradients), its positions ``indices``, the error-feedback accumulator ``error_feedback``, ``D``
+``gram``, the momentum buffer ``first_order`` and the step counter ``other``. Its report has one
+``largest`` row per group (``name`` ``"group i (n tensors, flattened)"``).
 
 Equivalents are computed for the *same parameters and the same block plan*: ``adamw`` = 8 bytes per
 parameter (fp32 m and v), ``fp32_shampoo`` = fp32 statistics and roots for every factor
@@ -29,6 +38,7 @@ from .config import Q4ShampooConfig
 from .first_order import first_order_keys
 from .optimizer import _local
 from .preconditioners import tensor_bytes
+from .sparse_mfac import STATE_KINDS, SparseMFAC
 
 __all__ = [
     "MemoryReport",
@@ -39,7 +49,7 @@ __all__ = [
     "format_bytes",
 ]
 
-KINDS = ("statistics", "roots", "error_feedback", "first_order", "scales_diagonals", "other")
+KINDS = ("statistics", "roots", "error_feedback", "first_order", "scales_diagonals", "other", "indices", "gram")
 
 
 @dataclass
@@ -145,6 +155,8 @@ def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = N
     state = optimizer.state.get(p)
     if not state:
         return kinds
+    if _is_sparse_mfac(optimizer):  # p is its group's first parameter: the whole group's state
+        return _sparse_mfac_kinds(state)
     if not hasattr(optimizer, "_form"):
         for t in _nested_tensors(state):
             if seen is not None:
@@ -167,12 +179,53 @@ def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = N
     return kinds
 
 
+def _is_sparse_mfac(optimizer: Any) -> bool:
+    return isinstance(optimizer, SparseMFAC)
+
+
+def _sparse_mfac_kinds(state: dict[str, Any]) -> dict[str, int]:
+    kinds = dict.fromkeys(KINDS, 0)
+    for key, value in state.items():
+        for t in _nested_tensors(value):
+            kinds[STATE_KINDS.get(key, "other")] += tensor_bytes(t)
+    return kinds
+
+
+def _sparse_mfac_report(optimizer: Any, largest: int) -> MemoryReport:
+    """One report row per parameter group: SparseMFAC's state is per (flattened) group."""
+    by_kind = dict.fromkeys(KINDS, 0)
+    by_group, group_num_params, rows = [], [], []
+    num_params = num_tensors = adamw = fp32_shampoo = 0
+    for gi, group in enumerate(optimizer.param_groups):
+        state = optimizer.group_state(gi)
+        numel = sum(p.numel() for p in group["params"]) if state else 0
+        kinds = _sparse_mfac_kinds(state) if state else dict.fromkeys(KINDS, 0)
+        for kind, b in kinds.items():
+            by_kind[kind] += b
+        total = sum(kinds.values())
+        by_group.append(total)
+        group_num_params.append(numel)
+        if state:
+            count = len(group["params"])
+            num_params += numel
+            num_tensors += count
+            adamw += 8 * numel
+            fp32_shampoo += sum(8 * p.numel() + 8 * _plan_factor_numel(optimizer, p.shape) for p in group["params"])
+            rows.append({"name": f"group {gi} ({count} tensors, flattened)", "shape": [numel], "numel": numel,
+                         "bytes": total, "bytes_per_param": total / max(1, numel)})
+    rows.sort(key=lambda r: -r["bytes"])
+    return MemoryReport(by_kind=by_kind, num_params=num_params, num_tensors=num_tensors, adamw_equivalent=adamw,
+                        fp32_shampoo_equivalent=fp32_shampoo, by_group=by_group, largest=rows[:largest],
+                        group_num_params=group_num_params)
+
+
 def optimizer_state_bytes(
     optimizer: Any, largest: int = 10, param_names: dict[int, str] | None = None
 ) -> MemoryReport:
-    """Measure the state of ``optimizer`` (a Q4Shampoo, or any torch optimizer) right now.
+    """Measure the state of ``optimizer`` (a Q4Shampoo, a SparseMFAC, or any torch optimizer) right now.
 
-    For optimizers other than Q4Shampoo every state tensor counts as ``first_order``; a tensor-subclass
+    A SparseMFAC is reported per parameter group (module docstring). For any other optimizer every
+    state tensor counts as ``first_order``; a tensor-subclass
     state (torchao's ``OptimState4bit``, a DTensor) counts the inner tensors that hold its memory, and a
     tensor shared by several parameters' states is counted once.
 
@@ -180,6 +233,8 @@ def optimizer_state_bytes(
     ``largest`` rows then carry a ``name``.
     """
     optimizer = unwrap_optimizer(optimizer)
+    if _is_sparse_mfac(optimizer):
+        return _sparse_mfac_report(optimizer, largest)
     by_kind = dict.fromkeys(KINDS, 0)
     by_group: list[int] = []
     group_num_params: list[int] = []

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hf_q4shampoo import ConfigError, Q4ShampooConfig, parse_optim_args
 
@@ -62,3 +63,58 @@ def test_auto_schedule_follows_the_run_length():
     assert parse_optim_args("update_freq=AUTO,total_steps=300") == {"update_freq": "auto", "total_steps": 300}
     with pytest.raises(ConfigError, match="total_steps must be None"):
         Q4ShampooConfig(total_steps=0)
+
+
+# ---- SparseMFAC (issue 17) ---------------------------------------------------------------------
+
+
+def test_sparse_mfac_config_validation_and_k():
+    from hf_q4shampoo import SparseMFAC, SparseMFACConfig
+
+    c = SparseMFACConfig()
+    assert (c.m, c.k_fraction, c.k, c.variant, c.rank, c.momentum) == (10, 0.01, None, "topk", 4, 0.0)
+    with pytest.raises(ConfigError, match=r"k_fraction must be a number in \(0, 1\]"):
+        SparseMFACConfig(k_fraction=0.0)
+    with pytest.raises(ConfigError, match="variant='svd' is not valid; allowed values: 'topk', 'lowrank'"):
+        SparseMFACConfig(variant="svd")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) 'ngrads'. Allowed options: lr, m, k_fraction, k,"):
+        SparseMFAC([torch.nn.Parameter(torch.zeros(2))], ngrads=10)
+    with pytest.raises(ConfigError, match=r"give k \(entries per group\) or k_fraction \(density\), not both"):
+        SparseMFACConfig.from_kwargs(k=5, k_fraction=0.1)
+    with pytest.raises(ConfigError, match="damp must be a number in"):  # per-group values are validated too
+        SparseMFAC([{"params": [torch.nn.Parameter(torch.zeros(2))], "damp": 0.0}])
+    with pytest.raises(ConfigError, match="window_format applies to variant='topk' only"):
+        SparseMFACConfig(variant="lowrank", window_format="sparse")
+    c = SparseMFACConfig(k=50)
+    assert c.k_for(1000) == 50 and c.k_for(20) == 20
+    assert c.replace(k_fraction=0.1).k_for(1000) == 100  # a density replaces an absolute k
+    assert SparseMFACConfig().k_for(1000) == 10 and SparseMFACConfig().k_for(50) == 1
+    assert SparseMFACConfig(**c.to_dict()) == c
+
+
+def test_sparse_mfac_optim_args():
+    from hf_q4shampoo import parse_sparse_mfac_optim_args as parse
+
+    out = parse("m=32, k_fraction=0.02,damp=1e-6,variant=LOWRANK,rank=2,momentum=0.9,lr_scaled_decay=false")
+    assert out == {"m": 32, "k_fraction": 0.02, "damp": 1e-6, "variant": "lowrank", "rank": 2, "momentum": 0.9,
+                   "lr_scaled_decay": False}
+    assert parse("k=1000") == {"k": 1000} and parse(None) == {} and parse(" ") == {}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("ngrads=1024", "unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction, k, damp, momentum,"),
+    ("m=ten", "m='ten' is not an integer"),
+    ("m=0", "m must be an integer >= 1, got 0"),
+    ("damp=-1", r"damp must be a number in \(0, inf\)"),
+    ("variant=svd", "variant='svd' is not valid; allowed values: 'topk', 'lowrank'"),
+    ("lr_scaled_decay=maybe", "lr_scaled_decay='maybe' is not true or false"),
+    ("k=10,k_fraction=0.1", "not both"),
+    ("m", "not of the form key=value"),
+    ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate"),
+])
+def test_sparse_mfac_optim_args_errors(text, message):
+    from hf_q4shampoo import parse_sparse_mfac_optim_args
+    from hf_q4shampoo.integrations.registration import SPARSE_MFAC_RESERVED_OPTIM_ARGS
+
+    with pytest.raises(ConfigError, match=message):
+        parse_sparse_mfac_optim_args(text, reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)

@@ -108,6 +108,10 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
             ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3", "--use_cpu", "true"])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(a)
         out["wrapper_cls"], out["wrapper_update_freq"] = cls.__name__, kwargs["update_freq"]
+        (b,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", {str(tmp_path)!r}, "--optim", "sparse_mfac", "--optim_args", "m=7", "--use_cpu", "true"])
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(b)
+        out["sparse_cls"], out["sparse_m"] = cls.__name__, kwargs["m"]
         a.optim = OptimizerNames.SGD
         out["sgd_cls"] = Trainer.get_optimizer_cls_and_kwargs(a)[0].__name__
         registration._register("trainer_wrapper")
@@ -122,9 +126,10 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
     assert out["stock_parser_exit"] == 2  # argparse: invalid choice (guards against upstream changes)
     assert "is not a valid OptimizerNames" in out["stock_args_error"]
     assert out["mode"] == "trainer_wrapper"
-    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO"]
+    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO", "SPARSE_MFAC"]
     assert out["handlers_unchanged"]
     assert out["wrapper_cls"] == "Q4Shampoo" and out["wrapper_update_freq"] == 3
+    assert out["sparse_cls"] == "SparseMFAC" and out["sparse_m"] == 7
     assert out["sgd_cls"] == "SGD"
     assert out["wrapped_once"]
 

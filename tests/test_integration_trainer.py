@@ -358,3 +358,55 @@ def test_a_run_that_ends_before_its_first_root_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Q4Shampoo([p], total_steps=100)  # "auto": roots every 10 steps
+
+# ---- --optim sparse_mfac (issue 17) ---------------------------------------------------------------
+
+SPARSE_MFAC_ARGS = "m=4,k_fraction=0.05,damp=1e-4"
+
+
+def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_q4shampoo import ConfigError, SparseMFAC
+    from hf_q4shampoo.memory import optimizer_state_bytes
+
+    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path / "parsed"), "--optim", "sparse_mfac", "--optim_args", SPARSE_MFAC_ARGS]
+    )
+    assert parsed.optim.value == "sparse_mfac" and parsed.optim_args == SPARSE_MFAC_ARGS
+
+    k = 3
+    common = dict(optim="sparse_mfac", optim_args=SPARSE_MFAC_ARGS, learning_rate=1e-2, weight_decay=0.01,
+                  max_steps=2 * k, save_strategy="steps", save_steps=k)
+    straight = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset())
+    straight.train()
+    opt = unwrap_optimizer(straight.optimizer)
+    assert isinstance(opt, SparseMFAC) and opt.config.m == 4 and opt.config.lr_scaled_decay  # --weight_decay is AdamW's
+    decay, no_decay = opt.param_groups  # the Trainer's two groups: two flattened windows
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert int(opt.group_state(0)["step"]) == 2 * k and int(opt.group_state(1)["step"]) == 2 * k
+    assert all(np.isfinite(_losses(straight)))
+    report = optimizer_state_bytes(straight.optimizer)
+    assert report.num_params == sum(p.numel() for p in straight.model.parameters())
+    assert report.by_kind["indices"] > 0 and report.by_kind["gram"] == 2 * 4 * 4 * 8
+
+    stopped = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset(),
+                      callbacks=[StopAt(k)])
+    stopped.train()
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{k}"
+    resumed = Trainer(model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common),
+                      train_dataset=lm_dataset())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = trainable_state(straight.model), trainable_state(resumed.model)
+    assert all(torch.equal(a[name], b[name]) for name in a), "resumed run differs from the uninterrupted one"
+    assert _same_state(opt.state_dict()["state"], unwrap_optimizer(resumed.optimizer).state_dict()["state"])
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert {torch.int32, torch.float64, torch.float32} <= {t.dtype for t in nested_tensors(saved["state"])}
+
+    straight.create_model_card()
+    assert "sparse_mfac" in (tmp_path / "straight" / "README.md").read_text().lower()
+
+    bad = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="ngrads=1024"),
+                  train_dataset=lm_dataset())
+    with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
+        bad.create_optimizer()

@@ -40,13 +40,14 @@ How the log keys reach the console, ``trainer_state.json`` and reporters
     created           ISO-8601 time (UTC)
     run               {output_dir, global_step, max_steps, world_size, process_index}
     model             {class, num_params, num_trainable}
-    optimizer         {class, label, config (Q4ShampooConfig fields, or null), num_groups}
+    optimizer         {class, label, config (Q4ShampooConfig / SparseMFACConfig fields, or null), num_groups}
     device            {type, memory_kind ("cuda" | "xpu" | "mps" | "rss"), peak_since
                        ("train_begin" | "process_start"), log_key (e.g. "peak_rss_mib")}
     estimate          pre-flight estimate {total_bytes, bytes_per_param, num_params, by_kind, by_group}
                       or null; estimate_error says why when null
     measured          {step, total_bytes, bytes_per_param, num_params, num_tensors,
-                       by_kind {statistics, roots, error_feedback, first_order, scales_diagonals, other},
+                       by_kind {statistics, roots, error_feedback, first_order, scales_diagonals, other,
+                                indices, gram} (the last two: SparseMFAC only; see hf_q4shampoo.memory),
                        by_group [{index, num_params, bytes, bytes_per_param, lr (initial), weight_decay}],
                        largest [{name, shape, numel, bytes, bytes_per_param}]}
     estimate_relative_error   measured / estimate - 1, or null
@@ -79,6 +80,7 @@ from transformers import TrainerCallback
 from ..estimate import EstimateUnavailable, estimate_memory, estimate_optimizer_state
 from ..memory import KINDS, MemoryReport, format_bytes, optimizer_state_bytes, unwrap_optimizer
 from ..optimizer import Q4Shampoo
+from ..sparse_mfac import SparseMFAC
 
 __all__ = [
     "MemoryReportCallback",
@@ -223,6 +225,10 @@ def _optimizer_label(opt: Any) -> str:
         c = opt.config
         bits = "" if c.first_order_bits == 4 else f", {c.first_order_bits}-bit {c.first_order}"
         return f"Q4Shampoo ({c.precond}{bits})"
+    if isinstance(opt, SparseMFAC):
+        c = opt.config
+        kept = f"rank {c.rank}" if c.variant == "lowrank" else (f"k={c.k}" if c.k is not None else f"k={c.k_fraction:g}d")
+        return f"SparseMFAC ({c.variant}, m={c.m}, {kept})"
     return type(opt).__name__
 
 
@@ -474,7 +480,7 @@ class MemoryReportCallback(TrainerCallback):
             "optimizer": {
                 "class": type(self._opt).__name__,
                 "label": _optimizer_label(self._opt),
-                "config": _jsonable(self._opt.config.to_dict()) if isinstance(self._opt, Q4Shampoo) else None,
+                "config": _jsonable(self._opt.config.to_dict()) if isinstance(self._opt, (Q4Shampoo, SparseMFAC)) else None,
                 "num_groups": len(self._opt.param_groups),
             },
             "device": {
@@ -656,6 +662,8 @@ _KIND_COLORS = {
     "first_order": "#DD8452",
     "scales_diagonals": "#CCB974",
     "other": "#8C8C8C",
+    "indices": "#64B5CD",
+    "gram": "#C44E52",
 }
 
 

@@ -1,4 +1,6 @@
-"""Make ``optim="q4shampoo"`` known to stock transformers: the light part of the integration.
+"""Make ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` known to stock transformers.
+
+The light part of the integration.
 
 ``import hf_q4shampoo`` calls :func:`register`, so this module imports only what registration needs
 (``transformers.training_args`` and, from 5.2 on, ``transformers.trainer_optimizer``; not ``Trainer``
@@ -22,6 +24,10 @@ registration touches exactly the two objects those checks consult:
      ``q4shampoo`` and hands every other name to the original (mode ``"trainer_wrapper"``). The
      wrapper is also the fallback if a later release drops the private dict.
 
+``sparse_mfac`` (:class:`~hf_q4shampoo.sparse_mfac.SparseMFAC`) is registered the same way, as a
+second member ``SPARSE_MFAC = "sparse_mfac"`` with its own handler (and the same wrapper on 5.0 / 5.1);
+its ``--optim_args`` are parsed by :func:`~hf_q4shampoo.sparse_mfac.parse_sparse_mfac_optim_args`.
+
 Both steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
 names keep transformers' own errors. The handler reads ``--optim_args`` itself with
 :func:`~hf_q4shampoo.config.parse_optim_args` (typed, validated, naming the bad key and the allowed
@@ -42,10 +48,15 @@ from typing import Any, Literal
 
 from ..config import ConfigError, Q4ShampooConfig, parse_optim_args
 from ..optimizer import Q4Shampoo
+from ..sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
 
 __all__ = [
     "OPTIM_NAME",
     "RESERVED_OPTIM_ARGS",
+    "SPARSE_MFAC_OPTIM_NAME",
+    "SPARSE_MFAC_RESERVED_OPTIM_ARGS",
+    "is_sparse_mfac_optim",
+    "make_sparse_mfac_cls_and_kwargs",
     "UnsupportedSetupError",
     "check_supported_setup",
     "is_q4shampoo_optim",
@@ -65,6 +76,16 @@ RESERVED_OPTIM_ARGS = {
     "lr": "--learning_rate",
     "betas": "--adam_beta1 / --adam_beta2",
     "eps": "--adam_epsilon",
+    "weight_decay": "--weight_decay (applied per parameter group by the Trainer)",
+}
+
+#: The ``optim`` value that selects SparseMFAC (``--optim sparse_mfac``).
+SPARSE_MFAC_OPTIM_NAME = "sparse_mfac"
+_SPARSE_MFAC_MEMBER_NAME = "SPARSE_MFAC"
+
+#: SparseMFAC options that come from the usual TrainingArguments fields, not from ``--optim_args``.
+SPARSE_MFAC_RESERVED_OPTIM_ARGS = {
+    "lr": "--learning_rate",
     "weight_decay": "--weight_decay (applied per parameter group by the Trainer)",
 }
 
@@ -90,6 +111,12 @@ def is_q4shampoo_optim(optim: Any) -> bool:
     """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4Shampoo."""
     value = getattr(optim, "value", optim)
     return isinstance(value, str) and value.lower() == OPTIM_NAME
+
+
+def is_sparse_mfac_optim(optim: Any) -> bool:
+    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects SparseMFAC."""
+    value = getattr(optim, "value", optim)
+    return isinstance(value, str) and value.lower() == SPARSE_MFAC_OPTIM_NAME
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +171,54 @@ def _handler(ctx: Any) -> tuple[type[Q4Shampoo], dict[str, Any]]:
 
 
 setattr(_handler, _MARK, True)
+
+
+# --------------------------------------------------------------------------------------------
+# TrainingArguments -> (SparseMFAC, kwargs)
+# --------------------------------------------------------------------------------------------
+
+
+def make_sparse_mfac_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[SparseMFAC], dict[str, Any]]:
+    """``(SparseMFAC, kwargs)`` for a ``TrainingArguments`` instance (``--optim sparse_mfac``).
+
+    ``lr`` comes from ``learning_rate`` and the default ``weight_decay`` from ``weight_decay`` (the
+    Trainer's decay / no-decay groups carry their own); every other option from ``args.optim_args``
+    (``"m=32,k_fraction=0.01,damp=1e-6"``), typed and validated. ``--weight_decay`` is AdamW's decoupled,
+    lr-scaled decay in transformers, so here ``lr_scaled_decay`` defaults to true (``p <- (1 - lr wd) p``);
+    ``optim_args`` ``lr_scaled_decay=false`` gives EFCP's unscaled ``p <- (1 - wd) p``.
+
+    Raises:
+        ConfigError: an unknown ``optim_args`` key, a bad value, or a reserved key (the message names
+            the key and the allowed keys / values).
+        UnsupportedSetupError: DeepSpeed ZeRO >= 1 or FSDP (only single device and DDP are supported).
+    """
+    del model  # the Trainer's parameter groups carry everything
+    problem = _deepspeed_problem(args) or ("FSDP" if _fsdp_version(args) is not None else None)
+    if problem is not None:
+        raise UnsupportedSetupError(
+            f"--optim {SPARSE_MFAC_OPTIM_NAME} cannot run with {problem}: it preconditions each parameter group "
+            "as one flattened vector held whole on every rank. Supported setups: single device and DDP."
+        )
+    options = parse_sparse_mfac_optim_args(getattr(args, "optim_args", None), reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lr_scaled_decay": True,
+        **options,
+    }
+    try:  # validate now, so a bad value stops before the model is touched
+        SparseMFACConfig.from_kwargs(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from the TrainingArguments of --optim {SPARSE_MFAC_OPTIM_NAME})") from err
+    return SparseMFAC, kwargs
+
+
+def _sparse_mfac_handler(ctx: Any) -> tuple[type[SparseMFAC], dict[str, Any]]:
+    """``_OPTIMIZER_HANDLERS`` entry for ``sparse_mfac`` (transformers >= 5.2)."""
+    return make_sparse_mfac_cls_and_kwargs(ctx.args, ctx.model)
+
+
+setattr(_sparse_mfac_handler, _MARK, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +328,8 @@ def _extend_enum(cls: Any, name: str, value: str) -> Any:
     return member
 
 
-def _register_handler(member: Any) -> bool:
-    """Add our entry to ``_OPTIMIZER_HANDLERS`` (5.2+). False if that registry does not exist."""
+def _register_handler(member: Any, handler: Any = _handler) -> bool:
+    """Add ``handler`` for ``member`` to ``_OPTIMIZER_HANDLERS`` (5.2+). False if that registry does not exist."""
     if importlib.util.find_spec("transformers.trainer_optimizer") is None:
         return False
     from transformers import trainer_optimizer
@@ -264,9 +339,9 @@ def _register_handler(member: Any) -> bool:
         return False
     current = handlers.get(member)
     if current is not None and not getattr(current, _MARK, False):
-        logger.warning("transformers already has a handler for optim=%r; keeping it.", OPTIM_NAME)
+        logger.warning("transformers already has a handler for optim=%r; keeping it.", member.value)
         return True
-    handlers[member] = _handler
+    handlers[member] = handler
     return True
 
 
@@ -282,6 +357,8 @@ def _wrap_trainer() -> None:
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
         if is_q4shampoo_optim(args.optim):
             return make_optimizer_cls_and_kwargs(args, model)
+        if is_sparse_mfac_optim(args.optim):
+            return make_sparse_mfac_cls_and_kwargs(args, model)
         return original(args, model)
 
     get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
@@ -299,11 +376,16 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
     from transformers.training_args import OptimizerNames
 
     member = _extend_enum(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
+    sparse_member = _extend_enum(OptimizerNames, _SPARSE_MFAC_MEMBER_NAME, SPARSE_MFAC_OPTIM_NAME)
+
+    def add_handlers() -> bool:
+        return _register_handler(member) and _register_handler(sparse_member, _sparse_mfac_handler)
+
     if mode is None:
         if _mode is not None:
             return _mode
-        mode = "handler_registry" if _register_handler(member) else "trainer_wrapper"
-    elif mode == "handler_registry" and not _register_handler(member):
+        mode = "handler_registry" if add_handlers() else "trainer_wrapper"
+    elif mode == "handler_registry" and not add_handlers():
         raise RuntimeError("this transformers version has no trainer_optimizer._OPTIMIZER_HANDLERS")
     if mode == "trainer_wrapper":
         _wrap_trainer()
@@ -312,7 +394,8 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
 
 
 def register() -> RegistrationMode:
-    """Make ``optim="q4shampoo"`` work with stock ``TrainingArguments``, ``HfArgumentParser`` and ``Trainer``.
+    """Make ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` work with stock ``TrainingArguments``,
+    ``HfArgumentParser`` and ``Trainer``.
 
     ``import hf_q4shampoo`` already calls it. Run it before ``HfArgumentParser(...)`` is constructed
     (the parser freezes ``--optim``'s choices then). Additive and idempotent; returns how the name is
@@ -322,9 +405,10 @@ def register() -> RegistrationMode:
 
 
 def is_registered() -> bool:
-    """Whether ``q4shampoo`` is an ``OptimizerNames`` member and dispatched by the Trainer."""
+    """Whether ``q4shampoo`` and ``sparse_mfac`` are ``OptimizerNames`` members dispatched by the Trainer."""
     if _mode is None:
         return False
     from transformers.training_args import OptimizerNames
 
-    return OPTIM_NAME in OptimizerNames._value2member_map_
+    names = OptimizerNames._value2member_map_
+    return OPTIM_NAME in names and SPARSE_MFAC_OPTIM_NAME in names
