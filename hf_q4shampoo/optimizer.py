@@ -387,8 +387,8 @@ class Q4Shampoo(torch.optim.Optimizer):
                 self._precompile(self._form(bucket.device), bucket)
             if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
                 linalg.newton_schedule(4, self.config.matrix_eps, self.config.newton_tol, self.config.newton_max_iters)
-            for device in {b.device for b in layout.buckets if b.device.type == "cuda"}:
-                _warm_libraries(device)
+            for bucket in layout.buckets:
+                _warm_refresh(self._form(bucket.device), bucket)
         return layout
 
     def _step_batch(self, batch: _Batch) -> None:
@@ -594,21 +594,23 @@ class Q4Shampoo(torch.optim.Optimizer):
         self.__dict__.pop("_layout", None)
 
 
-_WARMED: set[torch.device] = set()
+_WARMED: set[tuple] = set()
 
 
-def _warm_libraries(device: torch.device) -> None:
-    """Load cuSOLVER's Cholesky and the fp32 product kernels once, at the first step.
+def _warm_refresh(form: PreconditionerForm, bucket: FactorBucket) -> None:
+    """Run one statistics update and one root refresh of a copy of one factor, per order, at the first step.
 
-    CUDA loads a library's kernels at their first use; the first refresh of a run paid ~150-200 ms for it
-    (the worst step of every configuration in docs/perf_notes.md v9), now paid inside the first step.
+    CUDA loads a library's kernels (cuSOLVER's Cholesky, the fp32 products of the root iteration) at their
+    first launch: the first refresh of a run paid ~150-200 ms for it, the worst step of every configuration
+    in docs/perf_notes.md v9. The copy is discarded.
     """
-    if device in _WARMED:
+    key = (bucket.device, bucket.order, form.name)
+    if bucket.device.type != "cuda" or key in _WARMED:
         return
-    _WARMED.add(device)
-    a = torch.eye(64, device=device).expand(2, 64, 64) * 2.0
-    with linalg.fp32_matmul():
-        torch.linalg.cholesky_ex(a @ a)
+    _WARMED.add(key)
+    sample = {k: v[:1].clone() for k, v in bucket.storage.items()}
+    form.update_statistics(sample, torch.eye(bucket.order, device=bucket.device).unsqueeze(0))
+    form.refresh_root(sample)
 
 
 def _detach_views(value: Any) -> Any:
