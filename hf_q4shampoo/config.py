@@ -16,6 +16,8 @@ __all__ = ["Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError"
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
 ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
+FACTOR_SCALINGS = ("row", "column")
+FACTOR_UPPERS = ("feedback", "refine")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
@@ -26,12 +28,15 @@ STATE_LAYOUT_KEYS = (
     "precond",
     "first_order",
     "first_order_bits",
+    "first_order_v",
     "max_precond_dim",
     "max_aspect_ratio",
     "min_precond_numel",
     "min_quant_numel",
     "quant_block_size",
     "root_bits",
+    "factor_scaling",
+    "factor_upper",
 )
 
 
@@ -49,6 +54,10 @@ class Q4ShampooConfig:
         first_order: ``"adamw"`` (default) or ``"sgd"``.
         first_order_bits: 4 (paper 3: m block-128 dynamic exponent, v rank-1 zero-free linear;
             tensors of <= 4096 entries stay fp32) or 32.
+        first_order_v: Adam's second moment of matrices: ``"rank1"`` (as ``first_order_bits`` says) or
+            ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
+            factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
+            trailing ones; about 0.5 byte per parameter less at 4 bits).
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -106,6 +115,15 @@ class Q4ShampooConfig:
         remove_cholesky_ridge: subtract that ridge again when the statistics are rebuilt from the
             stored factor (D3); otherwise it compounds to ~ridge / (1 - beta) over time.
 
+    Storage of the Cholesky factor (ours; measured in docs/results.md §4):
+        factor_scaling: ``"row"`` quantizes the factor's off-diagonal as it is (blocks along rows);
+            ``"column"`` divides each column by its diagonal entry first (the unit-diagonal factor of
+            LDL^T, whose entries do not shrink with the pivots), which keeps more of the small-eigenvalue
+            directions.
+        factor_upper: what the otherwise unused upper triangle of ``cholesky_ef``'s code buffer holds:
+            ``"feedback"`` (paper 1's error-feedback state) or ``"refine"`` (a second 4-bit code of the
+            first code's residual: the factor to ~8 bits in the same bytes, no error feedback).
+
     Paper 2 (``precond="eigen"``):
         bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
             and before a root (paper 2: 1 and 4).
@@ -133,6 +151,7 @@ class Q4ShampooConfig:
     nesterov: bool = False
     first_order: str = "adamw"
     first_order_bits: int = 4
+    first_order_v: str = "rank1"
     precond: str = "cholesky_ef"
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
@@ -153,6 +172,8 @@ class Q4ShampooConfig:
     ef_beta: float = 0.0
     cholesky_eps: float = 1e-6
     remove_cholesky_ridge: bool = True
+    factor_scaling: str = "row"
+    factor_upper: str = "feedback"
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
     use_compile: bool = True
@@ -234,9 +255,12 @@ def auto_schedule(total_steps: int | None) -> tuple[int, int]:
 
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
+    "first_order_v": ("rank1", "factored"),
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,
     "quant_map": QUANT_MAPS,
+    "factor_scaling": FACTOR_SCALINGS,
+    "factor_upper": FACTOR_UPPERS,
     "apply_dtype": ("auto", "float32", "bfloat16"),
     "gram_precision": ("auto", "float32", "tf32"),
     "first_order_bits": (4, 32),

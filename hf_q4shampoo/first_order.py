@@ -10,6 +10,12 @@ Their states are 4-bit by default (paper 3, papers.md §4.1):
 
 With ``bits=32`` every moment is a plain fp32 tensor.
 
+With ``v="factored"`` (paper 3's "4-bit Factor", Adafactor's second moment), Adam's v of a tensor with more
+than 4096 entries that is a matrix after flattening its trailing dims (``(shape[0], rest)``, both > 1) is
+kept as fp32 row and column means of ``g^2`` (``exp_avg_sq_row`` (R,), ``exp_avg_sq_col`` (C,), each an EMA
+with ``beta2``) and read as ``v_ij = row_i col_j / mean(row)`` (exact when ``g^2`` is rank one): R + C floats
+instead of R * C codes. Its m stays as ``bits`` says; other tensors keep the ``bits`` scheme for v too.
+
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
@@ -34,7 +40,10 @@ from . import triton_kernels
 from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
-__all__ = ["init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments"]
+__all__ = [
+    "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments",
+    "factored_shape", "V_MODES",
+]
 
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
 SIGNED_BLOCK = 128
@@ -42,9 +51,22 @@ State = dict[str, torch.Tensor]
 Moments = dict[str, torch.Tensor]  # the batched (K, ...) entries of one moment
 
 
+V_MODES = ("rank1", "factored")
+
+
 def quantized_moments(numel: int, bits: int) -> bool:
     """Whether moments of a tensor with ``numel`` entries are stored in 4 bit."""
     return bits == 4 and numel > QUANT_MIN_NUMEL
+
+
+def factored_shape(shape: tuple[int, ...], v: str) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored."""
+    numel = math.prod(shape)
+    if v != "factored" or len(shape) < 2 or numel <= QUANT_MIN_NUMEL:
+        return None
+    rows = shape[0]
+    cols = numel // rows
+    return (rows, cols) if rows > 1 and cols > 1 else None
 
 
 def first_order_keys(state: State) -> list[str]:
@@ -89,7 +111,7 @@ def _decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
     return dequantize_rank1({k[1:]: v for k, v in m.items()}, shape, batch_dims=1)
 
 
-_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+)")
+_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+|_row|_col)")
 
 
 def _scatter(states: list[State], name: str, batched: Moments) -> None:
@@ -100,15 +122,19 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
             state[name + suf] = part
 
 
-def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
-    def zeros() -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
-        return torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
+def init_first_order_state(p: torch.Tensor, kind: str, bits: int, v: str = "rank1") -> State:
+    def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
+        return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
 
     quantized = quantized_moments(p.numel(), bits)
     state: State = {}
     if kind == "adamw":
         _scatter([state], "exp_avg", _encode_signed(zeros(), quantized))
-        _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
+        factored = factored_shape(tuple(p.shape), v)
+        if factored is not None:
+            _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
+        else:
+            _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
     else:
         _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized))
     return state
@@ -119,13 +145,27 @@ def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
 # ---------------------------------------------------------------------------------------------
 
 
+def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, torch.Tensor]:
+    """Adafactor's second moment: new row / column EMAs of ``d^2`` and the full ``v`` they give (shape of d)."""
+    d2 = (d * d).reshape(d.shape[0], v["_row"].shape[-1], -1)
+    row = v["_row"] * beta2 + (1.0 - beta2) * d2.mean(-1)
+    col = v["_col"] * beta2 + (1.0 - beta2) * d2.mean(-2)
+    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    full = (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
+    return {"_row": row, "_col": col}, full.reshape(d.shape)
+
+
 def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
                 bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool):
     shape = tuple(d.shape)
     m_new = _decode_signed(m, shape).lerp(d, 1.0 - beta1)
-    v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+    if "_row" in v:
+        v_state, v_new = _factored_v(v, d, beta2)
+    else:
+        v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+        v_state = _encode_nonneg(v_new, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized), _encode_nonneg(v_new, quantized), update
+    return _encode_signed(m_new, quantized), v_state, update
 
 
 def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool):
@@ -227,11 +267,13 @@ def adamw_batch_step(
     beta1, beta2 = betas
     device = directions.device
     quantized = quantized_moments(params[0].numel(), bits)
-    if not quantized and params[0].dtype == torch.float32:
+    factored = "exp_avg_sq_row" in moments  # the state says which second moment it holds
+    if not quantized and not factored and params[0].dtype == torch.float32:
         _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay)
         return
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
+    # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
         triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay)
         return

@@ -169,7 +169,8 @@ def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = N
     numel = _local(p).numel()
     for key in first_order_keys(state):
         t = state[key]
-        kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
+        moment = key.endswith(("_codes", "_row", "_col")) or t.numel() == numel  # _row/_col: a factored v
+        kind = "first_order" if moment else "scales_diagonals"
         kinds[kind] += tensor_bytes(t)
     kinds["other"] += tensor_bytes(state["step"])
     for sides in state.get("regions", []):

@@ -289,7 +289,8 @@ class Q4Shampoo(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
         state["step"] = torch.tensor(0.0)
-        state.update(init_first_order_state(local, self.config.first_order, self.config.first_order_bits))
+        state.update(init_first_order_state(local, self.config.first_order, self.config.first_order_bits,
+                                            self.config.first_order_v))
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
