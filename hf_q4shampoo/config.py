@@ -29,6 +29,7 @@ STATE_LAYOUT_KEYS = (
     "first_order",
     "first_order_bits",
     "first_order_v",
+    "first_order_m_map",
     "max_precond_dim",
     "max_aspect_ratio",
     "min_precond_numel",
@@ -58,6 +59,8 @@ class Q4ShampooConfig:
             ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
             factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
             trailing ones; about 0.5 byte per parameter less at 4 bits).
+        first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"dynamic"``
+            (paper 3's dynamic exponent, which has no -1) or ``"linear2"`` (paper 2's Linear-2, +-1).
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -152,6 +155,7 @@ class Q4ShampooConfig:
     first_order: str = "adamw"
     first_order_bits: int = 4
     first_order_v: str = "rank1"
+    first_order_m_map: str = "dynamic"
     precond: str = "cholesky_ef"
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
@@ -256,6 +260,7 @@ def auto_schedule(total_steps: int | None) -> tuple[int, int]:
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
     "first_order_v": ("rank1", "factored"),
+    "first_order_m_map": ("dynamic", "linear2"),
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,
     "quant_map": QUANT_MAPS,

@@ -10,6 +10,9 @@ Their states are 4-bit by default (paper 3, papers.md §4.1):
 
 With ``bits=32`` every moment is a plain fp32 tensor.
 
+``m_map="linear2"`` stores the signed moments with paper 2's Linear-2 code instead of the dynamic-exponent one
+(which has no -1: a block whose largest entry is negative loses 11% of it at every re-encoding).
+
 With ``v="factored"`` (paper 3's "4-bit Factor", Adafactor's second moment), Adam's v of a tensor with more
 than 4096 entries that is a matrix after flattening its trailing dims (``(shape[0], rest)``, both > 1) is
 kept as fp32 row and column means of ``g^2`` (``exp_avg_sq_row`` (R,), ``exp_avg_sq_col`` (C,), each an EMA
@@ -79,18 +82,18 @@ def first_order_keys(state: State) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _encode_signed(x: torch.Tensor, quantized: bool) -> Moments:
+def _encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
     if not quantized:
         return {"": x}
-    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), "dynamic", SIGNED_BLOCK)
+    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK)
     return {"_codes": codes, "_scales": scales}
 
 
-def _decode_signed(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
     if "" in m:
         return m[""]
     numel = math.prod(shape[1:])
-    return dequantize_blockwise(m["_codes"], m["_scales"], numel, "dynamic", SIGNED_BLOCK).reshape(shape)
+    return dequantize_blockwise(m["_codes"], m["_scales"], numel, code, SIGNED_BLOCK).reshape(shape)
 
 
 def _encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
@@ -122,21 +125,21 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
             state[name + suf] = part
 
 
-def init_first_order_state(p: torch.Tensor, kind: str, bits: int, v: str = "rank1") -> State:
+def init_first_order_state(p: torch.Tensor, kind: str, bits: int, v: str = "rank1", m_map: str = "dynamic") -> State:
     def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
         return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
 
     quantized = quantized_moments(p.numel(), bits)
     state: State = {}
     if kind == "adamw":
-        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized))
+        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized, m_map))
         factored = factored_shape(tuple(p.shape), v)
         if factored is not None:
             _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
         else:
             _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
     else:
-        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized))
+        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized, m_map))
     return state
 
 
@@ -156,22 +159,24 @@ def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, tor
 
 
 def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
-                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool):
+                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool,
+                m_map: str = "dynamic"):
     shape = tuple(d.shape)
-    m_new = _decode_signed(m, shape).lerp(d, 1.0 - beta1)
+    m_new = _decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
     if "_row" in v:
         v_state, v_new = _factored_v(v, d, beta2)
     else:
         v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
         v_state = _encode_nonneg(v_new, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized), v_state, update
+    return _encode_signed(m_new, quantized, m_map), v_state, update
 
 
-def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool):
-    new = _decode_signed(buf, tuple(d.shape)) * momentum + d
+def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool,
+              m_map: str = "dynamic"):
+    new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return _encode_signed(new, quantized), direction * lr
+    return _encode_signed(new, quantized, m_map), direction * lr
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -258,6 +263,7 @@ def adamw_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    m_map: str = "dynamic",
 ) -> None:
     """One AdamW step for K same-shape tensors, moments updated in place.
 
@@ -274,7 +280,8 @@ def adamw_batch_step(
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
     # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
-    if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
+    if (quantized and m_map == "dynamic" and device.type == "cuda" and compile_
+            and triton_kernels.supports(params, directions, moments)):
         triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay)
         return
     if weight_decay:
@@ -282,7 +289,7 @@ def adamw_batch_step(
         torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
     fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
-                      beta1, beta2, eps, quantized)
+                      beta1, beta2, eps, quantized, m_map)
     _write_back(moments, "exp_avg", m)
     _write_back(moments, "exp_avg_sq", v)
     _apply_update(params, update)
@@ -299,6 +306,7 @@ def sgd_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    m_map: str = "dynamic",
 ) -> None:
     """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction)."""
     device = directions.device
@@ -310,6 +318,6 @@ def sgd_batch_step(
     quantized = quantized_moments(params[0].numel(), bits)
     fn = maybe_compiled(_sgd_math, device, compile_)
     buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
-                     quantized)
+                     quantized, m_map)
     _write_back(moments, "momentum_buffer", buf)
     _apply_update(params, update)

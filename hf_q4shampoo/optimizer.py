@@ -290,7 +290,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         local = _local(p)
         state["step"] = torch.tensor(0.0)
         state.update(init_first_order_state(local, self.config.first_order, self.config.first_order_bits,
-                                            self.config.first_order_v))
+                                            self.config.first_order_v, self.config.first_order_m_map))
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
@@ -514,11 +514,13 @@ class Q4Shampoo(torch.optim.Optimizer):
             adamw_batch_step(
                 params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                m_map=cfg.first_order_m_map,
             )
         else:
             sgd_batch_step(
                 params, directions, moments, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                m_map=cfg.first_order_m_map,
             )
         if not whole:
             for k, v in stacked.items():

@@ -1,4 +1,5 @@
-"""The factored second moment (``first_order_v="factored"``, paper 3's 4-bit Factor) against an fp64 oracle."""
+"""The factored second moment (``first_order_v="factored"``, paper 3's 4-bit Factor) and the signed moments' code
+(``first_order_m_map``) against an fp64 oracle."""
 
 import io
 
@@ -64,23 +65,24 @@ def _grads(steps, seed=1):
              * torch.rand(s[-1], generator=g).add(0.5) for s in SHAPES] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("bits", [32, 4])
-def test_factored_adam_matches_fp64_oracle(bits):
+@pytest.mark.parametrize("bits,m_map", [(32, "dynamic"), (4, "dynamic"), (4, "linear2")])
+def test_factored_adam_matches_fp64_oracle(bits, m_map):
     hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     params = _params()
     start = [p.detach().double().clone() for p in params]
     # no preconditioning: the first-order step alone is under test
-    opt = Q4Shampoo(params, first_order_v="factored", first_order_bits=bits, min_precond_numel=10**9, **hyper)
+    opt = Q4Shampoo(params, first_order_v="factored", first_order_bits=bits, first_order_m_map=m_map,
+                    min_precond_numel=10**9, **hyper)
     grads_seq = _grads(8)
     for grads in grads_seq:
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    # 4-bit m: the oracle applies the same codec to m after every update (block 128, dynamic code)
+    # 4-bit m: the oracle applies the same codec to m after every update (block 128, m_map's code)
     m_rt = None
     if bits == 4:
         def m_rt(x):
-            return roundtrip_blockwise(x.float().reshape(1, -1), "dynamic", 128).double().reshape(x.shape)
+            return roundtrip_blockwise(x.float().reshape(1, -1), m_map, 128).double().reshape(x.shape)
     ref = _reference_adam_factored(start, grads_seq, hyper["lr"], hyper["betas"], hyper["eps"],
                                    hyper["weight_decay"], m_rt)
     for p, r, p0 in zip(params, ref, start):
@@ -133,3 +135,21 @@ def test_triton_kernels_refuse_a_factored_state(monkeypatch):
 def test_invalid_first_order_v():
     with pytest.raises(ConfigError, match="first_order_v='adafactor' is not valid"):
         Q4Shampoo([torch.nn.Parameter(torch.zeros(3))], first_order_v="adafactor")
+
+
+def test_linear2_momentum_buffer_of_sgd():
+    # SGD's momentum uses the same signed codec; with m_map=linear2 a block whose largest entry is negative
+    # keeps it exactly (-1 is in the table; the dynamic code's most negative entry is -0.8875)
+    from hf_q4shampoo.first_order import _decode_signed
+
+    g = -torch.rand(128, 40, generator=torch.Generator().manual_seed(0)) - 0.5  # 40 blocks of 128, all negative
+    for m_map, shrink in (("linear2", 1.0), ("dynamic", 0.8875)):
+        p = torch.nn.Parameter(torch.zeros(128, 40))
+        opt = Q4Shampoo([p], lr=0.1, first_order="sgd", momentum=0.9, first_order_m_map=m_map,
+                        min_precond_numel=10**9)
+        p.grad = g.clone()
+        opt.step()  # first step: buffer = g
+        st = opt.state[p]
+        buf = _decode_signed({"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]},
+                             (1, 128, 40), m_map)[0]
+        torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))
