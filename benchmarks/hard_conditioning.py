@@ -10,7 +10,8 @@ condition number ``kappa`` and no axis-aligned structure a diagonal method could
 * ``mlp_{whitened|raw}_k{kappa}``: a tanh MLP ``in -> hidden -> out`` (with biases) fitted to a random tanh
   teacher on the same inputs, raw (condition number kappa) or whitened by the exact covariance (condition 1).
 
-Each optimizer runs every learning rate of a 5-point grid (``--lrs``), constant lr after a 10-step warm-up,
+Each optimizer runs every learning rate of a 5-point grid (``LS_LRS`` / ``MLP_LRS``, or ``--lrs``), constant lr
+after a 10-step warm-up,
 full-batch loss at the end; its best lr counts. Optimizers: every ``precond`` form at both
 ``first_order_bits`` (``{form}/{bits}``), plain AdamW, and any ``--extra NAME:key=value;key=value`` variant
 (Q4Shampoo options). Shampoo runs use ``update_freq=1`` and ``root_freq=10`` (statistics every step, so every
@@ -46,7 +47,9 @@ from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 
 FORMS = ("fp32", "naive", "cholesky", "cholesky_ef", "eigen")
-DEFAULT_LRS = (0.05, 0.1, 0.2, 0.4, 0.8)
+#: 5-point learning-rate grids (factor 2 apart, bracketing every optimizer's best on the family)
+LS_LRS = (0.05, 0.1, 0.2, 0.4, 0.8)
+MLP_LRS = (0.0025, 0.005, 0.01, 0.02, 0.04)
 DEFAULT_PROBLEMS = (
     "ls_k1e2_256x128", "ls_k1e4_256x128", "ls_k1e6_256x128", "ls_k1e8_256x128",
     "ls_k1e2_128x128", "ls_k1e4_128x128", "ls_k1e6_128x128", "ls_k1e8_128x128",
@@ -184,16 +187,8 @@ def _root64(a: torch.Tensor, eps: float) -> torch.Tensor:
     return (vec * (lam + eps * lam.max()).pow(-0.25)) @ vec.T
 
 
-def diagnose(problem_name: str, variants: dict[str, dict], steps: int = 200, lr: float = 0.2,
-             side: str = "R") -> dict:
-    """Replay one fp32-Shampoo run's gradients through each variant's statistics storage.
-
-    Returns, per variant, the relative error of the stored statistic ``|u^T (A~ - A) u| / lambda`` and of the
-    root ``|u^T (f(A~) - f(A)) u| / u^T f(A) u`` averaged over the eigenvectors u of the smallest 10% and the
-    largest 10% eigenvalues of the exact (fp64) statistic A, plus the root's NRE, at the end of the run.
-    """
-    from hf_q4shampoo.preconditioners import FormSettings, make_form
-
+def record_gradients(problem_name: str, steps: int = 200, lr: float = 0.2) -> list[torch.Tensor]:
+    """The weight gradients of an fp32-Shampoo run (fp32 moments, the family's schedule) of a least-squares problem."""
     problem = Problem(problem_name)
     grads: list[torch.Tensor] = []
 
@@ -202,6 +197,22 @@ def diagnose(problem_name: str, variants: dict[str, dict], steps: int = 200, lr:
         grads.append(w.grad.detach().clone())
 
     run(problem, dict(precond="fp32", first_order_bits=32, update_freq=1, root_freq=10), lr, steps, record=record)
+    return grads
+
+
+def diagnose(problem_name: str, variants: dict, steps: int = 200, lr: float = 0.2, side: str = "R") -> dict:
+    """Replay one fp32-Shampoo run's gradients through each variant's statistics storage.
+
+    ``variants`` maps a name to Q4Shampoo options (``precond`` and the form's settings) or to a callable
+    ``FormSettings -> PreconditionerForm`` (prototypes). Returns, per variant, the signed relative error of the
+    stored statistic ``u^T (A~ - A) u / lambda`` and of its root ``u^T (f(A~) - f(A)) u / u^T f(A) u`` (f: the
+    inverse 4th root with the relative ridge 1e-6), averaged over the eigenvectors u of the smallest 10% and
+    the largest 10% eigenvalues of the exact (fp64) EMA A, plus the root's NRE, at the end of the run. Also the
+    single-shot decomposition of quantizing ``chol(A)`` once (see :func:`single_shot`).
+    """
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    grads = record_gradients(problem_name, steps, lr)
     beta, eps = 0.95, 1e-6
     n = grads[0].shape[1] if side == "R" else grads[0].shape[0]
     exact = eps * torch.eye(n, dtype=torch.float64)
@@ -215,19 +226,22 @@ def diagnose(problem_name: str, variants: dict[str, dict], steps: int = 200, lr:
     k = max(1, n // 10)
     f_exact = _root64(exact, eps)
     out = {"problem": problem_name, "side": side, "order": n, "steps": steps,
-           "condition": float(lam.max() / lam.clamp_min(1e-300).min()), "variants": {}}
+           "condition": float(lam.max() / lam.clamp_min(1e-300).min()), "variants": {},
+           "single_shot": {s: single_shot(exact, s) for s in ("row", "column")}}
     for name, opts in variants.items():
-        precond = opts.get("precond", "cholesky_ef")
-        fields = {k2: v for k2, v in opts.items() if k2 in FormSettings.__dataclass_fields__}
-        form = make_form(precond, FormSettings(**fields))
+        if callable(opts):
+            form = opts(FormSettings())
+        else:
+            fields = {k2: v for k2, v in opts.items() if k2 in FormSettings.__dataclass_fields__}
+            form = make_form(opts.get("precond", "cholesky_ef"), FormSettings(**fields))
         state = form.init_state(n, 1, torch.device("cpu"))
         for gram in grams:
             form.update_statistics(state, gram.float().unsqueeze(0))
         stored = form.statistics(state)[0].double()
         f_stored = _root64(stored, eps)
-        stat_err = ((vec.T @ (stored - exact) @ vec).diagonal().abs() / lam)
+        stat_err = (vec.T @ (stored - exact) @ vec).diagonal() / lam
         fe = (vec.T @ f_exact @ vec).diagonal()
-        root_err = (vec.T @ (f_stored - f_exact) @ vec).diagonal().abs() / fe
+        root_err = (vec.T @ (f_stored - f_exact) @ vec).diagonal() / fe
         nre = float(torch.linalg.matrix_norm(f_stored - f_exact) / torch.linalg.matrix_norm(f_exact))
         out["variants"][name] = {
             "stat_err_small": float(stat_err[:k].mean()), "stat_err_large": float(stat_err[-k:].mean()),
@@ -237,9 +251,43 @@ def diagnose(problem_name: str, variants: dict[str, dict], steps: int = 200, lr:
     return out
 
 
+def single_shot(a: torch.Tensor, scaling: str = "row") -> dict:
+    """Quantize ``C = chol(A + 1e-6 max(diag A) I)`` once (4-bit Linear-2, blocks of 64, diagonal exact) and
+    split the statistic's error along the eigenvectors u of the smallest 10% eigenvalues, relative to them:
+    ``u^T (C~ C~^T - C C^T) u = 2 (C^T u).(dC^T u)`` (linear) ``+ |dC^T u|^2`` (quadratic, >= 0), and the
+    quadratic term minus its expectation over random directions (``sum_i u_i^2 |dC_i|^2``)."""
+    from hf_q4shampoo.quant import roundtrip_blockwise
+
+    n = a.shape[-1]
+    lam, vec = torch.linalg.eigh(a)
+    k = max(1, n // 10)
+    c = torch.linalg.cholesky(a + 1e-6 * a.diagonal().max() * torch.eye(n, dtype=a.dtype))
+    d = c.diagonal()
+    off = torch.tril(c, -1) / (d.unsqueeze(0) if scaling == "column" else 1.0)
+    q = torch.tril(roundtrip_blockwise(off.float()).double(), -1) * (d.unsqueeze(0) if scaling == "column" else 1.0)
+    dc = q + torch.diag(d) - c
+    linear = 2 * ((vec.T @ c) * (vec.T @ dc)).sum(1) / lam
+    quad = ((vec.T @ dc) ** 2).sum(1) / lam
+    centred = quad - (vec**2).T @ (dc**2).sum(1) / lam
+    return {"linear_small": float(linear[:k].mean()), "quadratic_small": float(quad[:k].mean()),
+            "quadratic_minus_diagonal_small": float(centred[:k].mean())}
+
+
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+
+
+def print_diagnosis(res: dict) -> None:
+    print(f"{res['problem']} side {res['side']} (order {res['order']}, condition {res['condition']:.2g})")
+    for scaling, r in res["single_shot"].items():
+        print(f"single shot, {scaling} scaling, small 10%: linear {r['linear_small']:+.3g}, quadratic "
+              f"{r['quadratic_small']:+.3g}, quadratic minus its diagonal {r['quadratic_minus_diagonal_small']:+.3g}")
+    print("| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% | root NRE |")
+    print("|---|---|---|---|---|---|")
+    for name, r in res["variants"].items():
+        print(f"| {name} | {r['stat_err_small']:+.3g} | {r['stat_err_large']:+.3g} | {r['root_err_small']:+.3g} | "
+              f"{r['root_err_large']:+.3g} | {r['root_nre']:.3g} |")
 
 
 def _table(results: dict, names: list[str], problems: list[str]) -> str:
@@ -265,7 +313,7 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", default=",".join(DEFAULT_PROBLEMS))
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--bits", default="32,4")
-    ap.add_argument("--lrs", default=",".join(f"{v:g}" for v in DEFAULT_LRS))
+    ap.add_argument("--lrs", default=None, help="comma-separated grid for every problem (default: LS_LRS / MLP_LRS)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--schedule", default="update_freq=1,root_freq=10")
     ap.add_argument("--extra", action="append", default=[], help="NAME:key=value;key=value (Q4Shampoo options)")
@@ -285,20 +333,15 @@ def main(argv=None) -> int:
             variants[name] = parse_optim_args(opts.replace(";", ","))
         t0 = time.time()
         res = diagnose(args.diagnose, variants, args.steps, side=args.side)
-        print(f"{res['problem']} side {res['side']} (order {res['order']}, condition {res['condition']:.2g}), "
-              f"{time.time() - t0:.0f} s")
-        print("| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% | root NRE |")
-        print("|---|---|---|---|---|---|")
-        for name, r in res["variants"].items():
-            print(f"| {name} | {r['stat_err_small']:.3g} | {r['stat_err_large']:.3g} | {r['root_err_small']:.3g} | "
-                  f"{r['root_err_large']:.3g} | {r['root_nre']:.3g} |")
+        print_diagnosis(res)
+        print(f"({time.time() - t0:.0f} s)")
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
 
     forms = [f for f in args.forms.split(",") if f]
     bits = [int(b) for b in args.bits.split(",") if b]
-    lrs = [float(v) for v in args.lrs.split(",")]
+    given = [float(v) for v in args.lrs.split(",")] if args.lrs else None
     specs = optimizer_specs(forms, bits, args.extra, schedule, adamw=not args.no_adamw)
     problems = [p for p in args.problems.split(",") if p]
     results: dict[str, dict] = {}
@@ -306,6 +349,7 @@ def main(argv=None) -> int:
     for pname in problems:
         problem = Problem(pname)
         results[pname] = {}
+        lrs = given or (MLP_LRS if pname.startswith("mlp") else LS_LRS)
         for name, spec in specs.items():
             results[pname][name] = grid(problem, spec, lrs, args.steps)
             r = results[pname][name]
@@ -316,7 +360,8 @@ def main(argv=None) -> int:
     print(_table(results, names, problems))
     if args.json:
         payload = {"command": " ".join(sys.argv), "machine": "2-core CPU", "date": time.strftime("%Y-%m-%d"),
-                   "steps": args.steps, "lrs": lrs, "schedule": schedule, "specs": specs, "results": results}
+                   "steps": args.steps, "lrs": given or {"ls": LS_LRS, "mlp": MLP_LRS}, "schedule": schedule,
+                   "specs": specs, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
