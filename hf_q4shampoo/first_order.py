@@ -280,9 +280,8 @@ def adamw_batch_step(
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
     # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
-    if (quantized and m_map == "dynamic" and device.type == "cuda" and compile_
-            and triton_kernels.supports(params, directions, moments)):
-        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay)
+    if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
+        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map)
         return
     if weight_decay:
         decay = 1.0 - _host_float(lr) * weight_decay
