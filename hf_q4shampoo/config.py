@@ -11,13 +11,16 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS"]
+__all__ = [
+    "Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS",
+    "LEGACY_STATE_LAYOUT",
+]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
 ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
-FACTOR_SCALINGS = ("row", "column")
-FACTOR_UPPERS = ("feedback", "refine")
+FACTOR_SCALINGS = ("column", "row")
+FACTOR_UPPERS = ("refine", "feedback")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
@@ -40,6 +43,16 @@ STATE_LAYOUT_KEYS = (
     "factor_upper",
 )
 
+#: The value a checkpoint implies for a layout field it does not record (it was saved before the field
+#: existed, when the layout was this one): compared like a saved value, so an old checkpoint is refused
+#: (naming the fields) instead of being decoded with another layout.
+LEGACY_STATE_LAYOUT = {
+    "first_order_v": "rank1",
+    "first_order_m_map": "dynamic",
+    "factor_scaling": "row",
+    "factor_upper": "feedback",
+}
+
 
 class ConfigError(ValueError):
     """A Q4Shampoo option has an unknown name or an invalid value."""
@@ -59,8 +72,9 @@ class Q4ShampooConfig:
             ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
             factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
             trailing ones; about 0.5 byte per parameter less at 4 bits).
-        first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"dynamic"``
-            (paper 3's dynamic exponent, which has no -1) or ``"linear2"`` (paper 2's Linear-2, +-1).
+        first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
+            (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
+            block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -97,8 +111,9 @@ class Q4ShampooConfig:
         min_precond_numel: matrices with fewer entries bypass Shampoo.
 
     Storage:
-        precond: ``"cholesky_ef"`` (paper 1, default), ``"cholesky"`` (paper 1 without error
-            feedback), ``"eigen"`` (paper 2), ``"naive"`` (4-bit statistics, paper 2's baseline /
+        precond: ``"cholesky_ef"`` (paper 1's layout, default: 4-bit Cholesky factor in the lower triangle of
+            a code buffer whose upper triangle holds, by ``factor_upper``, the error-feedback state or a
+            second code of the factor), ``"cholesky"`` (the factor alone), ``"eigen"`` (paper 2), ``"naive"`` (4-bit statistics, paper 2's baseline /
             paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
         min_quant_numel: factors with fewer entries stay fp32 (paper 2: 4096, i.e. order < 64).
         quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
@@ -119,13 +134,14 @@ class Q4ShampooConfig:
             stored factor (D3); otherwise it compounds to ~ridge / (1 - beta) over time.
 
     Storage of the Cholesky factor (ours; measured in docs/results.md §4):
-        factor_scaling: ``"row"`` quantizes the factor's off-diagonal as it is (blocks along rows);
-            ``"column"`` divides each column by its diagonal entry first (the unit-diagonal factor of
-            LDL^T, whose entries do not shrink with the pivots), which keeps more of the small-eigenvalue
-            directions.
+        factor_scaling: ``"column"`` (default) divides each column of the factor by its diagonal entry
+            before quantizing (the unit-diagonal factor of LDL^T); ``"row"`` quantizes the factor's
+            off-diagonal as it is (paper 1, as far as known).
         factor_upper: what the otherwise unused upper triangle of ``cholesky_ef``'s code buffer holds:
-            ``"feedback"`` (paper 1's error-feedback state) or ``"refine"`` (a second 4-bit code of the
-            first code's residual: the factor to ~8 bits in the same bytes, no error feedback).
+            ``"refine"`` (default: a second 4-bit code of the first code's residual, so the factor is kept
+            to ~8 bits in the same bytes, with no error feedback) or ``"feedback"`` (paper 1's error-feedback
+            state). Every 4-bit re-encoding inflates the statistics along the eigenvectors of their small
+            eigenvalues (a second-order error that error feedback cannot cancel); refining shrinks it ~10x.
 
     Paper 2 (``precond="eigen"``):
         bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
@@ -155,7 +171,7 @@ class Q4ShampooConfig:
     first_order: str = "adamw"
     first_order_bits: int = 4
     first_order_v: str = "rank1"
-    first_order_m_map: str = "dynamic"
+    first_order_m_map: str = "linear2"
     precond: str = "cholesky_ef"
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
@@ -176,8 +192,8 @@ class Q4ShampooConfig:
     ef_beta: float = 0.0
     cholesky_eps: float = 1e-6
     remove_cholesky_ridge: bool = True
-    factor_scaling: str = "row"
-    factor_upper: str = "feedback"
+    factor_scaling: str = "column"
+    factor_upper: str = "refine"
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
     use_compile: bool = True
@@ -260,7 +276,7 @@ def auto_schedule(total_steps: int | None) -> tuple[int, int]:
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
     "first_order_v": ("rank1", "factored"),
-    "first_order_m_map": ("dynamic", "linear2"),
+    "first_order_m_map": ("linear2", "dynamic"),
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,
     "quant_map": QUANT_MAPS,

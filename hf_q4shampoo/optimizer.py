@@ -29,7 +29,7 @@ import torch
 
 from . import linalg, triton_kernels
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
-from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
+from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form
@@ -90,7 +90,7 @@ def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, in
 
 
 class Q4Shampoo(torch.optim.Optimizer):
-    """Shampoo with 4-bit preconditioners (Cholesky + error feedback by default).
+    """Shampoo with 4-bit preconditioners (a refined 4-bit Cholesky factor by default, paper 1's layout).
 
     Args:
         params: parameters or parameter groups (dicts may set ``lr``, ``betas``, ``eps``,
@@ -578,6 +578,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         """
         saved_cfg = state_dict.get("q4shampoo_config")
         if saved_cfg is not None:
+            saved_cfg = {**LEGACY_STATE_LAYOUT, **saved_cfg}  # fields an older checkpoint does not record
             diffs = [k for k in STATE_LAYOUT_KEYS if k in saved_cfg and saved_cfg[k] != getattr(self.config, k)]
             if diffs:
                 detail = ", ".join(f"{k}: saved {saved_cfg[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
