@@ -168,3 +168,24 @@ def test_refine_bytes_are_statistics_not_error_feedback():
     state = form.init_state(256, 2, torch.device("cpu"))
     kinds = form.bytes_by_kind(state)
     assert kinds["error_feedback"] == 0 and kinds["statistics"] == 2 * 256 * 256 // 2
+
+
+def test_checkpoint_without_the_factor_fields_is_read_as_paper_1_layout():
+    # a checkpoint saved before factor_upper / factor_scaling / first_order_m_map existed holds paper 1's
+    # layout: the default optimizer must refuse it (naming the fields), one built with that layout loads it
+    from hf_q4shampoo import ConfigError, Q4Shampoo
+
+    old_layout = dict(factor_upper="feedback", factor_scaling="row", first_order_m_map="dynamic")
+    w = torch.nn.Parameter(torch.randn(80, 70))
+    opt = Q4Shampoo([w], update_freq=1, root_freq=1, **old_layout)
+    w.grad = torch.randn(80, 70)
+    opt.step()
+    saved = opt.state_dict()
+    for key in (*old_layout, "first_order_v"):
+        del saved["q4shampoo_config"][key]
+    with pytest.raises(ConfigError, match="factor_scaling: saved 'row', now 'column'.*factor_upper: saved 'feedback'"):
+        Q4Shampoo([w], update_freq=1, root_freq=1).load_state_dict(saved)
+    again = Q4Shampoo([w], update_freq=1, root_freq=1, **old_layout)
+    again.load_state_dict(saved)
+    torch.testing.assert_close(again._form(w.device).statistics(again.state[w]["regions"][0]["L"]),
+                               opt._form(w.device).statistics(opt.state[w]["regions"][0]["L"]))
