@@ -21,8 +21,9 @@ Forms (papers.md):
     Paper 1 without error feedback: the lower Cholesky factor of the statistics is kept, diagonal in
     fp32 and off-diagonal in 4 bit.
 ``cholesky_ef``
-    Paper 1 (default): as ``cholesky`` plus an error-feedback state kept in 4 bit in the otherwise
-    unused upper triangle of the same code buffer.
+    Paper 1's layout (default): as ``cholesky``, and the otherwise unused upper triangle of the same code
+    buffer holds either an error-feedback state in 4 bit (paper 1, ``factor_upper="feedback"``) or a second
+    4-bit code of the factor's residual (``"refine"``, the default).
 ``eigen``
     Paper 2: 4-bit eigenvectors (rows of V^T) + fp32 eigenvalues, one QR subspace step per update,
     Björck rectification before updates and roots.
