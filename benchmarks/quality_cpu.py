@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="teacher,lm")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--optim", action="append", default=[], help="NAME:key=value;... (replaces the default set)")
+    ap.add_argument("--lrs", default=None, help="comma-separated lr grid for every optimizer (default: the task's)")
     ap.add_argument("--schedule", default="", help="Q4Shampoo options for every Shampoo run, e.g. update_freq=1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for task in args.tasks.split(","):
         fn, grid, adam_grid = TASKS[task]
+        if args.lrs:
+            grid = adam_grid = tuple(float(v) for v in args.lrs.split(","))
         results[task] = {}
         for name, spec in optimizers.items():
             per_lr = {}

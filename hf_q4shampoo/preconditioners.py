@@ -82,6 +82,7 @@ class FormSettings:
     ef_beta: float = 0.0
     cholesky_eps: float = 1e-6
     remove_cholesky_ridge: bool = True
+    # a form built alone stores paper 1's layout; the optimizer passes the config's (refine / column by default)
     factor_scaling: str = "row"
     factor_upper: str = "feedback"
     bjorck_update_iters: int = 1
