@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
-#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | ttt:RUN,RUN,...
+#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | bench_fused | ttt:RUN,RUN,...
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
 out=$1; shift
@@ -15,6 +15,14 @@ for part in "$@"; do
       python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 > "$out/tests.log" ;;
     bench)
       for cfg in "100 update_freq=100,root_freq=100" "10 update_freq=10,root_freq=100" "1 update_freq=1,root_freq=100"; do
+        set -- $cfg
+        fresh_caches
+        python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --phases \
+          --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
+        tail -4 "$out/bench_$1.log"
+      done ;;
+    bench_fused)  # the Triton statistics update (fused_statistics=true) beside the default, update_freq 1 and 10
+      for cfg in "1f update_freq=1,root_freq=100,fused_statistics=true" "10f update_freq=10,root_freq=100,fused_statistics=true"; do
         set -- $cfg
         fresh_caches
         python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --phases \

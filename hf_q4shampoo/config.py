@@ -123,6 +123,10 @@ class Q4ShampooConfig:
             inputs rounded to 10 mantissa bits (relative 2^-11 per entry, still PSD): ~6x faster on an H200
             and far below the 4-bit storage's own error (docs/perf_notes.md v6). Inverse roots always run in
             IEEE fp32, whatever the process-wide TF32 setting.
+        fused_statistics: on CUDA, run the Cholesky forms' (de)quantization with error feedback in three Triton
+            kernels instead of ~45 element-wise torch operations (bit-identical to them in Triton's interpreter,
+            tests/test_triton_interpret.py). Off by default until its speed is measured on a GPU: the element-wise
+            work is ~75% of a statistics round today (docs/perf_notes.md v7).
     """
 
     lr: float = 1e-3
@@ -158,6 +162,7 @@ class Q4ShampooConfig:
     use_compile: bool = True
     apply_dtype: str = "auto"
     gram_precision: str = "auto"
+    fused_statistics: bool = False
     refresh_spread: int = 25
 
     def __post_init__(self) -> None:
@@ -267,7 +272,7 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = ("nesterov", "remove_cholesky_ridge", "use_compile")
+_BOOLS = ("nesterov", "remove_cholesky_ridge", "use_compile", "fused_statistics")
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:

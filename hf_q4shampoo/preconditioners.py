@@ -44,6 +44,7 @@ from . import linalg, triton_kernels
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
+    get_code,
     dequantize_blockwise,
     dequantize_diagreal,
     dequantize_lower_upper,
@@ -86,6 +87,7 @@ class FormSettings:
     use_compile: bool = True
     #: Gram products (``C C^T`` of a Cholesky factor) in TF32: set by the optimizer for quantized forms on CUDA.
     gram_tf32: bool = False
+    fused_statistics: bool = False
 
 
 class PreconditionerForm(ABC):
@@ -301,11 +303,20 @@ class CholeskyForm(PreconditionerForm):
         state["diag"] = x.diagonal(dim1=-2, dim2=-1).clone()
         return state
 
+    def _fused(self, device: torch.device) -> bool:
+        return self.s.fused_statistics and device.type == "cuda" and triton_kernels.HAS_TRITON
+
     def _load_factor(self, state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (C, E) in fp32; E (strictly lower) is None for fp32-stored factors."""
         if "factor" in state:
             return state["factor"], None
         n = state["diag"].shape[-1]
+        if self._fused(state["diag"].device):
+            table = get_code(self.s.quant_map, state["diag"].device)[0]
+            c, upper = triton_kernels.dequantize_factor(
+                state["factor_codes"], state["factor_scales"], state["factor_diag_block_upper_scale"], state["diag"],
+                table, self.s.quant_block_size)
+            return c, upper.mT
         q = {
             "codes": state["factor_codes"],
             "scales": state["factor_scales"],
@@ -347,6 +358,12 @@ class CholeskyForm(PreconditionerForm):
             new = {"factor": new_c.contiguous()}
         elif not self.error_feedback:
             new = self._store_factor(new_c, torch.zeros_like(new_c))
+        elif self._fused(new_c.device):  # the same update in two Triton passes (triton_kernels.py)
+            table, mids = get_code(self.s.quant_map, new_c.device)
+            stored = triton_kernels.requantize_with_feedback(new_c, err.mT, table, mids, self.s.quant_block_size,
+                                                             self.s.ef_beta)
+            new = {f"factor_{k}": v for k, v in stored.items() if k != "diag"}
+            new["diag"] = stored["diag"]
         else:
             x = new_c + err
             x_lower = torch.tril(x, -1)

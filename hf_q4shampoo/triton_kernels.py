@@ -34,7 +34,7 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none, and nothin
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
 
-__all__ = ["HAS_TRITON", "supports", "adamw4_step", "decode_symmetric"]
+__all__ = ["HAS_TRITON", "supports", "adamw4_step", "decode_symmetric", "dequantize_factor", "requantize_with_feedback"]
 
 HAS_TRITON = triton is not None
 BLOCK = 1024  # entries per program: 8 blocks of m, even
@@ -241,3 +241,140 @@ def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tens
     _decode_symmetric[grid](codes.contiguous(), scales.contiguous(), diag.contiguous(), table, out, n,
                             scales.shape[-1], QBLOCK=block_size, OUT_BF16=dtype == torch.bfloat16, TILE=tile)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Cholesky form's statistics update with error feedback (paper 1): dequantize the stored factor and
+# error state, and re-quantize the new factor + error with the error feedback, each in one pass
+# (oracles: quant.dequantize_lower_upper and CholeskyForm.update_statistics' eager code)
+# ------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nibble(codes_ptr, row_base, j, valid):
+        byte = tl.load(codes_ptr + row_base + j // 2, mask=valid, other=0).to(tl.int32)
+        return tl.where(j % 2 == 0, byte & 15, byte >> 4)
+
+    @triton.jit
+    def _dequant_factor(codes_ptr, scales_ptr, dbus_ptr, diag_ptr, table_ptr, c_ptr, u_ptr, n, NB2, NBLK,
+                        QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """C = strict lower (own scales) + diag, U = strict upper (own scales): one block column per program."""
+        k = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * TI + tl.arange(0, TI)[:, None]
+        b = tl.program_id(2)
+        j = b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        inside = (i < n) & (j < n)
+        row_ok = i < n
+        code = _nibble(codes_ptr, (k * n + i) * NB2, j, inside)
+        value = tl.load(table_ptr + code)
+        scale = tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0.0)
+        dbus = tl.load(dbus_ptr + k * n + i, mask=row_ok, other=0.0)
+        diag_block = i // QBLOCK
+        lo_scale = tl.where(b <= diag_block, scale, 0.0)
+        up_scale = tl.where(b > diag_block, scale, 0.0) + tl.where(b == diag_block, dbus, 0.0)
+        d = tl.load(diag_ptr + k * n + i, mask=row_ok, other=0.0)
+        c = tl.where(j < i, value * lo_scale, tl.where(j == i, d, 0.0))
+        u = tl.where(j > i, value * up_scale, 0.0)
+        offset = k * n * n + i * n + j
+        tl.store(c_ptr + offset, c, mask=inside)
+        tl.store(u_ptr + offset, u, mask=inside)
+
+    @triton.jit
+    def _ef_lower(new_c_ptr, u_old_ptr, lo_codes_ptr, err_ptr, scales_ptr, diag_ptr, table_ptr, mids_ptr,
+                  ef_beta, n, NBLK, QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """x = C' + E; its strict lower part block-quantized (codes kept unpacked in a scratch buffer); the new
+        error E' = beta E + (1 - beta) (x - D(Q(x))) written to a scratch buffer; x's diagonal stored."""
+        k = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * TI + tl.arange(0, TI)
+        i = row[:, None]
+        b = tl.program_id(2)
+        j = b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        inside = (i < n) & (j < n)
+        base = k * n * n
+        c = tl.load(new_c_ptr + base + i * n + j, mask=inside, other=0.0)
+        e = tl.load(u_old_ptr + base + j * n + i, mask=inside & (j < i), other=0.0)  # E = U^T, strictly lower
+        x = c + e
+        x_lower = tl.where(j < i, x, 0.0)
+        lo_max = tl.max(tl.abs(x_lower), axis=1)
+        safe = tl.where(lo_max > 0, lo_max, 1.0)
+        code = _codes_of(x_lower / safe[:, None], mids_ptr)
+        residual = x_lower - tl.load(table_ptr + code) * lo_max[:, None]
+        new_err = ef_beta * e + (1.0 - ef_beta) * residual
+        tl.store(lo_codes_ptr + base + i * n + j, code.to(tl.uint8), mask=inside)
+        tl.store(err_ptr + base + i * n + j, new_err, mask=inside)
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max, mask=row < n)
+        tl.store(diag_ptr + k * n + i + 0 * j, x, mask=inside & (j == i))
+
+    @triton.jit
+    def _ef_upper(err_ptr, lo_codes_ptr, codes_ptr, scales_ptr, dbus_ptr, mids_ptr, n, NB2, NBLK,
+                  QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """The new error's transpose block-quantized into the strict upper triangle of the same code buffer;
+        packs both triangles' codes and writes the upper part's scales."""
+        k = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * TI + tl.arange(0, TI)
+        i = row[:, None]
+        b = tl.program_id(2)
+        HALF: tl.constexpr = QBLOCK // 2
+        j_even = b * QBLOCK + 2 * tl.arange(0, HALF)[None, :]
+        j_odd = j_even + 1
+        base = k * n * n
+        row_ok = i < n
+        in_e = row_ok & (j_even < n)
+        in_o = row_ok & (j_odd < n)
+        u_e = tl.load(err_ptr + base + j_even * n + i, mask=in_e & (j_even > i), other=0.0)
+        u_o = tl.load(err_ptr + base + j_odd * n + i, mask=in_o & (j_odd > i), other=0.0)
+        up_max = tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1))
+        safe = tl.where(up_max > 0, up_max, 1.0)[:, None]
+        up_e = _codes_of(u_e / safe, mids_ptr)
+        up_o = _codes_of(u_o / safe, mids_ptr)
+        lo_e = tl.load(lo_codes_ptr + base + i * n + j_even, mask=in_e, other=0).to(tl.int32)
+        lo_o = tl.load(lo_codes_ptr + base + i * n + j_odd, mask=in_o, other=0).to(tl.int32)
+        c_e = tl.where(j_even < i, lo_e, up_e)
+        c_o = tl.where(j_odd < i, lo_o, tl.where(in_o, up_o, 0))  # the pad nibble of an odd order is 0
+        pair = b * HALF + tl.arange(0, HALF)[None, :]
+        tl.store(codes_ptr + (k * n + i) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=row_ok & (pair < NB2))
+        diag_block = row // QBLOCK
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, up_max, mask=(row < n) & (b > diag_block))
+        tl.store(dbus_ptr + k * n + row, up_max, mask=(row < n) & (b == diag_block))
+
+
+_TI = 32  # rows per program of the factor kernels
+
+
+def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, dbus: torch.Tensor, diag: torch.Tensor,
+                      table: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, U)``: the Cholesky factor (strict lower part + diagonal) and the strict upper part (the error
+    state's transpose) of ``quant.quantize_lower_upper``'s storage, fp32 ``(K, n, n)`` each."""
+    k, n = diag.shape
+    c = torch.empty((k, n, n), dtype=torch.float32, device=diag.device)
+    u = torch.empty_like(c)
+    grid = (k, triton.cdiv(n, _TI), scales.shape[-1])
+    _dequant_factor[grid](codes, scales, dbus, diag, table, c, u, n, codes.shape[-1], scales.shape[-1],
+                          QBLOCK=block_size, TI=_TI)
+    return c, u
+
+
+def requantize_with_feedback(new_c: torch.Tensor, u_old: torch.Tensor, table: torch.Tensor, mids: torch.Tensor,
+                             block_size: int, ef_beta: float) -> dict[str, torch.Tensor]:
+    """Paper 1's update of the stored factor: ``x = C' + E``, store ``Q(x)`` (strict lower) and ``diag(x)``,
+    and ``E' = beta E + (1 - beta)(x - D(Q(x)))`` transposed in the upper triangle of the same codes.
+
+    ``new_c`` is the new lower factor, ``u_old`` the old error's transpose (strict upper). Returns the stored
+    tensors under the form's keys without the ``factor_`` prefix: codes, scales, diag_block_upper_scale, diag.
+    """
+    k, n = new_c.shape[:2]
+    device = new_c.device
+    nblk = triton.cdiv(n, block_size)
+    codes = torch.empty((k, n, (n + 1) // 2), dtype=torch.uint8, device=device)
+    scales = torch.empty((k, n, nblk), dtype=torch.float32, device=device)
+    dbus = torch.zeros((k, n), dtype=torch.float32, device=device)
+    diag = torch.empty((k, n), dtype=torch.float32, device=device)
+    lo_codes = torch.empty((k, n, n), dtype=torch.uint8, device=device)
+    err = torch.empty((k, n, n), dtype=torch.float32, device=device)
+    grid = (k, triton.cdiv(n, _TI), nblk)
+    new_c, u_old = new_c.contiguous(), u_old.contiguous()
+    _ef_lower[grid](new_c, u_old, lo_codes, err, scales, diag, table, mids, ef_beta, n, nblk,
+                    QBLOCK=block_size, TI=_TI)
+    _ef_upper[grid](err, lo_codes, codes, scales, dbus, mids, n, (n + 1) // 2, nblk, QBLOCK=block_size, TI=_TI)
+    return {"codes": codes, "scales": scales, "diag_block_upper_scale": dbus, "diag": diag}

@@ -203,3 +203,29 @@ def test_state_is_created_on_the_parameter_device_and_loads_there():
     assert st["step"].device.type == "cpu"
     assert st["regions"][0]["L"]["factor_codes"].device.type == "cuda"
     assert st["regions"][0]["L"]["factor_codes"].dtype == torch.uint8
+
+
+def test_fused_statistics_update_matches_the_torch_path():
+    # the Triton (de)quantization with error feedback against the eager torch code, same inputs, 3 updates
+    from hf_q4shampoo import triton_kernels
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("no Triton")
+    torch.manual_seed(0)
+    states = {}
+    grams = [torch.randn(4, 300, 500, device="cuda") * torch.linspace(0.1, 3, 500, device="cuda") for _ in range(3)]
+    for fused in (False, True):
+        form = make_form("cholesky_ef", FormSettings(root_method="newton", fused_statistics=fused))
+        state = form.init_state(300, 4, torch.device("cuda"))
+        for g in grams:
+            form.update_statistics(state, g @ g.mT)
+        states[fused] = (state, form.statistics(state))
+    (ref, ref_stats), (got, got_stats) = states[False], states[True]
+    for key, value in ref.items():
+        if value.dtype == torch.uint8:  # a last-bit difference in the Cholesky input can flip a code
+            assert float((value != got[key]).float().mean()) < 1e-3, key
+        else:
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6)
+    rel = float((got_stats - ref_stats).norm() / ref_stats.norm())
+    assert rel < 1e-3, rel

@@ -51,6 +51,26 @@ SCRIPT = textwrap.dedent('''
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
     for p, q in zip(params, fast_p):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+    # the Cholesky form's storage: dequantization, and re-quantization with error feedback, bit-identical
+    table, mids = quant.get_code("linear2", torch.device("cpu"))
+    for n in (64, 100, 130):  # one block, a partial block, an odd order
+        lower = torch.tril(torch.randn(2, n, n, generator=g), -1)
+        upper = torch.triu(torch.randn(2, n, n, generator=g) * 1e-2, 1)
+        q = quant.quantize_lower_upper(lower, upper)
+        diag = torch.rand(2, n, generator=g) + 0.5
+        lo, up = quant.dequantize_lower_upper(q, n)
+        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64)
+        assert torch.equal(c, lo + torch.diag_embed(diag)) and torch.equal(u, up)
+        new_c = torch.tril(torch.randn(2, n, n, generator=g))
+        for beta in (0.0, 0.3):
+            x = new_c + up.mT
+            residual = torch.tril(x, -1) - quant.roundtrip_blockwise(torch.tril(x, -1))
+            ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * up.mT + (1 - beta) * residual).mT)
+            got = tk.requantize_with_feedback(new_c, up, table, mids, 64, beta)
+            assert torch.equal(ref["codes"], got["codes"]) and torch.equal(ref["scales"], got["scales"])
+            assert torch.equal(ref["diag_block_upper_scale"], got["diag_block_upper_scale"])
+            assert torch.equal(x.diagonal(dim1=-2, dim2=-1), got["diag"])
     print("ok")
 ''')
 
