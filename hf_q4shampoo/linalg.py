@@ -256,6 +256,21 @@ def robust_cholesky(
 
 
 @contextmanager
+def _matmul_precision(tf32: bool):
+    """Set CUDA float32 matrix products to TF32 or IEEE fp32 inside the block, then restore the setting."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        name, value = "fp32_precision", "tf32" if tf32 else "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        name, value = "allow_tf32", tf32
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
+
+
 def fp32_matmul():
     """Run CUDA float32 matrix products in IEEE fp32 inside the block (TF32 off), then restore the setting.
 
@@ -263,49 +278,17 @@ def fp32_matmul():
     the roots' and factorisations' fp32 products into TF32 ones, whose 10-bit mantissa loses the small
     eigenvalues that Shampoo exists to amplify (docs/perf_notes.md v4: NRE 0.45 against fp64 at eps 1e-6).
     """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # pragma: no cover - torch < 2.9
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
+    return _matmul_precision(False)
 
 
-@contextmanager
 def tf32_matmul(enabled: bool = True):
-    """Let CUDA float32 products inside the block use TF32 (when ``enabled``), then restore the setting.
+    """CUDA float32 products inside the block in TF32 when ``enabled``, else in IEEE fp32 (restored after).
 
     Only for Gram products ``X X^T``: TF32 rounds each input to a 10-bit mantissa and accumulates in fp32,
     so the result is the exact Gram matrix of a slightly rounded X (relative 2^-11 per entry), still PSD
     (docs/perf_notes.md v6). Not for the Newton iteration (v4).
     """
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # pragma: no cover - torch < 2.9
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
+    return _matmul_precision(enabled)
 
 
 # ----------------------------------------------------------------------------------------------------
