@@ -428,7 +428,9 @@ def _cast(name: str, text: str) -> Any:
         expected = "two numbers written as b1:b2"
     else:
         expected = "an integer" if isinstance(default, int) else "a number"
-    raise ConfigError(f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}; allowed: {allowed_values(name)}.")
+    raise ConfigError(
+        f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}; allowed: {allowed_values(name)}."
+    )
 
 
 def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -> dict[str, Any]:

@@ -218,7 +218,8 @@ def _write_back(moments: State, name: str, new: Moments, keep: torch.Tensor | No
         target.copy_(value if keep is None else torch.where(_member_mask(keep, target), value, target))
 
 
-def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float, keep: torch.Tensor | None) -> None:
+def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float,
+           keep: torch.Tensor | None) -> None:
     """Decoupled weight decay ``p <- (1 - lr wd) p`` of the members whose ``keep`` flag is set.
 
     With flags, ``p <- p + (-lr wd) * keep * p``: the flag is exactly 0 or 1 in any dtype, so it can be a

@@ -280,7 +280,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         for key in GROUP_KEYS:
             if key in group and not isinstance(group[key], torch.Tensor):
                 value = plain_value(group[key])
-                group[key] = tuple(plain_value(b) for b in value) if key == "betas" and isinstance(value, list | tuple) else value
+                if key == "betas" and isinstance(value, list | tuple):
+                    value = tuple(plain_value(b) for b in value)
+                group[key] = value
         checked = {k: group[k] for k in GROUP_KEYS if k in group}
         if isinstance(checked.get("lr"), torch.Tensor):
             checked["lr"] = _lr_number(checked["lr"])
@@ -394,7 +396,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         cfg = self.config
         state["step"] = torch.tensor(0.0)
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
-        state.update(init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel))
+        state.update(
+            init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel))
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)

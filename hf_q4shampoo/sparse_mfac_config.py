@@ -214,7 +214,8 @@ def parse_sparse_mfac_optim_args(text: str | None, reserved: dict[str, str] | No
             continue
         if "=" not in item or item.startswith("="):
             raise ConfigError(
-                f"SparseMFAC: optim_args item {item!r} is not of the form key=value (e.g. m=32). Allowed keys: {allowed}."
+                f"SparseMFAC: optim_args item {item!r} is not of the form key=value (e.g. m=32). "
+                f"Allowed keys: {allowed}."
             )
         key, value = item.split("=", 1)
         if reserved and key in reserved:

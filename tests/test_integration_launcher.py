@@ -111,8 +111,9 @@ def test_bad_optim_args_stop_the_launched_script_at_argument_parsing(tmp_path, c
         "(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()\n"
         f"open({str(marker)!r}, 'w').close()\n"
     )
-    status = launcher.main([str(script), "--output_dir", str(tmp_path), "--optim", "q4shampoo", "--optim_args", optim_args,
-                            "--use_cpu", "true", "--report_to", "none"])
+    # through the console script's dispatcher (`q4shampoo run`), which hands over to the launcher
+    status = cli.main(["run", str(script), "--output_dir", str(tmp_path), "--optim", "q4shampoo",
+                       "--optim_args", optim_args, "--use_cpu", "true", "--report_to", "none"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and not marker.exists()
     assert len(err.splitlines()) == 1 and err.startswith("q4shampoo run: error: Q4Shampoo:") and fragment in err, err

@@ -34,7 +34,7 @@ registration touches exactly the two objects those checks consult (plus one chec
 second member ``SPARSE_MFAC = "sparse_mfac"`` with its own handler (and the same wrapper on 5.0 / 5.1);
 its ``--optim_args`` are parsed by :func:`~hf_q4shampoo.sparse_mfac.parse_sparse_mfac_optim_args`.
 
-Both steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
+All three steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
 names keep transformers' own errors. The handler reads ``--optim_args`` itself with
 :func:`~hf_q4shampoo.config.parse_optim_args` (typed, validated, naming the bad key and the allowed
 ones) instead of transformers' untyped string dict.
