@@ -8,31 +8,35 @@ says which decision it encodes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS"]
+__all__ = [
+    "Q4ShampooConfig",
+    "parse_optim_args",
+    "auto_schedule",
+    "allowed_values",
+    "plain_value",
+    "ConfigError",
+    "GROUP_KEYS",
+    "STATE_LAYOUT_KEYS",
+]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
 ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
-GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "maximize")
 
-#: Fields that decide the layout of the saved state; a checkpoint made with other values of these
-#: cannot be loaded (the error names the differing fields).
-STATE_LAYOUT_KEYS = (
-    "precond",
-    "first_order",
-    "first_order_bits",
-    "max_precond_dim",
-    "max_aspect_ratio",
-    "min_precond_numel",
-    "min_quant_numel",
-    "quant_block_size",
-    "root_bits",
-)
+#: Field metadata flag: the option decides how the saved state is laid out or decoded (see
+#: ``STATE_LAYOUT_KEYS``, derived from it below the class).
+_STATE = {"state": True}
+
+
+def _state_field(default: Any) -> Any:
+    """A config field that decides how saved state is read: a checkpoint made with another value is refused."""
+    return field(default=default, metadata=_STATE)
 
 
 class ConfigError(ValueError):
@@ -46,9 +50,15 @@ class Q4ShampooConfig:
     First-order step (per parameter group):
         lr, betas, eps, weight_decay: AdamW's (``first_order="adamw"``; decoupled decay).
         momentum, nesterov: SGD's (``first_order="sgd"``; L2 decay added after grafting, paper 2).
+            Nesterov needs a momentum above 0, as in ``torch.optim.SGD``.
+        maximize: ascend instead of descend (torch's convention: the step uses ``-grad``). The
+            statistics are unchanged (``G G^T`` does not depend on the sign).
         first_order: ``"adamw"`` (default) or ``"sgd"``.
         first_order_bits: 4 (paper 3: m block-128 dynamic exponent, v rank-1 zero-free linear;
-            tensors of <= 4096 entries stay fp32) or 32.
+            tensors of at most ``first_order_min_quant_numel`` entries stay fp32) or 32.
+        first_order_min_quant_numel: tensors with at most this many entries keep fp32 moments when
+            ``first_order_bits=4`` (paper 3 App. D.1: 4096, the default; tests lower it to exercise the
+            4-bit moments on small tensors).
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -81,7 +91,8 @@ class Q4ShampooConfig:
         max_precond_dim: dimensions longer than this are cut into blocks (paper 2: 1200; we use
             1024, which suits GPU matrix units and Distributed Shampoo's default).
         max_aspect_ratio: a dimension more than this many times longer than the other is not
-            preconditioned (only the short side is); 0 disables the rule.
+            preconditioned (only the short side is); 0 disables the rule. Otherwise at least 1 (below 1
+            even a square matrix would lose a factor).
         min_precond_numel: matrices with fewer entries bypass Shampoo.
 
     Storage:
@@ -90,7 +101,8 @@ class Q4ShampooConfig:
             paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
         min_quant_numel: factors with fewer entries stay fp32 (paper 2: 4096, i.e. order < 64).
         quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
-        quant_block_size: entries per absmax block inside a row (paper 2: 64).
+        quant_block_size: entries per absmax block inside a row (paper 2: 64); at most 4096 (a block
+            never spans rows, and longer rows than that are cut into blocks by ``max_precond_dim`` anyway).
         root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4) or 32.
         root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
             Schur-Newton of paper 2) or ``"auto"`` (eigh on CPU, newton on accelerators, where batched
@@ -109,6 +121,11 @@ class Q4ShampooConfig:
     Paper 2 (``precond="eigen"``):
         bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
             and before a root (paper 2: 1 and 4).
+
+    Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
+    first_order_min_quant_numel, blocking, min_quant_numel, quant_map, quant_block_size, root_bits) decide how
+    the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
+    other values of any of them.
 
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
@@ -135,22 +152,24 @@ class Q4ShampooConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False
-    first_order: str = "adamw"
-    first_order_bits: int = 4
-    precond: str = "cholesky_ef"
+    maximize: bool = False
+    first_order: str = _state_field("adamw")
+    first_order_bits: int = _state_field(4)
+    first_order_min_quant_numel: int = _state_field(4096)
+    precond: str = _state_field("cholesky_ef")
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
     total_steps: int | None = None
     start_precond_step: int = 1
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
-    max_precond_dim: int = 1024
-    max_aspect_ratio: float = 16.0
-    min_precond_numel: int = 64
-    min_quant_numel: int = 4096
-    quant_map: str = "linear2"
-    quant_block_size: int = 64
-    root_bits: int = 4
+    max_precond_dim: int = _state_field(1024)
+    max_aspect_ratio: float = _state_field(16.0)
+    min_precond_numel: int = _state_field(64)
+    min_quant_numel: int = _state_field(4096)
+    quant_map: str = _state_field("linear2")
+    quant_block_size: int = _state_field(64)
+    root_bits: int = _state_field(4)
     root_method: str = "auto"
     newton_max_iters: int = 25
     newton_tol: float = 1e-6
@@ -166,10 +185,17 @@ class Q4ShampooConfig:
     refresh_spread: int = 25
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            object.__setattr__(self, "betas", tuple(self.betas))
         for f in fields(self):
-            _validate(f.name, getattr(self, f.name))
+            value = plain_value(getattr(self, f.name))
+            if f.name == "betas" and isinstance(value, (list, tuple)):
+                value = tuple(plain_value(b) for b in value)
+            object.__setattr__(self, f.name, value)
+            _validate(f.name, value)
+        if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
+            raise ConfigError(
+                "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "
+                "got momentum=0. Set momentum in (0, 1) or nesterov=False."
+            )
 
     # ---- construction helpers ------------------------------------------------------------------
     @classmethod
@@ -214,6 +240,19 @@ class Q4ShampooConfig:
         return update, root
 
 
+#: Fields that decide the layout and decoding of the saved state (flagged ``_state_field`` above); a
+#: checkpoint made with other values of these cannot be loaded (the error names the differing fields).
+STATE_LAYOUT_KEYS = tuple(f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state"))
+
+
+def plain_value(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (torch accepts ``np.float32(1e-3)`` as a learning
+    rate); anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 #: (update_freq, root_freq) of the "auto" schedule when the run's length is unknown.
 UNKNOWN_LENGTH_SCHEDULE = (10, 100)
 
@@ -253,12 +292,14 @@ _INT_MIN = {
     "max_precond_dim": 1,
     "min_precond_numel": 0,
     "min_quant_numel": 0,
+    "first_order_min_quant_numel": 0,
     "quant_block_size": 2,
     "newton_max_iters": 1,
     "bjorck_update_iters": 0,
     "bjorck_root_iters": 0,
     "refresh_spread": 1,
 }
+_INT_MAX = {"quant_block_size": 4096}  # larger blocks only waste memory (a block lies inside one row)
 # (low, high, low inclusive, high inclusive)
 _FLOAT_RANGE = {
     "lr": (0.0, float("inf"), True, False),
@@ -272,7 +313,7 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = ("nesterov", "remove_cholesky_ridge", "use_compile", "fused_statistics")
+_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics")
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
@@ -281,41 +322,72 @@ def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
     return f"{left}{low:g}, {high:g}{right}"
 
 
-def _validate(name: str, value: Any) -> None:
+def allowed_values(name: str) -> str:
+    """What ``name`` accepts, in words (used by every error message about its value)."""
     if name in _AUTO_INT:
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"Q4Shampoo: {name} must be \"auto\" or an integer >= 1, got {value!r}.")
-    elif name == "total_steps":
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"Q4Shampoo: total_steps must be None (unknown) or an integer >= 1, got {value!r}.")
-    elif name in _CHOICES:
-        if value not in _CHOICES[name] or isinstance(value, bool):
-            raise ConfigError(
-                f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
-            )
-    elif name in _INT_MIN:
-        if not isinstance(value, int) or isinstance(value, bool) or value < _INT_MIN[name]:
-            raise ConfigError(f"Q4Shampoo: {name} must be an integer >= {_INT_MIN[name]}, got {value!r}.")
-    elif name in _FLOAT_RANGE:
-        low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            v = float(value)
-            ok = (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
-        if not ok:
-            raise ConfigError(
-                f"Q4Shampoo: {name} must be a number in {_range_text(low, high, lo_inc, hi_inc)}, got {value!r}."
-            )
-    elif name in _BOOLS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"Q4Shampoo: {name} must be true or false, got {value!r}.")
-    elif name == "betas":
-        ok = isinstance(value, tuple) and len(value) == 2
-        ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
-        if not ok:
-            raise ConfigError(f"Q4Shampoo: betas must be two numbers in [0, 1), got {value!r}.")
-    else:  # pragma: no cover - every field must have a rule
-        raise AssertionError(f"no validation rule for {name}")
+        return '"auto" or an integer >= 1'
+    if name == "total_steps":
+        return "None (unknown) or an integer >= 1"
+    if name in _CHOICES:
+        return "one of " + ", ".join(map(repr, _CHOICES[name]))
+    if name in _INT_MAX:
+        return f"an integer in [{_INT_MIN[name]}, {_INT_MAX[name]}]"
+    if name in _INT_MIN:
+        return f"an integer >= {_INT_MIN[name]}"
+    if name == "max_aspect_ratio":
+        return "0 (no limit) or a number >= 1"
+    if name in _FLOAT_RANGE:
+        return f"a number in {_range_text(*_FLOAT_RANGE[name])}"
+    if name in _BOOLS:
+        return "true or false"
+    if name == "betas":
+        return "two numbers in [0, 1) (b1:b2 in optim_args)"
+    raise AssertionError(f"no validation rule for {name}")  # pragma: no cover - every field must have a rule
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(name: str, value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    v = float(value)
+    if name == "max_aspect_ratio" and v == 0.0:
+        return True
+    low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
+    if name == "max_aspect_ratio":
+        low = 1.0
+    return (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
+
+
+def _valid(name: str, value: Any) -> bool:
+    if name in _AUTO_INT:
+        return value == "auto" or (_is_int(value) and value >= 1)
+    if name == "total_steps":
+        return value is None or (_is_int(value) and value >= 1)
+    if name in _CHOICES:
+        return not isinstance(value, bool) and value in _CHOICES[name]
+    if name in _INT_MIN:
+        return _is_int(value) and _INT_MIN[name] <= value <= _INT_MAX.get(name, value)
+    if name in _FLOAT_RANGE:
+        return _in_range(name, value)
+    if name in _BOOLS:
+        return isinstance(value, bool)
+    if name == "betas":
+        return isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+    raise AssertionError(f"no validation rule for {name}")  # pragma: no cover - every field must have a rule
+
+
+def _validate(name: str, value: Any) -> None:
+    if _valid(name, value):
+        return
+    if name in _CHOICES:
+        raise ConfigError(
+            f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
+        )
+    raise ConfigError(f"Q4Shampoo: {name} must be {allowed_values(name)}, got {value!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +433,9 @@ def _cast(name: str, text: str) -> Any:
         expected = "two numbers written as b1:b2"
     else:
         expected = "an integer" if isinstance(default, int) else "a number"
-    raise ConfigError(f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}.")
+    raise ConfigError(
+        f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}; allowed: {allowed_values(name)}."
+    )
 
 
 def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -> dict[str, Any]:
@@ -374,21 +448,41 @@ def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -
     if text is None or not text.strip():
         return {}
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # key -> its text, to name both values of a repeated key
     names = Q4ShampooConfig.field_names()
+    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
     for item in text.replace(" ", "").split(","):
         if not item:
             continue
-        if "=" not in item:
-            raise ConfigError(f"Q4Shampoo: optim_args item {item!r} is not of the form key=value.")
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"Q4Shampoo: optim_args item {item!r} is not of the form key=value (e.g. update_freq=10). "
+                f"Allowed keys: {allowed}."
+            )
         key, value = item.split("=", 1)
         if reserved and key in reserved:
             raise ConfigError(f"Q4Shampoo: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
         if key not in names:
-            allowed = [n for n in names if not reserved or n not in reserved]
+            raise ConfigError(f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
+        if key in given:
             raise ConfigError(
-                f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {', '.join(allowed)}."
+                f"Q4Shampoo: optim_args key {key!r} is given twice ({key}={given[key]} and {key}={value}); "
+                "give it once."
             )
+        given[key] = value
         out[key] = _cast(key, value)
-        _validate(key, out[key])
+        try:
+            _validate(key, out[key])
+        except ConfigError as err:
+            raise ConfigError(f"{str(err).rstrip('.')} (from optim_args {key}={value}).") from None
+    _check_combination(out)
     return out
+
+
+def _check_combination(options: dict[str, Any]) -> None:
+    """Cross-field rules of :class:`Q4ShampooConfig` for options given together (e.g. nesterov without momentum)."""
+    try:
+        Q4ShampooConfig(**options)
+    except ConfigError as err:
+        raise ConfigError(f"{str(err).rstrip('.')} (from optim_args).") from None
 

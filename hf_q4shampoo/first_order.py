@@ -10,6 +10,13 @@ Their states are 4-bit by default (paper 3, papers.md §4.1):
 
 With ``bits=32`` every moment is a plain fp32 tensor.
 
+Skipped members: every step takes an optional per-member ``keep`` flag ``(K,)`` (bool, on the
+directions' device). A member whose flag is false leaves its parameter and moments exactly as they were
+(the optimizer clears it for a gradient with a NaN/inf entry). The flag is never read on the host, so a
+step does not wait for the accelerator: the new values of every member are computed and the old ones of
+the skipped members selected back with ``torch.where`` (or, for torch's fused AdamW, which cannot skip
+single tensors of a batch, restored from a copy taken before the call).
+
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
@@ -42,9 +49,15 @@ State = dict[str, torch.Tensor]
 Moments = dict[str, torch.Tensor]  # the batched (K, ...) entries of one moment
 
 
-def quantized_moments(numel: int, bits: int) -> bool:
-    """Whether moments of a tensor with ``numel`` entries are stored in 4 bit."""
-    return bits == 4 and numel > QUANT_MIN_NUMEL
+def quantized_moments(numel: int, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL) -> bool:
+    """Whether moments of a tensor with ``numel`` entries are stored in 4 bit (more than ``min_quant_numel``)."""
+    return bits == 4 and numel > min_quant_numel
+
+
+def _is_quantized(moments: State) -> bool:
+    """Whether a batch's stored moments are 4-bit (read from the state itself, so a step never disagrees
+    with how the state was created)."""
+    return any(key.endswith("_codes") for key in moments)
 
 
 def first_order_keys(state: State) -> list[str]:
@@ -100,11 +113,13 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
             state[name + suf] = part
 
 
-def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
+def init_first_order_state(p: torch.Tensor, kind: str, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL) -> State:
+    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries."""
+
     def zeros() -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
         return torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
 
-    quantized = quantized_moments(p.numel(), bits)
+    quantized = quantized_moments(p.numel(), bits, min_quant_numel)
     state: State = {}
     if kind == "adamw":
         _scatter([state], "exp_avg", _encode_signed(zeros(), quantized))
@@ -119,19 +134,31 @@ def init_first_order_state(p: torch.Tensor, kind: str, bits: int) -> State:
 # ---------------------------------------------------------------------------------------------
 
 
+def _member_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``keep`` (K,) shaped to broadcast over a ``(K, ...)`` tensor."""
+    return keep.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _kept(update: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``update`` with the skipped members' rows zeroed (``where``, so a NaN there does not leak through)."""
+    return update if keep is None else torch.where(_member_mask(keep, update), update, 0.0)
+
+
 def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
-                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool):
+                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool,
+                keep: torch.Tensor | None = None):
     shape = tuple(d.shape)
     m_new = _decode_signed(m, shape).lerp(d, 1.0 - beta1)
     v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized), _encode_nonneg(v_new, quantized), update
+    return _encode_signed(m_new, quantized), _encode_nonneg(v_new, quantized), _kept(update, keep)
 
 
-def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool):
+def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool,
+              keep: torch.Tensor | None = None):
     new = _decode_signed(buf, tuple(d.shape)) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return _encode_signed(new, quantized), direction * lr
+    return _encode_signed(new, quantized), _kept(direction * lr, keep)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -182,28 +209,69 @@ def _batched(moments: State, name: str) -> Moments:
     return out
 
 
-def _write_back(moments: State, name: str, new: Moments) -> None:
-    """Copy a batch's new moment into the stacked state in place (its views stay valid)."""
+def _write_back(moments: State, name: str, new: Moments, keep: torch.Tensor | None = None) -> None:
+    """Copy a batch's new moment into the stacked state in place (its views stay valid); members whose
+    ``keep`` flag is false keep their stored values (codes included, so a skip is exact)."""
     for suffix, value in new.items():
         target = moments[name + suffix]
-        target.copy_(value.reshape(target.shape))
+        value = value.reshape(target.shape)
+        target.copy_(value if keep is None else torch.where(_member_mask(keep, target), value, target))
+
+
+def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float,
+           keep: torch.Tensor | None) -> None:
+    """Decoupled weight decay ``p <- (1 - lr wd) p`` of the members whose ``keep`` flag is set.
+
+    With flags, ``p <- p + (-lr wd) * keep * p``: the flag is exactly 0 or 1 in any dtype, so it can be a
+    device tensor in the parameters' dtype without rounding the decay (a factor ``1 - lr wd`` rounded to
+    bf16 would be 1).
+    """
+    lr = _host_float(lr)
+    if keep is None:
+        decay = 1.0 - lr * weight_decay
+        torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
+        return
+    if isinstance(lr, torch.Tensor):  # on the accelerator: fold the rate into the per-member factors
+        factors = (keep.float() * (lr.to(keep.device, torch.float32) * -weight_decay)).to(params[0].dtype)
+        torch._foreach_addcmul_(params, params, list(factors.unbind(0)))
+    else:
+        torch._foreach_addcmul_(params, params, list(keep.to(params[0].dtype).unbind(0)), value=-lr * weight_decay)
 
 
 def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, moments: State, step: int,
-                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float,
+                 keep: torch.Tensor | None = None) -> None:
     """fp32 moments of fp32 parameters: torch's fused AdamW kernel (one launch for the whole batch, no
     compilation), which computes the same update as :func:`_adamw_math` (decoupled decay, bias-corrected
-    Adam step; equal up to rounding). Updates the moments in place."""
+    Adam step; equal up to rounding). Updates the moments in place.
+
+    Skipped members: the kernel's ``found_inf`` skips a whole call, so a batch of one passes its flag
+    there (no extra work); a larger batch copies parameters and moments first and puts the skipped
+    members' values back (three small ``where``s: this path holds the small tensors of a model).
+    """
     device = directions.device
     lr = _host_float(lr)
     if isinstance(lr, torch.Tensor):
         lr = lr.to(device=device, dtype=torch.float32)
     steps = [_scalars(device, "step", float(step))] * len(params)
+    m, v = moments["exp_avg"], moments["exp_avg_sq"]
+    found_inf = None
+    saved = None
+    if keep is not None and len(params) == 1:
+        found_inf = (~keep).float()
+    elif keep is not None:
+        saved = (torch.stack(params), m.clone(), v.clone())
     torch._fused_adamw_(
-        params, list(directions.unbind(0)), list(moments["exp_avg"].unbind(0)), list(moments["exp_avg_sq"].unbind(0)),
+        params, list(directions.unbind(0)), list(m.unbind(0)), list(v.unbind(0)),
         [], steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
-        maximize=False,
+        maximize=False, found_inf=found_inf,
     )
+    if saved is not None:
+        old_p, old_m, old_v = saved
+        mask = _member_mask(keep, old_p)
+        m.copy_(torch.where(mask, m, old_m))
+        v.copy_(torch.where(mask, v, old_v))
+        torch._foreach_copy_(params, list(torch.where(mask, torch.stack(params), old_p).unbind(0)))
 
 
 def adamw_batch_step(
@@ -218,31 +286,33 @@ def adamw_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step for K same-shape tensors, moments updated in place.
 
     ``directions`` is their fp32 ``(K, *shape)`` update direction; ``moments`` their stacked state
-    (``exp_avg*`` keys, leading dimension K).
+    (``exp_avg*`` keys, leading dimension K); ``keep`` optional per-member flags (module docstring).
+    Whether the moments are 4-bit is read from ``moments`` (``bits`` is kept for callers' clarity).
     """
+    del bits  # the stored state says how it is stored
     beta1, beta2 = betas
     device = directions.device
-    quantized = quantized_moments(params[0].numel(), bits)
+    quantized = _is_quantized(moments)
     if not quantized and params[0].dtype == torch.float32:
-        _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay)
+        _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
-        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay)
+        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, keep=keep)
         return
     if weight_decay:
-        decay = 1.0 - _host_float(lr) * weight_decay
-        torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
+        _decay(params, lr, weight_decay, keep)
     fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
-                      beta1, beta2, eps, quantized)
-    _write_back(moments, "exp_avg", m)
-    _write_back(moments, "exp_avg_sq", v)
+                      beta1, beta2, eps, quantized, keep)
+    _write_back(moments, "exp_avg", m, keep)
+    _write_back(moments, "exp_avg_sq", v, keep)
     _apply_update(params, update)
 
 
@@ -257,17 +327,20 @@ def sgd_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> None:
-    """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction)."""
+    """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction);
+    ``keep`` optional per-member flags (module docstring)."""
+    del bits  # the stored state says how it is stored
     device = directions.device
     if weight_decay:
         directions = directions + weight_decay * torch.stack([p.float() for p in params])
     if not momentum:
-        _apply_update(params, directions * _scalars(device, "lr", lr))
+        _apply_update(params, _kept(directions * _scalars(device, "lr", lr), keep))
         return
-    quantized = quantized_moments(params[0].numel(), bits)
+    quantized = _is_quantized(moments)
     fn = maybe_compiled(_sgd_math, device, compile_)
     buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
-                     quantized)
-    _write_back(moments, "momentum_buffer", buf)
+                     quantized, keep)
+    _write_back(moments, "momentum_buffer", buf, keep)
     _apply_update(params, update)

@@ -13,7 +13,9 @@ How: :func:`hf_q4shampoo.register` runs first (even with ``HF_Q4SHAMPOO_AUTO_REG
 registering is this command's job), then the script runs in this process through :mod:`runpy` with
 Python's own ``__main__`` semantics: ``__name__ == "__main__"``, ``sys.argv = [SCRIPT, ARGS...]`` and the
 script's folder first on ``sys.path``. Its exit status is returned (``sys.exit`` / argparse errors
-included); an uncaught exception propagates with its traceback, as with ``python SCRIPT.py``.
+included); an uncaught exception propagates with its traceback, as with ``python SCRIPT.py``, except a
+:class:`~hf_q4shampoo.config.ConfigError` (a bad ``--optim_args`` value, raised while the script builds its
+TrainingArguments): that is a usage error, printed as one line with exit status 2, as argparse does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def _exit_status(code: object) -> int:
 
 
 def _run(target: str, args: list[str], as_module: bool) -> int:
+    from hf_q4shampoo.config import ConfigError
+
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
         sys.argv = [target, *args]  # with -m, run_module puts the module's file in argv[0]
@@ -59,6 +63,9 @@ def _run(target: str, args: list[str], as_module: bool) -> int:
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         return _exit_status(exc.code)
+    except ConfigError as exc:
+        print(f"q4shampoo run: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path

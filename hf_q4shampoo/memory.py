@@ -172,6 +172,8 @@ def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = N
         kind = "first_order" if key.endswith("_codes") or t.numel() == numel else "scales_diagonals"
         kinds[kind] += tensor_bytes(t)
     kinds["other"] += tensor_bytes(state["step"])
+    if "skipped_updates" in state:  # the non-finite guard's counter (optimizer.py)
+        kinds["other"] += tensor_bytes(state["skipped_updates"])
     for sides in state.get("regions", []):
         for side in sides.values():
             for kind, b in form.bytes_by_kind(side).items():

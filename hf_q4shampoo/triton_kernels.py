@@ -17,6 +17,9 @@ Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, 
 * between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales);
 * pass B re-encodes v with those scales.
 
+A member whose ``keep`` flag is 0 (a skipped update, see ``first_order``) stores nothing in either pass
+and keeps its v maxima, so its parameter and moments stay exactly as they were.
+
 The arithmetic is that of ``first_order._adamw_math`` operation for operation (same rounding, nearest
 code by counting the table's midpoints below the value, as ``torch.bucketize`` does), so the kernels agree
 with the torch path up to the last-bit differences of division.
@@ -62,7 +65,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _pass_a(param_ptrs, d_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_new_ptr,
-                m_table_ptr, m_mids_ptr, v_table_ptr, lr_ptr, bias1_ptr, bias2_ptr,
+                m_table_ptr, m_mids_ptr, v_table_ptr, lr_ptr, bias1_ptr, bias2_ptr, keep_ptr,
                 beta1, beta2, eps, weight_decay, N, NB2, NBLK, R, C,
                 PARAM_BF16: tl.constexpr, BLOCK: tl.constexpr):
         k = tl.program_id(0)
@@ -71,6 +74,7 @@ if HAS_TRITON:
         pair = pid * HALF + tl.arange(0, HALF)
         even = pair * 2
         odd = even + 1
+        keep = tl.load(keep_ptr + k) != 0  # a skipped member stores nothing (its loads still run: masks only)
         in_e = even < N
         in_o = odd < N
         in_pair = pair < NB2
@@ -116,8 +120,8 @@ if HAS_TRITON:
         else:
             p_e = p_e * decay - u_e
             p_o = p_o * decay - u_o
-        tl.store(p_ptr + even, p_e, mask=in_e)
-        tl.store(p_ptr + odd, p_o, mask=in_o)
+        tl.store(p_ptr + even, p_e, mask=in_e & keep)
+        tl.store(p_ptr + odd, p_o, mask=in_o & keep)
         tl.store(v_new_ptr + row_base + even, v_e, mask=in_e)
         tl.store(v_new_ptr + row_base + odd, v_o, mask=in_o)
         # re-encode m: 64 pairs per 128-block; absmax over the block, nearest code of m / absmax
@@ -129,14 +133,16 @@ if HAS_TRITON:
         c_e = _codes_of(tl.reshape(m_e, (NB, 64)) / safe[:, None], m_mids_ptr)
         c_o = _codes_of(tl.reshape(m_o, (NB, 64)) / safe[:, None], m_mids_ptr)
         packed = tl.reshape(c_e | (c_o << 4), (HALF,)).to(tl.uint8)
-        tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair)
+        tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair & keep)
         blk = pid * NB + tl.arange(0, NB)
-        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=blk < NBLK)
+        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=(blk < NBLK) & keep)
 
     @triton.jit
-    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, N, NB2, R, C, BLOCK: tl.constexpr):
+    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C,
+                BLOCK: tl.constexpr):
         k = tl.program_id(0)
         pid = tl.program_id(1)
+        keep = tl.load(keep_ptr + k) != 0
         HALF: tl.constexpr = BLOCK // 2
         pair = pid * HALF + tl.arange(0, HALF)
         even = pair * 2
@@ -152,7 +158,7 @@ if HAS_TRITON:
                          tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0))
         c_e = _codes_of(v_e / tl.where(s_e > 0, s_e, 1.0), v_mids_ptr)
         c_o = _codes_of(v_o / tl.where(s_o > 0, s_o, 1.0), v_mids_ptr)
-        tl.store(v_codes_ptr + k.to(tl.int64) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=pair < NB2)
+        tl.store(v_codes_ptr + k.to(tl.int64) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=(pair < NB2) & keep)
 
 
 _POINTERS: dict[tuple, torch.Tensor] = {}
@@ -172,9 +178,10 @@ def _pointer_table(params: list[torch.Tensor]) -> torch.Tensor:
 
 def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: dict[str, torch.Tensor],
                 lr: torch.Tensor, bias1: torch.Tensor, bias2_sqrt: torch.Tensor,
-                beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                beta1: float, beta2: float, eps: float, weight_decay: float, keep: torch.Tensor | None = None) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
-    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state."""
+    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``keep`` (K,)
+    bool flags, false for members that must stay as they are (None: all are updated)."""
     k = len(params)
     rows, cols = params[0].shape
     n = rows * cols
@@ -184,16 +191,20 @@ def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: d
     m_codes, m_scales = moments["exp_avg_codes"], moments["exp_avg_scales"]
     v_codes = moments["exp_avg_sq_codes"]
     max0, max1 = moments["exp_avg_sq_max0"], moments["exp_avg_sq_max1"]
+    if keep is None:
+        keep = torch.ones(k, dtype=torch.bool, device=device)
+    keep_bytes = keep.contiguous().view(torch.uint8)
     v_new = torch.empty((k, rows, cols), dtype=torch.float32, device=device)
     grid = (k, triton.cdiv(n, BLOCK))
     _pass_a[grid](
         _pointer_table(params), directions.contiguous(), m_codes, m_scales, v_codes, max0, max1, v_new,
-        m_table, m_mids, v_table, lr, bias1, bias2_sqrt, beta1, beta2, eps, weight_decay,
+        m_table, m_mids, v_table, lr, bias1, bias2_sqrt, keep_bytes, beta1, beta2, eps, weight_decay,
         n, (n + 1) // 2, m_scales.shape[-1], rows, cols, PARAM_BF16=params[0].dtype == torch.bfloat16, BLOCK=BLOCK,
     )
-    max0.copy_(v_new.amax(dim=2))
-    max1.copy_(v_new.amax(dim=1))
-    _pass_b[grid](v_new, v_codes, max0, max1, v_mids, n, (n + 1) // 2, rows, cols, BLOCK=BLOCK)
+    rows_kept = keep.reshape(k, 1)
+    max0.copy_(torch.where(rows_kept, v_new.amax(dim=2), max0))
+    max1.copy_(torch.where(rows_kept, v_new.amax(dim=1), max1))
+    _pass_b[grid](v_new, v_codes, max0, max1, v_mids, keep_bytes, n, (n + 1) // 2, rows, cols, BLOCK=BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------------

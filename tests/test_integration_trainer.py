@@ -406,7 +406,10 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     straight.create_model_card()
     assert "sparse_mfac" in (tmp_path / "straight" / "README.md").read_text().lower()
 
-    bad = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="ngrads=1024"),
-                  train_dataset=lm_dataset())
+    with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
+        training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="ngrads=1024")  # at argument parsing
+    late = training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="m=4")
+    object.__setattr__(late, "optim_args", "ngrads=1024")  # changed afterwards: the handler still refuses it
+    bad = Trainer(model=tiny_gpt2(), args=late, train_dataset=lm_dataset())
     with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
         bad.create_optimizer()

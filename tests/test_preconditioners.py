@@ -89,3 +89,30 @@ def test_bytes_by_kind_adds_up(name):
         assert kinds["roots"] == 2 * (256 // 2) * (256 // 2)  # 4-bit codes of the packed strict lower triangle
         assert kinds["statistics"] + kinds["error_feedback"] == n2 // 2
         assert (kinds["error_feedback"] > 0) == (name == "cholesky_ef")
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_a_non_finite_gram_keeps_the_statistics(name):
+    # The forms' own rule (``_blend``), under the optimizer's skip of non-finite gradients: a block whose gram
+    # is not finite keeps its statistics, whether the gradient held a NaN or was finite but so large that
+    # G G^T overflowed fp32. The other blocks of the batch move on.
+    g = torch.Generator().manual_seed(3)
+    form = make_form(name, FormSettings(root_method="eigh", use_compile=False))
+    state = form.init_state(96, 3, torch.device("cpu"))
+    grads = torch.randn(3, 96, 80, generator=g)
+    form.update_statistics(state, grads @ grads.mT)
+    before = form.statistics(state).clone()
+    nan_grad, huge = grads[0].clone(), grads[1] * 1e20  # 1e20: G G^T's entries pass fp32's 3.4e38
+    nan_grad[3, 5] = float("nan")
+    fresh = torch.randn(96, 80, generator=g)
+    batch = torch.stack([nan_grad, huge, fresh])
+    form.update_statistics(state, batch @ batch.mT)
+    after = form.statistics(state)
+    assert torch.isfinite(after).all()
+    for k in (0, 1):  # re-encoded from the same statistics: equal up to the 4-bit rounding (~5%)
+        rel = float(torch.linalg.matrix_norm(after[k] - before[k]) / torch.linalg.matrix_norm(before[k]))
+        assert rel < 0.1, (k, rel)
+    moved = float(torch.linalg.matrix_norm(after[2] - before[2]) / torch.linalg.matrix_norm(before[2]))
+    assert moved > 0.5
+    form.refresh_root(state)
+    assert torch.isfinite(form.root(state)).all()
