@@ -7,10 +7,15 @@ Rounds every product's inputs to 10 (TF32) or 7 (bf16) mantissa bits for the fir
 fp64 root, beside the error of storing the exact root in 4 bit. Inputs: an EMA of 40 low-rank gradients (n=256)
 and a log-uniform spectrum (n=512).
 """
-import torch, math, sys
+import math
+import sys
+
+import torch
+
 sys.path.insert(0, "tests")
-from hf_q4shampoo import linalg, fidelity
-from hf_q4shampoo.quant import quantize_symmetric, dequantize_symmetric
+from hf_q4shampoo import fidelity, linalg
+from hf_q4shampoo.quant import dequantize_symmetric, quantize_symmetric
+
 torch.manual_seed(0)
 def rnd(x, bits):  # round fp32 to `bits` explicit mantissa bits (tf32: 10, bf16: 7)
     b = x.contiguous().view(torch.int32); drop = 23 - bits

@@ -56,12 +56,11 @@ OPTIM = {"adamw": "adamw_torch", "q4shampoo": "q4shampoo"}  # run name -> Traini
 
 
 def _train(args: argparse.Namespace, run: str) -> None:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_q4shampoo import MemoryReportCallback, Q4ShampooTrainer, Q4ShampooTrainingArguments
     from hf_q4shampoo.integrations.callback import REPORT_FILES
-
-    import torch
 
     torch.manual_seed(0)
     out = Path(args.out)

@@ -34,7 +34,7 @@ from transformers import (
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
 from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
     check_data_source,
@@ -42,8 +42,8 @@ from hf_q4shampoo.recipes_support.args import (
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import minilm_dir
-from hf_q4shampoo.recipes_support.data import (
+from recipes_support.assets import minilm_dir
+from recipes_support.data import (
     ListDataset,
     check_data_files,
     encode_class_labels,
@@ -52,9 +52,9 @@ from hf_q4shampoo.recipes_support.data import (
     take,
     take_dataset,
 )
-from hf_q4shampoo.recipes_support.metrics import classification_metrics
-from hf_q4shampoo.recipes_support.text import ROTTEN_TOMATOES_LABELS, rotten_tomatoes_rows
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.metrics import classification_metrics
+from recipes_support.text import ROTTEN_TOMATOES_LABELS, rotten_tomatoes_rows
+from recipes_support.training import setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 

@@ -38,18 +38,18 @@ from transformers import (
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
 from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
     hub_kwargs,
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import fashion_mnist_dir
-from hf_q4shampoo.recipes_support.data import encode_class_labels, load_hub_or_files, take_dataset
-from hf_q4shampoo.recipes_support.metrics import classification_metrics
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
-from hf_q4shampoo.recipes_support.vision import (
+from recipes_support.assets import fashion_mnist_dir
+from recipes_support.data import encode_class_labels, load_hub_or_files, take_dataset
+from recipes_support.metrics import classification_metrics
+from recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.vision import (
     FASHION_MNIST_LABELS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,

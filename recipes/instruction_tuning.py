@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
 from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
     check_data_source,
@@ -40,10 +40,10 @@ from hf_q4shampoo.recipes_support.args import (
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import smollm2_gguf
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
-from hf_q4shampoo.recipes_support.gguf import load_gguf_causal_lm
-from hf_q4shampoo.recipes_support.instruct import (
+from recipes_support.assets import smollm2_gguf
+from recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
+from recipes_support.gguf import load_gguf_causal_lm
+from recipes_support.instruct import (
     IGNORE_INDEX,
     TASKS,
     ChatCollator,
@@ -54,8 +54,8 @@ from hf_q4shampoo.recipes_support.instruct import (
     read_instruction_file,
     record_to_messages,
 )
-from hf_q4shampoo.recipes_support.metrics import load_metric
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.metrics import load_metric
+from recipes_support.training import setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from transformers import (
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
 from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
     check_data_source,
@@ -47,10 +47,10 @@ from hf_q4shampoo.recipes_support.args import (
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
-from hf_q4shampoo.recipes_support.metrics import load_metric
-from hf_q4shampoo.recipes_support.text import corpus_documents, group_into_blocks, split_documents, train_bpe_tokenizer
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
+from recipes_support.metrics import load_metric
+from recipes_support.text import corpus_documents, group_into_blocks, split_documents, train_bpe_tokenizer
+from recipes_support.training import setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 

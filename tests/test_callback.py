@@ -24,6 +24,7 @@ from hf_q4shampoo.integrations.callback import (  # noqa: E402
     memory_callback,
     update_model_card,
 )
+
 from tiny_hf import lm_dataset, tiny_gpt2, training_args  # noqa: E402
 
 STEPS = 6

@@ -15,6 +15,7 @@ from hf_q4shampoo.integrations.callback import (  # noqa: E402
     memory_callback,
 )
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
+
 from tiny_hf import FAST, lm_dataset, tiny_gpt2, training_args  # noqa: E402
 
 pytestmark = pytest.mark.heavy  # Trainer runs

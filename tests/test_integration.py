@@ -23,6 +23,7 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.integrations import registration
+
 from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
 
 CLI = [

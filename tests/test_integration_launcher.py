@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from hf_q4shampoo import cli, launcher
+
 from tiny_hf import FAST, one_torch_thread  # noqa: F401 (autouse fixture)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")

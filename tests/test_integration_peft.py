@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.memory import optimizer_state_bytes, unwrap_optimizer
+
 from tiny_hf import (  # noqa: F401 (one_torch_thread: autouse fixture)
     lm_dataset,
     nested_tensors,

@@ -21,12 +21,13 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.memory import unwrap_optimizer
+
 from tiny_hf import (  # noqa: F401  (one_torch_thread: autouse fixture)
-    one_torch_thread,
     FAST,
     cls_dataset,
     lm_dataset,
     nested_tensors,
+    one_torch_thread,
     tiny_bert_classifier,
     tiny_gpt2,
     trainable_state,

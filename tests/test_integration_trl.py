@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.memory import unwrap_optimizer  # noqa: E402
+
 from tiny_hf import FAST, one_torch_thread, text_rows, tiny_gpt2, tiny_tokenizer  # noqa: E402,F401
 
 pytestmark = pytest.mark.heavy

@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
-from reference_shampoo import ReferenceShampoo
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
+
+from reference_shampoo import ReferenceShampoo
 
 SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1)]
 

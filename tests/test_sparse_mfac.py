@@ -15,6 +15,7 @@ import torch
 
 from hf_q4shampoo import ConfigError, SparseMFAC, SparseMFACConfig
 from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+
 from tiny_hf import nested_tensors, one_torch_thread  # noqa: F401  (one_torch_thread: autouse fixture)
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]  # one group of three tensors: d = 29

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..integrations.registration import is_q4shampoo_optim
+from hf_q4shampoo.integrations.registration import is_q4shampoo_optim
 
 __all__ = [
     "RecipeArgumentError",
@@ -98,12 +98,13 @@ def hub_kwargs(model_args: Any) -> dict[str, Any]:
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> None:
     """Call a recipe's ``main()`` and turn the errors a user can fix into one message and exit status 2.
 
-    Missing offline assets (:class:`~hf_q4shampoo.recipes_support.assets.MissingAssetError`), inconsistent
+    Missing offline assets (:class:`~recipes_support.assets.MissingAssetError`), inconsistent
     arguments (:class:`RecipeArgumentError`), bad ``--optim_args`` (``ConfigError``) and arguments the
     parser does not know print their message without a traceback; anything else is a bug and keeps its
     traceback.
     """
-    from ..config import ConfigError
+    from hf_q4shampoo import ConfigError
+
     from .assets import MissingAssetError
 
     try:
