@@ -1,6 +1,6 @@
 """Training-quality study: the same tasks, steps and learning-rate grid for several optimizers.
 
-    python -m hf_q4shampoo.study --tasks resnet,vit,clm \\
+    python benchmarks/study.py --tasks resnet,vit,clm \\
         --optimizers adamw,adamw_4bit,shampoo_fp32,naive,cholesky_ef,eigen \\
         --lrs 1e-3,3e-3 --seeds 0 --steps 400 --out study_results
 
@@ -32,14 +32,18 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import Q4Shampoo, parse_optim_args
-from .memory import optimizer_state_bytes
+from hf_q4shampoo import Q4Shampoo, parse_optim_args
+from hf_q4shampoo.memory import optimizer_state_bytes
+
+#: the tasks read the recipes' offline data through their helpers (``recipes/recipes_support``)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
 __all__ = ["OPTIMIZERS", "main"]
 
@@ -72,7 +76,7 @@ class FashionMnistTask(Task):
     metric = "test_accuracy"
 
     def __init__(self, kind: str, device: torch.device, data_dir: str | None, batch_size: int):
-        from .recipes_support import assets, vision  # noqa: PLC0415
+        from recipes_support import assets, vision  # noqa: PLC0415
 
         folder = data_dir or assets.fashion_mnist_dir()
         splits = vision.load_fashion_mnist(folder)
@@ -124,7 +128,7 @@ class ClmTask(Task):
     metric = "eval_loss"
 
     def __init__(self, device: torch.device, batch_size: int, block_size: int = 256, vocab_size: int = 4096):
-        from .recipes_support import text  # noqa: PLC0415
+        from recipes_support import text  # noqa: PLC0415
 
         train_texts, eval_texts = text.split_documents([d["text"] for d in text.corpus_documents()], 0.05, seed=0)
         tok = text.train_bpe_tokenizer(train_texts, vocab_size=vocab_size)
@@ -169,7 +173,7 @@ class MiniLMTask(Task):
     def __init__(self, device: torch.device, batch_size: int, max_length: int = 64, split_seed: int = 42):
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        from .recipes_support import assets, data, text  # noqa: PLC0415
+        from recipes_support import assets, data, text  # noqa: PLC0415
 
         self.model_dir = assets.minilm_dir("The study's minilm task")
         # the recipe's default split: whole movies to validation until it holds 15% of the sentences
