@@ -597,8 +597,8 @@ def _parser() -> argparse.ArgumentParser:
 def _with_lora(model: nn.Module, r: int, target_modules: str) -> nn.Module:
     try:
         import peft
-    except ImportError as e:  # pragma: no cover - peft is a dependency
-        raise SystemExit("--lora_r needs the peft package") from e
+    except ImportError as e:  # peft is an extra: pip install "hf-q4shampoo[peft]"
+        raise SystemExit("q4shampoo memory: --lora_r needs the peft package (pip install peft)") from e
     targets: str | list[str] = target_modules if target_modules == "all-linear" else target_modules.split(",")
     return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=targets))
 
