@@ -57,7 +57,7 @@ def main() -> None:
             **{f"eps={eps:g}": static_errors(mat, eps) for eps in (args.eps, 1e-6)},
         }
     for beta_e in [float(b) for b in args.ef_betas.split(",")]:
-        settings = FormSettings(matrix_eps=args.eps, ef_beta=beta_e)
+        settings = FormSettings.from_options(matrix_eps=args.eps, ef_beta=beta_e)
         rows = [dynamic_errors(n=args.dynamic_n, steps=args.dynamic_steps, seed=s, settings=settings) for s in range(args.seeds)]
         result["dynamic"][f"ef_beta={beta_e}"] = {k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]}
     result["seconds"] = time.time() - t0

@@ -128,7 +128,7 @@ def micro(lines: list[str]) -> None:
         lines.append(f"root K=97 n=1024 eps {eps:g} ({len(linalg.newton_schedule(4, eps))} scheduled steps): "
                      f"newton25 {t0:.1f} ms (err {e0:.1e}); scheduled fp32 {t1:.1f} ms (err {e1:.1e}); "
                      f"scheduled split-TF32 {t2:.1f} ms (err {e2:.1e})")
-    s = FormSettings(root_method="newton")
+    s = FormSettings.from_options(dev, root_method="newton")
     form = make_form("cholesky_ef", s)
     state = form.init_state(1024, 97, dev)
     form.refresh_root(state) if False else None

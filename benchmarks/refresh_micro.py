@@ -44,7 +44,7 @@ def micro_refresh(k: int, n: int, device: torch.device) -> str:
         "dequantize_symmetric": lambda: quant.dequantize_symmetric(q_sym),
     }
     for form_name in ("cholesky_ef", "eigen", "fp32"):
-        form = make_form(form_name, FormSettings(root_method="newton", newton_max_iters=25))
+        form = make_form(form_name, FormSettings.from_options(device, root_method="newton"))
         state = form.init_state(n, k, device)
         form.update_statistics(state, a)
         cases[f"{form_name}: update_statistics"] = lambda f=form, st=state: f.update_statistics(dict(st), a)

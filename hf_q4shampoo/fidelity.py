@@ -20,8 +20,6 @@ adding factors captured from a real training run).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from . import linalg
@@ -145,7 +143,7 @@ def dynamic_errors(
     and its fp64 root. With ``stored_root=False`` the root is taken in fp32 from what the form
     stores (isolating the statistics' storage); with ``True`` it is the form's 4-bit stored root.
     """
-    settings = settings or FormSettings()
+    settings = settings or FormSettings.from_options()
     gen = torch.Generator().manual_seed(seed)
     draw = _gradient_factory(n, rank, gen)
     grads = [draw() for _ in range(steps)]
@@ -156,7 +154,7 @@ def dynamic_errors(
     ref = reference_root(ref_stats, eps)
     out = {}
     for name in forms:
-        form = make_form(name, replace(settings, root_bits=4 if stored_root else 32))
+        form = make_form(name, settings.replace(root_bits=4 if stored_root else 32))
         state = form.init_state(n, 1, torch.device("cpu"))
         for g in grads:
             gf = g.float().unsqueeze(0)

@@ -132,10 +132,6 @@ class Q4Shampoo(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
-        self._settings = FormSettings(
-            **{k: getattr(cfg, k) for k in FormSettings.__dataclass_fields__ if k not in ("root_method", "gram_tf32")},
-            root_method="eigh",
-        )
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
         self._warn_if_no_root()
@@ -183,12 +179,10 @@ class Q4Shampoo(torch.optim.Optimizer):
         Q4ShampooConfig().replace(**checked)
 
     def _form(self, device: torch.device) -> PreconditionerForm:
-        method = self.config.root_method
-        if method == "auto":
-            method = "eigh" if device.type == "cpu" else "newton"
-        key = (method, self._gram_tf32(device))
+        """The preconditioner form, reading this optimizer's config with the choices of ``device`` resolved."""
+        settings = FormSettings.for_device(self.config, device)
+        key = (settings.root_method, settings.gram_tf32)
         if key not in self._forms:
-            settings = FormSettings(**{**self._settings.__dict__, "root_method": method, "gram_tf32": key[1]})
             self._forms[key] = make_form(self.config.precond, settings)
         return self._forms[key]
 
@@ -542,10 +536,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         return cache(rows, device)
 
     def _gram_tf32(self, device: torch.device) -> bool:
-        choice = self.config.gram_precision
-        if choice == "auto":
-            return device.type == "cuda" and self.config.precond != "fp32"
-        return choice == "tf32"
+        return FormSettings.for_device(self.config, device).gram_tf32
 
     def _apply_dtype(self, device: torch.device) -> torch.dtype:
         choice = self.config.apply_dtype

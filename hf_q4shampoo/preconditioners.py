@@ -36,11 +36,14 @@ symmetric): half the codes, and the decoded root is exactly symmetric (``quant.q
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import linalg, triton_kernels
+from .config import Q4ShampooConfig
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
@@ -67,25 +70,45 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class FormSettings:
-    """The subset of :class:`~hf_q4shampoo.config.Q4ShampooConfig` a preconditioner form needs."""
+    """What a preconditioner form reads: a view of a :class:`~hf_q4shampoo.config.Q4ShampooConfig` on one device.
 
-    stat_decay: float = 0.95
-    matrix_eps: float = 1e-6
-    min_quant_numel: int = 4096
-    quant_map: str = "linear2"
-    quant_block_size: int = 64
-    root_bits: int = 4
-    root_method: str = "eigh"
-    newton_max_iters: int = 100
-    newton_tol: float = 1e-6
-    ef_beta: float = 0.0
-    cholesky_eps: float = 1e-6
-    remove_cholesky_ridge: bool = True
-    bjorck_update_iters: int = 1
-    bjorck_root_iters: int = 4
-    use_compile: bool = True
-    #: Gram products (``C C^T`` of a Cholesky factor) in TF32: set by the optimizer for quantized forms on CUDA.
-    gram_tf32: bool = False
+    It has no defaults of its own. The config's fields are read through it (``settings.stat_decay`` is
+    ``config.stat_decay``); the two choices the config leaves to the device are resolved here, by
+    :meth:`for_device`: ``root_method`` (``"auto"``: eigh on CPU, newton on accelerators) and ``gram_tf32``
+    (``gram_precision``; ``"auto"``: TF32 Gram products for the quantized forms on CUDA).
+    """
+
+    config: Q4ShampooConfig
+    root_method: str  # "eigh" or "newton"
+    gram_tf32: bool
+
+    @classmethod
+    def for_device(cls, config: Q4ShampooConfig, device: torch.device | str) -> FormSettings:
+        device = torch.device(device)
+        method = config.root_method
+        if method == "auto":
+            method = "eigh" if device.type == "cpu" else "newton"
+        if config.gram_precision == "auto":
+            tf32 = device.type == "cuda" and config.precond != "fp32"
+        else:
+            tf32 = config.gram_precision == "tf32"
+        return cls(config, method, tf32)
+
+    @classmethod
+    def from_options(cls, device: torch.device | str = "cpu", **options: Any) -> FormSettings:
+        """The settings of ``Q4ShampooConfig(**options)`` on ``device`` (for tests and benchmarks)."""
+        return cls.for_device(Q4ShampooConfig.from_kwargs(**options), device)
+
+    def replace(self, **options: Any) -> FormSettings:
+        """The same device choices over a config with some fields changed (``root_method`` too, if given)."""
+        method = options.get("root_method", self.root_method)
+        return FormSettings(self.config.replace(**options), self.root_method if method == "auto" else method,
+                            self.gram_tf32)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the config's
+        if name == "config":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
 
 class PreconditionerForm(ABC):
@@ -424,18 +447,22 @@ class EigenForm(PreconditionerForm):
         state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1]), packed=True))
 
 
-FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
+#: The registry of preconditioner forms: ``precond=`` name -> constructor. A new form is a subclass of
+#: :class:`PreconditionerForm` above and one entry here; its name goes in ``config.PRECOND_FORMS`` too, which
+#: validates user input without importing torch (``tests/test_preconditioners.py`` checks that both agree).
+FORMS: dict[str, Callable[[FormSettings], PreconditionerForm]] = {
+    "cholesky_ef": lambda settings: CholeskyForm(settings, error_feedback=True),
+    "cholesky": lambda settings: CholeskyForm(settings, error_feedback=False),
+    "eigen": EigenForm,
+    "naive": NaiveForm,
+    "fp32": Fp32Form,
+}
 
 
 def make_form(name: str, settings: FormSettings) -> PreconditionerForm:
-    if name == "fp32":
-        return Fp32Form(settings)
-    if name == "naive":
-        return NaiveForm(settings)
-    if name == "cholesky":
-        return CholeskyForm(settings, error_feedback=False)
-    if name == "cholesky_ef":
-        return CholeskyForm(settings, error_feedback=True)
-    if name == "eigen":
-        return EigenForm(settings)
-    raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}")
+    """The form ``name`` (a key of :data:`FORMS`) reading ``settings``."""
+    try:
+        factory = FORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}") from None
+    return factory(settings)
