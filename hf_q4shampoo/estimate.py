@@ -66,9 +66,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocking import local_tensor
 from .config import PRECOND_FORMS, ConfigError, Q4ShampooConfig, parse_optim_args
-from .memory import KINDS, MemoryReport, _config_factor_numel, format_bytes, param_state_bytes, unwrap_optimizer
-from .optimizer import Q4Shampoo, _local
+from .memory import (
+    KINDS,
+    MemoryReport,
+    ReportBuilder,
+    adamw_equivalent,
+    config_block_plan,
+    format_bytes,
+    fp32_shampoo_equivalent,
+    param_state_bytes,
+    unwrap_optimizer,
+)
+from .optimizer import Q4Shampoo
 from .sparse_mfac import SparseMFAC
 
 __all__ = [
@@ -304,7 +315,7 @@ def _dtype(d: torch.dtype | str) -> torch.dtype:
 
 
 def _census(params: Iterable[torch.Tensor]) -> Counter[ShapeKey]:
-    return Counter((tuple(_local(p).shape), p.dtype) for p in params)
+    return Counter((tuple(local_tensor(p).shape), p.dtype) for p in params)
 
 
 def _meta_param(key: ShapeKey) -> nn.Parameter:
@@ -336,42 +347,13 @@ def _report_from_shapes(
     per_shape: list[dict[ShapeKey, dict[str, int]]],
     config: Q4ShampooConfig,
 ) -> MemoryReport:
-    by_kind = dict.fromkeys(KINDS, 0)
-    by_group, group_num_params = [], []
-    num_params = num_tensors = 0
+    """The report of the measured representatives, each counted as often as its shape occurs."""
+    builder = ReportBuilder(config_block_plan(config))
     for (_, census), sizes in zip(groups, per_shape):
-        g_bytes = g_params = 0
+        builder.group()
         for key, count in census.items():
-            numel = math.prod(key[0])
-            for kind, b in sizes[key].items():
-                by_kind[kind] += b * count
-                g_bytes += b * count
-            g_params += numel * count
-            num_tensors += count
-        by_group.append(g_bytes)
-        group_num_params.append(g_params)
-        num_params += g_params
-    all_shapes = sum((c for _, c in groups), Counter())
-    adamw, fp32_shampoo = _equivalents_from_census(all_shapes, config)
-    return MemoryReport(
-        by_kind=by_kind,
-        num_params=num_params,
-        num_tensors=num_tensors,
-        adamw_equivalent=adamw,
-        fp32_shampoo_equivalent=fp32_shampoo,
-        by_group=by_group,
-        largest=[],
-        group_num_params=group_num_params,
-    )
-
-
-def _equivalents_from_census(census: Counter[ShapeKey], config: Q4ShampooConfig) -> tuple[int, int]:
-    adamw = fp32 = 0
-    for (shape, _dtype), count in census.items():
-        n = math.prod(shape)
-        adamw += 8 * n * count
-        fp32 += (8 * n + 8 * _config_factor_numel(shape, config)) * count
-    return adamw, fp32
+            builder.add(key[0], sizes[key], count)
+    return builder.report(largest=0)
 
 
 def shampoo_equivalents(params: Iterable[torch.Tensor], config: Q4ShampooConfig | None = None) -> tuple[int, int]:
@@ -380,7 +362,11 @@ def shampoo_equivalents(params: Iterable[torch.Tensor], config: Q4ShampooConfig 
     ``fp32_shampoo`` uses the block plan of ``config`` (default :class:`Q4ShampooConfig`), so an AdamW
     run can be compared with the Shampoo a Q4Shampoo run would have stored.
     """
-    return _equivalents_from_census(_census(params), config or Q4ShampooConfig())
+    plan = config_block_plan(config)
+    census = _census(params)
+    adamw = sum(adamw_equivalent(shape) * count for (shape, _), count in census.items())
+    fp32 = sum(fp32_shampoo_equivalent(shape, plan) * count for (shape, _), count in census.items())
+    return adamw, fp32
 
 
 def _group_hparams(group: dict[str, Any]) -> dict[str, Any]:
@@ -527,7 +513,7 @@ def estimate_memory(
     embedding_ids = _embedding_weight_ids(model)
     embeddings = _census(p for p in params if id(p) in embedding_ids)
     n_trainable = sum(math.prod(s) * c for (s, _), c in census.items())
-    n_total = sum(_local(p).numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_total = sum(local_tensor(p).numel() for p in {id(p): p for p in model.parameters()}.values())
 
     rows: list[EstimateRow] = []
 
@@ -541,7 +527,8 @@ def estimate_memory(
     add("adamw_4bit_torchao", "4-bit AdamW (torchao)", _torchao_4bit_bytes(census, torchao_block_size),
         _HOW["adamw_4bit_torchao"].format(block=torchao_block_size))
     groups = [({}, census)]
-    _, fp32_shampoo = _equivalents_from_census(census, config)
+    plan = config_block_plan(config)
+    fp32_shampoo = sum(fp32_shampoo_equivalent(shape, plan) * count for (shape, _), count in census.items())
     add("fp32_shampoo", "fp32 Shampoo (same blocks)", fp32_shampoo, _HOW["fp32_shampoo"])
     for form in PRECOND_FORMS:
         form_config = config.replace(precond=form)

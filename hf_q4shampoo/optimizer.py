@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from . import linalg, triton_kernels
+from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
+from .blocking import local_tensor as _local
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
-from .preconditioners import FormSettings, PreconditionerForm, make_form
+from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 
 __all__ = ["Q4Shampoo"]
 
@@ -54,12 +55,6 @@ def _refresh_cost(plan: BlockPlan) -> int:
     for r in plan.regions:
         cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
     return cost
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 @dataclass(eq=False)
@@ -195,6 +190,32 @@ class Q4Shampoo(torch.optim.Optimizer):
         """How a parameter of ``shape`` is cut into blocks (None: first-order step only)."""
         c = self.config
         return self._plan_cached(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+
+    def state_bytes(self, p: torch.Tensor) -> dict[str, int]:
+        """Bytes of the state held for parameter ``p``, by memory kind (``hf_q4shampoo.memory.KINDS``).
+
+        ``first_order`` (moments, as codes or fp32) and their ``scales_diagonals`` (block scales, rank-1
+        maxima); the preconditioner form's ``statistics``, ``roots``, ``error_feedback`` and
+        ``scales_diagonals`` (``PreconditionerForm.bytes_by_kind``); ``other`` (the step counter). Empty before
+        ``p``'s first step (or :meth:`build_state`). This is what the memory report and the estimate read.
+        """
+        state = self.state.get(p)
+        if not state:
+            return {}
+        local = _local(p)
+        out: dict[str, int] = defaultdict(int)
+        for key in first_order_keys(state):
+            t = state[key]
+            kind = "first_order" if key.endswith("_codes") or t.numel() == local.numel() else "scales_diagonals"
+            out[kind] += tensor_bytes(t)
+        out["other"] += tensor_bytes(state["step"])
+        if state.get("regions"):
+            form = self._form(local.device)
+            for sides in state["regions"]:
+                for side in sides.values():
+                    for kind, b in form.bytes_by_kind(side).items():
+                        out[kind] += b
+        return dict(out)
 
     # ------------------------------------------------------------------------------------------
     # state
