@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace, run: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_q4shampoo import MemoryReportCallback, Q4ShampooTrainer, Q4ShampooTrainingArguments
-    from hf_q4shampoo.integrations.callback import REPORT_FILES
+    from hf_q4shampoo.integrations.report import REPORT_FILES
 
     torch.manual_seed(0)
     out = Path(args.out)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in OPTIM:
         subprocess.run([sys.executable, __file__, *forwarded, "--only", run], check=True)
     if not args.no_copy:
-        from hf_q4shampoo.integrations.callback import REPORT_FILES
+        from hf_q4shampoo.integrations.report import REPORT_FILES
 
         for kind, name in REPORT_FILES.items():
             shutil.copyfile(Path(args.out) / "q4shampoo" / name, DOCS / f"memory_report_example.{kind}")

@@ -1,6 +1,7 @@
 """MemoryReportCallback: log keys, report files, model card, with the stock Trainer and any optimizer."""
 
 import json
+import typing
 import types
 
 import pytest
@@ -14,16 +15,14 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_q4shampoo.integrations.callback import (  # noqa: E402
     LOG_KEYS,
-    REPORT_FILES,
-    SCHEMA,
-    MemoryProbe,
     MemoryReportCallback,
     MemoryReportMixin,
     attach_memory_report,
-    load_report,
     memory_callback,
-    update_model_card,
 )
+from hf_q4shampoo.integrations.probe import MemoryProbe  # noqa: E402
+from hf_q4shampoo.integrations.render import update_model_card  # noqa: E402
+from hf_q4shampoo.integrations.report import REPORT_FILES, SCHEMA, MemoryReportJSON, load_report  # noqa: E402
 
 from tiny_hf import lm_dataset, tiny_gpt2, training_args  # noqa: E402
 
@@ -112,6 +111,20 @@ def test_report_files_exist_parse_and_match_the_optimizer(q4_run):
     assert peaks == sorted(peaks) and peaks[-1] <= report["peak_memory_bytes"]
     assert {a["name"] for a in report["alternatives"]} >= {"adamw", "adamw_8bit_bnb", "q4shampoo_cholesky_ef"}
     assert load_report(q4_run.out) == report
+    _check_schema(report, MemoryReportJSON)
+
+
+def _check_schema(value, typed):
+    """``value`` has exactly the keys the TypedDict (and every nested one) declares."""
+    hints = typing.get_type_hints(typed)
+    assert set(value) <= set(hints) and set(value) >= set(typed.__required_keys__), (typed.__name__, set(value))
+    for key, hint in hints.items():
+        for sub in (hint, *typing.get_args(hint)):
+            if typing.is_typeddict(sub) and isinstance(value.get(key), dict):
+                _check_schema(value[key], sub)
+            elif typing.get_origin(sub) is list and typing.is_typeddict(typing.get_args(sub)[0]):
+                for item in value.get(key) or []:
+                    _check_schema(item, typing.get_args(sub)[0])
 
 
 @pytest.mark.heavy  # runs Trainer
