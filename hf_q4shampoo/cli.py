@@ -14,7 +14,7 @@ import sys
 
 SUBCOMMANDS = {
     "run": ("hf_q4shampoo.launcher", "run a training script with `--optim q4shampoo` registered"),
-    "memory": ("hf_q4shampoo.estimate", "estimate optimizer-state memory for a model or config"),
+    "memory": ("hf_q4shampoo.estimate_cli", "estimate optimizer-state memory for a model or config"),
     "bench": ("hf_q4shampoo.bench", "benchmark step time and memory against AdamW and peers"),
 }
 
