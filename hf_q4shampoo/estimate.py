@@ -54,6 +54,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -327,7 +328,9 @@ def _per_shape_state(
     """Build an optimizer over one meta representative per (group, shape) and measure each one's state."""
     reps = [{key: _meta_param(key) for key in census} for _, census in groups]
     param_groups = [{**hp, "params": list(r.values())} for (hp, _), r in zip(groups, reps)]
-    opt = make(param_groups)
+    with warnings.catch_warnings():  # the real optimizer has said what it had to (e.g. "no root in this run")
+        warnings.simplefilter("ignore")
+        opt = make(param_groups)
     if needs_step:
         for r in reps:
             for p in r.values():

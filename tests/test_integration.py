@@ -258,5 +258,6 @@ def test_unsupported_setup_stops_the_stock_trainer_before_training(tmp_path):
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset(16))
     object.__setattr__(trainer.args, "deepspeed", {"zero_optimization": {"stage": 2}})
     with pytest.raises(UnsupportedSetupError, match="ZeRO stage 2"):
-        trainer.create_optimizer()
+        trainer.train()  # the error must come when the optimizer is chosen, before the first step
+    assert trainer.state.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_q4shampoo.integrations.registration import is_q4shampoo_optim
 
 __all__ = [
+    "HubArguments",
     "RecipeArgumentError",
+    "all_if_zero",
     "parse_recipe_args",
     "apply_q4shampoo_defaults",
     "check_data_source",
@@ -32,6 +35,27 @@ logger = logging.getLogger(__name__)
 
 class RecipeArgumentError(ValueError):
     """Arguments that parse but do not make sense together (the message says which and why)."""
+
+
+@dataclass
+class HubArguments:
+    """The ``from_pretrained`` options every recipe's ``ModelArguments`` carries (its base class: said once)."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloads from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def all_if_zero(args: object, *names: str) -> None:
+    """``--max_train_samples 0`` (and the other ``names``) means all, in every recipe: the command line cannot
+    say None. Negative values are refused."""
+    for name in names:
+        value = getattr(args, name)
+        if value == 0:
+            setattr(args, name, None)
+        elif value is not None and value < 0:
+            raise RecipeArgumentError(f"--{name} must be positive (or 0 for all), got {value}.")
 
 
 def parse_recipe_args(
