@@ -9,7 +9,10 @@ accuracy, final training loss, optimizer-state bytes per parameter and wall-cloc
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads collapse under load
 
 import torch
 
