@@ -31,7 +31,10 @@ def captured_preconditioners(epochs: int = 6, hidden: int = 512, seed: int = 0) 
                     refresh_spread=1)
     train_epochs(model, opt, x, y, epochs, seed)
     sides = opt.state[model[2].weight]["regions"][0]
-    return {f"L (order {hidden})": sides["L"]["stats"][0].double(), f"R (order {hidden})": sides["R"]["stats"][0].double()}
+    return {
+        f"L (order {hidden})": sides["L"]["stats"][0].double(),
+        f"R (order {hidden})": sides["R"]["stats"][0].double(),
+    }
 
 
 def main() -> None:
@@ -48,7 +51,10 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     for spectrum in ("two_values", "log_uniform"):
-        rows = [static_errors(synthetic_spd(args.n, spectrum, torch.Generator().manual_seed(s)), args.eps) for s in range(args.seeds)]
+        rows = [
+            static_errors(synthetic_spd(args.n, spectrum, torch.Generator().manual_seed(s)), args.eps)
+            for s in range(args.seeds)
+        ]
         result["static"][spectrum] = {k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]}
     for name, mat in captured_preconditioners().items():
         lam = torch.linalg.eigvalsh(mat)
@@ -58,8 +64,13 @@ def main() -> None:
         }
     for beta_e in [float(b) for b in args.ef_betas.split(",")]:
         settings = FormSettings.from_options(matrix_eps=args.eps, ef_beta=beta_e)
-        rows = [dynamic_errors(n=args.dynamic_n, steps=args.dynamic_steps, seed=s, settings=settings) for s in range(args.seeds)]
-        result["dynamic"][f"ef_beta={beta_e}"] = {k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]}
+        rows = [
+            dynamic_errors(n=args.dynamic_n, steps=args.dynamic_steps, seed=s, settings=settings)
+            for s in range(args.seeds)
+        ]
+        result["dynamic"][f"ef_beta={beta_e}"] = {
+            k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]
+        }
     result["seconds"] = time.time() - t0
     text = json.dumps(result, indent=2)
     print(text)

@@ -135,7 +135,9 @@ class ClmTask(Task):
 
         def blocks(texts):
             ids = (tok(t)["input_ids"] for t in texts)
-            return torch.tensor(text.group_into_blocks(ids, block_size, tok.eos_token_id), dtype=torch.long, device=device)
+            return torch.tensor(
+                text.group_into_blocks(ids, block_size, tok.eos_token_id), dtype=torch.long, device=device
+            )
 
         self.train, self.eval = blocks(train_texts), blocks(eval_texts)[:256]
         self.vocab = len(tok)
@@ -251,7 +253,9 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
     opt = make_optimizer(opt_name, _groups(model, args.weight_decay), lr, shampoo_args, variants)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, args.steps))
     gen = torch.Generator().manual_seed(1000 + seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -277,9 +281,17 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
     seconds = time.perf_counter() - start
     metrics = {task.metric: float("nan")} if diverged else task.evaluate(model)
     return {
-        "task": task.name, "optimizer": opt_name, "lr": lr, "seed": seed, "steps": args.steps,
-        "train_loss_last50": statistics.fmean(v for s, v in curve if s > args.steps - 50) if not diverged else float("nan"),
-        **metrics, "seconds": seconds, "diverged": diverged,
+        "task": task.name,
+        "optimizer": opt_name,
+        "lr": lr,
+        "seed": seed,
+        "steps": args.steps,
+        "train_loss_last50": statistics.fmean(v for s, v in curve if s > args.steps - 50)
+        if not diverged
+        else float("nan"),
+        **metrics,
+        "seconds": seconds,
+        "diverged": diverged,
         "state_bytes_per_param": optimizer_state_bytes(opt).bytes_per_param,
         "peak_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "curve": curve,
@@ -309,7 +321,7 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         for r in rows:
             by_opt.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r)
         for opt_name, by_lr in by_opt.items():
-            def score(rs):
+            def score(rs, metric=metric, higher=higher):
                 vals = [r[metric] for r in rs if math.isfinite(r[metric])]
                 if len(vals) < len(rs):
                     return -math.inf
@@ -416,8 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(run)
                     log.write(json.dumps(run) + "\n")
                     log.flush()
-                    print(f"{task.name:7s} {opt_name:14s} lr {lr:<7g} seed {seed} {task.metric} "
-                          f"{run[task.metric]:.4f} loss {run['train_loss_last50']:.4f} {run['seconds']:.1f}s", flush=True)
+                    print(
+                        f"{task.name:7s} {opt_name:14s} lr {lr:<7g} seed {seed} {task.metric} "
+                        f"{run[task.metric]:.4f} loss {run['train_loss_last50']:.4f} {run['seconds']:.1f}s",
+                        flush=True,
+                    )
     summary = summarize(runs)
     (out / "summary.md").write_text(summary)
     plot(runs, out)

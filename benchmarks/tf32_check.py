@@ -52,8 +52,10 @@ def tf32_check() -> str:
     for _ in range(40):
         g = draw()
         ema = 0.95 * ema + 0.05 * g @ g.T
-    cases = {"EMA of 40 low-rank gradients, n=256": ema,
-             "log-uniform spectrum, n=512": fidelity.synthetic_spd(512, "log_uniform", torch.Generator().manual_seed(0))}
+    cases = {
+        "EMA of 40 low-rank gradients, n=256": ema,
+        "log-uniform spectrum, n=512": fidelity.synthetic_spd(512, "log_uniform", torch.Generator().manual_seed(0)),
+    }
     lines = ["Newton inverse 4th root, NRE vs fp64 (same ridge):"]
     for name, a in cases.items():
         for eps in (1e-6, 1e-4):
@@ -61,8 +63,10 @@ def tf32_check() -> str:
             xtf, _ = newton(a, eps, True)
             ref = linalg.inverse_root_eigh(a.double(), 4, eps * float(lam / torch.linalg.eigvalsh(a.double())[-1]))
             stored = dequantize_symmetric(quantize_symmetric(ref.float()))
-            lines.append(f"  {name}, eps {eps:g}: fp32 {fidelity.nre(ref, x32):.2e}, tf32 {fidelity.nre(ref, xtf):.2e}, "
-                         f"exact root stored in 4 bit {fidelity.nre(ref, stored):.2e}")
+            lines.append(
+                f"  {name}, eps {eps:g}: fp32 {fidelity.nre(ref, x32):.2e}, tf32 {fidelity.nre(ref, xtf):.2e}, "
+                f"exact root stored in 4 bit {fidelity.nre(ref, stored):.2e}"
+            )
     return "\n".join(lines)
 
 

@@ -115,7 +115,9 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _autocast(device: torch.device):
     """bf16 autocast on CUDA (fp32 weights), plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
@@ -157,7 +159,10 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
             losses.append(float(loss.detach()))
     _sync(device)
     total_steps = args.warmup + args.steps
-    timed, timed_opt = clock.times("step", total_steps)[args.warmup :], clock.times("optimizer", total_steps)[args.warmup :]
+    timed, timed_opt = (
+        clock.times("step", total_steps)[args.warmup :],
+        clock.times("optimizer", total_steps)[args.warmup :],
+    )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
     _sync(device)
@@ -327,8 +332,9 @@ def format_table(out: dict[str, Any]) -> str:
         lines.append(
             f"{r['optimizer']:<16}{r['state_bytes_per_param']:>8.2f}{r['state_MiB']:>10.1f}"
             f"{fmt(r['persistent_optimizer_MiB'], '.1f'):>12}{fmt(r['peak_MiB'], '.0f'):>10}"
-            f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}{r['median_optimizer_ms']:>8.1f}"
-            f"{r.get('median_step_ms_ratio', 1):>9.2f}{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
+            f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}"
+            f"{r['median_optimizer_ms']:>8.1f}{r.get('median_step_ms_ratio', 1):>9.2f}"
+            f"{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
         )
     for r in out["results"]:
         stages = [k[len("stage_"):-len("_median_ms")] for k in r if k.startswith("stage_") and k.endswith("_median_ms")]

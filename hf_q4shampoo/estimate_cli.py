@@ -22,8 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL_NAME_OR_PATH",
                    help="folder holding config.json, a config.json path, or a Hub name (needs the Hub)")
-    p.add_argument("--optim_args", default=None,
-                   help="Q4Shampoo options as key=value,... (Q4ShampooConfig fields), e.g. precond=eigen,max_precond_dim=2048")
+    p.add_argument(
+        "--optim_args",
+        default=None,
+        help="Q4Shampoo options as key=value,... (Q4ShampooConfig fields), e.g. precond=eigen,max_precond_dim=2048",
+    )
     p.add_argument("--dtype", default="float32",
                    help="dtype of the trainable parameters (default float32; with --lora_r, of the model and its "
                    "adapters)")

@@ -97,7 +97,10 @@ def static_errors(
         return linalg.inverse_root_eigh(x.double(), 4, eps)
 
     # naive / VQ: quantize A itself (off-diagonal 4-bit, fp32 diagonal)
-    record("naive", root_of(dequantize_diagreal(quantize_diagreal(a.float(), quant_map, block_size), quant_map, block_size)))
+    record(
+        "naive",
+        root_of(dequantize_diagreal(quantize_diagreal(a.float(), quant_map, block_size), quant_map, block_size)),
+    )
     # cholesky: quantize the Cholesky factor of A + r I (fp32 diagonal)
     c, _ = linalg.robust_cholesky(a.float(), eps)
     c_off = roundtrip_blockwise(torch.tril(c, -1), quant_map, block_size)

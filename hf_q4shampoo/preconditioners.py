@@ -29,8 +29,8 @@ Forms (papers.md):
 
 Roots are stored with an fp32 diagonal and 4-bit off-diagonal entries when ``root_bits == 4``, as
 paper 2's ``QTensorDiagReal`` does, except that only the strict lower triangle is kept (a root is
-symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
-(paper 2's ``min_lowbit_size``).
+symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides
+whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form (paper 2's ``min_lowbit_size``).
 """
 
 from __future__ import annotations
@@ -152,7 +152,11 @@ class PreconditionerForm(ABC):
             p=4,
             ridge_eps=self.s.matrix_eps,
             method=self.s.root_method,
-            **({"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol} if self.s.root_method == "newton" else {}),
+            **(
+                {"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol}
+                if self.s.root_method == "newton"
+                else {}
+            ),
         )
 
     def _blend(self, old: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -266,7 +270,9 @@ class NaiveForm(PreconditionerForm):
     name = "naive"
 
     def _init_statistics(self, n, k, device):
-        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False)
+        return self._store_symmetric(
+            self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False
+        )
 
     def statistics(self, state):
         return self._load_symmetric(state, "stats", packed=False)

@@ -137,7 +137,9 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training blocks; default / 0: all."}
     )
-    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many blocks; 0: all."})
+    max_eval_samples: int | None = field(
+        default=256, metadata={"help": "Evaluate on at most this many blocks; 0: all."}
+    )
     metric_names: list[str] = field(
         default_factory=lambda: ["accuracy"], metadata={"help": "Token-level metrics besides perplexity."}
     )

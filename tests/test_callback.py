@@ -1,8 +1,8 @@
 """MemoryReportCallback: log keys, report files, model card, with the stock Trainer and any optimizer."""
 
 import json
-import typing
 import types
+import typing
 
 import pytest
 import torch
@@ -94,7 +94,9 @@ def test_report_files_exist_parse_and_match_the_optimizer(q4_run):
     assert measured["by_group"][0]["weight_decay"] == q4_run.trainer.args.weight_decay
     assert report["equivalents"]["adamw_bytes"] == real.adamw_equivalent
     assert report["equivalents"]["fp32_shampoo_bytes"] == real.fp32_shampoo_equivalent
-    assert report["equivalents"]["compression_vs_fp32_shampoo"] == pytest.approx(real.fp32_shampoo_equivalent / real.total)
+    assert report["equivalents"]["compression_vs_fp32_shampoo"] == pytest.approx(
+        real.fp32_shampoo_equivalent / real.total
+    )
     assert report["optimizer"]["config"]["update_freq"] == Q4_OPTIONS["update_freq"]
     # the pre-flight estimate agrees with what was measured after training
     assert abs(report["estimate_relative_error"]) <= 0.02
@@ -167,7 +169,9 @@ def test_log_keys_reach_trainer_state_json_with_the_stock_trainer(q4_run):
 @pytest.mark.heavy  # runs Trainer
 def test_fallback_path_misses_earlier_reporters_and_warns(tmp_path, caplog):
     recorder = Recorder()
-    trainer = make_trainer(tmp_path, callbacks=[recorder, MemoryReportCallback(write_files=False, print_estimate=False)])
+    trainer = make_trainer(
+        tmp_path, callbacks=[recorder, MemoryReportCallback(write_files=False, print_estimate=False)]
+    )
     trainer.args.report_to = ["tensorboard"]  # only read by the warning; no TensorBoard callback is built
     with caplog.at_level("WARNING"):
         trainer.train()

@@ -53,7 +53,9 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
         exact = 0.95 * exact + 0.05 * gk @ gk.T
     out = {}
     for device in ("cpu", "cuda"):
-        form = make_form(precond, FormSettings.from_options(root_method="eigh", use_compile=False, gram_precision="float32"))
+        form = make_form(
+            precond, FormSettings.from_options(root_method="eigh", use_compile=False, gram_precision="float32")
+        )
         state = form.init_state(200, 3, torch.device(device))
         for k in range(3):
             gk = grads[k:k + 1].expand(3, -1, -1).to(device)

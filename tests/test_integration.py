@@ -95,7 +95,9 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_before"] = list(OptimizerNames.__members__)
         handlers_before = dict(handlers)
         try:
-            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(["--output_dir", "x", "--optim", "q4shampoo"])
+            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+                ["--output_dir", "x", "--optim", "q4shampoo"]
+            )
         except SystemExit as e:
             out["stock_parser_exit"] = e.code
         try:
@@ -106,7 +108,8 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_after"] = list(OptimizerNames.__members__)
         out["handlers_unchanged"] = dict(handlers) == handlers_before
         (a,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3", "--use_cpu", "true"])
+            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3",
+             "--use_cpu", "true"])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(a)
         out["wrapper_cls"], out["wrapper_update_freq"] = cls.__name__, kwargs["update_freq"]
         (b,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(

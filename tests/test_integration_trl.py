@@ -47,8 +47,11 @@ def test_sft_trainer_with_stock_sft_config_and_lora(tmp_path):
     assert optimized and all("lora_" in names[i] for i in optimized)
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zero-initialised B has been trained
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters()
-              if not p.requires_grad}
+    frozen = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in trainer.model.named_parameters()
+        if not p.requires_grad
+    }
     assert set(frozen) == set(base) and all(torch.equal(frozen[n], p) for n, p in base.items())
 
 

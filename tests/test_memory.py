@@ -90,10 +90,13 @@ def test_gpt2_small_default_config_bytes_per_param():
     model(x, labels=x).loss.backward()
     opt.step()
     r = optimizer_state_bytes(opt)
-    print(f"\nGPT-2 small, default config: {r.bytes_per_param:.3f} bytes/param "
-          f"({r.total / 2**20:.1f} MiB for {r.num_params / 1e6:.1f}M params); AdamW {r.adamw_equivalent / r.num_params:.1f}, "
-          f"fp32 Shampoo (same blocks) {r.fp32_shampoo_equivalent / r.num_params:.1f}; by kind (MiB): "
-          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.by_kind.items()))
+    print(
+        f"\nGPT-2 small, default config: {r.bytes_per_param:.3f} bytes/param "
+        f"({r.total / 2**20:.1f} MiB for {r.num_params / 1e6:.1f}M params); "
+        f"AdamW {r.adamw_equivalent / r.num_params:.1f}, "
+        f"fp32 Shampoo (same blocks) {r.fp32_shampoo_equivalent / r.num_params:.1f}; by kind (MiB): "
+        + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.by_kind.items())
+    )
     assert 124e6 < r.num_params < 125e6
     assert r.bytes_per_param <= 3.0
     assert r.fp32_shampoo_equivalent / r.num_params > 15

@@ -85,7 +85,7 @@ def _roundtrip(opt) -> dict:
 def _state_dtypes(opt):
     out = {}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        def walk(prefix, v):
+        def walk(prefix, v, i=i):
             if isinstance(v, torch.Tensor):
                 out[f"{i}.{prefix}"] = v.dtype
             elif isinstance(v, dict):

@@ -343,7 +343,11 @@ print("RESULT", json.dumps({{k: results[k] for k in ("eval_accuracy", "eval_f1")
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(RECIPES), str(REPO), os.environ.get("PYTHONPATH", "")])},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(RECIPES), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -7,9 +7,9 @@ The callback works with any optimizer (so an AdamW run can be compared with a Q4
   (:func:`hf_q4shampoo.estimate.estimate_optimizer_state`: meta tensors, nothing allocated), printed
   once on the main process;
 * **every logging step** - the keys of :data:`LOG_KEYS` in the Trainer's own logs;
-* **train end** - ``memory_report.json`` (schema: :class:`~hf_q4shampoo.integrations.report.MemoryReportJSON`), ``memory_report.md`` (tables a person reads)
-  and ``memory_report.png`` (state by kind vs the AdamW / fp32-Shampoo equivalents, memory over steps)
-  in ``output_dir``;
+* **train end** - ``memory_report.json`` (schema: :class:`~hf_q4shampoo.integrations.report.MemoryReportJSON`),
+  ``memory_report.md`` (tables a person reads) and ``memory_report.png`` (state by kind vs the AdamW /
+  fp32-Shampoo equivalents, memory over steps) in ``output_dir``;
 * **model card** - an "Optimizer memory" section in the ``README.md`` that ``create_model_card`` /
   ``push_to_hub`` write; rewritten in place on every call, never duplicated.
 
@@ -173,7 +173,12 @@ class MemoryReportCallback(TrainerCallback):
             try:
                 rows = estimate_memory(model, **_layout_options(options)).rows
                 self._alternatives = [
-                    {"name": r.name, "label": r.label, "total_bytes": r.total_bytes, "bytes_per_param": r.bytes_per_param}
+                    {
+                        "name": r.name,
+                        "label": r.label,
+                        "total_bytes": r.total_bytes,
+                        "bytes_per_param": r.bytes_per_param,
+                    }
                     for r in rows
                 ]
             except ValueError as e:  # e.g. no trainable parameters
@@ -191,7 +196,12 @@ class MemoryReportCallback(TrainerCallback):
     def _sample(self, step: int) -> None:
         state = self.measure().total
         self._history.append(
-            {"step": step, "state_bytes": state, "memory_bytes": self._probe.sample(), "peak_memory_bytes": self._probe.peak()}
+            {
+                "step": step,
+                "state_bytes": state,
+                "memory_bytes": self._probe.sample(),
+                "peak_memory_bytes": self._probe.peak(),
+            }
         )
         if len(self._history) > self.max_history:
             # keep every other sample (the first and the latest always), then sample half as often

@@ -74,7 +74,9 @@ def render_markdown(report: MemoryReportJSON) -> str:
     model = report.get("model") or {}
     lines = ["# Optimizer memory report", ""]
     head = f"{model.get('class', 'model')}, {m['num_params']:,} parameters with optimizer state" if model else ""
-    lines.append(f"{head}; {report['optimizer']['label']}; device {dev['type']}; step {m['step']}; {report['created']}.")
+    lines.append(
+        f"{head}; {report['optimizer']['label']}; device {dev['type']}; step {m['step']}; {report['created']}."
+    )
     lines += ["", *_summary_rows(report), ""]
     lines.append(
         f"Compression: **{eq['compression_vs_fp32_shampoo']:.2f}x** vs fp32 Shampoo, "
@@ -86,8 +88,13 @@ def render_markdown(report: MemoryReportJSON) -> str:
     for kind in KINDS:
         b = m["by_kind"].get(kind, 0)
         lines.append(f"| {kind} | {_mib(b)} | {b / total:.1%} |")
-    lines += ["", "## By parameter group", "",
-              "| group | parameters | state | bytes / param | lr (initial) | weight_decay |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## By parameter group",
+        "",
+        "| group | parameters | state | bytes / param | lr (initial) | weight_decay |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for g in m["by_group"]:
         lr = "" if g["lr"] is None else f"{g['lr']:.3g}"
         lines.append(f"| {g['index']} | {g['num_params']:,} | {_mib(g['bytes'])} | {g['bytes_per_param']:.2f} | "

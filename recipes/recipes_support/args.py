@@ -100,7 +100,10 @@ def apply_q4shampoo_defaults(training_args: TrainingArguments, optim_args: str) 
 
 
 def check_data_source(
-    dataset_name: str | None, train: str | Sequence[str] | None, validation: str | None, train_flag: str = "--train_file"
+    dataset_name: str | None,
+    train: str | Sequence[str] | None,
+    validation: str | None,
+    train_flag: str = "--train_file",
 ) -> None:
     """Refuse a Hub dataset together with local files, and a validation file without training files."""
     if dataset_name and (train or validation):
