@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from . import Q4Shampoo, parse_optim_args
+from .config import parse_optim_args
 from .memory import optimizer_state_bytes
+from .optimizer import Q4Shampoo
 
 __all__ = ["OPTIMIZERS", "run_benchmark", "main"]
 

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"q4shampoo run: no such script: {target!r}\n\n{USAGE}", file=sys.stderr)
             return 2
 
-    from hf_q4shampoo import register
+    from .integrations.registration import register
 
     register()
     return _run(target, args, as_module)
