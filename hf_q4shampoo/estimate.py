@@ -11,37 +11,11 @@ seconds.
 Which parameters count: the trainable ones (``requires_grad``), each once (tied weights are one
 parameter), as Trainer hands them to the optimizer. A peft model therefore gives the adapter's numbers.
 
-How each row of the table is computed, per trainable tensor of ``n`` entries whose dtype takes ``s``
-bytes per entry:
-
-================================  ==========================================================================
-row                               bytes per tensor (source)
-================================  ==========================================================================
-``adamw``                         ``2 n s + 4``: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype and an
-                                  fp32 0-d ``step`` (``torch.optim.Adam/AdamW._init_group``; tested against a
-                                  real AdamW step).
-``adamw_8bit_bnb``                ``n < 4096``: ``8 n`` (fp32 ``state1``/``state2``); otherwise ``2 n + 8
-                                  ceil(n / 256)`` (uint8 ``state1``/``state2`` and fp32 ``absmax1``/``absmax2``,
-                                  block 256 since bitsandbytes 0.44); plus 2 KiB once for the two 256-entry fp32
-                                  quantization maps every state shares; ``step`` is a Python int
-                                  (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state``). As HF
-                                  Trainer's ``--optim adamw_bnb_8bit`` sets it up, ``nn.Embedding`` weights keep
-                                  32-bit state (``Trainer.create_optimizer`` registers them with
-                                  ``GlobalOptimManager``); ``bnb_embeddings_32bit=False`` gives the plain
-                                  library layout.
-``adamw_4bit_torchao``            ``n >= 4096`` and ``n % block == 0``: ``2 (n / 2 + 4 n / block + 64)``
-                                  (per moment: packed uint8 codes, fp32 block scales and a 16-entry fp32 code
-                                  table); otherwise ``2 n s`` (``zeros_like(p)``); plus an fp32 ``step``
-                                  (``torchao/optim/adam.py`` ``_new_buffer``, ``subclass_4bit.py``
-                                  ``OptimState4bit.zeros``). ``block`` is 256, the value HF Trainer's ``--optim
-                                  adamw_torch_4bit`` passes by default (``trainer_optimizer.py``); torchao's
-                                  own default is 128 (``torchao_block_size=128``).
-``fp32_shampoo``                  ``8 n + 8 sum(k^2)``: fp32 Adam ``m``, ``v`` plus an fp32 statistic and an fp32
-                                  inverse root for every Kronecker factor of order ``k`` in the same block plan
-                                  as Q4Shampoo (``blocking.py``) - Distributed Shampoo's "4mn floats per block"
-                                  for the factors; ``hf_q4shampoo.memory`` computes the same equivalent.
-``q4shampoo_<precond>``           exact: ``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors.
-================================  ==========================================================================
+Rows: ``adamw``, ``adamw_8bit_bnb``, ``adamw_4bit_torchao`` (formulas of those libraries' state layouts, each
+with its source: :mod:`hf_q4shampoo.peers`), ``fp32_shampoo`` (``8 n + 8 sum(k^2)`` per tensor: fp32 Adam ``m``,
+``v`` plus an fp32 statistic and root per Kronecker factor of order ``k`` in Q4Shampoo's block plan, as
+:func:`hf_q4shampoo.memory.fp32_shampoo_equivalent` defines it) and ``q4shampoo_<precond>`` (exact:
+``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors).
 
 The dtype of the trainable parameters (``dtype=``, default float32, the master weights of mixed
 precision training) only changes the rows whose state follows it: AdamW, and the tensors that the
@@ -78,6 +52,7 @@ from .memory import (
     unwrap_optimizer,
 )
 from .optimizer import Q4Shampoo
+from .peers import HOW, TRAINER_TORCHAO_BLOCK, ShapeKey, adamw_bytes, bnb_8bit_bytes, torchao_4bit_bytes
 from .sparse_mfac import SparseMFAC
 
 __all__ = [
@@ -90,20 +65,6 @@ __all__ = [
     "build_meta_model",
     "trainable_parameters",
 ]
-
-#: bitsandbytes: tensors with fewer entries keep 32-bit state (``min_8bit_size``); block size of absmax.
-BNB_MIN_8BIT_SIZE = 4096
-BNB_BLOCK = 256
-BNB_SHARED_QMAP_BYTES = 2 * 256 * 4
-#: torchao: tensors with fewer entries stay unquantized; each quantized moment has a 16-entry fp32 qmap.
-TORCHAO_MIN_NUMEL = 4096
-TORCHAO_QMAP_BYTES = 16 * 4
-TRAINER_TORCHAO_BLOCK = 256
-#: fp32 0-d ``step`` tensor of torch's and torchao's Adam.
-STEP_BYTES = 4
-
-ShapeKey = tuple[tuple[int, ...], torch.dtype]
-
 
 class EstimateUnavailable(RuntimeError):
     """The state of this optimizer cannot be sized without running it on real tensors."""
@@ -421,60 +382,15 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# peer formulas (see the module docstring for sources)
+# estimate_memory
 # ----------------------------------------------------------------------------------------------
-
-
-def _adamw_bytes(census: Counter[ShapeKey]) -> int:
-    return sum((2 * math.prod(s) * d.itemsize + STEP_BYTES) * c for (s, d), c in census.items())
-
-
-def _bnb_8bit_bytes(census: Counter[ShapeKey], embeddings: Counter[ShapeKey], embeddings_32bit: bool) -> int:
-    total = 0
-    any_8bit = False
-    for key, count in census.items():
-        n = math.prod(key[0])
-        n32 = embeddings.get(key, 0) if embeddings_32bit else 0
-        if n < BNB_MIN_8BIT_SIZE:
-            n32 = count
-        total += 8 * n * n32
-        n8 = count - n32
-        if n8:
-            any_8bit = True
-            total += (2 * n + 8 * math.ceil(n / BNB_BLOCK)) * n8
-    return total + (BNB_SHARED_QMAP_BYTES if any_8bit else 0)
-
-
-def _torchao_4bit_bytes(census: Counter[ShapeKey], block_size: int) -> int:
-    total = 0
-    for (shape, dtype), count in census.items():
-        n = math.prod(shape)
-        if n >= TORCHAO_MIN_NUMEL and n % block_size == 0:
-            per_moment = n // 2 + 4 * (n // block_size) + TORCHAO_QMAP_BYTES
-        else:
-            per_moment = n * dtype.itemsize
-        total += (2 * per_moment + STEP_BYTES) * count
-    return total
 
 
 _HOW = {
-    "adamw": "2·n·s + 4 per tensor (m, v in the parameter dtype, fp32 step); torch.optim.AdamW",
-    "adamw_8bit_bnb": (
-        "n < 4096: 8·n; else 2·n + 8·ceil(n/256) (uint8 m, v + fp32 absmax per 256-block), + 2 KiB shared "
-        "qmaps; {emb}; bitsandbytes Optimizer2State.init_state"
-    ),
-    "adamw_4bit_torchao": (
-        "n ≥ 4096 and n % {block} == 0: 2·(n/2 + 4·n/{block} + 64) (packed codes, fp32 scales, qmap); "
-        "else 2·n·s; + 4 (step); torchao AdamW4bit, block_size={block}"
-    ),
+    **HOW,
     "fp32_shampoo": "8·n + 8·Σk² (fp32 Adam m, v + fp32 statistic and root per factor of order k, same blocks)",
     "q4shampoo": "exact: Q4Shampoo(precond={form}).build_state() on meta tensors",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# estimate_memory
-# ----------------------------------------------------------------------------------------------
 
 
 def estimate_memory(
@@ -519,11 +435,11 @@ def estimate_memory(
     def add(name: str, label: str, total: int, how: str, **extra: Any) -> None:
         rows.append(EstimateRow(name, label, total, total / n_trainable, how, **extra))
 
-    add("adamw", "AdamW (torch)", _adamw_bytes(census), _HOW["adamw"])
+    add("adamw", "AdamW (torch)", adamw_bytes(census), _HOW["adamw"])
     emb_note = "nn.Embedding weights 32-bit, as HF Trainer sets up" if bnb_embeddings_32bit else "no 32-bit overrides"
-    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", _bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
+    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
         _HOW["adamw_8bit_bnb"].format(emb=emb_note))
-    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", _torchao_4bit_bytes(census, torchao_block_size),
+    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", torchao_4bit_bytes(census, torchao_block_size),
         _HOW["adamw_4bit_torchao"].format(block=torchao_block_size))
     groups = [({}, census)]
     plan = config_block_plan(config)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,7 +69,11 @@ PlanFn = Callable[[tuple[int, ...]], BlockPlan | None]
 
 @dataclass
 class MemoryReport:
-    """Optimizer-state bytes of one optimizer (see module docstring for the kinds)."""
+    """Optimizer-state bytes of one optimizer (see module docstring for the kinds).
+
+    Its JSON form is ``integrations.report.state_summary`` (the ``estimate`` / ``measured`` entries of
+    ``memory_report.json``).
+    """
 
     by_kind: dict[str, int]
     num_params: int  # parameters (entries) that have optimizer state
@@ -87,12 +91,6 @@ class MemoryReport:
     @property
     def bytes_per_param(self) -> float:
         return self.total / max(1, self.num_params)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["total"] = self.total
-        d["bytes_per_param"] = self.bytes_per_param
-        return d
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from torch import nn
 from hf_q4shampoo import Q4Shampoo, estimate_memory
 from hf_q4shampoo.config import PRECOND_FORMS
 from hf_q4shampoo.estimate import (
-    BNB_BLOCK,
     EstimateUnavailable,
     build_meta_model,
     estimate_optimizer_state,
@@ -19,6 +18,7 @@ from hf_q4shampoo.estimate import (
 )
 from hf_q4shampoo.estimate_cli import main
 from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+from hf_q4shampoo.peers import BNB_BLOCK
 
 transformers = pytest.importorskip("transformers")
 
