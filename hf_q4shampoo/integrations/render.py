@@ -109,7 +109,7 @@ def render_markdown(report: MemoryReportJSON) -> str:
                   "| optimizer | state | bytes / param |", "|---|---:|---:|"]
         for a in report["alternatives"]:
             lines.append(f"| {a['label']} | {_mib(a['total_bytes'])} | {a['bytes_per_param']:.2f} |")
-        lines += ["", "How each is computed: `hf_q4shampoo/estimate.py` and `hf_q4shampoo/peers.py` (module docstrings)."]
+        lines += ["", "How each is computed: `hf_q4shampoo/estimate.py` and `hf_q4shampoo/peers.py` (docstrings)."]
     if report.get("compared"):
         lines += ["", "## Compared runs (measured)", "", "| run | state | bytes / param | peak memory |",
                   "|---|---:|---:|---:|"]
