@@ -15,7 +15,6 @@ across all parameters so every stage is a handful of batched tensor ops.
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections import defaultdict
@@ -34,27 +33,13 @@ from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
+from .schedule import first_due as _first_due
+from .schedule import is_due as _is_due
+from .schedule import refresh_offsets
 
 __all__ = ["Q4Shampoo"]
 
 _GRAFT_EPS = 1e-12
-
-
-def _is_due(step: int, freq: int, start: int, offset: int) -> bool:
-    """Refresh on steps t >= start where t - offset is a positive multiple of ``freq``."""
-    return step >= start and step > offset and (step - offset) % freq == 0
-
-
-def _first_due(freq: int, start: int, offset: int) -> int:
-    return offset + freq * max(1, math.ceil((start - offset) / freq))
-
-
-def _refresh_cost(plan: BlockPlan) -> int:
-    """Work of one refresh of a parameter's factors, ~ sum of K n^3 (Cholesky / roots are cubic)."""
-    cost = 0
-    for r in plan.regions:
-        cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
-    return cost
 
 
 @dataclass(eq=False)
@@ -258,47 +243,15 @@ class Q4Shampoo(torch.optim.Optimizer):
                     self._init_state(p, self.state[p])
 
     def _refresh_offsets(self) -> dict[int, tuple[int, int]]:
-        """``(statistics offset, root offset)`` of every matrix parameter (see ``refresh_spread``), by id.
-
-        Statistics spread over ``min(refresh_spread, update_freq)`` steps and roots over
-        ``min(refresh_spread, root_freq)``, each balanced on its own. The units placed are runs of
-        consecutive parameters of one shape group, as large as a step's share of the work allows, so a
-        step refreshes whole stacks of factors (one batched call each: a few factors per call wasted most
-        of the GPU, docs/perf_notes.md v7). Greedy, largest first; depends only on the parameter list, and
-        a resumed run reads the saved offsets.
-        """
+        """``(statistics offset, root offset)`` of every matrix parameter, by id (``schedule.refresh_offsets``)."""
         c = self.config
         update_freq, root_freq = c.schedule()
         spreads = (min(c.refresh_spread, update_freq), min(c.refresh_spread, root_freq))
-        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
-        key = (spreads, tuple(id(p) for _, p in params))
-        if getattr(self, "_offset_key", None) == key:
-            return self._offsets
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        costs: dict[tuple, int] = {}
-        for gi, p in params:
-            shape = tuple(_local(p).shape)
-            plan = self.block_plan(shape)
-            if plan is not None:
-                groups[(gi, shape)].append(id(p))
-                costs[(gi, shape)] = _refresh_cost(plan)
-        total = sum(costs[k] * len(v) for k, v in groups.items())
-        per_side = []
-        for spread in spreads:
-            units = []  # (cost, order, ids)
-            for k, ids in groups.items():
-                size = max(1, min(len(ids), round(total / spread / max(1, costs[k]))))
-                for start in range(0, len(ids), size):
-                    units.append((costs[k] * len(ids[start : start + size]), len(units), ids[start : start + size]))
-            load = [0] * spread
-            offsets = {}
-            for cost, _, ids in sorted(units, key=lambda u: (-u[0], u[1])):
-                slot = min(range(spread), key=lambda s: (load[s], s))
-                load[slot] += cost
-                offsets.update(dict.fromkeys(ids, slot))
-            per_side.append(offsets)
-        self._offset_key = key
-        self._offsets = {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}
+        params = [(gi, _local(p).shape, id(p)) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        key = (spreads, tuple(pid for _, _, pid in params))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key = key
+            self._offsets = refresh_offsets(params, self.block_plan, spreads)
         return self._offsets
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
