@@ -212,12 +212,12 @@ class Q4ShampooConfig:
             )
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "Q4ShampooConfig":
+    def from_kwargs(cls, **kwargs: Any) -> Q4ShampooConfig:
         """Build from keyword arguments, naming any unknown key and the allowed ones."""
         cls._check_names(kwargs)
         return cls(**kwargs)
 
-    def replace(self, **kwargs: Any) -> "Q4ShampooConfig":
+    def replace(self, **kwargs: Any) -> Q4ShampooConfig:
         """A copy with some fields changed (validated; unknown names are refused)."""
         self._check_names(kwargs)
         return dataclasses.replace(self, **kwargs)

@@ -20,6 +20,7 @@ TrainingArguments): that is a usage error, printed as one line with exit status 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -47,6 +48,18 @@ def _exit_status(code: object) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+def _module_found(name: str) -> bool:
+    """Whether ``python -m name`` would find ``name`` (the working directory first on ``sys.path``, as there)."""
+    saved_path = sys.path[:]
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package, or an empty / relative name
+        return False
+    finally:
+        sys.path[:] = saved_path
 
 
 def _run(target: str, args: list[str], as_module: bool) -> int:
@@ -84,13 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"q4shampoo run: -m needs a module name\n\n{USAGE}", file=sys.stderr)
             return 2
         target, args = argv[1], argv[2:]
+        if not _module_found(target):
+            print(f"q4shampoo run: no module named {target!r}", file=sys.stderr)
+            return 1
     else:
         target, args = argv[0], argv[1:]
         if not os.path.isfile(target):
             print(f"q4shampoo run: no such script: {target!r}\n\n{USAGE}", file=sys.stderr)
             return 2
 
-    from hf_q4shampoo import register
+    from .integrations.registration import register
 
     register()
     return _run(target, args, as_module)

@@ -93,7 +93,8 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
     ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
-    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g. after
+    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their
+    values are copied over first), so a layout can be rebuilt at any time, e.g. after
     ``load_state_dict`` or when a parameter gets its first gradient late.
     """
     by_key: dict[tuple, ShapeGroup] = {}

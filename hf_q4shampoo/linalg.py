@@ -146,7 +146,9 @@ def inverse_root_newton(
     return torch.where(ok[..., None, None], x, eye_like(x))
 
 
-def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw) -> torch.Tensor:
+def matrix_inverse_root(
+    a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw
+) -> torch.Tensor:
     """Dispatch to :func:`inverse_root_eigh` or :func:`inverse_root_newton` (``method``)."""
     if method == "eigh":
         return inverse_root_eigh(a, p, ridge_eps)
@@ -155,7 +157,9 @@ def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, me
     raise ValueError(f"unknown inverse-root method {method!r}; allowed: 'eigh', 'newton'")
 
 
-def inverse_root_checked(a: torch.Tensor, p: int, ridge_eps: float, method: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_root_checked(
+    a: torch.Tensor, p: int, ridge_eps: float, method: str, **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(root, ok)``: like :func:`matrix_inverse_root`, but Newton's failures are reported, not replaced,
     so that the caller can keep the previous root of a failed matrix (no host sync on accelerators)."""
     if method == "eigh":
@@ -176,7 +180,9 @@ def bjorck_orthonormalize(v: torch.Tensor, iters: int) -> torch.Tensor:
     return v
 
 
-def cholesky_attempt(a: torch.Tensor, rel_eps: float, jitter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cholesky_attempt(
+    a: torch.Tensor, rel_eps: float, jitter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Cholesky factorisation of ``A + r I`` per matrix, ``r = rel_eps * jitter * max_i A_ii``; no host sync.
 
     The sync-free counterpart of :func:`robust_cholesky` for accelerators: instead of retrying at once
@@ -302,7 +308,9 @@ NEWTON_D_MAX = 0.6
 
 
 @lru_cache(maxsize=64)
-def newton_schedule(p: int, ridge_eps: float, tol: float = 1e-6, max_iters: int = 40) -> tuple[tuple[float, float], ...]:
+def newton_schedule(
+    p: int, ridge_eps: float, tol: float = 1e-6, max_iters: int = 40
+) -> tuple[tuple[float, float], ...]:
     """Coefficients ``(a, b)`` of ``T_k = a I - b M_k`` for the coupled iteration ``X <- X T, M <- T^p M``.
 
     Every ``T_k`` is a polynomial in A, so ``M_k = X_k^p A`` holds at every step (all matrices commute) and

@@ -35,12 +35,16 @@ from typing import Any
 
 import torch
 
-from . import linalg, triton_kernels
+from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
+from .blocking import local_tensor as _local
 from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
-from .preconditioners import FormSettings, PreconditionerForm, make_form
+from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
+from .schedule import first_due as _first_due
+from .schedule import is_due as _is_due
+from .schedule import refresh_offsets
 
 __all__ = ["Q4Shampoo"]
 
@@ -48,29 +52,6 @@ _GRAFT_EPS = 1e-12
 #: Attributes DeepSpeed ZeRO-3 sets on the parameters it partitions (ZeRO-1/2 hand the optimizer flat
 #: partitions without markers: the Trainer integration refuses those setups from its arguments).
 _DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
-
-
-def _is_due(step: int, freq: int, start: int, offset: int) -> bool:
-    """Refresh on steps t >= start where t - offset is a positive multiple of ``freq``."""
-    return step >= start and step > offset and (step - offset) % freq == 0
-
-
-def _first_due(freq: int, start: int, offset: int) -> int:
-    return offset + freq * max(1, math.ceil((start - offset) / freq))
-
-
-def _refresh_cost(plan: BlockPlan) -> int:
-    """Work of one refresh of a parameter's factors, ~ sum of K n^3 (Cholesky / roots are cubic)."""
-    cost = 0
-    for r in plan.regions:
-        cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
-    return cost
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,11 +173,6 @@ class Q4Shampoo(torch.optim.Optimizer):
     def _init_runtime(self) -> None:
         """Attributes derived from ``config`` that the step keeps (made anew for a copy or an unpickled
         optimizer, never shared with the original)."""
-        self._settings = FormSettings(
-            **{k: getattr(self.config, k) for k in FormSettings.__dataclass_fields__
-               if k not in ("root_method", "gram_tf32")},
-            root_method="eigh",
-        )
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
         for name in ("_layout", "_index_cache", "_offset_key", "_offsets", "_warmed_orders"):
@@ -289,12 +265,10 @@ class Q4Shampoo(torch.optim.Optimizer):
         self.config.replace(**checked)
 
     def _form(self, device: torch.device) -> PreconditionerForm:
-        method = self.config.root_method
-        if method == "auto":
-            method = "eigh" if device.type == "cpu" else "newton"
-        key = (method, self._gram_tf32(device))
+        """The preconditioner form, reading this optimizer's config with the choices of ``device`` resolved."""
+        settings = FormSettings.for_device(self.config, device)
+        key = (settings.root_method, settings.gram_tf32)
         if key not in self._forms:
-            settings = FormSettings(**{**self._settings.__dict__, "root_method": method, "gram_tf32": key[1]})
             self._forms[key] = make_form(self.config.precond, settings)
         return self._forms[key]
 
@@ -307,6 +281,34 @@ class Q4Shampoo(torch.optim.Optimizer):
         """How a parameter of ``shape`` is cut into blocks (None: first-order step only)."""
         c = self.config
         return self._plan_cached(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+
+    def state_bytes(self, p: torch.Tensor) -> dict[str, int]:
+        """Bytes of the state held for parameter ``p``, by memory kind (``hf_q4shampoo.memory.KINDS``).
+
+        ``first_order`` (moments, as codes or fp32) and their ``scales_diagonals`` (block scales, rank-1
+        maxima); the preconditioner form's ``statistics``, ``roots``, ``error_feedback`` and
+        ``scales_diagonals`` (``PreconditionerForm.bytes_by_kind``); ``other`` (the step and skip counters). Empty before
+        ``p``'s first step (or :meth:`build_state`). This is what the memory report and the estimate read.
+        """
+        state = self.state.get(p)
+        if not state:
+            return {}
+        local = _local(p)
+        out: dict[str, int] = defaultdict(int)
+        for key in first_order_keys(state):
+            t = state[key]
+            kind = "first_order" if key.endswith("_codes") or t.numel() == local.numel() else "scales_diagonals"
+            out[kind] += tensor_bytes(t)
+        out["other"] += tensor_bytes(state["step"])
+        if "skipped_updates" in state:  # the non-finite guard's counter
+            out["other"] += tensor_bytes(state["skipped_updates"])
+        if state.get("regions"):
+            form = self._form(local.device)
+            for sides in state["regions"]:
+                for side in sides.values():
+                    for kind, b in form.bytes_by_kind(side).items():
+                        out[kind] += b
+        return dict(out)
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -348,47 +350,15 @@ class Q4Shampoo(torch.optim.Optimizer):
                     self._init_state(p, self.state[p])
 
     def _refresh_offsets(self) -> dict[int, tuple[int, int]]:
-        """``(statistics offset, root offset)`` of every matrix parameter (see ``refresh_spread``), by id.
-
-        Statistics spread over ``min(refresh_spread, update_freq)`` steps and roots over
-        ``min(refresh_spread, root_freq)``, each balanced on its own. The units placed are runs of
-        consecutive parameters of one shape group, as large as a step's share of the work allows, so a
-        step refreshes whole stacks of factors (one batched call each: a few factors per call wasted most
-        of the GPU, docs/perf_notes.md v7). Greedy, largest first; depends only on the parameter list, and
-        a resumed run reads the saved offsets.
-        """
+        """``(statistics offset, root offset)`` of every matrix parameter, by id (``schedule.refresh_offsets``)."""
         c = self.config
         update_freq, root_freq = c.schedule()
         spreads = (min(c.refresh_spread, update_freq), min(c.refresh_spread, root_freq))
-        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
-        key = (spreads, tuple(id(p) for _, p in params))
-        if getattr(self, "_offset_key", None) == key:
-            return self._offsets
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        costs: dict[tuple, int] = {}
-        for gi, p in params:
-            shape = tuple(_local(p).shape)
-            plan = self.block_plan(shape)
-            if plan is not None:
-                groups[(gi, shape)].append(id(p))
-                costs[(gi, shape)] = _refresh_cost(plan)
-        total = sum(costs[k] * len(v) for k, v in groups.items())
-        per_side = []
-        for spread in spreads:
-            units = []  # (cost, order, ids)
-            for k, ids in groups.items():
-                size = max(1, min(len(ids), round(total / spread / max(1, costs[k]))))
-                for start in range(0, len(ids), size):
-                    units.append((costs[k] * len(ids[start : start + size]), len(units), ids[start : start + size]))
-            load = [0] * spread
-            offsets = {}
-            for cost, _, ids in sorted(units, key=lambda u: (-u[0], u[1])):
-                slot = min(range(spread), key=lambda s: (load[s], s))
-                load[slot] += cost
-                offsets.update(dict.fromkeys(ids, slot))
-            per_side.append(offsets)
-        self._offset_key = key
-        self._offsets = {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}
+        params = [(gi, _local(p).shape, id(p)) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        key = (spreads, tuple(pid for _, _, pid in params))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key = key
+            self._offsets = refresh_offsets(params, self.block_plan, spreads)
         return self._offsets
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
@@ -714,10 +684,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         return cache(rows, device)
 
     def _gram_tf32(self, device: torch.device) -> bool:
-        choice = self.config.gram_precision
-        if choice == "auto":
-            return device.type == "cuda" and self.config.precond != "fp32"
-        return choice == "tf32"
+        return FormSettings.for_device(self.config, device).gram_tf32
 
     def _apply_dtype(self, device: torch.device) -> torch.dtype:
         choice = self.config.apply_dtype

@@ -29,26 +29,29 @@ Forms (papers.md):
 
 Roots are stored with an fp32 diagonal and 4-bit off-diagonal entries when ``root_bits == 4``, as
 paper 2's ``QTensorDiagReal`` does, except that only the strict lower triangle is kept (a root is
-symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
-(paper 2's ``min_lowbit_size``).
+symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides
+whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form (paper 2's ``min_lowbit_size``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import linalg, triton_kernels
+from .config import Q4ShampooConfig
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
-    get_code,
     dequantize_blockwise,
     dequantize_diagreal,
     dequantize_lower_upper,
     dequantize_symmetric,
+    get_code,
     quantize_blockwise,
     quantize_diagreal,
     quantize_lower_upper,
@@ -68,26 +71,45 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class FormSettings:
-    """The subset of :class:`~hf_q4shampoo.config.Q4ShampooConfig` a preconditioner form needs."""
+    """What a preconditioner form reads: a view of a :class:`~hf_q4shampoo.config.Q4ShampooConfig` on one device.
 
-    stat_decay: float = 0.95
-    matrix_eps: float = 1e-6
-    min_quant_numel: int = 4096
-    quant_map: str = "linear2"
-    quant_block_size: int = 64
-    root_bits: int = 4
-    root_method: str = "eigh"
-    newton_max_iters: int = 100
-    newton_tol: float = 1e-6
-    ef_beta: float = 0.0
-    cholesky_eps: float = 1e-6
-    remove_cholesky_ridge: bool = True
-    bjorck_update_iters: int = 1
-    bjorck_root_iters: int = 4
-    use_compile: bool = True
-    #: Gram products (``C C^T`` of a Cholesky factor) in TF32: set by the optimizer for quantized forms on CUDA.
-    gram_tf32: bool = False
-    fused_statistics: bool = False
+    It has no defaults of its own. The config's fields are read through it (``settings.stat_decay`` is
+    ``config.stat_decay``); the two choices the config leaves to the device are resolved here, by
+    :meth:`for_device`: ``root_method`` (``"auto"``: eigh on CPU, newton on accelerators) and ``gram_tf32``
+    (``gram_precision``; ``"auto"``: TF32 Gram products for the quantized forms on CUDA).
+    """
+
+    config: Q4ShampooConfig
+    root_method: str  # "eigh" or "newton"
+    gram_tf32: bool
+
+    @classmethod
+    def for_device(cls, config: Q4ShampooConfig, device: torch.device | str) -> FormSettings:
+        device = torch.device(device)
+        method = config.root_method
+        if method == "auto":
+            method = "eigh" if device.type == "cpu" else "newton"
+        if config.gram_precision == "auto":
+            tf32 = device.type == "cuda" and config.precond != "fp32"
+        else:
+            tf32 = config.gram_precision == "tf32"
+        return cls(config, method, tf32)
+
+    @classmethod
+    def from_options(cls, device: torch.device | str = "cpu", **options: Any) -> FormSettings:
+        """The settings of ``Q4ShampooConfig(**options)`` on ``device`` (for tests and benchmarks)."""
+        return cls.for_device(Q4ShampooConfig.from_kwargs(**options), device)
+
+    def replace(self, **options: Any) -> FormSettings:
+        """The same device choices over a config with some fields changed (``root_method`` too, if given)."""
+        method = options.get("root_method", self.root_method)
+        return FormSettings(self.config.replace(**options), self.root_method if method == "auto" else method,
+                            self.gram_tf32)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the config's
+        if name == "config":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
 
 class PreconditionerForm(ABC):
@@ -131,7 +153,11 @@ class PreconditionerForm(ABC):
             p=4,
             ridge_eps=self.s.matrix_eps,
             method=self.s.root_method,
-            **({"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol} if self.s.root_method == "newton" else {}),
+            **(
+                {"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol}
+                if self.s.root_method == "newton"
+                else {}
+            ),
         )
 
     def _blend(self, old: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -245,7 +271,9 @@ class NaiveForm(PreconditionerForm):
     name = "naive"
 
     def _init_statistics(self, n, k, device):
-        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False)
+        return self._store_symmetric(
+            self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False
+        )
 
     def statistics(self, state):
         return self._load_symmetric(state, "stats", packed=False)
@@ -441,18 +469,22 @@ class EigenForm(PreconditionerForm):
         state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1]), packed=True))
 
 
-FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
+#: The registry of preconditioner forms: ``precond=`` name -> constructor. A new form is a subclass of
+#: :class:`PreconditionerForm` above and one entry here; its name goes in ``config.PRECOND_FORMS`` too, which
+#: validates user input without importing torch (``tests/test_preconditioners.py`` checks that both agree).
+FORMS: dict[str, Callable[[FormSettings], PreconditionerForm]] = {
+    "cholesky_ef": lambda settings: CholeskyForm(settings, error_feedback=True),
+    "cholesky": lambda settings: CholeskyForm(settings, error_feedback=False),
+    "eigen": EigenForm,
+    "naive": NaiveForm,
+    "fp32": Fp32Form,
+}
 
 
 def make_form(name: str, settings: FormSettings) -> PreconditionerForm:
-    if name == "fp32":
-        return Fp32Form(settings)
-    if name == "naive":
-        return NaiveForm(settings)
-    if name == "cholesky":
-        return CholeskyForm(settings, error_feedback=False)
-    if name == "cholesky_ef":
-        return CholeskyForm(settings, error_feedback=True)
-    if name == "eigen":
-        return EigenForm(settings)
-    raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}")
+    """The form ``name`` (a key of :data:`FORMS`) reading ``settings``."""
+    try:
+        factory = FORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}") from None
+    return factory(settings)

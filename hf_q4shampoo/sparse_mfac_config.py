@@ -105,12 +105,12 @@ class SparseMFACConfig:
             raise ConfigError("SparseMFAC: give k (entries per group) or k_fraction (density), not both.")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "SparseMFACConfig":
+    def from_kwargs(cls, **kwargs: Any) -> SparseMFACConfig:
         """Build from keyword arguments, naming any unknown key and the allowed ones."""
         cls._check_names(kwargs)
         return cls(**kwargs)
 
-    def replace(self, **kwargs: Any) -> "SparseMFACConfig":
+    def replace(self, **kwargs: Any) -> SparseMFACConfig:
         """A copy with some fields changed (validated; unknown names are refused)."""
         self._check_names(kwargs)
         if kwargs.get("k_fraction") is not None and "k" not in kwargs:

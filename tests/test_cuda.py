@@ -53,7 +53,9 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
         exact = 0.95 * exact + 0.05 * gk @ gk.T
     out = {}
     for device in ("cpu", "cuda"):
-        form = make_form(precond, FormSettings(root_method="eigh", use_compile=False))
+        form = make_form(
+            precond, FormSettings.from_options(root_method="eigh", use_compile=False, gram_precision="float32")
+        )
         state = form.init_state(200, 3, torch.device(device))
         for k in range(3):
             gk = grads[k:k + 1].expand(3, -1, -1).to(device)
@@ -163,7 +165,7 @@ def test_triton_root_decoder_matches_torch():
 def test_sync_free_cholesky_keeps_failed_factors_and_raises_their_jitter():
     from hf_q4shampoo.preconditioners import FormSettings, make_form
 
-    form = make_form("cholesky_ef", FormSettings(root_method="newton"))
+    form = make_form("cholesky_ef", FormSettings.from_options(root_method="newton", gram_precision="float32"))
     state = form.init_state(128, 3, torch.device("cuda"))
     g = torch.randn(3, 128, 256, device="cuda")
     form.update_statistics(state, g @ g.mT)
@@ -216,7 +218,7 @@ def test_fused_statistics_update_matches_the_torch_path():
     states = {}
     grams = [torch.randn(4, 300, 500, device="cuda") * torch.linspace(0.1, 3, 500, device="cuda") for _ in range(3)]
     for fused in (False, True):
-        form = make_form("cholesky_ef", FormSettings(root_method="newton", fused_statistics=fused))
+        form = make_form("cholesky_ef", FormSettings.from_options("cuda", root_method="newton", fused_statistics=fused))
         state = form.init_state(300, 4, torch.device("cuda"))
         for g in grams:
             form.update_statistics(state, g @ g.mT)

@@ -23,6 +23,7 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.integrations import registration
+
 from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
 
 CLI = [
@@ -94,7 +95,9 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_before"] = list(OptimizerNames.__members__)
         handlers_before = dict(handlers)
         try:
-            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(["--output_dir", "x", "--optim", "q4shampoo"])
+            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+                ["--output_dir", "x", "--optim", "q4shampoo"]
+            )
         except SystemExit as e:
             out["stock_parser_exit"] = e.code
         try:
@@ -105,7 +108,8 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_after"] = list(OptimizerNames.__members__)
         out["handlers_unchanged"] = dict(handlers) == handlers_before
         (a,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3", "--use_cpu", "true"])
+            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3",
+             "--use_cpu", "true"])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(a)
         out["wrapper_cls"], out["wrapper_update_freq"] = cls.__name__, kwargs["update_freq"]
         (b,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
@@ -294,5 +298,6 @@ def test_unsupported_setup_stops_the_stock_trainer_before_training(tmp_path):
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset(16))
     object.__setattr__(trainer.args, "deepspeed", {"zero_optimization": {"stage": 2}})
     with pytest.raises(UnsupportedSetupError, match="ZeRO stage 2"):
-        trainer.create_optimizer()
+        trainer.train()  # the error must come when the optimizer is chosen, before the first step
+    assert trainer.state.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

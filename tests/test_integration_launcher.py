@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from hf_q4shampoo import cli, launcher
+
 from tiny_hf import FAST, one_torch_thread  # noqa: F401 (autouse fixture)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")
@@ -81,12 +82,17 @@ def test_main_semantics_and_module_form(tmp_path, monkeypatch):
         "from helper_mod_q4 import VALUE\n"
         "from transformers.training_args import OptimizerNames\n"
         "if __name__ == '__main__':\n"
-        f"    json.dump({{'argv': sys.argv, 'value': VALUE, 'q4': OptimizerNames('q4shampoo').value}}, open({str(report)!r}, 'w'))\n"
+        "    seen = {'argv': sys.argv, 'value': VALUE, 'q4': OptimizerNames('q4shampoo').value}\n"
+        f"    json.dump(seen, open({str(report)!r}, 'w'))\n"
     )
     (tmp_path / "job_q4.py").write_text(code)
     assert launcher.main([str(tmp_path / "job_q4.py"), "a", "--b"]) == 0
     seen = json.loads(report.read_text())
-    assert seen == {"argv": [str(tmp_path / "job_q4.py"), "a", "--b"], "value": "sibling import works", "q4": "q4shampoo"}
+    assert seen == {
+        "argv": [str(tmp_path / "job_q4.py"), "a", "--b"],
+        "value": "sibling import works",
+        "q4": "q4shampoo",
+    }
 
     monkeypatch.chdir(tmp_path)  # `-m` resolves modules from the current directory, as `python -m` does
     report.unlink()

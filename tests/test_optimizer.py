@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-from reference_shampoo import ReferenceShampoo
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
 from hf_q4shampoo.config import STATE_LAYOUT_KEYS
+
+from reference_shampoo import ReferenceShampoo
 
 SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1)]
 
@@ -85,7 +86,7 @@ def _roundtrip(opt) -> dict:
 def _state_dtypes(opt):
     out = {}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        def walk(prefix, v):
+        def walk(prefix, v, i=i):
             if isinstance(v, torch.Tensor):
                 out[f"{i}.{prefix}"] = v.dtype
             elif isinstance(v, dict):

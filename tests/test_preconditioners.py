@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_q4shampoo import fidelity
+from hf_q4shampoo.config import PRECOND_FORMS, Q4ShampooConfig
 from hf_q4shampoo.preconditioners import FORMS, FormSettings, make_form
 
 
@@ -32,9 +33,24 @@ def test_static_ordering_and_bjorck(spectrum):
     assert e["eigen"][0] < 0.6 * e["eigen_no_bjorck"][0] and e["eigen"][1] < e["eigen_no_bjorck"][1]
 
 
+def test_one_registry_of_forms_matches_the_config_names():
+    assert tuple(FORMS) == PRECOND_FORMS  # config validates the names, the registry builds the forms
+
+
+def test_form_settings_are_a_view_of_the_config_with_device_choices_resolved():
+    config = Q4ShampooConfig(newton_max_iters=7, stat_decay=0.8)
+    cpu, gpu = FormSettings.for_device(config, "cpu"), FormSettings.for_device(config, "cuda")
+    assert cpu.newton_max_iters == 7 and cpu.stat_decay == 0.8 and cpu.config is config
+    assert (cpu.root_method, cpu.gram_tf32) == ("eigh", False)
+    assert (gpu.root_method, gpu.gram_tf32) == ("newton", True)
+    fp32 = FormSettings.for_device(config.replace(precond="fp32", root_method="eigh"), "cuda")
+    assert (fp32.root_method, fp32.gram_tf32) == ("eigh", False)
+    assert FormSettings.from_options(newton_max_iters=3).replace(root_bits=32).newton_max_iters == 3
+
+
 @pytest.mark.parametrize("name", FORMS)
 def test_fresh_state_is_eps_identity_with_identity_root(name):
-    form = make_form(name, FormSettings(matrix_eps=1e-3))
+    form = make_form(name, FormSettings.from_options(matrix_eps=1e-3))
     for n in (16, 100):  # fp32-stored and quantized sides
         state = form.init_state(n, 3, torch.device("cpu"))
         torch.testing.assert_close(form.statistics(state), 1e-3 * torch.eye(n).expand(3, n, n), rtol=1e-5, atol=1e-9)
@@ -42,7 +58,7 @@ def test_fresh_state_is_eps_identity_with_identity_root(name):
 
 
 def test_fp32_form_tracks_exact_ema_and_root():
-    settings = FormSettings(stat_decay=0.9, matrix_eps=1e-5)
+    settings = FormSettings.from_options(stat_decay=0.9, matrix_eps=1e-5)
     form = make_form("fp32", settings)
     state = form.init_state(70, 2, torch.device("cpu"))
     g = torch.Generator().manual_seed(5)
@@ -60,7 +76,7 @@ def test_fp32_form_tracks_exact_ema_and_root():
 
 @pytest.mark.parametrize("name", ["naive", "cholesky", "cholesky_ef", "eigen"])
 def test_nonfinite_gram_leaves_statistics_unchanged(name):
-    form = make_form(name, FormSettings())
+    form = make_form(name, FormSettings.from_options())
     state = form.init_state(80, 2, torch.device("cpu"))
     g = torch.randn(2, 80, 80)
     form.update_statistics(state, g @ g.mT)
@@ -78,7 +94,7 @@ def test_nonfinite_gram_leaves_statistics_unchanged(name):
 
 @pytest.mark.parametrize("name", FORMS)
 def test_bytes_by_kind_adds_up(name):
-    form = make_form(name, FormSettings())
+    form = make_form(name, FormSettings.from_options())
     state = form.init_state(256, 2, torch.device("cpu"))
     kinds = form.bytes_by_kind(state)
     assert sum(kinds.values()) == sum(t.numel() * t.element_size() for t in state.values())
@@ -97,7 +113,7 @@ def test_a_non_finite_gram_keeps_the_statistics(name):
     # is not finite keeps its statistics, whether the gradient held a NaN or was finite but so large that
     # G G^T overflowed fp32. The other blocks of the batch move on.
     g = torch.Generator().manual_seed(3)
-    form = make_form(name, FormSettings(root_method="eigh", use_compile=False))
+    form = make_form(name, FormSettings.from_options(root_method="eigh", use_compile=False))
     state = form.init_state(96, 3, torch.device("cpu"))
     grads = torch.randn(3, 96, 80, generator=g)
     form.update_statistics(state, grads @ grads.mT)

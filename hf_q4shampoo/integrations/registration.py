@@ -296,7 +296,11 @@ def _deepspeed_problem(args: Any) -> str | None:
         return f"DeepSpeed with zero_optimization.stage={stage!r}"
     if stage >= 1:
         return f"DeepSpeed ZeRO stage {stage} (it hands the optimizer flat 1-D partitions)"
-    if config and config.get("bf16", {}).get("enabled") and config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+    if (
+        config
+        and config.get("bf16", {}).get("enabled")
+        and config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    ):
         return "DeepSpeed bf16 with grad_accum_dtype fp32 (its BF16_Optimizer flattens the parameters)"
     return None
 

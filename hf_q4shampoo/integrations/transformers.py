@@ -27,9 +27,9 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from .callback import MemoryReportMixin
 from ..memory import unwrap_optimizer
 from ..optimizer import Q4Shampoo
+from .callback import MemoryReportMixin
 from .registration import (
     OPTIM_NAME,
     UnsupportedSetupError,

@@ -1,0 +1,150 @@
+"""first_order.py: the batched AdamW / SGD-momentum steps against an fp64 reference, fp32 and 4-bit moments."""
+
+import math
+
+import pytest
+import torch
+
+from hf_q4shampoo.first_order import (
+    QUANT_MIN_NUMEL,
+    adamw_batch_step,
+    first_order_keys,
+    init_first_order_state,
+    quantized_moments,
+    sgd_batch_step,
+)
+
+SHAPE_FP32 = (24, 16)  # 384 entries: moments stay fp32 whatever the bits
+SHAPE_4BIT = (96, 64)  # 6144 entries: 4-bit moments (m block-128 dynamic exponent, v rank-1)
+STEPS = 6
+
+
+def _batch(shape, k, kind, bits, dtype=torch.float32, seed=0):
+    """K parameters of one shape, their stacked moments (as layout.py stacks them) and a fixed direction stream."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=gen).to(dtype) for _ in range(k)]
+    states = [init_first_order_state(p, kind, bits) for p in params]
+    moments = {key: torch.stack([s[key] for s in states]) for key in states[0]}
+    directions = [torch.randn(k, *shape, generator=gen) * (0.5 + i) for i in range(STEPS)]
+    return params, moments, directions
+
+
+def _adamw_reference(params, directions, lr, betas, eps, weight_decay):
+    """fp64 AdamW with decoupled decay and bias correction (paper 2's ShampooAdamW)."""
+    beta1, beta2 = betas
+    p = torch.stack(params).double()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, d in enumerate(directions, start=1):
+        d = d.double()
+        p = p * (1 - lr * weight_decay)
+        m = beta1 * m + (1 - beta1) * d
+        v = beta2 * v + (1 - beta2) * d * d
+        p = p - lr * (m / (1 - beta1**t)) / (v.sqrt() / math.sqrt(1 - beta2**t) + eps)
+    return p
+
+
+def _sgd_reference(params, directions, lr, momentum, nesterov, weight_decay):
+    """fp64 SGD with L2 added to the direction, then momentum (or Nesterov)."""
+    p = torch.stack(params).double()
+    buf = torch.zeros_like(p)
+    for d in directions:
+        d = d.double() + weight_decay * p
+        if not momentum:
+            p = p - lr * d
+            continue
+        buf = momentum * buf + d
+        p = p - lr * (d + momentum * buf if nesterov else buf)
+    return p
+
+
+def _run_adamw(params, moments, directions, bits, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1):
+    for t, d in enumerate(directions, start=1):
+        adamw_batch_step(params, d, moments, step=t, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits)
+    return torch.stack(params).double()
+
+
+def _relative(got, ref, start):
+    """Distance from the reference, relative to how far the reference moved."""
+    return float((got - ref).norm() / (ref - start).norm())
+
+
+def test_quantized_moments_threshold_and_state_keys():
+    assert not quantized_moments(QUANT_MIN_NUMEL, 4) and quantized_moments(QUANT_MIN_NUMEL + 1, 4)
+    assert not quantized_moments(10**6, 32)
+    small = init_first_order_state(torch.zeros(SHAPE_FP32), "adamw", 4)
+    assert sorted(small) == ["exp_avg", "exp_avg_sq"] and small["exp_avg"].dtype == torch.float32
+    big = init_first_order_state(torch.zeros(SHAPE_4BIT), "adamw", 4)
+    assert big["exp_avg_codes"].dtype == torch.uint8 and any(k.startswith("exp_avg_sq_max") for k in big)
+    sgd = init_first_order_state(torch.zeros(SHAPE_4BIT), "sgd", 4)
+    assert first_order_keys(sgd) == list(sgd) and all(k.startswith("momentum_buffer") for k in sgd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_fp32_moments_match_fp64(dtype):
+    # fp32 parameters take torch's fused AdamW kernel, bf16 parameters the pure-torch math
+    params, moments, directions = _batch(SHAPE_4BIT, 3, "adamw", 32, dtype)
+    start = torch.stack(params).double()
+    ref = _adamw_reference(params, directions, 1e-2, (0.9, 0.99), 1e-8, 0.1)
+    got = _run_adamw(params, moments, directions, bits=32)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert _relative(got, ref, start) < 1e-5
+    else:  # bf16 parameters round at every decay and update: a few of bf16's steps (2^-8 relative) over 6 steps
+        assert (got - ref).abs().max() < 4 * 2**-8 * ref.abs().max()
+
+
+def test_adamw_small_tensors_stay_exact_with_4bit_requested():
+    params, moments, directions = _batch(SHAPE_FP32, 2, "adamw", 4)
+    ref = _adamw_reference(params, directions, 1e-2, (0.9, 0.99), 1e-8, 0.1)
+    torch.testing.assert_close(_run_adamw(params, moments, directions, bits=4), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_4bit_moments_follow_fp64_within_quantization_error():
+    params, moments, directions = _batch(SHAPE_4BIT, 3, "adamw", 4)
+    start = torch.stack(params).double()
+    ref = _adamw_reference(params, directions, 1e-2, (0.9, 0.99), 1e-8, 0.1)
+    got = _run_adamw(params, moments, directions, bits=4)
+    rel = _relative(got, ref, start)
+    # 4-bit moments differ from exact ones (~11% of the distance moved here), but only by their quantization error:
+    # moments lost or decoded wrongly would put the parameters about as far from the reference as they moved
+    assert 1e-4 < rel < 0.25, rel
+    assert moments["exp_avg_codes"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_a_batch_steps_each_member_as_if_alone(bits):
+    params, moments, directions = _batch(SHAPE_4BIT, 3, "adamw", bits)
+    alone = []
+    for i in range(3):
+        p = [params[i].clone()]
+        m = {k: v[i : i + 1].clone() for k, v in moments.items()}
+        alone.append(_run_adamw(p, m, [d[i : i + 1] for d in directions], bits)[0])
+    together = _run_adamw(params, moments, directions, bits)
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_accepts_a_tensor_learning_rate():
+    params, moments, directions = _batch(SHAPE_4BIT, 2, "adamw", 4)
+    twin_params, twin_moments, _ = _batch(SHAPE_4BIT, 2, "adamw", 4)
+    got = _run_adamw(params, moments, directions, bits=4, lr=torch.tensor(1e-2))
+    torch.testing.assert_close(got, _run_adamw(twin_params, twin_moments, directions, bits=4, lr=1e-2))
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, False), (0.9, True), (0.0, False)])
+def test_sgd_fp32_momentum_matches_fp64(momentum, nesterov):
+    params, moments, directions = _batch(SHAPE_4BIT, 2, "sgd", 32)
+    ref = _sgd_reference(params, directions, 1e-2, momentum, nesterov, 0.05)
+    for d in directions:
+        sgd_batch_step(params, d, moments, lr=1e-2, momentum=momentum, nesterov=nesterov, weight_decay=0.05, bits=32)
+    torch.testing.assert_close(torch.stack(params).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_4bit_momentum_follows_fp64_within_quantization_error():
+    params, moments, directions = _batch(SHAPE_4BIT, 2, "sgd", 4)
+    start = torch.stack(params).double()
+    ref = _sgd_reference(params, directions, 1e-2, 0.9, False, 0.05)
+    for d in directions:
+        sgd_batch_step(params, d, moments, lr=1e-2, momentum=0.9, nesterov=False, weight_decay=0.05, bits=4)
+    rel = _relative(torch.stack(params).double(), ref, start)
+    assert 1e-4 < rel < 0.25, rel  # ~11% here (see the AdamW test)
+    assert moments["momentum_buffer_codes"].dtype == torch.uint8
