@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_q4shampoo.integrations.callback import (  # noqa: E402
     LOG_KEYS,
+    SKIPPED_KEY,
     MemoryReportCallback,
     MemoryReportMixin,
     attach_memory_report,
@@ -290,8 +291,26 @@ def test_update_model_card_is_idempotent(tmp_path, q4_run):
 def test_eval_logs_get_no_memory_keys(q4_run):
     assert q4_run.cb.log_metrics({"eval_loss": 1.0}) == {}
     assert q4_run.cb.log_metrics({"loss": 1.0, "optim_state_mib": 1.0}) == {}
-    assert set(q4_run.cb.log_metrics({"loss": 1.0})) == step_keys()
+    assert set(q4_run.cb.log_metrics({"loss": 1.0})) == step_keys() | {SKIPPED_KEY}
     assert MemoryReportCallback().log_metrics({"loss": 1.0}) == {}  # not bound: training has not begun
+
+
+def test_skipped_updates_reach_the_training_logs():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 5))
+    opt = Q4Shampoo(model.parameters(), lr=1e-2, update_freq=1, root_freq=2)
+    cb = MemoryReportCallback()
+    for bad in (False, True, False):
+        opt.zero_grad()
+        model(torch.randn(4, 40)).square().sum().backward()
+        if bad:
+            model[0].weight.grad[2, 3] = float("nan")
+        opt.step()
+    cb.bind(model, opt)
+    assert cb.log_metrics({"loss": 1.0})[SKIPPED_KEY] == 1
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb_sgd = MemoryReportCallback()
+    cb_sgd.bind(model, sgd)
+    assert SKIPPED_KEY not in cb_sgd.log_metrics({"loss": 1.0})
 
 
 def test_history_is_bounded():

@@ -6,7 +6,8 @@ The callback works with any optimizer (so an AdamW run can be compared with a Q4
 * **train begin** - the pre-flight estimate of this optimizer's state for this model
   (:func:`hf_q4shampoo.estimate.estimate_optimizer_state`: meta tensors, nothing allocated), printed
   once on the main process;
-* **every logging step** - the keys of :data:`LOG_KEYS` in the Trainer's own logs;
+* **every logging step** - the keys of :data:`LOG_KEYS` in the Trainer's own logs (and, for Q4Shampoo,
+  :data:`SKIPPED_KEY`: the updates skipped so far for a NaN/inf gradient);
 * **train end** - ``memory_report.json`` (schema: :class:`~hf_q4shampoo.integrations.report.MemoryReportJSON`),
   ``memory_report.md`` (tables a person reads) and ``memory_report.png`` (state by kind vs the AdamW /
   fp32-Shampoo equivalents, memory over steps) in ``output_dir``;
@@ -62,6 +63,7 @@ __all__ = [
     "attach_memory_report",
     "memory_callback",
     "LOG_KEYS",
+    "SKIPPED_KEY",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ LOG_KEYS = {
     "peak_<kind>_mib": "peak memory since train begin: peak_cuda_mib / peak_xpu_mib / peak_mps_mib "
     "(allocator) or peak_rss_mib (CPU, process resident set)",
 }
+
+
+#: Added to the training logs of a Q4Shampoo run: parameter updates skipped so far for a NaN/inf gradient.
+SKIPPED_KEY = "optim_skipped_updates"
 
 
 def _round(x: float) -> float:
@@ -226,7 +232,13 @@ class MemoryReportCallback(TrainerCallback):
             "optim_state_compression_vs_fp32_shampoo": _round(r.fp32_shampoo_equivalent / total),
             "optim_state_compression_vs_adamw": _round(r.adamw_equivalent / total),
             self._probe.log_key: _round(self._probe.peak() / MIB),
+            **self._skipped(),
         }
+
+    def _skipped(self) -> dict[str, int]:
+        """``{SKIPPED_KEY: n}`` for an optimizer that counts skipped updates (reads device counters: logging only)."""
+        skipped = getattr(unwrap_optimizer(self._opt), "skipped_updates", None)
+        return {SKIPPED_KEY: int(skipped())} if callable(skipped) else {}
 
     # ---- TrainerCallback events --------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: D102
