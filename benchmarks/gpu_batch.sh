@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
-#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | ttt:RUN,RUN,...
+#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | bench_fused | ttt:RUN,RUN,...
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
 out=$1; shift
@@ -9,18 +9,23 @@ mkdir -p "$out"
 fresh_caches() {  # every benchmark process compiles from empty caches, as a user's first run does
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)
 }
+bench() {  # bench TAG OPTIM_ARGS: fused AdamW and Q4Shampoo on GPT-2 small, one fresh process
+  fresh_caches
+  python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --phases \
+    --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
+  tail -4 "$out/bench_$1.log"
+}
 for part in "$@"; do
   case $part in
     tests)
       python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 > "$out/tests.log" ;;
     bench)
-      for cfg in "100 update_freq=100,root_freq=100" "10 update_freq=10,root_freq=100" "1 update_freq=1,root_freq=100"; do
-        set -- $cfg
-        fresh_caches
-        python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --phases \
-          --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
-        tail -4 "$out/bench_$1.log"
-      done ;;
+      bench 100 update_freq=100,root_freq=100
+      bench 10 update_freq=10,root_freq=100
+      bench 1 update_freq=1,root_freq=100 ;;
+    bench_fused)  # the Triton statistics update (fused_statistics=true), update_freq 1 and 10
+      bench 1f update_freq=1,root_freq=100,fused_statistics=true
+      bench 10f update_freq=10,root_freq=100,fused_statistics=true ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
       fresh_caches
       python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only "${part#ttt:}" \

@@ -114,7 +114,8 @@ class Problem:
             m = torch.nn.Linear(inp, out, bias=False)
             torch.nn.init.zeros_(m.weight)
             return m
-        return torch.nn.Sequential(torch.nn.Linear(inp, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, out))
+        return torch.nn.Sequential(
+            torch.nn.Linear(inp, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, out))
 
     def loss(self, model: torch.nn.Module, idx: torch.Tensor | None = None) -> torch.Tensor:
         x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
@@ -210,6 +211,7 @@ def diagnose(problem_name: str, variants: dict, steps: int = 200, lr: float = 0.
     the largest 10% eigenvalues of the exact (fp64) EMA A, plus the root's NRE, at the end of the run. Also the
     single-shot decomposition of quantizing ``chol(A)`` once (see :func:`single_shot`).
     """
+    from hf_q4shampoo.config import Q4ShampooConfig
     from hf_q4shampoo.preconditioners import FormSettings, make_form
 
     grads = record_gradients(problem_name, steps, lr)
@@ -230,10 +232,13 @@ def diagnose(problem_name: str, variants: dict, steps: int = 200, lr: float = 0.
            "single_shot": {s: single_shot(exact, s) for s in ("row", "column")}}
     for name, opts in variants.items():
         if callable(opts):
-            form = opts(FormSettings())
+            # prototypes build on paper 1's layout (row scaling, feedback), as they did when measured
+            form = opts(FormSettings.from_options(factor_scaling="row", factor_upper="feedback"))
         else:
-            fields = {k2: v for k2, v in opts.items() if k2 in FormSettings.__dataclass_fields__}
-            form = make_form(opts.get("precond", "cholesky_ef"), FormSettings(**fields))
+            fields = {k2: v for k2, v in opts.items() if k2 in Q4ShampooConfig.__dataclass_fields__}
+            fields.setdefault("factor_scaling", "row")
+            fields.setdefault("factor_upper", "feedback")
+            form = make_form(opts.get("precond", "cholesky_ef"), FormSettings.from_options(**fields))
         state = form.init_state(n, 1, torch.device("cpu"))
         for gram in grams:
             form.update_statistics(state, gram.float().unsqueeze(0))
@@ -283,7 +288,8 @@ def print_diagnosis(res: dict) -> None:
     for scaling, r in res["single_shot"].items():
         print(f"single shot, {scaling} scaling, small 10%: linear {r['linear_small']:+.3g}, quadratic "
               f"{r['quadratic_small']:+.3g}, quadratic minus its diagonal {r['quadratic_minus_diagonal_small']:+.3g}")
-    print("| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% | root NRE |")
+    print("| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% "
+          "| root NRE |")
     print("|---|---|---|---|---|---|")
     for name, r in res["variants"].items():
         print(f"| {name} | {r['stat_err_small']:+.3g} | {r['stat_err_large']:+.3g} | {r['root_err_small']:+.3g} | "

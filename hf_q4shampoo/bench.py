@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from . import Q4Shampoo, parse_optim_args
+from .config import parse_optim_args
 from .memory import optimizer_state_bytes
+from .optimizer import Q4Shampoo
 
 __all__ = ["OPTIMIZERS", "run_benchmark", "main"]
 
@@ -115,7 +116,9 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _autocast(device: torch.device):
     """bf16 autocast on CUDA (fp32 weights), plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
@@ -157,7 +160,10 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
             losses.append(float(loss.detach()))
     _sync(device)
     total_steps = args.warmup + args.steps
-    timed, timed_opt = clock.times("step", total_steps)[args.warmup :], clock.times("optimizer", total_steps)[args.warmup :]
+    timed, timed_opt = (
+        clock.times("step", total_steps)[args.warmup :],
+        clock.times("optimizer", total_steps)[args.warmup :],
+    )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
     _sync(device)
@@ -277,104 +283,6 @@ class _StageTimer:
         return out
 
 
-def micro_refresh(args: argparse.Namespace) -> str:
-    """Time the pieces of one refresh on a stack of ``--micro_k`` factors of order ``--micro_n``."""
-    from . import linalg, quant  # noqa: PLC0415
-    from .preconditioners import FormSettings, make_form  # noqa: PLC0415
-
-    device = _device(args)
-    k, n = args.micro_k, args.micro_n
-    g = torch.randn(k, n, 4 * n, device=device) * torch.logspace(0, -3, n, device=device)[:, None]
-    a = g @ g.mT / (4 * n)
-    c, _ = linalg.robust_cholesky(a)
-    q_lu = quant.quantize_lower_upper(torch.tril(c, -1), torch.zeros_like(c))
-    q_sym = quant.quantize_symmetric(a)
-    cases: dict[str, Callable[[], Any]] = {
-        "gram G G^T (n x 4n)": lambda: g @ g.mT,
-        "matmul n x n": lambda: a @ a,
-        "cholesky_ex x1": lambda: torch.linalg.cholesky_ex(a),
-        "robust_cholesky (3 attempts, no sync)": lambda: linalg.robust_cholesky(a, host_checks=False),
-        "power_iteration (32)": lambda: linalg.power_iteration(a),
-        "newton root (25 it, no sync)": lambda: linalg.inverse_root_newton(a, max_iters=25, host_checks=False),
-        "eigh root": lambda: linalg.inverse_root_eigh(a),
-        "quantize_lower_upper": lambda: quant.quantize_lower_upper(torch.tril(c, -1), torch.zeros_like(c)),
-        "dequantize_lower_upper": lambda: quant.dequantize_lower_upper(q_lu, n),
-        "quantize_symmetric": lambda: quant.quantize_symmetric(a),
-        "dequantize_symmetric": lambda: quant.dequantize_symmetric(q_sym),
-    }
-    for form_name in ("cholesky_ef", "eigen", "fp32"):
-        form = make_form(form_name, FormSettings(root_method="newton", newton_max_iters=25))
-        state = form.init_state(n, k, device)
-        form.update_statistics(state, a)
-        cases[f"{form_name}: update_statistics"] = lambda f=form, st=state: f.update_statistics(dict(st), a)
-        cases[f"{form_name}: refresh_root"] = lambda f=form, st=state: f.refresh_root(dict(st))
-    lines = [f"refresh pieces, K={k} factors of order n={n} on {device} (median of 5 after 2 warm-ups):"]
-    for name, fn in cases.items():
-        times = []
-        for rep in range(7):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if rep >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
-        lines.append(f"  {name:<42}{statistics.median(times):>10.2f} ms")
-    return "\n".join(lines)
-
-
-def tf32_check() -> str:
-    """Accuracy of the Newton inverse root with TF32 inputs (emulated on any device) vs fp32.
-
-    TF32 keeps 10 explicit mantissa bits; we round every matmul input to that (round to nearest) and
-    accumulate in fp32, as the tensor cores do. Errors are NRE against the fp64 root, next to the error of
-    storing the exact root in 4 bit (what the quantized forms keep anyway).
-    """
-    from . import fidelity, linalg  # noqa: PLC0415
-    from .quant import dequantize_symmetric, quantize_symmetric  # noqa: PLC0415
-
-    def to_tf32(x: torch.Tensor) -> torch.Tensor:
-        bits = x.contiguous().view(torch.int32)
-        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-
-    def newton(a: torch.Tensor, eps: float, tf32: bool, iters: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-        mm = (lambda x, y: to_tf32(x) @ to_tf32(y)) if tf32 else (lambda x, y: x @ y)
-        work = linalg.symmetrize(a.float())
-        eye = linalg.eye_like(work)
-        lam = linalg.power_iteration(work)
-        work = work / lam + eps * eye
-        z = 5.0 / (2.0 * torch.linalg.matrix_norm(work))
-        x, m = z ** 0.25 * eye, z * work
-        err = (m - eye).abs().max()
-        for _ in range(iters):
-            t = (5.0 * eye - m) / 4.0
-            x_new, t2 = mm(x, t), mm(t, t)
-            m_new = mm(mm(t2, t2), m)
-            err_new = (m_new - eye).abs().max()
-            if err_new > 1.2 * err or err < 1e-6:
-                break
-            x, m, err = x_new, m_new, err_new
-        return x * lam ** -0.25, lam
-
-    gen = torch.Generator().manual_seed(0)
-    draw = fidelity._gradient_factory(256, 32, gen)
-    ema = 1e-6 * torch.eye(256, dtype=torch.float64)
-    for _ in range(40):
-        g = draw()
-        ema = 0.95 * ema + 0.05 * g @ g.T
-    cases = {"EMA of 40 low-rank gradients, n=256": ema,
-             "log-uniform spectrum, n=512": fidelity.synthetic_spd(512, "log_uniform", torch.Generator().manual_seed(0))}
-    lines = ["Newton inverse 4th root, NRE vs fp64 (same ridge):"]
-    for name, a in cases.items():
-        for eps in (1e-6, 1e-4):
-            x32, lam = newton(a, eps, False)
-            xtf, _ = newton(a, eps, True)
-            ref = linalg.inverse_root_eigh(a.double(), 4, eps * float(lam / torch.linalg.eigvalsh(a.double())[-1]))
-            stored = dequantize_symmetric(quantize_symmetric(ref.float()))
-            lines.append(f"  {name}, eps {eps:g}: fp32 {fidelity.nre(ref, x32):.2e}, tf32 {fidelity.nre(ref, xtf):.2e}, "
-                         f"exact root stored in 4 bit {fidelity.nre(ref, stored):.2e}")
-    return "\n".join(lines)
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device = _device(args)
     q4_options = parse_optim_args(args.optim_args)
@@ -425,8 +333,9 @@ def format_table(out: dict[str, Any]) -> str:
         lines.append(
             f"{r['optimizer']:<16}{r['state_bytes_per_param']:>8.2f}{r['state_MiB']:>10.1f}"
             f"{fmt(r['persistent_optimizer_MiB'], '.1f'):>12}{fmt(r['peak_MiB'], '.0f'):>10}"
-            f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}{r['median_optimizer_ms']:>8.1f}"
-            f"{r.get('median_step_ms_ratio', 1):>9.2f}{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
+            f"{r['median_step_ms']:>10.1f}{r['mean_step_ms']:>9.1f}{r['worst_step_ms']:>9.1f}"
+            f"{r['median_optimizer_ms']:>8.1f}{r.get('median_step_ms_ratio', 1):>9.2f}"
+            f"{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
         )
     for r in out["results"]:
         stages = [k[len("stage_"):-len("_median_ms")] for k in r if k.startswith("stage_") and k.endswith("_median_ms")]
@@ -460,10 +369,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
     p.add_argument("--phases", action="store_true",
                    help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)")
-    p.add_argument("--micro", action="store_true", help="time the pieces of one refresh instead (see --micro_k/_n)")
-    p.add_argument("--tf32_check", action="store_true", help="accuracy of TF32 Newton roots (emulated; runs on CPU)")
-    p.add_argument("--micro_k", type=int, default=6)
-    p.add_argument("--micro_n", type=int, default=1024)
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
     return p.parse_args(argv)
@@ -471,12 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.micro:
-        print(micro_refresh(args))
-        return 0
-    if args.tf32_check:
-        print(tf32_check())
-        return 0
     out = run_benchmark(args)
     if args.json:
         with open(args.json, "w") as fh:

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Region", "BlockPlan", "matrix_view_shape", "plan_blocks", "extract_blocks", "insert_blocks"]
+__all__ = ["Region", "BlockPlan", "local_tensor", "matrix_view_shape", "plan_blocks", "extract_blocks", "insert_blocks"]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself: what a rank stores and preconditions."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 @dataclass(frozen=True)

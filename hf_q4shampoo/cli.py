@@ -1,6 +1,5 @@
 """The ``q4shampoo`` console script.
 
-    q4shampoo demo [ARGS]              AdamW vs Q4Shampoo on an offline toy task (hf_q4shampoo.demo)
     q4shampoo run SCRIPT.py [ARGS]     run an unmodified training script with --optim q4shampoo available
     q4shampoo memory MODEL [ARGS]      pre-flight estimate of optimizer-state memory for a model
     q4shampoo bench [ARGS]             speed / memory benchmark against AdamW and peers
@@ -14,9 +13,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("hf_q4shampoo.demo", "AdamW vs Q4Shampoo on scikit-learn's digits (offline, CPU)"),
     "run": ("hf_q4shampoo.launcher", "run a training script with `--optim q4shampoo` registered"),
-    "memory": ("hf_q4shampoo.estimate", "estimate optimizer-state memory for a model or config"),
+    "memory": ("hf_q4shampoo.estimate_cli", "estimate optimizer-state memory for a model or config"),
     "bench": ("hf_q4shampoo.bench", "benchmark step time and memory against AdamW and peers"),
 }
 

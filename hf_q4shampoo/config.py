@@ -8,11 +8,18 @@ says which decision it encodes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
-    "Q4ShampooConfig", "parse_optim_args", "auto_schedule", "ConfigError", "GROUP_KEYS", "STATE_LAYOUT_KEYS",
+    "Q4ShampooConfig",
+    "parse_optim_args",
+    "auto_schedule",
+    "allowed_values",
+    "plain_value",
+    "ConfigError",
+    "GROUP_KEYS",
+    "STATE_LAYOUT_KEYS",
     "LEGACY_STATE_LAYOUT",
 ]
 
@@ -23,25 +30,17 @@ FACTOR_SCALINGS = ("column", "row")
 FACTOR_UPPERS = ("refine", "feedback")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
-GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "maximize")
 
-#: Fields that decide the layout of the saved state; a checkpoint made with other values of these
-#: cannot be loaded (the error names the differing fields).
-STATE_LAYOUT_KEYS = (
-    "precond",
-    "first_order",
-    "first_order_bits",
-    "first_order_v",
-    "first_order_m_map",
-    "max_precond_dim",
-    "max_aspect_ratio",
-    "min_precond_numel",
-    "min_quant_numel",
-    "quant_block_size",
-    "root_bits",
-    "factor_scaling",
-    "factor_upper",
-)
+#: Field metadata flag: the option decides how the saved state is laid out or decoded (see
+#: ``STATE_LAYOUT_KEYS``, derived from it below the class).
+_STATE = {"state": True}
+
+
+def _state_field(default: Any) -> Any:
+    """A config field that decides how saved state is read: a checkpoint made with another value is refused."""
+    return field(default=default, metadata=_STATE)
+
 
 #: The value a checkpoint implies for a layout field it does not record (it was saved before the field
 #: existed, when the layout was this one): compared like a saved value, so an old checkpoint is refused
@@ -65,9 +64,15 @@ class Q4ShampooConfig:
     First-order step (per parameter group):
         lr, betas, eps, weight_decay: AdamW's (``first_order="adamw"``; decoupled decay).
         momentum, nesterov: SGD's (``first_order="sgd"``; L2 decay added after grafting, paper 2).
+            Nesterov needs a momentum above 0, as in ``torch.optim.SGD``.
+        maximize: ascend instead of descend (torch's convention: the step uses ``-grad``). The
+            statistics are unchanged (``G G^T`` does not depend on the sign).
         first_order: ``"adamw"`` (default) or ``"sgd"``.
         first_order_bits: 4 (paper 3: m block-128 dynamic exponent, v rank-1 zero-free linear;
-            tensors of <= 4096 entries stay fp32) or 32.
+            tensors of at most ``first_order_min_quant_numel`` entries stay fp32) or 32.
+        first_order_min_quant_numel: tensors with at most this many entries keep fp32 moments when
+            ``first_order_bits=4`` (paper 3 App. D.1: 4096, the default; tests lower it to exercise the
+            4-bit moments on small tensors).
         first_order_v: Adam's second moment of matrices: ``"rank1"`` (as ``first_order_bits`` says) or
             ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
             factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
@@ -107,17 +112,19 @@ class Q4ShampooConfig:
         max_precond_dim: dimensions longer than this are cut into blocks (paper 2: 1200; we use
             1024, which suits GPU matrix units and Distributed Shampoo's default).
         max_aspect_ratio: a dimension more than this many times longer than the other is not
-            preconditioned (only the short side is); 0 disables the rule.
+            preconditioned (only the short side is); 0 disables the rule. Otherwise at least 1 (below 1
+            even a square matrix would lose a factor).
         min_precond_numel: matrices with fewer entries bypass Shampoo.
 
     Storage:
         precond: ``"cholesky_ef"`` (paper 1's layout, default: 4-bit Cholesky factor in the lower triangle of
             a code buffer whose upper triangle holds, by ``factor_upper``, the error-feedback state or a
-            second code of the factor), ``"cholesky"`` (the factor alone), ``"eigen"`` (paper 2), ``"naive"`` (4-bit statistics, paper 2's baseline /
-            paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
+            second code of the factor), ``"cholesky"`` (the factor alone), ``"eigen"`` (paper 2), ``"naive"``
+            (4-bit statistics, paper 2's baseline / paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
         min_quant_numel: factors with fewer entries stay fp32 (paper 2: 4096, i.e. order < 64).
         quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
-        quant_block_size: entries per absmax block inside a row (paper 2: 64).
+        quant_block_size: entries per absmax block inside a row (paper 2: 64); at most 4096 (a block
+            never spans rows, and longer rows than that are cut into blocks by ``max_precond_dim`` anyway).
         root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4) or 32.
         root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
             Schur-Newton of paper 2) or ``"auto"`` (eigh on CPU, newton on accelerators, where batched
@@ -147,6 +154,12 @@ class Q4ShampooConfig:
         bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
             and before a root (paper 2: 1 and 4).
 
+    Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
+    first_order_min_quant_numel, first_order_v, first_order_m_map, max_precond_dim, max_aspect_ratio,
+    min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling, factor_upper) decide how
+    the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
+    other values of any of them.
+
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
@@ -160,6 +173,11 @@ class Q4ShampooConfig:
             inputs rounded to 10 mantissa bits (relative 2^-11 per entry, still PSD): ~6x faster on an H200
             and far below the 4-bit storage's own error (docs/perf_notes.md v6). Inverse roots always run in
             IEEE fp32, whatever the process-wide TF32 setting.
+        fused_statistics: on CUDA, run the Cholesky forms' (de)quantization with error feedback in three Triton
+            kernels instead of ~45 element-wise torch operations (bit-identical to them in Triton's interpreter,
+            tests/test_triton_interpret.py). Off by default until its speed is measured on a GPU: the element-wise
+            work is ~75% of a statistics round today (docs/perf_notes.md v7). Only for paper 1's layout
+            (``precond="cholesky_ef"``, ``factor_upper="feedback"``, ``factor_scaling="row"``).
     """
 
     lr: float = 1e-3
@@ -168,44 +186,60 @@ class Q4ShampooConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False
-    first_order: str = "adamw"
-    first_order_bits: int = 4
-    first_order_v: str = "rank1"
-    first_order_m_map: str = "linear2"
-    precond: str = "cholesky_ef"
+    maximize: bool = False
+    first_order: str = _state_field("adamw")
+    first_order_bits: int = _state_field(4)
+    first_order_min_quant_numel: int = _state_field(4096)
+    first_order_v: str = _state_field("rank1")
+    first_order_m_map: str = _state_field("linear2")
+    precond: str = _state_field("cholesky_ef")
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
     total_steps: int | None = None
     start_precond_step: int = 1
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
-    max_precond_dim: int = 1024
-    max_aspect_ratio: float = 16.0
-    min_precond_numel: int = 64
-    min_quant_numel: int = 4096
-    quant_map: str = "linear2"
-    quant_block_size: int = 64
-    root_bits: int = 4
+    max_precond_dim: int = _state_field(1024)
+    max_aspect_ratio: float = _state_field(16.0)
+    min_precond_numel: int = _state_field(64)
+    min_quant_numel: int = _state_field(4096)
+    quant_map: str = _state_field("linear2")
+    quant_block_size: int = _state_field(64)
+    root_bits: int = _state_field(4)
     root_method: str = "auto"
     newton_max_iters: int = 25
     newton_tol: float = 1e-6
     ef_beta: float = 0.0
     cholesky_eps: float = 1e-6
     remove_cholesky_ridge: bool = True
-    factor_scaling: str = "column"
-    factor_upper: str = "refine"
+    factor_scaling: str = _state_field("column")
+    factor_upper: str = _state_field("refine")
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
     use_compile: bool = True
     apply_dtype: str = "auto"
     gram_precision: str = "auto"
+    fused_statistics: bool = False
     refresh_spread: int = 25
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            object.__setattr__(self, "betas", tuple(self.betas))
         for f in fields(self):
-            _validate(f.name, getattr(self, f.name))
+            value = plain_value(getattr(self, f.name))
+            if f.name == "betas" and isinstance(value, (list, tuple)):
+                value = tuple(plain_value(b) for b in value)
+            object.__setattr__(self, f.name, value)
+            _validate(f.name, value)
+        if self.fused_statistics and (self.factor_upper, self.factor_scaling) != ("feedback", "row"):
+            raise ConfigError(
+                "Q4Shampoo: fused_statistics=True implements paper 1's factor layout only; it needs "
+                f"factor_upper='feedback' and factor_scaling='row' (got factor_upper={self.factor_upper!r}, "
+                f"factor_scaling={self.factor_scaling!r})."
+            )
+        if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
+            raise ConfigError(
+                "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "
+                "got momentum=0. Set momentum in (0, 1) or nesterov=False."
+            )
 
     # ---- construction helpers ------------------------------------------------------------------
     @classmethod
@@ -222,12 +256,12 @@ class Q4ShampooConfig:
             )
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "Q4ShampooConfig":
+    def from_kwargs(cls, **kwargs: Any) -> Q4ShampooConfig:
         """Build from keyword arguments, naming any unknown key and the allowed ones."""
         cls._check_names(kwargs)
         return cls(**kwargs)
 
-    def replace(self, **kwargs: Any) -> "Q4ShampooConfig":
+    def replace(self, **kwargs: Any) -> Q4ShampooConfig:
         """A copy with some fields changed (validated; unknown names are refused)."""
         self._check_names(kwargs)
         return dataclasses.replace(self, **kwargs)
@@ -248,6 +282,19 @@ class Q4ShampooConfig:
         else:
             update = auto_update if self.root_freq == "auto" else max(1, root // 10)
         return update, root
+
+
+#: Fields that decide the layout and decoding of the saved state (flagged ``_state_field`` above); a
+#: checkpoint made with other values of these cannot be loaded (the error names the differing fields).
+STATE_LAYOUT_KEYS = tuple(f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state"))
+
+
+def plain_value(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (torch accepts ``np.float32(1e-3)`` as a learning
+    rate); anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 #: (update_freq, root_freq) of the "auto" schedule when the run's length is unknown.
@@ -293,12 +340,14 @@ _INT_MIN = {
     "max_precond_dim": 1,
     "min_precond_numel": 0,
     "min_quant_numel": 0,
+    "first_order_min_quant_numel": 0,
     "quant_block_size": 2,
     "newton_max_iters": 1,
     "bjorck_update_iters": 0,
     "bjorck_root_iters": 0,
     "refresh_spread": 1,
 }
+_INT_MAX = {"quant_block_size": 4096}  # larger blocks only waste memory (a block lies inside one row)
 # (low, high, low inclusive, high inclusive)
 _FLOAT_RANGE = {
     "lr": (0.0, float("inf"), True, False),
@@ -312,7 +361,7 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = ("nesterov", "remove_cholesky_ridge", "use_compile")
+_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics")
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
@@ -321,41 +370,72 @@ def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:
     return f"{left}{low:g}, {high:g}{right}"
 
 
-def _validate(name: str, value: Any) -> None:
+def allowed_values(name: str) -> str:
+    """What ``name`` accepts, in words (used by every error message about its value)."""
     if name in _AUTO_INT:
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"Q4Shampoo: {name} must be \"auto\" or an integer >= 1, got {value!r}.")
-    elif name == "total_steps":
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"Q4Shampoo: total_steps must be None (unknown) or an integer >= 1, got {value!r}.")
-    elif name in _CHOICES:
-        if value not in _CHOICES[name] or isinstance(value, bool):
-            raise ConfigError(
-                f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
-            )
-    elif name in _INT_MIN:
-        if not isinstance(value, int) or isinstance(value, bool) or value < _INT_MIN[name]:
-            raise ConfigError(f"Q4Shampoo: {name} must be an integer >= {_INT_MIN[name]}, got {value!r}.")
-    elif name in _FLOAT_RANGE:
-        low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            v = float(value)
-            ok = (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
-        if not ok:
-            raise ConfigError(
-                f"Q4Shampoo: {name} must be a number in {_range_text(low, high, lo_inc, hi_inc)}, got {value!r}."
-            )
-    elif name in _BOOLS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"Q4Shampoo: {name} must be true or false, got {value!r}.")
-    elif name == "betas":
-        ok = isinstance(value, tuple) and len(value) == 2
-        ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
-        if not ok:
-            raise ConfigError(f"Q4Shampoo: betas must be two numbers in [0, 1), got {value!r}.")
-    else:  # pragma: no cover - every field must have a rule
-        raise AssertionError(f"no validation rule for {name}")
+        return '"auto" or an integer >= 1'
+    if name == "total_steps":
+        return "None (unknown) or an integer >= 1"
+    if name in _CHOICES:
+        return "one of " + ", ".join(map(repr, _CHOICES[name]))
+    if name in _INT_MAX:
+        return f"an integer in [{_INT_MIN[name]}, {_INT_MAX[name]}]"
+    if name in _INT_MIN:
+        return f"an integer >= {_INT_MIN[name]}"
+    if name == "max_aspect_ratio":
+        return "0 (no limit) or a number >= 1"
+    if name in _FLOAT_RANGE:
+        return f"a number in {_range_text(*_FLOAT_RANGE[name])}"
+    if name in _BOOLS:
+        return "true or false"
+    if name == "betas":
+        return "two numbers in [0, 1) (b1:b2 in optim_args)"
+    raise AssertionError(f"no validation rule for {name}")  # pragma: no cover - every field must have a rule
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(name: str, value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    v = float(value)
+    if name == "max_aspect_ratio" and v == 0.0:
+        return True
+    low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
+    if name == "max_aspect_ratio":
+        low = 1.0
+    return (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
+
+
+def _valid(name: str, value: Any) -> bool:
+    if name in _AUTO_INT:
+        return value == "auto" or (_is_int(value) and value >= 1)
+    if name == "total_steps":
+        return value is None or (_is_int(value) and value >= 1)
+    if name in _CHOICES:
+        return not isinstance(value, bool) and value in _CHOICES[name]
+    if name in _INT_MIN:
+        return _is_int(value) and _INT_MIN[name] <= value <= _INT_MAX.get(name, value)
+    if name in _FLOAT_RANGE:
+        return _in_range(name, value)
+    if name in _BOOLS:
+        return isinstance(value, bool)
+    if name == "betas":
+        return isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+    raise AssertionError(f"no validation rule for {name}")  # pragma: no cover - every field must have a rule
+
+
+def _validate(name: str, value: Any) -> None:
+    if _valid(name, value):
+        return
+    if name in _CHOICES:
+        raise ConfigError(
+            f"Q4Shampoo: {name}={value!r} is not valid; allowed values: {', '.join(map(repr, _CHOICES[name]))}."
+        )
+    raise ConfigError(f"Q4Shampoo: {name} must be {allowed_values(name)}, got {value!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +481,9 @@ def _cast(name: str, text: str) -> Any:
         expected = "two numbers written as b1:b2"
     else:
         expected = "an integer" if isinstance(default, int) else "a number"
-    raise ConfigError(f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}.")
+    raise ConfigError(
+        f"Q4Shampoo: optim_args value {name}={text!r} is not {expected}; allowed: {allowed_values(name)}."
+    )
 
 
 def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -> dict[str, Any]:
@@ -414,21 +496,41 @@ def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -
     if text is None or not text.strip():
         return {}
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # key -> its text, to name both values of a repeated key
     names = Q4ShampooConfig.field_names()
+    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
     for item in text.replace(" ", "").split(","):
         if not item:
             continue
-        if "=" not in item:
-            raise ConfigError(f"Q4Shampoo: optim_args item {item!r} is not of the form key=value.")
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"Q4Shampoo: optim_args item {item!r} is not of the form key=value (e.g. update_freq=10). "
+                f"Allowed keys: {allowed}."
+            )
         key, value = item.split("=", 1)
         if reserved and key in reserved:
             raise ConfigError(f"Q4Shampoo: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
         if key not in names:
-            allowed = [n for n in names if not reserved or n not in reserved]
+            raise ConfigError(f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
+        if key in given:
             raise ConfigError(
-                f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {', '.join(allowed)}."
+                f"Q4Shampoo: optim_args key {key!r} is given twice ({key}={given[key]} and {key}={value}); "
+                "give it once."
             )
+        given[key] = value
         out[key] = _cast(key, value)
-        _validate(key, out[key])
+        try:
+            _validate(key, out[key])
+        except ConfigError as err:
+            raise ConfigError(f"{str(err).rstrip('.')} (from optim_args {key}={value}).") from None
+    _check_combination(out)
     return out
+
+
+def _check_combination(options: dict[str, Any]) -> None:
+    """Cross-field rules of :class:`Q4ShampooConfig` for options given together (e.g. nesterov without momentum)."""
+    try:
+        Q4ShampooConfig(**options)
+    except ConfigError as err:
+        raise ConfigError(f"{str(err).rstrip('.')} (from optim_args).") from None
 

@@ -11,37 +11,11 @@ seconds.
 Which parameters count: the trainable ones (``requires_grad``), each once (tied weights are one
 parameter), as Trainer hands them to the optimizer. A peft model therefore gives the adapter's numbers.
 
-How each row of the table is computed, per trainable tensor of ``n`` entries whose dtype takes ``s``
-bytes per entry:
-
-================================  ==========================================================================
-row                               bytes per tensor (source)
-================================  ==========================================================================
-``adamw``                         ``2 n s + 4``: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype and an
-                                  fp32 0-d ``step`` (``torch.optim.Adam/AdamW._init_group``; tested against a
-                                  real AdamW step).
-``adamw_8bit_bnb``                ``n < 4096``: ``8 n`` (fp32 ``state1``/``state2``); otherwise ``2 n + 8
-                                  ceil(n / 256)`` (uint8 ``state1``/``state2`` and fp32 ``absmax1``/``absmax2``,
-                                  block 256 since bitsandbytes 0.44); plus 2 KiB once for the two 256-entry fp32
-                                  quantization maps every state shares; ``step`` is a Python int
-                                  (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state``). As HF
-                                  Trainer's ``--optim adamw_bnb_8bit`` sets it up, ``nn.Embedding`` weights keep
-                                  32-bit state (``Trainer.create_optimizer`` registers them with
-                                  ``GlobalOptimManager``); ``bnb_embeddings_32bit=False`` gives the plain
-                                  library layout.
-``adamw_4bit_torchao``            ``n >= 4096`` and ``n % block == 0``: ``2 (n / 2 + 4 n / block + 64)``
-                                  (per moment: packed uint8 codes, fp32 block scales and a 16-entry fp32 code
-                                  table); otherwise ``2 n s`` (``zeros_like(p)``); plus an fp32 ``step``
-                                  (``torchao/optim/adam.py`` ``_new_buffer``, ``subclass_4bit.py``
-                                  ``OptimState4bit.zeros``). ``block`` is 256, the value HF Trainer's ``--optim
-                                  adamw_torch_4bit`` passes by default (``trainer_optimizer.py``); torchao's
-                                  own default is 128 (``torchao_block_size=128``).
-``fp32_shampoo``                  ``8 n + 8 sum(k^2)``: fp32 Adam ``m``, ``v`` plus an fp32 statistic and an fp32
-                                  inverse root for every Kronecker factor of order ``k`` in the same block plan
-                                  as Q4Shampoo (``blocking.py``) - Distributed Shampoo's "4mn floats per block"
-                                  for the factors; ``hf_q4shampoo.memory`` computes the same equivalent.
-``q4shampoo_<precond>``           exact: ``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors.
-================================  ==========================================================================
+Rows: ``adamw``, ``adamw_8bit_bnb``, ``adamw_4bit_torchao`` (formulas of those libraries' state layouts, each
+with its source: :mod:`hf_q4shampoo.peers`), ``fp32_shampoo`` (``8 n + 8 sum(k^2)`` per tensor: fp32 Adam ``m``,
+``v`` plus an fp32 statistic and root per Kronecker factor of order ``k`` in Q4Shampoo's block plan, as
+:func:`hf_q4shampoo.memory.fp32_shampoo_equivalent` defines it) and ``q4shampoo_<precond>`` (exact:
+``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors).
 
 The dtype of the trainable parameters (``dtype=``, default float32, the master weights of mixed
 precision training) only changes the rows whose state follows it: AdamW, and the tensors that the
@@ -50,13 +24,11 @@ quantized AdamWs leave unquantized. Q4Shampoo's state is fp32 or 4 bit whatever 
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import math
 import os
-import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,9 +38,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PRECOND_FORMS, ConfigError, Q4ShampooConfig, parse_optim_args
-from .memory import KINDS, MemoryReport, _config_factor_numel, format_bytes, param_state_bytes, unwrap_optimizer
-from .optimizer import Q4Shampoo, _local
+from .blocking import local_tensor
+from .config import PRECOND_FORMS, Q4ShampooConfig
+from .memory import (
+    KINDS,
+    MemoryReport,
+    ReportBuilder,
+    adamw_equivalent,
+    config_block_plan,
+    format_bytes,
+    fp32_shampoo_equivalent,
+    param_state_bytes,
+    unwrap_optimizer,
+)
+from .optimizer import Q4Shampoo
+from .peers import HOW, TRAINER_TORCHAO_BLOCK, ShapeKey, adamw_bytes, bnb_8bit_bytes, torchao_4bit_bytes
 from .sparse_mfac import SparseMFAC
 
 __all__ = [
@@ -80,22 +64,7 @@ __all__ = [
     "shampoo_equivalents",
     "build_meta_model",
     "trainable_parameters",
-    "main",
 ]
-
-#: bitsandbytes: tensors with fewer entries keep 32-bit state (``min_8bit_size``); block size of absmax.
-BNB_MIN_8BIT_SIZE = 4096
-BNB_BLOCK = 256
-BNB_SHARED_QMAP_BYTES = 2 * 256 * 4
-#: torchao: tensors with fewer entries stay unquantized; each quantized moment has a 16-entry fp32 qmap.
-TORCHAO_MIN_NUMEL = 4096
-TORCHAO_QMAP_BYTES = 16 * 4
-TRAINER_TORCHAO_BLOCK = 256
-#: fp32 0-d ``step`` tensor of torch's and torchao's Adam.
-STEP_BYTES = 4
-
-ShapeKey = tuple[tuple[int, ...], torch.dtype]
-
 
 class EstimateUnavailable(RuntimeError):
     """The state of this optimizer cannot be sized without running it on real tensors."""
@@ -304,7 +273,7 @@ def _dtype(d: torch.dtype | str) -> torch.dtype:
 
 
 def _census(params: Iterable[torch.Tensor]) -> Counter[ShapeKey]:
-    return Counter((tuple(_local(p).shape), p.dtype) for p in params)
+    return Counter((tuple(local_tensor(p).shape), p.dtype) for p in params)
 
 
 def _meta_param(key: ShapeKey) -> nn.Parameter:
@@ -320,7 +289,9 @@ def _per_shape_state(
     """Build an optimizer over one meta representative per (group, shape) and measure each one's state."""
     reps = [{key: _meta_param(key) for key in census} for _, census in groups]
     param_groups = [{**hp, "params": list(r.values())} for (hp, _), r in zip(groups, reps)]
-    opt = make(param_groups)
+    with warnings.catch_warnings():  # the real optimizer has said what it had to (e.g. "no root in this run")
+        warnings.simplefilter("ignore")
+        opt = make(param_groups)
     if needs_step:
         for r in reps:
             for p in r.values():
@@ -336,42 +307,13 @@ def _report_from_shapes(
     per_shape: list[dict[ShapeKey, dict[str, int]]],
     config: Q4ShampooConfig,
 ) -> MemoryReport:
-    by_kind = dict.fromkeys(KINDS, 0)
-    by_group, group_num_params = [], []
-    num_params = num_tensors = 0
+    """The report of the measured representatives, each counted as often as its shape occurs."""
+    builder = ReportBuilder(config_block_plan(config))
     for (_, census), sizes in zip(groups, per_shape):
-        g_bytes = g_params = 0
+        builder.group()
         for key, count in census.items():
-            numel = math.prod(key[0])
-            for kind, b in sizes[key].items():
-                by_kind[kind] += b * count
-                g_bytes += b * count
-            g_params += numel * count
-            num_tensors += count
-        by_group.append(g_bytes)
-        group_num_params.append(g_params)
-        num_params += g_params
-    all_shapes = sum((c for _, c in groups), Counter())
-    adamw, fp32_shampoo = _equivalents_from_census(all_shapes, config)
-    return MemoryReport(
-        by_kind=by_kind,
-        num_params=num_params,
-        num_tensors=num_tensors,
-        adamw_equivalent=adamw,
-        fp32_shampoo_equivalent=fp32_shampoo,
-        by_group=by_group,
-        largest=[],
-        group_num_params=group_num_params,
-    )
-
-
-def _equivalents_from_census(census: Counter[ShapeKey], config: Q4ShampooConfig) -> tuple[int, int]:
-    adamw = fp32 = 0
-    for (shape, _dtype), count in census.items():
-        n = math.prod(shape)
-        adamw += 8 * n * count
-        fp32 += (8 * n + 8 * _config_factor_numel(shape, config)) * count
-    return adamw, fp32
+            builder.add(key[0], sizes[key], count)
+    return builder.report(largest=0)
 
 
 def shampoo_equivalents(params: Iterable[torch.Tensor], config: Q4ShampooConfig | None = None) -> tuple[int, int]:
@@ -380,7 +322,11 @@ def shampoo_equivalents(params: Iterable[torch.Tensor], config: Q4ShampooConfig 
     ``fp32_shampoo`` uses the block plan of ``config`` (default :class:`Q4ShampooConfig`), so an AdamW
     run can be compared with the Shampoo a Q4Shampoo run would have stored.
     """
-    return _equivalents_from_census(_census(params), config or Q4ShampooConfig())
+    plan = config_block_plan(config)
+    census = _census(params)
+    adamw = sum(adamw_equivalent(shape) * count for (shape, _), count in census.items())
+    fp32 = sum(fp32_shampoo_equivalent(shape, plan) * count for (shape, _), count in census.items())
+    return adamw, fp32
 
 
 def _group_hparams(group: dict[str, Any]) -> dict[str, Any]:
@@ -436,60 +382,15 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# peer formulas (see the module docstring for sources)
+# estimate_memory
 # ----------------------------------------------------------------------------------------------
-
-
-def _adamw_bytes(census: Counter[ShapeKey]) -> int:
-    return sum((2 * math.prod(s) * d.itemsize + STEP_BYTES) * c for (s, d), c in census.items())
-
-
-def _bnb_8bit_bytes(census: Counter[ShapeKey], embeddings: Counter[ShapeKey], embeddings_32bit: bool) -> int:
-    total = 0
-    any_8bit = False
-    for key, count in census.items():
-        n = math.prod(key[0])
-        n32 = embeddings.get(key, 0) if embeddings_32bit else 0
-        if n < BNB_MIN_8BIT_SIZE:
-            n32 = count
-        total += 8 * n * n32
-        n8 = count - n32
-        if n8:
-            any_8bit = True
-            total += (2 * n + 8 * math.ceil(n / BNB_BLOCK)) * n8
-    return total + (BNB_SHARED_QMAP_BYTES if any_8bit else 0)
-
-
-def _torchao_4bit_bytes(census: Counter[ShapeKey], block_size: int) -> int:
-    total = 0
-    for (shape, dtype), count in census.items():
-        n = math.prod(shape)
-        if n >= TORCHAO_MIN_NUMEL and n % block_size == 0:
-            per_moment = n // 2 + 4 * (n // block_size) + TORCHAO_QMAP_BYTES
-        else:
-            per_moment = n * dtype.itemsize
-        total += (2 * per_moment + STEP_BYTES) * count
-    return total
 
 
 _HOW = {
-    "adamw": "2·n·s + 4 per tensor (m, v in the parameter dtype, fp32 step); torch.optim.AdamW",
-    "adamw_8bit_bnb": (
-        "n < 4096: 8·n; else 2·n + 8·ceil(n/256) (uint8 m, v + fp32 absmax per 256-block), + 2 KiB shared "
-        "qmaps; {emb}; bitsandbytes Optimizer2State.init_state"
-    ),
-    "adamw_4bit_torchao": (
-        "n ≥ 4096 and n % {block} == 0: 2·(n/2 + 4·n/{block} + 64) (packed codes, fp32 scales, qmap); "
-        "else 2·n·s; + 4 (step); torchao AdamW4bit, block_size={block}"
-    ),
+    **HOW,
     "fp32_shampoo": "8·n + 8·Σk² (fp32 Adam m, v + fp32 statistic and root per factor of order k, same blocks)",
     "q4shampoo": "exact: Q4Shampoo(precond={form}).build_state() on meta tensors",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# estimate_memory
-# ----------------------------------------------------------------------------------------------
 
 
 def estimate_memory(
@@ -527,21 +428,22 @@ def estimate_memory(
     embedding_ids = _embedding_weight_ids(model)
     embeddings = _census(p for p in params if id(p) in embedding_ids)
     n_trainable = sum(math.prod(s) * c for (s, _), c in census.items())
-    n_total = sum(_local(p).numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_total = sum(local_tensor(p).numel() for p in {id(p): p for p in model.parameters()}.values())
 
     rows: list[EstimateRow] = []
 
     def add(name: str, label: str, total: int, how: str, **extra: Any) -> None:
         rows.append(EstimateRow(name, label, total, total / n_trainable, how, **extra))
 
-    add("adamw", "AdamW (torch)", _adamw_bytes(census), _HOW["adamw"])
+    add("adamw", "AdamW (torch)", adamw_bytes(census), _HOW["adamw"])
     emb_note = "nn.Embedding weights 32-bit, as HF Trainer sets up" if bnb_embeddings_32bit else "no 32-bit overrides"
-    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", _bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
+    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
         _HOW["adamw_8bit_bnb"].format(emb=emb_note))
-    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", _torchao_4bit_bytes(census, torchao_block_size),
+    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", torchao_4bit_bytes(census, torchao_block_size),
         _HOW["adamw_4bit_torchao"].format(block=torchao_block_size))
     groups = [({}, census)]
-    _, fp32_shampoo = _equivalents_from_census(census, config)
+    plan = config_block_plan(config)
+    fp32_shampoo = sum(fp32_shampoo_equivalent(shape, plan) * count for (shape, _), count in census.items())
     add("fp32_shampoo", "fp32 Shampoo (same blocks)", fp32_shampoo, _HOW["fp32_shampoo"])
     for form in PRECOND_FORMS:
         form_config = config.replace(precond=form)
@@ -562,82 +464,3 @@ def estimate_memory(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: q4shampoo memory MODEL [--optim_args ...]
-# ----------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="q4shampoo memory",
-        description="Estimate optimizer-state memory for a model before training (nothing is allocated: "
-        "the model is built on the meta device from its config).",
-    )
-    p.add_argument("model", metavar="MODEL_NAME_OR_PATH",
-                   help="folder holding config.json, a config.json path, or a Hub name (needs the Hub)")
-    p.add_argument("--optim_args", default=None,
-                   help="Q4Shampoo options as key=value,... (Q4ShampooConfig fields), e.g. precond=eigen,max_precond_dim=2048")
-    p.add_argument("--dtype", default="float32", help="dtype of the trainable parameters (default float32)")
-    p.add_argument("--model_class", default=None,
-                   help="transformers class to build (default: the config's architectures, else AutoModelForCausalLM)")
-    p.add_argument("--lora_r", type=int, default=None,
-                   help="estimate for a peft LoRA adapter of this rank (only the adapter is trainable)")
-    p.add_argument("--lora_target_modules", default="all-linear",
-                   help="comma-separated module names for --lora_r (default all-linear)")
-    p.add_argument("--torchao_block_size", type=int, default=TRAINER_TORCHAO_BLOCK,
-                   help=f"block size of the torchao 4-bit row (default {TRAINER_TORCHAO_BLOCK}, as HF Trainer)")
-    p.add_argument("--bnb_quantize_embeddings", action="store_true",
-                   help="8-bit row: quantize embeddings too (plain bitsandbytes; HF Trainer keeps them 32-bit)")
-    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    return p
-
-
-def _with_lora(model: nn.Module, r: int, target_modules: str) -> nn.Module:
-    try:
-        import peft
-    except ImportError as e:  # pragma: no cover - peft is a dependency
-        raise SystemExit("--lora_r needs the peft package") from e
-    targets: str | list[str] = target_modules if target_modules == "all-linear" else target_modules.split(",")
-    return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=targets))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``q4shampoo memory``: print the estimate table; returns the exit code."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        options = parse_optim_args(args.optim_args)
-        target: Any = args.model
-        if args.lora_r is not None:
-            target, _ = build_meta_model(args.model, model_class=args.model_class, dtype=args.dtype)
-            target = _with_lora(target, args.lora_r, args.lora_target_modules)
-        estimate = estimate_memory(
-            target,
-            dtype=None if args.lora_r is not None else args.dtype,
-            model_class=None if args.lora_r is not None else args.model_class,
-            bnb_embeddings_32bit=not args.bnb_quantize_embeddings,
-            torchao_block_size=args.torchao_block_size,
-            **options,
-        )
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"q4shampoo memory: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(estimate.to_dict(), indent=2))
-        return 0
-    print(f"{estimate.model}: {estimate.num_params / 1e6:,.1f}M parameters, "
-          f"{estimate.num_trainable / 1e6:,.1f}M trainable ({estimate.param_dtype})")
-    opts = ", ".join(f"{k}={v}" for k, v in estimate.options.items()) or "defaults"
-    print(f"Q4Shampoo options: {opts}. Optimizer state once every parameter has stepped:\n")
-    print(estimate.to_markdown())
-    print("\nHow each row is computed (n: entries of a trainable tensor, s: bytes per entry of its dtype):")
-    print(estimate.how_text())
-    for note in estimate.notes:
-        print(f"Note: {note}")
-    print(f"\n(estimated in {estimate.seconds:.1f} s on the meta device; nothing was allocated)")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -14,16 +14,11 @@ Two settings:
   gradients, re-quantizing at every update, and compares against the fp64 EMA (papers.md §2.5's
   toy dynamic check).
 
-Used by the tests and by ``python -m hf_q4shampoo.fidelity`` (writes the tables of
-docs/results.md).
+Used by the tests and by ``python benchmarks/fidelity_tables.py`` (writes the tables of docs/results.md,
+adding factors captured from a real training run).
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import time
-from dataclasses import replace
 
 import torch
 
@@ -102,7 +97,10 @@ def static_errors(
         return linalg.inverse_root_eigh(x.double(), 4, eps)
 
     # naive / VQ: quantize A itself (off-diagonal 4-bit, fp32 diagonal)
-    record("naive", root_of(dequantize_diagreal(quantize_diagreal(a.float(), quant_map, block_size), quant_map, block_size)))
+    record(
+        "naive",
+        root_of(dequantize_diagreal(quantize_diagreal(a.float(), quant_map, block_size), quant_map, block_size)),
+    )
     # cholesky: quantize the Cholesky factor of A + r I (fp32 diagonal)
     c, _ = linalg.robust_cholesky(a.float(), eps)
     c_off = roundtrip_blockwise(torch.tril(c, -1), quant_map, block_size)
@@ -148,7 +146,7 @@ def dynamic_errors(
     and its fp64 root. With ``stored_root=False`` the root is taken in fp32 from what the form
     stores (isolating the statistics' storage); with ``True`` it is the form's 4-bit stored root.
     """
-    settings = settings or FormSettings()
+    settings = settings or FormSettings.from_options()
     gen = torch.Generator().manual_seed(seed)
     draw = _gradient_factory(n, rank, gen)
     grads = [draw() for _ in range(steps)]
@@ -159,7 +157,7 @@ def dynamic_errors(
     ref = reference_root(ref_stats, eps)
     out = {}
     for name in forms:
-        form = make_form(name, replace(settings, root_bits=4 if stored_root else 32))
+        form = make_form(name, settings.replace(root_bits=4 if stored_root else 32))
         state = form.init_state(n, 1, torch.device("cpu"))
         for g in grads:
             gf = g.float().unsqueeze(0)
@@ -168,57 +166,3 @@ def dynamic_errors(
         approx = form.root(state)[0]
         out[name] = (nre(ref, approx), angle_error_deg(ref, approx))
     return out
-
-
-def captured_preconditioners(epochs: int = 6, hidden: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Real Shampoo statistics: train an MLP on scikit-learn's digits with 32-bit Shampoo (statistics every
-    step) and return the fp64 factors of its hidden-to-hidden layer (order ``hidden`` on both sides)."""
-    from .demo import digits_data, digits_mlp, train_epochs  # noqa: PLC0415
-    from .optimizer import Q4Shampoo  # noqa: PLC0415
-
-    (x, y), _ = digits_data(seed)
-    torch.manual_seed(seed)
-    model = digits_mlp(hidden)
-    opt = Q4Shampoo(model.parameters(), lr=3e-3, precond="fp32", first_order_bits=32, update_freq=1, root_freq=10,
-                    refresh_spread=1)
-    train_epochs(model, opt, x, y, epochs, seed)
-    sides = opt.state[model[2].weight]["regions"][0]
-    return {f"L (order {hidden})": sides["L"]["stats"][0].double(), f"R (order {hidden})": sides["R"]["stats"][0].double()}
-
-
-def _main() -> None:  # pragma: no cover - exercised by docs, not unit tests
-    parser = argparse.ArgumentParser(description="Inverse-4th-root fidelity of the preconditioner forms")
-    parser.add_argument("--n", type=int, default=1200, help="order of the synthetic matrices (paper 2: 1200)")
-    parser.add_argument("--dynamic-n", type=int, default=512)
-    parser.add_argument("--dynamic-steps", type=int, default=60)
-    parser.add_argument("--eps", type=float, default=1e-4, help="ridge (paper 2 uses 1e-4 for its error analysis)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--ef-betas", type=str, default="0,0.5,0.9")
-    parser.add_argument("--json", type=str, default=None)
-    args = parser.parse_args()
-    result: dict = {"static": {}, "dynamic": {}, "args": vars(args)}
-    torch.manual_seed(0)
-    t0 = time.time()
-    for spectrum in ("two_values", "log_uniform"):
-        rows = [static_errors(synthetic_spd(args.n, spectrum, torch.Generator().manual_seed(s)), args.eps) for s in range(args.seeds)]
-        result["static"][spectrum] = {k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]}
-    for name, mat in captured_preconditioners().items():
-        lam = torch.linalg.eigvalsh(mat)
-        result.setdefault("real", {})[name] = {
-            "condition_number": float(lam[-1] / lam[0].clamp_min(1e-300)),
-            **{f"eps={eps:g}": static_errors(mat, eps) for eps in (args.eps, 1e-6)},
-        }
-    for beta_e in [float(b) for b in args.ef_betas.split(",")]:
-        settings = FormSettings(matrix_eps=args.eps, ef_beta=beta_e)
-        rows = [dynamic_errors(n=args.dynamic_n, steps=args.dynamic_steps, seed=s, settings=settings) for s in range(args.seeds)]
-        result["dynamic"][f"ef_beta={beta_e}"] = {k: [sum(r[k][i] for r in rows) / len(rows) for i in range(2)] for k in rows[0]}
-    result["seconds"] = time.time() - t0
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

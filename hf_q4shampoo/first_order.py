@@ -19,6 +19,13 @@ kept as fp32 row and column means of ``g^2`` (``exp_avg_sq_row`` (R,), ``exp_avg
 with ``beta2``) and read as ``v_ij = row_i col_j / mean(row)`` (exact when ``g^2`` is rank one): R + C floats
 instead of R * C codes. Its m stays as ``bits`` says; other tensors keep the ``bits`` scheme for v too.
 
+Skipped members: every step takes an optional per-member ``keep`` flag ``(K,)`` (bool, on the
+directions' device). A member whose flag is false leaves its parameter and moments exactly as they were
+(the optimizer clears it for a gradient with a NaN/inf entry). The flag is never read on the host, so a
+step does not wait for the accelerator: the new values of every member are computed and the old ones of
+the skipped members selected back with ``torch.where`` (or, for torch's fused AdamW, which cannot skip
+single tensors of a batch, restored from a copy taken before the call).
+
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
@@ -57,15 +64,24 @@ Moments = dict[str, torch.Tensor]  # the batched (K, ...) entries of one moment
 V_MODES = ("rank1", "factored")
 
 
-def quantized_moments(numel: int, bits: int) -> bool:
-    """Whether moments of a tensor with ``numel`` entries are stored in 4 bit."""
-    return bits == 4 and numel > QUANT_MIN_NUMEL
+def quantized_moments(numel: int, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL) -> bool:
+    """Whether moments of a tensor with ``numel`` entries are stored in 4 bit (more than ``min_quant_numel``)."""
+    return bits == 4 and numel > min_quant_numel
 
 
-def factored_shape(shape: tuple[int, ...], v: str) -> tuple[int, int] | None:
-    """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored."""
+def _is_quantized(moments: State) -> bool:
+    """Whether a batch's stored moments are 4-bit (read from the state itself, so a step never disagrees
+    with how the state was created)."""
+    return any(key.endswith("_codes") for key in moments)
+
+
+def factored_shape(
+    shape: tuple[int, ...], v: str, min_numel: int = QUANT_MIN_NUMEL
+) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored
+    (``v != "factored"``, fewer than two dims, at most ``min_numel`` entries, or a dim of 1)."""
     numel = math.prod(shape)
-    if v != "factored" or len(shape) < 2 or numel <= QUANT_MIN_NUMEL:
+    if v != "factored" or len(shape) < 2 or numel <= min_numel:
         return None
     rows = shape[0]
     cols = numel // rows
@@ -125,15 +141,21 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
             state[name + suf] = part
 
 
-def init_first_order_state(p: torch.Tensor, kind: str, bits: int, v: str = "rank1", m_map: str = "dynamic") -> State:
+def init_first_order_state(
+    p: torch.Tensor, kind: str, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL, v: str = "rank1",
+    m_map: str = "dynamic",
+) -> State:
+    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries;
+    Adam's v factored when ``v == "factored"`` and ``p`` is a large enough matrix (:func:`factored_shape`)."""
+
     def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
         return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
 
-    quantized = quantized_moments(p.numel(), bits)
+    quantized = quantized_moments(p.numel(), bits, min_quant_numel)
     state: State = {}
     if kind == "adamw":
         _scatter([state], "exp_avg", _encode_signed(zeros(), quantized, m_map))
-        factored = factored_shape(tuple(p.shape), v)
+        factored = factored_shape(tuple(p.shape), v, min_quant_numel)
         if factored is not None:
             _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
         else:
@@ -158,9 +180,19 @@ def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, tor
     return {"_row": row, "_col": col}, full.reshape(d.shape)
 
 
+def _member_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``keep`` (K,) shaped to broadcast over a ``(K, ...)`` tensor."""
+    return keep.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _kept(update: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``update`` with the skipped members' rows zeroed (``where``, so a NaN there does not leak through)."""
+    return update if keep is None else torch.where(_member_mask(keep, update), update, 0.0)
+
+
 def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
                 bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool,
-                m_map: str = "dynamic"):
+                m_map: str = "dynamic", keep: torch.Tensor | None = None):
     shape = tuple(d.shape)
     m_new = _decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
     if "_row" in v:
@@ -169,14 +201,14 @@ def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1
         v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
         v_state = _encode_nonneg(v_new, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized, m_map), v_state, update
+    return _encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
 
 
 def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool,
-              m_map: str = "dynamic"):
+              m_map: str = "dynamic", keep: torch.Tensor | None = None):
     new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return _encode_signed(new, quantized, m_map), direction * lr
+    return _encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -227,28 +259,69 @@ def _batched(moments: State, name: str) -> Moments:
     return out
 
 
-def _write_back(moments: State, name: str, new: Moments) -> None:
-    """Copy a batch's new moment into the stacked state in place (its views stay valid)."""
+def _write_back(moments: State, name: str, new: Moments, keep: torch.Tensor | None = None) -> None:
+    """Copy a batch's new moment into the stacked state in place (its views stay valid); members whose
+    ``keep`` flag is false keep their stored values (codes included, so a skip is exact)."""
     for suffix, value in new.items():
         target = moments[name + suffix]
-        target.copy_(value.reshape(target.shape))
+        value = value.reshape(target.shape)
+        target.copy_(value if keep is None else torch.where(_member_mask(keep, target), value, target))
+
+
+def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float,
+           keep: torch.Tensor | None) -> None:
+    """Decoupled weight decay ``p <- (1 - lr wd) p`` of the members whose ``keep`` flag is set.
+
+    With flags, ``p <- p + (-lr wd) * keep * p``: the flag is exactly 0 or 1 in any dtype, so it can be a
+    device tensor in the parameters' dtype without rounding the decay (a factor ``1 - lr wd`` rounded to
+    bf16 would be 1).
+    """
+    lr = _host_float(lr)
+    if keep is None:
+        decay = 1.0 - lr * weight_decay
+        torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
+        return
+    if isinstance(lr, torch.Tensor):  # on the accelerator: fold the rate into the per-member factors
+        factors = (keep.float() * (lr.to(keep.device, torch.float32) * -weight_decay)).to(params[0].dtype)
+        torch._foreach_addcmul_(params, params, list(factors.unbind(0)))
+    else:
+        torch._foreach_addcmul_(params, params, list(keep.to(params[0].dtype).unbind(0)), value=-lr * weight_decay)
 
 
 def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, moments: State, step: int,
-                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float,
+                 keep: torch.Tensor | None = None) -> None:
     """fp32 moments of fp32 parameters: torch's fused AdamW kernel (one launch for the whole batch, no
     compilation), which computes the same update as :func:`_adamw_math` (decoupled decay, bias-corrected
-    Adam step; equal up to rounding). Updates the moments in place."""
+    Adam step; equal up to rounding). Updates the moments in place.
+
+    Skipped members: the kernel's ``found_inf`` skips a whole call, so a batch of one passes its flag
+    there (no extra work); a larger batch copies parameters and moments first and puts the skipped
+    members' values back (three small ``where``s: this path holds the small tensors of a model).
+    """
     device = directions.device
     lr = _host_float(lr)
     if isinstance(lr, torch.Tensor):
         lr = lr.to(device=device, dtype=torch.float32)
     steps = [_scalars(device, "step", float(step))] * len(params)
+    m, v = moments["exp_avg"], moments["exp_avg_sq"]
+    found_inf = None
+    saved = None
+    if keep is not None and len(params) == 1:
+        found_inf = (~keep).float()
+    elif keep is not None:
+        saved = (torch.stack(params), m.clone(), v.clone())
     torch._fused_adamw_(
-        params, list(directions.unbind(0)), list(moments["exp_avg"].unbind(0)), list(moments["exp_avg_sq"].unbind(0)),
+        params, list(directions.unbind(0)), list(m.unbind(0)), list(v.unbind(0)),
         [], steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
-        maximize=False,
+        maximize=False, found_inf=found_inf,
     )
+    if saved is not None:
+        old_p, old_m, old_v = saved
+        mask = _member_mask(keep, old_p)
+        m.copy_(torch.where(mask, m, old_m))
+        v.copy_(torch.where(mask, v, old_v))
+        torch._foreach_copy_(params, list(torch.where(mask, torch.stack(params), old_p).unbind(0)))
 
 
 def adamw_batch_step(
@@ -264,33 +337,36 @@ def adamw_batch_step(
     bits: int,
     compile_: bool = False,
     m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step for K same-shape tensors, moments updated in place.
 
     ``directions`` is their fp32 ``(K, *shape)`` update direction; ``moments`` their stacked state
-    (``exp_avg*`` keys, leading dimension K).
+    (``exp_avg*`` keys, leading dimension K); ``keep`` optional per-member flags (module docstring).
+    Whether the moments are 4-bit is read from ``moments`` (``bits`` is kept for callers' clarity).
     """
+    del bits  # the stored state says how it is stored
     beta1, beta2 = betas
     device = directions.device
-    quantized = quantized_moments(params[0].numel(), bits)
+    quantized = _is_quantized(moments)
     factored = "exp_avg_sq_row" in moments  # the state says which second moment it holds
     if not quantized and not factored and params[0].dtype == torch.float32:
-        _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay)
+        _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
     # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
-        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map)
+        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map,
+                                   keep=keep)
         return
     if weight_decay:
-        decay = 1.0 - _host_float(lr) * weight_decay
-        torch._foreach_mul_(params, decay if not isinstance(decay, torch.Tensor) else decay.to(params[0].dtype))
+        _decay(params, lr, weight_decay, keep)
     fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
-                      beta1, beta2, eps, quantized, m_map)
-    _write_back(moments, "exp_avg", m)
-    _write_back(moments, "exp_avg_sq", v)
+                      beta1, beta2, eps, quantized, m_map, keep)
+    _write_back(moments, "exp_avg", m, keep)
+    _write_back(moments, "exp_avg_sq", v, keep)
     _apply_update(params, update)
 
 
@@ -306,17 +382,20 @@ def sgd_batch_step(
     bits: int,
     compile_: bool = False,
     m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
 ) -> None:
-    """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction)."""
+    """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction);
+    ``keep`` optional per-member flags (module docstring)."""
+    del bits  # the stored state says how it is stored
     device = directions.device
     if weight_decay:
         directions = directions + weight_decay * torch.stack([p.float() for p in params])
     if not momentum:
-        _apply_update(params, directions * _scalars(device, "lr", lr))
+        _apply_update(params, _kept(directions * _scalars(device, "lr", lr), keep))
         return
-    quantized = quantized_moments(params[0].numel(), bits)
+    quantized = _is_quantized(moments)
     fn = maybe_compiled(_sgd_math, device, compile_)
     buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
-                     quantized, m_map)
-    _write_back(moments, "momentum_buffer", buf)
+                     quantized, m_map, keep)
+    _write_back(moments, "momentum_buffer", buf, keep)
     _apply_update(params, update)

@@ -13,11 +13,14 @@ How: :func:`hf_q4shampoo.register` runs first (even with ``HF_Q4SHAMPOO_AUTO_REG
 registering is this command's job), then the script runs in this process through :mod:`runpy` with
 Python's own ``__main__`` semantics: ``__name__ == "__main__"``, ``sys.argv = [SCRIPT, ARGS...]`` and the
 script's folder first on ``sys.path``. Its exit status is returned (``sys.exit`` / argparse errors
-included); an uncaught exception propagates with its traceback, as with ``python SCRIPT.py``.
+included); an uncaught exception propagates with its traceback, as with ``python SCRIPT.py``, except a
+:class:`~hf_q4shampoo.config.ConfigError` (a bad ``--optim_args`` value, raised while the script builds its
+TrainingArguments): that is a usage error, printed as one line with exit status 2, as argparse does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -47,7 +50,21 @@ def _exit_status(code: object) -> int:
     return 1
 
 
+def _module_found(name: str) -> bool:
+    """Whether ``python -m name`` would find ``name`` (the working directory first on ``sys.path``, as there)."""
+    saved_path = sys.path[:]
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package, or an empty / relative name
+        return False
+    finally:
+        sys.path[:] = saved_path
+
+
 def _run(target: str, args: list[str], as_module: bool) -> int:
+    from hf_q4shampoo.config import ConfigError
+
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
         sys.argv = [target, *args]  # with -m, run_module puts the module's file in argv[0]
@@ -59,6 +76,9 @@ def _run(target: str, args: list[str], as_module: bool) -> int:
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         return _exit_status(exc.code)
+    except ConfigError as exc:
+        print(f"q4shampoo run: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
@@ -77,13 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"q4shampoo run: -m needs a module name\n\n{USAGE}", file=sys.stderr)
             return 2
         target, args = argv[1], argv[2:]
+        if not _module_found(target):
+            print(f"q4shampoo run: no module named {target!r}", file=sys.stderr)
+            return 1
     else:
         target, args = argv[0], argv[1:]
         if not os.path.isfile(target):
             print(f"q4shampoo run: no such script: {target!r}\n\n{USAGE}", file=sys.stderr)
             return 2
 
-    from hf_q4shampoo import register
+    from .integrations.registration import register
 
     register()
     return _run(target, args, as_module)

@@ -67,6 +67,8 @@ class ShapeGroup:
     slots: list[SideSlot] = field(default_factory=list)
     #: first-order state of the members stacked along dim 0 (``(K, *per-parameter shape)`` per key)
     moments: State = field(default_factory=dict)
+    #: the members' ``skipped_updates`` counters stacked, ``(K,)`` (the per-parameter entries are views)
+    skipped: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -91,7 +93,8 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
     ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
-    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g. after
+    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their
+    values are copied over first), so a layout can be rebuilt at any time, e.g. after
     ``load_state_dict`` or when a parameter gets its first gradient late.
     """
     by_key: dict[tuple, ShapeGroup] = {}
@@ -107,6 +110,10 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
             group.moments[k] = torch.stack([s[k] for s in group.states])
             for i, s in enumerate(group.states):
                 s[k] = group.moments[k][i]
+        if all("skipped_updates" in s for s in group.states):
+            group.skipped = torch.stack([s["skipped_updates"].reshape(()) for s in group.states])
+            for i, s in enumerate(group.states):
+                s["skipped_updates"] = group.skipped[i]
     buckets: dict[tuple, FactorBucket] = {}
     pieces: dict[int, list[State]] = {}  # id(bucket) -> side states in row order
     for group in groups:

@@ -146,7 +146,9 @@ def inverse_root_newton(
     return torch.where(ok[..., None, None], x, eye_like(x))
 
 
-def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw) -> torch.Tensor:
+def matrix_inverse_root(
+    a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, method: str = "eigh", **kw
+) -> torch.Tensor:
     """Dispatch to :func:`inverse_root_eigh` or :func:`inverse_root_newton` (``method``)."""
     if method == "eigh":
         return inverse_root_eigh(a, p, ridge_eps)
@@ -155,7 +157,9 @@ def matrix_inverse_root(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, me
     raise ValueError(f"unknown inverse-root method {method!r}; allowed: 'eigh', 'newton'")
 
 
-def inverse_root_checked(a: torch.Tensor, p: int, ridge_eps: float, method: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_root_checked(
+    a: torch.Tensor, p: int, ridge_eps: float, method: str, **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(root, ok)``: like :func:`matrix_inverse_root`, but Newton's failures are reported, not replaced,
     so that the caller can keep the previous root of a failed matrix (no host sync on accelerators)."""
     if method == "eigh":
@@ -176,7 +180,9 @@ def bjorck_orthonormalize(v: torch.Tensor, iters: int) -> torch.Tensor:
     return v
 
 
-def cholesky_attempt(a: torch.Tensor, rel_eps: float, jitter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cholesky_attempt(
+    a: torch.Tensor, rel_eps: float, jitter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Cholesky factorisation of ``A + r I`` per matrix, ``r = rel_eps * jitter * max_i A_ii``; no host sync.
 
     The sync-free counterpart of :func:`robust_cholesky` for accelerators: instead of retrying at once
@@ -256,6 +262,21 @@ def robust_cholesky(
 
 
 @contextmanager
+def _matmul_precision(tf32: bool):
+    """Set CUDA float32 matrix products to TF32 or IEEE fp32 inside the block, then restore the setting."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        name, value = "fp32_precision", "tf32" if tf32 else "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        name, value = "allow_tf32", tf32
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
+
+
 def fp32_matmul():
     """Run CUDA float32 matrix products in IEEE fp32 inside the block (TF32 off), then restore the setting.
 
@@ -263,49 +284,17 @@ def fp32_matmul():
     the roots' and factorisations' fp32 products into TF32 ones, whose 10-bit mantissa loses the small
     eigenvalues that Shampoo exists to amplify (docs/perf_notes.md v4: NRE 0.45 against fp64 at eps 1e-6).
     """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # pragma: no cover - torch < 2.9
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
+    return _matmul_precision(False)
 
 
-@contextmanager
 def tf32_matmul(enabled: bool = True):
-    """Let CUDA float32 products inside the block use TF32 (when ``enabled``), then restore the setting.
+    """CUDA float32 products inside the block in TF32 when ``enabled``, else in IEEE fp32 (restored after).
 
     Only for Gram products ``X X^T``: TF32 rounds each input to a 10-bit mantissa and accumulates in fp32,
     so the result is the exact Gram matrix of a slightly rounded X (relative 2^-11 per entry), still PSD
     (docs/perf_notes.md v6). Not for the Newton iteration (v4).
     """
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # pragma: no cover - torch < 2.9
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
+    return _matmul_precision(enabled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,7 +308,9 @@ NEWTON_D_MAX = 0.6
 
 
 @lru_cache(maxsize=64)
-def newton_schedule(p: int, ridge_eps: float, tol: float = 1e-6, max_iters: int = 40) -> tuple[tuple[float, float], ...]:
+def newton_schedule(
+    p: int, ridge_eps: float, tol: float = 1e-6, max_iters: int = 40
+) -> tuple[tuple[float, float], ...]:
     """Coefficients ``(a, b)`` of ``T_k = a I - b M_k`` for the coupled iteration ``X <- X T, M <- T^p M``.
 
     Every ``T_k`` is a polynomial in A, so ``M_k = X_k^p A`` holds at every step (all matrices commute) and

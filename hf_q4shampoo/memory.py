@@ -24,37 +24,56 @@ parameter (fp32 m and v), ``fp32_shampoo`` = fp32 statistics and roots for every
 (``8 n^2`` bytes per factor) + fp32 Adam moments (8 bytes per parameter). The block plan is the
 optimizer's own for a Q4Shampoo, and that of the default :class:`~hf_q4shampoo.Q4ShampooConfig` for
 any other optimizer (so an AdamW run compares with the Shampoo a Q4Shampoo run would have stored).
+:func:`adamw_equivalent` and :func:`fp32_shampoo_equivalent` are the one place these are defined.
+
+Where the bytes come from: an optimizer that has a public ``state_bytes(param) -> {kind: bytes}``
+(:meth:`Q4Shampoo.state_bytes <hf_q4shampoo.Q4Shampoo.state_bytes>`) reports its own state; a SparseMFAC
+reports per group (above); any other optimizer's state tensors all count as ``first_order``.
+:class:`ReportBuilder` assembles a :class:`MemoryReport` from such per-tensor bytes; both the measured
+report (:func:`optimizer_state_bytes`) and the pre-flight estimate (``estimate.py``) use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .blocking import BlockPlan, plan_blocks
+from .blocking import BlockPlan, local_tensor, plan_blocks
 from .config import Q4ShampooConfig
-from .first_order import first_order_keys
-from .optimizer import _local
 from .preconditioners import tensor_bytes
 from .sparse_mfac import STATE_KINDS, SparseMFAC
 
 __all__ = [
     "MemoryReport",
+    "ReportBuilder",
     "KINDS",
     "optimizer_state_bytes",
     "param_state_bytes",
     "unwrap_optimizer",
     "format_bytes",
+    "adamw_equivalent",
+    "fp32_shampoo_equivalent",
+    "config_block_plan",
+    "factor_numel",
 ]
 
 KINDS = ("statistics", "roots", "error_feedback", "first_order", "scales_diagonals", "other", "indices", "gram")
 
+#: ``shape -> BlockPlan | None``: how a parameter of that shape is cut into blocks (``Q4Shampoo.block_plan``).
+PlanFn = Callable[[tuple[int, ...]], BlockPlan | None]
+
 
 @dataclass
 class MemoryReport:
-    """Optimizer-state bytes of one optimizer (see module docstring for the kinds)."""
+    """Optimizer-state bytes of one optimizer (see module docstring for the kinds).
+
+    Its JSON form is ``integrations.report.state_summary`` (the ``estimate`` / ``measured`` entries of
+    ``memory_report.json``).
+    """
 
     by_kind: dict[str, int]
     num_params: int  # parameters (entries) that have optimizer state
@@ -73,11 +92,105 @@ class MemoryReport:
     def bytes_per_param(self) -> float:
         return self.total / max(1, self.num_params)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["total"] = self.total
-        d["bytes_per_param"] = self.bytes_per_param
-        return d
+
+# ----------------------------------------------------------------------------------------------
+# equivalents: the one definition
+# ----------------------------------------------------------------------------------------------
+
+
+def factor_numel(plan: BlockPlan | None) -> int:
+    """Entries of every Kronecker factor (statistic or root) of ``plan``."""
+    if plan is None:
+        return 0
+    total = 0
+    for r in plan.regions:
+        if r.precond_rows:
+            total += r.num_blocks * r.block_rows**2
+        if r.precond_cols:
+            total += r.num_blocks * r.block_cols**2
+    return total
+
+
+def config_block_plan(config: Q4ShampooConfig | None = None) -> PlanFn:
+    """The block plan of a Q4Shampoo with ``config`` (default: the default config), as a function of the shape."""
+    c = config or Q4ShampooConfig()
+    return lambda shape: plan_blocks(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+
+
+def adamw_equivalent(shape: Iterable[int]) -> int:
+    """Bytes of AdamW's fp32 m and v for a parameter of ``shape``."""
+    return 8 * math.prod(shape)
+
+
+def fp32_shampoo_equivalent(shape: Iterable[int], plan: PlanFn) -> int:
+    """Bytes of fp32 Shampoo for a parameter of ``shape``: fp32 statistic and root of every factor of ``plan``
+    (``8 k^2`` per factor of order ``k``) + fp32 Adam m and v."""
+    shape = tuple(shape)
+    return 8 * math.prod(shape) + 8 * factor_numel(plan(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# the report builder: the one assembly of a MemoryReport
+# ----------------------------------------------------------------------------------------------
+
+
+class ReportBuilder:
+    """Accumulates per-tensor state bytes into a :class:`MemoryReport`, group by group.
+
+    ``plan`` gives the block plan of the fp32-Shampoo equivalent. Call :meth:`group` before each parameter
+    group's tensors, :meth:`add` per tensor (or per ``count`` tensors of one shape), :meth:`row` for a line
+    of the "largest" table, then :meth:`report`.
+    """
+
+    def __init__(self, plan: PlanFn):
+        self.plan = plan
+        self.by_kind = dict.fromkeys(KINDS, 0)
+        self.by_group: list[int] = []
+        self.group_num_params: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+        self.num_params = self.num_tensors = self.adamw = self.fp32_shampoo = 0
+
+    def group(self) -> None:
+        self.by_group.append(0)
+        self.group_num_params.append(0)
+
+    def add(self, shape: Iterable[int], kinds: dict[str, int], count: int = 1) -> int:
+        """Count ``count`` tensors of ``shape`` whose state each takes ``kinds`` bytes; returns one's total."""
+        shape = tuple(shape)
+        numel = math.prod(shape)
+        total = 0
+        for kind, b in kinds.items():
+            self.by_kind[kind] += b * count
+            total += b
+        self.by_group[-1] += total * count
+        self.group_num_params[-1] += numel * count
+        self.num_params += numel * count
+        self.num_tensors += count
+        self.adamw += adamw_equivalent(shape) * count
+        self.fp32_shampoo += fp32_shampoo_equivalent(shape, self.plan) * count
+        return total
+
+    def row(self, name: str | None, shape: Iterable[int], numel: int, nbytes: int) -> None:
+        row = {"shape": list(shape), "numel": numel, "bytes": nbytes, "bytes_per_param": nbytes / max(1, numel)}
+        self.rows.append(row if name is None else {"name": name, **row})
+
+    def report(self, largest: int = 10) -> MemoryReport:
+        rows = sorted(self.rows, key=lambda r: -r["bytes"])[:largest]
+        return MemoryReport(
+            by_kind=self.by_kind,
+            num_params=self.num_params,
+            num_tensors=self.num_tensors,
+            adamw_equivalent=self.adamw,
+            fp32_shampoo_equivalent=self.fp32_shampoo,
+            by_group=self.by_group,
+            largest=rows,
+            group_num_params=self.group_num_params,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring an optimizer
+# ----------------------------------------------------------------------------------------------
 
 
 def unwrap_optimizer(opt: Any) -> Any:
@@ -115,73 +228,39 @@ def _nested_tensors(value: Any):
             yield from _nested_tensors(v)
 
 
-#: Block plan of the fp32-Shampoo equivalent for optimizers other than Q4Shampoo.
-_DEFAULT_CONFIG = Q4ShampooConfig()
-
-
-def _factor_numel(plan: BlockPlan | None) -> int:
-    """Entries of every Kronecker factor (statistic or root) of ``plan``."""
-    if plan is None:
-        return 0
-    total = 0
-    for r in plan.regions:
-        if r.precond_rows:
-            total += r.num_blocks * r.block_rows**2
-        if r.precond_cols:
-            total += r.num_blocks * r.block_cols**2
-    return total
-
-
-def _config_factor_numel(shape: torch.Size | tuple[int, ...], config: Q4ShampooConfig) -> int:
-    """Entries of every Kronecker factor a Q4Shampoo with ``config`` keeps for a parameter of ``shape``."""
-    c = config
-    return _factor_numel(plan_blocks(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel))
-
-
-def _plan_factor_numel(optimizer: Any, shape: torch.Size) -> int:
-    if hasattr(optimizer, "block_plan"):
-        return _factor_numel(optimizer.block_plan(shape))
-    return _config_factor_numel(shape, _DEFAULT_CONFIG)
+def _optimizer_plan(optimizer: Any) -> PlanFn:
+    """The optimizer's own block plan (a Q4Shampoo), else the default config's."""
+    plan = getattr(optimizer, "block_plan", None)
+    return plan if callable(plan) else config_block_plan()
 
 
 def param_state_bytes(optimizer: Any, p: torch.Tensor, seen: set[int] | None = None) -> dict[str, int]:
     """Bytes of the state ``optimizer`` holds for parameter ``p``, split into :data:`KINDS`.
 
-    ``seen`` (ids of tensors already counted) lets a caller count a tensor shared between parameters
-    once: bitsandbytes puts the same quantization-map tensor in every parameter's state.
+    An optimizer with a ``state_bytes(p)`` method (Q4Shampoo) reports its own kinds; for a SparseMFAC, ``p``
+    is its group's first parameter and the result the whole group's state; for any other optimizer every
+    state tensor is ``first_order``. ``seen`` (ids of tensors already counted) lets a caller count a tensor
+    shared between parameters once: bitsandbytes puts the same quantization-map tensor in every parameter's
+    state.
     """
     optimizer = unwrap_optimizer(optimizer)
     kinds = dict.fromkeys(KINDS, 0)
     state = optimizer.state.get(p)
     if not state:
         return kinds
-    if _is_sparse_mfac(optimizer):  # p is its group's first parameter: the whole group's state
+    if isinstance(optimizer, SparseMFAC):
         return _sparse_mfac_kinds(state)
-    if not hasattr(optimizer, "_form"):
-        for t in _nested_tensors(state):
-            if seen is not None:
-                if id(t) in seen:
-                    continue
-                seen.add(id(t))
-            kinds["first_order"] += tensor_bytes(t)
+    own = getattr(optimizer, "state_bytes", None)
+    if callable(own):
+        kinds.update(own(p))
         return kinds
-    form = optimizer._form(torch.device("cpu"))
-    numel = _local(p).numel()
-    for key in first_order_keys(state):
-        t = state[key]
-        moment = key.endswith(("_codes", "_row", "_col")) or t.numel() == numel  # _row/_col: a factored v
-        kind = "first_order" if moment else "scales_diagonals"
-        kinds[kind] += tensor_bytes(t)
-    kinds["other"] += tensor_bytes(state["step"])
-    for sides in state.get("regions", []):
-        for side in sides.values():
-            for kind, b in form.bytes_by_kind(side).items():
-                kinds[kind] += b
+    for t in _nested_tensors(state):
+        if seen is not None:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+        kinds["first_order"] += tensor_bytes(t)
     return kinds
-
-
-def _is_sparse_mfac(optimizer: Any) -> bool:
-    return isinstance(optimizer, SparseMFAC)
 
 
 def _sparse_mfac_kinds(state: dict[str, Any]) -> dict[str, int]:
@@ -192,32 +271,19 @@ def _sparse_mfac_kinds(state: dict[str, Any]) -> dict[str, int]:
     return kinds
 
 
-def _sparse_mfac_report(optimizer: Any, largest: int) -> MemoryReport:
+def _sparse_mfac_report(optimizer: SparseMFAC, largest: int) -> MemoryReport:
     """One report row per parameter group: SparseMFAC's state is per (flattened) group."""
-    by_kind = dict.fromkeys(KINDS, 0)
-    by_group, group_num_params, rows = [], [], []
-    num_params = num_tensors = adamw = fp32_shampoo = 0
+    builder = ReportBuilder(_optimizer_plan(optimizer))
     for gi, group in enumerate(optimizer.param_groups):
+        builder.group()
         state = optimizer.group_state(gi)
-        numel = sum(p.numel() for p in group["params"]) if state else 0
-        kinds = _sparse_mfac_kinds(state) if state else dict.fromkeys(KINDS, 0)
-        for kind, b in kinds.items():
-            by_kind[kind] += b
-        total = sum(kinds.values())
-        by_group.append(total)
-        group_num_params.append(numel)
-        if state:
-            count = len(group["params"])
-            num_params += numel
-            num_tensors += count
-            adamw += 8 * numel
-            fp32_shampoo += sum(8 * p.numel() + 8 * _plan_factor_numel(optimizer, p.shape) for p in group["params"])
-            rows.append({"name": f"group {gi} ({count} tensors, flattened)", "shape": [numel], "numel": numel,
-                         "bytes": total, "bytes_per_param": total / max(1, numel)})
-    rows.sort(key=lambda r: -r["bytes"])
-    return MemoryReport(by_kind=by_kind, num_params=num_params, num_tensors=num_tensors, adamw_equivalent=adamw,
-                        fp32_shampoo_equivalent=fp32_shampoo, by_group=by_group, largest=rows[:largest],
-                        group_num_params=group_num_params)
+        if not state:
+            continue
+        params = group["params"]
+        total = sum(builder.add(p.shape, _sparse_mfac_kinds(state) if i == 0 else {}) for i, p in enumerate(params))
+        numel = sum(p.numel() for p in params)
+        builder.row(f"group {gi} ({len(params)} tensors, flattened)", [numel], numel, total)
+    return builder.report(largest)
 
 
 def optimizer_state_bytes(
@@ -234,49 +300,20 @@ def optimizer_state_bytes(
     ``largest`` rows then carry a ``name``.
     """
     optimizer = unwrap_optimizer(optimizer)
-    if _is_sparse_mfac(optimizer):
+    if isinstance(optimizer, SparseMFAC):
         return _sparse_mfac_report(optimizer, largest)
-    by_kind = dict.fromkeys(KINDS, 0)
-    by_group: list[int] = []
-    group_num_params: list[int] = []
-    per_tensor = []
-    num_params = num_tensors = 0
-    adamw = fp32_shampoo = 0
+    builder = ReportBuilder(_optimizer_plan(optimizer))
     seen: set[int] = set()
+    names = param_names or {}
     for group in optimizer.param_groups:
-        group_bytes = group_params = 0
+        builder.group()
         for p in group["params"]:
             if not optimizer.state.get(p):
                 continue
-            local = _local(p)
-            numel = local.numel()
-            num_params += numel
-            group_params += numel
-            num_tensors += 1
-            adamw += 8 * numel
-            fp32_shampoo += 8 * numel + 8 * _plan_factor_numel(optimizer, local.shape)
-            kinds = param_state_bytes(optimizer, p, seen)
-            for kind, b in kinds.items():
-                by_kind[kind] += b
-            total = sum(kinds.values())
-            group_bytes += total
-            row = {"shape": list(p.shape), "numel": numel, "bytes": total, "bytes_per_param": total / max(1, numel)}
-            if param_names is not None and id(p) in param_names:
-                row = {"name": param_names[id(p)], **row}
-            per_tensor.append(row)
-        by_group.append(group_bytes)
-        group_num_params.append(group_params)
-    per_tensor.sort(key=lambda r: -r["bytes"])
-    return MemoryReport(
-        by_kind=by_kind,
-        num_params=num_params,
-        num_tensors=num_tensors,
-        adamw_equivalent=adamw,
-        fp32_shampoo_equivalent=fp32_shampoo,
-        by_group=by_group,
-        largest=per_tensor[:largest],
-        group_num_params=group_num_params,
-    )
+            local = local_tensor(p)
+            total = builder.add(local.shape, param_state_bytes(optimizer, p, seen))
+            builder.row(names.get(id(p)), p.shape, local.numel(), total)
+    return builder.report(largest)
 
 
 def format_bytes(n: float) -> str:
@@ -285,4 +322,3 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
-

@@ -19,7 +19,8 @@ Windows:
 * :class:`TopKWindow` (``variant="topk"``): ``c`` = the ``k`` entries of ``a`` largest in magnitude,
   stored as fp32 values and int32 (int64 when ``d >= 2**31``) positions, ``m x k`` each; with
   ``dense=True`` the slot is an fp32 row of length ``d`` instead (the dense M-FAC baseline when
-  ``k == d``, which also keeps no error accumulator: nothing is dropped). Inner products with stored rows gather ``x`` at the stored positions.
+  ``k == d``, which also keeps no error accumulator: nothing is dropped). Inner products with stored rows
+  gather ``x`` at the stored positions.
 * :class:`LowRankWindow` (``variant="lowrank"``): each matrix parameter (``shape[0] x rest``) is
   compressed to ``P Q^T`` of rank ``r`` by one power iteration warm-started from the previous ``Q``
   (PowerSGD-style, as EFCP's low-rank compressor); vectors and matrices whose short side is ``<= r``
@@ -192,7 +193,7 @@ class LowRankWindow:
     exact_width: int
 
     @classmethod
-    def for_shapes(cls, m: int, shapes: list[torch.Size], rank: int) -> "LowRankWindow":
+    def for_shapes(cls, m: int, shapes: list[torch.Size], rank: int) -> LowRankWindow:
         segments, left, right, exact = plan_segments(shapes, rank)
         d = sum(s.numel for s in segments)
         return cls(m, d, rank, tuple(segments), left, right, exact)

@@ -8,6 +8,15 @@ One step, for every matrix parameter W with gradient G (paper 2 Algorithm 4; pap
     G~ = G^ * ||G||_F / ||G^||_F                  (norm grafting, per tensor)
     W  <- first_order_step(W, G~)                 (AdamW or SGD-momentum)
 
+A parameter whose gradient has a NaN or infinite entry skips that step entirely: its statistics, roots,
+first-order moments and value stay as they were (only its step counter advances), and the skip is counted
+in its state (``skipped_updates``; :meth:`Q4Shampoo.skipped_updates` sums them). The check costs one
+max-abs reduction per gradient and never makes the host wait for the accelerator: the flags stay on the
+device and select old or new values with ``torch.where``. One bad batch (an fp16 overflow, a corrupted
+example) therefore loses one step of one parameter instead of turning the whole matrix into NaN for good.
+The same holds for a member whose preconditioned direction is not finite (a bad root): it skips its
+first-order step.
+
 How L, R and the roots are *stored* is the job of a preconditioner form (``preconditioners.py``);
 how a parameter is cut into blocks is ``blocking.py``. Blocks of the same order are concatenated
 across all parameters so every stage is a handful of batched tensor ops.
@@ -16,10 +25,9 @@ across all parameters so every stage is a handful of batched tensor ops.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,39 +35,61 @@ from typing import Any
 
 import torch
 
-from . import linalg, triton_kernels
+from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
-from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
+from .blocking import local_tensor as _local
+from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
-from .preconditioners import FormSettings, PreconditionerForm, make_form
+from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
+from .schedule import first_due as _first_due
+from .schedule import is_due as _is_due
+from .schedule import refresh_offsets
 
 __all__ = ["Q4Shampoo"]
 
 _GRAFT_EPS = 1e-12
+#: Attributes DeepSpeed ZeRO-3 sets on the parameters it partitions (ZeRO-1/2 hand the optimizer flat
+#: partitions without markers: the Trainer integration refuses those setups from its arguments).
+_DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
 
 
-def _is_due(step: int, freq: int, start: int, offset: int) -> bool:
-    """Refresh on steps t >= start where t - offset is a positive multiple of ``freq``."""
-    return step >= start and step > offset and (step - offset) % freq == 0
+def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-member Frobenius norms of a ``(K, rows, cols)`` stack, without overflow.
+
+    Squaring in fp32 overflows once entries pass ~1e19 (a 96 x 80 gradient of 1e18 has norm 8.8e19, but its
+    squares sum to inf), so each member is divided by its largest magnitude first and the norm scaled back.
+    ``amax`` (the per-member max |x|) may be given when already known. Members with a NaN/inf entry get a
+    non-finite norm, which the caller treats as a skipped update.
+    """
+    if amax is None:
+        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1))
+    amax = amax.float()
+    safe = torch.where(amax > 0, amax, 1.0)  # an all-zero member: norm 0 whatever the divisor
+    return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
 
 
-def _first_due(freq: int, start: int, offset: int) -> int:
-    return offset + freq * max(1, math.ceil((start - offset) / freq))
+def _lr_number(lr: torch.Tensor) -> float:
+    """The value of a tensor learning rate, which must hold exactly one number."""
+    if lr.numel() != 1:
+        raise ConfigError(
+            f"Q4Shampoo: lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}."
+        )
+    return float(lr)
 
 
-def _refresh_cost(plan: BlockPlan) -> int:
-    """Work of one refresh of a parameter's factors, ~ sum of K n^3 (Cholesky / roots are cubic)."""
-    cost = 0
-    for r in plan.regions:
-        cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
-    return cost
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+def _as_config(config: Any) -> Q4ShampooConfig:
+    """``config=`` as given: a :class:`Q4ShampooConfig`, a dict of its fields, or None (the defaults)."""
+    if config is None:
+        return Q4ShampooConfig()
+    if isinstance(config, Q4ShampooConfig):
+        return config
+    if isinstance(config, Mapping):
+        return Q4ShampooConfig.from_kwargs(**config)
+    raise ConfigError(
+        f"Q4Shampoo: config must be a Q4ShampooConfig or a dict of its fields, got {type(config).__name__} "
+        f"{config!r}. Options go in as keywords, e.g. Q4Shampoo(params, precond=\"eigen\")."
+    )
 
 
 @dataclass(eq=False)
@@ -74,6 +104,9 @@ class _Batch:
     stats_due: list[int] = field(default_factory=list)
     roots_due: list[int] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)
+    #: per-member max |gradient| and whether it is finite, ``(len(members),)`` on the gradients' device
+    amax: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
 
 
 def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[_Batch]:
@@ -94,16 +127,20 @@ class Q4Shampoo(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (dicts may set ``lr``, ``betas``, ``eps``,
-            ``weight_decay``, ``momentum``, ``nesterov``). Empty groups are allowed.
+            ``weight_decay``, ``momentum``, ``nesterov``, ``maximize``: :data:`~hf_q4shampoo.config.GROUP_KEYS`).
+            Empty groups are allowed. A group setting another Q4Shampoo option (``update_freq``, ``precond``,
+            ...) is refused by name: those options hold for the whole optimizer.
         lr, betas, eps, weight_decay: first-order hyper-parameters (defaults 1e-3, (0.9, 0.999),
-            1e-8, 0.0). ``lr`` may be a tensor (e.g. driven by a scheduler).
-        config: a :class:`Q4ShampooConfig`; keyword options below override its fields.
+            1e-8, 0.0). ``lr`` may be a one-element tensor (e.g. driven by a scheduler); numpy scalars
+            are accepted for every numeric option.
+        config: a :class:`Q4ShampooConfig` or a dict of its fields; keyword options below override it.
         **options: any other :class:`Q4ShampooConfig` field, e.g. ``precond="eigen"``,
             ``update_freq=10``, ``root_freq=50``, ``first_order="sgd"``, ``momentum=0.9``.
 
     Matrices (after dropping size-1 dims and flattening trailing dims) are preconditioned; 1-D
     tensors and matrices under ``min_precond_numel`` take the first-order step alone. State is
-    created lazily on the parameter's device at its first step.
+    created lazily on the parameter's device at its first step. Gradients with NaN/inf entries skip
+    their parameter's update (module docstring). The optimizer can be deep-copied and pickled.
     """
 
     def __init__(
@@ -122,26 +159,61 @@ class Q4Shampoo(torch.optim.Optimizer):
         overrides.update(options)
         lr_tensor = overrides.get("lr") if isinstance(overrides.get("lr"), torch.Tensor) else None
         if lr_tensor is not None:
-            overrides["lr"] = float(lr_tensor)
-        base = config or Q4ShampooConfig()
+            overrides["lr"] = _lr_number(lr_tensor)
+        base = _as_config(config)
         cfg = base.replace(**overrides) if overrides else base
         self.config = cfg
         defaults = cfg.group_defaults()
         if lr_tensor is not None:
             defaults["lr"] = lr_tensor
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._validate_group(group)
-        self._settings = FormSettings(
-            **{k: getattr(cfg, k) for k in FormSettings.__dataclass_fields__ if k not in ("root_method", "gram_tf32")},
-            root_method="eigh",
-        )
+        super().__init__(params, defaults)  # validates every group (add_param_group)
+        self._init_runtime()
+        self._warn_if_no_root()
+
+    def _init_runtime(self) -> None:
+        """Attributes derived from ``config`` that the step keeps (made anew for a copy or an unpickled
+        optimizer, never shared with the original)."""
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
-        self._warn_if_no_root()
+        for name in ("_layout", "_index_cache", "_offset_key", "_offsets", "_warmed_orders"):
+            self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
         #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
         self.stage_timer: Callable[[str], Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's pickling protocol (``copy.deepcopy``, ``pickle``): torch's three entries plus the config.
+
+        The layout, index and form caches are rebuilt by the copy (their tensors would otherwise be shared
+        with, or duplicated beside, the state); ``stage_timer`` (a profiler's hook) is not carried over.
+        """
+        state = super().__getstate__()
+        state["config"] = self.config
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "config" in state:  # a copy or an unpickled optimizer (load_state_dict passes only state/groups)
+            self._init_runtime()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, with the constructor's validation (nothing is added when it fails)."""
+        if isinstance(param_group, dict):
+            self._validate_group(param_group)
+        super().add_param_group(param_group)
+
+    def skipped_updates(self) -> int:
+        """Total number of parameter updates skipped for a NaN/inf gradient (or direction) so far.
+
+        For logging: it reads the per-parameter counters (``state[p]["skipped_updates"]``), which waits for
+        the accelerator once per device.
+        """
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for state in self.state.values():
+            count = state.get("skipped_updates")
+            if isinstance(count, torch.Tensor):
+                by_device[count.device].append(count.reshape(()))
+        return sum(int(torch.stack(counts).sum()) for counts in by_device.values())
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the optimizer the run's length (optimizer steps), which the ``"auto"`` schedule reads.
@@ -171,24 +243,32 @@ class Q4Shampoo(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     # configuration helpers
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        # Other libraries put their own keys in groups (names, initial_lr, ...): only ours are checked.
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a parameter group's options as the constructor checks its own (numpy scalars become
+        Python numbers in the group). Other libraries put their own keys in groups (names, initial_lr,
+        ...): only Q4Shampoo's are checked, and those that hold for the whole optimizer are refused."""
+        wide = sorted(k for k in group if k in Q4ShampooConfig.field_names() and k not in GROUP_KEYS)
+        if wide:
+            raise ConfigError(
+                f"Q4Shampoo: {', '.join(map(repr, wide))} cannot be set per parameter group: it holds for the "
+                f"whole optimizer (pass it to Q4Shampoo(...)). Per-group options: {', '.join(GROUP_KEYS)}."
+            )
+        for key in GROUP_KEYS:
+            if key in group and not isinstance(group[key], torch.Tensor):
+                value = plain_value(group[key])
+                if key == "betas" and isinstance(value, list | tuple):
+                    value = tuple(plain_value(b) for b in value)
+                group[key] = value
         checked = {k: group[k] for k in GROUP_KEYS if k in group}
-        lr = checked.get("lr")
-        if isinstance(lr, torch.Tensor):
-            checked["lr"] = float(lr)
-        if isinstance(checked.get("betas"), list):
-            checked["betas"] = tuple(checked["betas"])
-        Q4ShampooConfig().replace(**checked)
+        if isinstance(checked.get("lr"), torch.Tensor):
+            checked["lr"] = _lr_number(checked["lr"])
+        self.config.replace(**checked)
 
     def _form(self, device: torch.device) -> PreconditionerForm:
-        method = self.config.root_method
-        if method == "auto":
-            method = "eigh" if device.type == "cpu" else "newton"
-        key = (method, self._gram_tf32(device))
+        """The preconditioner form, reading this optimizer's config with the choices of ``device`` resolved."""
+        settings = FormSettings.for_device(self.config, device)
+        key = (settings.root_method, settings.gram_tf32)
         if key not in self._forms:
-            settings = FormSettings(**{**self._settings.__dict__, "root_method": method, "gram_tf32": key[1]})
             self._forms[key] = make_form(self.config.precond, settings)
         return self._forms[key]
 
@@ -201,6 +281,35 @@ class Q4Shampoo(torch.optim.Optimizer):
         """How a parameter of ``shape`` is cut into blocks (None: first-order step only)."""
         c = self.config
         return self._plan_cached(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+
+    def state_bytes(self, p: torch.Tensor) -> dict[str, int]:
+        """Bytes of the state held for parameter ``p``, by memory kind (``hf_q4shampoo.memory.KINDS``).
+
+        ``first_order`` (moments, as codes or fp32) and their ``scales_diagonals`` (block scales, rank-1
+        maxima); the preconditioner form's ``statistics``, ``roots``, ``error_feedback`` and
+        ``scales_diagonals`` (``PreconditionerForm.bytes_by_kind``); ``other`` (the step and skip counters). Empty before
+        ``p``'s first step (or :meth:`build_state`). This is what the memory report and the estimate read.
+        """
+        state = self.state.get(p)
+        if not state:
+            return {}
+        local = _local(p)
+        out: dict[str, int] = defaultdict(int)
+        for key in first_order_keys(state):
+            t = state[key]
+            moment = key.endswith(("_codes", "_row", "_col")) or t.numel() == local.numel()  # _row/_col: factored v
+            kind = "first_order" if moment else "scales_diagonals"
+            out[kind] += tensor_bytes(t)
+        out["other"] += tensor_bytes(state["step"])
+        if "skipped_updates" in state:  # the non-finite guard's counter
+            out["other"] += tensor_bytes(state["skipped_updates"])
+        if state.get("regions"):
+            form = self._form(local.device)
+            for sides in state["regions"]:
+                for side in sides.values():
+                    for kind, b in form.bytes_by_kind(side).items():
+                        out[kind] += b
+        return dict(out)
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -221,8 +330,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         flattened = (
             getattr(p, "_fsdp_flattened", False)
             or getattr(p, "_is_flat_param", False)
-            or hasattr(p, "ds_id")
-            or ("deepspeed" in sys.modules and p.ndim == 1 and p.numel() >= 2**20)
+            or any(hasattr(p, marker) for marker in _DEEPSPEED_MARKERS)
         )
         if flattened:
             raise RuntimeError(
@@ -243,54 +351,25 @@ class Q4Shampoo(torch.optim.Optimizer):
                     self._init_state(p, self.state[p])
 
     def _refresh_offsets(self) -> dict[int, tuple[int, int]]:
-        """``(statistics offset, root offset)`` of every matrix parameter (see ``refresh_spread``), by id.
-
-        Statistics spread over ``min(refresh_spread, update_freq)`` steps and roots over
-        ``min(refresh_spread, root_freq)``, each balanced on its own. The units placed are runs of
-        consecutive parameters of one shape group, as large as a step's share of the work allows, so a
-        step refreshes whole stacks of factors (one batched call each: a few factors per call wasted most
-        of the GPU, docs/perf_notes.md v7). Greedy, largest first; depends only on the parameter list, and
-        a resumed run reads the saved offsets.
-        """
+        """``(statistics offset, root offset)`` of every matrix parameter, by id (``schedule.refresh_offsets``)."""
         c = self.config
         update_freq, root_freq = c.schedule()
         spreads = (min(c.refresh_spread, update_freq), min(c.refresh_spread, root_freq))
-        params = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
-        key = (spreads, tuple(id(p) for _, p in params))
-        if getattr(self, "_offset_key", None) == key:
-            return self._offsets
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        costs: dict[tuple, int] = {}
-        for gi, p in params:
-            shape = tuple(_local(p).shape)
-            plan = self.block_plan(shape)
-            if plan is not None:
-                groups[(gi, shape)].append(id(p))
-                costs[(gi, shape)] = _refresh_cost(plan)
-        total = sum(costs[k] * len(v) for k, v in groups.items())
-        per_side = []
-        for spread in spreads:
-            units = []  # (cost, order, ids)
-            for k, ids in groups.items():
-                size = max(1, min(len(ids), round(total / spread / max(1, costs[k]))))
-                for start in range(0, len(ids), size):
-                    units.append((costs[k] * len(ids[start : start + size]), len(units), ids[start : start + size]))
-            load = [0] * spread
-            offsets = {}
-            for cost, _, ids in sorted(units, key=lambda u: (-u[0], u[1])):
-                slot = min(range(spread), key=lambda s: (load[s], s))
-                load[slot] += cost
-                offsets.update(dict.fromkeys(ids, slot))
-            per_side.append(offsets)
-        self._offset_key = key
-        self._offsets = {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}
+        params = [(gi, _local(p).shape, id(p)) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        key = (spreads, tuple(pid for _, _, pid in params))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key = key
+            self._offsets = refresh_offsets(params, self.block_plan, spreads)
         return self._offsets
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
+        cfg = self.config
         state["step"] = torch.tensor(0.0)
-        state.update(init_first_order_state(local, self.config.first_order, self.config.first_order_bits,
-                                            self.config.first_order_v, self.config.first_order_m_map))
+        state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
+        state.update(
+            init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel,
+                                   cfg.first_order_v, cfg.first_order_m_map))
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
@@ -354,6 +433,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         steps = {sid: int(v) for sid, v in zip(grads, values)}
         layout = self._current_layout()
         batches = _batches(layout, grads, steps)
+        for b in batches:  # one multi-tensor max-abs per batch; the flags stay on the device (no sync)
+            b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
+            b.finite = torch.isfinite(b.amax)
         cfg = self.config
         update_freq, root_freq = cfg.schedule()
         start = cfg.start_precond_step
@@ -393,35 +475,63 @@ class Q4Shampoo(torch.optim.Optimizer):
         return layout
 
     def _step_batch(self, batch: _Batch) -> None:
-        """Precondition, graft and take the first-order step for one batch."""
+        """Precondition, graft and take the first-order step for one batch; members with a non-finite
+        gradient or direction keep their parameter and moments and count a skipped update."""
         grads = batch.grads
         g = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
         directions = g
+        keep = batch.finite
         if batch.ready:
             g2 = g.reshape(len(grads), *batch.group.plan.matrix_shape)
             with self._stage("apply"):
                 pre = self._precondition(batch, g2, batch.ready)
             with self._stage("grafting"):
-                directions = self._graft(g2, pre, batch.ready, batch).reshape(g.shape)
+                grafted, ok = self._graft(g2, pre, batch.ready, batch)
+                directions = grafted.reshape(g.shape)
+            if len(batch.ready) == len(grads):
+                keep = keep & ok
+            else:
+                index = self._index(batch.ready, keep.device)
+                keep = keep.index_copy(0, index, keep.index_select(0, index) & ok)
         with self._stage("first_order"):
-            self._first_order_step(batch, directions)
+            self._first_order_step(batch, directions, keep)
+        self._count_skips(batch, keep)
+
+    def _count_skips(self, batch: _Batch, keep: torch.Tensor) -> None:
+        """Add this step's skips to the members' ``skipped_updates`` counters (on the device)."""
+        counts = batch.group.skipped
+        if batch.members == list(range(batch.group.size)):
+            counts.add_(~keep)
+        else:
+            counts.index_add_(0, self._index(batch.members, counts.device), (~keep).to(counts.dtype))
 
     # ---- the stages ---------------------------------------------------------------------------
-    def _bucket_update(self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None]) -> None:
-        """Run ``update`` on the stored state of some rows of a bucket and write the result back in place."""
-        if rows == list(range(rows[0], rows[0] + len(rows))):
+    def _bucket_update(self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None],
+                       keep: torch.Tensor | None = None) -> None:
+        """Run ``update`` on the stored state of some rows of a bucket and write the result back in place.
+
+        ``keep`` (one flag per row, on the device) selects the rows that take the new values; the others
+        keep their stored ones exactly. This relies on the forms' contract of replacing state entries with
+        new tensors, never writing into them (``preconditioners.py``), so ``old`` below is still intact.
+        """
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        if contiguous:
             window = slice(rows[0], rows[0] + len(rows))
             sub = {k: v[window] for k, v in bucket.storage.items()}
-            update(sub)
-            for k, v in bucket.storage.items():
-                if sub[k] is not v[window]:
-                    v[window].copy_(sub[k])
-            return
-        index = self._index(rows, bucket.device)
-        sub = {k: v.index_select(0, index) for k, v in bucket.storage.items()}
+        else:
+            index = self._index(rows, bucket.device)
+            sub = {k: v.index_select(0, index) for k, v in bucket.storage.items()}
+        old = dict(sub)
         update(sub)
         for k, v in bucket.storage.items():
-            v.index_copy_(0, index, sub[k])
+            new = sub[k]
+            if keep is not None and new is not old[k]:
+                new = torch.where(keep.reshape(-1, *([1] * (new.dim() - 1))), new, old[k])
+            if contiguous:
+                if new is not old[k]:
+                    v[window].copy_(new)
+            else:
+                v.index_copy_(0, index, new)
 
     def _chunks(self, positions: list[int], slot: SideSlot) -> list[list[int]]:
         """Split member positions so one call handles at most ~2^26 factor entries (bounded transients)."""
@@ -444,22 +554,41 @@ class Q4Shampoo(torch.optim.Optimizer):
                 with linalg.tf32_matmul(tf32):
                     gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
                 rows = [r for i in chunk for r in slot.member_rows(batch.members[positions[i]])]
-                self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram))
+                # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks
+                # whose own gram is non-finite, which the forms' blend already keeps)
+                flags = [positions[i] for i in chunk for _ in range(slot.blocks)]
+                keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
+                self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram), keep)
 
     def _refresh_roots(self, batches: list[_Batch]) -> None:
-        """Recompute the stored inverse roots of every due factor, one batched call per factor order."""
-        rows: dict[int, list[int]] = defaultdict(list)
+        """Recompute the stored inverse roots of every due factor, one batched call per factor order.
+
+        Factors of a member whose gradient is not finite this step keep their root (the whole update of
+        that parameter is skipped)."""
+        rows: dict[int, list[tuple[int, int]]] = defaultdict(list)  # bucket -> (row, index into its flags)
         buckets: dict[int, FactorBucket] = {}
+        flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        offsets: dict[torch.device, int] = defaultdict(int)
         for b in batches:
-            for slot in (b.group.slots if b.roots_due else ()):
+            if not b.roots_due:
+                continue
+            device = b.finite.device
+            base = offsets[device]
+            flags[device].append(b.finite)
+            offsets[device] += len(b.members)
+            for slot in b.group.slots:
                 buckets[id(slot.bucket)] = slot.bucket
-                rows[id(slot.bucket)].extend(r for i in b.roots_due for r in slot.member_rows(b.members[i]))
+                rows[id(slot.bucket)].extend(
+                    (r, base + i) for i in b.roots_due for r in slot.member_rows(b.members[i]))
+        finite = {device: torch.cat(parts) for device, parts in flags.items()}
         for bid, bucket in buckets.items():
             form = self._form(bucket.device)
             due = sorted(rows[bid])
             per = max(1, (1 << 26) // bucket.order**2)
             for i in range(0, len(due), per):
-                self._bucket_update(bucket, due[i : i + per], form.refresh_root)
+                part = due[i : i + per]
+                keep = finite[bucket.device].index_select(0, self._index([f for _, f in part], bucket.device))
+                self._bucket_update(bucket, [r for r, _ in part], form.refresh_root, keep)
 
     def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
@@ -489,22 +618,34 @@ class Q4Shampoo(torch.optim.Optimizer):
             insert_blocks(out, region, blocks)
         return out
 
-    def _graft(self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int], batch: _Batch) -> torch.Tensor:
+    def _graft(self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int],
+               batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale each preconditioned direction to its gradient's Frobenius norm; members not yet ready
-        (before their first root) keep the gradient itself."""
-        every = len(positions) == g2.shape[0]
-        sub = g2 if every else g2[self._index(positions, g2.device)]
-        grad_norm = torch.linalg.vector_norm(sub, dim=(-2, -1))
-        pre_norm = torch.linalg.vector_norm(pre, dim=(-2, -1)).add_(_GRAFT_EPS)
-        pre.mul_((grad_norm / pre_norm)[:, None, None])
-        if every:
-            return pre
-        return g2.index_copy(0, self._index(positions, g2.device), pre)
+        (before their first root) keep the gradient itself.
 
-    def _first_order_step(self, batch: _Batch, directions: torch.Tensor) -> None:
-        """The AdamW / SGD step for the members of one batch (same group, shape and step), in place."""
+        Returns the directions and, for the members at ``positions``, whether the rescaling is finite
+        (false when the gradient or the preconditioned direction has a NaN/inf entry). The norms are
+        overflow-safe (:func:`_frobenius`)."""
+        every = len(positions) == g2.shape[0]
+        index = None if every else self._index(positions, g2.device)
+        sub = g2 if every else g2[index]
+        amax = batch.amax if batch.amax is None or every else batch.amax[index.to(batch.amax.device)]
+        grad_norm = _frobenius(sub, amax)
+        pre_norm = _frobenius(pre).add_(_GRAFT_EPS)
+        ratio = grad_norm / pre_norm
+        pre.mul_(ratio[:, None, None])
+        ok = torch.isfinite(ratio)
+        if every:
+            return pre, ok
+        return g2.index_copy(0, index, pre), ok
+
+    def _first_order_step(self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The AdamW / SGD step for the members of one batch (same group, shape and step), in place;
+        members whose ``keep`` flag is false stay as they are."""
         cfg = self.config
         group = self.param_groups[batch.group.group_index]
+        if group.get("maximize", False):
+            directions = directions.neg()  # not in place: for a single fp32 gradient it is p.grad itself
         params = [batch.group.params[m] for m in batch.members]
         stacked = batch.group.moments
         whole = batch.members == list(range(batch.group.size))
@@ -513,13 +654,13 @@ class Q4Shampoo(torch.optim.Optimizer):
         if cfg.first_order == "adamw":
             adamw_batch_step(
                 params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
                 m_map=cfg.first_order_m_map,
             )
         else:
             sgd_batch_step(
                 params, directions, moments, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile,
+                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
                 m_map=cfg.first_order_m_map,
             )
         if not whole:
@@ -537,7 +678,7 @@ class Q4Shampoo(torch.optim.Optimizer):
                         return grad.float()
                     batch = _Batch(group, [m], int(state["step"]), [grad])
                     g2 = grad.float().reshape(1, *group.plan.matrix_shape)
-                    return self._graft(g2, self._precondition(batch, g2, [0]), [0], batch)[0].reshape(grad.shape)
+                    return self._graft(g2, self._precondition(batch, g2, [0]), [0], batch)[0][0].reshape(grad.shape)
         raise KeyError("parameter has no Q4Shampoo state yet")
 
     def _index(self, rows: list[int], device: torch.device) -> torch.Tensor:
@@ -547,10 +688,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         return cache(rows, device)
 
     def _gram_tf32(self, device: torch.device) -> bool:
-        choice = self.config.gram_precision
-        if choice == "auto":
-            return device.type == "cuda" and self.config.precond != "fp32"
-        return choice == "tf32"
+        return FormSettings.for_device(self.config, device).gram_tf32
 
     def _apply_dtype(self, device: torch.device) -> torch.dtype:
         choice = self.config.apply_dtype
@@ -574,28 +712,125 @@ class Q4Shampoo(torch.optim.Optimizer):
 
         torch's base class casts floating-point state to the parameter's dtype; that would turn
         4-bit codes into floats and fp32 statistics into bf16. We let it do the bookkeeping, then
-        put back the saved tensors, moved to each parameter's device.
+        put back the saved tensors, moved to each parameter's device. A ``step`` saved as a plain
+        number (torch's older format) is accepted.
+
+        Refused, before anything changes (:class:`ConfigError`):
+
+        * a state dict that Q4Shampoo did not save (e.g. ``torch.optim.AdamW``'s, when a run switches
+          ``--optim`` and resumes). We refuse rather than convert: AdamW's moments could be re-encoded, but
+          there are no Shampoo statistics to resume, and a silent conversion would also hide the far more
+          common mistake of resuming the wrong checkpoint. The message says how to start Q4Shampoo fresh;
+        * one made with other values of any option that decides how the state is laid out or decoded
+          (the config fields flagged as state fields, ``STATE_LAYOUT_KEYS``; ``quant_map`` included);
+        * one whose saved state does not fit a parameter's shape (parameters in another order, or another
+          model): the message names the parameter.
         """
         saved_cfg = state_dict.get("q4shampoo_config")
-        if saved_cfg is not None:
-            saved_cfg = {**LEGACY_STATE_LAYOUT, **saved_cfg}  # fields an older checkpoint does not record
-            diffs = [k for k in STATE_LAYOUT_KEYS if k in saved_cfg and saved_cfg[k] != getattr(self.config, k)]
-            if diffs:
-                detail = ", ".join(f"{k}: saved {saved_cfg[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
-                raise ConfigError(
-                    "Q4Shampoo: the checkpoint's optimizer state was made with other storage options "
-                    f"({detail}); construct the optimizer with the saved values to resume."
-                )
+        if not isinstance(saved_cfg, Mapping):
+            raise ConfigError(_foreign_state_message(state_dict))
+        self._check_saved_options(saved_cfg)
         saved_state = state_dict["state"]
+        self._check_saved_shapes(state_dict)
         inner = {k: v for k, v in state_dict.items() if k != "q4shampoo_config"}
         super().load_state_dict(inner)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, p in enumerate(params):
             if index in saved_state:
-                self.state[p] = _restore(saved_state[index], _local(p).device)
-                _add_missing_keys(self.state[p])
+                device = _local(p).device
+                self.state[p] = _restore(saved_state[index], device)
+                _add_missing_keys(self.state[p], device)
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
+
+    def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint made with other values of the options that decide how state is read (a key
+        missing from an older checkpoint had the layout it implies, ``LEGACY_STATE_LAYOUT``, or its default then)."""
+        defaults = Q4ShampooConfig()
+        saved_values = {k: saved.get(k, LEGACY_STATE_LAYOUT.get(k, getattr(defaults, k))) for k in STATE_LAYOUT_KEYS}
+        diffs = [k for k, v in saved_values.items() if v != getattr(self.config, k)]
+        if diffs:
+            detail = ", ".join(f"{k}: saved {saved_values[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
+            raise ConfigError(
+                "Q4Shampoo: the checkpoint's optimizer state was made with other storage options "
+                f"({detail}); construct the optimizer with the saved values to resume."
+            )
+
+    def _check_saved_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        """Compare each saved parameter state with the state this optimizer would create for the parameter
+        it will be loaded into (built on the meta device: no memory), naming the first that does not fit."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            return  # torch's own check names the group-size mismatch
+        saved_state = state_dict["state"]
+        for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+            names = group.get("param_names") or saved_group.get("param_names")
+            for position, (saved_id, p) in enumerate(zip(saved_group["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                local = _local(p)
+                expected: dict[str, Any] = {}
+                self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
+                saved = dict(saved_state[saved_id])
+                _add_missing_keys(saved, torch.device("meta"))
+                problem = _state_mismatch(saved, expected, "")
+                if problem:
+                    name = repr(names[position]) if names else f"#{position} of group {gi}"
+                    raise ConfigError(
+                        f"Q4Shampoo: the saved state of parameter {name} (shape {tuple(local.shape)}) does not fit "
+                        f"it: {problem}. The checkpoint's parameters are in another order or have other shapes; "
+                        "load it into an optimizer over the same parameters, in the same order."
+                    )
+
+
+def _foreign_state_message(state_dict: Any) -> str:
+    """Why a state dict without Q4Shampoo's config is refused, and what to do instead."""
+    keys: set[str] = set()
+    state = state_dict.get("state", {}) if isinstance(state_dict, Mapping) else {}
+    for value in state.values() if isinstance(state, Mapping) else ():
+        if isinstance(value, Mapping):
+            keys.update(map(str, value))
+    seen = f" (its per-parameter state has {', '.join(sorted(keys))})" if keys else ""
+    return (
+        f"Q4Shampoo: this optimizer state dict was not saved by Q4Shampoo{seen}, e.g. it is torch.optim.AdamW's. "
+        "Q4Shampoo cannot continue another optimizer's state (its moments are stored differently and there are "
+        "no Shampoo statistics). To switch optimizers mid-run, start Q4Shampoo's state fresh: do not load this "
+        "state dict (with the Trainer: remove optimizer.pt from the checkpoint folder before resuming; the "
+        "learning-rate schedule then restarts too), or resume with the optimizer that saved it."
+    )
+
+
+def _state_mismatch(saved: Any, expected: Any, path: str) -> str | None:
+    """The first difference in structure or tensor shape between a saved and an expected state, or None."""
+    where = path or "the state"
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return f"{where} is {type(saved).__name__}, not a tensor"
+        if tuple(saved.shape) != tuple(expected.shape):
+            return f"{where} has shape {tuple(saved.shape)} in the checkpoint, {tuple(expected.shape)} expected"
+        return None
+    if isinstance(expected, Mapping):
+        if not isinstance(saved, Mapping):
+            return f"{where} is not a dict"
+        if set(saved) != set(expected):
+            extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+            return f"{where} has keys {extra} where {missing} are expected" if extra else f"{where} lacks {missing}"
+        for key in expected:
+            if key in ("step", "refresh_offset", "root_offset"):
+                continue  # counters and schedule offsets: any value fits
+            problem = _state_mismatch(saved[key], expected[key], f"{path}.{key}" if path else str(key))
+            if problem:
+                return problem
+        return None
+    if isinstance(expected, list):
+        if not isinstance(saved, list) or len(saved) != len(expected):
+            return f"{where} has {len(saved) if isinstance(saved, list) else 'no'} entries, {len(expected)} expected"
+        for i, (a, b) in enumerate(zip(saved, expected)):
+            problem = _state_mismatch(a, b, f"{path}[{i}]")
+            if problem:
+                return problem
+    return None
 
 
 _WARMED: set[tuple] = set()
@@ -627,11 +862,13 @@ def _detach_views(value: Any) -> Any:
     return value
 
 
-def _add_missing_keys(state: dict[str, Any]) -> None:
+def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
     """Fill state keys that checkpoints of earlier versions lack (the Cholesky forms' ``jitter``: 1; the
-    root offset: the statistics offset, which earlier versions used for both)."""
+    root offset: the statistics offset, which earlier versions used for both; the skip counter: 0)."""
     if "refresh_offset" in state and "root_offset" not in state:
         state["root_offset"] = state["refresh_offset"]
+    if "skipped_updates" not in state:
+        state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=device)
     for sides in state.get("regions", []):
         for side in sides.values():
             if "ridge" in side and "jitter" not in side:
@@ -641,15 +878,20 @@ def _add_missing_keys(state: dict[str, Any]) -> None:
 def _restore(value: Any, device: torch.device) -> Any:
     """A saved state value with its tensors on ``device`` and their saved dtypes.
 
-    The step counter stays a CPU fp32 tensor so reading it never waits for the accelerator.
+    The step counter stays a CPU fp32 tensor so reading it never waits for the accelerator (a plain
+    number, torch's older format, becomes one).
     """
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
-        return {
-            k: v.to("cpu", torch.float32) if k == "step" and isinstance(v, torch.Tensor) else _restore(v, device)
-            for k, v in value.items()
-        }
+        return {k: _step_tensor(v) if k == "step" else _restore(v, device) for k, v in value.items()}
     if isinstance(value, list):
         return [_restore(v, device) for v in value]
     return value
+
+
+def _step_tensor(step: Any) -> torch.Tensor:
+    """A saved step counter (tensor or number) as the CPU fp32 tensor the step increments."""
+    if isinstance(step, torch.Tensor):
+        return step.to("cpu", torch.float32)
+    return torch.tensor(float(step))

@@ -30,18 +30,21 @@ Forms (papers.md):
 
 Roots are stored with an fp32 diagonal and 4-bit off-diagonal entries when ``root_bits == 4``, as
 paper 2's ``QTensorDiagReal`` does, except that only the strict lower triangle is kept (a root is
-symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form
-(paper 2's ``min_lowbit_size``).
+symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides
+whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form (paper 2's ``min_lowbit_size``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import linalg, triton_kernels
+from .config import Q4ShampooConfig
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
@@ -49,6 +52,7 @@ from .quant import (
     dequantize_diagreal,
     dequantize_lower_upper,
     dequantize_symmetric,
+    get_code,
     quantize_blockwise,
     quantize_diagreal,
     quantize_lower_upper,
@@ -68,28 +72,45 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class FormSettings:
-    """The subset of :class:`~hf_q4shampoo.config.Q4ShampooConfig` a preconditioner form needs."""
+    """What a preconditioner form reads: a view of a :class:`~hf_q4shampoo.config.Q4ShampooConfig` on one device.
 
-    stat_decay: float = 0.95
-    matrix_eps: float = 1e-6
-    min_quant_numel: int = 4096
-    quant_map: str = "linear2"
-    quant_block_size: int = 64
-    root_bits: int = 4
-    root_method: str = "eigh"
-    newton_max_iters: int = 100
-    newton_tol: float = 1e-6
-    ef_beta: float = 0.0
-    cholesky_eps: float = 1e-6
-    remove_cholesky_ridge: bool = True
-    # a form built alone stores paper 1's layout; the optimizer passes the config's (refine / column by default)
-    factor_scaling: str = "row"
-    factor_upper: str = "feedback"
-    bjorck_update_iters: int = 1
-    bjorck_root_iters: int = 4
-    use_compile: bool = True
-    #: Gram products (``C C^T`` of a Cholesky factor) in TF32: set by the optimizer for quantized forms on CUDA.
-    gram_tf32: bool = False
+    It has no defaults of its own. The config's fields are read through it (``settings.stat_decay`` is
+    ``config.stat_decay``); the two choices the config leaves to the device are resolved here, by
+    :meth:`for_device`: ``root_method`` (``"auto"``: eigh on CPU, newton on accelerators) and ``gram_tf32``
+    (``gram_precision``; ``"auto"``: TF32 Gram products for the quantized forms on CUDA).
+    """
+
+    config: Q4ShampooConfig
+    root_method: str  # "eigh" or "newton"
+    gram_tf32: bool
+
+    @classmethod
+    def for_device(cls, config: Q4ShampooConfig, device: torch.device | str) -> FormSettings:
+        device = torch.device(device)
+        method = config.root_method
+        if method == "auto":
+            method = "eigh" if device.type == "cpu" else "newton"
+        if config.gram_precision == "auto":
+            tf32 = device.type == "cuda" and config.precond != "fp32"
+        else:
+            tf32 = config.gram_precision == "tf32"
+        return cls(config, method, tf32)
+
+    @classmethod
+    def from_options(cls, device: torch.device | str = "cpu", **options: Any) -> FormSettings:
+        """The settings of ``Q4ShampooConfig(**options)`` on ``device`` (for tests and benchmarks)."""
+        return cls.for_device(Q4ShampooConfig.from_kwargs(**options), device)
+
+    def replace(self, **options: Any) -> FormSettings:
+        """The same device choices over a config with some fields changed (``root_method`` too, if given)."""
+        method = options.get("root_method", self.root_method)
+        return FormSettings(self.config.replace(**options), self.root_method if method == "auto" else method,
+                            self.gram_tf32)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the config's
+        if name == "config":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
 
 class PreconditionerForm(ABC):
@@ -133,7 +154,11 @@ class PreconditionerForm(ABC):
             p=4,
             ridge_eps=self.s.matrix_eps,
             method=self.s.root_method,
-            **({"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol} if self.s.root_method == "newton" else {}),
+            **(
+                {"max_iters": self.s.newton_max_iters, "tol": self.s.newton_tol}
+                if self.s.root_method == "newton"
+                else {}
+            ),
         )
 
     def _blend(self, old: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -247,7 +272,9 @@ class NaiveForm(PreconditionerForm):
     name = "naive"
 
     def _init_statistics(self, n, k, device):
-        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False)
+        return self._store_symmetric(
+            self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False
+        )
 
     def statistics(self, state):
         return self._load_symmetric(state, "stats", packed=False)
@@ -322,11 +349,22 @@ class CholeskyForm(PreconditionerForm):
             error_upper = (off - torch.tril(roundtrip_blockwise(off, self.s.quant_map, self.s.quant_block_size), -1)).mT
         return self._store_factor_offdiag(off, x.diagonal(dim1=-2, dim2=-1), error_upper)
 
+    def _fused(self, device: torch.device) -> bool:
+        # the Triton kernels implement paper 1's layout only (row scaling, error feedback in the upper triangle)
+        paper1_layout = self.error_feedback and not self.refine and self.s.factor_scaling == "row"
+        return self.s.fused_statistics and paper1_layout and device.type == "cuda" and triton_kernels.HAS_TRITON
+
     def _load_factor(self, state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (C, E) in fp32; E (strictly lower, in the space of F) is None without error feedback state."""
         if "factor" in state:
             return state["factor"], None
         n = state["diag"].shape[-1]
+        if self._fused(state["diag"].device):
+            table = get_code(self.s.quant_map, state["diag"].device)[0]
+            c, upper = triton_kernels.dequantize_factor(
+                state["factor_codes"], state["factor_scales"], state["factor_diag_block_upper_scale"], state["diag"],
+                table, self.s.quant_block_size)
+            return c, upper.mT
         q = {
             "codes": state["factor_codes"],
             "scales": state["factor_scales"],
@@ -374,6 +412,12 @@ class CholeskyForm(PreconditionerForm):
             new = {"factor": new_c.contiguous()}
         elif not self.error_feedback or self.refine:
             new = self._store_factor(new_c, torch.zeros_like(new_c))
+        elif self._fused(new_c.device):  # the same update in two Triton passes (triton_kernels.py)
+            table, mids = get_code(self.s.quant_map, new_c.device)
+            stored = triton_kernels.requantize_with_feedback(new_c, err.mT, table, mids, self.s.quant_block_size,
+                                                             self.s.ef_beta)
+            new = {f"factor_{k}": v for k, v in stored.items() if k != "diag"}
+            new["diag"] = stored["diag"]
         else:
             x = self._scaled_offdiag(new_c) + err
             residual = x - roundtrip_blockwise(x, self.s.quant_map, self.s.quant_block_size)
@@ -457,18 +501,22 @@ class EigenForm(PreconditionerForm):
         state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1]), packed=True))
 
 
-FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
+#: The registry of preconditioner forms: ``precond=`` name -> constructor. A new form is a subclass of
+#: :class:`PreconditionerForm` above and one entry here; its name goes in ``config.PRECOND_FORMS`` too, which
+#: validates user input without importing torch (``tests/test_preconditioners.py`` checks that both agree).
+FORMS: dict[str, Callable[[FormSettings], PreconditionerForm]] = {
+    "cholesky_ef": lambda settings: CholeskyForm(settings, error_feedback=True),
+    "cholesky": lambda settings: CholeskyForm(settings, error_feedback=False),
+    "eigen": EigenForm,
+    "naive": NaiveForm,
+    "fp32": Fp32Form,
+}
 
 
 def make_form(name: str, settings: FormSettings) -> PreconditionerForm:
-    if name == "fp32":
-        return Fp32Form(settings)
-    if name == "naive":
-        return NaiveForm(settings)
-    if name == "cholesky":
-        return CholeskyForm(settings, error_feedback=False)
-    if name == "cholesky_ef":
-        return CholeskyForm(settings, error_feedback=True)
-    if name == "eigen":
-        return EigenForm(settings)
-    raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}")
+    """The form ``name`` (a key of :data:`FORMS`) reading ``settings``."""
+    try:
+        factory = FORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown precond {name!r}; allowed: {', '.join(FORMS)}") from None
+    return factory(settings)

@@ -19,7 +19,7 @@ Conventions (papers.md §3.1, §3.4, §4.2, §6.1):
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -108,7 +108,7 @@ def zero_free_linear_code(bits: int = 4) -> torch.Tensor:
 CODE_NAMES = ("linear2", "dynamic", "zero_free_linear")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code_cpu(name: str, bits: int) -> torch.Tensor:
     if name == "linear2":
         return linear2_code(bits)

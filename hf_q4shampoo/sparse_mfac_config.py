@@ -105,12 +105,12 @@ class SparseMFACConfig:
             raise ConfigError("SparseMFAC: give k (entries per group) or k_fraction (density), not both.")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "SparseMFACConfig":
+    def from_kwargs(cls, **kwargs: Any) -> SparseMFACConfig:
         """Build from keyword arguments, naming any unknown key and the allowed ones."""
         cls._check_names(kwargs)
         return cls(**kwargs)
 
-    def replace(self, **kwargs: Any) -> "SparseMFACConfig":
+    def replace(self, **kwargs: Any) -> SparseMFACConfig:
         """A copy with some fields changed (validated; unknown names are refused)."""
         self._check_names(kwargs)
         if kwargs.get("k_fraction") is not None and "k" not in kwargs:
@@ -208,17 +208,22 @@ def parse_sparse_mfac_optim_args(text: str | None, reserved: dict[str, str] | No
         return {}
     out: dict[str, Any] = {}
     names = SparseMFACConfig.field_names()
+    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
     for item in text.replace(" ", "").split(","):
         if not item:
             continue
-        if "=" not in item:
-            raise ConfigError(f"SparseMFAC: optim_args item {item!r} is not of the form key=value.")
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"SparseMFAC: optim_args item {item!r} is not of the form key=value (e.g. m=32). "
+                f"Allowed keys: {allowed}."
+            )
         key, value = item.split("=", 1)
         if reserved and key in reserved:
             raise ConfigError(f"SparseMFAC: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
         if key not in names:
-            allowed = [n for n in names if not reserved or n not in reserved]
-            raise ConfigError(f"SparseMFAC: unknown optim_args key {key!r}. Allowed keys: {', '.join(allowed)}.")
+            raise ConfigError(f"SparseMFAC: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
+        if key in out:
+            raise ConfigError(f"SparseMFAC: optim_args key {key!r} is given twice; give it once.")
         out[key] = _cast(key, value)
         _validate(key, out[key])
     SparseMFACConfig._check_names(out)  # k together with k_fraction

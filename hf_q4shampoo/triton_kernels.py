@@ -17,6 +17,9 @@ Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, 
 * between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales);
 * pass B re-encodes v with those scales.
 
+A member whose ``keep`` flag is 0 (a skipped update, see ``first_order``) stores nothing in either pass
+and keeps its v maxima, so its parameter and moments stay exactly as they were.
+
 The arithmetic is that of ``first_order._adamw_math`` operation for operation (same rounding, nearest
 code by counting the table's midpoints below the value, as ``torch.bucketize`` does), so the kernels agree
 with the torch path up to the last-bit differences of division.
@@ -34,7 +37,7 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none, and nothin
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
 
-__all__ = ["HAS_TRITON", "supports", "adamw4_step", "decode_symmetric"]
+__all__ = ["HAS_TRITON", "supports", "adamw4_step", "decode_symmetric", "dequantize_factor", "requantize_with_feedback"]
 
 HAS_TRITON = triton is not None
 BLOCK = 1024  # entries per program: 8 blocks of m, even
@@ -62,7 +65,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _pass_a(param_ptrs, d_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_new_ptr,
-                m_table_ptr, m_mids_ptr, v_table_ptr, lr_ptr, bias1_ptr, bias2_ptr,
+                m_table_ptr, m_mids_ptr, v_table_ptr, lr_ptr, bias1_ptr, bias2_ptr, keep_ptr,
                 beta1, beta2, eps, weight_decay, N, NB2, NBLK, R, C,
                 PARAM_BF16: tl.constexpr, BLOCK: tl.constexpr):
         k = tl.program_id(0)
@@ -71,6 +74,7 @@ if HAS_TRITON:
         pair = pid * HALF + tl.arange(0, HALF)
         even = pair * 2
         odd = even + 1
+        keep = tl.load(keep_ptr + k) != 0  # a skipped member stores nothing (its loads still run: masks only)
         in_e = even < N
         in_o = odd < N
         in_pair = pair < NB2
@@ -116,8 +120,8 @@ if HAS_TRITON:
         else:
             p_e = p_e * decay - u_e
             p_o = p_o * decay - u_o
-        tl.store(p_ptr + even, p_e, mask=in_e)
-        tl.store(p_ptr + odd, p_o, mask=in_o)
+        tl.store(p_ptr + even, p_e, mask=in_e & keep)
+        tl.store(p_ptr + odd, p_o, mask=in_o & keep)
         tl.store(v_new_ptr + row_base + even, v_e, mask=in_e)
         tl.store(v_new_ptr + row_base + odd, v_o, mask=in_o)
         # re-encode m: 64 pairs per 128-block; absmax over the block, nearest code of m / absmax
@@ -129,14 +133,16 @@ if HAS_TRITON:
         c_e = _codes_of(tl.reshape(m_e, (NB, 64)) / safe[:, None], m_mids_ptr)
         c_o = _codes_of(tl.reshape(m_o, (NB, 64)) / safe[:, None], m_mids_ptr)
         packed = tl.reshape(c_e | (c_o << 4), (HALF,)).to(tl.uint8)
-        tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair)
+        tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair & keep)
         blk = pid * NB + tl.arange(0, NB)
-        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=blk < NBLK)
+        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=(blk < NBLK) & keep)
 
     @triton.jit
-    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, N, NB2, R, C, BLOCK: tl.constexpr):
+    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C,
+                BLOCK: tl.constexpr):
         k = tl.program_id(0)
         pid = tl.program_id(1)
+        keep = tl.load(keep_ptr + k) != 0
         HALF: tl.constexpr = BLOCK // 2
         pair = pid * HALF + tl.arange(0, HALF)
         even = pair * 2
@@ -152,7 +158,7 @@ if HAS_TRITON:
                          tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0))
         c_e = _codes_of(v_e / tl.where(s_e > 0, s_e, 1.0), v_mids_ptr)
         c_o = _codes_of(v_o / tl.where(s_o > 0, s_o, 1.0), v_mids_ptr)
-        tl.store(v_codes_ptr + k.to(tl.int64) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=pair < NB2)
+        tl.store(v_codes_ptr + k.to(tl.int64) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=(pair < NB2) & keep)
 
 
 _POINTERS: dict[tuple, torch.Tensor] = {}
@@ -172,10 +178,12 @@ def _pointer_table(params: list[torch.Tensor]) -> torch.Tensor:
 
 def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: dict[str, torch.Tensor],
                 lr: torch.Tensor, bias1: torch.Tensor, bias2_sqrt: torch.Tensor,
-                beta1: float, beta2: float, eps: float, weight_decay: float, m_map: str = "dynamic") -> None:
+                beta1: float, beta2: float, eps: float, weight_decay: float, m_map: str = "dynamic",
+                keep: torch.Tensor | None = None) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
     ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``m_map`` is the
-    code of m (any 16-entry table: the kernel reads it from memory)."""
+    code of m (any 16-entry table: the kernel reads it from memory); ``keep`` (K,) bool flags, false for
+    members that must stay as they are (None: all are updated)."""
     k = len(params)
     rows, cols = params[0].shape
     n = rows * cols
@@ -185,16 +193,20 @@ def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: d
     m_codes, m_scales = moments["exp_avg_codes"], moments["exp_avg_scales"]
     v_codes = moments["exp_avg_sq_codes"]
     max0, max1 = moments["exp_avg_sq_max0"], moments["exp_avg_sq_max1"]
+    if keep is None:
+        keep = torch.ones(k, dtype=torch.bool, device=device)
+    keep_bytes = keep.contiguous().view(torch.uint8)
     v_new = torch.empty((k, rows, cols), dtype=torch.float32, device=device)
     grid = (k, triton.cdiv(n, BLOCK))
     _pass_a[grid](
         _pointer_table(params), directions.contiguous(), m_codes, m_scales, v_codes, max0, max1, v_new,
-        m_table, m_mids, v_table, lr, bias1, bias2_sqrt, beta1, beta2, eps, weight_decay,
+        m_table, m_mids, v_table, lr, bias1, bias2_sqrt, keep_bytes, beta1, beta2, eps, weight_decay,
         n, (n + 1) // 2, m_scales.shape[-1], rows, cols, PARAM_BF16=params[0].dtype == torch.bfloat16, BLOCK=BLOCK,
     )
-    max0.copy_(v_new.amax(dim=2))
-    max1.copy_(v_new.amax(dim=1))
-    _pass_b[grid](v_new, v_codes, max0, max1, v_mids, n, (n + 1) // 2, rows, cols, BLOCK=BLOCK)
+    rows_kept = keep.reshape(k, 1)
+    max0.copy_(torch.where(rows_kept, v_new.amax(dim=2), max0))
+    max1.copy_(torch.where(rows_kept, v_new.amax(dim=1), max1))
+    _pass_b[grid](v_new, v_codes, max0, max1, v_mids, keep_bytes, n, (n + 1) // 2, rows, cols, BLOCK=BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -242,3 +254,140 @@ def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tens
     _decode_symmetric[grid](codes.contiguous(), scales.contiguous(), diag.contiguous(), table, out, n,
                             scales.shape[-1], QBLOCK=block_size, OUT_BF16=dtype == torch.bfloat16, TILE=tile)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Cholesky form's statistics update with error feedback (paper 1): dequantize the stored factor and
+# error state, and re-quantize the new factor + error with the error feedback, each in one pass
+# (oracles: quant.dequantize_lower_upper and CholeskyForm.update_statistics' eager code)
+# ------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nibble(codes_ptr, row_base, j, valid):
+        byte = tl.load(codes_ptr + row_base + j // 2, mask=valid, other=0).to(tl.int32)
+        return tl.where(j % 2 == 0, byte & 15, byte >> 4)
+
+    @triton.jit
+    def _dequant_factor(codes_ptr, scales_ptr, dbus_ptr, diag_ptr, table_ptr, c_ptr, u_ptr, n, NB2, NBLK,
+                        QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """C = strict lower (own scales) + diag, U = strict upper (own scales): one block column per program."""
+        k = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * TI + tl.arange(0, TI)[:, None]
+        b = tl.program_id(2)
+        j = b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        inside = (i < n) & (j < n)
+        row_ok = i < n
+        code = _nibble(codes_ptr, (k * n + i) * NB2, j, inside)
+        value = tl.load(table_ptr + code)
+        scale = tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0.0)
+        dbus = tl.load(dbus_ptr + k * n + i, mask=row_ok, other=0.0)
+        diag_block = i // QBLOCK
+        lo_scale = tl.where(b <= diag_block, scale, 0.0)
+        up_scale = tl.where(b > diag_block, scale, 0.0) + tl.where(b == diag_block, dbus, 0.0)
+        d = tl.load(diag_ptr + k * n + i, mask=row_ok, other=0.0)
+        c = tl.where(j < i, value * lo_scale, tl.where(j == i, d, 0.0))
+        u = tl.where(j > i, value * up_scale, 0.0)
+        offset = k * n * n + i * n + j
+        tl.store(c_ptr + offset, c, mask=inside)
+        tl.store(u_ptr + offset, u, mask=inside)
+
+    @triton.jit
+    def _ef_lower(new_c_ptr, u_old_ptr, lo_codes_ptr, err_ptr, scales_ptr, diag_ptr, table_ptr, mids_ptr,
+                  ef_beta, n, NBLK, QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """x = C' + E; its strict lower part block-quantized (codes kept unpacked in a scratch buffer); the new
+        error E' = beta E + (1 - beta) (x - D(Q(x))) written to a scratch buffer; x's diagonal stored."""
+        k = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * TI + tl.arange(0, TI)
+        i = row[:, None]
+        b = tl.program_id(2)
+        j = b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        inside = (i < n) & (j < n)
+        base = k * n * n
+        c = tl.load(new_c_ptr + base + i * n + j, mask=inside, other=0.0)
+        e = tl.load(u_old_ptr + base + j * n + i, mask=inside & (j < i), other=0.0)  # E = U^T, strictly lower
+        x = c + e
+        x_lower = tl.where(j < i, x, 0.0)
+        lo_max = tl.max(tl.abs(x_lower), axis=1)
+        safe = tl.where(lo_max > 0, lo_max, 1.0)
+        code = _codes_of(x_lower / safe[:, None], mids_ptr)
+        residual = x_lower - tl.load(table_ptr + code) * lo_max[:, None]
+        new_err = ef_beta * e + (1.0 - ef_beta) * residual
+        tl.store(lo_codes_ptr + base + i * n + j, code.to(tl.uint8), mask=inside)
+        tl.store(err_ptr + base + i * n + j, new_err, mask=inside)
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max, mask=row < n)
+        tl.store(diag_ptr + k * n + i + 0 * j, x, mask=inside & (j == i))
+
+    @triton.jit
+    def _ef_upper(err_ptr, lo_codes_ptr, codes_ptr, scales_ptr, dbus_ptr, mids_ptr, n, NB2, NBLK,
+                  QBLOCK: tl.constexpr, TI: tl.constexpr):
+        """The new error's transpose block-quantized into the strict upper triangle of the same code buffer;
+        packs both triangles' codes and writes the upper part's scales."""
+        k = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * TI + tl.arange(0, TI)
+        i = row[:, None]
+        b = tl.program_id(2)
+        HALF: tl.constexpr = QBLOCK // 2
+        j_even = b * QBLOCK + 2 * tl.arange(0, HALF)[None, :]
+        j_odd = j_even + 1
+        base = k * n * n
+        row_ok = i < n
+        in_e = row_ok & (j_even < n)
+        in_o = row_ok & (j_odd < n)
+        u_e = tl.load(err_ptr + base + j_even * n + i, mask=in_e & (j_even > i), other=0.0)
+        u_o = tl.load(err_ptr + base + j_odd * n + i, mask=in_o & (j_odd > i), other=0.0)
+        up_max = tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1))
+        safe = tl.where(up_max > 0, up_max, 1.0)[:, None]
+        up_e = _codes_of(u_e / safe, mids_ptr)
+        up_o = _codes_of(u_o / safe, mids_ptr)
+        lo_e = tl.load(lo_codes_ptr + base + i * n + j_even, mask=in_e, other=0).to(tl.int32)
+        lo_o = tl.load(lo_codes_ptr + base + i * n + j_odd, mask=in_o, other=0).to(tl.int32)
+        c_e = tl.where(j_even < i, lo_e, up_e)
+        c_o = tl.where(j_odd < i, lo_o, tl.where(in_o, up_o, 0))  # the pad nibble of an odd order is 0
+        pair = b * HALF + tl.arange(0, HALF)[None, :]
+        tl.store(codes_ptr + (k * n + i) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=row_ok & (pair < NB2))
+        diag_block = row // QBLOCK
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, up_max, mask=(row < n) & (b > diag_block))
+        tl.store(dbus_ptr + k * n + row, up_max, mask=(row < n) & (b == diag_block))
+
+
+_TI = 32  # rows per program of the factor kernels
+
+
+def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, dbus: torch.Tensor, diag: torch.Tensor,
+                      table: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, U)``: the Cholesky factor (strict lower part + diagonal) and the strict upper part (the error
+    state's transpose) of ``quant.quantize_lower_upper``'s storage, fp32 ``(K, n, n)`` each."""
+    k, n = diag.shape
+    c = torch.empty((k, n, n), dtype=torch.float32, device=diag.device)
+    u = torch.empty_like(c)
+    grid = (k, triton.cdiv(n, _TI), scales.shape[-1])
+    _dequant_factor[grid](codes, scales, dbus, diag, table, c, u, n, codes.shape[-1], scales.shape[-1],
+                          QBLOCK=block_size, TI=_TI)
+    return c, u
+
+
+def requantize_with_feedback(new_c: torch.Tensor, u_old: torch.Tensor, table: torch.Tensor, mids: torch.Tensor,
+                             block_size: int, ef_beta: float) -> dict[str, torch.Tensor]:
+    """Paper 1's update of the stored factor: ``x = C' + E``, store ``Q(x)`` (strict lower) and ``diag(x)``,
+    and ``E' = beta E + (1 - beta)(x - D(Q(x)))`` transposed in the upper triangle of the same codes.
+
+    ``new_c`` is the new lower factor, ``u_old`` the old error's transpose (strict upper). Returns the stored
+    tensors under the form's keys without the ``factor_`` prefix: codes, scales, diag_block_upper_scale, diag.
+    """
+    k, n = new_c.shape[:2]
+    device = new_c.device
+    nblk = triton.cdiv(n, block_size)
+    codes = torch.empty((k, n, (n + 1) // 2), dtype=torch.uint8, device=device)
+    scales = torch.empty((k, n, nblk), dtype=torch.float32, device=device)
+    dbus = torch.zeros((k, n), dtype=torch.float32, device=device)
+    diag = torch.empty((k, n), dtype=torch.float32, device=device)
+    lo_codes = torch.empty((k, n, n), dtype=torch.uint8, device=device)
+    err = torch.empty((k, n, n), dtype=torch.float32, device=device)
+    grid = (k, triton.cdiv(n, _TI), nblk)
+    new_c, u_old = new_c.contiguous(), u_old.contiguous()
+    _ef_lower[grid](new_c, u_old, lo_codes, err, scales, diag, table, mids, ef_beta, n, nblk,
+                    QBLOCK=block_size, TI=_TI)
+    _ef_upper[grid](err, lo_codes, codes, scales, dbus, mids, n, (n + 1) // 2, nblk, QBLOCK=block_size, TI=_TI)
+    return {"codes": codes, "scales": scales, "diag_block_upper_scale": dbus, "diag": diag}

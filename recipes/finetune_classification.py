@@ -18,6 +18,12 @@ The Rotten Tomatoes sentence data (Pang & Lee, 2005) has no explicit license; it
 redistributed for research.
 """
 
+import os
+
+# OpenMP threads that spin while they wait collapse when another process shares the cores (a 2-core CI
+# machine ran this recipe 5x slower); must be set before torch loads. Export another value to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,17 +39,18 @@ from transformers import (
 
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
-from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
+    HubArguments,
     RecipeArgumentError,
+    all_if_zero,
     apply_q4shampoo_defaults,
     check_data_source,
     hub_kwargs,
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import minilm_dir
-from hf_q4shampoo.recipes_support.data import (
+from recipes_support.assets import minilm_dir
+from recipes_support.data import (
     ListDataset,
     check_data_files,
     encode_class_labels,
@@ -52,9 +59,9 @@ from hf_q4shampoo.recipes_support.data import (
     take,
     take_dataset,
 )
-from hf_q4shampoo.recipes_support.metrics import classification_metrics
-from hf_q4shampoo.recipes_support.text import ROTTEN_TOMATOES_LABELS, rotten_tomatoes_rows
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.metrics import classification_metrics
+from recipes_support.text import ROTTEN_TOMATOES_LABELS, rotten_tomatoes_rows
+from recipes_support.training import apply_runtime_defaults, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ RECIPE_DEFAULTS = {
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubArguments):
     """Which model, config and tokenizer to fine-tune from."""
 
     model_name_or_path: str | None = field(
@@ -93,10 +100,6 @@ class ModelArguments:
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloads from the Hub."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a pretrained head whose number of labels differs."}
     )
@@ -134,9 +137,9 @@ class DataTrainingArguments:
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: int | None = field(
-        default=2048, metadata={"help": "Train on this many examples (a seeded random subset); 0 for all."}
+        default=2048, metadata={"help": "Train on this many examples (a seeded random subset); 0: all."}
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many examples; 0: all."})
     metric_names: list[str] = field(
         default_factory=lambda: ["accuracy", "f1"],
         metadata={"help": "Metrics: shipped offline (accuracy, f1) or any evaluate Hub metric / module path."},
@@ -146,8 +149,7 @@ class DataTrainingArguments:
         check_data_source(self.dataset_name, self.train_file, self.validation_file)
         if len(self.text_column_names) > 2:
             raise RecipeArgumentError("--text_column_names takes one column or a pair of columns.")
-        if self.max_train_samples == 0:  # the command line cannot say None
-            self.max_train_samples = None
+        all_if_zero(self, "max_train_samples", "max_eval_samples")
         if self.max_seq_length < 8:
             raise RecipeArgumentError(f"--max_seq_length must be at least 8, got {self.max_seq_length}.")
 
@@ -208,8 +210,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (ModelArguments, DataTrainingArguments, TrainingArguments), RECIPE_DEFAULTS, argv
     )
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
+    apply_runtime_defaults(training_args)
     setup_logging(training_args)
-    logger.info("Training/evaluation parameters %s", training_args)
+    logger.debug("Training/evaluation parameters %s", training_args)  # all ~200 of them: --log_level debug
     set_seed(training_args.seed)
 
     offline_default = model_args.model_name_or_path is None
@@ -257,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=[MemoryReportCallback()],
     )
     card = {
         "finetuned_from": "sentence-transformers/all-MiniLM-L6-v2" if offline_default else model_path,

@@ -19,6 +19,12 @@ resized to ``--image_size``; no torchvision needed), as does a pretrained Hub ch
 Every ``TrainingArguments`` flag is accepted; a single ``.json`` argument is read as a config file.
 """
 
+import os
+
+# OpenMP threads that spin while they wait collapse when another process shares the cores (a 2-core CI
+# machine ran this recipe 5x slower); must be set before torch loads. Export another value to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,19 +43,20 @@ from transformers import (
 
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
-from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
+    HubArguments,
     RecipeArgumentError,
+    all_if_zero,
     apply_q4shampoo_defaults,
     hub_kwargs,
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import fashion_mnist_dir
-from hf_q4shampoo.recipes_support.data import encode_class_labels, load_hub_or_files, take_dataset
-from hf_q4shampoo.recipes_support.metrics import classification_metrics
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
-from hf_q4shampoo.recipes_support.vision import (
+from recipes_support.assets import fashion_mnist_dir
+from recipes_support.data import encode_class_labels, load_hub_or_files, take_dataset
+from recipes_support.metrics import classification_metrics
+from recipes_support.training import apply_runtime_defaults, setup_logging, train_and_evaluate
+from recipes_support.vision import (
     FASHION_MNIST_LABELS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -86,7 +93,7 @@ RECIPE_DEFAULTS = {
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubArguments):
     """The architecture built from scratch (or a pretrained checkpoint)."""
 
     model_type: str = field(default="resnet", metadata={"help": "Architecture.", "choices": ["resnet", "vit"]})
@@ -105,10 +112,6 @@ class ModelArguments:
     # Hub
     config_name: str | None = field(default=None, metadata={"help": "Build from this Hub/local config instead."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Fine-tune this pretrained checkpoint."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloads from the Hub."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
     def __post_init__(self) -> None:
         if self.num_channels not in (1, 3):
@@ -149,12 +152,11 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on this many images (a seeded random subset); default / 0: all."}
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on this many images; 0: all."})
     metric_names: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "Metrics to report."})
 
     def __post_init__(self) -> None:
-        if self.max_train_samples == 0:  # the command line cannot say None
-            self.max_train_samples = None
+        all_if_zero(self, "max_train_samples", "max_eval_samples")
 
 
 def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
@@ -248,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (ModelArguments, DataTrainingArguments, TrainingArguments), RECIPE_DEFAULTS, argv
     )
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
+    apply_runtime_defaults(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -271,7 +274,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         data_collator=collate_images,
         compute_metrics=compute_metrics,
-        callbacks=[MemoryReportCallback()],
     )
     card = {"tasks": "image-classification", "dataset": data_args.dataset_name or "fashion_mnist"}
     return train_and_evaluate(trainer, training_args, len(train_dataset), len(eval_dataset), model_card_kwargs=card)

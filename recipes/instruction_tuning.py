@@ -22,6 +22,12 @@ or a Hub dataset with such columns; any Hub chat model:
 Every ``TrainingArguments`` flag is accepted; a single ``.json`` argument is read as a config file.
 """
 
+import os
+
+# OpenMP threads that spin while they wait collapse when another process shares the cores (a 2-core CI
+# machine ran this recipe 5x slower); must be set before torch loads. Export another value to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,19 +37,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
-from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
+    HubArguments,
     RecipeArgumentError,
+    all_if_zero,
     apply_q4shampoo_defaults,
     check_data_source,
     hub_kwargs,
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import smollm2_gguf
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
-from hf_q4shampoo.recipes_support.gguf import load_gguf_causal_lm
-from hf_q4shampoo.recipes_support.instruct import (
+from recipes_support.assets import smollm2_gguf
+from recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
+from recipes_support.gguf import load_gguf_causal_lm
+from recipes_support.instruct import (
     IGNORE_INDEX,
     TASKS,
     ChatCollator,
@@ -54,8 +61,8 @@ from hf_q4shampoo.recipes_support.instruct import (
     read_instruction_file,
     record_to_messages,
 )
-from hf_q4shampoo.recipes_support.metrics import load_metric
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.metrics import load_metric
+from recipes_support.training import apply_runtime_defaults, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +90,7 @@ RECIPE_DEFAULTS = {
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubArguments):
     """The chat model and how it is adapted (LoRA by default, or full fine-tuning)."""
 
     model_name_or_path: str | None = field(
@@ -106,9 +113,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "Hub downloads, and the de-quantized GGUF model (default ~/.cache/hf_q4shampoo)."},
     )
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
     def __post_init__(self) -> None:
         if not self.full_finetuning:
@@ -141,14 +145,19 @@ class DataTrainingArguments:
         default=0.1, metadata={"help": "Share of the training records held out when no validation data is given."}
     )
     max_seq_length: int = field(default=256, metadata={"help": "Longer conversations are truncated."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training records."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many validation records."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training records; default / 0: all."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many validation records; default / 0: all."}
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length for the exact-match evaluation."})
     eval_generate: bool = field(default=True, metadata={"help": "Score greedy answers by exact match after training."})
     metric_name: str = field(default="exact_match", metadata={"help": "Metric of the generated answers."})
 
     def __post_init__(self) -> None:
         check_data_source(self.dataset_name, self.train_file, self.validation_file)
+        all_if_zero(self, "max_train_samples", "max_eval_samples")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise RecipeArgumentError(f"unknown --tasks {unknown}; choose among {', '.join(TASKS)}.")
@@ -201,11 +210,70 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     return model, tokenizer
 
 
+def build_datasets(tokenizer, train_records: list, eval_records: list, max_seq_length: int):
+    """Chat-encoded training and validation sets; conversations whose answer truncation removed are dropped."""
+
+    def encode(record: dict) -> dict:
+        return encode_chat(tokenizer, record_to_messages(record), max_seq_length)
+
+    encoded = [encode(r) for r in train_records]
+    train_dataset = ListDataset([ex for ex in encoded if any(label != IGNORE_INDEX for label in ex["labels"])])
+    eval_dataset = ListDataset([encode(r) for r in eval_records])
+    if len(train_dataset) < len(encoded):
+        logger.warning(
+            "%d training conversations lose their answer to --max_seq_length %d and are dropped",
+            len(encoded) - len(train_dataset),
+            max_seq_length,
+        )
+    logger.info("%d training and %d validation conversations", len(train_dataset), len(eval_dataset))
+    return train_dataset, eval_dataset
+
+
+def adapt_model(model, model_args: ModelArguments):
+    """LoRA adapters on the target modules (default), or the whole model with ``--full_finetuning``."""
+    if model_args.full_finetuning:
+        model.config.use_cache = False
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules
+    lora = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:  # e.g. target modules that this architecture does not have
+        raise RecipeArgumentError(f"LoRA could not be applied: {err}") from err
+    model.print_trainable_parameters()
+    return model
+
+
+def generation_score(model, tokenizer, eval_records: list, data_args: DataTrainingArguments, batch_size: int, metric):
+    """A function that answers the validation prompts greedily and scores the answers with ``metric``."""
+
+    def score() -> dict:
+        conversations = [record_to_messages(r) for r in eval_records]
+        last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in conversations]
+        prompts = [c[:i] for c, i in zip(conversations, last)]
+        references = [c[i]["content"] for c, i in zip(conversations, last)]
+        answers = generate_answers(model, tokenizer, prompts, data_args.max_new_tokens, batch_size)
+        for prompt, answer, reference in list(zip(prompts, answers, references))[:3]:
+            logger.info("prompt %r -> %r (expected %r)", prompt[-1]["content"], answer, reference)
+        return metric.compute(predictions=answers, references=references)
+
+    return score
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_recipe_args(
         (ModelArguments, DataTrainingArguments, TrainingArguments), RECIPE_DEFAULTS, argv
     )
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
+    apply_runtime_defaults(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -217,54 +285,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     train_records = take(train_records, data_args.max_train_samples)
     eval_records = take(eval_records, data_args.max_eval_samples)
-
-    def encode(record: dict) -> dict:
-        return encode_chat(tokenizer, record_to_messages(record), data_args.max_seq_length)
-
-    encoded = [encode(r) for r in train_records]
-    # truncation can remove the whole answer: nothing to learn from those conversations
-    train_dataset = ListDataset([ex for ex in encoded if any(label != IGNORE_INDEX for label in ex["labels"])])
-    eval_dataset = ListDataset([encode(r) for r in eval_records])
-    if len(train_dataset) < len(encoded):
-        logger.warning(
-            "%d training conversations lose their answer to --max_seq_length %d and are dropped",
-            len(encoded) - len(train_dataset),
-            data_args.max_seq_length,
-        )
-    logger.info("%d training and %d validation conversations", len(train_dataset), len(eval_dataset))
-
-    if model_args.full_finetuning:
-        model.config.use_cache = False
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        targets = model_args.lora_target_modules
-        lora = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as err:  # e.g. target modules that this architecture does not have
-            raise RecipeArgumentError(f"LoRA could not be applied: {err}") from err
-        model.print_trainable_parameters()
-
+    train_dataset, eval_dataset = build_datasets(tokenizer, train_records, eval_records, data_args.max_seq_length)
+    model = adapt_model(model, model_args)
     metric = load_metric(data_args.metric_name, cache_dir=model_args.cache_dir)
-
-    def exact_match_of_generations() -> dict:
-        conversations = [record_to_messages(r) for r in eval_records]
-        last = [max(i for i, m in enumerate(c) if m["role"] == "assistant") for c in conversations]
-        prompts = [c[:i] for c, i in zip(conversations, last)]
-        references = [c[i]["content"] for c, i in zip(conversations, last)]
-        answers = generate_answers(
-            model, tokenizer, prompts, data_args.max_new_tokens, training_args.per_device_eval_batch_size
-        )
-        for prompt, answer, reference in list(zip(prompts, answers, references))[:3]:
-            logger.info("prompt %r -> %r (expected %r)", prompt[-1]["content"], answer, reference)
-        return metric.compute(predictions=answers, references=references)
 
     trainer = Q4ShampooTrainer(
         model=model,
@@ -273,8 +296,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=ChatCollator(tokenizer.pad_token_id),
-        callbacks=[MemoryReportCallback()],
     )
+    batch_size = training_args.per_device_eval_batch_size
+    score = generation_score(model, tokenizer, eval_records, data_args, batch_size, metric)
     card = {
         "finetuned_from": model_args.model_name_or_path or "HuggingFaceTB/SmolLM2-135M-Instruct",
         "tasks": "text-generation",
@@ -285,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         training_args,
         len(train_dataset),
         len(eval_dataset),
-        extra_evaluation=exact_match_of_generations if data_args.eval_generate else None,
+        extra_evaluation=score if data_args.eval_generate else None,
         model_card_kwargs=card,
     )
 

@@ -18,6 +18,12 @@ Reports perplexity (exp of the validation loss) and next-token accuracy. Every `
 flag is accepted; a single ``.json`` argument is read as a config file.
 """
 
+import os
+
+# OpenMP threads that spin while they wait collapse when another process shares the cores (a 2-core CI
+# machine ran this recipe 5x slower); must be set before torch loads. Export another value to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,19 +44,20 @@ from transformers import (
 
 import hf_q4shampoo  # noqa: F401  (registers --optim q4shampoo; must run before HfArgumentParser is built)
 from hf_q4shampoo import Q4ShampooTrainer
-from hf_q4shampoo.integrations.callback import MemoryReportCallback
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support.args import (
+    HubArguments,
     RecipeArgumentError,
+    all_if_zero,
     apply_q4shampoo_defaults,
     check_data_source,
     hub_kwargs,
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
-from hf_q4shampoo.recipes_support.metrics import load_metric
-from hf_q4shampoo.recipes_support.text import corpus_documents, group_into_blocks, split_documents, train_bpe_tokenizer
-from hf_q4shampoo.recipes_support.training import setup_logging, train_and_evaluate
+from recipes_support.data import ListDataset, check_data_files, load_hub_or_files, take
+from recipes_support.metrics import load_metric
+from recipes_support.text import corpus_documents, group_into_blocks, split_documents, train_bpe_tokenizer
+from recipes_support.training import apply_runtime_defaults, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ RECIPE_DEFAULTS = {
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(HubArguments):
     """The model to train: a size from flags (from scratch), a config, or a pretrained checkpoint."""
 
     model_type: str = field(
@@ -100,10 +107,6 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Use this tokenizer instead of training a byte-level BPE on the data."}
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloads from the Hub."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -131,14 +134,19 @@ class DataTrainingArguments:
     validation_fraction: float = field(
         default=0.05, metadata={"help": "Share of ~2,000-character chunks held out when there is no validation split."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training blocks."})
-    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many blocks."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training blocks; default / 0: all."}
+    )
+    max_eval_samples: int | None = field(
+        default=256, metadata={"help": "Evaluate on at most this many blocks; 0: all."}
+    )
     metric_names: list[str] = field(
         default_factory=lambda: ["accuracy"], metadata={"help": "Token-level metrics besides perplexity."}
     )
 
     def __post_init__(self) -> None:
         check_data_source(self.dataset_name, self.train_files, self.validation_file, train_flag="--train_files")
+        all_if_zero(self, "max_train_samples", "max_eval_samples")
         if self.block_size < 2:
             raise RecipeArgumentError(f"--block_size must be at least 2, got {self.block_size}.")
 
@@ -221,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (ModelArguments, DataTrainingArguments, TrainingArguments), RECIPE_DEFAULTS, argv
     )
     apply_q4shampoo_defaults(training_args, DEFAULT_Q4_OPTIM_ARGS)
+    apply_runtime_defaults(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -273,7 +282,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=[MemoryReportCallback()],
     )
     card = {
         "tasks": "text-generation",

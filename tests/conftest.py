@@ -3,6 +3,8 @@ import sys
 
 # tests import helpers such as reference_shampoo from this folder
 sys.path.insert(0, os.path.dirname(__file__))
+# the recipes' helpers (recipes/recipes_support) are imported as the recipes import them: from their folder
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
 # no Hub access in tests: fail fast instead of retrying the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -2,6 +2,7 @@
 
 import json
 import types
+import typing
 
 import pytest
 import torch
@@ -14,16 +15,16 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_q4shampoo.integrations.callback import (  # noqa: E402
     LOG_KEYS,
-    REPORT_FILES,
-    SCHEMA,
-    MemoryProbe,
+    SKIPPED_KEY,
     MemoryReportCallback,
     MemoryReportMixin,
     attach_memory_report,
-    load_report,
     memory_callback,
-    update_model_card,
 )
+from hf_q4shampoo.integrations.probe import MemoryProbe  # noqa: E402
+from hf_q4shampoo.integrations.render import update_model_card  # noqa: E402
+from hf_q4shampoo.integrations.report import REPORT_FILES, SCHEMA, MemoryReportJSON, load_report  # noqa: E402
+
 from tiny_hf import lm_dataset, tiny_gpt2, training_args  # noqa: E402
 
 STEPS = 6
@@ -94,7 +95,9 @@ def test_report_files_exist_parse_and_match_the_optimizer(q4_run):
     assert measured["by_group"][0]["weight_decay"] == q4_run.trainer.args.weight_decay
     assert report["equivalents"]["adamw_bytes"] == real.adamw_equivalent
     assert report["equivalents"]["fp32_shampoo_bytes"] == real.fp32_shampoo_equivalent
-    assert report["equivalents"]["compression_vs_fp32_shampoo"] == pytest.approx(real.fp32_shampoo_equivalent / real.total)
+    assert report["equivalents"]["compression_vs_fp32_shampoo"] == pytest.approx(
+        real.fp32_shampoo_equivalent / real.total
+    )
     assert report["optimizer"]["config"]["update_freq"] == Q4_OPTIONS["update_freq"]
     # the pre-flight estimate agrees with what was measured after training
     assert abs(report["estimate_relative_error"]) <= 0.02
@@ -111,6 +114,20 @@ def test_report_files_exist_parse_and_match_the_optimizer(q4_run):
     assert peaks == sorted(peaks) and peaks[-1] <= report["peak_memory_bytes"]
     assert {a["name"] for a in report["alternatives"]} >= {"adamw", "adamw_8bit_bnb", "q4shampoo_cholesky_ef"}
     assert load_report(q4_run.out) == report
+    _check_schema(report, MemoryReportJSON)
+
+
+def _check_schema(value, typed):
+    """``value`` has exactly the keys the TypedDict (and every nested one) declares."""
+    hints = typing.get_type_hints(typed)
+    assert set(value) <= set(hints) and set(value) >= set(typed.__required_keys__), (typed.__name__, set(value))
+    for key, hint in hints.items():
+        for sub in (hint, *typing.get_args(hint)):
+            if typing.is_typeddict(sub) and isinstance(value.get(key), dict):
+                _check_schema(value[key], sub)
+            elif typing.get_origin(sub) is list and typing.is_typeddict(typing.get_args(sub)[0]):
+                for item in value.get(key) or []:
+                    _check_schema(item, typing.get_args(sub)[0])
 
 
 @pytest.mark.heavy  # runs Trainer
@@ -153,7 +170,9 @@ def test_log_keys_reach_trainer_state_json_with_the_stock_trainer(q4_run):
 @pytest.mark.heavy  # runs Trainer
 def test_fallback_path_misses_earlier_reporters_and_warns(tmp_path, caplog):
     recorder = Recorder()
-    trainer = make_trainer(tmp_path, callbacks=[recorder, MemoryReportCallback(write_files=False, print_estimate=False)])
+    trainer = make_trainer(
+        tmp_path, callbacks=[recorder, MemoryReportCallback(write_files=False, print_estimate=False)]
+    )
     trainer.args.report_to = ["tensorboard"]  # only read by the warning; no TensorBoard callback is built
     with caplog.at_level("WARNING"):
         trainer.train()
@@ -272,8 +291,26 @@ def test_update_model_card_is_idempotent(tmp_path, q4_run):
 def test_eval_logs_get_no_memory_keys(q4_run):
     assert q4_run.cb.log_metrics({"eval_loss": 1.0}) == {}
     assert q4_run.cb.log_metrics({"loss": 1.0, "optim_state_mib": 1.0}) == {}
-    assert set(q4_run.cb.log_metrics({"loss": 1.0})) == step_keys()
+    assert set(q4_run.cb.log_metrics({"loss": 1.0})) == step_keys() | {SKIPPED_KEY}
     assert MemoryReportCallback().log_metrics({"loss": 1.0}) == {}  # not bound: training has not begun
+
+
+def test_skipped_updates_reach_the_training_logs():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 5))
+    opt = Q4Shampoo(model.parameters(), lr=1e-2, update_freq=1, root_freq=2)
+    cb = MemoryReportCallback()
+    for bad in (False, True, False):
+        opt.zero_grad()
+        model(torch.randn(4, 40)).square().sum().backward()
+        if bad:
+            model[0].weight.grad[2, 3] = float("nan")
+        opt.step()
+    cb.bind(model, opt)
+    assert cb.log_metrics({"loss": 1.0})[SKIPPED_KEY] == 1
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb_sgd = MemoryReportCallback()
+    cb_sgd.bind(model, sgd)
+    assert SKIPPED_KEY not in cb_sgd.log_metrics({"loss": 1.0})
 
 
 def test_history_is_bounded():

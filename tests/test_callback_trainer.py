@@ -7,14 +7,10 @@ import pytest
 pytest.importorskip("transformers")
 
 from hf_q4shampoo import Q4ShampooTrainer, Q4ShampooTrainingArguments  # noqa: E402
-from hf_q4shampoo.integrations.callback import (  # noqa: E402
-    LOG_KEYS,
-    REPORT_FILES,
-    MemoryReportCallback,
-    load_report,
-    memory_callback,
-)
+from hf_q4shampoo.integrations.callback import LOG_KEYS, MemoryReportCallback, memory_callback  # noqa: E402
+from hf_q4shampoo.integrations.report import REPORT_FILES, load_report  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
+
 from tiny_hf import FAST, lm_dataset, tiny_gpt2, training_args  # noqa: E402
 
 pytestmark = pytest.mark.heavy  # Trainer runs

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,16 +24,22 @@ def test_parse_optim_args_types_and_spaces():
     Q4ShampooConfig(**out)  # parsed values build a valid config
 
 
-@pytest.mark.parametrize("text,message", [
-    ("precondd=eigen", "unknown optim_args key 'precondd'. Allowed keys: .*update_freq"),
-    ("update_freq=ten", "update_freq='ten' is not an integer"),
-    ("update_freq=0", 'update_freq must be "auto" or an integer >= 1, got 0'),
-    ("precond=int8", "precond='int8' is not valid; allowed values: 'cholesky_ef', 'cholesky', 'eigen', 'naive', 'fp32'"),
-    ("nesterov=maybe", "nesterov='maybe' is not true or false"),
-    ("ef_beta=1.5", r"ef_beta must be a number in \[0, 1\)"),
-    ("root_bits=8", "root_bits=8 is not valid; allowed values: 4, 32"),
-    ("update_freq", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("precondd=eigen", "unknown optim_args key 'precondd'. Allowed keys: .*update_freq"),
+        ("update_freq=ten", "update_freq='ten' is not an integer"),
+        ("update_freq=0", 'update_freq must be "auto" or an integer >= 1, got 0'),
+        (
+            "precond=int8",
+            "precond='int8' is not valid; allowed values: 'cholesky_ef', 'cholesky', 'eigen', 'naive', 'fp32'",
+        ),
+        ("nesterov=maybe", "nesterov='maybe' is not true or false"),
+        ("ef_beta=1.5", r"ef_beta must be a number in \[0, 1\)"),
+        ("root_bits=8", "root_bits=8 is not valid; allowed values: 4, 32"),
+        ("update_freq", "not of the form key=value"),
+    ],
+)
 def test_parse_optim_args_errors(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_optim_args(text)
@@ -44,7 +52,7 @@ def test_reserved_keys_point_to_their_flag():
 
 def test_config_is_frozen_and_serialisable():
     c = Q4ShampooConfig(update_freq=7)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.update_freq = 3
     d = c.to_dict()
     assert d["update_freq"] == 7 and all(isinstance(v, (int, float, str, bool, tuple, type(None))) for v in d.values())
@@ -118,3 +126,63 @@ def test_sparse_mfac_optim_args_errors(text, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_sparse_mfac_optim_args(text, reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"max_aspect_ratio": 0.5}, r"max_aspect_ratio must be 0 \(no limit\) or a number >= 1, got 0.5"),
+    ({"quant_block_size": 10**9}, r"quant_block_size must be an integer in \[2, 4096\], got 1000000000"),
+    ({"first_order": "sgd", "nesterov": True, "momentum": 0.0}, "nesterov=True needs momentum > 0"),
+    ({"first_order_min_quant_numel": -1}, "first_order_min_quant_numel must be an integer >= 0"),
+])
+def test_values_accepted_before_but_wrong_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Q4ShampooConfig(**options)
+
+
+def test_limits_themselves_are_accepted():
+    Q4ShampooConfig(max_aspect_ratio=0)  # the rule switched off
+    Q4ShampooConfig(max_aspect_ratio=1)
+    Q4ShampooConfig(quant_block_size=4096)
+    Q4ShampooConfig(first_order="sgd", nesterov=True, momentum=0.5)
+    Q4ShampooConfig(nesterov=True, momentum=0.0)  # AdamW ignores the SGD options
+    assert Q4ShampooConfig().first_order_min_quant_numel == 4096  # paper 3's threshold stays the default
+
+
+def test_numpy_scalars_become_python_numbers():
+    np = pytest.importorskip("numpy")
+    c = Q4ShampooConfig(lr=np.float32(0.5), update_freq=np.int64(10), betas=(np.float64(0.8), np.float32(0.5)),
+                        nesterov=np.bool_(True))
+    assert (c.lr, c.update_freq, c.betas, c.nesterov) == (0.5, 10, (0.8, 0.5), True)
+    assert [type(v) for v in (c.lr, c.update_freq, *c.betas, c.nesterov)] == [float, int, float, float, bool]
+    with pytest.raises(ConfigError, match="update_freq"):
+        Q4ShampooConfig(update_freq=np.float64(2.5))
+
+
+def test_state_keys_come_from_field_metadata():
+    from dataclasses import fields
+
+    from hf_q4shampoo.config import STATE_LAYOUT_KEYS
+
+    flagged = {f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state")}
+    assert set(STATE_LAYOUT_KEYS) == flagged
+    assert {"quant_map", "quant_block_size", "root_bits", "precond", "first_order_bits"} <= flagged
+    assert not {"update_freq", "root_freq", "lr", "stat_decay", "root_method"} & flagged
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ("update_freq=10,update_freq=20", ["'update_freq' is given twice", "update_freq=10", "update_freq=20"]),
+    ("update_freq", ["'update_freq' is not of the form key=value", "Allowed keys:", "root_freq"]),
+    ("=10", ["'=10' is not of the form key=value", "Allowed keys:"]),
+    ("update_freq=ten", ["update_freq='ten'", '"auto" or an integer >= 1']),
+    ("max_aspect_ratio=0.5", ["max_aspect_ratio must be 0 (no limit) or a number >= 1", "max_aspect_ratio=0.5"]),
+    ("quant_block_size=1000000000", ["quant_block_size must be an integer in [2, 4096]"]),
+    ("first_order=sgd,nesterov=true,momentum=0", ["nesterov=True needs momentum > 0"]),
+    ("precond=", ["precond=''", "'cholesky_ef'"]),
+])
+def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fragments):
+    with pytest.raises(ConfigError) as info:
+        parse_optim_args(text)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message

@@ -53,7 +53,9 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
         exact = 0.95 * exact + 0.05 * gk @ gk.T
     out = {}
     for device in ("cpu", "cuda"):
-        form = make_form(precond, FormSettings(root_method="eigh", use_compile=False))
+        form = make_form(
+            precond, FormSettings.from_options(root_method="eigh", use_compile=False, gram_precision="float32")
+        )
         state = form.init_state(200, 3, torch.device(device))
         for k in range(3):
             gk = grads[k:k + 1].expand(3, -1, -1).to(device)
@@ -163,7 +165,7 @@ def test_triton_root_decoder_matches_torch():
 def test_sync_free_cholesky_keeps_failed_factors_and_raises_their_jitter():
     from hf_q4shampoo.preconditioners import FormSettings, make_form
 
-    form = make_form("cholesky_ef", FormSettings(root_method="newton"))
+    form = make_form("cholesky_ef", FormSettings.from_options(root_method="newton", gram_precision="float32"))
     state = form.init_state(128, 3, torch.device("cuda"))
     g = torch.randn(3, 128, 256, device="cuda")
     form.update_statistics(state, g @ g.mT)
@@ -203,3 +205,110 @@ def test_state_is_created_on_the_parameter_device_and_loads_there():
     assert st["step"].device.type == "cpu"
     assert st["regions"][0]["L"]["factor_codes"].device.type == "cuda"
     assert st["regions"][0]["L"]["factor_codes"].dtype == torch.uint8
+
+
+def test_fused_statistics_update_matches_the_torch_path():
+    # the Triton (de)quantization with error feedback against the eager torch code, same inputs, 3 updates
+    from hf_q4shampoo import triton_kernels
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("no Triton")
+    torch.manual_seed(0)
+    states = {}
+    grams = [torch.randn(4, 300, 500, device="cuda") * torch.linspace(0.1, 3, 500, device="cuda") for _ in range(3)]
+    for fused in (False, True):
+        form = make_form("cholesky_ef", FormSettings.from_options(
+            "cuda", root_method="newton", fused_statistics=fused, factor_upper="feedback", factor_scaling="row"))
+        state = form.init_state(300, 4, torch.device("cuda"))
+        for g in grams:
+            form.update_statistics(state, g @ g.mT)
+        states[fused] = (state, form.statistics(state))
+    (ref, ref_stats), (got, got_stats) = states[False], states[True]
+    for key, value in ref.items():
+        if value.dtype == torch.uint8:  # a last-bit difference in the Cholesky input can flip a code
+            assert float((value != got[key]).float().mean()) < 1e-3, key
+        else:
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6)
+    rel = float((got_stats - ref_stats).norm() / ref_stats.norm())
+    assert rel < 1e-3, rel
+
+
+def _sync_warnings(fn) -> int:
+    """How many synchronizing CUDA operations ``fn`` performs (torch's sync debug mode, as warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_gradient_skips_the_update_on_cuda_without_a_sync(dtype):
+    # the CPU test's behaviour on the GPU paths (Triton AdamW, compiled math, Newton roots, fused AdamW):
+    # a NaN entry skips its parameter's whole update, the other members of its batches move on, and the
+    # guard adds no host synchronisation (the bad step syncs no more often than a good step of the same kind)
+    g = torch.Generator().manual_seed(5)
+    shapes = [(96, 80), (96, 80), (80,)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g).to("cuda", dtype)) for s in shapes]
+    opt = Q4Shampoo(params, lr=1e-2, weight_decay=0.1, update_freq=1, root_freq=2)
+
+    def step(bad: bool) -> None:
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(*shapes[i], generator=g) * torch.linspace(0.1, 3, shapes[i][-1])).to("cuda", dtype)
+            if bad and i != 1:
+                p.grad.view(-1)[5] = float("nan")
+        opt.step()
+
+    for _ in range(2):
+        step(False)
+    frozen = {i: {k: v.clone() for k, v in _flat_state(opt.state[params[i]]).items()} for i in (0, 2)}
+    frozen_params = [p.detach().clone() for p in params]
+    bad_syncs = _sync_warnings(lambda: step(True))  # step 3: statistics only
+    for i in (0, 2):
+        after = _flat_state(opt.state[params[i]])
+        counters = ("step", "skipped_updates")
+        assert [k for k, v in frozen[i].items() if k not in counters and not torch.equal(v, after[k])] == []
+        assert torch.equal(params[i], frozen_params[i])
+    assert not torch.equal(params[1], frozen_params[1])
+    step(False)
+    good_syncs = _sync_warnings(lambda: step(False))  # step 5: statistics only, as step 3
+    assert bad_syncs <= good_syncs, (bad_syncs, good_syncs)
+    for _ in range(3):
+        step(False)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert opt.skipped_updates() == 2
+    assert [int(opt.state[p]["skipped_updates"]) for p in params] == [1, 0, 1]
+
+
+def _flat_state(state: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, list):
+            for i, sides in enumerate(value):
+                out.update(_flat_state(sides, f"{name}[{i}]."))
+        elif isinstance(value, dict):
+            out.update(_flat_state(value, f"{name}."))
+    return out
+
+
+def test_huge_gradients_stay_finite_on_cuda():
+    # grafting norms scaled before squaring: entries of 1e18 must not overflow into inf / inf = NaN
+    g = torch.Generator().manual_seed(7)
+    for precond in ("cholesky_ef", "eigen", "fp32"):
+        p = torch.nn.Parameter(torch.randn(96, 80, generator=g).cuda())
+        opt = Q4Shampoo([p], lr=1e-2, update_freq=1, root_freq=2, precond=precond)
+        for _ in range(6):
+            p.grad = (torch.randn(96, 80, generator=g) * 1e18).cuda()
+            opt.step()
+        assert torch.isfinite(p).all(), precond
+        assert opt.skipped_updates() == 0, precond

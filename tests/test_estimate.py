@@ -11,14 +11,14 @@ from torch import nn
 from hf_q4shampoo import Q4Shampoo, estimate_memory
 from hf_q4shampoo.config import PRECOND_FORMS
 from hf_q4shampoo.estimate import (
-    BNB_BLOCK,
     EstimateUnavailable,
     build_meta_model,
     estimate_optimizer_state,
-    main,
     shampoo_equivalents,
 )
+from hf_q4shampoo.estimate_cli import main
 from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+from hf_q4shampoo.peers import BNB_BLOCK
 
 transformers = pytest.importorskip("transformers")
 
@@ -273,6 +273,9 @@ def test_cli_lora_and_errors(tmp_path, capsys):
     assert main([str(tmp_path), "--lora_r", "4", "--lora_target_modules", "c_attn", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert 0 < data["num_trainable"] < data["num_params"] / 10
+    # the adapters take the dtype asked for (peft alone would keep them in float32)
+    assert main([str(tmp_path), "--lora_r", "4", "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["param_dtype"] == "bfloat16"
 
     assert main([str(tmp_path / "missing")]) == 2
     assert "Offline, pass a folder" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.integrations import registration
+
 from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
 
 CLI = [
@@ -94,7 +95,9 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_before"] = list(OptimizerNames.__members__)
         handlers_before = dict(handlers)
         try:
-            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(["--output_dir", "x", "--optim", "q4shampoo"])
+            HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+                ["--output_dir", "x", "--optim", "q4shampoo"]
+            )
         except SystemExit as e:
             out["stock_parser_exit"] = e.code
         try:
@@ -105,7 +108,8 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
         out["members_after"] = list(OptimizerNames.__members__)
         out["handlers_unchanged"] = dict(handlers) == handlers_before
         (a,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3", "--use_cpu", "true"])
+            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4shampoo", "--optim_args", "update_freq=3",
+             "--use_cpu", "true"])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(a)
         out["wrapper_cls"], out["wrapper_update_freq"] = cls.__name__, kwargs["update_freq"]
         (b,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
@@ -170,26 +174,62 @@ def test_training_arguments_subclass_keeps_plain_string_and_builtins():
 # ---- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optim_args,fragments", [
+BAD_OPTIM_ARGS = [
     ("update_freq=10,blocksize=64", ["'blocksize'", "Allowed keys:", "update_freq", "max_precond_dim"]),
     ("precond=cholesky-ef", ["precond='cholesky-ef'", "'cholesky_ef'", "'eigen'"]),
     ("update_freq=ten", ["update_freq='ten'", "integer"]),
     ("root_freq=0", ["root_freq", ">= 1"]),
     ("lr=0.1", ["'lr'", "--learning_rate"]),
     ("weight_decay=0.1", ["'weight_decay'", "--weight_decay"]),
-])
-def test_bad_optim_args_name_the_key(optim_args, fragments):
-    args = TrainingArguments("x", optim="q4shampoo", optim_args=optim_args)
+    # failed inside transformers' own parser ("not enough values to unpack"), at train()
+    ("update_freq", ["'update_freq' is not of the form key=value", "Allowed keys:", "root_freq"]),
+    ("update_freq=10,update_freq=20", ["'update_freq' is given twice"]),
+    ("max_aspect_ratio=0.5", ["max_aspect_ratio", "0 (no limit) or a number >= 1"]),
+    ("first_order=sgd,nesterov=true,momentum=0", ["nesterov=True needs momentum > 0"]),
+]
+
+
+def _one_line_naming(error, fragments):
+    message = str(error)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("optim_args,fragments", BAD_OPTIM_ARGS)
+def test_bad_optim_args_stop_argument_parsing(optim_args, fragments):
+    # when the TrainingArguments are built (stock class once registered, our subclass always, the CLI
+    # parser), not at train() after the model and the data are loaded
+    for cls in (TrainingArguments, Q4ShampooTrainingArguments):
+        with pytest.raises(ConfigError) as info:
+            cls("x", optim="q4shampoo", optim_args=optim_args)
+        _one_line_naming(info.value, fragments)
+    with pytest.raises(ConfigError) as info:
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", "x", "--optim", "q4shampoo", "--optim_args", optim_args])
+    _one_line_naming(info.value, fragments)
+    args = TrainingArguments("x", optim="adamw_torch")  # set afterwards: the optimizer's own check still holds
+    object.__setattr__(args, "optim", OptimizerNames("q4shampoo"))
+    object.__setattr__(args, "optim_args", optim_args)
     with pytest.raises(ConfigError) as info:
         make_optimizer_cls_and_kwargs(args)
-    for fragment in fragments:
-        assert fragment in str(info.value)
+    _one_line_naming(info.value, fragments)
+
+
+def test_optim_args_of_other_optimizers_are_left_to_transformers():
+    TrainingArguments("x", optim="adamw_torch", optim_args="anything,goes")
+    with pytest.raises(ConfigError, match="SparseMFAC: optim_args item 'm' is not of the form key=value.*Allowed keys"):
+        TrainingArguments("x", optim="sparse_mfac", optim_args="m")
+    with pytest.raises(ConfigError, match="'bogus'"):
+        Q4ShampooTrainingArguments("x").set_optimizer("q4shampoo", args="bogus=1")
 
 
 def test_bad_optim_args_stop_the_stock_trainer_before_training(tmp_path):
+    # optim_args changed after the arguments were built: the optimizer's handler still refuses them
     model = tiny_gpt2()
     before = [p.detach().clone() for p in model.parameters()]
-    args = training_args(tmp_path, optim_args="update_freq=1,blocksize=64")
+    args = training_args(tmp_path)
+    object.__setattr__(args, "optim_args", "update_freq=1,blocksize=64")
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(16))
     with pytest.raises(ConfigError, match="unknown optim_args key 'blocksize'"):
         trainer.train()
@@ -197,7 +237,8 @@ def test_bad_optim_args_stop_the_stock_trainer_before_training(tmp_path):
 
 
 def test_q4shampoo_trainer_checks_optim_args_at_construction(tmp_path):
-    args = training_args(tmp_path, cls=Q4ShampooTrainingArguments, optim_args="precond=cholesky-ef")
+    args = training_args(tmp_path, cls=Q4ShampooTrainingArguments)
+    object.__setattr__(args, "optim_args", "precond=cholesky-ef")
     with pytest.raises(ConfigError, match="precond"):
         Q4ShampooTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset(16))
 
@@ -257,5 +298,6 @@ def test_unsupported_setup_stops_the_stock_trainer_before_training(tmp_path):
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset(16))
     object.__setattr__(trainer.args, "deepspeed", {"zero_optimization": {"stage": 2}})
     with pytest.raises(UnsupportedSetupError, match="ZeRO stage 2"):
-        trainer.create_optimizer()
+        trainer.train()  # the error must come when the optimizer is chosen, before the first step
+    assert trainer.state.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

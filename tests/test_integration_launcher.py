@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from hf_q4shampoo import cli, launcher
+
 from tiny_hf import FAST, one_torch_thread  # noqa: F401 (autouse fixture)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")
@@ -81,12 +82,17 @@ def test_main_semantics_and_module_form(tmp_path, monkeypatch):
         "from helper_mod_q4 import VALUE\n"
         "from transformers.training_args import OptimizerNames\n"
         "if __name__ == '__main__':\n"
-        f"    json.dump({{'argv': sys.argv, 'value': VALUE, 'q4': OptimizerNames('q4shampoo').value}}, open({str(report)!r}, 'w'))\n"
+        "    seen = {'argv': sys.argv, 'value': VALUE, 'q4': OptimizerNames('q4shampoo').value}\n"
+        f"    json.dump(seen, open({str(report)!r}, 'w'))\n"
     )
     (tmp_path / "job_q4.py").write_text(code)
     assert launcher.main([str(tmp_path / "job_q4.py"), "a", "--b"]) == 0
     seen = json.loads(report.read_text())
-    assert seen == {"argv": [str(tmp_path / "job_q4.py"), "a", "--b"], "value": "sibling import works", "q4": "q4shampoo"}
+    assert seen == {
+        "argv": [str(tmp_path / "job_q4.py"), "a", "--b"],
+        "value": "sibling import works",
+        "q4": "q4shampoo",
+    }
 
     monkeypatch.chdir(tmp_path)  # `-m` resolves modules from the current directory, as `python -m` does
     report.unlink()
@@ -94,6 +100,29 @@ def test_main_semantics_and_module_form(tmp_path, monkeypatch):
     seen = json.loads(report.read_text())
     assert seen["argv"] == [str(tmp_path / "job_q4.py"), "c"]
     sys.modules.pop("helper_mod_q4", None)
+
+
+@pytest.mark.parametrize("optim_args,fragment", [
+    ("update_freq", "'update_freq' is not of the form key=value"),
+    ("update_freq=10,update_freq=20", "'update_freq' is given twice"),
+    ("quant_block_size=1000000000", "quant_block_size must be an integer in [2, 4096]"),
+    ("blocksize=64", "unknown optim_args key 'blocksize'. Allowed keys:"),
+])
+def test_bad_optim_args_stop_the_launched_script_at_argument_parsing(tmp_path, capsys, optim_args, fragment):
+    # a script shaped like transformers' examples: it marks the moment its arguments are parsed
+    marker = tmp_path / "parsed"
+    script = tmp_path / "job_args.py"
+    script.write_text(
+        "from transformers import HfArgumentParser, TrainingArguments\n"
+        "(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+    )
+    # through the console script's dispatcher (`q4shampoo run`), which hands over to the launcher
+    status = cli.main(["run", str(script), "--output_dir", str(tmp_path), "--optim", "q4shampoo",
+                       "--optim_args", optim_args, "--use_cpu", "true", "--report_to", "none"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and not marker.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("q4shampoo run: error: Q4Shampoo:") and fragment in err, err
 
 
 def test_usage_errors(tmp_path, capsys):

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.memory import optimizer_state_bytes, unwrap_optimizer
+
 from tiny_hf import (  # noqa: F401 (one_torch_thread: autouse fixture)
     lm_dataset,
     nested_tensors,
@@ -71,15 +72,19 @@ def test_lora_trains_only_adapters_without_nan(tmp_path):
     assert all(torch.count_nonzero(b) > 0 for b in first.b_after)
     # later both train, and everything stays finite
     assert all(torch.isfinite(p).all() for p in optimised)
-    assert all(not torch.equal(a, b) for a, b in zip(first.a_before, [p for n, p in model.named_parameters() if "lora_A" in n]))
+    assert all(
+        not torch.equal(a, b) for a, b in zip(first.a_before, [p for n, p in model.named_parameters() if "lora_A" in n])
+    )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
 
     # no wasted memory: each adapter is preconditioned on its r side only (one r x r factor)
     for p in optimised:
         plan = opt.block_plan(p.shape)
-        sides = [(region.block_rows if region.precond_rows else None, region.block_cols if region.precond_cols else None)
-                 for region in plan.regions]
+        sides = [
+            (region.block_rows if region.precond_rows else None, region.block_cols if region.precond_cols else None)
+            for region in plan.regions
+        ]
         assert sides in ([(R, None)], [(None, R)]), (names[id(p)], sides)
 
 

@@ -21,12 +21,13 @@ from hf_q4shampoo import (
     make_optimizer_cls_and_kwargs,
 )
 from hf_q4shampoo.memory import unwrap_optimizer
+
 from tiny_hf import (  # noqa: F401  (one_torch_thread: autouse fixture)
-    one_torch_thread,
     FAST,
     cls_dataset,
     lm_dataset,
     nested_tensors,
+    one_torch_thread,
     tiny_bert_classifier,
     tiny_gpt2,
     trainable_state,
@@ -54,7 +55,9 @@ class StepRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        self.grad_norms.append(
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        )
         self.lrs.append([float(g["lr"]) for g in optimizer.param_groups])
 
 
@@ -94,7 +97,9 @@ def test_causal_lm_stock_trainer_schedule_clipping_eval_checkpoints(tmp_path):
     assert "regions" in opt.state[matrix] and int(opt.state[matrix]["step"]) == steps
 
     # the learning rate each step used is the scheduler's (cosine with warm-up), in both groups
-    ref = get_scheduler("cosine", torch.optim.SGD([torch.zeros(1)], lr=lr), num_warmup_steps=3, num_training_steps=steps)
+    ref = get_scheduler(
+        "cosine", torch.optim.SGD([torch.zeros(1)], lr=lr), num_warmup_steps=3, num_training_steps=steps
+    )
     expected = []
     for _ in range(steps):
         expected.append(ref.get_last_lr()[0])
@@ -186,17 +191,24 @@ def test_resume_matches_uninterrupted_run_and_checkpoint_is_small(tmp_path):
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     dtypes = {t.dtype for t in nested_tensors(saved["state"])}
     assert torch.uint8 in dtypes  # the 4-bit codes are saved as codes ...
-    assert {t.dtype for t in nested_tensors(unwrap_optimizer(resumed.optimizer).state)} >= {torch.uint8}  # ... and stay codes
+    assert {t.dtype for t in nested_tensors(unwrap_optimizer(resumed.optimizer).state)} >= {
+        torch.uint8
+    }  # ... and stay codes
 
-    adamw = Trainer(model=tiny_gpt2(n_embd), args=training_args(tmp_path / "adamw", optim="adamw_torch", optim_args=None,
-                                                                **common), train_dataset=lm_dataset(),
-                    callbacks=[StopAt(k)])
+    adamw = Trainer(
+        model=tiny_gpt2(n_embd),
+        args=training_args(tmp_path / "adamw", optim="adamw_torch", optim_args=None, **common),
+        train_dataset=lm_dataset(),
+        callbacks=[StopAt(k)],
+    )
     adamw.train()
     q4_bytes = os.path.getsize(checkpoint / "optimizer.pt")
     adamw_bytes = os.path.getsize(tmp_path / "adamw" / f"checkpoint-{k}" / "optimizer.pt")
     n = sum(p.numel() for p in straight.model.parameters())
-    print(f"\noptimizer.pt, GPT-2 n_embd={n_embd}, {n} parameters: q4shampoo {q4_bytes} B ({q4_bytes / n:.2f} B/param), "
-          f"adamw_torch {adamw_bytes} B ({adamw_bytes / n:.2f} B/param), ratio {q4_bytes / adamw_bytes:.2f}")
+    print(
+        f"\noptimizer.pt, GPT-2 n_embd={n_embd}, {n} parameters: q4shampoo {q4_bytes} B ({q4_bytes / n:.2f} B/param), "
+        f"adamw_torch {adamw_bytes} B ({adamw_bytes / n:.2f} B/param), ratio {q4_bytes / adamw_bytes:.2f}"
+    )
     assert q4_bytes < adamw_bytes
 
 
@@ -295,7 +307,9 @@ class FakeHub:
         return SimpleNamespace(repo_id=repo_id)
 
     def upload_folder(self, repo_id, folder_path, path_in_repo=None, run_as_future=False, **kwargs):
-        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
+        )
         self.uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": files,
                              "readme": _read(os.path.join(folder_path, "README.md"))})
         if run_as_future:
@@ -378,7 +392,9 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     k = 3
     common = dict(optim="sparse_mfac", optim_args=SPARSE_MFAC_ARGS, learning_rate=1e-2, weight_decay=0.01,
                   max_steps=2 * k, save_strategy="steps", save_steps=k)
-    straight = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset())
+    straight = Trainer(
+        model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
+    )
     straight.train()
     opt = unwrap_optimizer(straight.optimizer)
     assert isinstance(opt, SparseMFAC) and opt.config.m == 4 and opt.config.lr_scaled_decay  # --weight_decay is AdamW's
@@ -406,7 +422,10 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     straight.create_model_card()
     assert "sparse_mfac" in (tmp_path / "straight" / "README.md").read_text().lower()
 
-    bad = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="ngrads=1024"),
-                  train_dataset=lm_dataset())
+    with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
+        training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="ngrads=1024")  # at argument parsing
+    late = training_args(tmp_path / "bad", optim="sparse_mfac", optim_args="m=4")
+    object.__setattr__(late, "optim_args", "ngrads=1024")  # changed afterwards: the handler still refuses it
+    bad = Trainer(model=tiny_gpt2(), args=late, train_dataset=lm_dataset())
     with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
         bad.create_optimizer()

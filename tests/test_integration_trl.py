@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.memory import unwrap_optimizer  # noqa: E402
+
 from tiny_hf import FAST, one_torch_thread, text_rows, tiny_gpt2, tiny_tokenizer  # noqa: E402,F401
 
 pytestmark = pytest.mark.heavy
@@ -46,8 +47,11 @@ def test_sft_trainer_with_stock_sft_config_and_lora(tmp_path):
     assert optimized and all("lora_" in names[i] for i in optimized)
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zero-initialised B has been trained
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters()
-              if not p.requires_grad}
+    frozen = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in trainer.model.named_parameters()
+        if not p.requires_grad
+    }
     assert set(frozen) == set(base) and all(torch.equal(frozen[n], p) for n, p in base.items())
 
 

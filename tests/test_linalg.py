@@ -9,7 +9,9 @@ from hf_q4shampoo import linalg
 def spd(n: int, cond: float, batch: int = 3, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
-    lam = torch.logspace(0, -math.log10(cond), n, dtype=torch.float64) * (10 ** (4 * torch.rand(batch, 1, generator=g, dtype=torch.float64) - 2))
+    lam = torch.logspace(0, -math.log10(cond), n, dtype=torch.float64) * (
+        10 ** (4 * torch.rand(batch, 1, generator=g, dtype=torch.float64) - 2)
+    )
     return (q * lam.unsqueeze(-2)) @ q.mT
 
 
@@ -70,7 +72,10 @@ def test_bjorck_improves_orthogonality():
     q, _ = torch.linalg.qr(torch.randn(4, 100, 100, generator=g))
     noisy = q + 0.02 * torch.randn(q.shape, generator=g)
     eye = torch.eye(100)
-    errs = [float((linalg.bjorck_orthonormalize(noisy, k) @ linalg.bjorck_orthonormalize(noisy, k).mT - eye).norm()) for k in range(4)]
+    errs = [
+        float((linalg.bjorck_orthonormalize(noisy, k) @ linalg.bjorck_orthonormalize(noisy, k).mT - eye).norm())
+        for k in range(4)
+    ]
     assert errs[0] > errs[1] > errs[2] > errs[3]
     assert errs[3] < 1e-3 * errs[0]
 
@@ -84,7 +89,9 @@ def test_cholesky_rank_deficient_never_nan(rank):
     assert torch.isfinite(c).all() and torch.isfinite(r).all() and torch.all(r > 0)
     assert torch.equal(c, torch.tril(c))
     recon = c @ c.mT
-    torch.testing.assert_close(recon, a + r[:, None, None] * torch.eye(50), rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6)
+    torch.testing.assert_close(
+        recon, a + r[:, None, None] * torch.eye(50), rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6
+    )
 
 
 def test_cholesky_indefinite_and_nonfinite_fall_back():

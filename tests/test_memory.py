@@ -91,10 +91,28 @@ def test_gpt2_small_default_config_bytes_per_param():
     model(x, labels=x).loss.backward()
     opt.step()
     r = optimizer_state_bytes(opt)
-    print(f"\nGPT-2 small, default config: {r.bytes_per_param:.3f} bytes/param "
-          f"({r.total / 2**20:.1f} MiB for {r.num_params / 1e6:.1f}M params); AdamW {r.adamw_equivalent / r.num_params:.1f}, "
-          f"fp32 Shampoo (same blocks) {r.fp32_shampoo_equivalent / r.num_params:.1f}; by kind (MiB): "
-          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.by_kind.items()))
+    print(
+        f"\nGPT-2 small, default config: {r.bytes_per_param:.3f} bytes/param "
+        f"({r.total / 2**20:.1f} MiB for {r.num_params / 1e6:.1f}M params); "
+        f"AdamW {r.adamw_equivalent / r.num_params:.1f}, "
+        f"fp32 Shampoo (same blocks) {r.fp32_shampoo_equivalent / r.num_params:.1f}; by kind (MiB): "
+        + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.by_kind.items())
+    )
     assert 124e6 < r.num_params < 125e6
     assert r.bytes_per_param <= 3.0
     assert r.fp32_shampoo_equivalent / r.num_params > 15
+
+
+def test_q4shampoo_reports_its_own_state_bytes_without_a_cpu_form():
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 10))
+    opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=1)
+    assert opt.state_bytes(model[0].weight) == {}  # before the first step
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    forms = dict(opt._forms)
+    kinds = opt.state_bytes(model[0].weight)
+    assert set(kinds) <= set(KINDS) and kinds["statistics"] > 0 and kinds["roots"] > 0
+    assert kinds["other"] == 4 + 8  # the fp32 step counter and the int64 skipped-updates counter
+    assert param_state_bytes(opt, model[0].weight) == {**dict.fromkeys(KINDS, 0), **kinds}
+    assert opt._forms == forms  # measuring adds no form (it used to build a CPU form for a CUDA optimizer)

@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
-from reference_shampoo import ReferenceShampoo
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
+from hf_q4shampoo.config import STATE_LAYOUT_KEYS
+
+from reference_shampoo import ReferenceShampoo
 
 SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1)]
 
@@ -84,7 +86,7 @@ def _roundtrip(opt) -> dict:
 def _state_dtypes(opt):
     out = {}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        def walk(prefix, v):
+        def walk(prefix, v, i=i):
             if isinstance(v, torch.Tensor):
                 out[f"{i}.{prefix}"] = v.dtype
             elif isinstance(v, dict):
@@ -363,3 +365,340 @@ def test_first_order_only_tensors_follow_torch_adamw():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     st = opt.state[ours[0]]
     assert st["exp_avg"].data_ptr() != st["exp_avg_sq"].data_ptr()
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite gradients (issue 12): a NaN/inf entry skips that parameter's whole update for that step
+# ------------------------------------------------------------------------------------------------
+
+
+def _state_tensors(opt, p) -> dict:
+    """Every tensor of a parameter's state (copied) and the parameter itself, by path."""
+    out = {"param": p.detach().clone()}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            out[prefix] = value.clone()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{prefix}[{i}]", item)
+
+    walk("state", opt.state[p])
+    return out
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    counters = ("state.step", "state.skipped_updates")
+    return [k for k in before if k not in counters and not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "fp32"])
+@pytest.mark.parametrize("bad_step,max_dim,bad_value", [
+    (3, 1024, float("nan")),   # a statistics-only step (roots at 2, 4, ...), one block per side
+    (4, 1024, float("inf")),   # a statistics + root step
+    (3, 48, float("nan")),     # four blocks: the finite blocks' statistics must not move either
+])
+def test_nan_gradient_skips_only_that_step(precond, bad_step, max_dim, bad_value):
+    # the issue's reproduction: 96x80, update_freq=1, root_freq=2, good steps, one bad entry, good steps
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(96, 80, generator=g) * torch.linspace(0.1, 3, 80) for _ in range(8)]
+    start = torch.randn(96, 80, generator=g)
+    p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    kw = dict(lr=1e-2, update_freq=1, root_freq=2, precond=precond, max_precond_dim=max_dim)
+    opt, ref = Q4Shampoo([p], **kw), Q4Shampoo([q], **kw)
+    for t, grad in enumerate(grads, 1):
+        if t == bad_step:
+            before = _state_tensors(opt, p)
+            bad = grad.clone()
+            bad[3, 5] = bad_value
+            p.grad = bad
+            opt.step()
+            assert _changed(before, _state_tensors(opt, p)) == []  # statistics, roots, moments, parameter
+            ref.state[q]["step"] += 1  # the reference just lets that step pass
+            continue
+        p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.isfinite(p).all()
+    assert torch.equal(p, q)  # only that step's update is missing
+    assert opt.skipped_updates() == 1 and int(opt.state[p]["skipped_updates"]) == 1
+    assert int(opt.state[p]["step"]) == len(grads)
+
+
+@pytest.mark.parametrize("first_order,bits,extra", [
+    ("adamw", 4, {}),                 # 4-bit moments (torch math)
+    ("adamw", 32, {}),                # fp32 moments: torch's fused AdamW (batch of one and batches of several)
+    ("sgd", 4, {"nesterov": True}),
+    ("sgd", 32, {"momentum": 0.0}),   # no moments at all
+])
+def test_a_skipped_member_leaves_the_rest_of_its_batch_alone(first_order, bits, extra):
+    # three same-shape matrices, two vectors and a lone matrix are stepped as batches; some get a bad gradient
+    g = torch.Generator().manual_seed(11)
+    shapes = [(72, 64)] * 3 + [(5000,)] * 2 + [(50, 40)]
+    start = [torch.randn(*s, generator=g) for s in shapes]
+    ours = [torch.nn.Parameter(x.clone()) for x in start]
+    ref = [torch.nn.Parameter(x.clone()) for x in start]
+    kw = dict(lr=1e-2, weight_decay=0.05, update_freq=1, root_freq=2, first_order=first_order, first_order_bits=bits,
+              min_quant_numel=1024, first_order_min_quant_numel=1024, **extra)
+    opt, ref_opt = Q4Shampoo(ours, **kw), Q4Shampoo(ref, **kw)
+    bad = {1, 4, 5}
+    for t in range(1, 7):
+        grads = [torch.randn(*s, generator=g) for s in shapes]
+        for i, (p, r, grad) in enumerate(zip(ours, ref, grads)):
+            p.grad = grad.clone()
+            r.grad = None if (t == 3 and i in bad) else grad.clone()
+            if t == 3 and i in bad:
+                p.grad.view(-1)[7] = -float("inf")
+                ref_opt.state[r]["step"] += 1
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ours, ref):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+    assert opt.skipped_updates() == 3
+    assert [int(opt.state[p]["skipped_updates"]) for p in ours] == [0, 1, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "fp32"])
+@pytest.mark.parametrize("bits", [4, 32])
+def test_huge_finite_gradients_give_finite_steps(precond, bits):
+    # every entry ~1e18: the squares of a 96x80 gradient sum past fp32's range (its norm, 8.8e19, does not)
+    g = torch.Generator().manual_seed(7)
+    start = torch.randn(96, 80, generator=g)
+    grads = [torch.randn(96, 80, generator=g) * torch.linspace(0.5, 1.0, 80) for _ in range(6)]
+    moved = {}
+    for scale in (1.0, 1e18):
+        p = torch.nn.Parameter(start.clone())
+        opt = Q4Shampoo([p], lr=1e-2, update_freq=1, root_freq=2, precond=precond, first_order_bits=bits)
+        for grad in grads:
+            p.grad = grad * scale
+            opt.step()
+        assert torch.isfinite(p).all() and opt.skipped_updates() == 0
+        moved[scale] = p.detach() - start
+    rel = float((moved[1e18] - moved[1.0]).norm() / moved[1.0].norm())
+    print(f"{precond}, {bits}-bit moments: gradients x1e18 vs x1, relative difference of the displacement {rel:.1e}")
+    # Shampoo with grafting and Adam is scale-invariant: fp32 statistics follow to rounding; the 4-bit forms
+    # to their quantization noise (a different rounding flips codes)
+    assert rel < (1e-4 if precond == "fp32" else 0.2)
+
+
+def test_skip_counts_are_checkpointed():
+    g = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(40, 30, generator=g)) for _ in range(2)]
+    opt = Q4Shampoo(params, lr=1e-2, update_freq=1, root_freq=2)
+    for t in range(4):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(40, 30, generator=g)
+            if i == 0 and t in (1, 3):
+                p.grad[0, 0] = float("nan")
+        opt.step()
+    saved = _roundtrip(opt)
+    assert [int(saved["state"][i]["skipped_updates"]) for i in range(2)] == [2, 0]
+    again = Q4Shampoo(params, lr=1e-2, update_freq=1, root_freq=2)
+    again.load_state_dict(saved)
+    assert again.skipped_updates() == 2
+    params[0].grad = torch.full((40, 30), float("inf"))
+    params[1].grad = torch.randn(40, 30, generator=g)
+    again.step()
+    assert again.skipped_updates() == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming and torch's optimizer conventions (issue 12)
+# ------------------------------------------------------------------------------------------------
+
+
+def _trained(params, steps=2, seed=3, **kw):
+    g = torch.Generator().manual_seed(seed)
+    opt = Q4Shampoo(params, lr=1e-2, update_freq=1, root_freq=2, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+def _other_value(name):
+    """A valid value different from the default, for any config field."""
+    from hf_q4shampoo.config import _CHOICES
+
+    default = getattr(Q4ShampooConfig(), name)
+    if name in _CHOICES:
+        return next(v for v in _CHOICES[name] if v != default)
+    if isinstance(default, float):
+        return default * 2
+    return default + 1
+
+
+@pytest.mark.parametrize("name", STATE_LAYOUT_KEYS)
+def test_every_state_option_is_checked_at_load(name):
+    # the list comes from the config's field metadata: a new option that shapes the state is covered here
+    params = [torch.nn.Parameter(torch.randn(70, 40)) for _ in range(2)]
+    saved = _roundtrip(_trained(params))
+    other = Q4Shampoo(params, lr=1e-2, **{name: _other_value(name)})
+    with pytest.raises(ConfigError, match=f"{name}: saved .*, now "):
+        other.load_state_dict(saved)
+    assert not other.state  # nothing was loaded
+
+
+def test_quant_map_is_a_state_option_and_schedule_options_are_not():
+    # a linear2 checkpoint read with the dynamic code decodes roots 6% and statistics 17% away (issue 12)
+    assert "quant_map" in STATE_LAYOUT_KEYS and "first_order_min_quant_numel" in STATE_LAYOUT_KEYS
+    params = [torch.nn.Parameter(torch.randn(70, 40))]
+    saved = _roundtrip(_trained(params))
+    with pytest.raises(ConfigError, match="quant_map: saved 'linear2', now 'dynamic'"):
+        Q4Shampoo(params, quant_map="dynamic").load_state_dict(saved)
+    Q4Shampoo(params, update_freq=7, root_freq=70, stat_decay=0.9).load_state_dict(saved)  # how it continues
+
+
+def test_a_torch_adamw_state_dict_is_refused_with_what_to_do():
+    params = [torch.nn.Parameter(torch.randn(70, 40)), torch.nn.Parameter(torch.randn(40))]
+    adamw = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw.step()
+    opt = _trained(params)
+    before = _state_tensors(opt, params[0])
+    with pytest.raises(ConfigError) as info:
+        opt.load_state_dict(adamw.state_dict())
+    message = str(info.value)
+    assert "not saved by Q4Shampoo" in message and "exp_avg" in message and "optimizer.pt" in message
+    assert _changed(before, _state_tensors(opt, params[0])) == []
+
+
+def test_load_checks_shapes_and_names_the_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.Linear(70, 40))
+    opt = _trained(list(model.parameters()))
+    saved = _roundtrip(opt)
+    # the same parameters in another order: the next step would fail deep inside without this check
+    shuffled = [model[1].weight, model[1].bias, model[0].weight, model[0].bias]
+    with pytest.raises(ConfigError, match=r"parameter #0 of group 0 \(shape \(40, 70\)\).*\(70, 40\)"):
+        Q4Shampoo(shuffled, lr=1e-2).load_state_dict(saved)
+    named = Q4Shampoo([("1.weight", model[1].weight), ("1.bias", model[1].bias), ("0.weight", model[0].weight),
+                       ("0.bias", model[0].bias)], lr=1e-2)
+    with pytest.raises(ConfigError, match="parameter '1.weight'"):
+        named.load_state_dict(saved)
+    assert not named.state
+
+
+def test_load_nontensor_step():
+    # torch's optimizers accept a plain-number step (their older format); the next step must work
+    params = [torch.nn.Parameter(torch.randn(70, 40)), torch.nn.Parameter(torch.randn(40))]
+    opt = _trained(params)
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["step"] = int(state["step"])
+    again = Q4Shampoo(params, lr=1e-2, update_freq=1, root_freq=2)
+    again.load_state_dict(saved)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    again.step()
+    assert [float(again.state[p]["step"]) for p in params] == [3.0, 3.0]
+    assert again.state[params[0]]["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_and_pickles_step_independently(how):
+    import copy
+    import pickle
+
+    params = [torch.nn.Parameter(torch.randn(70, 40)), torch.nn.Parameter(torch.randn(40))]
+    opt = _trained(params, steps=3)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    public = {k for k in opt.__dict__ if not k.startswith("_")}
+    assert public == {k for k in twin.__dict__ if not k.startswith("_")}
+    assert twin.config == opt.config
+    twin_params = twin.param_groups[0]["params"]
+    before = [p.detach().clone() for p in params]
+    state_before = _state_tensors(opt, params[0])
+    g = torch.Generator().manual_seed(9)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    for p, grad in zip(twin_params, grads):
+        p.grad = grad.clone()
+    twin.step()  # raised AttributeError ('config') before: torch's __setstate__ protocol
+    assert all(torch.equal(a, b) for a, b in zip(before, params))  # the original is untouched
+    assert _changed(state_before, _state_tensors(opt, params[0])) == []
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    opt.step()
+    for a, b in zip(params, twin_params):  # and both take the same step from the same state
+        assert torch.equal(a, b)
+
+
+def test_group_options_are_validated_like_the_constructor():
+    import numpy as np
+
+    a, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    for key, value in (("update_freq", 5), ("precond", "bogus")):
+        with pytest.raises(ConfigError, match=f"'{key}' cannot be set per parameter group.*Per-group options: lr"):
+            Q4Shampoo([{"params": [a], key: value}])
+    opt = Q4Shampoo([a], lr=0.1)
+    bad = [({"lr": -1}, "lr must be"), ({"betas": (2.0, 0.9)}, "betas must be"),
+           ({"weight_decay": "x"}, "weight_decay must be"), ({"lr": torch.tensor([0.1, 0.2])}, "one-element tensor"),
+           ({"nesterov": True, "momentum": 0.0}, None)]
+    for options, message in bad[:-1]:
+        with pytest.raises(ConfigError, match=message):
+            opt.add_param_group({"params": [b], **options})
+    assert len(opt.param_groups) == 1  # nothing was added
+    sgd = Q4Shampoo([a], first_order="sgd")
+    with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0"):
+        sgd.add_param_group({"params": [b], **bad[-1][0]})
+    opt.add_param_group({"params": [b], "lr": np.float32(0.5), "betas": [np.float64(0.8), 0.9]})
+    group = opt.param_groups[1]
+    assert type(group["lr"]) is float and group["betas"] == (0.8, 0.9) and group["eps"] == 1e-8
+
+
+def test_numpy_scalars_tensor_lr_and_config_argument():
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Q4Shampoo([p], lr=np.float32(1e-3), update_freq=np.int64(10), weight_decay=np.float64(0.1))
+    assert opt.config.update_freq == 10 and type(opt.config.update_freq) is int
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"lr must be a number or a one-element tensor, got a tensor of shape \(2,\)"):
+        Q4Shampoo([p], lr=torch.tensor([0.1, 0.2]))
+    assert Q4Shampoo([p], config={"precond": "eigen", "update_freq": 4}).config.precond == "eigen"
+    assert Q4Shampoo([p], config=Q4ShampooConfig(root_freq=7), root_freq=9).config.root_freq == 9
+    with pytest.raises(ConfigError, match="unknown option.*'precondd'"):
+        Q4Shampoo([p], config={"precondd": "eigen"})
+    with pytest.raises(ConfigError, match="config must be a Q4ShampooConfig or a dict.*got str 'eigen'.*precond="):
+        Q4Shampoo([p], config="eigen")
+
+
+def test_large_vectors_are_not_mistaken_for_deepspeed_partitions(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    vec = torch.nn.Parameter(torch.randn(2**20))
+    vec.grad = torch.randn(2**20)
+    before = vec.detach().clone()
+    Q4Shampoo([vec], lr=1e-2).step()  # a legitimate 1-D parameter of 2^20 entries (was refused)
+    assert not torch.equal(before, vec)
+    part = torch.nn.Parameter(torch.randn(1000))
+    part.ds_id = 7  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    part.grad = torch.randn(1000)
+    with pytest.raises(RuntimeError, match="flattened 1-D view"):
+        Q4Shampoo([part]).step()
+
+
+@pytest.mark.parametrize("first_order", ["adamw", "sgd"])
+def test_maximize_is_minimizing_the_negated_gradient(first_order):
+    g = torch.Generator().manual_seed(4)
+    start = [torch.randn(60, 40, generator=g), torch.randn(40, generator=g)]
+    up = [torch.nn.Parameter(x.clone()) for x in start]
+    down = [torch.nn.Parameter(x.clone()) for x in start]
+    kw = dict(lr=1e-2, weight_decay=0.1, update_freq=1, root_freq=2, first_order=first_order)
+    opt_up, opt_down = Q4Shampoo(up, maximize=True, **kw), Q4Shampoo(down, **kw)
+    assert opt_up.param_groups[0]["maximize"] is True
+    for _ in range(4):
+        grads = [torch.randn(x.shape, generator=g) for x in start]
+        for p, q, grad in zip(up, down, grads):
+            p.grad, q.grad = grad.clone(), -grad
+        opt_up.step()
+        opt_down.step()
+    for p, q in zip(up, down):
+        assert torch.equal(p, q)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_q4shampoo import fidelity
+from hf_q4shampoo.config import PRECOND_FORMS, Q4ShampooConfig
 from hf_q4shampoo.preconditioners import FORMS, FormSettings, make_form
 
 
@@ -32,9 +33,24 @@ def test_static_ordering_and_bjorck(spectrum):
     assert e["eigen"][0] < 0.6 * e["eigen_no_bjorck"][0] and e["eigen"][1] < e["eigen_no_bjorck"][1]
 
 
+def test_one_registry_of_forms_matches_the_config_names():
+    assert tuple(FORMS) == PRECOND_FORMS  # config validates the names, the registry builds the forms
+
+
+def test_form_settings_are_a_view_of_the_config_with_device_choices_resolved():
+    config = Q4ShampooConfig(newton_max_iters=7, stat_decay=0.8)
+    cpu, gpu = FormSettings.for_device(config, "cpu"), FormSettings.for_device(config, "cuda")
+    assert cpu.newton_max_iters == 7 and cpu.stat_decay == 0.8 and cpu.config is config
+    assert (cpu.root_method, cpu.gram_tf32) == ("eigh", False)
+    assert (gpu.root_method, gpu.gram_tf32) == ("newton", True)
+    fp32 = FormSettings.for_device(config.replace(precond="fp32", root_method="eigh"), "cuda")
+    assert (fp32.root_method, fp32.gram_tf32) == ("eigh", False)
+    assert FormSettings.from_options(newton_max_iters=3).replace(root_bits=32).newton_max_iters == 3
+
+
 @pytest.mark.parametrize("name", FORMS)
 def test_fresh_state_is_eps_identity_with_identity_root(name):
-    form = make_form(name, FormSettings(matrix_eps=1e-3))
+    form = make_form(name, FormSettings.from_options(matrix_eps=1e-3))
     for n in (16, 100):  # fp32-stored and quantized sides
         state = form.init_state(n, 3, torch.device("cpu"))
         torch.testing.assert_close(form.statistics(state), 1e-3 * torch.eye(n).expand(3, n, n), rtol=1e-5, atol=1e-9)
@@ -42,7 +58,7 @@ def test_fresh_state_is_eps_identity_with_identity_root(name):
 
 
 def test_fp32_form_tracks_exact_ema_and_root():
-    settings = FormSettings(stat_decay=0.9, matrix_eps=1e-5)
+    settings = FormSettings.from_options(stat_decay=0.9, matrix_eps=1e-5)
     form = make_form("fp32", settings)
     state = form.init_state(70, 2, torch.device("cpu"))
     g = torch.Generator().manual_seed(5)
@@ -60,7 +76,7 @@ def test_fp32_form_tracks_exact_ema_and_root():
 
 @pytest.mark.parametrize("name", ["naive", "cholesky", "cholesky_ef", "eigen"])
 def test_nonfinite_gram_leaves_statistics_unchanged(name):
-    form = make_form(name, FormSettings())
+    form = make_form(name, FormSettings.from_options())
     state = form.init_state(80, 2, torch.device("cpu"))
     g = torch.randn(2, 80, 80)
     form.update_statistics(state, g @ g.mT)
@@ -76,9 +92,10 @@ def test_nonfinite_gram_leaves_statistics_unchanged(name):
     assert fidelity.nre(before[1], after[1]) > 1e-3
 
 
+@pytest.mark.parametrize("upper", ["refine", "feedback"])
 @pytest.mark.parametrize("name", FORMS)
-def test_bytes_by_kind_adds_up(name):
-    form = make_form(name, FormSettings())
+def test_bytes_by_kind_adds_up(name, upper):
+    form = make_form(name, FormSettings.from_options(factor_upper=upper))
     state = form.init_state(256, 2, torch.device("cpu"))
     kinds = form.bytes_by_kind(state)
     assert sum(kinds.values()) == sum(t.numel() * t.element_size() for t in state.values())
@@ -88,7 +105,36 @@ def test_bytes_by_kind_adds_up(name):
     else:
         assert kinds["roots"] == 2 * (256 // 2) * (256 // 2)  # 4-bit codes of the packed strict lower triangle
         assert kinds["statistics"] + kinds["error_feedback"] == n2 // 2
-        assert (kinds["error_feedback"] > 0) == (name == "cholesky_ef")
+        # factor_upper="refine" (default) stores a second code of the factor in the upper triangle, "feedback"
+        # paper 1's error-feedback state (only the cholesky_ef form has one)
+        assert (kinds["error_feedback"] > 0) == (name == "cholesky_ef" and upper == "feedback")
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_a_non_finite_gram_keeps_the_statistics(name):
+    # The forms' own rule (``_blend``), under the optimizer's skip of non-finite gradients: a block whose gram
+    # is not finite keeps its statistics, whether the gradient held a NaN or was finite but so large that
+    # G G^T overflowed fp32. The other blocks of the batch move on.
+    g = torch.Generator().manual_seed(3)
+    form = make_form(name, FormSettings.from_options(root_method="eigh", use_compile=False))
+    state = form.init_state(96, 3, torch.device("cpu"))
+    grads = torch.randn(3, 96, 80, generator=g)
+    form.update_statistics(state, grads @ grads.mT)
+    before = form.statistics(state).clone()
+    nan_grad, huge = grads[0].clone(), grads[1] * 1e20  # 1e20: G G^T's entries pass fp32's 3.4e38
+    nan_grad[3, 5] = float("nan")
+    fresh = torch.randn(96, 80, generator=g)
+    batch = torch.stack([nan_grad, huge, fresh])
+    form.update_statistics(state, batch @ batch.mT)
+    after = form.statistics(state)
+    assert torch.isfinite(after).all()
+    for k in (0, 1):  # re-encoded from the same statistics: equal up to the 4-bit rounding (~5%)
+        rel = float(torch.linalg.matrix_norm(after[k] - before[k]) / torch.linalg.matrix_norm(before[k]))
+        assert rel < 0.1, (k, rel)
+    moved = float(torch.linalg.matrix_norm(after[2] - before[2]) / torch.linalg.matrix_norm(before[2]))
+    assert moved > 0.5
+    form.refresh_root(state)
+    assert torch.isfinite(form.root(state)).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +183,8 @@ def test_factor_storage_reconstructs_the_statistics(scaling, upper):
     gram = gr @ gr.T
     errors = {}
     for up in ("feedback", upper):
-        form = make_form("cholesky_ef", FormSettings(stat_decay=0.0, factor_scaling=scaling, factor_upper=up))
+        settings = FormSettings.from_options(stat_decay=0.0, factor_scaling=scaling, factor_upper=up)
+        form = make_form("cholesky_ef", settings)
         state = form.init_state(n, 2, torch.device("cpu"))
         form.update_statistics(state, gram.float().expand(2, n, n))
         stored = form.statistics(state).double()
@@ -153,9 +200,11 @@ def test_refined_factor_keeps_the_small_eigenvalue_directions():
     # issue 14: the 4-bit factor inflates the statistics along the eigenvectors of the small eigenvalues, so
     # the root is too small there; the refined (two-code) factor keeps them (measured: see the printed errors)
     grads = _ill_conditioned_gradients(96, 40, 1e5, seed=5)
-    err = {(s, u): _small_direction_root_error(make_form("cholesky_ef", FormSettings(factor_scaling=s, factor_upper=u)),
-                                               grads) for s, u in FACTOR_OPTIONS}
-    err["fp32"] = _small_direction_root_error(make_form("fp32", FormSettings()), grads)
+    def form(s, u):
+        return make_form("cholesky_ef", FormSettings.from_options(factor_scaling=s, factor_upper=u))
+
+    err = {(s, u): _small_direction_root_error(form(s, u), grads) for s, u in FACTOR_OPTIONS}
+    err["fp32"] = _small_direction_root_error(make_form("fp32", FormSettings.from_options()), grads)
     print({k: round(v, 4) for k, v in err.items()})
     assert err["fp32"] < 1e-3
     # measured 0.63 (one code, either scaling) vs 0.29 (refined, either scaling)
@@ -164,7 +213,7 @@ def test_refined_factor_keeps_the_small_eigenvalue_directions():
 
 
 def test_refine_bytes_are_statistics_not_error_feedback():
-    form = make_form("cholesky_ef", FormSettings(factor_upper="refine"))
+    form = make_form("cholesky_ef", FormSettings.from_options(factor_upper="refine"))
     state = form.init_state(256, 2, torch.device("cpu"))
     kinds = form.bytes_by_kind(state)
     assert kinds["error_feedback"] == 0 and kinds["statistics"] == 2 * 256 * 256 // 2

@@ -16,7 +16,9 @@ ZERO_FREE_4BIT = [k / 16 for k in range(1, 17)]
 def test_code_tables_match_papers():
     torch.testing.assert_close(quant.linear2_code(4), torch.tensor(LINEAR2_4BIT), atol=5e-5, rtol=0)
     torch.testing.assert_close(quant.dynamic_code(4), torch.tensor(DT_4BIT), atol=5e-5, rtol=0)
-    torch.testing.assert_close(quant.linear2_code(3), torch.tensor(LINEAR2_3BIT, dtype=torch.float32), atol=5e-5, rtol=0)
+    torch.testing.assert_close(
+        quant.linear2_code(3), torch.tensor(LINEAR2_3BIT, dtype=torch.float32), atol=5e-5, rtol=0
+    )
     torch.testing.assert_close(quant.dynamic_code(3), torch.tensor(DT_3BIT, dtype=torch.float32), atol=5e-5, rtol=0)
     assert quant.zero_free_linear_code(4).tolist() == ZERO_FREE_4BIT
     # Linear-2 is asymmetric (forced zero at index 7); DT has no -1.

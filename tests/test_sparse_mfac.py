@@ -13,8 +13,9 @@ import io
 import pytest
 import torch
 
-from hf_q4shampoo import ConfigError, SparseMFAC, SparseMFACConfig
+from hf_q4shampoo import ConfigError, SparseMFAC
 from hf_q4shampoo.memory import KINDS, optimizer_state_bytes
+
 from tiny_hf import nested_tensors, one_torch_thread  # noqa: F401  (one_torch_thread: autouse fixture)
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]  # one group of three tensors: d = 29
@@ -203,7 +204,11 @@ def test_lowrank_stores_low_rank_gradients_exactly_and_feeds_back_the_rest():
     sent, total = torch.zeros(117, dtype=torch.float64), torch.zeros(117, dtype=torch.float64)
     for t in range(5):
         full_rank = t % 2 == 1
-        w.grad = torch.randn(12, 9, generator=g) if full_rank else torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g)
+        w.grad = (
+            torch.randn(12, 9, generator=g)
+            if full_rank
+            else torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g)
+        )
         b.grad = torch.randn(9, generator=g)
         opt.step()
         state = opt.group_state(0)

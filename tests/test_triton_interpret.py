@@ -53,6 +53,43 @@ SCRIPT = textwrap.dedent('''
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
         for p, q in zip(params, fast_p):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+    # a skipped member (keep = False, e.g. a NaN gradient) keeps its parameter and moments exactly; the
+    # others match the torch math with the same flags
+    keep = torch.tensor([True, False, True])
+    d = torch.randn(K, R, C, generator=g)
+    d[1, 3, 5] = float("nan")
+    before_p, before_m = [p.clone() for p in fast_p], {k: v.clone() for k, v in fast_m.items()}
+    ref_p, ref_m = params[1].clone(), {k: v[1].clone() for k, v in moments.items()}
+    fo.adamw_batch_step(params, d, moments, step=3, keep=keep, **kw)
+    tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**3), scalar(math.sqrt(1 - 0.999**3)),
+                   0.9, 0.999, 1e-8, 0.1, m_map, keep=keep)
+    assert torch.equal(fast_p[1], before_p[1]) and torch.equal(params[1], ref_p)
+    for key in fast_m:
+        assert torch.equal(fast_m[key][1], before_m[key][1]), key
+        assert torch.equal(moments[key][1], ref_m[key]), key
+    for i in (0, 2):
+        torch.testing.assert_close(fast_p[i], params[i], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(fast_p[i], before_p[i])
+    # the Cholesky form's storage: dequantization, and re-quantization with error feedback, bit-identical
+    table, mids = quant.get_code("linear2", torch.device("cpu"))
+    for n in (64, 100, 130):  # one block, a partial block, an odd order
+        lower = torch.tril(torch.randn(2, n, n, generator=g), -1)
+        upper = torch.triu(torch.randn(2, n, n, generator=g) * 1e-2, 1)
+        q = quant.quantize_lower_upper(lower, upper)
+        diag = torch.rand(2, n, generator=g) + 0.5
+        lo, up = quant.dequantize_lower_upper(q, n)
+        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64)
+        assert torch.equal(c, lo + torch.diag_embed(diag)) and torch.equal(u, up)
+        new_c = torch.tril(torch.randn(2, n, n, generator=g))
+        for beta in (0.0, 0.3):
+            x = new_c + up.mT
+            residual = torch.tril(x, -1) - quant.roundtrip_blockwise(torch.tril(x, -1))
+            ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * up.mT + (1 - beta) * residual).mT)
+            got = tk.requantize_with_feedback(new_c, up, table, mids, 64, beta)
+            assert torch.equal(ref["codes"], got["codes"]) and torch.equal(ref["scales"], got["scales"])
+            assert torch.equal(ref["diag_block_upper_scale"], got["diag_block_upper_scale"])
+            assert torch.equal(x.diagonal(dim1=-2, dim2=-1), got["diag"])
     print("ok")
 ''')
 

@@ -47,7 +47,9 @@ def cls_dataset(n: int = 64, seed: int = 0) -> ListDataset:
         if label:
             ids[int(torch.randint(1, SEQ_LEN, (1,), generator=g))] = MARKER
         ids[0] = 2  # [CLS]-like start token
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long), "labels": torch.tensor(label)})
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long), "labels": torch.tensor(label)}
+        )
     return ListDataset(rows)
 
 

@@ -6,10 +6,11 @@ The callback works with any optimizer (so an AdamW run can be compared with a Q4
 * **train begin** - the pre-flight estimate of this optimizer's state for this model
   (:func:`hf_q4shampoo.estimate.estimate_optimizer_state`: meta tensors, nothing allocated), printed
   once on the main process;
-* **every logging step** - the keys of :data:`LOG_KEYS` in the Trainer's own logs;
-* **train end** - ``memory_report.json`` (schema below), ``memory_report.md`` (tables a person reads)
-  and ``memory_report.png`` (state by kind vs the AdamW / fp32-Shampoo equivalents, memory over steps)
-  in ``output_dir``;
+* **every logging step** - the keys of :data:`LOG_KEYS` in the Trainer's own logs (and, for Q4Shampoo,
+  :data:`SKIPPED_KEY`: the updates skipped so far for a NaN/inf gradient);
+* **train end** - ``memory_report.json`` (schema: :class:`~hf_q4shampoo.integrations.report.MemoryReportJSON`),
+  ``memory_report.md`` (tables a person reads) and ``memory_report.png`` (state by kind vs the AdamW /
+  fp32-Shampoo equivalents, memory over steps) in ``output_dir``;
 * **model card** - an "Optimizer memory" section in the ``README.md`` that ``create_model_card`` /
   ``push_to_hub`` write; rewritten in place on every call, never duplicated.
 
@@ -32,78 +33,40 @@ How the log keys reach the console, ``trainer_state.json`` and reporters
    it warns once when such reporters are configured. The report files are written in every case; the
    model-card section needs 1 or 2.
 
-``memory_report.json`` (schema ``hf_q4shampoo.memory_report/v1``; bytes are integers)
--------------------------------------------------------------------------------------
-::
-
-    schema            "hf_q4shampoo.memory_report/v1"
-    created           ISO-8601 time (UTC)
-    run               {output_dir, global_step, max_steps, world_size, process_index}
-    model             {class, num_params, num_trainable}
-    optimizer         {class, label, config (Q4ShampooConfig / SparseMFACConfig fields, or null), num_groups}
-    device            {type, memory_kind ("cuda" | "xpu" | "mps" | "rss"), peak_since
-                       ("train_begin" | "process_start"), log_key (e.g. "peak_rss_mib")}
-    estimate          pre-flight estimate {total_bytes, bytes_per_param, num_params, by_kind, by_group}
-                      or null; estimate_error says why when null
-    measured          {step, total_bytes, bytes_per_param, num_params, num_tensors,
-                       by_kind {statistics, roots, error_feedback, first_order, scales_diagonals, other,
-                                indices, gram} (the last two: SparseMFAC only; see hf_q4shampoo.memory),
-                       by_group [{index, num_params, bytes, bytes_per_param, lr (initial), weight_decay}],
-                       largest [{name, shape, numel, bytes, bytes_per_param}]}
-    estimate_relative_error   measured / estimate - 1, or null
-    equivalents       {adamw_bytes, fp32_shampoo_bytes, compression_vs_adamw, compression_vs_fp32_shampoo}
-                      (compression = equivalent / measured; same block plan; see hf_q4shampoo.memory)
-    alternatives      [{name, label, total_bytes, bytes_per_param}]: estimate_memory rows for this
-                      model's trainable parameters (AdamW, 8-bit / 4-bit AdamW, fp32 Shampoo, Q4Shampoo forms)
-    peak_memory_bytes peak of device.memory_kind over the run
-    history           [{step, state_bytes, memory_bytes, peak_memory_bytes}], at most max_history
-                      entries (the sampling stride doubles when full)
-    compared          [{label, path, total_bytes, bytes_per_param, peak_memory_bytes}]: the reports given
-                      in compare_with
+The pieces: ``probe.py`` measures device memory, ``report.py`` is the report's typed schema and builder,
+``render.py`` writes what a person reads (Markdown, plot, model card); this module decides when to measure
+and wires them to the Trainer.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
-import re
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from ..config import STATE_LAYOUT_KEYS
 from ..estimate import EstimateUnavailable, estimate_memory, estimate_optimizer_state
-from ..memory import KINDS, MemoryReport, format_bytes, optimizer_state_bytes, unwrap_optimizer
+from ..memory import MemoryReport, format_bytes, optimizer_state_bytes, unwrap_optimizer
 from ..optimizer import Q4Shampoo
-from ..sparse_mfac import SparseMFAC
+from .probe import MemoryProbe
+from .render import update_model_card, write_report_files
+from .report import MIB, MemoryReportJSON, RunInfo, build_report, load_report, optimizer_label
 
 __all__ = [
     "MemoryReportCallback",
     "MemoryReportMixin",
-    "MemoryProbe",
     "attach_memory_report",
     "memory_callback",
     "LOG_KEYS",
-    "SCHEMA",
-    "REPORT_FILES",
-    "render_markdown",
-    "plot_memory_report",
-    "write_report_files",
-    "model_card_section",
-    "update_model_card",
-    "load_report",
+    "SKIPPED_KEY",
 ]
 
 logger = logging.getLogger(__name__)
-
-SCHEMA = "hf_q4shampoo.memory_report/v1"
-REPORT_FILES = {"json": "memory_report.json", "md": "memory_report.md", "png": "memory_report.png"}
-MIB = 2**20
 
 #: Keys added to the Trainer's training logs (``peak_<kind>_mib`` is named after the memory measured).
 LOG_KEYS = {
@@ -117,129 +80,9 @@ LOG_KEYS = {
     "(allocator) or peak_rss_mib (CPU, process resident set)",
 }
 
-_MARK_START = "<!-- hf_q4shampoo:memory-report:start -->"
-_MARK_END = "<!-- hf_q4shampoo:memory-report:end -->"
 
-
-# ----------------------------------------------------------------------------------------------
-# device memory
-# ----------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _ru_maxrss_bytes() -> int:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
-
-
-class MemoryProbe:
-    """Current and peak memory of the training device.
-
-    CUDA / XPU: the caching allocator's allocated bytes and their peak. MPS: allocated bytes; the peak
-    is the largest value sampled (MPS keeps no peak). CPU: the process's resident set (RSS); the peak is
-    the kernel's high-water mark (``VmHWM``), which :meth:`reset_peak` resets through
-    ``/proc/self/clear_refs`` on Linux; elsewhere it is ``ru_maxrss``, the peak since process start.
-    """
-
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device if device is not None else "cpu")
-        self.kind = self.device.type if self.device.type in ("cuda", "xpu", "mps") else "rss"
-        self.peak_since = "process_start"
-        self._sampled_peak = 0
-
-    @property
-    def log_key(self) -> str:
-        return f"peak_{self.kind}_mib"
-
-    def _backend(self) -> Any:
-        return getattr(torch, self.kind)
-
-    def reset_peak(self) -> None:
-        """Start the peak afresh (called at train begin)."""
-        if self.kind in ("cuda", "xpu"):
-            self._backend().reset_peak_memory_stats(self.device)
-            self.peak_since = "train_begin"
-        elif self.kind == "mps":
-            self.peak_since = "train_begin"
-        else:
-            try:  # "5" resets the peak RSS (Linux >= 4.0, Documentation/filesystems/proc.rst)
-                with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                    f.write("5")
-                self.peak_since = "train_begin"
-            except OSError:
-                self.peak_since = "process_start"
-        self._sampled_peak = 0
-        self.sample()
-
-    def current(self) -> int:
-        if self.kind in ("cuda", "xpu"):
-            return int(self._backend().memory_allocated(self.device))
-        if self.kind == "mps":
-            return int(torch.mps.current_allocated_memory())
-        rss = _proc_status_kib("VmRSS")
-        if rss is not None:
-            return rss * 1024
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except ImportError:
-            return _ru_maxrss_bytes()
-
-    def sample(self) -> int:
-        """Read the current value and fold it into the sampled peak."""
-        now = self.current()
-        self._sampled_peak = max(self._sampled_peak, now)
-        return now
-
-    def peak(self) -> int:
-        if self.kind in ("cuda", "xpu"):
-            backend = int(self._backend().max_memory_allocated(self.device))
-        elif self.kind == "mps":
-            backend = 0
-        else:
-            hwm = _proc_status_kib("VmHWM")
-            backend = hwm * 1024 if hwm is not None else _ru_maxrss_bytes()
-        return max(backend, self._sampled_peak)
-
-
-# ----------------------------------------------------------------------------------------------
-# the callback
-# ----------------------------------------------------------------------------------------------
-
-
-def _optimizer_label(opt: Any) -> str:
-    if isinstance(opt, Q4Shampoo):
-        c = opt.config
-        bits = "" if c.first_order_bits == 4 else f", {c.first_order_bits}-bit {c.first_order}"
-        return f"Q4Shampoo ({c.precond}{bits})"
-    if isinstance(opt, SparseMFAC):
-        c = opt.config
-        kept = f"rank {c.rank}" if c.variant == "lowrank" else (f"k={c.k}" if c.k is not None else f"k={c.k_fraction:g}d")
-        return f"SparseMFAC ({c.variant}, m={c.m}, {kept})"
-    return type(opt).__name__
-
-
-def _report_dict(r: MemoryReport) -> dict[str, Any]:
-    return {
-        "total_bytes": r.total,
-        "bytes_per_param": r.bytes_per_param,
-        "num_params": r.num_params,
-        "num_tensors": r.num_tensors,
-        "by_kind": dict(r.by_kind),
-    }
+#: Added to the training logs of a Q4Shampoo run: parameter updates skipped so far for a NaN/inf gradient.
+SKIPPED_KEY = "optim_skipped_updates"
 
 
 def _round(x: float) -> float:
@@ -336,7 +179,12 @@ class MemoryReportCallback(TrainerCallback):
             try:
                 rows = estimate_memory(model, **_layout_options(options)).rows
                 self._alternatives = [
-                    {"name": r.name, "label": r.label, "total_bytes": r.total_bytes, "bytes_per_param": r.bytes_per_param}
+                    {
+                        "name": r.name,
+                        "label": r.label,
+                        "total_bytes": r.total_bytes,
+                        "bytes_per_param": r.bytes_per_param,
+                    }
                     for r in rows
                 ]
             except ValueError as e:  # e.g. no trainable parameters
@@ -354,7 +202,12 @@ class MemoryReportCallback(TrainerCallback):
     def _sample(self, step: int) -> None:
         state = self.measure().total
         self._history.append(
-            {"step": step, "state_bytes": state, "memory_bytes": self._probe.sample(), "peak_memory_bytes": self._probe.peak()}
+            {
+                "step": step,
+                "state_bytes": state,
+                "memory_bytes": self._probe.sample(),
+                "peak_memory_bytes": self._probe.peak(),
+            }
         )
         if len(self._history) > self.max_history:
             # keep every other sample (the first and the latest always), then sample half as often
@@ -379,7 +232,13 @@ class MemoryReportCallback(TrainerCallback):
             "optim_state_compression_vs_fp32_shampoo": _round(r.fp32_shampoo_equivalent / total),
             "optim_state_compression_vs_adamw": _round(r.adamw_equivalent / total),
             self._probe.log_key: _round(self._probe.peak() / MIB),
+            **self._skipped(),
         }
+
+    def _skipped(self) -> dict[str, int]:
+        """``{SKIPPED_KEY: n}`` for an optimizer that counts skipped updates (reads device counters: logging only)."""
+        skipped = getattr(unwrap_optimizer(self._opt), "skipped_updates", None)
+        return {SKIPPED_KEY: int(skipped())} if callable(skipped) else {}
 
     # ---- TrainerCallback events --------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: D102
@@ -434,7 +293,7 @@ class MemoryReportCallback(TrainerCallback):
     # ---- the report ------------------------------------------------------------------------------
     def estimate_text(self) -> str:
         """The lines printed at train begin."""
-        label = _optimizer_label(self._opt)
+        label = optimizer_label(self._opt)
         if self._estimate is None:
             return f"[hf_q4shampoo] {label}: no pre-flight estimate ({self._estimate_error})"
         e = self._estimate
@@ -445,77 +304,28 @@ class MemoryReportCallback(TrainerCallback):
             f"{format_bytes(e.fp32_shampoo_equivalent)}."
         )
 
-    def build_report(self, args: Any = None, state: Any = None) -> dict[str, Any]:
-        """The ``memory_report.json`` content (schema in the module docstring), measured now."""
+    def build_report(self, args: Any = None, state: Any = None) -> MemoryReportJSON:
+        """The ``memory_report.json`` content (:class:`~hf_q4shampoo.integrations.report.MemoryReportJSON`), now."""
         if not self.bound:
             raise RuntimeError("MemoryReportCallback has no optimizer yet: training has not begun.")
-        r = self._last if self._last is not None else self.measure()
+        measured = self._last if self._last is not None else self.measure()
         step = state.global_step if state is not None else (self._history[-1]["step"] if self._history else 0)
-        groups = []
-        for i, (group, nbytes, nparams) in enumerate(zip(self._opt.param_groups, r.by_group, r.group_num_params)):
-            lr = group.get("initial_lr", group.get("lr"))  # schedulers keep the configured value here
-            groups.append({
-                "index": i,
-                "num_params": nparams,
-                "bytes": nbytes,
-                "bytes_per_param": nbytes / nparams if nparams else 0.0,
-                "lr": float(lr) if lr is not None else None,
-                "weight_decay": group.get("weight_decay"),
-            })
-        estimate = None
-        if self._estimate is not None:
-            estimate = {**_report_dict(self._estimate), "by_group": list(self._estimate.by_group)}
-        total = max(1, r.total)
-        report = {
-            "schema": SCHEMA,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "run": {
-                "output_dir": str(self.output_dir or getattr(args, "output_dir", "") or ""),
-                "global_step": step,
-                "max_steps": getattr(state, "max_steps", None),
-                "world_size": getattr(args, "world_size", 1),
-                "process_index": getattr(args, "process_index", 0),
-            },
-            "model": self._model_info or None,
-            "optimizer": {
-                "class": type(self._opt).__name__,
-                "label": _optimizer_label(self._opt),
-                "config": _jsonable(self._opt.config.to_dict()) if isinstance(self._opt, (Q4Shampoo, SparseMFAC)) else None,
-                "num_groups": len(self._opt.param_groups),
-            },
-            "device": {
-                "type": self._probe.device.type,
-                "memory_kind": self._probe.kind,
-                "peak_since": self._probe.peak_since,
-                "log_key": self._probe.log_key,
-            },
-            "estimate": estimate,
-            "estimate_error": self._estimate_error,
-            "measured": {
-                "step": step,
-                **_report_dict(r),
-                "by_group": groups,
-                "largest": r.largest,
-            },
-            "estimate_relative_error": (r.total / self._estimate.total - 1.0) if self._estimate and self._estimate.total else None,
-            "equivalents": {
-                "adamw_bytes": r.adamw_equivalent,
-                "fp32_shampoo_bytes": r.fp32_shampoo_equivalent,
-                "compression_vs_adamw": r.adamw_equivalent / total,
-                "compression_vs_fp32_shampoo": r.fp32_shampoo_equivalent / total,
-            },
-            "alternatives": self._alternatives,
-            "peak_memory_bytes": self._probe.peak(),
-            "history": list(self._history),
-            "compared": [_compared_entry(p) for p in self.compare_with],
+        run: RunInfo = {
+            "output_dir": str(self.output_dir or getattr(args, "output_dir", "") or ""),
+            "global_step": step,
+            "max_steps": getattr(state, "max_steps", None),
+            "world_size": getattr(args, "world_size", 1),
+            "process_index": getattr(args, "process_index", 0),
         }
-        return report
+        return build_report(
+            self._opt, measured, step=step, probe=self._probe, run=run, model=self._model_info or None,
+            estimate=self._estimate, estimate_error=self._estimate_error, alternatives=self._alternatives,
+            history=self._history, compare_with=self.compare_with,
+        )
 
 
 def _layout_options(config: dict[str, Any]) -> dict[str, Any]:
     """The Q4ShampooConfig fields that shape the state (for the alternatives estimate)."""
-    from ..config import STATE_LAYOUT_KEYS
-
     return {k: v for k, v in config.items() if k in STATE_LAYOUT_KEYS}
 
 
@@ -523,268 +333,7 @@ def _is_train_log(logs: dict[str, Any]) -> bool:
     return "loss" in logs or "train_runtime" in logs
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def _compared_entry(path: Path) -> dict[str, Any]:
-    other = load_report(path)
-    return {
-        "label": other["optimizer"]["label"],
-        "path": str(path),
-        "total_bytes": other["measured"]["total_bytes"],
-        "bytes_per_param": other["measured"]["bytes_per_param"],
-        "peak_memory_bytes": other["peak_memory_bytes"],
-        "memory_kind": other["device"]["memory_kind"],
-        "history": other["history"],
-    }
-
-
-def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``memory_report.json`` (a file or the folder holding it), checking its schema."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / REPORT_FILES["json"]
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
-    if report.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} report (schema: {report.get('schema')!r}).")
-    return report
-
-
-# ----------------------------------------------------------------------------------------------
-# files: JSON, Markdown, PNG
-# ----------------------------------------------------------------------------------------------
-
-
-def write_report_files(report: dict[str, Any], output_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
-    """Write ``memory_report.json`` / ``.md`` / ``.png`` into ``output_dir``; returns their paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / REPORT_FILES["json"], "md": out / REPORT_FILES["md"]}
-    files["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    files["md"].write_text(render_markdown(report), encoding="utf-8")
-    if plot:
-        try:
-            plot_memory_report(report, out / REPORT_FILES["png"])
-            files["png"] = out / REPORT_FILES["png"]
-        except ImportError:
-            logger.warning("memory report: matplotlib is not installed; no memory_report.png.")
-    return files
-
-
-def _mib(n: float) -> str:
-    return f"{n / MIB:,.2f} MiB"
-
-
-def _memory_name(kind: str, since: str) -> str:
-    what = {"rss": "RSS (CPU process)", "cuda": "CUDA allocated", "xpu": "XPU allocated", "mps": "MPS allocated"}[kind]
-    return f"Peak {what}" + (", since train begin" if since == "train_begin" else ", since process start")
-
-
-def _summary_rows(report: dict[str, Any]) -> list[str]:
-    m, eq = report["measured"], report["equivalents"]
-    n = max(1, m["num_params"])
-    rows = [
-        "| | state | bytes / param | vs this run |",
-        "|---|---:|---:|---:|",
-        f"| **this run: {report['optimizer']['label']}, measured at step {m['step']}** | "
-        f"**{_mib(m['total_bytes'])}** | **{m['bytes_per_param']:.2f}** | 1.00x |",
-    ]
-    if report.get("estimate"):
-        e = report["estimate"]
-        err = report["estimate_relative_error"]
-        rows.append(f"| pre-flight estimate (measured differs by {err:+.2%}) | {_mib(e['total_bytes'])} | "
-                    f"{e['bytes_per_param']:.2f} | {e['total_bytes'] / max(1, m['total_bytes']):.2f}x |")
-    for label, b in (("fp32 Shampoo, same blocks (equivalent)", eq["fp32_shampoo_bytes"]),
-                     ("AdamW, fp32 m and v (equivalent)", eq["adamw_bytes"])):
-        rows.append(f"| {label} | {_mib(b)} | {b / n:.2f} | {b / max(1, m['total_bytes']):.2f}x |")
-    return rows
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """``memory_report.md``: summary, by kind, by group, largest tensors, other optimizers, compared runs."""
-    m, eq, dev = report["measured"], report["equivalents"], report["device"]
-    model = report.get("model") or {}
-    lines = ["# Optimizer memory report", ""]
-    head = f"{model.get('class', 'model')}, {m['num_params']:,} parameters with optimizer state" if model else ""
-    lines.append(f"{head}; {report['optimizer']['label']}; device {dev['type']}; step {m['step']}; {report['created']}.")
-    lines += ["", *_summary_rows(report), ""]
-    lines.append(
-        f"Compression: **{eq['compression_vs_fp32_shampoo']:.2f}x** vs fp32 Shampoo, "
-        f"**{eq['compression_vs_adamw']:.2f}x** vs AdamW. "
-        f"{_memory_name(dev['memory_kind'], dev['peak_since'])}: {_mib(report['peak_memory_bytes'])}."
-    )
-    lines += ["", "## By state kind", "", "| kind | state | share |", "|---|---:|---:|"]
-    total = max(1, m["total_bytes"])
-    for kind in KINDS:
-        b = m["by_kind"].get(kind, 0)
-        lines.append(f"| {kind} | {_mib(b)} | {b / total:.1%} |")
-    lines += ["", "## By parameter group", "",
-              "| group | parameters | state | bytes / param | lr (initial) | weight_decay |", "|---|---:|---:|---:|---:|---:|"]
-    for g in m["by_group"]:
-        lr = "" if g["lr"] is None else f"{g['lr']:.3g}"
-        lines.append(f"| {g['index']} | {g['num_params']:,} | {_mib(g['bytes'])} | {g['bytes_per_param']:.2f} | "
-                     f"{lr} | {g['weight_decay']} |")
-    lines += ["", f"## Largest tensors ({len(m['largest'])})", "",
-              "| parameter | shape | state | bytes / param |", "|---|---|---:|---:|"]
-    for t in m["largest"]:
-        shape = "x".join(map(str, t["shape"]))
-        lines.append(f"| {t.get('name', '?')} | {shape} | {_mib(t['bytes'])} | {t['bytes_per_param']:.2f} |")
-    if report.get("alternatives"):
-        lines += ["", "## Other optimizers for these parameters (pre-flight estimates)", "",
-                  "| optimizer | state | bytes / param |", "|---|---:|---:|"]
-        for a in report["alternatives"]:
-            lines.append(f"| {a['label']} | {_mib(a['total_bytes'])} | {a['bytes_per_param']:.2f} |")
-        lines += ["", "How each is computed: `hf_q4shampoo/estimate.py` (module docstring)."]
-    if report.get("compared"):
-        lines += ["", "## Compared runs (measured)", "", "| run | state | bytes / param | peak memory |",
-                  "|---|---:|---:|---:|"]
-        lines.append(f"| {report['optimizer']['label']} (this run) | {_mib(m['total_bytes'])} | "
-                     f"{m['bytes_per_param']:.2f} | {_mib(report['peak_memory_bytes'])} |")
-        for c in report["compared"]:
-            lines.append(f"| {c['label']} (`{c['path']}`) | {_mib(c['total_bytes'])} | {c['bytes_per_param']:.2f} | "
-                         f"{_mib(c['peak_memory_bytes'])} |")
-    if report.get("estimate_error"):
-        lines += ["", f"No pre-flight estimate: {report['estimate_error']}"]
-    lines += ["", f"Machine-readable: `{REPORT_FILES['json']}` (schema `{SCHEMA}`).", ""]
-    return "\n".join(lines)
-
-
-_KIND_COLORS = {
-    "statistics": "#4C72B0",
-    "roots": "#55A868",
-    "error_feedback": "#8172B2",
-    "first_order": "#DD8452",
-    "scales_diagonals": "#CCB974",
-    "other": "#8C8C8C",
-    "indices": "#64B5CD",
-    "gram": "#C44E52",
-}
-
-
-def plot_memory_report(report: dict[str, Any], path: str | os.PathLike, compare: Iterable[dict[str, Any]] = ()) -> Path:
-    """Draw ``memory_report.png``: state by kind vs the equivalents (left), memory over steps (right).
-
-    Uses matplotlib's object API with the Agg canvas, so the caller's pyplot backend is untouched.
-    ``compare`` adds other reports (their measured totals and memory curves); the report's own
-    ``compared`` entries are drawn too.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m, eq, dev = report["measured"], report["equivalents"], report["device"]
-    others = list(report.get("compared") or []) + [
-        {"label": c["optimizer"]["label"], "total_bytes": c["measured"]["total_bytes"],
-         "bytes_per_param": c["measured"]["bytes_per_param"], "history": c["history"]}
-        for c in compare
-    ]
-    fig = Figure(figsize=(12, 4.8), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_bar, ax_mem = fig.subplots(1, 2, width_ratios=[1.1, 1])
-    n = max(1, m["num_params"])
-
-    # left: horizontal bars, this run stacked by kind
-    bars = [("AdamW (fp32 m, v)\nequivalent", eq["adamw_bytes"], "#BBBBBB"),
-            ("fp32 Shampoo\n(same blocks) equivalent", eq["fp32_shampoo_bytes"], "#999999")]
-    bars += [(f"{o['label']}\n(measured, other run)", o["total_bytes"], "#C44E52") for o in others]
-    labels = [b[0] for b in bars] + [f"{report['optimizer']['label']}\n(this run, measured)"]
-    for y, (_, value, color) in enumerate(bars):
-        ax_bar.barh(y, value / MIB, color=color, height=0.6)
-    left = 0.0
-    y_run = len(bars)
-    for kind in KINDS:
-        value = m["by_kind"].get(kind, 0) / MIB
-        if value > 0:
-            ax_bar.barh(y_run, value, left=left, color=_KIND_COLORS[kind], height=0.6, label=kind)
-            left += value
-    values = [b[1] for b in bars] + [m["total_bytes"]]
-    xmax = max(values) / MIB
-    for y, value in enumerate(values):
-        ax_bar.text(value / MIB + xmax * 0.01, y, f"{value / MIB:,.1f} MiB\n{value / n:.2f} B/param",
-                    va="center", fontsize=8)
-    ax_bar.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax_bar.set_xlim(0, xmax * 1.3)
-    ax_bar.set_xlabel("optimizer state (MiB)")
-    ax_bar.set_title(f"Optimizer state: {eq['compression_vs_fp32_shampoo']:.1f}x smaller than fp32 Shampoo, "
-                     f"{eq['compression_vs_adamw']:.1f}x vs AdamW", fontsize=9)
-    ax_bar.legend(fontsize=7, loc="lower right", title="this run, by kind", title_fontsize=7)
-
-    # right: memory over steps
-    hist = report["history"]
-    steps = [h["step"] for h in hist]
-    peak = [h["peak_memory_bytes"] / MIB for h in hist]
-    ax_mem.plot(steps, peak, color="#4C72B0", lw=2, marker="o", ms=3, label=f"{report['optimizer']['label']}: peak")
-    ax_mem.plot(steps, [h["memory_bytes"] / MIB for h in hist], color="#4C72B0", lw=1, alpha=0.5, label="current")
-    for name, equiv, style in (("AdamW", eq["adamw_bytes"], "--"), ("fp32 Shampoo", eq["fp32_shampoo_bytes"], ":")):
-        shifted = [(h["peak_memory_bytes"] - h["state_bytes"] + equiv) / MIB for h in hist]
-        ax_mem.plot(steps, shifted, color="#555555", ls=style, lw=1.2, label=f"same run with {name} state (est.)")
-    for o in others:
-        if o.get("history"):
-            ax_mem.plot([h["step"] for h in o["history"]], [h["peak_memory_bytes"] / MIB for h in o["history"]],
-                        color="#C44E52", lw=2, marker="s", ms=3, label=f"{o['label']}: peak (other run)")
-    ax_mem.set_xlabel("step")
-    ax_mem.set_ylabel("MiB")
-    ax_mem.set_title(_memory_name(dev["memory_kind"], dev["peak_since"]), fontsize=9)
-    ax_mem.legend(fontsize=7, loc="best")
-    ax_mem.grid(alpha=0.3)
-
-    model = report.get("model") or {}
-    fig.suptitle(f"{model.get('class', 'model')}: {m['num_params']:,} parameters with state; step {m['step']}; "
-                 f"{dev['type']}", fontsize=10)
-    path = Path(path)
-    fig.savefig(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# model card
-# ----------------------------------------------------------------------------------------------
-
-
-def model_card_section(report: dict[str, Any]) -> str:
-    """The "Optimizer memory" block, between markers so it can be replaced."""
-    m, eq, dev = report["measured"], report["equivalents"], report["device"]
-    lines = [
-        _MARK_START,
-        "## Optimizer memory",
-        "",
-        f"Trained with {report['optimizer']['label']}; optimizer state measured at step {m['step']} by "
-        "`hf_q4shampoo`'s `MemoryReportCallback`.",
-        "",
-        *_summary_rows(report),
-        "",
-        "| state kind | bytes |",
-        "|---|---:|",
-        *[f"| {k} | {_mib(m['by_kind'].get(k, 0))} |" for k in KINDS if m["by_kind"].get(k, 0)],
-        "",
-        f"{_memory_name(dev['memory_kind'], dev['peak_since'])}: "
-        f"{_mib(report['peak_memory_bytes'])}. Compression: {eq['compression_vs_fp32_shampoo']:.2f}x vs fp32 "
-        f"Shampoo, {eq['compression_vs_adamw']:.2f}x vs AdamW.",
-        _MARK_END,
-    ]
-    return "\n".join(lines)
-
-
-def update_model_card(readme: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Add or replace the memory section in the model card ``readme`` (created if missing)."""
-    path = Path(readme)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    section = model_card_section(report)
-    pattern = re.compile(re.escape(_MARK_START) + r".*?" + re.escape(_MARK_END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _model_card_report(trainer: Any) -> dict[str, Any] | None:
+def _model_card_report(trainer: Any) -> MemoryReportJSON | None:
     cb = memory_callback(trainer)
     if cb is not None and cb.report is not None:
         return cb.report
@@ -802,11 +351,6 @@ def _add_model_card_section(trainer: Any) -> None:
     report = _model_card_report(trainer)
     if report is not None:
         update_model_card(Path(trainer.args.output_dir) / "README.md", report)
-
-
-# ----------------------------------------------------------------------------------------------
-# Trainer side: the mixin and the stock-Trainer hook
-# ----------------------------------------------------------------------------------------------
 
 
 def memory_callback(trainer: Any) -> MemoryReportCallback | None:

@@ -9,7 +9,7 @@ itself except on 5.0/5.1, where the dispatch lives in it).
 What :func:`register` does, and why it works across transformers 5.x
 --------------------------------------------------------------------
 Transformers validates ``optim`` in three places (docs: transformers-integration.md §1.2), and
-registration touches exactly the two objects those checks consult:
+registration touches exactly the two objects those checks consult (plus one check of our own, 3.):
 
 1. ``OptimizerNames`` (a closed ``str`` Enum; the same in every 5.x) gets one member
    ``Q4SHAMPOO = "q4shampoo"``. ``HfArgumentParser`` computes ``--optim``'s argparse ``choices`` from
@@ -23,12 +23,18 @@ registration touches exactly the two objects those checks consult:
      ``Trainer.get_optimizer_cls_and_kwargs``): that staticmethod is wrapped once; the wrapper answers
      ``q4shampoo`` and hands every other name to the original (mode ``"trainer_wrapper"``). The
      wrapper is also the fallback if a later release drops the private dict.
+3. ``TrainingArguments.__post_init__`` is wrapped once so that arguments selecting ``q4shampoo`` (or
+   ``sparse_mfac``) have their ``optim_args`` parsed and validated when the arguments are built
+   (:func:`check_optim_args`): a malformed value stops the script at argument parsing with one line naming
+   the key and the allowed keys or values, not at ``train()`` after the model and data are loaded (and not
+   inside transformers' own untyped parser, which fails on an item without ``=`` with "not enough values
+   to unpack"). Arguments selecting any other optimizer are not looked at.
 
 ``sparse_mfac`` (:class:`~hf_q4shampoo.sparse_mfac.SparseMFAC`) is registered the same way, as a
 second member ``SPARSE_MFAC = "sparse_mfac"`` with its own handler (and the same wrapper on 5.0 / 5.1);
 its ``--optim_args`` are parsed by :func:`~hf_q4shampoo.sparse_mfac.parse_sparse_mfac_optim_args`.
 
-Both steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
+All three steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
 names keep transformers' own errors. The handler reads ``--optim_args`` itself with
 :func:`~hf_q4shampoo.config.parse_optim_args` (typed, validated, naming the bad key and the allowed
 ones) instead of transformers' untyped string dict.
@@ -40,6 +46,7 @@ reachable through ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` or
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -58,6 +65,7 @@ __all__ = [
     "is_sparse_mfac_optim",
     "make_sparse_mfac_cls_and_kwargs",
     "UnsupportedSetupError",
+    "check_optim_args",
     "check_supported_setup",
     "is_q4shampoo_optim",
     "is_registered",
@@ -143,6 +151,11 @@ def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4
     """
     del model  # Q4Shampoo needs no model: the Trainer's parameter groups carry everything
     check_supported_setup(args)
+    return Q4Shampoo, _q4shampoo_kwargs(args)
+
+
+def _q4shampoo_kwargs(args: Any) -> dict[str, Any]:
+    """Q4Shampoo's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
     options = parse_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS)
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
@@ -158,7 +171,7 @@ def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4
         Q4ShampooConfig.from_kwargs(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{err} (from the TrainingArguments of --optim {OPTIM_NAME})") from err
-    return Q4Shampoo, kwargs
+    return kwargs
 
 
 def _handler(ctx: Any) -> tuple[type[Q4Shampoo], dict[str, Any]]:
@@ -199,6 +212,11 @@ def make_sparse_mfac_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[
             f"--optim {SPARSE_MFAC_OPTIM_NAME} cannot run with {problem}: it preconditions each parameter group "
             "as one flattened vector held whole on every rank. Supported setups: single device and DDP."
         )
+    return SparseMFAC, _sparse_mfac_kwargs(args)
+
+
+def _sparse_mfac_kwargs(args: Any) -> dict[str, Any]:
+    """SparseMFAC's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
     options = parse_sparse_mfac_optim_args(getattr(args, "optim_args", None), reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
@@ -210,7 +228,21 @@ def make_sparse_mfac_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[
         SparseMFACConfig.from_kwargs(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{err} (from the TrainingArguments of --optim {SPARSE_MFAC_OPTIM_NAME})") from err
-    return SparseMFAC, kwargs
+    return kwargs
+
+
+def check_optim_args(args: Any) -> None:
+    """Parse and validate ``args.optim_args`` now if ``args.optim`` selects Q4Shampoo or SparseMFAC.
+
+    Raises :class:`~hf_q4shampoo.config.ConfigError` (one line naming the key and the allowed keys or
+    values). Registration runs it when ``TrainingArguments`` are built, and
+    :class:`~hf_q4shampoo.Q4ShampooTrainingArguments` does too, so mistakes stop argument parsing.
+    """
+    optim = getattr(args, "optim", None)
+    if is_q4shampoo_optim(optim):
+        _q4shampoo_kwargs(args)
+    elif is_sparse_mfac_optim(optim):
+        _sparse_mfac_kwargs(args)
 
 
 def _sparse_mfac_handler(ctx: Any) -> tuple[type[SparseMFAC], dict[str, Any]]:
@@ -264,7 +296,11 @@ def _deepspeed_problem(args: Any) -> str | None:
         return f"DeepSpeed with zero_optimization.stage={stage!r}"
     if stage >= 1:
         return f"DeepSpeed ZeRO stage {stage} (it hands the optimizer flat 1-D partitions)"
-    if config and config.get("bf16", {}).get("enabled") and config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+    if (
+        config
+        and config.get("bf16", {}).get("enabled")
+        and config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    ):
         return "DeepSpeed bf16 with grad_accum_dtype fp32 (its BF16_Optimizer flattens the parameters)"
     return None
 
@@ -367,6 +403,24 @@ def _wrap_trainer() -> None:
     Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
 
+def _wrap_training_arguments() -> None:
+    """Wrap ``TrainingArguments.__post_init__`` once: our optimizers' ``optim_args`` are checked when the
+    arguments are built (subclasses call it through ``super().__post_init__()``)."""
+    from transformers import TrainingArguments
+
+    original = TrainingArguments.__dict__["__post_init__"]
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        check_optim_args(self)
+
+    setattr(__post_init__, _MARK, True)
+    TrainingArguments.__post_init__ = __post_init__
+
+
 _mode: RegistrationMode | None = None
 
 
@@ -389,6 +443,7 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
         raise RuntimeError("this transformers version has no trainer_optimizer._OPTIMIZER_HANDLERS")
     if mode == "trainer_wrapper":
         _wrap_trainer()
+    _wrap_training_arguments()
     _mode = mode
     return mode
 

@@ -27,12 +27,13 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from .callback import MemoryReportMixin
 from ..memory import unwrap_optimizer
 from ..optimizer import Q4Shampoo
+from .callback import MemoryReportMixin
 from .registration import (
     OPTIM_NAME,
     UnsupportedSetupError,
+    check_optim_args,
     check_supported_setup,
     is_q4shampoo_optim,
     make_optimizer_cls_and_kwargs,
@@ -65,7 +66,8 @@ class Q4ShampooArgumentsMixin:
     TrainingArguments)``. ``optim`` is redeclared as a plain ``str`` (so ``HfArgumentParser`` sets no
     ``choices``) and stays the plain string ``"q4shampoo"`` (so ``to_dict()``, JSON and
     ``training_args.bin`` need nothing registered); built-in names still become ``OptimizerNames``
-    members and unknown names still raise transformers' ``ValueError``.
+    members and unknown names still raise transformers' ``ValueError``. ``optim_args`` of ``"q4shampoo"``
+    are parsed and validated when the arguments are built (one-line ``ConfigError``).
     """
 
     optim: str = field(
@@ -85,6 +87,8 @@ class Q4ShampooArgumentsMixin:
         finally:
             if ours:
                 self.optim = OPTIM_NAME
+        if ours:  # the base class saw the placeholder: check the options now, at argument parsing
+            check_optim_args(self)
 
     def set_optimizer(self, name: Any = "adamw_torch", *args: Any, **kwargs: Any) -> Any:
         """``TrainingArguments.set_optimizer`` that also accepts ``"q4shampoo"``."""
@@ -92,6 +96,7 @@ class Q4ShampooArgumentsMixin:
         result = super().set_optimizer(_PLACEHOLDER if ours else name, *args, **kwargs)  # type: ignore[misc]
         if ours:
             self.optim = OPTIM_NAME
+            check_optim_args(self)
         return result
 
 

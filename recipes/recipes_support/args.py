@@ -11,15 +11,18 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..integrations.registration import is_q4shampoo_optim
+from hf_q4shampoo.integrations.registration import is_q4shampoo_optim
 
 __all__ = [
+    "HubArguments",
     "RecipeArgumentError",
+    "all_if_zero",
     "parse_recipe_args",
     "apply_q4shampoo_defaults",
     "check_data_source",
@@ -32,6 +35,27 @@ logger = logging.getLogger(__name__)
 
 class RecipeArgumentError(ValueError):
     """Arguments that parse but do not make sense together (the message says which and why)."""
+
+
+@dataclass
+class HubArguments:
+    """The ``from_pretrained`` options every recipe's ``ModelArguments`` carries (its base class: said once)."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloads from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def all_if_zero(args: object, *names: str) -> None:
+    """``--max_train_samples 0`` (and the other ``names``) means all, in every recipe: the command line cannot
+    say None. Negative values are refused."""
+    for name in names:
+        value = getattr(args, name)
+        if value == 0:
+            setattr(args, name, None)
+        elif value is not None and value < 0:
+            raise RecipeArgumentError(f"--{name} must be positive (or 0 for all), got {value}.")
 
 
 def parse_recipe_args(
@@ -76,7 +100,10 @@ def apply_q4shampoo_defaults(training_args: TrainingArguments, optim_args: str) 
 
 
 def check_data_source(
-    dataset_name: str | None, train: str | Sequence[str] | None, validation: str | None, train_flag: str = "--train_file"
+    dataset_name: str | None,
+    train: str | Sequence[str] | None,
+    validation: str | None,
+    train_flag: str = "--train_file",
 ) -> None:
     """Refuse a Hub dataset together with local files, and a validation file without training files."""
     if dataset_name and (train or validation):
@@ -98,12 +125,13 @@ def hub_kwargs(model_args: Any) -> dict[str, Any]:
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> None:
     """Call a recipe's ``main()`` and turn the errors a user can fix into one message and exit status 2.
 
-    Missing offline assets (:class:`~hf_q4shampoo.recipes_support.assets.MissingAssetError`), inconsistent
+    Missing offline assets (:class:`~recipes_support.assets.MissingAssetError`), inconsistent
     arguments (:class:`RecipeArgumentError`), bad ``--optim_args`` (``ConfigError``) and arguments the
     parser does not know print their message without a traceback; anything else is a bug and keeps its
     traceback.
     """
-    from ..config import ConfigError
+    from hf_q4shampoo import ConfigError
+
     from .assets import MissingAssetError
 
     try:

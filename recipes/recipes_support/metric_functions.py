@@ -1,8 +1,8 @@
 """Plain-numpy implementations of the metrics the recipes report.
 
-They are the single source of truth for the numbers: the ``evaluate`` modules next to this file
+They are the single source of truth for the numbers: the ``evaluate`` modules in ``recipes/metrics/``
 (``accuracy/accuracy.py``, ``f1/f1.py``, ``exact_match/exact_match.py``) wrap them, and
-:func:`hf_q4shampoo.recipes_support.metrics.load_metric` calls them directly when ``evaluate`` (or
+:func:`recipes_support.metrics.load_metric` calls them directly when ``evaluate`` (or
 ``datasets``, which it needs) is not installed — as on the GPU image. Results follow scikit-learn's
 ``accuracy_score`` / ``f1_score`` and the Hub ``exact_match`` metric (checked in the tests).
 """

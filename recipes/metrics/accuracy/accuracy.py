@@ -1,9 +1,9 @@
-"""Accuracy as an offline ``evaluate`` module (load it by path; see hf_q4shampoo/metrics/__init__.py)."""
+"""Accuracy as an offline ``evaluate`` module (load it by path; see recipes/recipes_support/metrics.py)."""
 
 import datasets
 import evaluate
 
-from hf_q4shampoo.metrics.functional import accuracy
+from recipes_support.metric_functions import accuracy
 
 _DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference label."
 _KWARGS_DESCRIPTION = """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -18,26 +19,63 @@ from typing import Any
 import transformers
 from transformers import Trainer, TrainingArguments
 
-__all__ = ["setup_logging", "train_and_evaluate"]
+__all__ = ["setup_logging", "apply_runtime_defaults", "train_and_evaluate"]
 
 logger = logging.getLogger(__name__)
 
 
+class _PlainText(logging.Filter):
+    """Drops ANSI escapes from records when the output is not a terminal (transformers' "LOAD REPORT" line
+    writes a bold escape unconditionally, which shows as ``[1m`` in a log file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not (sys.stderr.isatty() and sys.stdout.isatty()):
+            record.msg = _ANSI.sub("", record.msg)
+        return True
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def setup_logging(training_args: TrainingArguments) -> None:
-    """Log like the example scripts: INFO on the main process, warnings elsewhere."""
+    """Log the recipe's own messages at INFO on the main process, and transformers at ``--log_level``.
+
+    transformers stays at its default (warnings) unless ``--log_level`` asks for more, so a run does not open
+    with the ~200-line ``TrainingArguments`` dump nor end on the model card's INFO lines; ``--log_level info``
+    gives the example scripts' full log.
+    """
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    level = training_args.get_process_log_level()
-    logging.getLogger("hf_q4shampoo").setLevel(level)
-    logging.getLogger("__main__").setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
+    ours = logging.INFO if training_args.should_log else logging.WARNING
+    if training_args.should_log and training_args.log_level in ("debug", "detail"):
+        ours = logging.DEBUG
+    for name in ("__main__", "hf_q4shampoo", "recipes_support"):
+        logging.getLogger(name).setLevel(ours)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    for handler in transformers.utils.logging.get_logger().handlers:
+        if not any(isinstance(f, _PlainText) for f in handler.filters):
+            handler.addFilter(_PlainText())
+
+
+def apply_runtime_defaults(training_args: TrainingArguments) -> None:
+    """Settings that only make sense with an accelerator: no pinned host memory without one (the DataLoader
+    would warn about it at every epoch and evaluation)."""
+    if training_args.dataloader_pin_memory and not _has_accelerator():
+        training_args.dataloader_pin_memory = False
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def train_and_evaluate(

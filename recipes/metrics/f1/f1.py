@@ -1,9 +1,9 @@
-"""F1 score as an offline ``evaluate`` module (load it by path; see hf_q4shampoo/metrics/__init__.py)."""
+"""F1 score as an offline ``evaluate`` module (load it by path; see recipes/recipes_support/metrics.py)."""
 
 import datasets
 import evaluate
 
-from hf_q4shampoo.metrics.functional import f1
+from recipes_support.metric_functions import f1
 
 _DESCRIPTION = "F1: the harmonic mean of precision and recall, 2 * TP / (2 * TP + FP + FN)."
 _KWARGS_DESCRIPTION = """

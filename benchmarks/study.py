@@ -1,6 +1,6 @@
 """Training-quality study: the same tasks, steps and learning-rate grid for several optimizers.
 
-    python -m hf_q4shampoo.study --tasks resnet,vit,clm \\
+    python benchmarks/study.py --tasks resnet,vit,clm \\
         --optimizers adamw,adamw_4bit,shampoo_fp32,naive,cholesky_ef,eigen \\
         --lrs 1e-3,3e-3 --seeds 0 --steps 400 --out study_results
 
@@ -32,14 +32,18 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import Q4Shampoo, parse_optim_args
-from .memory import optimizer_state_bytes
+from hf_q4shampoo import Q4Shampoo, parse_optim_args
+from hf_q4shampoo.memory import optimizer_state_bytes
+
+#: the tasks read the recipes' offline data through their helpers (``recipes/recipes_support``)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
 __all__ = ["OPTIMIZERS", "main"]
 
@@ -72,7 +76,7 @@ class FashionMnistTask(Task):
     metric = "test_accuracy"
 
     def __init__(self, kind: str, device: torch.device, data_dir: str | None, batch_size: int):
-        from .recipes_support import assets, vision  # noqa: PLC0415
+        from recipes_support import assets, vision  # noqa: PLC0415
 
         folder = data_dir or assets.fashion_mnist_dir()
         splits = vision.load_fashion_mnist(folder)
@@ -124,14 +128,16 @@ class ClmTask(Task):
     metric = "eval_loss"
 
     def __init__(self, device: torch.device, batch_size: int, block_size: int = 256, vocab_size: int = 4096):
-        from .recipes_support import text  # noqa: PLC0415
+        from recipes_support import text  # noqa: PLC0415
 
         train_texts, eval_texts = text.split_documents([d["text"] for d in text.corpus_documents()], 0.05, seed=0)
         tok = text.train_bpe_tokenizer(train_texts, vocab_size=vocab_size)
 
         def blocks(texts):
             ids = (tok(t)["input_ids"] for t in texts)
-            return torch.tensor(text.group_into_blocks(ids, block_size, tok.eos_token_id), dtype=torch.long, device=device)
+            return torch.tensor(
+                text.group_into_blocks(ids, block_size, tok.eos_token_id), dtype=torch.long, device=device
+            )
 
         self.train, self.eval = blocks(train_texts), blocks(eval_texts)[:256]
         self.vocab = len(tok)
@@ -169,7 +175,7 @@ class MiniLMTask(Task):
     def __init__(self, device: torch.device, batch_size: int, max_length: int = 64, split_seed: int = 42):
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        from .recipes_support import assets, data, text  # noqa: PLC0415
+        from recipes_support import assets, data, text  # noqa: PLC0415
 
         self.model_dir = assets.minilm_dir("The study's minilm task")
         # the recipe's default split: whole movies to validation until it holds 15% of the sentences
@@ -247,7 +253,9 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
     opt = make_optimizer(opt_name, _groups(model, args.weight_decay), lr, shampoo_args, variants)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, args.steps))
     gen = torch.Generator().manual_seed(1000 + seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -273,9 +281,17 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
     seconds = time.perf_counter() - start
     metrics = {task.metric: float("nan")} if diverged else task.evaluate(model)
     return {
-        "task": task.name, "optimizer": opt_name, "lr": lr, "seed": seed, "steps": args.steps,
-        "train_loss_last50": statistics.fmean(v for s, v in curve if s > args.steps - 50) if not diverged else float("nan"),
-        **metrics, "seconds": seconds, "diverged": diverged,
+        "task": task.name,
+        "optimizer": opt_name,
+        "lr": lr,
+        "seed": seed,
+        "steps": args.steps,
+        "train_loss_last50": statistics.fmean(v for s, v in curve if s > args.steps - 50)
+        if not diverged
+        else float("nan"),
+        **metrics,
+        "seconds": seconds,
+        "diverged": diverged,
         "state_bytes_per_param": optimizer_state_bytes(opt).bytes_per_param,
         "peak_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "curve": curve,
@@ -305,7 +321,7 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         for r in rows:
             by_opt.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r)
         for opt_name, by_lr in by_opt.items():
-            def score(rs):
+            def score(rs, metric=metric, higher=higher):
                 vals = [r[metric] for r in rs if math.isfinite(r[metric])]
                 if len(vals) < len(rs):
                     return -math.inf
@@ -412,8 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(run)
                     log.write(json.dumps(run) + "\n")
                     log.flush()
-                    print(f"{task.name:7s} {opt_name:14s} lr {lr:<7g} seed {seed} {task.metric} "
-                          f"{run[task.metric]:.4f} loss {run['train_loss_last50']:.4f} {run['seconds']:.1f}s", flush=True)
+                    print(
+                        f"{task.name:7s} {opt_name:14s} lr {lr:<7g} seed {seed} {task.metric} "
+                        f"{run[task.metric]:.4f} loss {run['train_loss_last50']:.4f} {run['seconds']:.1f}s",
+                        flush=True,
+                    )
     summary = summarize(runs)
     (out / "summary.md").write_text(summary)
     plot(runs, out)

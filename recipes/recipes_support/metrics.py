@@ -1,7 +1,8 @@
 """Loading the metrics the recipes report, offline first.
 
-``load_metric("accuracy")`` returns the evaluate module shipped in ``hf_q4shampoo/metrics/accuracy``
-(loaded by path, so no Hub access), or — when ``evaluate`` or ``datasets`` is not installed — a
+``load_metric("accuracy")`` returns the evaluate module in ``recipes/metrics/accuracy`` (loaded by
+path, so no Hub access; ``evaluate.load("accuracy")`` would need the Hub, since the evaluate wheel ships no
+metric scripts), or — when ``evaluate`` or ``datasets`` is not installed — a
 stand-in with the same ``compute(predictions=..., references=...)`` call backed by the same numpy code.
 Any other name is passed to ``evaluate.load`` (a Hub metric such as ``"matthews_correlation"``, or a
 local module path) when the Hub is reachable.
@@ -16,10 +17,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..metrics import LOCAL_METRICS, METRICS_DIR
-from ..metrics.functional import FUNCTIONS
+from .metric_functions import FUNCTIONS
 
-__all__ = ["MetricLike", "FunctionalMetric", "load_metric", "evaluate_available", "classification_metrics"]
+__all__ = [
+    "MetricLike", "FunctionalMetric", "load_metric", "evaluate_available", "classification_metrics", "METRICS_DIR",
+    "LOCAL_METRICS",
+]
+
+#: Folder holding one ``<name>/<name>.py`` evaluate module per offline metric (``recipes/metrics``). Each imports
+#: ``recipes_support.metric_functions``, so ``recipes/`` must be on ``sys.path`` (it is for ``python recipes/X.py``).
+METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
+
+#: Names of the metrics available offline.
+LOCAL_METRICS = tuple(FUNCTIONS)
 
 
 class MetricLike(Protocol):

@@ -1,6 +1,6 @@
 """A one-minute, offline demo: AdamW vs Q4Shampoo on scikit-learn's handwritten digits (CPU).
 
-    python -m hf_q4shampoo.demo [--epochs 8] [--optim_args "update_freq=5,root_freq=20"]
+    python benchmarks/demo.py [--epochs 8] [--optim_args "update_freq=5,root_freq=20"]    # needs scikit-learn
 
 Trains the same small MLP with each optimizer (same seed, same batches) and prints the test
 accuracy, final training loss, optimizer-state bytes per parameter and wall-clock time.
@@ -9,12 +9,15 @@ accuracy, final training loss, optimizer-state bytes per parameter and wall-cloc
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads collapse under load
 
 import torch
 
-from . import Q4Shampoo, parse_optim_args
-from .memory import optimizer_state_bytes
+from hf_q4shampoo import Q4Shampoo, parse_optim_args
+from hf_q4shampoo.memory import optimizer_state_bytes
 
 
 def digits_data(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

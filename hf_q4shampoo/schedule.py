@@ -1,0 +1,75 @@
+"""When each factor is refreshed: the statistics / root schedule of ``Q4Shampoo``.
+
+``update_freq`` / ``root_freq`` (``Q4ShampooConfig.schedule``) say how often; per-parameter offsets spread the
+refreshes over consecutive steps (``refresh_spread``) so that no single step pays for every Cholesky and root.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from .blocking import BlockPlan
+
+__all__ = ["is_due", "first_due", "refresh_cost", "refresh_offsets"]
+
+
+def is_due(step: int, freq: int, start: int, offset: int) -> bool:
+    """Refresh on steps t >= start where t - offset is a positive multiple of ``freq``."""
+    return step >= start and step > offset and (step - offset) % freq == 0
+
+
+def first_due(freq: int, start: int, offset: int) -> int:
+    return offset + freq * max(1, math.ceil((start - offset) / freq))
+
+
+def refresh_cost(plan: BlockPlan) -> int:
+    """Work of one refresh of a parameter's factors, ~ sum of K n^3 (Cholesky / roots are cubic)."""
+    cost = 0
+    for r in plan.regions:
+        cost += r.num_blocks * ((r.block_rows**3 if r.precond_rows else 0) + (r.block_cols**3 if r.precond_cols else 0))
+    return cost
+
+
+def refresh_offsets(
+    params: Sequence[tuple[int, tuple[int, ...], int]],
+    block_plan: Callable[[tuple[int, ...]], BlockPlan | None],
+    spreads: tuple[int, int],
+) -> dict[int, tuple[int, int]]:
+    """``(statistics offset, root offset)`` of every matrix parameter, by id.
+
+    ``params``: ``(parameter group index, local shape, id)`` in the optimizer's order; ``spreads``:
+    ``(min(refresh_spread, update_freq), min(refresh_spread, root_freq))``.
+
+    Statistics spread over ``min(refresh_spread, update_freq)`` steps and roots over
+    ``min(refresh_spread, root_freq)``, each balanced on its own. The units placed are runs of
+    consecutive parameters of one shape group, as large as a step's share of the work allows, so a
+    step refreshes whole stacks of factors (one batched call each: a few factors per call wasted most
+    of the GPU, docs/perf_notes.md v7). Greedy, largest first; depends only on the parameter list, and
+    a resumed run reads the saved offsets.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    costs: dict[tuple, int] = {}
+    for gi, shape, pid in params:
+        shape = tuple(shape)
+        plan = block_plan(shape)
+        if plan is not None:
+            groups[(gi, shape)].append(pid)
+            costs[(gi, shape)] = refresh_cost(plan)
+    total = sum(costs[k] * len(v) for k, v in groups.items())
+    per_side = []
+    for spread in spreads:
+        units = []  # (cost, order, ids)
+        for k, ids in groups.items():
+            size = max(1, min(len(ids), round(total / spread / max(1, costs[k]))))
+            for start in range(0, len(ids), size):
+                units.append((costs[k] * len(ids[start : start + size]), len(units), ids[start : start + size]))
+        load = [0] * spread
+        offsets = {}
+        for cost, _, ids in sorted(units, key=lambda u: (-u[0], u[1])):
+            slot = min(range(spread), key=lambda s: (load[s], s))
+            load[slot] += cost
+            offsets.update(dict.fromkeys(ids, slot))
+        per_side.append(offsets)
+    return {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}

@@ -1,0 +1,81 @@
+"""The package's boundary and layers, as docs/ARCHITECTURE.md draws them, checked on the source (no imports run)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_q4shampoo"
+
+#: docs/ARCHITECTURE.md, "Layers": a module imports only modules of lower layers.
+LAYERS = {
+    "config": 0, "quant": 0, "linalg": 0, "blocking": 0, "kernels": 0, "mfac_window": 0, "integrations.probe": 0,
+    "peers": 0,
+    "triton_kernels": 1, "layout": 1, "sparse_mfac_config": 1, "schedule": 1,
+    "preconditioners": 2, "first_order": 2,
+    "optimizer": 3, "sparse_mfac": 3, "fidelity": 3,
+    "memory": 4,
+    "estimate": 5, "integrations.registration": 5, "integrations.report": 5,
+    "integrations.render": 6, "bench": 6, "estimate_cli": 6,
+    "integrations.callback": 7,
+    "integrations.transformers": 8,
+    "launcher": 9, "__init__": 10, "integrations.__init__": 10,
+    "cli": 11,  # reads __version__ from the package
+}
+#: modules that may import transformers when they are imported (the rest only inside functions, if at all)
+TRANSFORMERS_AT_IMPORT = {"integrations.callback", "integrations.transformers"}
+#: what the installed package never imports when it is imported: extras, recipes and research tools
+NEVER_AT_IMPORT = {"datasets", "evaluate", "peft", "gguf", "sklearn", "matplotlib", "recipes_support", "benchmarks"}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        yield name, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _imports(name: str, tree: ast.Module, top_level_only: bool):
+    """(absolute module name, at import time) of every import in ``tree``."""
+    package = ["hf_q4shampoo", *name.split(".")[:-1]]
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            if node.module is None or (node.level and module == ".".join(base)):  # from . import x, y
+                for alias in node.names:
+                    yield f"{module}.{alias.name}"
+            else:
+                yield module
+
+
+def test_every_module_has_a_layer():
+    assert {name for name, _ in _modules()} == set(LAYERS)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_imports_point_down_the_layers(name):
+    tree = dict(_modules())[name]
+    for target in _imports(name, tree, top_level_only=False):
+        if not target.startswith("hf_q4shampoo"):
+            continue
+        inner = target.removeprefix("hf_q4shampoo").lstrip(".") or "__init__"
+        while inner not in LAYERS and "." in inner:  # `from .x import name` names a module or a member
+            inner = inner.rsplit(".", 1)[0]
+        if inner not in LAYERS:  # a member of the package itself (`from . import __version__`)
+            inner = "__init__"
+        if inner == "integrations":
+            inner = "integrations.__init__"
+        assert LAYERS[inner] < LAYERS[name], f"{name} (layer {LAYERS[name]}) imports {inner} (layer {LAYERS[inner]})"
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_what_each_module_imports_when_imported(name):
+    tree = dict(_modules())[name]
+    top = {target.split(".")[0] for target in _imports(name, tree, top_level_only=True)}
+    assert not top & NEVER_AT_IMPORT, f"{name} imports {top & NEVER_AT_IMPORT} at import time"
+    if name not in TRANSFORMERS_AT_IMPORT:
+        assert "transformers" not in top, f"{name} imports transformers at import time"
