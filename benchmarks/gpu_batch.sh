@@ -20,7 +20,7 @@ bench() {  # bench TAG OPTIM_ARGS: fused AdamW and Q4Shampoo on GPT-2 small, one
 for part in "$@"; do
   case $part in
     tests)
-      python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 > "$out/tests.log" ;;
+      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
     bench)
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
