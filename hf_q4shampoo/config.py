@@ -229,12 +229,6 @@ class Q4ShampooConfig:
                 value = tuple(plain_value(b) for b in value)
             object.__setattr__(self, f.name, value)
             _validate(f.name, value)
-        if self.fused_statistics and (self.factor_upper, self.factor_scaling) != ("feedback", "row"):
-            raise ConfigError(
-                "Q4Shampoo: fused_statistics=True implements paper 1's factor layout only; it needs "
-                f"factor_upper='feedback' and factor_scaling='row' (got factor_upper={self.factor_upper!r}, "
-                f"factor_scaling={self.factor_scaling!r})."
-            )
         if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError(
                 "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "

@@ -79,17 +79,58 @@ SCRIPT = textwrap.dedent('''
         q = quant.quantize_lower_upper(lower, upper)
         diag = torch.rand(2, n, generator=g) + 0.5
         lo, up = quant.dequantize_lower_upper(q, n)
-        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64)
+        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64, "feedback")
         assert torch.equal(c, lo + torch.diag_embed(diag)) and torch.equal(u, up)
         new_c = torch.tril(torch.randn(2, n, n, generator=g))
         for beta in (0.0, 0.3):
             x = new_c + up.mT
             residual = torch.tril(x, -1) - quant.roundtrip_blockwise(torch.tril(x, -1))
             ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * up.mT + (1 - beta) * residual).mT)
-            got = tk.requantize_with_feedback(new_c, up, table, mids, 64, beta)
+            got = tk.requantize_factor(new_c, up, table, mids, 64, "feedback", False, beta)
             assert torch.equal(ref["codes"], got["codes"]) and torch.equal(ref["scales"], got["scales"])
             assert torch.equal(ref["diag_block_upper_scale"], got["diag_block_upper_scale"])
             assert torch.equal(x.diagonal(dim1=-2, dim2=-1), got["diag"])
+
+    # every factor layout through the form itself: the eager torch code (the oracle) and the kernels (the
+    # form's CUDA-only gate opened on the CPU) give bit-identical states after two updates (the first loads
+    # chol(eps I), the second a full factor) and the same statistics. Order 45 with blocks of 16: an odd
+    # order, a partial last block and diagonal blocks that straddle row tiles; one case at the default 64
+    # with the other code.
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    calls = []
+    def counted(name, f):
+        return lambda *a, **k: (calls.append(name), f(*a, **k))[1]
+
+    for name in ("dequantize_factor", "requantize_factor"):  # count the kernel calls: the gate must be open
+        setattr(tk, name, counted(name, getattr(tk, name)))
+    layouts = [(p, u, s) for p, u in (("cholesky", "feedback"), ("cholesky_ef", "feedback"), ("cholesky_ef", "refine"))
+               for s in ("row", "column")]
+    cases = [(45, 16, "linear2", *layout) for layout in layouts]
+    cases.append((100, 64, "dynamic", "cholesky_ef", "refine", "column"))
+    for n, block, code, precond, upper, scaling in cases:
+        x = torch.randn(2, 2, n, 2 * n, generator=g) * torch.linspace(0.05, 3, 2 * n)
+        grams = x @ x.mT
+        results = []
+        for fused in (False, True):
+            form = make_form(precond, FormSettings.from_options(
+                min_quant_numel=1024, quant_block_size=block, quant_map=code, factor_upper=upper,
+                factor_scaling=scaling, ef_beta=0.3, fused_statistics=fused))
+            if fused:
+                form._fused = lambda device: True
+            calls.clear()
+            state = form.init_state(n, 2, torch.device("cpu"))
+            for gram in grams:
+                form.update_statistics(state, gram)
+            results.append((state, form.statistics(state)))
+            assert len(calls) == (5 if fused else 0), calls
+        (ref, ref_stats), (got, got_stats) = results
+        case = (n, precond, upper, scaling)
+        assert ref.keys() == got.keys(), case
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (case, key)
+        assert torch.equal(ref_stats, got_stats), case
+        assert float(ref["factor_diag_block_upper_scale"].abs().max()) > 0 or precond == "cholesky", case
     print("ok")
 ''')
 
