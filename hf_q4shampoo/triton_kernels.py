@@ -280,6 +280,12 @@ _EXACT = {"enable_fp_fusion": False}  # see the section comment above (ignored b
 if HAS_TRITON:
 
     @triton.jit
+    def _div(x, y):
+        """IEEE ``x / y`` with broadcasting (``tl.div_rn`` itself takes equal shapes only)."""
+        x, y = tl.broadcast(x, y)
+        return tl.div_rn(x, y)
+
+    @triton.jit
     def _nibble(codes_ptr, row_base, j, valid):
         byte = tl.load(codes_ptr + row_base + j // 2, mask=valid, other=0).to(tl.int32)
         return tl.where(j % 2 == 0, byte & 15, byte >> 4)
@@ -340,14 +346,14 @@ if HAS_TRITON:
         c = tl.load(new_c_ptr + base + i * n + j, mask=inside & (j <= i), other=0.0)
         x = c
         if COLUMN:  # F = offdiag(C) / diag(C), column by column (entries on and above the diagonal unused)
-            x = tl.div_rn(c, tl.load(new_c_ptr + base + j * n + j, mask=j < n, other=1.0))
+            x = _div(c, tl.load(new_c_ptr + base + j * n + j, mask=j < n, other=1.0))
         if UPPER == 1:
             e = tl.load(u_old_ptr + base + j * n + i, mask=lower, other=0.0)  # E = U^T, strictly lower
             x = x + e
         x_lower = tl.where(j < i, x, 0.0)
         lo_max = tl.max(tl.abs(x_lower), axis=1)
         safe = tl.where(lo_max > 0, lo_max, 1.0)
-        code = _codes_of(tl.div_rn(x_lower, safe[:, None]), mids_ptr)
+        code = _codes_of(_div(x_lower, safe[:, None]), mids_ptr)
         tl.store(lo_codes_ptr + base + i * n + j, code.to(tl.uint8), mask=lower)
         tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max, mask=row < n)
         tl.store(diag_ptr + k * n + i + 0 * j, c, mask=inside & (j == i))
@@ -381,8 +387,8 @@ if HAS_TRITON:
             u_o = tl.load(err_ptr + base + j_odd * n + i, mask=in_o & (j_odd > i), other=0.0)
         up_max = tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1))
         safe = tl.where(up_max > 0, up_max, 1.0)[:, None]
-        up_e = _codes_of(tl.div_rn(u_e, safe), mids_ptr)
-        up_o = _codes_of(tl.div_rn(u_o, safe), mids_ptr)
+        up_e = _codes_of(_div(u_e, safe), mids_ptr)
+        up_o = _codes_of(_div(u_o, safe), mids_ptr)
         lo_e = tl.load(lo_codes_ptr + base + i * n + j_even, mask=in_e & (j_even < i), other=0).to(tl.int32)
         lo_o = tl.load(lo_codes_ptr + base + i * n + j_odd, mask=in_o & (j_odd < i), other=0).to(tl.int32)
         c_e = tl.where(j_even < i, lo_e, up_e)

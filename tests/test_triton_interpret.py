@@ -140,3 +140,40 @@ def test_kernels_match_their_torch_oracles_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from hf_q4shampoo import triton_kernels as tk
+
+    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "ef_beta": "fp32", "one_minus_beta": "fp32"}
+    variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True)), (tk._dequant_factor, dict(UPPER=1, COLUMN=True)),
+                (tk._requant_lower, dict(UPPER=2, COLUMN=True)), (tk._requant_lower, dict(UPPER=1, COLUMN=True)),
+                (tk._requant_upper, dict(UPPER=2))]
+    for fn, flags in variants:
+        constants = dict(QBLOCK=64, TI=32, **flags)
+        signature = {a: "constexpr" if a in constants else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(a),): v for a, v in constants.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=tk._EXACT).asm["ptx"]
+        where = (fn.__name__, flags)
+        assert not re.search(r"\\bfma\\.", ptx), where  # a contracted a * b + c rounds once, torch rounds twice
+        assert not re.search(r"\\bdiv\\.(full|approx)", ptx), where  # approximate division: last-bit differences
+    print("ok")
+''')
+
+
+def test_factor_kernels_compile_for_the_gpu_without_fma_or_approximate_division(tmp_path):
+    # The interpreter runs the kernels in numpy, so it neither checks what only the compiler refuses (shapes that
+    # tl.div_rn does not broadcast) nor what makes the GPU round differently from torch. Compiling to PTX for
+    # sm_90 needs no GPU: Triton ships the compiler and ptxas.
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
