@@ -181,7 +181,7 @@ class Q4ShampooConfig:
             checked in Triton's interpreter (tests/test_triton_interpret.py); tests/test_cuda.py compares the
             compiled kernels on a GPU (for the layouts other than paper 1's not yet run on one). Off by
             default until measured on a GPU for the default layout (paper 1's layout: statistics ~57 -> ~37
-            ms per round on GPT-2 small, H200; docs/perf_notes.md v10-v11). No effect on CPU, on other forms,
+            ms per round on GPT-2 small, H200; docs/perf_notes.md v10-v12). No effect on CPU, on other forms,
             and on factors small enough to stay fp32 (``min_quant_numel``).
     """
 
