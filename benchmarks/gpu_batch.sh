@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | bench | bench_fused | bench:TAG:OPTIM_ARGS | ttt:RUN,RUN,...
+#   PART: tests | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -25,9 +25,12 @@ for part in "$@"; do
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
       bench 1 update_freq=1,root_freq=100 ;;
-    bench_fused)  # the Triton statistics update (fused_statistics=true, paper 1 layout), update_freq 1 and 10
-      bench 1f update_freq=1,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row
-      bench 10f update_freq=10,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row ;;
+    bench_fused)  # the Triton statistics update (fused_statistics=true), default layout, update_freq 1 and 10
+      bench 1f update_freq=1,root_freq=100,fused_statistics=true
+      bench 10f update_freq=10,root_freq=100,fused_statistics=true ;;
+    bench_fused_paper1)  # the same on paper 1's layout (feedback, row), the v10 measurement
+      bench 1fp update_freq=1,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row
+      bench 10fp update_freq=10,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive

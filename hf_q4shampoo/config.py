@@ -173,11 +173,16 @@ class Q4ShampooConfig:
             inputs rounded to 10 mantissa bits (relative 2^-11 per entry, still PSD): ~6x faster on an H200
             and far below the 4-bit storage's own error (docs/perf_notes.md v6). Inverse roots always run in
             IEEE fp32, whatever the process-wide TF32 setting.
-        fused_statistics: on CUDA, run the Cholesky forms' (de)quantization with error feedback in three Triton
-            kernels instead of ~45 element-wise torch operations (bit-identical to them in Triton's interpreter,
-            tests/test_triton_interpret.py). Off by default until its speed is measured on a GPU: the element-wise
-            work is ~75% of a statistics round today (docs/perf_notes.md v7). Only for paper 1's layout
-            (``precond="cholesky_ef"``, ``factor_upper="feedback"``, ``factor_scaling="row"``).
+        fused_statistics: on CUDA, run the Cholesky forms' (de)quantization of the factor in three Triton kernels
+            (one pass to dequantize, two to re-quantize) instead of ~30-45 element-wise torch operations, for every
+            factor layout (``factor_scaling`` "row" or "column"; ``factor_upper`` "feedback" or "refine";
+            ``precond`` "cholesky_ef" or "cholesky"). The result is meant to be the torch path's bit for bit (the
+            kernels divide in IEEE and do not contract multiply-adds, as torch's separate kernels do not):
+            checked in Triton's interpreter (tests/test_triton_interpret.py); tests/test_cuda.py compares the
+            compiled kernels on a GPU (for the layouts other than paper 1's not yet run on one). Off by
+            default until measured on a GPU for the default layout (paper 1's layout: statistics ~57 -> ~37
+            ms per round on GPT-2 small, H200; docs/perf_notes.md v10-v12). No effect on CPU, on other forms,
+            and on factors small enough to stay fp32 (``min_quant_numel``).
     """
 
     lr: float = 1e-3
@@ -229,12 +234,6 @@ class Q4ShampooConfig:
                 value = tuple(plain_value(b) for b in value)
             object.__setattr__(self, f.name, value)
             _validate(f.name, value)
-        if self.fused_statistics and (self.factor_upper, self.factor_scaling) != ("feedback", "row"):
-            raise ConfigError(
-                "Q4Shampoo: fused_statistics=True implements paper 1's factor layout only; it needs "
-                f"factor_upper='feedback' and factor_scaling='row' (got factor_upper={self.factor_upper!r}, "
-                f"factor_scaling={self.factor_scaling!r})."
-            )
         if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError(
                 "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "

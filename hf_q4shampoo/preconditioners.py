@@ -350,9 +350,12 @@ class CholeskyForm(PreconditionerForm):
         return self._store_factor_offdiag(off, x.diagonal(dim1=-2, dim2=-1), error_upper)
 
     def _fused(self, device: torch.device) -> bool:
-        # the Triton kernels implement paper 1's layout only (row scaling, error feedback in the upper triangle)
-        paper1_layout = self.error_feedback and not self.refine and self.s.factor_scaling == "row"
-        return self.s.fused_statistics and paper1_layout and device.type == "cuda" and triton_kernels.HAS_TRITON
+        # the Triton kernels cover every layout (factor_scaling x factor_upper, with or without the upper matrix)
+        return self.s.fused_statistics and device.type == "cuda" and triton_kernels.HAS_TRITON
+
+    def _upper_mode(self) -> str:
+        """What the upper triangle holds, in ``triton_kernels``' words: "refine", "feedback" or "none"."""
+        return "refine" if self.refine else "feedback" if self.error_feedback else "none"
 
     def _load_factor(self, state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (C, E) in fp32; E (strictly lower, in the space of F) is None without error feedback state."""
@@ -363,8 +366,8 @@ class CholeskyForm(PreconditionerForm):
             table = get_code(self.s.quant_map, state["diag"].device)[0]
             c, upper = triton_kernels.dequantize_factor(
                 state["factor_codes"], state["factor_scales"], state["factor_diag_block_upper_scale"], state["diag"],
-                table, self.s.quant_block_size)
-            return c, upper.mT
+                table, self.s.quant_block_size, self._upper_mode(), self.s.factor_scaling == "column")
+            return c, None if upper is None else upper.mT
         q = {
             "codes": state["factor_codes"],
             "scales": state["factor_scales"],
@@ -410,14 +413,15 @@ class CholeskyForm(PreconditionerForm):
         new_c, ridge, ok = self._factorize(self._blend(old, gram), state)
         if "factor" in state:  # fp32 factor: nothing is lost, no error feedback needed
             new = {"factor": new_c.contiguous()}
-        elif not self.error_feedback or self.refine:
-            new = self._store_factor(new_c, torch.zeros_like(new_c))
         elif self._fused(new_c.device):  # the same update in two Triton passes (triton_kernels.py)
             table, mids = get_code(self.s.quant_map, new_c.device)
-            stored = triton_kernels.requantize_with_feedback(new_c, err.mT, table, mids, self.s.quant_block_size,
-                                                             self.s.ef_beta)
+            stored = triton_kernels.requantize_factor(
+                new_c, None if err is None else err.mT, table, mids, self.s.quant_block_size, self._upper_mode(),
+                self.s.factor_scaling == "column", self.s.ef_beta)
             new = {f"factor_{k}": v for k, v in stored.items() if k != "diag"}
             new["diag"] = stored["diag"]
+        elif not self.error_feedback or self.refine:
+            new = self._store_factor(new_c, torch.zeros_like(new_c))
         else:
             x = self._scaled_offdiag(new_c) + err
             residual = x - roundtrip_blockwise(x, self.s.quant_map, self.s.quant_block_size)

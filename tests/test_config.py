@@ -148,6 +148,16 @@ def test_limits_themselves_are_accepted():
     assert Q4ShampooConfig().first_order_min_quant_numel == 4096  # paper 3's threshold stays the default
 
 
+def test_fused_statistics_is_accepted_with_every_factor_layout():
+    # the Triton statistics update covers row/column scaling x feedback/refine (it was paper 1's layout only);
+    # it stays off by default until measured on a GPU
+    assert Q4ShampooConfig().fused_statistics is False
+    for scaling in ("row", "column"):
+        for upper in ("feedback", "refine"):
+            for precond in ("cholesky_ef", "cholesky"):
+                Q4ShampooConfig(fused_statistics=True, factor_scaling=scaling, factor_upper=upper, precond=precond)
+
+
 def test_numpy_scalars_become_python_numbers():
     np = pytest.importorskip("numpy")
     c = Q4ShampooConfig(lr=np.float32(0.5), update_freq=np.int64(10), betas=(np.float64(0.8), np.float32(0.5)),

@@ -79,17 +79,58 @@ SCRIPT = textwrap.dedent('''
         q = quant.quantize_lower_upper(lower, upper)
         diag = torch.rand(2, n, generator=g) + 0.5
         lo, up = quant.dequantize_lower_upper(q, n)
-        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64)
+        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64, "feedback")
         assert torch.equal(c, lo + torch.diag_embed(diag)) and torch.equal(u, up)
         new_c = torch.tril(torch.randn(2, n, n, generator=g))
         for beta in (0.0, 0.3):
             x = new_c + up.mT
             residual = torch.tril(x, -1) - quant.roundtrip_blockwise(torch.tril(x, -1))
             ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * up.mT + (1 - beta) * residual).mT)
-            got = tk.requantize_with_feedback(new_c, up, table, mids, 64, beta)
+            got = tk.requantize_factor(new_c, up, table, mids, 64, "feedback", False, beta)
             assert torch.equal(ref["codes"], got["codes"]) and torch.equal(ref["scales"], got["scales"])
             assert torch.equal(ref["diag_block_upper_scale"], got["diag_block_upper_scale"])
             assert torch.equal(x.diagonal(dim1=-2, dim2=-1), got["diag"])
+
+    # every factor layout through the form itself: the eager torch code (the oracle) and the kernels (the
+    # form's CUDA-only gate opened on the CPU) give bit-identical states after two updates (the first loads
+    # chol(eps I), the second a full factor) and the same statistics. Order 45 with blocks of 16: an odd
+    # order, a partial last block and diagonal blocks that straddle row tiles; one case at the default 64
+    # with the other code.
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    calls = []
+    def counted(name, f):
+        return lambda *a, **k: (calls.append(name), f(*a, **k))[1]
+
+    for name in ("dequantize_factor", "requantize_factor"):  # count the kernel calls: the gate must be open
+        setattr(tk, name, counted(name, getattr(tk, name)))
+    layouts = [(p, u, s) for p, u in (("cholesky", "feedback"), ("cholesky_ef", "feedback"), ("cholesky_ef", "refine"))
+               for s in ("row", "column")]
+    cases = [(45, 16, "linear2", *layout) for layout in layouts]
+    cases.append((100, 64, "dynamic", "cholesky_ef", "refine", "column"))
+    for n, block, code, precond, upper, scaling in cases:
+        x = torch.randn(2, 2, n, 2 * n, generator=g) * torch.linspace(0.05, 3, 2 * n)
+        grams = x @ x.mT
+        results = []
+        for fused in (False, True):
+            form = make_form(precond, FormSettings.from_options(
+                min_quant_numel=1024, quant_block_size=block, quant_map=code, factor_upper=upper,
+                factor_scaling=scaling, ef_beta=0.3, fused_statistics=fused))
+            if fused:
+                form._fused = lambda device: True
+            calls.clear()
+            state = form.init_state(n, 2, torch.device("cpu"))
+            for gram in grams:
+                form.update_statistics(state, gram)
+            results.append((state, form.statistics(state)))
+            assert len(calls) == (5 if fused else 0), calls
+        (ref, ref_stats), (got, got_stats) = results
+        case = (n, precond, upper, scaling)
+        assert ref.keys() == got.keys(), case
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (case, key)
+        assert torch.equal(ref_stats, got_stats), case
+        assert float(ref["factor_diag_block_upper_scale"].abs().max()) > 0 or precond == "cholesky", case
     print("ok")
 ''')
 
@@ -97,5 +138,42 @@ SCRIPT = textwrap.dedent('''
 def test_kernels_match_their_torch_oracles_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from hf_q4shampoo import triton_kernels as tk
+
+    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "ef_beta": "fp32", "one_minus_beta": "fp32"}
+    variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True)), (tk._dequant_factor, dict(UPPER=1, COLUMN=True)),
+                (tk._requant_lower, dict(UPPER=2, COLUMN=True)), (tk._requant_lower, dict(UPPER=1, COLUMN=True)),
+                (tk._requant_upper, dict(UPPER=2))]
+    for fn, flags in variants:
+        constants = dict(QBLOCK=64, TI=32, **flags)
+        signature = {a: "constexpr" if a in constants else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(a),): v for a, v in constants.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=tk._EXACT).asm["ptx"]
+        where = (fn.__name__, flags)
+        assert not re.search(r"\\bfma\\.", ptx), where  # a contracted a * b + c rounds once, torch rounds twice
+        assert not re.search(r"\\bdiv\\.(full|approx)", ptx), where  # approximate division: last-bit differences
+    print("ok")
+''')
+
+
+def test_factor_kernels_compile_for_the_gpu_without_fma_or_approximate_division(tmp_path):
+    # The interpreter runs the kernels in numpy, so it neither checks what only the compiler refuses (shapes that
+    # tl.div_rn does not broadcast) nor what makes the GPU round differently from torch. Compiling to PTX for
+    # sm_90 needs no GPU: Triton ships the compiler and ptxas.
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
