@@ -13,7 +13,7 @@ LAYERS = {
     "peers": 0,
     "triton_kernels": 1, "layout": 1, "sparse_mfac_config": 1, "schedule": 1,
     "preconditioners": 2, "first_order": 2,
-    "optimizer": 3, "sparse_mfac": 3, "fidelity": 3,
+    "distributed": 2, "optimizer": 3, "sparse_mfac": 3, "fidelity": 3,
     "memory": 4,
     "estimate": 5, "integrations.registration": 5, "integrations.report": 5,
     "integrations.render": 6, "bench": 6, "estimate_cli": 6,
