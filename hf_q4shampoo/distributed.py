@@ -59,10 +59,10 @@ def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> lis
 
     ``units``: ``(refresh cost, statistics offset, root offset)`` per matrix parameter, in the optimizer's
     order (``schedule.refresh_cost`` and ``schedule.refresh_offsets``). Greedy, most expensive first: a
-    parameter goes to the rank with the least work at the steps where it is refreshed (its statistics and
-    root offsets), then the least work in total, then the lowest rank. Ranks wait for each other at every DDP
-    step, so the work of each step is balanced, not only the total. Depends only on ``units``: every rank
-    computes the same owners.
+    parameter goes to the rank with the least work in total plus at the steps where it is refreshed (its
+    statistics and root offsets), then the least in total, then the lowest rank. Ranks wait for each other
+    at every DDP step, so the work of each step is balanced too, not only the total (memory, mean time).
+    Depends only on ``units``: every rank computes the same owners.
     """
     total = [0] * world_size
     at_step: dict[tuple[int, str, int], int] = defaultdict(int)
@@ -70,7 +70,7 @@ def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> lis
     for i in sorted(range(len(units)), key=lambda i: (-units[i][0], i)):
         cost, stats_offset, root_offset = units[i]
         rank = min(range(world_size), key=lambda r: (
-            at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r))
+            total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r))
         owners[i] = rank
         total[rank] += cost
         at_step[rank, "s", stats_offset] += cost

@@ -80,7 +80,7 @@ def main() -> None:
                 for p, value in zip(params, half["params"]):
                     p.copy_(value)
             opt.load_state_dict(torch.load(os.path.join(resume, f"{form}-half-whole.pt")))
-            train(opt, params, range(HALF, STEPS), rank, world)
+            train(opt, params, range(HALF, STEPS), rank, world, grads)
             other = torch.load(os.path.join(resume, f"{form}-half-rank1.pt"))["share"]
             try:
                 Q4Shampoo(make_params(), precond=form, **OPTIONS).load_state_dict(other)
