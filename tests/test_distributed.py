@@ -217,3 +217,38 @@ def test_a_missing_root_exchange_would_be_caught(two_ranks):
     params, _ = _single_process("cholesky_ef", grads, len(grads))
     stale, _ = _single_process("cholesky_ef", grads, len(grads), root_freq=1000)
     assert not _close(params, stale)
+
+
+# ---- through the Trainer --------------------------------------------------------------------------
+
+TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm_q4trainer.py")
+
+
+def _torchrun(args, log):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAINER_SCRIPT,
+               *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.heavy
+def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
+    # Q4ShampooTrainer gathers the ranks' shares into optimizer.pt; the resumed run ends where the uninterrupted
+    # one did, on both ranks
+    common = ["--optim", "q4shampoo", "--optim_args", "update_freq=1,root_freq=2,min_quant_numel=256", "--use_cpu",
+              "true", "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+              "--disable_tqdm", "true", "--max_steps", "8", "--seed", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(["--output_dir", str(a), *common, "--save_strategy", "steps", "--save_steps", "4"], tmp_path / "a.log")
+    saved = torch.load(a / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert "q4shampoo_shard" not in saved  # the whole state, not rank 0's share
+    sides = [side for s in saved["state"].values() for sides in s.get("regions", []) for side in sides.values()]
+    assert sides and all("factor_codes" in side for side in sides)
+    _torchrun(["--output_dir", str(b), *common, "--save_strategy", "no", "--resume_from_checkpoint",
+               str(a / "checkpoint-4")], tmp_path / "b.log")
+    results = [json.loads((run / f"result-rank{r}.json").read_text()) for run in (a, b) for r in (0, 1)]
+    assert len({r["param_checksum"] for r in results}) == 1
+    assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
