@@ -46,6 +46,7 @@ from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
 from .schedule import refresh_cost, refresh_offsets
+from .sharded_state import is_dtensor, unwrap, wrap
 
 __all__ = ["Q4Shampoo"]
 
@@ -793,7 +794,25 @@ class Q4Shampoo(torch.optim.Optimizer):
         # independent tensors (a view would serialise its whole buffer under some checkpoint writers).
         sd["state"] = {index: _detach_views(value) for index, value in sd["state"].items()}
         sd["q4shampoo_config"] = self.config.to_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            # FSDP2: each rank's state is its shard's, as DTensors that distributed checkpoints keep per rank
+            # (sharded_state.py); and the config also rides in the groups, which get_optimizer_state_dict keeps
+            # (it drops other top-level keys)
+            for index, value in sd["state"].items():
+                if is_dtensor(params[index]):
+                    p = params[index]
+                    sd["state"][index] = wrap(value, p, lambda shape, p=p: self._meta_state(shape, p.dtype),
+                                              _param_name(self, index))
+            for group in sd["param_groups"]:
+                group["q4shampoo_config"] = sd["q4shampoo_config"]
         return sd
+
+    def _meta_state(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The state this optimizer creates for a (local) parameter of ``shape``, on the meta device."""
+        state: dict[str, Any] = {}
+        self._init_state(torch.empty(shape, dtype=dtype, device="meta"), state)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping every state tensor's saved dtype (uint8 codes stay uint8).
@@ -814,6 +833,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         * one whose saved state does not fit a parameter's shape (parameters in another order, or another
           model): the message names the parameter.
         """
+        state_dict = self._from_sharded_form(state_dict)
         saved_cfg = state_dict.get("q4shampoo_config")
         if not isinstance(saved_cfg, Mapping):
             raise ConfigError(_foreign_state_message(state_dict))
@@ -837,6 +857,36 @@ class Q4Shampoo(torch.optim.Optimizer):
                     strip_statistics(self.state[p])  # the whole state: keep this rank's share (re-sharding)
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
+
+    def _from_sharded_form(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """A state dict as ``set_optimizer_state_dict`` hands it over under FSDP2, in the plain form.
+
+        There the state is keyed by parameter names (matched to parameters by position in the groups, as
+        torch's ``load_state_dict`` does): keyed here by position instead; the config comes from the groups;
+        and each DTensor-wrapped state is cut back to this rank's shard (sharded_state.py).
+        """
+        out = dict(state_dict)
+        groups = out.get("param_groups")
+        if not (isinstance(groups, list) and all(isinstance(g, Mapping) and "params" in g for g in groups)):
+            return out  # torch's own checks name what is wrong
+        if groups and "q4shampoo_config" in groups[0]:
+            out.setdefault("q4shampoo_config", groups[0]["q4shampoo_config"])
+        saved_ids = [pid for g in groups for pid in g["params"]]
+        out["param_groups"], start = [], 0
+        for g in groups:
+            ids = list(range(start, start + len(g["params"])))
+            out["param_groups"].append({**{k: v for k, v in g.items() if k != "q4shampoo_config"}, "params": ids})
+            start += len(ids)
+        state = out.get("state")
+        if isinstance(state, Mapping) and saved_ids != list(range(len(saved_ids))):
+            state = {pos: state[pid] for pos, pid in enumerate(saved_ids) if pid in state}
+        if isinstance(state, Mapping):
+            params = [p for g in self.param_groups for p in g["params"]]
+            out["state"] = {
+                pos: unwrap(value, self._meta_state(tuple(_local(params[pos]).shape), params[pos].dtype))
+                if isinstance(pos, int) and pos < len(params) and is_dtensor(params[pos]) else value
+                for pos, value in state.items()}
+        return out
 
     def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint made with other values of the options that decide how state is read (a key
@@ -887,6 +937,16 @@ _SHARE_WARNING = (
     "this state_dict() holds this rank's share only and loads only into the same rank of the same world size. "
     "For a checkpoint that resumes, call optimizer.consolidate_state_dict() on every rank first (Q4ShampooTrainer "
     "does it before saving optimizer.pt), or set shard_preconditioners=false.")
+
+
+def _param_name(opt: Q4Shampoo, index: int) -> str:
+    """The name of parameter ``index`` (position over all groups) for messages, as its group knows it."""
+    for group in opt.param_groups:
+        if index < len(group["params"]):
+            names = group.get("param_names")
+            return repr(names[index]) if names else f"#{index}"
+        index -= len(group["params"])
+    return f"#{index}"
 
 
 def _check_share(share: Mapping[str, Any], split: DdpSplit | None) -> None:
