@@ -266,3 +266,23 @@ def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
     results = [json.loads((run / f"result-rank{r}.json").read_text()) for run in (a, b) for r in (0, 1)]
     assert len({r["param_checksum"] for r in results}) == 1
     assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
+
+
+@pytest.mark.heavy
+def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
+    # benchmarks/multi_gpu_bench.py --tiny under torchrun with gloo: the script the GPU numbers come from
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "benchmarks", "multi_gpu_bench.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", bench, "--tiny",
+               "--out", str(tmp_path), "--optimizers", "adamw,q4shampoo"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "multi_gpu_ddp_ws2.json").read_text())
+    assert ddp["replicas_bitwise_equal"] == {"adamw": True, "q4shampoo": True}
+    q4 = [next(r for r in rank if r["optimizer"] == "q4shampoo") for rank in ddp["ranks"]]
+    comm = q4[0]["communication"]
+    assert comm["exchanges"] > 0 and comm["received_bytes_per_step"] > 0 and "roots_exchange" in q4[0]["stages"]
+    assert all(r["state_bytes"]["statistics"] > 0 and r["state_bytes"]["error_feedback"] > 0 for r in q4)
+    fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
+    assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])
