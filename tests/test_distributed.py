@@ -235,14 +235,14 @@ def test_fsdp2_dcp_and_full_state_checkpoints_resume_bitwise(tmp_path):
 
 # ---- through the Trainer --------------------------------------------------------------------------
 
-TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm_q4trainer.py")
+TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")
 
 
 def _torchrun(args, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAINER_SCRIPT,
-               *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "hf_q4shampoo.launcher", TRAINER_SCRIPT, *args]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -250,8 +250,8 @@ def _torchrun(args, log):
 
 @pytest.mark.heavy
 def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
-    # Q4ShampooTrainer gathers the ranks' shares into optimizer.pt; the resumed run ends where the uninterrupted
-    # one did, on both ranks
+    # the stock Trainer (an unmodified script through the launcher): registration makes it gather the ranks'
+    # shares into optimizer.pt; the resumed run ends where the uninterrupted one did, on both ranks
     common = ["--optim", "q4shampoo", "--optim_args", "update_freq=1,root_freq=2,min_quant_numel=256", "--use_cpu",
               "true", "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4",
               "--disable_tqdm", "true", "--max_steps", "8", "--seed", "0"]

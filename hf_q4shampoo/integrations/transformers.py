@@ -35,9 +35,11 @@ from .registration import (
     UnsupportedSetupError,
     check_optim_args,
     check_supported_setup,
+    consolidate_for_save,
     is_q4shampoo_optim,
     make_optimizer_cls_and_kwargs,
     register,
+    saves_consolidated,
 )
 
 __all__ = [
@@ -145,12 +147,11 @@ class Q4ShampooTrainerMixin:
         the Trainer writes the optimizer state of the saving rank only (rank 0, or each node's first rank with
         ``save_on_each_node``). Every rank reaches this method, so the shares are gathered here (a collective)
         and ``optimizer.pt`` holds the whole, world-size-independent state: resuming loads it on every rank
-        (each keeps its share), on any number of ranks. Outside that setup nothing changes.
+        (each keeps its share), on any number of ranks. (With registration, the stock Trainer's method does the
+        same, and then this one leaves it to it.)
         """
-        optimizer = unwrap_optimizer(getattr(self, "optimizer", None))
-        if isinstance(optimizer, Q4Shampoo) and optimizer.distributed_info() is not None:
-            to = None if self.args.save_on_each_node else 0  # type: ignore[attr-defined]
-            optimizer.consolidate_state_dict(to=to)
+        if not saves_consolidated():
+            consolidate_for_save(self)
         super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
 
     @staticmethod
