@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
-#   bash benchmarks/gpu_batch.sh OUT PART...   PART: tests | bench | bench_fused | ttt:RUN,RUN,...
+#   bash benchmarks/gpu_batch.sh OUT PART...
+#   PART: tests | bench | bench_fused | bench:TAG:OPTIM_ARGS | ttt:RUN,RUN,...
+#   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
 out=$1; shift
@@ -18,17 +20,21 @@ bench() {  # bench TAG OPTIM_ARGS: fused AdamW and Q4Shampoo on GPT-2 small, one
 for part in "$@"; do
   case $part in
     tests)
-      python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 > "$out/tests.log" ;;
+      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
     bench)
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
       bench 1 update_freq=1,root_freq=100 ;;
-    bench_fused)  # the Triton statistics update (fused_statistics=true), update_freq 1 and 10
-      bench 1f update_freq=1,root_freq=100,fused_statistics=true
-      bench 10f update_freq=10,root_freq=100,fused_statistics=true ;;
+    bench_fused)  # the Triton statistics update (fused_statistics=true, paper 1 layout), update_freq 1 and 10
+      bench 1f update_freq=1,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row
+      bench 10f update_freq=10,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row ;;
+    bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
+      spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
       fresh_caches
-      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only "${part#ttt:}" \
+      q4=(); for spec in ${TTT_Q4:-}; do q4+=(--q4 "$spec"); done
+      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only "${part#ttt:}" "${q4[@]}" \
+        ${TTT_ADAMW+--adamw_lrs "$TTT_ADAMW"} \
         > "$out/ttt_${part#ttt:}.log" 2>&1; tail -8 "$out/ttt_${part#ttt:}.log"
       tar -czf "$out/ttt_runs.tgz" -C "$out/ttt" runs ;;
   esac

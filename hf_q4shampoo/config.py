@@ -20,11 +20,14 @@ __all__ = [
     "ConfigError",
     "GROUP_KEYS",
     "STATE_LAYOUT_KEYS",
+    "LEGACY_STATE_LAYOUT",
 ]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
 ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
+FACTOR_SCALINGS = ("column", "row")
+FACTOR_UPPERS = ("refine", "feedback")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "maximize")
@@ -37,6 +40,17 @@ _STATE = {"state": True}
 def _state_field(default: Any) -> Any:
     """A config field that decides how saved state is read: a checkpoint made with another value is refused."""
     return field(default=default, metadata=_STATE)
+
+
+#: The value a checkpoint implies for a layout field it does not record (it was saved before the field
+#: existed, when the layout was this one): compared like a saved value, so an old checkpoint is refused
+#: (naming the fields) instead of being decoded with another layout.
+LEGACY_STATE_LAYOUT = {
+    "first_order_v": "rank1",
+    "first_order_m_map": "dynamic",
+    "factor_scaling": "row",
+    "factor_upper": "feedback",
+}
 
 
 class ConfigError(ValueError):
@@ -59,6 +73,13 @@ class Q4ShampooConfig:
         first_order_min_quant_numel: tensors with at most this many entries keep fp32 moments when
             ``first_order_bits=4`` (paper 3 App. D.1: 4096, the default; tests lower it to exercise the
             4-bit moments on small tensors).
+        first_order_v: Adam's second moment of matrices: ``"rank1"`` (as ``first_order_bits`` says) or
+            ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
+            factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
+            trailing ones; about 0.5 byte per parameter less at 4 bits).
+        first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
+            (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
+            block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -96,9 +117,10 @@ class Q4ShampooConfig:
         min_precond_numel: matrices with fewer entries bypass Shampoo.
 
     Storage:
-        precond: ``"cholesky_ef"`` (paper 1, default), ``"cholesky"`` (paper 1 without error
-            feedback), ``"eigen"`` (paper 2), ``"naive"`` (4-bit statistics, paper 2's baseline /
-            paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
+        precond: ``"cholesky_ef"`` (paper 1's layout, default: 4-bit Cholesky factor in the lower triangle of
+            a code buffer whose upper triangle holds, by ``factor_upper``, the error-feedback state or a
+            second code of the factor), ``"cholesky"`` (the factor alone), ``"eigen"`` (paper 2), ``"naive"``
+            (4-bit statistics, paper 2's baseline / paper 1's VQ) or ``"fp32"`` (32-bit Shampoo reference).
         min_quant_numel: factors with fewer entries stay fp32 (paper 2: 4096, i.e. order < 64).
         quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
         quant_block_size: entries per absmax block inside a row (paper 2: 64); at most 4096 (a block
@@ -118,12 +140,23 @@ class Q4ShampooConfig:
         remove_cholesky_ridge: subtract that ridge again when the statistics are rebuilt from the
             stored factor (D3); otherwise it compounds to ~ridge / (1 - beta) over time.
 
+    Storage of the Cholesky factor (ours; measured in docs/results.md §4):
+        factor_scaling: ``"column"`` (default) divides each column of the factor by its diagonal entry
+            before quantizing (the unit-diagonal factor of LDL^T); ``"row"`` quantizes the factor's
+            off-diagonal as it is (paper 1, as far as known).
+        factor_upper: what the otherwise unused upper triangle of ``cholesky_ef``'s code buffer holds:
+            ``"refine"`` (default: a second 4-bit code of the first code's residual, so the factor is kept
+            to ~8 bits in the same bytes, with no error feedback) or ``"feedback"`` (paper 1's error-feedback
+            state). Every 4-bit re-encoding inflates the statistics along the eigenvectors of their small
+            eigenvalues (a second-order error that error feedback cannot cancel); refining shrinks it ~10x.
+
     Paper 2 (``precond="eigen"``):
         bjorck_update_iters, bjorck_root_iters: Björck rectification steps before a statistics update
             and before a root (paper 2: 1 and 4).
 
     Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
-    first_order_min_quant_numel, blocking, min_quant_numel, quant_map, quant_block_size, root_bits) decide how
+    first_order_min_quant_numel, first_order_v, first_order_m_map, max_precond_dim, max_aspect_ratio,
+    min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling, factor_upper) decide how
     the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
     other values of any of them.
 
@@ -152,7 +185,8 @@ class Q4ShampooConfig:
         fused_statistics: on CUDA, run the Cholesky forms' (de)quantization with error feedback in three Triton
             kernels instead of ~45 element-wise torch operations (bit-identical to them in Triton's interpreter,
             tests/test_triton_interpret.py). Off by default until its speed is measured on a GPU: the element-wise
-            work is ~75% of a statistics round today (docs/perf_notes.md v7).
+            work is ~75% of a statistics round today (docs/perf_notes.md v7). Only for paper 1's layout
+            (``precond="cholesky_ef"``, ``factor_upper="feedback"``, ``factor_scaling="row"``).
     """
 
     lr: float = 1e-3
@@ -165,6 +199,8 @@ class Q4ShampooConfig:
     first_order: str = _state_field("adamw")
     first_order_bits: int = _state_field(4)
     first_order_min_quant_numel: int = _state_field(4096)
+    first_order_v: str = _state_field("rank1")
+    first_order_m_map: str = _state_field("linear2")
     precond: str = _state_field("cholesky_ef")
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
@@ -185,6 +221,8 @@ class Q4ShampooConfig:
     ef_beta: float = 0.0
     cholesky_eps: float = 1e-6
     remove_cholesky_ridge: bool = True
+    factor_scaling: str = _state_field("column")
+    factor_upper: str = _state_field("refine")
     bjorck_update_iters: int = 1
     bjorck_root_iters: int = 4
     use_compile: bool = True
@@ -201,6 +239,12 @@ class Q4ShampooConfig:
                 value = tuple(plain_value(b) for b in value)
             object.__setattr__(self, f.name, value)
             _validate(f.name, value)
+        if self.fused_statistics and (self.factor_upper, self.factor_scaling) != ("feedback", "row"):
+            raise ConfigError(
+                "Q4Shampoo: fused_statistics=True implements paper 1's factor layout only; it needs "
+                f"factor_upper='feedback' and factor_scaling='row' (got factor_upper={self.factor_upper!r}, "
+                f"factor_scaling={self.factor_scaling!r})."
+            )
         if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError(
                 "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "
@@ -288,9 +332,13 @@ def auto_schedule(total_steps: int | None) -> tuple[int, int]:
 
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
+    "first_order_v": ("rank1", "factored"),
+    "first_order_m_map": ("linear2", "dynamic"),
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,
     "quant_map": QUANT_MAPS,
+    "factor_scaling": FACTOR_SCALINGS,
+    "factor_upper": FACTOR_UPPERS,
     "apply_dtype": ("auto", "float32", "bfloat16"),
     "gram_precision": ("auto", "float32", "tf32"),
     "first_order_bits": (4, 32),

@@ -10,6 +10,15 @@ Their states are 4-bit by default (paper 3, papers.md §4.1):
 
 With ``bits=32`` every moment is a plain fp32 tensor.
 
+``m_map="linear2"`` stores the signed moments with paper 2's Linear-2 code instead of the dynamic-exponent one
+(which has no -1: a block whose largest entry is negative loses 11% of it at every re-encoding).
+
+With ``v="factored"`` (paper 3's "4-bit Factor", Adafactor's second moment), Adam's v of a tensor with more
+than 4096 entries that is a matrix after flattening its trailing dims (``(shape[0], rest)``, both > 1) is
+kept as fp32 row and column means of ``g^2`` (``exp_avg_sq_row`` (R,), ``exp_avg_sq_col`` (C,), each an EMA
+with ``beta2``) and read as ``v_ij = row_i col_j / mean(row)`` (exact when ``g^2`` is rank one): R + C floats
+instead of R * C codes. Its m stays as ``bits`` says; other tensors keep the ``bits`` scheme for v too.
+
 Skipped members: every step takes an optional per-member ``keep`` flag ``(K,)`` (bool, on the
 directions' device). A member whose flag is false leaves its parameter and moments exactly as they were
 (the optimizer clears it for a gradient with a NaN/inf entry). The flag is never read on the host, so a
@@ -41,12 +50,18 @@ from . import triton_kernels
 from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
-__all__ = ["init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments"]
+__all__ = [
+    "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments",
+    "factored_shape", "V_MODES",
+]
 
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
 SIGNED_BLOCK = 128
 State = dict[str, torch.Tensor]
 Moments = dict[str, torch.Tensor]  # the batched (K, ...) entries of one moment
+
+
+V_MODES = ("rank1", "factored")
 
 
 def quantized_moments(numel: int, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL) -> bool:
@@ -60,6 +75,19 @@ def _is_quantized(moments: State) -> bool:
     return any(key.endswith("_codes") for key in moments)
 
 
+def factored_shape(
+    shape: tuple[int, ...], v: str, min_numel: int = QUANT_MIN_NUMEL
+) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored
+    (``v != "factored"``, fewer than two dims, at most ``min_numel`` entries, or a dim of 1)."""
+    numel = math.prod(shape)
+    if v != "factored" or len(shape) < 2 or numel <= min_numel:
+        return None
+    rows = shape[0]
+    cols = numel // rows
+    return (rows, cols) if rows > 1 and cols > 1 else None
+
+
 def first_order_keys(state: State) -> list[str]:
     """Keys of ``state`` that belong to the first-order moments."""
     return [k for k in state if k.startswith(("exp_avg", "momentum_buffer"))]
@@ -70,18 +98,18 @@ def first_order_keys(state: State) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _encode_signed(x: torch.Tensor, quantized: bool) -> Moments:
+def _encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
     if not quantized:
         return {"": x}
-    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), "dynamic", SIGNED_BLOCK)
+    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK)
     return {"_codes": codes, "_scales": scales}
 
 
-def _decode_signed(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
     if "" in m:
         return m[""]
     numel = math.prod(shape[1:])
-    return dequantize_blockwise(m["_codes"], m["_scales"], numel, "dynamic", SIGNED_BLOCK).reshape(shape)
+    return dequantize_blockwise(m["_codes"], m["_scales"], numel, code, SIGNED_BLOCK).reshape(shape)
 
 
 def _encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
@@ -102,7 +130,7 @@ def _decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
     return dequantize_rank1({k[1:]: v for k, v in m.items()}, shape, batch_dims=1)
 
 
-_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+)")
+_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+|_row|_col)")
 
 
 def _scatter(states: list[State], name: str, batched: Moments) -> None:
@@ -113,25 +141,43 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
             state[name + suf] = part
 
 
-def init_first_order_state(p: torch.Tensor, kind: str, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL) -> State:
-    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries."""
+def init_first_order_state(
+    p: torch.Tensor, kind: str, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL, v: str = "rank1",
+    m_map: str = "dynamic",
+) -> State:
+    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries;
+    Adam's v factored when ``v == "factored"`` and ``p`` is a large enough matrix (:func:`factored_shape`)."""
 
-    def zeros() -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
-        return torch.zeros((1, *p.shape), dtype=torch.float32, device=p.device)
+    def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
+        return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
 
     quantized = quantized_moments(p.numel(), bits, min_quant_numel)
     state: State = {}
     if kind == "adamw":
-        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized))
-        _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
+        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized, m_map))
+        factored = factored_shape(tuple(p.shape), v, min_quant_numel)
+        if factored is not None:
+            _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
+        else:
+            _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
     else:
-        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized))
+        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized, m_map))
     return state
 
 
 # ---------------------------------------------------------------------------------------------
 # the math (pure functions of batched tensors; compiled on accelerators)
 # ---------------------------------------------------------------------------------------------
+
+
+def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, torch.Tensor]:
+    """Adafactor's second moment: new row / column EMAs of ``d^2`` and the full ``v`` they give (shape of d)."""
+    d2 = (d * d).reshape(d.shape[0], v["_row"].shape[-1], -1)
+    row = v["_row"] * beta2 + (1.0 - beta2) * d2.mean(-1)
+    col = v["_col"] * beta2 + (1.0 - beta2) * d2.mean(-2)
+    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    full = (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
+    return {"_row": row, "_col": col}, full.reshape(d.shape)
 
 
 def _member_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,19 +192,23 @@ def _kept(update: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
                 bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool,
-                keep: torch.Tensor | None = None):
+                m_map: str = "dynamic", keep: torch.Tensor | None = None):
     shape = tuple(d.shape)
-    m_new = _decode_signed(m, shape).lerp(d, 1.0 - beta1)
-    v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+    m_new = _decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
+    if "_row" in v:
+        v_state, v_new = _factored_v(v, d, beta2)
+    else:
+        v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+        v_state = _encode_nonneg(v_new, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized), _encode_nonneg(v_new, quantized), _kept(update, keep)
+    return _encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
 
 
 def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool,
-              keep: torch.Tensor | None = None):
-    new = _decode_signed(buf, tuple(d.shape)) * momentum + d
+              m_map: str = "dynamic", keep: torch.Tensor | None = None):
+    new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return _encode_signed(new, quantized), _kept(direction * lr, keep)
+    return _encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -286,6 +336,7 @@ def adamw_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    m_map: str = "dynamic",
     keep: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step for K same-shape tensors, moments updated in place.
@@ -298,19 +349,22 @@ def adamw_batch_step(
     beta1, beta2 = betas
     device = directions.device
     quantized = _is_quantized(moments)
-    if not quantized and params[0].dtype == torch.float32:
+    factored = "exp_avg_sq_row" in moments  # the state says which second moment it holds
+    if not quantized and not factored and params[0].dtype == torch.float32:
         _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
     scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
                _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
+    # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
-        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, keep=keep)
+        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map,
+                                   keep=keep)
         return
     if weight_decay:
         _decay(params, lr, weight_decay, keep)
     fn = maybe_compiled(_adamw_math, device, compile_)
     m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
-                      beta1, beta2, eps, quantized, keep)
+                      beta1, beta2, eps, quantized, m_map, keep)
     _write_back(moments, "exp_avg", m, keep)
     _write_back(moments, "exp_avg_sq", v, keep)
     _apply_update(params, update)
@@ -327,6 +381,7 @@ def sgd_batch_step(
     weight_decay: float,
     bits: int,
     compile_: bool = False,
+    m_map: str = "dynamic",
     keep: torch.Tensor | None = None,
 ) -> None:
     """One SGD-momentum step for K same-shape tensors (coupled L2 added to the grafted direction);
@@ -341,6 +396,6 @@ def sgd_batch_step(
     quantized = _is_quantized(moments)
     fn = maybe_compiled(_sgd_math, device, compile_)
     buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
-                     quantized, keep)
+                     quantized, m_map, keep)
     _write_back(moments, "momentum_buffer", buf, keep)
     _apply_update(params, update)

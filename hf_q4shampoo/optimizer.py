@@ -38,7 +38,7 @@ import torch
 from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .blocking import local_tensor as _local
-from .config import GROUP_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
+from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
 from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
@@ -125,7 +125,7 @@ def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, in
 
 
 class Q4Shampoo(torch.optim.Optimizer):
-    """Shampoo with 4-bit preconditioners (Cholesky + error feedback by default).
+    """Shampoo with 4-bit preconditioners (a refined 4-bit Cholesky factor by default, paper 1's layout).
 
     Args:
         params: parameters or parameter groups (dicts may set ``lr``, ``betas``, ``eps``,
@@ -300,7 +300,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         out: dict[str, int] = defaultdict(int)
         for key in first_order_keys(state):
             t = state[key]
-            kind = "first_order" if key.endswith("_codes") or t.numel() == local.numel() else "scales_diagonals"
+            moment = key.endswith(("_codes", "_row", "_col")) or t.numel() == local.numel()  # _row/_col: factored v
+            kind = "first_order" if moment else "scales_diagonals"
             out[kind] += tensor_bytes(t)
         out["other"] += tensor_bytes(state["step"])
         if "skipped_updates" in state:  # the non-finite guard's counter
@@ -428,7 +429,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0)
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
         state.update(
-            init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel))
+            init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel,
+                                   cfg.first_order_v, cfg.first_order_m_map))
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
@@ -726,11 +728,13 @@ class Q4Shampoo(torch.optim.Optimizer):
             adamw_batch_step(
                 params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
+                m_map=cfg.first_order_m_map,
             )
         else:
             sgd_batch_step(
                 params, directions, moments, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
+                m_map=cfg.first_order_m_map,
             )
         if not whole:
             for k, v in stacked.items():
@@ -890,9 +894,9 @@ class Q4Shampoo(torch.optim.Optimizer):
 
     def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint made with other values of the options that decide how state is read (a key
-        missing from an older checkpoint had its default then)."""
+        missing from an older checkpoint had the layout it implies, ``LEGACY_STATE_LAYOUT``, or its default then)."""
         defaults = Q4ShampooConfig()
-        saved_values = {k: saved.get(k, getattr(defaults, k)) for k in STATE_LAYOUT_KEYS}
+        saved_values = {k: saved.get(k, LEGACY_STATE_LAYOUT.get(k, getattr(defaults, k))) for k in STATE_LAYOUT_KEYS}
         diffs = [k for k, v in saved_values.items() if v != getattr(self.config, k)]
         if diffs:
             detail = ", ".join(f"{k}: saved {saved_values[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)

@@ -21,8 +21,9 @@ Forms (papers.md):
     Paper 1 without error feedback: the lower Cholesky factor of the statistics is kept, diagonal in
     fp32 and off-diagonal in 4 bit.
 ``cholesky_ef``
-    Paper 1 (default): as ``cholesky`` plus an error-feedback state kept in 4 bit in the otherwise
-    unused upper triangle of the same code buffer.
+    Paper 1's layout (default): as ``cholesky``, and the otherwise unused upper triangle of the same code
+    buffer holds either an error-feedback state in 4 bit (paper 1, ``factor_upper="feedback"``) or a second
+    4-bit code of the factor's residual (``"refine"``, the default).
 ``eigen``
     Paper 2: 4-bit eigenvectors (rows of V^T) + fp32 eigenvalues, one QR subspace step per update,
     Björck rectification before updates and roots.
@@ -288,20 +289,27 @@ class CholeskyForm(PreconditionerForm):
     """Paper 1: 4-bit Cholesky factor (exact fp32 diagonal), optionally with error feedback.
 
     Storage per side: ``factor_codes`` (one n x n 4-bit buffer: strictly-lower = off-diagonal of
-    the factor C, strictly-upper = transposed error state E^T), ``factor_scales`` +
-    ``factor_diag_block_upper_scale`` (fp32 block scales, separate for C and E; see
+    the factor C, strictly-upper = a second strictly-lower matrix, transposed), ``factor_scales`` +
+    ``factor_diag_block_upper_scale`` (fp32 block scales, separate for the two triangles; see
     :func:`~hf_q4shampoo.quant.quantize_lower_upper`), ``diag`` (fp32 diagonal of C) and ``ridge``
     (fp32 scalar per factor: the jitter r of the last factorisation, ``C C^T ~ L + r I``).
-    Small sides (``n*n < min_quant_numel``) keep C in fp32 as ``factor`` and have no error state.
+    Small sides (``n*n < min_quant_numel``) keep C in fp32 as ``factor`` and have no upper triangle.
+
+    What is quantized is ``F = offdiag(C)`` (``factor_scaling="row"``) or ``F = offdiag(C) D^-1`` with
+    ``D = diag(C)`` (``"column"``: the unit lower-triangular factor of ``L = F' D^2 F'^T``, LDL^T), in
+    blocks along rows. What the upper triangle holds (``cholesky_ef`` only; ``factor_upper``):
+
+    * ``"feedback"`` (paper 1): the error-feedback state E (strictly lower, zero diagonal);
+    * ``"refine"``: a second 4-bit code of the first code's residual, ``F ~ D(Q(F)) + D(Q(F - D(Q(F))))``:
+      the factor to ~8 bits in the same bytes, no error feedback (docs/results.md §4 measures why).
 
     Statistics update (every ``update_freq`` steps), for each factor::
 
         L_old = C C^T - r I          (r removed only if remove_cholesky_ridge; decision D3)
         L     = beta L_old + (1 - beta) G G^T
         C     = chol(L + r' I)       (r' = cholesky_eps * max diag(L), jitter retries; D5)
-        X     = C + E                (error feedback; E strictly lower, zero diagonal)
-        store Q(offdiag X), diag X   (diag exact)
-        E     = ef_beta E + (1 - ef_beta) (X - D(Q(X)))   stored 4-bit as E^T in the upper triangle
+        feedback:  X = F + E;  store Q(X), diag C;  E = ef_beta E + (1 - ef_beta) (X - D(Q(X)))  (4-bit, upper)
+        refine:    store Q(F), diag C and, in the upper triangle, Q(F - D(Q(F)))
 
     Root (every ``root_freq`` steps): ``(C C^T + eps lambda_max I)^(-1/4)`` from the dequantized
     factor (decision D4), stored as fp32 diagonal + 4-bit off-diagonal.
@@ -312,6 +320,7 @@ class CholeskyForm(PreconditionerForm):
     def __init__(self, settings: FormSettings, error_feedback: bool):
         super().__init__(settings)
         self.error_feedback = error_feedback
+        self.refine = error_feedback and settings.factor_upper == "refine"
         if error_feedback:
             self.name = "cholesky_ef"
 
@@ -322,20 +331,31 @@ class CholeskyForm(PreconditionerForm):
         state["jitter"] = torch.ones(k, device=device)
         return state
 
+    def _scaled_offdiag(self, c: torch.Tensor) -> torch.Tensor:
+        """``F``: the strict lower triangle of ``c``, divided by its column's diagonal entry when ``"column"``."""
+        off = torch.tril(c, -1)
+        if self.s.factor_scaling == "column":
+            off = off / c.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
+        return off
+
     def _store_factor(self, x: torch.Tensor, error_upper: torch.Tensor) -> State:
+        """Store factor ``x`` (its ``F`` quantized, diagonal fp32) and ``error_upper`` (strictly upper) in the
+        upper triangle; with ``refine`` the upper triangle gets the code of F's residual instead."""
         n = x.shape[-1]
         if not self.quantized(n):
             return {"factor": torch.tril(x).contiguous()}
-        q = quantize_lower_upper(torch.tril(x, -1), error_upper, self.s.quant_map, self.s.quant_block_size)
-        state = {f"factor_{key}": v for key, v in q.items()}
-        state["diag"] = x.diagonal(dim1=-2, dim2=-1).clone()
-        return state
+        off = self._scaled_offdiag(x)
+        if self.refine:
+            error_upper = (off - torch.tril(roundtrip_blockwise(off, self.s.quant_map, self.s.quant_block_size), -1)).mT
+        return self._store_factor_offdiag(off, x.diagonal(dim1=-2, dim2=-1), error_upper)
 
     def _fused(self, device: torch.device) -> bool:
-        return self.s.fused_statistics and device.type == "cuda" and triton_kernels.HAS_TRITON
+        # the Triton kernels implement paper 1's layout only (row scaling, error feedback in the upper triangle)
+        paper1_layout = self.error_feedback and not self.refine and self.s.factor_scaling == "row"
+        return self.s.fused_statistics and paper1_layout and device.type == "cuda" and triton_kernels.HAS_TRITON
 
     def _load_factor(self, state: State) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (C, E) in fp32; E (strictly lower) is None for fp32-stored factors."""
+        """Return (C, E) in fp32; E (strictly lower, in the space of F) is None without error feedback state."""
         if "factor" in state:
             return state["factor"], None
         n = state["diag"].shape[-1]
@@ -351,7 +371,13 @@ class CholeskyForm(PreconditionerForm):
             "diag_block_upper_scale": state["factor_diag_block_upper_scale"],
         }
         lower, upper = dequantize_lower_upper(q, n, self.s.quant_map, self.s.quant_block_size)
-        return lower + torch.diag_embed(state["diag"]), upper.mT
+        err = upper.mT
+        if self.refine:
+            lower, err = lower + err, None
+        diag = state["diag"]
+        if self.s.factor_scaling == "column":
+            lower = lower * diag.unsqueeze(-2)
+        return lower + torch.diag_embed(diag), err
 
     def _gram(self, c: torch.Tensor) -> torch.Tensor:
         with linalg.tf32_matmul(self.s.gram_tf32):
@@ -382,9 +408,9 @@ class CholeskyForm(PreconditionerForm):
         if self.s.remove_cholesky_ridge:
             old = old - state["ridge"][:, None, None] * torch.eye(n, device=old.device)
         new_c, ridge, ok = self._factorize(self._blend(old, gram), state)
-        if err is None:  # fp32 factor: nothing is lost, no error feedback needed
+        if "factor" in state:  # fp32 factor: nothing is lost, no error feedback needed
             new = {"factor": new_c.contiguous()}
-        elif not self.error_feedback:
+        elif not self.error_feedback or self.refine:
             new = self._store_factor(new_c, torch.zeros_like(new_c))
         elif self._fused(new_c.device):  # the same update in two Triton passes (triton_kernels.py)
             table, mids = get_code(self.s.quant_map, new_c.device)
@@ -393,17 +419,23 @@ class CholeskyForm(PreconditionerForm):
             new = {f"factor_{k}": v for k, v in stored.items() if k != "diag"}
             new["diag"] = stored["diag"]
         else:
-            x = new_c + err
-            x_lower = torch.tril(x, -1)
-            residual = x_lower - roundtrip_blockwise(x_lower, self.s.quant_map, self.s.quant_block_size)
+            x = self._scaled_offdiag(new_c) + err
+            residual = x - roundtrip_blockwise(x, self.s.quant_map, self.s.quant_block_size)
             beta_e = self.s.ef_beta
             new_err = beta_e * err + (1.0 - beta_e) * residual
-            new = self._store_factor(x, new_err.mT)
+            new = self._store_factor_offdiag(x, new_c.diagonal(dim1=-2, dim2=-1), new_err.mT)
         new["ridge"] = ridge
         if ok is None:
             state.update(new)
         else:
             _update_rows(state, new, ok)
+
+    def _store_factor_offdiag(self, off: torch.Tensor, diag: torch.Tensor, error_upper: torch.Tensor) -> State:
+        """Store an already scaled ``F`` (strict lower) with diagonal ``diag`` and the error state."""
+        q = quantize_lower_upper(off, error_upper, self.s.quant_map, self.s.quant_block_size)
+        state = {f"factor_{key}": v for key, v in q.items()}
+        state["diag"] = diag.clone()
+        return state
 
     def _kind_of(self, key):
         if key == "factor_codes":
@@ -412,7 +444,7 @@ class CholeskyForm(PreconditionerForm):
 
     def bytes_by_kind(self, state):
         out = super().bytes_by_kind(state)
-        if self.error_feedback and "factor_codes" in state:
+        if self.error_feedback and not self.refine and "factor_codes" in state:
             # One buffer holds both triangles: half of it is the error state.
             half = tensor_bytes(state["factor_codes"]) // 2
             out["statistics"] -= half

@@ -89,7 +89,7 @@ if HAS_TRITON:
 
         d_e = tl.load(d_ptr + row_base + even, mask=in_e, other=0.0)
         d_o = tl.load(d_ptr + row_base + odd, mask=in_o, other=0.0)
-        # decode m (block-128 dynamic exponent)
+        # decode m (block-128, the m_map table)
         mbyte = tl.load(m_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
         m_scale = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0.0)
         m_e = tl.load(m_table_ptr + (mbyte & 15)) * m_scale
@@ -178,15 +178,17 @@ def _pointer_table(params: list[torch.Tensor]) -> torch.Tensor:
 
 def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: dict[str, torch.Tensor],
                 lr: torch.Tensor, bias1: torch.Tensor, bias2_sqrt: torch.Tensor,
-                beta1: float, beta2: float, eps: float, weight_decay: float, keep: torch.Tensor | None = None) -> None:
+                beta1: float, beta2: float, eps: float, weight_decay: float, m_map: str = "dynamic",
+                keep: torch.Tensor | None = None) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
-    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``keep`` (K,)
-    bool flags, false for members that must stay as they are (None: all are updated)."""
+    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``m_map`` is the
+    code of m (any 16-entry table: the kernel reads it from memory); ``keep`` (K,) bool flags, false for
+    members that must stay as they are (None: all are updated)."""
     k = len(params)
     rows, cols = params[0].shape
     n = rows * cols
     device = directions.device
-    m_table, m_mids = get_code("dynamic", device)
+    m_table, m_mids = get_code(m_map, device)
     v_table, v_mids = get_code("zero_free_linear", device)
     m_codes, m_scales = moments["exp_avg_codes"], moments["exp_avg_scales"]
     v_codes = moments["exp_avg_sq_codes"]

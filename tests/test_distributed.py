@@ -283,6 +283,6 @@ def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
     q4 = [next(r for r in rank if r["optimizer"] == "q4shampoo") for rank in ddp["ranks"]]
     comm = q4[0]["communication"]
     assert comm["exchanges"] > 0 and comm["received_bytes_per_step"] > 0 and "roots_exchange" in q4[0]["stages"]
-    assert all(r["state_bytes"]["statistics"] > 0 and r["state_bytes"]["error_feedback"] > 0 for r in q4)
+    assert all(r["state_bytes"]["statistics"] > 0 for r in q4)
     fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
     assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])

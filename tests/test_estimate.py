@@ -189,7 +189,11 @@ def test_rows_order_selection_and_dtype():
     assert names[:4] == ["adamw", "adamw_8bit_bnb", "adamw_4bit_torchao", "fp32_shampoo"]
     assert names[4:] == [f"q4shampoo_{f}" for f in PRECOND_FORMS]
     assert est.selected.name == "q4shampoo_eigen"
-    assert est.row("q4shampoo_cholesky_ef").by_kind["error_feedback"] > 0
+    # the default factor_upper="refine" keeps a second code of the factor where paper 1 keeps its error feedback
+    assert est.row("q4shampoo_cholesky_ef").by_kind["error_feedback"] == 0
+    paper1 = estimate_memory(gpt2_config(), factor_upper="feedback").row("q4shampoo_cholesky_ef")
+    assert paper1.by_kind["error_feedback"] > 0
+    assert paper1.total_bytes == est.row("q4shampoo_cholesky_ef").total_bytes
     assert est.row("q4shampoo_eigen").by_kind["error_feedback"] == 0
     bf16 = estimate_memory(gpt2_config(), dtype="bfloat16")
     assert bf16.param_dtype == "bfloat16"

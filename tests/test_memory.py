@@ -27,7 +27,8 @@ def _state_tensor_bytes(opt):
 
 def test_report_counts_every_state_byte():
     model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 10), torch.nn.Embedding(5000, 32))
-    opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=1)
+    # paper 1's error feedback, so that every kind of Shampoo state is present
+    opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=1, factor_upper="feedback")
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()

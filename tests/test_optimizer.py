@@ -1,5 +1,6 @@
+import importlib.util
 import io
-import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,30 +251,18 @@ def test_checkpoint_with_other_storage_options_is_refused():
 # ------------------------------------------------------------------------------------------------
 
 
-def _problem(seed, n=2048, d=128, h=128, k=64):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    x = torch.randn(n, d, generator=g) @ (q * torch.logspace(0, -2, d)) @ q.T * 3
-    w1 = torch.randn(h, d, generator=g) / math.sqrt(d) * 3
-    w2 = torch.randn(k, h, generator=g) / math.sqrt(h)
-    y = torch.tanh(x @ w1.T) @ w2.T
-    return x, y + 0.1 * y.std() * torch.randn(y.shape, generator=g)
+def _fit(make_opt, seed):
+    """Final loss of the teacher-student task (benchmarks/quality_cpu.py's ``teacher``: tanh MLP, inputs of
+    condition number 1e4 in a random basis, 200 steps of 256) trained with ``make_opt(params)``."""
+    return _quality_cpu().teacher(lambda params, steps: make_opt(params), seed)
 
 
-def _fit(make_opt, seed, steps=200, batch=256):
-    x, y = _problem(seed)
-    torch.manual_seed(seed + 1)
-    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
-    opt = make_opt(net.parameters())
-    g = torch.Generator().manual_seed(seed + 2)
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        loss = ((net(x[idx]) - y[idx]) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((net(x) - y) ** 2).mean())
+def _quality_cpu():
+    spec = importlib.util.spec_from_file_location(
+        "quality_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "quality_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.heavy

@@ -30,27 +30,29 @@ SCRIPT = textwrap.dedent('''
         ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32)
         assert torch.equal(ref, tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32))
 
-    # 4-bit AdamW: the same codes and parameters as the torch math, two steps, 200 columns (partial blocks)
+    # 4-bit AdamW: the same codes and parameters as the torch math, two steps, 200 columns (partial blocks),
+    # for both codes of m
     K, R, C = 3, 40, 200
-    params = [torch.randn(R, C, generator=g) for _ in range(K)]
-    states = [fo.init_first_order_state(p, "adamw", 4) for p in params]
-    moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4)
-    fo.adamw_batch_step(params, torch.randn(K, R, C, generator=g), moments, step=1, **kw)
-    fast_p, fast_m = [p.clone() for p in params], {k: v.clone() for k, v in moments.items()}
-    d = torch.randn(K, R, C, generator=g) * torch.linspace(0.1, 3, C)
-    fo.adamw_batch_step(params, d, moments, step=2, **kw)
-    scalar = lambda v: torch.tensor(v, dtype=torch.float32)
-    tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**2), scalar(math.sqrt(1 - 0.999**2)),
-                   0.9, 0.999, 1e-8, 0.1)
-    for key, ref in moments.items():
-        got = fast_m[key]
-        if ref.dtype == torch.uint8:
-            assert float((ref != got).float().mean()) < 1e-3, key
-        else:
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
-    for p, q in zip(params, fast_p):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for m_map in ("dynamic", "linear2"):
+        params = [torch.randn(R, C, generator=g) for _ in range(K)]
+        states = [fo.init_first_order_state(p, "adamw", 4, m_map=m_map) for p in params]
+        moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
+        kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4, m_map=m_map)
+        fo.adamw_batch_step(params, torch.randn(K, R, C, generator=g), moments, step=1, **kw)
+        fast_p, fast_m = [p.clone() for p in params], {k: v.clone() for k, v in moments.items()}
+        d = torch.randn(K, R, C, generator=g) * torch.linspace(0.1, 3, C)
+        fo.adamw_batch_step(params, d, moments, step=2, **kw)
+        scalar = lambda v: torch.tensor(v, dtype=torch.float32)
+        tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**2), scalar(math.sqrt(1 - 0.999**2)),
+                       0.9, 0.999, 1e-8, 0.1, m_map)
+        for key, ref in moments.items():
+            got = fast_m[key]
+            if ref.dtype == torch.uint8:
+                assert float((ref != got).float().mean()) < 1e-3, (m_map, key)
+            else:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+        for p, q in zip(params, fast_p):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
     # a skipped member (keep = False, e.g. a NaN gradient) keeps its parameter and moments exactly; the
     # others match the torch math with the same flags
@@ -61,7 +63,7 @@ SCRIPT = textwrap.dedent('''
     ref_p, ref_m = params[1].clone(), {k: v[1].clone() for k, v in moments.items()}
     fo.adamw_batch_step(params, d, moments, step=3, keep=keep, **kw)
     tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**3), scalar(math.sqrt(1 - 0.999**3)),
-                   0.9, 0.999, 1e-8, 0.1, keep=keep)
+                   0.9, 0.999, 1e-8, 0.1, m_map, keep=keep)
     assert torch.equal(fast_p[1], before_p[1]) and torch.equal(params[1], ref_p)
     for key in fast_m:
         assert torch.equal(fast_m[key][1], before_m[key][1]), key

@@ -1,0 +1,155 @@
+"""The factored second moment (``first_order_v="factored"``, paper 3's 4-bit Factor) and the signed moments' code
+(``first_order_m_map``) against an fp64 oracle."""
+
+import io
+
+import pytest
+import torch
+
+from hf_q4shampoo import ConfigError, Q4Shampoo, triton_kernels
+from hf_q4shampoo.first_order import factored_shape
+from hf_q4shampoo.memory import optimizer_state_bytes
+from hf_q4shampoo.quant import roundtrip_blockwise
+
+SHAPES = [(96, 70), (32, 16, 3, 3), (70,), (40, 30), (5000, 1)]  # matrix, conv, 1-D, small, column vector
+
+
+def test_which_tensors_are_factored():
+    assert factored_shape((96, 70), "factored") == (96, 70)
+    assert factored_shape((32, 16, 3, 3), "factored") == (32, 144)  # trailing dims flattened, as Shampoo does
+    assert factored_shape((40, 30), "factored") is None  # <= 4096 entries: plain fp32 moments
+    assert factored_shape((70,), "factored") is None
+    assert factored_shape((5000, 1), "factored") is None  # a vector in disguise
+    assert factored_shape((96, 70), "rank1") is None
+
+
+def _reference_adam_factored(params, grads_seq, lr, betas, eps, wd, m_roundtrip=None):
+    """fp64 AdamW whose v is Adafactor's ``row col^T / mean(row)`` for factored shapes (plain v otherwise);
+    ``m_roundtrip`` stands for the 4-bit storage of m between steps."""
+    b1, b2 = betas
+    ps = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ps]
+    v = [None] * len(ps)
+    for t, grads in enumerate(grads_seq, start=1):
+        for i, (p, g) in enumerate(zip(ps, grads)):
+            g = g.double()
+            p.mul_(1 - lr * wd)
+            m_new = b1 * m[i] + (1 - b1) * g  # this step uses m before it is stored (and quantized)
+            m[i] = m_roundtrip(m_new) if m_roundtrip is not None and p.numel() > 4096 else m_new
+            shape = factored_shape(tuple(p.shape), "factored")
+            if shape is None:
+                v[i] = (b2 * v[i] if v[i] is not None else 0) + (1 - b2) * g * g
+                v_full = v[i]
+            else:
+                g2 = (g * g).reshape(shape)
+                row, col = (v[i] if v[i] is not None else (torch.zeros(shape[0], dtype=torch.float64),
+                                                          torch.zeros(shape[1], dtype=torch.float64)))
+                row = b2 * row + (1 - b2) * g2.mean(1)
+                col = b2 * col + (1 - b2) * g2.mean(0)
+                v[i] = (row, col)
+                v_full = (torch.outer(row, col) / row.mean()).reshape(p.shape)
+            denom = (v_full / (1 - b2**t)).sqrt() + eps
+            p.sub_(lr * (m_new / (1 - b1**t)) / denom)
+    return ps
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in SHAPES]
+
+
+def _grads(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # row- and column-dependent scales, so the factorisation is not trivially exact
+    return [[torch.randn(*s, generator=g) * torch.linspace(0.2, 2.0, s[0]).reshape(-1, *([1] * (len(s) - 1)))
+             * torch.rand(s[-1], generator=g).add(0.5) for s in SHAPES] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("bits,m_map", [(32, "dynamic"), (4, "dynamic"), (4, "linear2")])
+def test_factored_adam_matches_fp64_oracle(bits, m_map):
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    params = _params()
+    start = [p.detach().double().clone() for p in params]
+    # no preconditioning: the first-order step alone is under test
+    opt = Q4Shampoo(params, first_order_v="factored", first_order_bits=bits, first_order_m_map=m_map,
+                    min_precond_numel=10**9, **hyper)
+    grads_seq = _grads(8)
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    # 4-bit m: the oracle applies the same codec to m after every update (block 128, m_map's code)
+    m_rt = None
+    if bits == 4:
+        def m_rt(x):
+            return roundtrip_blockwise(x.float().reshape(1, -1), m_map, 128).double().reshape(x.shape)
+    ref = _reference_adam_factored(start, grads_seq, hyper["lr"], hyper["betas"], hyper["eps"],
+                                   hyper["weight_decay"], m_rt)
+    for p, r, p0 in zip(params, ref, start):
+        err = float((p.detach().double() - r).norm() / (r - p0).norm())
+        print(tuple(p.shape), bits, f"{err:.2e}")
+        assert err < (1e-5 if bits == 32 else 1e-3)
+    state = opt.state[params[0]]
+    assert state["exp_avg_sq_row"].shape == (96,) and state["exp_avg_sq_col"].shape == (70,)
+    assert "exp_avg_sq_row" in opt.state[params[1]] and "exp_avg_sq_row" not in opt.state[params[2]]
+
+
+def test_factored_state_bytes_and_checkpoint():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 128, bias=False)
+    sizes = {}
+    for v in ("rank1", "factored"):
+        opt = Q4Shampoo(model.parameters(), first_order_v=v, min_precond_numel=10**9)
+        opt.build_state()
+        sizes[v] = optimizer_state_bytes(opt).by_kind["first_order"]
+    numel = 256 * 128
+    assert sizes["rank1"] == numel  # 4-bit m and 4-bit v codes
+    assert sizes["factored"] == numel // 2 + 4 * (256 + 128)  # 4-bit m, fp32 row and column means
+
+    opt = Q4Shampoo(model.parameters(), first_order_v="factored", update_freq=1, root_freq=2)
+    for _ in range(3):
+        model.weight.grad = torch.randn_like(model.weight)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    again = Q4Shampoo(model.parameters(), first_order_v="factored", update_freq=1, root_freq=2)
+    again.load_state_dict(saved)
+    torch.testing.assert_close(again.state[model.weight]["exp_avg_sq_row"], opt.state[model.weight]["exp_avg_sq_row"])
+    with pytest.raises(ConfigError, match="first_order_v: saved 'factored', now 'rank1'"):
+        Q4Shampoo(model.parameters(), update_freq=1, root_freq=2).load_state_dict(saved)
+
+
+def test_triton_kernels_refuse_a_factored_state(monkeypatch):
+    # CUDA routes 4-bit matrices to the Triton kernels when supports() says so; they implement only the rank-1 v
+    monkeypatch.setattr(triton_kernels, "HAS_TRITON", True)
+    p = torch.nn.Parameter(torch.randn(96, 70))
+    for v, expected in (("rank1", True), ("factored", False)):
+        opt = Q4Shampoo([p], first_order_v=v, min_precond_numel=10**9)
+        opt.build_state()
+        moments = {k: t.unsqueeze(0) for k, t in opt.state[p].items() if k.startswith("exp_avg")}
+        assert triton_kernels.supports([p], torch.randn(1, 96, 70), moments) is expected
+
+
+def test_invalid_first_order_v():
+    with pytest.raises(ConfigError, match="first_order_v='adafactor' is not valid"):
+        Q4Shampoo([torch.nn.Parameter(torch.zeros(3))], first_order_v="adafactor")
+
+
+def test_linear2_momentum_buffer_of_sgd():
+    # SGD's momentum uses the same signed codec; with m_map=linear2 a block whose largest entry is negative
+    # keeps it exactly (-1 is in the table; the dynamic code's most negative entry is -0.8875)
+    from hf_q4shampoo.first_order import _decode_signed
+
+    g = -torch.rand(128, 40, generator=torch.Generator().manual_seed(0)) - 0.5  # 40 blocks of 128, all negative
+    for m_map, shrink in (("linear2", 1.0), ("dynamic", 0.8875)):
+        p = torch.nn.Parameter(torch.zeros(128, 40))
+        opt = Q4Shampoo([p], lr=0.1, first_order="sgd", momentum=0.9, first_order_m_map=m_map,
+                        min_precond_numel=10**9)
+        p.grad = g.clone()
+        opt.step()  # first step: buffer = g
+        st = opt.state[p]
+        buf = _decode_signed({"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]},
+                             (1, 128, 40), m_map)[0]
+        torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))
