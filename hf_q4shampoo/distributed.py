@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .layout import FactorBucket, ShapeGroup
+from .layout import FactorBucket, IndexCache, ShapeGroup
 
 __all__ = ["DdpSplit", "assign_owners", "split_for", "is_root_key", "strip_statistics", "ExchangeCounters"]
 
@@ -111,6 +111,8 @@ class DdpSplit:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.counters = ExchangeCounters()
+        # row indices on the device, made once per pattern (a list copied to an accelerator makes the host wait)
+        self._index = IndexCache()
 
     # ---- roots ---------------------------------------------------------------------------------
     def exchange_roots(self, due: Sequence[tuple[ShapeGroup, list[int]]]) -> None:
@@ -170,7 +172,7 @@ class DdpSplit:
     def _pack(self, sections: dict[int, _Section], size: int, device: torch.device) -> torch.Tensor:
         parts = []
         for section in sections.values():
-            index = torch.tensor(section.rows, dtype=torch.long, device=device)
+            index = self._index(section.rows, device)
             for key, nbytes in self._pieces(section):
                 raw = section.bucket.storage[key].index_select(0, index).reshape(-1).view(torch.uint8)
                 parts.append(raw)
@@ -185,7 +187,7 @@ class DdpSplit:
         offset = 0
         for section in sections.values():
             storage = section.bucket.storage
-            index = torch.tensor(section.rows, dtype=torch.long, device=buffer.device)
+            index = self._index(section.rows, buffer.device)
             for key, nbytes in self._pieces(section):
                 target = storage[key]
                 count = len(section.rows) * target[0].numel() * target.element_size()
