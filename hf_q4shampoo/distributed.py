@@ -14,7 +14,10 @@ first-order step; those stay replicated, as do the first-order moments (the step
 parameter, and splitting them would mean all-gathering the updated parameters every step, as ZeRO-1 does).
 
 What stays exact: the owner runs the single-process code on the same gradient, the roots travel bit for bit,
-and every rank forms the same shape groups (split by owner, ``layout.py``), so replicas stay bitwise equal.
+and every rank forms the same shape groups (split by owner, ``layout.py``), so replicas stay bitwise equal. Against
+one process the statistics are bitwise equal; a root computed in another batch of factors than one process would
+use can differ in its last bits (seen on CPU, in a few roots; tests/test_distributed.py compares with a tolerance
+far below what a wrong or missing root changes).
 The refresh schedule and its offsets are the single-process ones, so a state saved from any world size is
 the single-process state (:meth:`DdpSplit.gather_states` assembles it for a checkpoint) and loads on any
 world size.
