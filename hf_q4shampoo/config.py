@@ -160,6 +160,15 @@ class Q4ShampooConfig:
     the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
     other values of any of them.
 
+    Several GPUs (no effect on the math):
+        shard_preconditioners: under DDP (``torch.distributed`` initialised with more than one rank and parameters
+            that are plain tensors, not FSDP2's DTensors), split the preconditioner work and memory among the
+            ranks: each matrix has one owner rank that keeps its statistics and error feedback and computes its
+            roots, and the owners all-gather the refreshed 4-bit roots (``distributed.py``). Every rank applies
+            every root and keeps the first-order moments, so the result equals the single-process algorithm on
+            the same (all-reduced) gradients, bitwise on every replica. False: every rank keeps and computes
+            everything (no optimizer communication). Ignored in a single process and under FSDP2.
+
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
@@ -226,6 +235,7 @@ class Q4ShampooConfig:
     gram_precision: str = "auto"
     fused_statistics: bool = False
     refresh_spread: int = 25
+    shard_preconditioners: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -360,7 +370,7 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics")
+_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics", "shard_preconditioners")
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:

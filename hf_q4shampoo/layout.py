@@ -14,6 +14,11 @@ into those buffers. So:
 
 Row order inside a bucket: shape group, then region of the block plan, then side (L, R), then member
 parameter, then block; so the rows of one (group, region, side) form one contiguous range, member-major.
+
+Under DDP with the work split among ranks (``distributed.py``), every parameter has an *owner* rank: shape
+groups are also split by owner (so every rank forms the same groups and batches, and replicas stay bitwise
+equal), and a bucket holds only factors whose side states have the same keys, so the factors this rank owns
+(statistics, error feedback and root) and the others (root only) live in separate buckets.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class ShapeGroup:
     moments: State = field(default_factory=dict)
     #: the members' ``skipped_updates`` counters stacked, ``(K,)`` (the per-parameter entries are views)
     skipped: torch.Tensor | None = None
+    #: the rank that keeps the members' statistics and computes their roots (None: not split among ranks)
+    owner: int | None = None
 
     @property
     def size(self) -> int:
@@ -89,19 +96,23 @@ def _side_order(region: Region, side: str) -> int:
     return region.block_rows if side == "L" else region.block_cols
 
 
-def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, moment_keys, key: tuple) -> Layout:
+def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, moment_keys, key: tuple,
+                 owners: Sequence[int | None] | None = None) -> Layout:
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
     ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
-    stacked per shape group. The per-parameter side states are replaced by views of the bucket buffers (their
-    values are copied over first), so a layout can be rebuilt at any time, e.g. after
-    ``load_state_dict`` or when a parameter gets its first gradient late.
+    stacked per shape group. ``owners`` (one per member, under DDP with the work split) puts members of
+    different owner ranks into different shape groups. The per-parameter side states are replaced by views
+    of the bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g.
+    after ``load_state_dict`` or when a parameter gets its first gradient late.
     """
     by_key: dict[tuple, ShapeGroup] = {}
-    for gi, p, state in members:
-        k = (gi, tuple(p.shape), p.dtype, p.device)
+    for i, (gi, p, state) in enumerate(members):
+        owner = owners[i] if owners is not None and "regions" in state else None
+        k = (gi, tuple(p.shape), p.dtype, p.device, owner)
         if k not in by_key:
-            by_key[k] = ShapeGroup(gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None)
+            by_key[k] = ShapeGroup(gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None,
+                                   owner=owner)
         by_key[k].params.append(p)
         by_key[k].states.append(state)
     groups = list(by_key.values())
@@ -124,7 +135,9 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
                 if side not in group.states[0]["regions"][ri]:
                     continue
                 device = group.params[0].device
-                bucket = buckets.setdefault((device, _side_order(region, side)),
+                # the keys too: a factor owned by another rank keeps only its root (distributed.py)
+                keys = tuple(sorted(group.states[0]["regions"][ri][side]))
+                bucket = buckets.setdefault((device, _side_order(region, side), keys),
                                             FactorBucket(_side_order(region, side), device))
                 group.slots.append(SideSlot(ri, side, bucket, bucket.rows, region.num_blocks))
                 bucket.rows += region.num_blocks * group.size

@@ -99,16 +99,24 @@ def inverse_root_eigh(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6) -> t
         evals = evecs = None
     if evals is None:
         evals, evecs = torch.linalg.eigh(symmetrize(a.double()))
-    else:
-        # fp32 eigenvalues carry an absolute error of roughly sqrt(n) * eps32 * lambda_max; where the
-        # smallest shifted eigenvalue is within 100x of that, fp32 cannot resolve the root: redo in fp64.
-        lam_max = evals.amax(-1)
-        noise = 100.0 * math.sqrt(n) * torch.finfo(torch.float32).eps * lam_max
-        unreliable = failed | (evals.amin(-1).clamp_min(0.0) + ridge_eps * lam_max < noise)
-        if bool(unreliable.any()):
-            evals, evecs = evals.double(), evecs.double()
-            e64, v64 = torch.linalg.eigh(symmetrize(a[unreliable].double()))
-            evals[unreliable], evecs[unreliable] = e64, v64
+        return _root_from_eigh(evals, evecs, p, ridge_eps).to(out_dtype)
+    # fp32 eigenvalues carry an absolute error of roughly sqrt(n) * eps32 * lambda_max; where the
+    # smallest shifted eigenvalue is within 100x of that, fp32 cannot resolve the root: redo in fp64.
+    lam_max = evals.amax(-1)
+    noise = 100.0 * math.sqrt(n) * torch.finfo(torch.float32).eps * lam_max
+    unreliable = failed | (evals.amin(-1).clamp_min(0.0) + ridge_eps * lam_max < noise)
+    root = _root_from_eigh(evals, evecs, p, ridge_eps)
+    if bool(unreliable.any()):
+        # only those matrices: each root must not depend on which other matrices share its batch (under DDP
+        # the owner of a factor refreshes it in another batch than one process would, and must match it)
+        e64, v64 = torch.linalg.eigh(symmetrize(a[unreliable].double()))
+        root[unreliable] = _root_from_eigh(e64, v64, p, ridge_eps).to(root.dtype)
+    return root.to(out_dtype)
+
+
+def _root_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, p: int, ridge_eps: float) -> torch.Tensor:
+    """``V diag((lambda + eps lambda_max)^(-1/p)) V^T`` from an eigendecomposition (negative eigenvalues as 0;
+    an all-zero matrix gives the identity), symmetrized, in the decomposition's dtype."""
     evals = evals.clamp_min(0.0)
     lam_max = evals.amax(-1, keepdim=True)
     ridge = ridge_eps * lam_max
@@ -116,7 +124,7 @@ def inverse_root_eigh(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6) -> t
     zero = lam_max <= 0
     inv = torch.where(zero, torch.ones_like(inv), inv)
     root = (evecs * inv.unsqueeze(-2)) @ evecs.mT
-    return symmetrize(root).to(out_dtype)
+    return symmetrize(root)
 
 
 def inverse_root_newton(

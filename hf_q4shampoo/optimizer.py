@@ -39,12 +39,14 @@ from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .blocking import local_tensor as _local
 from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
+from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
 from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
-from .schedule import refresh_offsets
+from .schedule import refresh_cost, refresh_offsets
+from .sharded_state import is_dtensor, unwrap, wrap
 
 __all__ = ["Q4Shampoo"]
 
@@ -175,7 +177,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         optimizer, never shared with the original)."""
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
-        for name in ("_layout", "_index_cache", "_offset_key", "_offsets", "_warmed_orders"):
+        for name in ("_layout", "_index_cache", "_offset_key", "_offsets", "_warmed_orders", "_split", "_owner_key",
+                     "_owner_by_id", "_consolidated"):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
         #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
@@ -362,6 +365,64 @@ class Q4Shampoo(torch.optim.Optimizer):
             self._offsets = refresh_offsets(params, self.block_plan, spreads)
         return self._offsets
 
+    # ---- several ranks (DDP): distributed.py ---------------------------------------------------
+    def _ddp_split(self) -> DdpSplit | None:
+        """The ranks sharing the preconditioner work, or None (one process, FSDP2, ``shard_preconditioners``
+        off). Decided once, at the first step (or ``load_state_dict``), from the process group then."""
+        if "_split" not in self.__dict__:
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._split = split_for(self.config.shard_preconditioners, params)
+        return self._split
+
+    def _owners(self) -> dict[int, int]:
+        """The owner rank of every matrix parameter, by id (``distributed.assign_owners``; the same on every
+        rank: it depends only on the parameters' shapes and order)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(id(p) for p in params)
+        if self.__dict__.get("_owner_key") != key:
+            offsets = self._refresh_offsets()
+            matrices = [p for p in params if id(p) in offsets]
+            units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in matrices]
+            owners = assign_owners(units, self._ddp_split().world_size)
+            self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(matrices, owners)}
+        return self._owner_by_id
+
+    def distributed_info(self) -> dict[str, Any] | None:
+        """Under DDP with the work split (``shard_preconditioners``): this rank, the world size, how many
+        matrices each rank owns and what the root exchanges moved so far (``ExchangeCounters``); else None."""
+        split = self._ddp_split()
+        if split is None:
+            return None
+        owned = [0] * split.world_size
+        for owner in self._owners().values():
+            owned[owner] += 1
+        return {"rank": split.rank, "world_size": split.world_size, "matrices_per_rank": owned,
+                **split.counters.as_dict()}
+
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Gather every rank's share of the state so that the next :meth:`state_dict` on rank ``to`` (every
+        rank if None) returns the whole state, as one process would have it.
+
+        A collective under DDP with the work split: every rank must call it (``Q4ShampooTrainer`` does before
+        it saves ``optimizer.pt``); elsewhere it does nothing. The whole state is the single-process one, so
+        it loads into any world size (each rank keeps its share) or into a single process. The gathered copy
+        lives on the CPU of rank ``to`` and is handed out once.
+        """
+        split = self._ddp_split()
+        if split is None:
+            return
+        sd = self._plain_state_dict()
+        owners = self._owners()
+        params = [p for g in self.param_groups for p in g["params"]]
+        theirs = [index for index, p in enumerate(params) if owners.get(id(p)) not in (None, to)]
+        owned = {i: _to_cpu(sd["state"][i]) for i in theirs if owners[id(params[i])] == split.rank and i in sd["state"]}
+        gathered = split.gather_states(owned, to)
+        if gathered is None:
+            return
+        for share in gathered:
+            sd["state"].update(share)
+        self._consolidated = sd
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
         cfg = self.config
@@ -383,6 +444,9 @@ class Q4Shampoo(torch.optim.Optimizer):
                 regions.append(sides)
             state["regions"] = regions
             state["refresh_offset"], state["root_offset"] = self._refresh_offsets().get(id(p), (0, 0))
+            split = self._ddp_split()
+            if split is not None and self._owners().get(id(p), split.rank) != split.rank:
+                strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
 
     def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
         """Decode roots of a new order once now, so its compilation (accelerators only: the Triton decoder,
@@ -445,6 +509,8 @@ class Q4Shampoo(torch.optim.Optimizer):
                 b.stats_due = [i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])]
                 b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
                 b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
+        split = self._ddp_split()
+        shared = _keep_owned_work(batches, split.rank) if split is not None else []
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -454,6 +520,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         if any(b.roots_due for b in batches):
             with self._stage("roots"):
                 self._refresh_roots(batches)
+        if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots
+            with self._stage("roots_exchange"):
+                split.exchange_roots(shared)
         for b in batches:
             self._step_batch(b)
         return loss
@@ -465,7 +534,11 @@ class Q4Shampoo(torch.optim.Optimizer):
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
-            layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key)
+            owners = None
+            if self._ddp_split() is not None:
+                by_id = self._owners()
+                owners = [by_id.get(id(p)) for _, p, _ in members]
+            layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key, owners)
             for bucket in layout.buckets:
                 self._precompile(self._form(bucket.device), bucket)
             if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
@@ -700,12 +773,50 @@ class Q4Shampoo(torch.optim.Optimizer):
     # state dict
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the config (``q4shampoo_config``).
+
+        Under DDP with the work split, each rank holds the statistics of its share of the matrices only: the
+        state dict is then this rank's share, marked ``q4shampoo_shard: {"rank", "world_size"}`` (it loads
+        only into the same rank of the same world size), unless :meth:`consolidate_state_dict` ran just before
+        on every rank, in which case rank ``to`` gets the whole, world-size-independent state once.
+        """
+        consolidated = self.__dict__.pop("_consolidated", None)
+        if consolidated is not None:
+            return consolidated
+        sd = self._plain_state_dict()
+        split = self._ddp_split() if any(self.state.values()) else None
+        if split is not None:
+            sd["q4shampoo_shard"] = {"rank": split.rank, "world_size": split.world_size}
+            if not self.__dict__.get("_warned_share"):
+                self._warned_share = True
+                warnings.warn(_SHARE_WARNING, stacklevel=2)
+        return sd
+
+    def _plain_state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         # The per-parameter state tensors are views of the layout's stacked buffers: give the checkpoint
         # independent tensors (a view would serialise its whole buffer under some checkpoint writers).
         sd["state"] = {index: _detach_views(value) for index, value in sd["state"].items()}
         sd["q4shampoo_config"] = self.config.to_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            # FSDP2: each rank's state is its shard's, as DTensors that distributed checkpoints keep per rank
+            # (sharded_state.py); and the config also rides in the groups, which get_optimizer_state_dict keeps
+            # (it drops other top-level keys)
+            for index, value in sd["state"].items():
+                if is_dtensor(params[index]):
+                    p = params[index]
+                    sd["state"][index] = wrap(value, p, lambda shape, p=p: self._meta_state(shape, p.dtype),
+                                              _param_name(self, index))
+            for group in sd["param_groups"]:
+                group["q4shampoo_config"] = sd["q4shampoo_config"]
         return sd
+
+    def _meta_state(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The state this optimizer creates for a (local) parameter of ``shape``, on the meta device."""
+        state: dict[str, Any] = {}
+        self._init_state(torch.empty(shape, dtype=dtype, device="meta"), state)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping every state tensor's saved dtype (uint8 codes stay uint8).
@@ -726,22 +837,60 @@ class Q4Shampoo(torch.optim.Optimizer):
         * one whose saved state does not fit a parameter's shape (parameters in another order, or another
           model): the message names the parameter.
         """
+        state_dict = self._from_sharded_form(state_dict)
         saved_cfg = state_dict.get("q4shampoo_config")
         if not isinstance(saved_cfg, Mapping):
             raise ConfigError(_foreign_state_message(state_dict))
         self._check_saved_options(saved_cfg)
+        split = self._ddp_split()
+        share = state_dict.get("q4shampoo_shard")
+        if share is not None:
+            _check_share(share, split)
         saved_state = state_dict["state"]
-        self._check_saved_shapes(state_dict)
-        inner = {k: v for k, v in state_dict.items() if k != "q4shampoo_config"}
+        self._check_saved_shapes(state_dict, split if share is not None else None)
+        inner = {k: v for k, v in state_dict.items() if k not in ("q4shampoo_config", "q4shampoo_shard")}
         super().load_state_dict(inner)
         params = [p for group in self.param_groups for p in group["params"]]
+        owners = self._owners() if split is not None else {}
         for index, p in enumerate(params):
             if index in saved_state:
                 device = _local(p).device
                 self.state[p] = _restore(saved_state[index], device)
                 _add_missing_keys(self.state[p], device)
+                if split is not None and owners.get(id(p), split.rank) != split.rank:
+                    strip_statistics(self.state[p])  # the whole state: keep this rank's share (re-sharding)
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
+
+    def _from_sharded_form(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """A state dict as ``set_optimizer_state_dict`` hands it over under FSDP2, in the plain form.
+
+        There the state is keyed by parameter names (matched to parameters by position in the groups, as
+        torch's ``load_state_dict`` does): keyed here by position instead; the config comes from the groups;
+        and each DTensor-wrapped state is cut back to this rank's shard (sharded_state.py).
+        """
+        out = dict(state_dict)
+        groups = out.get("param_groups")
+        if not (isinstance(groups, list) and all(isinstance(g, Mapping) and "params" in g for g in groups)):
+            return out  # torch's own checks name what is wrong
+        if groups and "q4shampoo_config" in groups[0]:
+            out.setdefault("q4shampoo_config", groups[0]["q4shampoo_config"])
+        saved_ids = [pid for g in groups for pid in g["params"]]
+        out["param_groups"], start = [], 0
+        for g in groups:
+            ids = list(range(start, start + len(g["params"])))
+            out["param_groups"].append({**{k: v for k, v in g.items() if k != "q4shampoo_config"}, "params": ids})
+            start += len(ids)
+        state = out.get("state")
+        if isinstance(state, Mapping) and saved_ids != list(range(len(saved_ids))):
+            state = {pos: state[pid] for pos, pid in enumerate(saved_ids) if pid in state}
+        if isinstance(state, Mapping):
+            params = [p for g in self.param_groups for p in g["params"]]
+            out["state"] = {
+                pos: unwrap(value, self._meta_state(tuple(_local(params[pos]).shape), params[pos].dtype))
+                if isinstance(pos, int) and pos < len(params) and is_dtensor(params[pos]) else value
+                for pos, value in state.items()}
+        return out
 
     def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint made with other values of the options that decide how state is read (a key
@@ -756,9 +905,10 @@ class Q4Shampoo(torch.optim.Optimizer):
                 f"({detail}); construct the optimizer with the saved values to resume."
             )
 
-    def _check_saved_shapes(self, state_dict: Mapping[str, Any]) -> None:
+    def _check_saved_shapes(self, state_dict: Mapping[str, Any], share_of: DdpSplit | None = None) -> None:
         """Compare each saved parameter state with the state this optimizer would create for the parameter
-        it will be loaded into (built on the meta device: no memory), naming the first that does not fit."""
+        it will be loaded into (built on the meta device: no memory), naming the first that does not fit.
+        ``share_of``: the state is this rank's share (parameters owned elsewhere have roots only)."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
                 len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
@@ -772,6 +922,8 @@ class Q4Shampoo(torch.optim.Optimizer):
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
+                if share_of is not None and self._owners().get(id(p), share_of.rank) != share_of.rank:
+                    strip_statistics(expected)
                 saved = dict(saved_state[saved_id])
                 _add_missing_keys(saved, torch.device("meta"))
                 problem = _state_mismatch(saved, expected, "")
@@ -782,6 +934,61 @@ class Q4Shampoo(torch.optim.Optimizer):
                         f"it: {problem}. The checkpoint's parameters are in another order or have other shapes; "
                         "load it into an optimizer over the same parameters, in the same order."
                     )
+
+
+_SHARE_WARNING = (
+    "Q4Shampoo: under DDP each rank keeps the statistics of its share of the matrices (shard_preconditioners), so "
+    "this state_dict() holds this rank's share only and loads only into the same rank of the same world size. "
+    "For a checkpoint that resumes, call optimizer.consolidate_state_dict() on every rank first (Q4ShampooTrainer "
+    "does it before saving optimizer.pt), or set shard_preconditioners=false.")
+
+
+def _param_name(opt: Q4Shampoo, index: int) -> str:
+    """The name of parameter ``index`` (position over all groups) for messages, as its group knows it."""
+    for group in opt.param_groups:
+        if index < len(group["params"]):
+            names = group.get("param_names")
+            return repr(names[index]) if names else f"#{index}"
+        index -= len(group["params"])
+    return f"#{index}"
+
+
+def _check_share(share: Mapping[str, Any], split: DdpSplit | None) -> None:
+    """Refuse a state dict that holds another rank's share (or a share from another world size)."""
+    rank, world = share.get("rank"), share.get("world_size")
+    here_rank, here_world = (split.rank, split.world_size) if split is not None else (0, 1)
+    if split is not None and (rank, world) == (here_rank, here_world):
+        return
+    raise ConfigError(
+        f"Q4Shampoo: this optimizer state holds only rank {rank}'s share of the statistics (saved with world size "
+        f"{world}), but it is being loaded into rank {here_rank} of world size {here_world}. A share resumes only "
+        "on the same rank of the same world size. Save the whole state instead (optimizer.consolidate_state_dict() "
+        "on every rank before state_dict(); Q4ShampooTrainer does this), which loads into any world size.")
+
+
+def _keep_owned_work(batches: list[_Batch], rank: int) -> list[tuple[ShapeGroup, list[int]]]:
+    """Under DDP with the work split: drop the statistics and root work of matrices owned by other ranks from
+    ``batches`` and return every rank's due roots (``(group, members)``, in the layout's order), which the
+    owners then all-gather."""
+    shared = []
+    for b in batches:
+        if b.group.owner is None:
+            continue
+        if b.roots_due:
+            shared.append((b.group, [b.members[i] for i in b.roots_due]))
+        if b.group.owner != rank:
+            b.stats_due, b.roots_due = [], []
+    return shared
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def _foreign_state_message(state_dict: Any) -> str:
@@ -844,7 +1051,7 @@ def _warm_refresh(form: PreconditionerForm, bucket: FactorBucket) -> None:
     in docs/perf_notes.md v9. The copy is discarded.
     """
     key = (bucket.device, bucket.order, form.name)
-    if bucket.device.type != "cuda" or key in _WARMED:
+    if bucket.device.type != "cuda" or key in _WARMED or all(is_root_key(k) for k in bucket.storage):
         return
     _WARMED.add(key)
     sample = {k: v[:1].clone() for k, v in bucket.storage.items()}

@@ -136,7 +136,7 @@ def test_usage_errors(tmp_path, capsys):
 @pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
-    # DDP on two CPU processes (gloo): every rank runs the launcher, state is replicated, ranks agree
+    # DDP on two CPU processes (gloo): every rank runs the launcher, the preconditioner work is split, ranks agree
     out = str(tmp_path)
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "hf_q4shampoo.launcher", SCRIPT,
                "--output_dir", out, *TRAIN[:-4], "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]

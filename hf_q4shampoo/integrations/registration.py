@@ -151,7 +151,53 @@ def make_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4
     """
     del model  # Q4Shampoo needs no model: the Trainer's parameter groups carry everything
     check_supported_setup(args)
-    return Q4Shampoo, _q4shampoo_kwargs(args)
+    kwargs = _q4shampoo_kwargs(args)
+    if getattr(args, "world_size", 1) > 1:
+        _consolidate_before_save()
+    return Q4Shampoo, kwargs
+
+
+#: attribute of the wrapped ``Trainer._save_optimizer_and_scheduler``
+_SAVE_MARK = "_q4shampoo_consolidates"
+
+
+def consolidate_for_save(trainer: Any) -> None:
+    """Gather a DDP-split Q4Shampoo's shares into the ranks that write ``optimizer.pt`` (a collective: every
+    rank must call it; ``Trainer._save_optimizer_and_scheduler`` is reached by every rank). Else nothing."""
+    from ..memory import unwrap_optimizer
+
+    optimizer = unwrap_optimizer(getattr(trainer, "optimizer", None))
+    if isinstance(optimizer, Q4Shampoo) and optimizer.distributed_info() is not None:
+        optimizer.consolidate_state_dict(to=None if trainer.args.save_on_each_node else 0)
+
+
+def saves_consolidated() -> bool:
+    """Whether the stock ``Trainer`` already gathers Q4Shampoo's shares before saving (see below)."""
+    import sys
+
+    trainer = sys.modules.get("transformers.trainer")
+    method = getattr(getattr(trainer, "Trainer", None), "_save_optimizer_and_scheduler", None)
+    return bool(getattr(method, _SAVE_MARK, False))
+
+
+def _consolidate_before_save() -> None:
+    """Wrap ``Trainer._save_optimizer_and_scheduler`` once, so that under DDP the stock Trainer writes Q4Shampoo's
+    whole state into ``optimizer.pt``, not rank 0's share (``shard_preconditioners``; the Trainer saves the
+    optimizer state of the saving rank only). Done when a multi-process run builds the optimizer, when
+    ``transformers.trainer`` is loaded anyway; additive: other optimizers pass straight through."""
+    from transformers import Trainer
+
+    original = Trainer._save_optimizer_and_scheduler
+    if getattr(original, _SAVE_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def save(self: Any, output_dir: str) -> None:
+        consolidate_for_save(self)
+        original(self, output_dir)
+
+    setattr(save, _SAVE_MARK, True)
+    Trainer._save_optimizer_and_scheduler = save
 
 
 def _q4shampoo_kwargs(args: Any) -> dict[str, Any]:

@@ -35,9 +35,11 @@ from .registration import (
     UnsupportedSetupError,
     check_optim_args,
     check_supported_setup,
+    consolidate_for_save,
     is_q4shampoo_optim,
     make_optimizer_cls_and_kwargs,
     register,
+    saves_consolidated,
 )
 
 __all__ = [
@@ -114,9 +116,10 @@ class Q4ShampooTrainerMixin:
     """Dispatches ``args.optim == "q4shampoo"`` to :class:`~hf_q4shampoo.Q4Shampoo` in any ``Trainer`` subclass.
 
     Place it before the Trainer class in the bases: ``class MyTrainer(Q4ShampooTrainerMixin, Trainer)``.
-    It overrides only the staticmethod ``get_optimizer_cls_and_kwargs`` (the supported customisation hook)
-    and checks ``optim_args`` and the distributed setup when the trainer is built, so mistakes surface
-    before training. Other mixins (e.g. the memory report) can sit beside it in the bases.
+    It overrides the staticmethod ``get_optimizer_cls_and_kwargs`` (the supported customisation hook), checks
+    ``optim_args`` and the distributed setup when the trainer is built, so mistakes surface before training,
+    and, under DDP, gathers Q4Shampoo's state before a checkpoint (``_save_optimizer_and_scheduler``). Other
+    mixins (e.g. the memory report) can sit beside it in the bases.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -136,6 +139,20 @@ class Q4ShampooTrainerMixin:
         optimizer = unwrap_optimizer(getattr(self, "optimizer", None))
         if isinstance(optimizer, Q4Shampoo) and optimizer.config.total_steps is None and num_training_steps > 0:
             optimizer.set_total_steps(num_training_steps)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's, after gathering Q4Shampoo's state into the ranks that write ``optimizer.pt``.
+
+        Under DDP each rank keeps the statistics of its share of the matrices (``shard_preconditioners``), but
+        the Trainer writes the optimizer state of the saving rank only (rank 0, or each node's first rank with
+        ``save_on_each_node``). Every rank reaches this method, so the shares are gathered here (a collective)
+        and ``optimizer.pt`` holds the whole, world-size-independent state: resuming loads it on every rank
+        (each keeps its share), on any number of ranks. (With registration, the stock Trainer's method does the
+        same, and then this one leaves it to it.)
+        """
+        if not saves_consolidated():
+            consolidate_for_save(self)
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:

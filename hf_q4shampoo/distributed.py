@@ -1,0 +1,232 @@
+"""Q4Shampoo under DDP: the ranks share the preconditioner work and memory, and exchange 4-bit roots.
+
+Under plain DDP every rank sees the same all-reduced gradient, so without this module every rank would keep
+every statistic and compute every root: more GPUs would add no optimizer throughput and save no optimizer
+memory. Here each matrix parameter gets one *owner* rank (:func:`assign_owners`, balanced by refresh cost and
+the same on every rank). Only the owner keeps the parameter's statistics and error feedback, updates them and
+computes its inverse roots; when roots are refreshed, the owners all-gather the new 4-bit root codes, block
+scales and fp32 diagonals (:meth:`DdpSplit.exchange_roots`), and every rank applies every root itself.
+
+Why roots and not directions (Distributed Shampoo all-gathers the preconditioned directions every step): a
+stored root is ~0.5 byte per factor entry and changes every ``root_freq`` steps, while a direction is 2-4 bytes
+per parameter every step. The price is that every rank still applies every root (``L^ G R^``) and runs the
+first-order step; those stay replicated, as do the first-order moments (the step needs them for every
+parameter, and splitting them would mean all-gathering the updated parameters every step, as ZeRO-1 does).
+
+What stays exact: the owner runs the single-process code on the same gradient, the roots travel bit for bit,
+and every rank forms the same shape groups (split by owner, ``layout.py``), so replicas stay bitwise equal. Against
+one process the statistics are bitwise equal; a root computed in another batch of factors than one process would
+use can differ in its last bits (seen on CPU, in a few roots; tests/test_distributed.py compares with a tolerance
+far below what a wrong or missing root changes).
+The refresh schedule and its offsets are the single-process ones, so a state saved from any world size is
+the single-process state (:meth:`DdpSplit.gather_states` assembles it for a checkpoint) and loads on any
+world size.
+
+Collectives: one ``all_gather`` of a uint8 buffer on steps where some root is refreshed (never on other
+steps), and object gathers when a checkpoint is consolidated. Nothing here reads a device value on the host:
+every size is known from shapes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .layout import FactorBucket, IndexCache, ShapeGroup
+
+__all__ = ["DdpSplit", "assign_owners", "split_for", "is_root_key", "strip_statistics", "ExchangeCounters"]
+
+#: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
+_ALIGN = 8
+
+
+def is_root_key(key: str) -> bool:
+    """Whether a side-state key belongs to the stored inverse root (kept and applied by every rank)."""
+    return key.startswith("root")
+
+
+def strip_statistics(state: dict[str, Any]) -> None:
+    """Drop the statistics and error feedback of a parameter's side states, keeping its roots (in place)."""
+    for sides in state.get("regions", []):
+        for name, side in list(sides.items()):
+            sides[name] = {k: v for k, v in side.items() if is_root_key(k)}
+
+
+def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> list[int]:
+    """The owner rank of each matrix parameter.
+
+    ``units``: ``(refresh cost, statistics offset, root offset)`` per matrix parameter, in the optimizer's
+    order (``schedule.refresh_cost`` and ``schedule.refresh_offsets``). Greedy, most expensive first: a
+    parameter goes to the rank with the least work in total plus at the steps where it is refreshed (its
+    statistics and root offsets), then the least in total, then the lowest rank. Ranks wait for each other
+    at every DDP step, so the work of each step is balanced too, not only the total (memory, mean time).
+    Depends only on ``units``: every rank computes the same owners.
+    """
+    total = [0] * world_size
+    at_step: dict[tuple[int, str, int], int] = defaultdict(int)
+    owners = [0] * len(units)
+    for i in sorted(range(len(units)), key=lambda i: (-units[i][0], i)):
+        cost, stats_offset, root_offset = units[i]
+        rank = min(range(world_size), key=lambda r: (
+            total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r))
+        owners[i] = rank
+        total[rank] += cost
+        at_step[rank, "s", stats_offset] += cost
+        at_step[rank, "r", root_offset] += cost
+    return owners
+
+
+@dataclass
+class ExchangeCounters:
+    """What the root exchanges moved so far (host numbers, known from shapes: no device sync)."""
+
+    #: all-gathers run (one per step on which some root was refreshed)
+    exchanges: int = 0
+    #: root bytes the owners contributed, summed over ranks (what a perfectly packed exchange would move)
+    payload_bytes: int = 0
+    #: bytes each rank received from the others (the padded all-gather: (world size - 1) x the largest share)
+    received_bytes: int = 0
+    #: consolidations of a checkpoint (``consolidate_state_dict``) and the bytes they gathered
+    consolidations: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Section:
+    """The rows of one factor order that one owner sends in one exchange, and where they live on this rank."""
+
+    bucket: FactorBucket
+    rows: list[int] = field(default_factory=list)
+
+
+class DdpSplit:
+    """The ranks of a DDP process group sharing Q4Shampoo's preconditioner work (see the module docstring)."""
+
+    def __init__(self, group: Any = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.counters = ExchangeCounters()
+        # row indices on the device, made once per pattern (a list copied to an accelerator makes the host wait)
+        self._index = IndexCache()
+
+    # ---- roots ---------------------------------------------------------------------------------
+    def exchange_roots(self, due: Sequence[tuple[ShapeGroup, list[int]]]) -> None:
+        """All-gather the roots refreshed this step, from their owners into every rank's buckets.
+
+        ``due``: ``(shape group, members)`` whose roots were due this step, for every owner, in the layout's
+        order (the same list on every rank). The owners have already refreshed their rows; each piece travels
+        as raw bytes (4-bit codes, fp32 scales and diagonals), so receivers hold exactly the owner's values.
+        """
+        sections = self._sections(due)
+        sizes = [self._payload_bytes(sections.get(r, {})) for r in range(self.world_size)]
+        largest = max(sizes)
+        if largest == 0:
+            return
+        mine = sections.get(self.rank, {})
+        device = next(iter(mine.values())).bucket.device if mine else self._device(sections)
+        send = self._pack(mine, largest, device)
+        received = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        dist.all_gather(received, send, group=self.group)
+        for owner, buffer in enumerate(received):
+            if owner != self.rank:
+                self._unpack(sections.get(owner, {}), buffer)
+        self.counters.exchanges += 1
+        self.counters.payload_bytes += sum(sizes)
+        self.counters.received_bytes += largest * (self.world_size - 1)
+
+    def _sections(self, due: Sequence[tuple[ShapeGroup, list[int]]]) -> dict[int, dict[int, _Section]]:
+        """owner -> factor order -> the rows (in this rank's bucket of that order) sent in this exchange."""
+        out: dict[int, dict[int, _Section]] = defaultdict(dict)
+        for group, members in due:
+            for slot in group.slots:
+                section = out[group.owner].setdefault(slot.bucket.order, _Section(slot.bucket))
+                if section.bucket is not slot.bucket:  # pragma: no cover - buckets are keyed by order and keys
+                    raise RuntimeError("Q4Shampoo: one owner's factors of one order lie in two buckets")
+                section.rows.extend(r for m in members for r in slot.member_rows(m))
+        return {owner: dict(sorted(by_order.items())) for owner, by_order in out.items()}
+
+    @staticmethod
+    def _pieces(section: _Section) -> list[tuple[str, int]]:
+        """``(root key, bytes)`` of a section, in the order they travel (every rank computes the same)."""
+        storage = section.bucket.storage
+        out = []
+        for key in sorted(k for k in storage if is_root_key(k)):
+            row = storage[key][0]
+            out.append((key, _aligned(len(section.rows) * row.numel() * row.element_size())))
+        return out
+
+    def _payload_bytes(self, sections: dict[int, _Section]) -> int:
+        return sum(nbytes for section in sections.values() for _, nbytes in self._pieces(section))
+
+    def _device(self, sections: dict[int, dict[int, _Section]]) -> torch.device:
+        for by_order in sections.values():
+            for section in by_order.values():
+                return section.bucket.device
+        raise AssertionError("no section")  # pragma: no cover
+
+    def _pack(self, sections: dict[int, _Section], size: int, device: torch.device) -> torch.Tensor:
+        parts = []
+        for section in sections.values():
+            index = self._index(section.rows, device)
+            for key, nbytes in self._pieces(section):
+                raw = section.bucket.storage[key].index_select(0, index).reshape(-1).view(torch.uint8)
+                parts.append(raw)
+                if nbytes > raw.numel():
+                    parts.append(torch.zeros(nbytes - raw.numel(), dtype=torch.uint8, device=device))
+        used = sum(p.numel() for p in parts)
+        if size > used:
+            parts.append(torch.zeros(size - used, dtype=torch.uint8, device=device))
+        return torch.cat(parts) if parts else torch.zeros(size, dtype=torch.uint8, device=device)
+
+    def _unpack(self, sections: dict[int, _Section], buffer: torch.Tensor) -> None:
+        offset = 0
+        for section in sections.values():
+            storage = section.bucket.storage
+            index = self._index(section.rows, buffer.device)
+            for key, nbytes in self._pieces(section):
+                target = storage[key]
+                count = len(section.rows) * target[0].numel() * target.element_size()
+                values = buffer[offset : offset + count].view(target.dtype)
+                target.index_copy_(0, index, values.reshape(len(section.rows), *target.shape[1:]))
+                offset += nbytes
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def gather_states(self, owned: dict[int, Any], to: int | None) -> list[dict[int, Any]] | None:
+        """Every rank's ``owned`` states (CPU tensors; keyed by parameter position), on rank ``to`` (None: on
+        every rank). A collective: every rank of the group must call it."""
+        self.counters.consolidations += 1
+        if to is None:
+            out: list[Any] = [None] * self.world_size
+            dist.all_gather_object(out, owned, group=self.group)
+            return out
+        out = [None] * self.world_size if self.rank == to else None
+        dist.gather_object(owned, out, dst=dist.get_global_rank(self.group, to) if self.group else to,
+                           group=self.group)
+        return out
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def split_for(enabled: bool, params: Sequence[torch.Tensor]) -> DdpSplit | None:
+    """The split of the default process group, if it applies: ``enabled`` (``shard_preconditioners``),
+    ``torch.distributed`` initialised with more than one rank, and no parameter is a DTensor (FSDP2 shards the
+    parameters themselves; each rank then preconditions its own shard)."""
+    if not enabled or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    if any(_is_dtensor(p) for p in params):
+        return None
+    return DdpSplit()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")

@@ -1,0 +1,288 @@
+"""Q4Shampoo under DDP with the preconditioner work split among ranks (distributed.py, issue 16).
+
+The multi-process tests run tests/ddp_worker.py on 2 and then 4 CPU processes (gloo): the second run resumes
+from the first one's whole state at the half-way step, on the other world size.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import ddp_worker
+import pytest
+import torch
+from ddp_worker import FORMS, HALF, OPTIONS, make_params
+
+from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
+from hf_q4shampoo.distributed import assign_owners, is_root_key, strip_statistics
+
+from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
+
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+# ---- in one process -----------------------------------------------------------------------------
+
+
+def test_assign_owners_balances_work_and_is_deterministic():
+    units = [(1000, 0, 0)] + [(100, i % 3, i % 5) for i in range(30)] + [(7, 1, 1)] * 5
+    for world in (2, 3, 4):
+        owners = assign_owners(units, world)
+        assert owners == assign_owners(list(units), world)  # depends only on the units
+        assert set(owners) == set(range(world))
+        load = [sum(u[0] for u, o in zip(units, owners) if o == r) for r in range(world)]
+        ideal = sum(u[0] for u in units) / world
+        # within 20% of an even split (or the largest matrix): the greedy also balances each step's work
+        assert max(load) <= max(ideal * 1.2, 1000), (world, load)
+
+
+def test_assign_owners_spreads_each_steps_refreshes():
+    # eight equal matrices refreshed at two offsets: each rank gets two of each offset, not four of one
+    units = [(10, 0, i % 2) for i in range(8)]
+    owners = assign_owners(units, 2)
+    for offset in (0, 1):
+        assert sorted(o for u, o in zip(units, owners) if u[2] == offset) == [0, 0, 1, 1]
+
+
+def test_strip_statistics_keeps_roots_only():
+    params = make_params()
+    opt = Q4Shampoo(params, **OPTIONS)
+    opt.build_state()
+    state = opt.state[params[0]]
+    strip_statistics(state)
+    for sides in state["regions"]:
+        for side in sides.values():
+            assert side and all(is_root_key(k) for k in side)
+    assert "exp_avg_codes" in state  # first-order moments stay on every rank
+
+
+def test_shard_preconditioners_option_is_validated():
+    assert Q4ShampooConfig().shard_preconditioners is True
+    assert parse_optim_args("shard_preconditioners=false") == {"shard_preconditioners": False}
+    with pytest.raises(ConfigError, match="shard_preconditioners must be true or false, got 'yes please'"):
+        Q4ShampooConfig(shard_preconditioners="yes please")
+    with pytest.raises(ConfigError, match=r"shard_preconditioners='maybe' is not true or false"):
+        parse_optim_args("shard_preconditioners=maybe")
+
+
+def test_single_process_is_not_split(tmp_path):
+    params = make_params()
+    opt = Q4Shampoo(params, **OPTIONS)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.distributed_info() is None
+    opt.consolidate_state_dict()  # nothing to gather: a no-op
+    sd = opt.state_dict()
+    assert "q4shampoo_shard" not in sd
+    sd["q4shampoo_shard"] = {"rank": 1, "world_size": 4}  # a rank's share, loaded into one process
+    with pytest.raises(ConfigError, match="rank 1's share .* world size 4.* rank 0 of world size 1"):
+        Q4Shampoo(make_params(), **OPTIONS).load_state_dict(sd)
+
+
+# ---- several processes ---------------------------------------------------------------------------
+
+
+def _launch(out, world, resume=None, worker=WORKER, report="report"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_Q4SHAMPOO_AUTO_REGISTER": "0"}
+    extra = [str(resume)] if resume else []
+    procs = [subprocess.Popen([sys.executable, worker, str(out), str(r), str(world), *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+    errors = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        if proc.returncode:
+            errors.append(err[-3000:])
+    assert not errors, "\n".join(errors)
+    return [json.loads((out / f"{report}-rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp2")
+    return out, _launch(out, 2)
+
+
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+def _single_process(form, grads, steps, **overrides):
+    params = make_params()
+    opt = Q4Shampoo(params, precond=form, **{**OPTIONS, **overrides})
+    for step_grads in grads[:steps]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def _flat(value, prefix=""):
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(v, f"{prefix}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _flat(v, f"{prefix}.{i}")
+
+
+def _close(a, b):
+    """Equal up to the last bits of a few eigendecompositions: MKL's eigh (CPU) does not promise bitwise equal
+    results for equal inputs in different batches; a missing or wrong root exchange changes parameters by
+    orders of magnitude more (checked by test_a_missing_root_exchange_would_be_caught)."""
+    return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(a, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
+    out, reports = two_ranks
+    finals = [_load(out / f"{form}-final-rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*finals))  # bitwise equal replicas
+    grads = _load(out / f"{form}-grads.pt")
+    params, opt = _single_process(form, grads, len(grads))
+    assert _close(finals[0], params)
+    # the whole state gathered from both ranks is the single-process state: same keys, same statistics
+    params_half, opt_half = _single_process(form, grads, HALF)
+    whole = dict(_flat(_load(out / f"{form}-half-whole.pt")["state"]))
+    single = dict(_flat(opt_half.state_dict()["state"]))
+    assert whole.keys() == single.keys()
+    statistics = [k for k in whole if not is_root_key(k.rsplit(".", 1)[1]) and ".regions." in k]
+    assert statistics and all(torch.equal(whole[k], single[k]) for k in statistics)
+    # the work was split: both ranks own matrices and exchanged roots on refresh steps only
+    info = reports[0][form]["info"]
+    assert info["world_size"] == 2 and min(info["matrices_per_rank"]) >= 3
+    refresh_steps = len({s for s in range(1, len(grads) + 1) if any(
+        (s - o) > 0 and (s - o) % OPTIONS["root_freq"] == 0 for o in range(OPTIONS["refresh_spread"]))})
+    assert 0 < info["exchanges"] <= refresh_steps
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_statistics_bytes_per_rank_are_about_half(two_ranks, form):
+    out, reports = two_ranks
+    grads = _load(out / f"{form}-grads.pt")
+    params, opt = _single_process(form, grads, 2)
+
+    def split_bytes(per_param):
+        return sum(d.get("statistics", 0) + d.get("error_feedback", 0) for d in per_param)
+
+    single = split_bytes(opt.state_bytes(p) for p in params)
+    per_rank = [split_bytes(r[form]["bytes"]) for r in reports]
+    assert sum(per_rank) == single  # every statistic is held exactly once
+    assert max(per_rank) <= 0.6 * single, (per_rank, single)
+    roots = [sum(d.get("roots", 0) for d in r[form]["bytes"]) for r in reports]
+    assert roots[0] == roots[1] == sum(opt.state_bytes(p).get("roots", 0) for p in params)  # every rank: all roots
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_resume_at_the_same_world_size_is_exact(two_ranks, form):
+    out, _ = two_ranks
+    final = _load(out / f"{form}-final-rank0.pt")
+    for source in ("share", "whole"):
+        for rank in (0, 1):
+            resumed = _load(out / f"{form}-resumed-{source}-rank{rank}.pt")
+            assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
+
+
+def test_resume_on_four_ranks_reshards_the_whole_state(two_ranks, tmp_path):
+    out2, _ = two_ranks
+    reports = _launch(tmp_path, 4, resume=out2)
+    for form in FORMS:
+        finals = [_load(tmp_path / f"{form}-final-rank{r}.pt") for r in range(4)]
+        assert all(torch.equal(a, b) for f in finals[1:] for a, b in zip(finals[0], f))
+        # the single-process run on the 2-rank gradients to the half, then on the 4-rank ones
+        grads = _load(out2 / f"{form}-grads.pt")[:HALF] + _load(tmp_path / f"{form}-grads.pt")
+        assert len(grads) == ddp_worker.STEPS
+        params, _ = _single_process(form, grads, len(grads))
+        assert _close(finals[0], params)
+        assert reports[0][form]["info"]["world_size"] == 4
+        # a share of the 2-rank run cannot be loaded on 4 ranks: the message names both
+        message = reports[1][form + "-share-error"]
+        assert message and "rank 1's share" in message and "world size 2" in message and "world size 4" in message
+
+
+def test_a_missing_root_exchange_would_be_caught(two_ranks):
+    # the tolerance of _close is far below what a rank applying stale roots would change: here the extreme,
+    # roots that stay the identity (never refreshed), against the run that refreshes them
+    out, _ = two_ranks
+    grads = _load(out / "cholesky_ef-grads.pt")
+    params, _ = _single_process("cholesky_ef", grads, len(grads))
+    stale, _ = _single_process("cholesky_ef", grads, len(grads), root_freq=1000)
+    assert not _close(params, stale)
+
+
+# ---- FSDP2: distributed checkpoints -----------------------------------------------------------------
+
+
+def test_fsdp2_dcp_and_full_state_checkpoints_resume_bitwise(tmp_path):
+    # FSDP2 runs on CPU with gloo in torch 2.13: this test needs no GPU. One layer's rows split unevenly, so
+    # the two ranks' states differ in shape; rank 0's state loaded on rank 1 (what plain tensors give under
+    # DCP) fails or resumes elsewhere.
+    reports = _launch(tmp_path, 2, worker=os.path.join(os.path.dirname(__file__), "fsdp2_worker.py"), report="fsdp2")
+    for report in reports:
+        assert report["ranks_differ"]  # each rank preconditions its own shard: its state is its own
+        assert report["dcp"] == report["uninterrupted"]  # get_optimizer_state_dict + dcp.save / dcp.load
+        assert report["full"] == report["uninterrupted"]  # full_state_dict=True (the Trainer's FULL_STATE_DICT)
+
+
+# ---- through the Trainer --------------------------------------------------------------------------
+
+TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")
+
+
+def _torchrun(args, log):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "hf_q4shampoo.launcher", TRAINER_SCRIPT, *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.heavy
+def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
+    # the stock Trainer (an unmodified script through the launcher): registration makes it gather the ranks'
+    # shares into optimizer.pt; the resumed run ends where the uninterrupted one did, on both ranks
+    common = ["--optim", "q4shampoo", "--optim_args", "update_freq=1,root_freq=2,min_quant_numel=256", "--use_cpu",
+              "true", "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+              "--disable_tqdm", "true", "--max_steps", "8", "--seed", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(["--output_dir", str(a), *common, "--save_strategy", "steps", "--save_steps", "4"], tmp_path / "a.log")
+    saved = torch.load(a / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert "q4shampoo_shard" not in saved  # the whole state, not rank 0's share
+    sides = [side for s in saved["state"].values() for sides in s.get("regions", []) for side in sides.values()]
+    assert sides and all("factor_codes" in side for side in sides)
+    _torchrun(["--output_dir", str(b), *common, "--save_strategy", "no", "--resume_from_checkpoint",
+               str(a / "checkpoint-4")], tmp_path / "b.log")
+    results = [json.loads((run / f"result-rank{r}.json").read_text()) for run in (a, b) for r in (0, 1)]
+    assert len({r["param_checksum"] for r in results}) == 1
+    assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
+
+
+@pytest.mark.heavy
+def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
+    # benchmarks/multi_gpu_bench.py --tiny under torchrun with gloo: the script the GPU numbers come from
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "benchmarks", "multi_gpu_bench.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", bench, "--tiny",
+               "--out", str(tmp_path), "--optimizers", "adamw,q4shampoo"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "multi_gpu_ddp_ws2.json").read_text())
+    assert ddp["replicas_bitwise_equal"] == {"adamw": True, "q4shampoo": True}
+    q4 = [next(r for r in rank if r["optimizer"] == "q4shampoo") for rank in ddp["ranks"]]
+    comm = q4[0]["communication"]
+    assert comm["exchanges"] > 0 and comm["received_bytes_per_step"] > 0 and "roots_exchange" in q4[0]["stages"]
+    assert all(r["state_bytes"]["statistics"] > 0 for r in q4)
+    fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
+    assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])
