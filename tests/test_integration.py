@@ -130,7 +130,7 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
     assert out["stock_parser_exit"] == 2  # argparse: invalid choice (guards against upstream changes)
     assert "is not a valid OptimizerNames" in out["stock_args_error"]
     assert out["mode"] == "trainer_wrapper"
-    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO", "SPARSE_MFAC"]
+    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO", "SPARSE_MFAC", "Q4ADAMW"]
     assert out["handlers_unchanged"]
     assert out["wrapper_cls"] == "Q4Shampoo" and out["wrapper_update_freq"] == 3
     assert out["sparse_cls"] == "SparseMFAC" and out["sparse_m"] == 7
