@@ -260,7 +260,8 @@ def test_non_finite_gradient_skips_only_that_parameter():
     opt.step()
     ref.step()
     assert torch.equal(params[1], p1)
-    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before.items() if k not in ("step", "skipped_updates"))
+    kept = [k for k in before if k not in ("step", "skipped_updates")]  # the counters do move
+    assert kept and all(torch.equal(opt.state[params[1]][k], before[k]) for k in kept)
     for i in (0, 2, 3, 4):  # the other members of the same shape group, and the other groups, took their step
         assert torch.equal(params[i], clean[i])
         assert all(torch.equal(opt.state[params[i]][k], ref.state[clean[i]][k]) for k in opt.state[params[i]])
