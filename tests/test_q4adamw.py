@@ -312,3 +312,20 @@ def test_config_and_constructor_validation():
         Q4AdamW([{"params": p, "variant": "factor"}])
     with pytest.raises(ConfigError, match="weight_decay must be a number in"):
         Q4AdamW([{"params": p, "weight_decay": -1.0}])
+
+
+def test_bench_runs_q4adamw_beside_adamw_on_a_tiny_gpt2():
+    from hf_q4shampoo.bench import format_table, parse_args, run_benchmark
+
+    args = parse_args(["--optimizers", "adamw,q4adamw,q4adamw_factor", "--n_layer", "1", "--n_embd", "64",
+                       "--n_head", "2", "--vocab", "256", "--batch", "2", "--seq", "16", "--steps", "3", "--warmup",
+                       "1", "--raise_errors"])
+    out = run_benchmark(args)
+    rows = {r["optimizer"]: r for r in out["results"]}
+    assert list(rows) == ["adamw", "q4adamw", "q4adamw_factor"] and not out["skipped"]
+    assert rows["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    # the tiny model's vectors (<= 4096 entries) keep fp32 moments, so these sit above GPT-2 small's 1.04 / 0.54
+    assert 1.0 < rows["q4adamw"]["state_bytes_per_param"] < 1.5  # measured 1.37
+    assert 0.5 < rows["q4adamw_factor"]["state_bytes_per_param"] < rows["q4adamw"]["state_bytes_per_param"]
+    assert all(math.isfinite(r["final_loss"]) and r["median_step_ms_ratio"] > 0 for r in rows.values())
+    assert "q4adamw_factor" in format_table(out)
