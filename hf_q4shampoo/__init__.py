@@ -1,6 +1,6 @@
 """hf_q4shampoo: 4-bit Shampoo for Hugging Face Transformers.
 
-Importing the package registers ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` with transformers (see
+Importing the package registers ``optim="q4shampoo"``, ``"q4adamw"`` and ``"sparse_mfac"`` with transformers (see
 ``integrations/registration.py``; set ``HF_Q4SHAMPOO_AUTO_REGISTER=0`` to skip). Import it before any
 ``HfArgumentParser`` is constructed. ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` and the memory
 report are loaded on first access, which imports ``transformers.Trainer``.
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__",
     "SparseMFAC", "SparseMFACConfig", "parse_sparse_mfac_optim_args",
+    "Q4AdamW", "Q4AdamWConfig", "parse_q4adamw_optim_args",
     "register", "make_optimizer_cls_and_kwargs", "UnsupportedSetupError",
     "Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin",
     "estimate_memory", "MemoryReportCallback", "MemoryReportMixin", "attach_memory_report",
@@ -34,6 +35,9 @@ _SOURCES = {
     "SparseMFAC": ".sparse_mfac",
     "SparseMFACConfig": ".sparse_mfac",
     "parse_sparse_mfac_optim_args": ".sparse_mfac",
+    "Q4AdamW": ".q4adamw",
+    "Q4AdamWConfig": ".q4adamw",
+    "parse_q4adamw_optim_args": ".q4adamw",
     "register": ".integrations.registration",
     "make_optimizer_cls_and_kwargs": ".integrations.registration",
     "UnsupportedSetupError": ".integrations.registration",
@@ -69,6 +73,7 @@ if not _console_script():
     from .estimate import estimate_memory
     from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
     from .optimizer import Q4Shampoo
+    from .q4adamw import Q4AdamW, Q4AdamWConfig, parse_q4adamw_optim_args
     from .sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
 
     if _os.environ.get("HF_Q4SHAMPOO_AUTO_REGISTER", "1").strip().lower() not in ("0", "false", "no", "off"):

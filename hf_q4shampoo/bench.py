@@ -1,6 +1,6 @@
 """Speed and memory benchmark: the same model and batches under several optimizers, in one process.
 
-    python -m hf_q4shampoo.bench [--optimizers adamw,adamw_8bit,adamw_4bit,q4shampoo,shampoo_fp32]
+    python -m hf_q4shampoo.bench [--optimizers adamw,adamw_8bit,adamw_4bit,q4shampoo,shampoo_fp32,q4adamw]
                                  [--n_layer 12 --n_embd 768 --batch 8 --seq 1024] [--steps 220 --warmup 10]
                                  [--optim_args "update_freq=100,root_freq=100"] [--json out.json]
 
@@ -35,6 +35,7 @@ import torch
 from .config import parse_optim_args
 from .memory import optimizer_state_bytes
 from .optimizer import Q4Shampoo
+from .q4adamw import Q4AdamW
 
 __all__ = ["OPTIMIZERS", "run_benchmark", "main"]
 
@@ -74,6 +75,13 @@ def _q4(**fixed):
     return make
 
 
+def _q4adamw(**fixed):
+    def make(groups, lr, _device, _opts):  # Q4Shampoo's --optim_args do not apply
+        return Q4AdamW(groups, lr=lr, **fixed)
+
+    return make
+
+
 #: name -> (factory(groups, lr, device, q4shampoo_options), description)
 OPTIMIZERS: dict[str, tuple[Callable, str]] = {
     "adamw": (_adamw, "torch AdamW (fused on CUDA), fp32 states"),
@@ -84,6 +92,9 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
     "shampoo_fp32": (_q4(precond="fp32", first_order_bits=32), "our fp32 Shampoo (fp32 factors/roots, fp32 Adam)"),
     "q4shampoo_eigen": (_q4(precond="eigen"), "Q4Shampoo precond=eigen"),
     "q4shampoo_naive": (_q4(precond="naive"), "Q4Shampoo precond=naive"),
+    "q4adamw": (_q4adamw(), "Q4AdamW 4bit (paper 3: m B128/DE, v rank-1 zero-free linear)"),
+    "q4adamw_factor": (_q4adamw(variant="factor"), "Q4AdamW factor (paper 3's 4-bit Factor: factored v)"),
+    "q4adamw_linear2": (_q4adamw(m_map="linear2"), "Q4AdamW 4bit with m in Linear-2"),
 }
 
 

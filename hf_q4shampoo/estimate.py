@@ -14,8 +14,9 @@ parameter), as Trainer hands them to the optimizer. A peft model therefore gives
 Rows: ``adamw``, ``adamw_8bit_bnb``, ``adamw_4bit_torchao`` (formulas of those libraries' state layouts, each
 with its source: :mod:`hf_q4shampoo.peers`), ``fp32_shampoo`` (``8 n + 8 sum(k^2)`` per tensor: fp32 Adam ``m``,
 ``v`` plus an fp32 statistic and root per Kronecker factor of order ``k`` in Q4Shampoo's block plan, as
-:func:`hf_q4shampoo.memory.fp32_shampoo_equivalent` defines it) and ``q4shampoo_<precond>`` (exact:
-``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors).
+:func:`hf_q4shampoo.memory.fp32_shampoo_equivalent` defines it), ``q4shampoo_<precond>`` (exact:
+``Q4Shampoo(..., precond=<precond>).build_state()`` on meta tensors) and ``q4adamw_<variant>`` (exact:
+``Q4AdamW(..., variant=<variant>).build_state()``, the other Q4AdamW options at their defaults).
 
 The dtype of the trainable parameters (``dtype=``, default float32, the master weights of mixed
 precision training) only changes the rows whose state follows it: AdamW, and the tensors that the
@@ -53,6 +54,8 @@ from .memory import (
 )
 from .optimizer import Q4Shampoo
 from .peers import HOW, TRAINER_TORCHAO_BLOCK, ShapeKey, adamw_bytes, bnb_8bit_bytes, torchao_4bit_bytes
+from .q4adamw import Q4AdamW
+from .q4adamw_config import VARIANTS as Q4ADAMW_VARIANTS
 from .sparse_mfac import SparseMFAC
 
 __all__ = [
@@ -84,7 +87,7 @@ class EstimateRow:
     total_bytes: int
     bytes_per_param: float
     how: str  # formula and source, or "exact"
-    by_kind: dict[str, int] | None = None  # Q4Shampoo rows only
+    by_kind: dict[str, int] | None = None  # Q4Shampoo and Q4AdamW rows only
     selected: bool = False  # the Q4Shampoo form the given options select
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,13 +151,13 @@ class MemoryEstimate:
             lines.append(f"| {label} | {format_bytes(r.total_bytes)} | {r.bytes_per_param:.2f} | {ratio:.2f}x |")
         if by_kind:
             shampoo = [r for r in self.rows if r.by_kind is not None]
-            lines += ["", "Q4Shampoo state by kind:", ""]
+            lines += ["", "Q4Shampoo / Q4AdamW state by kind:", ""]
             kinds = [k for k in KINDS if any(r.by_kind.get(k, 0) for r in shampoo)] or list(KINDS[:1])
-            lines.append("| precond | " + " | ".join(kinds) + " |")
+            lines.append("| precond / variant | " + " | ".join(kinds) + " |")
             lines.append("|---|" + "---:|" * len(kinds))
             for r in shampoo:
                 cells = " | ".join(format_bytes(r.by_kind[k]) for k in kinds)
-                lines.append(f"| {r.name.removeprefix('q4shampoo_')} | {cells} |")
+                lines.append(f"| {r.name.removeprefix('q4shampoo_')} | {cells} |")  # q4adamw_<variant> as it is
         return "\n".join(lines)
 
     def how_text(self) -> str:
@@ -369,6 +372,9 @@ def estimate_optimizer_state(optimizer: Any) -> MemoryReport:
         config = opt.config
         per_shape = _per_shape_state(groups, lambda pg: Q4Shampoo(pg, config=config), needs_step=False)
         return _report_from_shapes(groups, per_shape, config)
+    if isinstance(opt, Q4AdamW):
+        per_shape = _per_shape_state(groups, lambda pg: Q4AdamW(pg, config=opt.config), needs_step=False)
+        return _report_from_shapes(groups, per_shape, Q4ShampooConfig())
     cls = type(opt)
     kwargs = _ctor_kwargs(cls, opt.defaults)
     groups = [({**hp, **{k: v for k, v in _KERNEL_CHOICES.items() if k in hp}}, census) for hp, census in groups]
@@ -390,6 +396,7 @@ _HOW = {
     **HOW,
     "fp32_shampoo": "8·n + 8·Σk² (fp32 Adam m, v + fp32 statistic and root per factor of order k, same blocks)",
     "q4shampoo": "exact: Q4Shampoo(precond={form}).build_state() on meta tensors",
+    "q4adamw": "exact: Q4AdamW(variant={variant}).build_state() on meta tensors",
 }
 
 
@@ -451,6 +458,11 @@ def estimate_memory(
         report = _report_from_shapes(groups, per_shape, form_config)
         add(f"q4shampoo_{form}", f"Q4Shampoo {form}", report.total, _HOW["q4shampoo"].format(form=form),
             by_kind=dict(report.by_kind), selected=form == config.precond)
+    for variant in Q4ADAMW_VARIANTS:
+        per_shape = _per_shape_state(groups, lambda pg, v=variant: Q4AdamW(pg, variant=v), needs_step=False)
+        report = _report_from_shapes(groups, per_shape, config)
+        add(f"q4adamw_{variant}", f"Q4AdamW {variant} (paper 3)", report.total,
+            _HOW["q4adamw"].format(variant=variant), by_kind=dict(report.by_kind))
     notes = []
     if n_trainable < n_total:
         notes.append(f"{n_total - n_trainable:,} frozen parameters (requires_grad=False) have no optimizer state.")

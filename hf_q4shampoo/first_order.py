@@ -52,7 +52,7 @@ from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, q
 
 __all__ = [
     "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments",
-    "factored_shape", "V_MODES",
+    "factored_shape", "V_MODES", "moment_bytes_by_kind",
 ]
 
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
@@ -91,6 +91,22 @@ def factored_shape(
 def first_order_keys(state: State) -> list[str]:
     """Keys of ``state`` that belong to the first-order moments."""
     return [k for k in state if k.startswith(("exp_avg", "momentum_buffer"))]
+
+
+def moment_bytes_by_kind(state: State, numel: int) -> dict[str, int]:
+    """Bytes of the first-order moments in ``state`` (of a tensor with ``numel`` entries), by memory kind.
+
+    ``first_order``: the moments themselves (4-bit codes, fp32 tensors, a factored v's row and column
+    means); ``scales_diagonals``: what decodes the codes (block scales, rank-1 maxima). One definition for
+    every optimizer built on these moments (Q4Shampoo's first-order part, Q4AdamW); kinds without bytes are
+    left out.
+    """
+    out: dict[str, int] = {}
+    for key in first_order_keys(state):
+        t = state[key]
+        kind = "first_order" if key.endswith(("_codes", "_row", "_col")) or t.numel() == numel else "scales_diagonals"
+        out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``q4shampoo run``: run an unmodified training script with ``--optim q4shampoo`` available.
+"""``q4shampoo run``: run an unmodified training script with ``--optim q4shampoo`` / ``q4adamw`` available.
 
     q4shampoo run SCRIPT.py [ARGS...]          # like `python SCRIPT.py ARGS...`
     q4shampoo run -m MODULE [ARGS...]          # like `python -m MODULE ARGS...`
@@ -33,8 +33,9 @@ usage: q4shampoo run SCRIPT.py [ARGS...]
        q4shampoo run -m MODULE [ARGS...]
 
 Run a training script (any script that parses TrainingArguments with HfArgumentParser, e.g.
-transformers' run_clm.py / run_glue.py) with `--optim q4shampoo` registered, unmodified.
-Q4Shampoo options go in --optim_args, e.g. --optim_args "update_freq=10,root_freq=50".
+transformers' run_clm.py / run_glue.py) with `--optim q4shampoo` and `--optim q4adamw` registered,
+unmodified. Options go in --optim_args, e.g. --optim_args "update_freq=10,root_freq=50" (q4shampoo) or
+--optim_args "variant=factor" (q4adamw, paper 3's 4-bit AdamW / 4-bit Factor).
 
 Distributed: torchrun --nproc_per_node N -m hf_q4shampoo.launcher SCRIPT.py [ARGS...]
              accelerate launch -m hf_q4shampoo.launcher SCRIPT.py [ARGS...]"""

@@ -40,7 +40,13 @@ from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .blocking import local_tensor as _local
 from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
 from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
-from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, sgd_batch_step
+from .first_order import (
+    adamw_batch_step,
+    first_order_keys,
+    init_first_order_state,
+    moment_bytes_by_kind,
+    sgd_batch_step,
+)
 from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .schedule import first_due as _first_due
@@ -298,11 +304,8 @@ class Q4Shampoo(torch.optim.Optimizer):
             return {}
         local = _local(p)
         out: dict[str, int] = defaultdict(int)
-        for key in first_order_keys(state):
-            t = state[key]
-            moment = key.endswith(("_codes", "_row", "_col")) or t.numel() == local.numel()  # _row/_col: factored v
-            kind = "first_order" if moment else "scales_diagonals"
-            out[kind] += tensor_bytes(t)
+        for kind, b in moment_bytes_by_kind(state, local.numel()).items():
+            out[kind] += b
         out["other"] += tensor_bytes(state["step"])
         if "skipped_updates" in state:  # the non-finite guard's counter
             out["other"] += tensor_bytes(state["skipped_updates"])

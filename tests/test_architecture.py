@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_q4shampoo"
 LAYERS = {
     "config": 0, "quant": 0, "linalg": 0, "blocking": 0, "kernels": 0, "mfac_window": 0, "integrations.probe": 0,
     "peers": 0, "sharded_state": 0,
-    "triton_kernels": 1, "layout": 1, "sparse_mfac_config": 1, "schedule": 1,
+    "triton_kernels": 1, "layout": 1, "sparse_mfac_config": 1, "q4adamw_config": 1, "schedule": 1,
     "preconditioners": 2, "first_order": 2,
-    "distributed": 2, "optimizer": 3, "sparse_mfac": 3, "fidelity": 3,
+    "distributed": 2, "optimizer": 3, "sparse_mfac": 3, "q4adamw": 3, "fidelity": 3,
     "memory": 4,
     "estimate": 5, "integrations.registration": 5, "integrations.report": 5,
     "integrations.render": 6, "bench": 6, "estimate_cli": 6,

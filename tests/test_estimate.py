@@ -187,7 +187,8 @@ def test_rows_order_selection_and_dtype():
     est = estimate_memory(gpt2_config(), precond="eigen")
     names = [r.name for r in est.rows]
     assert names[:4] == ["adamw", "adamw_8bit_bnb", "adamw_4bit_torchao", "fp32_shampoo"]
-    assert names[4:] == [f"q4shampoo_{f}" for f in PRECOND_FORMS]
+    assert names[4:-2] == [f"q4shampoo_{f}" for f in PRECOND_FORMS]
+    assert names[-2:] == ["q4adamw_4bit", "q4adamw_factor"]
     assert est.selected.name == "q4shampoo_eigen"
     # the default factor_upper="refine" keeps a second code of the factor where paper 1 keeps its error feedback
     assert est.row("q4shampoo_cholesky_ef").by_kind["error_feedback"] == 0

@@ -54,6 +54,8 @@ def test_import_registers_name_and_handler():
         from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 
         assert _OPTIMIZER_HANDLERS["q4shampoo"] is registration._handler
+        assert _OPTIMIZER_HANDLERS["q4adamw"] is registration._q4adamw_handler
+    assert OptimizerNames("q4adamw") is OptimizerNames.Q4ADAMW
     assert registration.is_registered()
 
 
@@ -116,6 +118,11 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
             ["--output_dir", {str(tmp_path)!r}, "--optim", "sparse_mfac", "--optim_args", "m=7", "--use_cpu", "true"])
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(b)
         out["sparse_cls"], out["sparse_m"] = cls.__name__, kwargs["m"]
+        (c,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", {str(tmp_path)!r}, "--optim", "q4adamw", "--optim_args", "variant=factor",
+             "--use_cpu", "true"])
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(c)
+        out["q4adamw_cls"], out["q4adamw_variant"] = cls.__name__, kwargs["variant"]
         a.optim = OptimizerNames.SGD
         out["sgd_cls"] = Trainer.get_optimizer_cls_and_kwargs(a)[0].__name__
         registration._register("trainer_wrapper")
@@ -130,10 +137,11 @@ def test_registration_is_additive_and_wrapper_mode_dispatches(tmp_path):
     assert out["stock_parser_exit"] == 2  # argparse: invalid choice (guards against upstream changes)
     assert "is not a valid OptimizerNames" in out["stock_args_error"]
     assert out["mode"] == "trainer_wrapper"
-    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO", "SPARSE_MFAC"]
+    assert out["members_after"] == out["members_before"] + ["Q4SHAMPOO", "SPARSE_MFAC", "Q4ADAMW"]
     assert out["handlers_unchanged"]
     assert out["wrapper_cls"] == "Q4Shampoo" and out["wrapper_update_freq"] == 3
     assert out["sparse_cls"] == "SparseMFAC" and out["sparse_m"] == 7
+    assert out["q4adamw_cls"] == "Q4AdamW" and out["q4adamw_variant"] == "factor"
     assert out["sgd_cls"] == "SGD"
     assert out["wrapped_once"]
 

@@ -429,3 +429,82 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     bad = Trainer(model=tiny_gpt2(), args=late, train_dataset=lm_dataset())
     with pytest.raises(ConfigError, match="unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction"):
         bad.create_optimizer()
+
+
+# ---- --optim q4adamw (issue 15) -------------------------------------------------------------------
+
+#: tiny GPT-2 (n_embd 32): its largest tensors have 4096 entries, so the threshold is lowered to put the
+#: matrices (3072 / 4096 entries) in 4 bit; the vectors keep fp32 moments
+Q4ADAMW_ARGS = "variant=factor,min_quant_numel=1024"
+
+
+def test_q4adamw_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_q4shampoo import ConfigError, Q4AdamW
+
+    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path / "parsed"), "--optim", "q4adamw", "--optim_args", Q4ADAMW_ARGS]
+    )
+    assert parsed.optim.value == "q4adamw" and parsed.optim_args == Q4ADAMW_ARGS
+
+    k = 4
+    common = dict(optim="q4adamw", optim_args=Q4ADAMW_ARGS, learning_rate=3e-3, weight_decay=0.01,
+                  max_steps=2 * k, save_strategy="steps", save_steps=k)
+    straight = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common),
+                       train_dataset=lm_dataset())
+    straight.train()
+    opt = unwrap_optimizer(straight.optimizer)
+    assert isinstance(opt, Q4AdamW) and opt.config.variant == "factor" and opt.config.min_quant_numel == 1024
+    decay, no_decay = opt.param_groups  # the Trainer's two groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] == 1e-8
+    losses = _losses(straight)
+    assert _falls(losses, n=2), losses
+    c_fc = straight.model.transformer.h[0].mlp.c_fc.weight  # (32, 128): 4-bit m, factored v
+    assert {"exp_avg_codes", "exp_avg_sq_row", "exp_avg_sq_col"} <= set(opt.state[c_fc])
+    assert int(opt.state[c_fc]["step"]) == 2 * k and opt.skipped_updates() == 0
+
+    stopped = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset(),
+                      callbacks=[StopAt(k)])
+    stopped.train()
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{k}"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["q4adamw_config"]["variant"] == "factor"
+    assert torch.uint8 in {t.dtype for t in nested_tensors(saved["state"])}
+    resumed = Trainer(model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common),
+                      train_dataset=lm_dataset())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = trainable_state(straight.model), trainable_state(resumed.model)
+    assert all(torch.equal(a[name], b[name]) for name in a), "resumed run differs from the uninterrupted one"
+    assert _same_state(opt.state_dict()["state"], unwrap_optimizer(resumed.optimizer).state_dict()["state"])
+
+    # a checkpoint of another variant is refused with the option named
+    other = Trainer(model=tiny_gpt2(), train_dataset=lm_dataset(), args=training_args(
+        tmp_path / "resumed", **{**common, "optim_args": "variant=4bit,min_quant_numel=1024"}))
+    with pytest.raises(ConfigError, match="variant: saved 'factor', now '4bit'"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+
+    with pytest.raises(ConfigError, match="Q4AdamW: unknown optim_args key 'update_freq'. Allowed keys: maximize"):
+        training_args(tmp_path / "bad", optim="q4adamw", optim_args="update_freq=10")  # at argument parsing
+    with pytest.raises(ConfigError, match="variant='8bit' is not valid; allowed values: '4bit', 'factor'"):
+        training_args(tmp_path / "bad", optim="q4adamw", optim_args="variant=8bit")
+
+
+def test_q4adamw_through_q4shampoo_trainer_with_memory_report(tmp_path):
+    import json
+
+    from hf_q4shampoo import Q4AdamW
+
+    args = training_args(tmp_path, cls=Q4ShampooTrainingArguments, optim="q4adamw", optim_args="min_quant_numel=1024",
+                         max_steps=3)
+    assert args.optim == "q4adamw"
+    trainer = Q4ShampooTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
+    trainer.train()
+    assert isinstance(unwrap_optimizer(trainer.optimizer), Q4AdamW)
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert report["optimizer"]["class"] == "Q4AdamW" and report["optimizer"]["label"] == "Q4AdamW (4bit, m dynamic)"
+    assert report["optimizer"]["config"]["variant"] == "4bit"
+    assert report["estimate_relative_error"] == 0.0  # the estimate is the optimizer's own build_state
+    assert report["measured"]["by_kind"]["scales_diagonals"] > 0
+    assert any("optim_skipped_updates" in h for h in trainer.state.log_history)

@@ -1,4 +1,4 @@
-"""Make ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` known to stock transformers.
+"""Make ``optim="q4shampoo"``, ``optim="q4adamw"`` and ``optim="sparse_mfac"`` known to stock transformers.
 
 The light part of the integration.
 
@@ -33,6 +33,8 @@ registration touches exactly the two objects those checks consult (plus one chec
 ``sparse_mfac`` (:class:`~hf_q4shampoo.sparse_mfac.SparseMFAC`) is registered the same way, as a
 second member ``SPARSE_MFAC = "sparse_mfac"`` with its own handler (and the same wrapper on 5.0 / 5.1);
 its ``--optim_args`` are parsed by :func:`~hf_q4shampoo.sparse_mfac.parse_sparse_mfac_optim_args`.
+``q4adamw`` (:class:`~hf_q4shampoo.q4adamw.Q4AdamW`, paper 3's 4-bit AdamW) likewise, as ``Q4ADAMW =
+"q4adamw"``, its ``--optim_args`` parsed by :func:`~hf_q4shampoo.q4adamw.parse_q4adamw_optim_args`.
 
 All three steps are additive (no existing member, handler or behaviour changes) and idempotent. Unknown
 names keep transformers' own errors. The handler reads ``--optim_args`` itself with
@@ -55,11 +57,15 @@ from typing import Any, Literal
 
 from ..config import ConfigError, Q4ShampooConfig, parse_optim_args
 from ..optimizer import Q4Shampoo
+from ..q4adamw import Q4AdamW, Q4AdamWConfig, parse_q4adamw_optim_args
 from ..sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args
 
 __all__ = [
     "OPTIM_NAME",
     "RESERVED_OPTIM_ARGS",
+    "Q4ADAMW_OPTIM_NAME",
+    "is_q4adamw_optim",
+    "make_q4adamw_cls_and_kwargs",
     "SPARSE_MFAC_OPTIM_NAME",
     "SPARSE_MFAC_RESERVED_OPTIM_ARGS",
     "is_sparse_mfac_optim",
@@ -97,6 +103,10 @@ SPARSE_MFAC_RESERVED_OPTIM_ARGS = {
     "weight_decay": "--weight_decay (applied per parameter group by the Trainer)",
 }
 
+#: The ``optim`` value that selects Q4AdamW (``--optim q4adamw``); its reserved keys are Q4Shampoo's.
+Q4ADAMW_OPTIM_NAME = "q4adamw"
+_Q4ADAMW_MEMBER_NAME = "Q4ADAMW"
+
 _SUPPORTED = (
     "Supported setups: single device, DDP, FSDP2 (fsdp_config {'version': 2}, accelerate fsdp_version: 2) "
     "and DeepSpeed ZeRO stage 0."
@@ -119,6 +129,12 @@ def is_q4shampoo_optim(optim: Any) -> bool:
     """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4Shampoo."""
     value = getattr(optim, "value", optim)
     return isinstance(value, str) and value.lower() == OPTIM_NAME
+
+
+def is_q4adamw_optim(optim: Any) -> bool:
+    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4AdamW."""
+    value = getattr(optim, "value", optim)
+    return isinstance(value, str) and value.lower() == Q4ADAMW_OPTIM_NAME
 
 
 def is_sparse_mfac_optim(optim: Any) -> bool:
@@ -233,6 +249,53 @@ setattr(_handler, _MARK, True)
 
 
 # --------------------------------------------------------------------------------------------
+# TrainingArguments -> (Q4AdamW, kwargs)
+# --------------------------------------------------------------------------------------------
+
+
+def make_q4adamw_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4AdamW], dict[str, Any]]:
+    """``(Q4AdamW, kwargs)`` for a ``TrainingArguments`` instance (``--optim q4adamw``).
+
+    ``lr``, ``betas``, ``eps`` and the default ``weight_decay`` come from ``learning_rate``,
+    ``adam_beta1``/``adam_beta2``, ``adam_epsilon`` and ``weight_decay`` (the Trainer's decay / no-decay
+    groups carry their own); the storage options from ``args.optim_args`` (``"variant=factor"``), typed and
+    validated. Works under the setups AdamW works under: an elementwise step needs no matrix shapes (a
+    flattened parameter's v falls back from rank-1 to blocks of 128).
+
+    Raises:
+        ConfigError: an unknown ``optim_args`` key, a bad value, or a reserved key (the message names
+            the key and the allowed keys / values).
+    """
+    del model  # the Trainer's parameter groups carry everything
+    return Q4AdamW, _q4adamw_kwargs(args)
+
+
+def _q4adamw_kwargs(args: Any) -> dict[str, Any]:
+    """Q4AdamW's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
+    options = parse_q4adamw_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS)
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+        **options,
+    }
+    try:  # validate now, so a bad learning rate or beta stops before the model is touched
+        Q4AdamWConfig.from_kwargs(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from the TrainingArguments of --optim {Q4ADAMW_OPTIM_NAME})") from err
+    return kwargs
+
+
+def _q4adamw_handler(ctx: Any) -> tuple[type[Q4AdamW], dict[str, Any]]:
+    """``_OPTIMIZER_HANDLERS`` entry for ``q4adamw`` (transformers >= 5.2)."""
+    return make_q4adamw_cls_and_kwargs(ctx.args, ctx.model)
+
+
+setattr(_q4adamw_handler, _MARK, True)
+
+
+# --------------------------------------------------------------------------------------------
 # TrainingArguments -> (SparseMFAC, kwargs)
 # --------------------------------------------------------------------------------------------
 
@@ -278,7 +341,7 @@ def _sparse_mfac_kwargs(args: Any) -> dict[str, Any]:
 
 
 def check_optim_args(args: Any) -> None:
-    """Parse and validate ``args.optim_args`` now if ``args.optim`` selects Q4Shampoo or SparseMFAC.
+    """Parse and validate ``args.optim_args`` now if ``args.optim`` selects Q4Shampoo, Q4AdamW or SparseMFAC.
 
     Raises :class:`~hf_q4shampoo.config.ConfigError` (one line naming the key and the allowed keys or
     values). Registration runs it when ``TrainingArguments`` are built, and
@@ -287,6 +350,8 @@ def check_optim_args(args: Any) -> None:
     optim = getattr(args, "optim", None)
     if is_q4shampoo_optim(optim):
         _q4shampoo_kwargs(args)
+    elif is_q4adamw_optim(optim):
+        _q4adamw_kwargs(args)
     elif is_sparse_mfac_optim(optim):
         _sparse_mfac_kwargs(args)
 
@@ -439,6 +504,8 @@ def _wrap_trainer() -> None:
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
         if is_q4shampoo_optim(args.optim):
             return make_optimizer_cls_and_kwargs(args, model)
+        if is_q4adamw_optim(args.optim):
+            return make_q4adamw_cls_and_kwargs(args, model)
         if is_sparse_mfac_optim(args.optim):
             return make_sparse_mfac_cls_and_kwargs(args, model)
         return original(args, model)
@@ -477,9 +544,11 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
 
     member = _extend_enum(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
     sparse_member = _extend_enum(OptimizerNames, _SPARSE_MFAC_MEMBER_NAME, SPARSE_MFAC_OPTIM_NAME)
+    adamw_member = _extend_enum(OptimizerNames, _Q4ADAMW_MEMBER_NAME, Q4ADAMW_OPTIM_NAME)
 
     def add_handlers() -> bool:
-        return _register_handler(member) and _register_handler(sparse_member, _sparse_mfac_handler)
+        return (_register_handler(member) and _register_handler(sparse_member, _sparse_mfac_handler)
+                and _register_handler(adamw_member, _q4adamw_handler))
 
     if mode is None:
         if _mode is not None:
@@ -495,7 +564,7 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
 
 
 def register() -> RegistrationMode:
-    """Make ``optim="q4shampoo"`` and ``optim="sparse_mfac"`` work with stock ``TrainingArguments``,
+    """Make ``optim="q4shampoo"``, ``"q4adamw"`` and ``"sparse_mfac"`` work with stock ``TrainingArguments``,
     ``HfArgumentParser`` and ``Trainer``.
 
     ``import hf_q4shampoo`` already calls it. Run it before ``HfArgumentParser(...)`` is constructed
@@ -506,10 +575,11 @@ def register() -> RegistrationMode:
 
 
 def is_registered() -> bool:
-    """Whether ``q4shampoo`` and ``sparse_mfac`` are ``OptimizerNames`` members dispatched by the Trainer."""
+    """Whether ``q4shampoo``, ``q4adamw`` and ``sparse_mfac`` are ``OptimizerNames`` members dispatched by the
+    Trainer."""
     if _mode is None:
         return False
     from transformers.training_args import OptimizerNames
 
     names = OptimizerNames._value2member_map_
-    return OPTIM_NAME in names and SPARSE_MFAC_OPTIM_NAME in names
+    return all(n in names for n in (OPTIM_NAME, SPARSE_MFAC_OPTIM_NAME, Q4ADAMW_OPTIM_NAME))

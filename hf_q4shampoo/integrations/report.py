@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 
 from ..memory import MemoryReport
 from ..optimizer import Q4Shampoo
+from ..q4adamw import Q4AdamW
 from ..sparse_mfac import SparseMFAC
 from .probe import MemoryProbe
 
@@ -47,7 +48,8 @@ class RunInfo(TypedDict):
 #: ``class``: the model's class name.
 ModelInfo = TypedDict("ModelInfo", {"class": str, "num_params": int, "num_trainable": int})
 
-#: ``class``: the optimizer's class name; ``config``: its Q4ShampooConfig / SparseMFACConfig fields, or None.
+#: ``class``: the optimizer's class name; ``config``: its Q4ShampooConfig / Q4AdamWConfig / SparseMFACConfig
+#: fields, or None.
 OptimizerInfo = TypedDict(
     "OptimizerInfo", {"class": str, "label": str, "config": "dict[str, Any] | None", "num_groups": int}
 )
@@ -160,6 +162,8 @@ def optimizer_label(opt: Any) -> str:
         c = opt.config
         bits = "" if c.first_order_bits == 4 else f", {c.first_order_bits}-bit {c.first_order}"
         return f"Q4Shampoo ({c.precond}{bits})"
+    if isinstance(opt, Q4AdamW):
+        return f"Q4AdamW ({opt.config.variant}, m {opt.config.m_map})"
     if isinstance(opt, SparseMFAC):
         c = opt.config
         if c.variant == "lowrank":
@@ -211,7 +215,7 @@ def build_report(
 ) -> MemoryReportJSON:
     """The ``memory_report.json`` content for ``optimizer``, whose state ``measured`` was taken at ``step``."""
     total = max(1, measured.total)
-    config = optimizer.config.to_dict() if isinstance(optimizer, (Q4Shampoo, SparseMFAC)) else None
+    config = optimizer.config.to_dict() if isinstance(optimizer, (Q4Shampoo, Q4AdamW, SparseMFAC)) else None
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -32,12 +32,15 @@ from ..optimizer import Q4Shampoo
 from .callback import MemoryReportMixin
 from .registration import (
     OPTIM_NAME,
+    Q4ADAMW_OPTIM_NAME,
     UnsupportedSetupError,
     check_optim_args,
     check_supported_setup,
     consolidate_for_save,
+    is_q4adamw_optim,
     is_q4shampoo_optim,
     make_optimizer_cls_and_kwargs,
+    make_q4adamw_cls_and_kwargs,
     register,
     saves_consolidated,
 )
@@ -60,9 +63,19 @@ _BASE_OPTIM_DEFAULT = TrainingArguments.__dataclass_fields__["optim"].default
 _PLACEHOLDER = "adamw_torch"
 
 
+def _our_name(optim: Any) -> str | None:
+    """``"q4shampoo"`` or ``"q4adamw"`` if ``optim`` selects one of them (the names the mixins accept), else None."""
+    if is_q4shampoo_optim(optim):
+        return OPTIM_NAME
+    if is_q4adamw_optim(optim):
+        return Q4ADAMW_OPTIM_NAME
+    return None
+
+
 @dataclass
 class Q4ShampooArgumentsMixin:
-    """Lets a ``TrainingArguments`` subclass accept ``optim="q4shampoo"`` without global registration.
+    """Lets a ``TrainingArguments`` subclass accept ``optim="q4shampoo"`` (or ``"q4adamw"``) without global
+    registration.
 
     Use as the first base of a dataclass: ``@dataclass class MyArgs(Q4ShampooArgumentsMixin,
     TrainingArguments)``. ``optim`` is redeclared as a plain ``str`` (so ``HfArgumentParser`` sets no
@@ -75,29 +88,29 @@ class Q4ShampooArgumentsMixin:
     optim: str = field(
         default=_BASE_OPTIM_DEFAULT,
         metadata={
-            "help": f"The optimizer to use: '{OPTIM_NAME}' (4-bit Shampoo; options in --optim_args) or any "
-            "name of transformers' OptimizerNames."
+            "help": f"The optimizer to use: '{OPTIM_NAME}' (4-bit Shampoo; options in --optim_args), "
+            f"'{Q4ADAMW_OPTIM_NAME}' (paper 3's 4-bit AdamW) or any name of transformers' OptimizerNames."
         },
     )
 
     def __post_init__(self) -> None:
-        ours = is_q4shampoo_optim(self.optim)
+        ours = _our_name(self.optim)
         if ours:
             self.optim = _PLACEHOLDER
         try:
             super().__post_init__()  # type: ignore[misc]
         finally:
             if ours:
-                self.optim = OPTIM_NAME
+                self.optim = ours
         if ours:  # the base class saw the placeholder: check the options now, at argument parsing
             check_optim_args(self)
 
     def set_optimizer(self, name: Any = "adamw_torch", *args: Any, **kwargs: Any) -> Any:
-        """``TrainingArguments.set_optimizer`` that also accepts ``"q4shampoo"``."""
-        ours = is_q4shampoo_optim(name)
+        """``TrainingArguments.set_optimizer`` that also accepts ``"q4shampoo"`` and ``"q4adamw"``."""
+        ours = _our_name(name)
         result = super().set_optimizer(_PLACEHOLDER if ours else name, *args, **kwargs)  # type: ignore[misc]
         if ours:
-            self.optim = OPTIM_NAME
+            self.optim = ours
             check_optim_args(self)
         return result
 
@@ -113,7 +126,8 @@ class Q4ShampooTrainingArguments(Q4ShampooArgumentsMixin, TrainingArguments):
 
 
 class Q4ShampooTrainerMixin:
-    """Dispatches ``args.optim == "q4shampoo"`` to :class:`~hf_q4shampoo.Q4Shampoo` in any ``Trainer`` subclass.
+    """Dispatches ``args.optim == "q4shampoo"`` to :class:`~hf_q4shampoo.Q4Shampoo` (and ``"q4adamw"`` to
+    :class:`~hf_q4shampoo.Q4AdamW`) in any ``Trainer`` subclass.
 
     Place it before the Trainer class in the bases: ``class MyTrainer(Q4ShampooTrainerMixin, Trainer)``.
     It overrides the staticmethod ``get_optimizer_cls_and_kwargs`` (the supported customisation hook), checks
@@ -124,13 +138,13 @@ class Q4ShampooTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        uses_q4 = (
-            getattr(self, "optimizer", None) is None
-            and getattr(self, "optimizer_cls_and_kwargs", None) is None
-            and is_q4shampoo_optim(self.args.optim)  # type: ignore[attr-defined]
+        ours = (
+            getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
         )
-        if uses_q4:
+        if ours and is_q4shampoo_optim(self.args.optim):  # type: ignore[attr-defined]
             make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
+        elif ours and is_q4adamw_optim(self.args.optim):  # type: ignore[attr-defined]
+            make_q4adamw_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         """As the Trainer's, and tells a Q4Shampoo with an unknown run length how many steps the run has
@@ -156,9 +170,12 @@ class Q4ShampooTrainerMixin:
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
-        """``(Q4Shampoo, kwargs)`` for ``optim="q4shampoo"``, else transformers' own choice."""
+        """``(Q4Shampoo, kwargs)`` for ``optim="q4shampoo"``, ``(Q4AdamW, kwargs)`` for ``"q4adamw"``, else
+        transformers' own choice."""
         if is_q4shampoo_optim(args.optim):
             return make_optimizer_cls_and_kwargs(args, model)
+        if is_q4adamw_optim(args.optim):
+            return make_q4adamw_cls_and_kwargs(args, model)
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
 

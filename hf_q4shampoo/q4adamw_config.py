@@ -1,0 +1,209 @@
+"""Options of :class:`~hf_q4shampoo.q4adamw.Q4AdamW`: a frozen, validated dataclass and ``--optim_args`` parsing.
+
+Same conventions as :mod:`hf_q4shampoo.config` (Q4Shampoo's) and :mod:`hf_q4shampoo.sparse_mfac_config`: every
+field has a validation rule, and errors name the bad key and the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .config import ConfigError, plain_value
+
+__all__ = [
+    "Q4AdamWConfig",
+    "parse_q4adamw_optim_args",
+    "Q4ADAMW_GROUP_KEYS",
+    "Q4ADAMW_LAYOUT_KEYS",
+    "VARIANTS",
+    "M_MAPS",
+]
+
+#: ``"4bit"``: paper 3's "4-bit AdamW"; ``"factor"``: its "4-bit Factor" (Adafactor's v for matrices).
+VARIANTS = ("4bit", "factor")
+#: 4-bit codes of the first moment: paper 3's dynamic exponent, or paper 2's Linear-2 (``first_order.py``).
+M_MAPS = ("dynamic", "linear2")
+
+#: Options that may differ between parameter groups (torch's ``defaults`` convention).
+Q4ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
+
+#: Options that decide the saved state's layout; resuming with other values is refused.
+Q4ADAMW_LAYOUT_KEYS = ("variant", "m_map", "min_quant_numel")
+
+
+@dataclass(frozen=True)
+class Q4AdamWConfig:
+    """Hyper-parameters of :class:`~hf_q4shampoo.Q4AdamW` (paper 3, papers.md §4).
+
+    Step (per parameter group, torch's ``AdamW`` meaning):
+        lr, betas, eps: Adam's.
+        weight_decay: decoupled decay ``p <- (1 - lr wd) p`` (default 0.01, torch's ``AdamW`` default).
+        maximize: ascend instead of descend (the step uses ``-grad``).
+
+    Storage (a checkpoint made with other values is refused):
+        variant: ``"4bit"`` (paper 3's 4-bit AdamW: m block-128 with ``m_map``, v rank-1 normalised with the
+            zero-free linear code; 1-D v in blocks of 128) or ``"factor"`` (paper 3's 4-bit Factor: the same m,
+            and v of every tensor that is a matrix after flattening its trailing dims kept as fp32 row and column
+            means of ``g^2``, Adafactor's factorisation; other tensors as in ``"4bit"``).
+        m_map: 4-bit code of m: ``"dynamic"`` (paper 3's dynamic exponent, the default) or ``"linear2"``
+            (paper 2's Linear-2, which has both -1 and 1; Q4Shampoo's default).
+        min_quant_numel: tensors with at most this many entries keep fp32 moments (paper 3 App. D.1: 4096).
+
+    Speed:
+        use_compile: on accelerators, run the step as compiled torch / Triton kernels (``first_order.py``);
+            eager on CPU whatever this says.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    maximize: bool = False
+    variant: str = "4bit"
+    m_map: str = "dynamic"
+    min_quant_numel: int = 4096
+    use_compile: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = plain_value(getattr(self, f.name))
+            if f.name == "betas" and isinstance(value, (list, tuple)):
+                value = tuple(plain_value(b) for b in value)
+            object.__setattr__(self, f.name, value)
+            _validate(f.name, value)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def _check_names(cls, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"Q4AdamW: unknown option(s) {', '.join(map(repr, unknown))}. "
+                f"Allowed options: {', '.join(cls.field_names())}."
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> Q4AdamWConfig:
+        """Build from keyword arguments, naming any unknown key and the allowed ones."""
+        cls._check_names(kwargs)
+        return cls(**kwargs)
+
+    def replace(self, **kwargs: Any) -> Q4AdamWConfig:
+        """A copy with some fields changed (validated; unknown names are refused)."""
+        self._check_names(kwargs)
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def group_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in Q4ADAMW_GROUP_KEYS}
+
+    @property
+    def first_order_v(self) -> str:
+        """The second-moment mode of ``first_order.py`` this variant selects."""
+        return "factored" if self.variant == "factor" else "rank1"
+
+
+# ------------------------------------------------------------------------------------------------
+# validation and --optim_args parsing
+# ------------------------------------------------------------------------------------------------
+
+_CHOICES = {"variant": VARIANTS, "m_map": M_MAPS}
+# (low, high, low inclusive, high inclusive)
+_FLOAT_RANGE = {
+    "lr": (0.0, float("inf"), True, False),
+    "eps": (0.0, float("inf"), True, False),
+    "weight_decay": (0.0, float("inf"), True, False),
+}
+_BOOLS = ("maximize", "use_compile")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate(name: str, value: Any) -> None:
+    if name in _CHOICES:
+        if isinstance(value, bool) or value not in _CHOICES[name]:
+            allowed = ", ".join(map(repr, _CHOICES[name]))
+            raise ConfigError(f"Q4AdamW: {name}={value!r} is not valid; allowed values: {allowed}.")
+    elif name == "min_quant_numel":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"Q4AdamW: min_quant_numel must be an integer >= 0, got {value!r}.")
+    elif name in _FLOAT_RANGE:
+        low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
+        ok = _is_number(value)
+        if ok:
+            v = float(value)
+            ok = (v >= low if lo_inc else v > low) and (v <= high if hi_inc else v < high)
+        if not ok:
+            span = f"{'[' if lo_inc else '('}{low:g}, {high:g}{']' if hi_inc else ')'}"
+            raise ConfigError(f"Q4AdamW: {name} must be a number in {span}, got {value!r}.")
+    elif name == "betas":
+        ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in value)
+        if not ok:
+            raise ConfigError(f"Q4AdamW: betas must be two numbers in [0, 1), got {value!r}.")
+    elif name in _BOOLS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Q4AdamW: {name} must be true or false, got {value!r}.")
+    else:  # pragma: no cover - every field must have a rule
+        raise AssertionError(f"no validation rule for {name}")
+
+
+def _cast(name: str, text: str) -> Any:
+    low = text.strip().lower()
+    if name in _BOOLS:
+        if low in {"true", "1", "yes", "y", "on"}:
+            return True
+        if low in {"false", "0", "no", "n", "off"}:
+            return False
+        raise ConfigError(f"Q4AdamW: optim_args value {name}={text!r} is not true or false.")
+    if name in _CHOICES:
+        return low
+    try:
+        if name == "min_quant_numel":
+            return int(text)
+        if name == "betas":  # "b1:b2", as Q4Shampoo's optim_args write it
+            return tuple(float(p) for p in text.replace(";", ":").split(":"))
+        return float(text)
+    except ValueError:
+        kind = {"min_quant_numel": "an integer", "betas": "two numbers written as b1:b2"}.get(name, "a number")
+        raise ConfigError(f"Q4AdamW: optim_args value {name}={text!r} is not {kind}.") from None
+
+
+def parse_q4adamw_optim_args(text: str | None, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse ``"variant=factor,min_quant_numel=4096"`` (``--optim_args``) into typed Q4AdamW options.
+
+    Unknown keys, bad values and ``reserved`` keys (which come from another flag, named in the message)
+    raise :class:`~hf_q4shampoo.config.ConfigError` naming the key and the allowed keys or values.
+    """
+    if text is None or not text.strip():
+        return {}
+    out: dict[str, Any] = {}
+    names = Q4AdamWConfig.field_names()
+    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"Q4AdamW: optim_args item {item!r} is not of the form key=value (e.g. variant=factor). "
+                f"Allowed keys: {allowed}."
+            )
+        key, value = item.split("=", 1)
+        if reserved and key in reserved:
+            raise ConfigError(f"Q4AdamW: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
+        if key not in names:
+            raise ConfigError(f"Q4AdamW: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
+        if key in out:
+            raise ConfigError(f"Q4AdamW: optim_args key {key!r} is given twice; give it once.")
+        out[key] = _cast(key, value)
+        _validate(key, out[key])
+    return out
