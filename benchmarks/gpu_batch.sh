@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | ttt:RUN,RUN,...
+#   PART: tests | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -25,6 +25,11 @@ for part in "$@"; do
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
       bench 1 update_freq=1,root_freq=100 ;;
+    q4adamw)  # Q4AdamW (issue 15) beside fused AdamW and the peers that are installed, one process
+      fresh_caches
+      python -m hf_q4shampoo.bench --optimizers adamw,q4adamw,q4adamw_factor,q4adamw_linear2,adamw_4bit,adamw_8bit \
+        --steps 200 --warmup 20 --json "$out/bench_q4adamw.json" > "$out/bench_q4adamw.log" 2>&1
+      tail -8 "$out/bench_q4adamw.log" ;;
     bench_fused)  # the Triton statistics update (fused_statistics=true), default layout, update_freq 1 and 10
       bench 1f update_freq=1,root_freq=100,fused_statistics=true
       bench 10f update_freq=10,root_freq=100,fused_statistics=true ;;
