@@ -395,19 +395,21 @@ def _changed(before: dict, after: dict) -> list[str]:
     return [k for k in before if k not in counters and not torch.equal(before[k], after[k])]
 
 
-@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "fp32"])
+@pytest.mark.parametrize("precond,grafting", [
+    ("cholesky_ef", "norm"), ("eigen", "norm"), ("fp32", "norm"), ("cholesky_ef", "adam"), ("fp32", "adam"),
+])
 @pytest.mark.parametrize("bad_step,max_dim,bad_value", [
     (3, 1024, float("nan")),   # a statistics-only step (roots at 2, 4, ...), one block per side
     (4, 1024, float("inf")),   # a statistics + root step
     (3, 48, float("nan")),     # four blocks: the finite blocks' statistics must not move either
 ])
-def test_nan_gradient_skips_only_that_step(precond, bad_step, max_dim, bad_value):
+def test_nan_gradient_skips_only_that_step(precond, grafting, bad_step, max_dim, bad_value):
     # the issue's reproduction: 96x80, update_freq=1, root_freq=2, good steps, one bad entry, good steps
     g = torch.Generator().manual_seed(5)
     grads = [torch.randn(96, 80, generator=g) * torch.linspace(0.1, 3, 80) for _ in range(8)]
     start = torch.randn(96, 80, generator=g)
     p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    kw = dict(lr=1e-2, update_freq=1, root_freq=2, precond=precond, max_precond_dim=max_dim)
+    kw = dict(lr=1e-2, update_freq=1, root_freq=2, precond=precond, max_precond_dim=max_dim, grafting=grafting)
     opt, ref = Q4Shampoo([p], **kw), Q4Shampoo([q], **kw)
     for t, grad in enumerate(grads, 1):
         if t == bad_step:
@@ -433,6 +435,8 @@ def test_nan_gradient_skips_only_that_step(precond, bad_step, max_dim, bad_value
     ("adamw", 32, {}),                # fp32 moments: torch's fused AdamW (batch of one and batches of several)
     ("sgd", 4, {"nesterov": True}),
     ("sgd", 32, {"momentum": 0.0}),   # no moments at all
+    ("adamw", 4, {"grafting": "adam"}),
+    ("adamw", 32, {"grafting": "adam"}),
 ])
 def test_a_skipped_member_leaves_the_rest_of_its_batch_alone(first_order, bits, extra):
     # three same-shape matrices, two vectors and a lone matrix are stepped as batches; some get a bad gradient
