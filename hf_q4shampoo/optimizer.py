@@ -746,8 +746,11 @@ class Q4Shampoo(torch.optim.Optimizer):
         return keep
 
     def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The preconditioned, grafted direction the current roots give ``grad`` for parameter ``p``
-        (no state changes; for tests and inspection)."""
+        """The preconditioned, norm-grafted direction the current roots give ``grad`` for parameter ``p``
+        (no state changes; for tests and inspection). Not defined for ``grafting="adam"``, whose direction
+        depends on the second moment's update by ``grad``."""
+        if self.config.grafting != "norm":
+            raise NotImplementedError("Q4Shampoo._direction: only for grafting='norm'")
         state = self.state[p]
         for group in self._current_layout().groups:
             for m, s in enumerate(group.states):
