@@ -28,6 +28,7 @@ ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
 FACTOR_SCALINGS = ("column", "row")
 FACTOR_UPPERS = ("refine", "feedback")
+GRAFTINGS = ("norm", "adam")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "maximize")
@@ -50,6 +51,7 @@ LEGACY_STATE_LAYOUT = {
     "first_order_m_map": "dynamic",
     "factor_scaling": "row",
     "factor_upper": "feedback",
+    "grafting": "norm",
 }
 
 
@@ -80,6 +82,16 @@ class Q4ShampooConfig:
         first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
             (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
             block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
+        grafting: how a preconditioned matrix's direction gets its size (Shampoo's roots set only its shape):
+            ``"norm"`` (default): per tensor, ``G~ = G^ ||G||_F / ||G^||_F``, then the AdamW (or SGD) step runs on
+            ``G~`` (its m and v are moments of ``G~``). ``"adam"`` (Distributed Shampoo's Adam grafting): per
+            block, ``G~ = G^ ||A||_F / ||G^||_F`` with ``A = G / (sqrt(v / (1 - beta2^t)) + eps)`` the Adam step
+            of the raw gradient (``v <- beta2 v + (1 - beta2) G^2``, stored as ``first_order_bits`` /
+            ``first_order_v`` say); then ``m <- beta1 m + (1 - beta1) G~`` and
+            ``W <- (1 - lr wd) W - lr m / (1 - beta1^t)``. Before a matrix's first root its direction is ``A``
+            itself. Same state keys and bytes as AdamW (``exp_avg`` holds m of ``G~``, ``exp_avg_sq`` v of ``G``),
+            other meaning: a state field. Needs ``first_order="adamw"`` (SGD has no second moment to graft
+            to). Parameters without a preconditioner take plain AdamW either way.
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -155,7 +167,7 @@ class Q4ShampooConfig:
             and before a root (paper 2: 1 and 4).
 
     Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
-    first_order_min_quant_numel, first_order_v, first_order_m_map, max_precond_dim, max_aspect_ratio,
+    first_order_min_quant_numel, first_order_v, first_order_m_map, grafting, max_precond_dim, max_aspect_ratio,
     min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling, factor_upper) decide how
     the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
     other values of any of them.
@@ -206,6 +218,7 @@ class Q4ShampooConfig:
     first_order_min_quant_numel: int = _state_field(4096)
     first_order_v: str = _state_field("rank1")
     first_order_m_map: str = _state_field("linear2")
+    grafting: str = _state_field("norm")
     precond: str = _state_field("cholesky_ef")
     update_freq: int | str = "auto"
     root_freq: int | str = "auto"
@@ -244,6 +257,12 @@ class Q4ShampooConfig:
                 value = tuple(plain_value(b) for b in value)
             object.__setattr__(self, f.name, value)
             _validate(f.name, value)
+        if self.grafting == "adam" and self.first_order != "adamw":
+            raise ConfigError(
+                f"Q4Shampoo: grafting='adam' needs first_order='adamw' (got first_order={self.first_order!r}): it "
+                "rescales Shampoo's direction to the norm of the Adam step, from Adam's second moment, and applies "
+                "Adam's momentum to the result. With first_order='sgd' use grafting='norm'."
+            )
         if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError(
                 "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "
@@ -333,6 +352,7 @@ _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
     "first_order_v": ("rank1", "factored"),
     "first_order_m_map": ("linear2", "dynamic"),
+    "grafting": GRAFTINGS,
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,
     "quant_map": QUANT_MAPS,

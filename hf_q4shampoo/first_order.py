@@ -26,6 +26,11 @@ step does not wait for the accelerator: the new values of every member are compu
 the skipped members selected back with ``torch.where`` (or, for torch's fused AdamW, which cannot skip
 single tensors of a batch, restored from a copy taken before the call).
 
+Adam grafting (``adam_graft_batch_step``, Distributed Shampoo's rule) keeps the AdamW state with other
+contents: v is the second moment of the raw gradient G, whose Adam step ``A = G / (sqrt(v^) + eps)`` only
+sets the size of Shampoo's direction, and m is the momentum of the grafted direction, which is the step itself
+(no division by sqrt(v)).
+
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
 L2 term to the (grafted) gradient, then ``m <- mu m + g``, ``p <- p - lr m`` (or Nesterov).
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -51,8 +57,8 @@ from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
 __all__ = [
-    "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "first_order_keys", "quantized_moments",
-    "factored_shape", "V_MODES", "moment_bytes_by_kind",
+    "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "adam_graft_batch_step", "first_order_keys",
+    "quantized_moments", "factored_shape", "V_MODES", "moment_bytes_by_kind",
 ]
 
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
@@ -225,6 +231,25 @@ def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, 
     new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
     return _encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
+
+
+def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float,
+                    quantized: bool):
+    """Adam grafting's source of norms: the new second moment of the raw gradient and its Adam step
+    ``A = g / (sqrt(v / (1 - beta2^t)) + eps)``."""
+    if "_row" in v:
+        v_state, v_new = _factored_v(v, g, beta2)
+    else:
+        v_new = _decode_nonneg(v, tuple(g.shape)) * beta2 + (1.0 - beta2) * g * g
+        v_state = _encode_nonneg(v_new, quantized)
+    return v_state, g / (v_new.sqrt() / bias2_sqrt + eps)
+
+
+def _momentum_math(m: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor, beta1: float,
+                   quantized: bool, m_map: str = "dynamic", keep: torch.Tensor | None = None):
+    """Adam grafting's momentum: ``m <- beta1 m + (1 - beta1) d`` and the update ``lr m / (1 - beta1^t)``."""
+    m_new = _decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
+    return _encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -415,3 +440,48 @@ def sgd_batch_step(
                      quantized, m_map, keep)
     _write_back(moments, "momentum_buffer", buf, keep)
     _apply_update(params, update)
+
+
+def adam_graft_batch_step(
+    params: list[torch.Tensor],
+    grads: torch.Tensor,
+    moments: State,
+    graft: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    step: int,
+    lr: float | torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    compile_: bool = False,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One step of Adam grafting for K same-shape tensors, moments (AdamW's keys) updated in place::
+
+        v <- beta2 v + (1 - beta2) G^2 ;  A = G / (sqrt(v / (1 - beta2^t)) + eps)     (Adam step of G)
+        D = graft(A)                                   (Shampoo's direction at A's norm; A before a root)
+        m <- beta1 m + (1 - beta1) D ;  W <- (1 - lr wd) W - lr m / (1 - beta1^t)
+
+    ``grads`` is the raw fp32 ``(K, *shape)`` gradient; ``graft`` maps the Adam steps to the directions and
+    per-member flags of whether they are finite (None: all are). A member whose ``keep`` or ``graft`` flag
+    is false keeps its parameter, m and v as they were. Returns the combined flags (for the skip counters).
+    """
+    beta1, beta2 = betas
+    device = grads.device
+    quantized = _is_quantized(moments)
+    bias2_sqrt = _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step))
+    v_fn = maybe_compiled(_adam_step_math, device, compile_)
+    v, adam_step = v_fn(_batched(moments, "exp_avg_sq"), grads, bias2_sqrt, beta2, eps, quantized)
+    directions, ok = graft(adam_step)
+    if ok is not None:
+        keep = ok if keep is None else keep & ok
+    m_fn = maybe_compiled(_momentum_math, device, compile_)
+    m, update = m_fn(_batched(moments, "exp_avg"), directions, _scalars(device, "lr", lr),
+                     _scalars(device, "bias1", 1.0 - beta1**step), beta1, quantized, m_map, keep)
+    _write_back(moments, "exp_avg_sq", v, keep)
+    _write_back(moments, "exp_avg", m, keep)
+    if weight_decay:
+        _decay(params, lr, weight_decay, keep)
+    _apply_update(params, update)
+    return keep

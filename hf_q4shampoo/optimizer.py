@@ -5,8 +5,15 @@ One step, for every matrix parameter W with gradient G (paper 2 Algorithm 4; pap
     if t % update_freq == 0:  L <- beta L + (1-beta) G G^T ;  R <- beta R + (1-beta) G^T G   (per block)
     if t % root_freq   == 0:  L^ <- (L + eps lmax I)^-1/4 ;  R^ <- (R + eps lmax I)^-1/4
     G^ = L^ G R^                                  (per block, merged back)
-    G~ = G^ * ||G||_F / ||G^||_F                  (norm grafting, per tensor)
-    W  <- first_order_step(W, G~)                 (AdamW or SGD-momentum)
+    grafting="norm" (default):
+        G~ = G^ * ||G||_F / ||G^||_F              (per tensor)
+        W  <- first_order_step(W, G~)             (AdamW or SGD-momentum on G~)
+    grafting="adam" (Distributed Shampoo's Adam grafting; first_order.adam_graft_batch_step):
+        v  <- beta2 v + (1-beta2) G^2 ;  A = G / (sqrt(v / (1-beta2^t)) + eps)     (Adam step of G)
+        G~ = G^ * ||A||_F / ||G^||_F              (per block; G~ = A before the first root)
+        m  <- beta1 m + (1-beta1) G~ ;  W <- (1 - lr wd) W - lr m / (1-beta1^t)
+
+Parameters without a preconditioner (1-D, small) take the plain AdamW / SGD step in both modes.
 
 A parameter whose gradient has a NaN or infinite entry skips that step entirely: its statistics, roots,
 first-order moments and value stay as they were (only its step counter advances), and the skip is counted
@@ -41,6 +48,7 @@ from .blocking import local_tensor as _local
 from .config import GROUP_KEYS, LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig, plain_value
 from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
 from .first_order import (
+    adam_graft_batch_step,
     adamw_batch_step,
     first_order_keys,
     init_first_order_state,
@@ -75,6 +83,13 @@ def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tenso
     amax = amax.float()
     safe = torch.where(amax > 0, amax, 1.0)  # an all-zero member: norm 0 whatever the divisor
     return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
+
+
+def _flat(grafted: tuple[torch.Tensor, torch.Tensor | None],
+          shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grafted matrix directions back in the parameters' stacked shape."""
+    directions, ok = grafted
+    return directions.reshape(shape), ok
 
 
 def _lr_number(lr: torch.Tensor) -> float:
@@ -557,6 +572,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         g = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
         directions = g
         keep = batch.finite
+        if self.config.grafting == "adam" and batch.group.plan is not None:
+            self._adam_graft_step(batch, g)
+            return
         if batch.ready:
             g2 = g.reshape(len(grads), *batch.group.plan.matrix_shape)
             with self._stage("apply"):
@@ -715,9 +733,56 @@ class Q4Shampoo(torch.optim.Optimizer):
             return pre, ok
         return g2.index_copy(0, index, pre), ok
 
-    def _first_order_step(self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    def _adam_graft_step(self, batch: _Batch, g: torch.Tensor) -> None:
+        """``grafting="adam"`` for one batch of preconditioned members: the Adam step of the raw gradient sets
+        each block's norm, momentum runs on the grafted direction (module docstring); members before their
+        first root step along the Adam step itself. Skips as in :meth:`_step_batch`."""
+        pre = None
+        if batch.ready:
+            g2 = g.reshape(len(batch.grads), *batch.group.plan.matrix_shape)
+            with self._stage("apply"):
+                pre = self._precondition(batch, g2, batch.ready)
+            if self.param_groups[batch.group.group_index].get("maximize", False):
+                pre = pre.neg_()  # the gradient is negated for the step below: keep G^ linear in it
+
+        def graft(adam_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if pre is None:
+                return adam_step, None
+            with self._stage("grafting"):
+                return self._graft_blocks(adam_step.reshape(len(batch.grads), *batch.group.plan.matrix_shape), pre,
+                                          batch)
+
+        with self._stage("first_order"):
+            keep = self._first_order_step(batch, g, batch.finite, graft=graft)
+        self._count_skips(batch, keep)
+
+    def _graft_blocks(self, a2: torch.Tensor, pre: torch.Tensor,
+                      batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rescale each block of the preconditioned directions ``pre`` (members ``batch.ready``) to the Frobenius
+        norm of the same block of the Adam steps ``a2`` (every member, ``(K, rows, cols)``); members not ready
+        keep their Adam step. Returns the directions ``(K, rows, cols)`` and per-member flags ``(K,)`` of
+        whether every rescaling was finite."""
+        positions = batch.ready
+        every = len(positions) == a2.shape[0]
+        index = None if every else self._index(positions, a2.device)
+        target = a2 if every else a2[index]
+        ok = torch.ones(len(positions), dtype=torch.bool, device=a2.device)
+        for region in batch.group.plan.regions:
+            blocks = extract_blocks(pre, region)
+            ratio = _frobenius(extract_blocks(target, region)) / _frobenius(blocks).add_(_GRAFT_EPS)
+            insert_blocks(pre, region, blocks * ratio[:, None, None])
+            ok &= torch.isfinite(ratio).reshape(len(positions), region.num_blocks).all(1)
+        if every:
+            return pre, ok
+        flags = torch.ones(a2.shape[0], dtype=torch.bool, device=a2.device)
+        return a2.index_copy(0, index, pre), flags.index_copy(0, index, ok)
+
+    def _first_order_step(self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None,
+                          graft: Callable | None = None) -> torch.Tensor | None:
         """The AdamW / SGD step for the members of one batch (same group, shape and step), in place;
-        members whose ``keep`` flag is false stay as they are."""
+        members whose ``keep`` flag is false stay as they are. With ``graft`` (``grafting="adam"``),
+        ``directions`` is the raw gradient and ``graft`` maps its Adam step to the step's directions
+        (:func:`~hf_q4shampoo.first_order.adam_graft_batch_step`). Returns the flags the step used."""
         cfg = self.config
         group = self.param_groups[batch.group.group_index]
         if group.get("maximize", False):
@@ -727,7 +792,14 @@ class Q4Shampoo(torch.optim.Optimizer):
         whole = batch.members == list(range(batch.group.size))
         index = None if whole else self._index(batch.members, directions.device)
         moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
-        if cfg.first_order == "adamw":
+        if graft is not None:
+            shape = directions.shape
+            keep = adam_graft_batch_step(
+                params, directions, moments, lambda a: _flat(graft(a), shape), step=batch.step, lr=group["lr"],
+                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                compile_=cfg.use_compile, keep=keep, m_map=cfg.first_order_m_map,
+            )
+        elif cfg.first_order == "adamw":
             adamw_batch_step(
                 params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                 weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
@@ -742,10 +814,14 @@ class Q4Shampoo(torch.optim.Optimizer):
         if not whole:
             for k, v in stacked.items():
                 v.index_copy_(0, index.to(v.device), moments[k])
+        return keep
 
     def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The preconditioned, grafted direction the current roots give ``grad`` for parameter ``p``
-        (no state changes; for tests and inspection)."""
+        """The preconditioned, norm-grafted direction the current roots give ``grad`` for parameter ``p``
+        (no state changes; for tests and inspection). Not defined for ``grafting="adam"``, whose direction
+        depends on the second moment's update by ``grad``."""
+        if self.config.grafting != "norm":
+            raise NotImplementedError("Q4Shampoo._direction: only for grafting='norm'")
         state = self.state[p]
         for group in self._current_layout().groups:
             for m, s in enumerate(group.states):

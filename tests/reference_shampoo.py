@@ -26,10 +26,11 @@ def _root(mat: torch.Tensor, eps: float) -> torch.Tensor:
 class ReferenceShampoo:
     def __init__(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, first_order="adamw",
                  momentum=0.9, nesterov=False, stat_decay=0.95, matrix_eps=1e-6, update_freq=1, root_freq=1,
-                 max_precond_dim=1024, max_aspect_ratio=16.0, min_precond_numel=64):
+                 max_precond_dim=1024, max_aspect_ratio=16.0, min_precond_numel=64, grafting="norm"):
         self.params = [p.detach().double().clone() for p in params]
         self.h = dict(lr=lr, betas=betas, eps=eps, wd=weight_decay, first_order=first_order, momentum=momentum,
-                      nesterov=nesterov, beta=stat_decay, meps=matrix_eps, t1=update_freq, t2=root_freq)
+                      nesterov=nesterov, beta=stat_decay, meps=matrix_eps, t1=update_freq, t2=root_freq,
+                      grafting=grafting)
         self.t = 0
         self.blocks = []  # per param: list of dicts(rows, cols, L, R, Lr, Rr) or None
         for p in self.params:
@@ -51,6 +52,7 @@ class ReferenceShampoo:
             self.blocks.append((m, n, blocks))
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
+        self.last_direction = [None] * len(self.params)  # Adam grafting: the grafted direction of the last step
 
     def step(self, grads):
         h = self.h
@@ -59,6 +61,9 @@ class ReferenceShampoo:
         for i, (p, g) in enumerate(zip(self.params, grads)):
             g = g.double()
             d = g
+            if self.blocks[i] is not None and h["grafting"] == "adam":
+                self._adam_grafted_step(i, p, g)
+                continue
             if self.blocks[i] is not None:
                 m, n, blocks = self.blocks[i]
                 g2 = g.reshape(m, n)
@@ -91,3 +96,35 @@ class ReferenceShampoo:
                 self.m[i] = h["momentum"] * self.m[i] + d
                 step_dir = d + h["momentum"] * self.m[i] if h["nesterov"] else self.m[i]
                 p.sub_(h["lr"] * step_dir)
+
+    def _adam_grafted_step(self, i, p, g):
+        """Distributed Shampoo's Adam grafting, written out: v of the raw gradient, each block's Shampoo
+        direction at the norm of that block's Adam step (the Adam step itself before the first root), momentum
+        on the result, decoupled decay."""
+        h, t = self.h, self.t
+        b1, b2 = h["betas"]
+        m, n, blocks = self.blocks[i]
+        g2 = g.reshape(m, n)
+        self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+        adam = (g / ((self.v[i] / (1 - b2**t)).sqrt() + h["eps"])).reshape(m, n)
+        out = adam.clone()
+        for blk in blocks:
+            (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
+            gb = g2[r0:r1, c0:c1]
+            if t % h["t1"] == 0:
+                if blk["L"] is not None:
+                    blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
+                if blk["R"] is not None:
+                    blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
+            if t % h["t2"] == 0:
+                if blk["L"] is not None:
+                    blk["Lr"] = _root(blk["L"], h["meps"])
+                if blk["R"] is not None:
+                    blk["Rr"] = _root(blk["R"], h["meps"])
+            if t >= h["t2"]:  # a root exists
+                pre = blk["Lr"] @ gb @ blk["Rr"]
+                out[r0:r1, c0:c1] = pre * (adam[r0:r1, c0:c1].norm() / pre.norm())
+        self.last_direction[i] = out.reshape(g.shape)
+        self.m[i] = b1 * self.m[i] + (1 - b1) * out.reshape(g.shape)
+        p.mul_(1 - h["lr"] * h["wd"])
+        p.sub_(h["lr"] / (1 - b1**t) * self.m[i])

@@ -12,6 +12,7 @@ def test_defaults_are_the_documented_ones():
     assert c.quant_map == "linear2" and c.quant_block_size == 64 and c.min_quant_numel == 4096
     assert (c.bjorck_update_iters, c.bjorck_root_iters) == (1, 4)
     assert c.first_order == "adamw" and c.first_order_bits == 4
+    assert c.grafting == "norm"
 
 
 def test_parse_optim_args_types_and_spaces():
@@ -133,6 +134,9 @@ def test_sparse_mfac_optim_args_errors(text, message):
     ({"quant_block_size": 10**9}, r"quant_block_size must be an integer in \[2, 4096\], got 1000000000"),
     ({"first_order": "sgd", "nesterov": True, "momentum": 0.0}, "nesterov=True needs momentum > 0"),
     ({"first_order_min_quant_numel": -1}, "first_order_min_quant_numel must be an integer >= 0"),
+    ({"grafting": "sgd"}, "grafting='sgd' is not valid; allowed values: 'norm', 'adam'"),
+    ({"grafting": "Adam"}, "grafting='Adam' is not valid; allowed values: 'norm', 'adam'"),
+    ({"grafting": "adam", "first_order": "sgd"}, "grafting='adam' needs first_order='adamw'.*grafting='norm'"),
 ])
 def test_values_accepted_before_but_wrong_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -175,7 +179,7 @@ def test_state_keys_come_from_field_metadata():
 
     flagged = {f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state")}
     assert set(STATE_LAYOUT_KEYS) == flagged
-    assert {"quant_map", "quant_block_size", "root_bits", "precond", "first_order_bits"} <= flagged
+    assert {"quant_map", "quant_block_size", "root_bits", "precond", "first_order_bits", "grafting"} <= flagged
     assert not {"update_freq", "root_freq", "lr", "stat_decay", "root_method"} & flagged
 
 
@@ -188,6 +192,8 @@ def test_state_keys_come_from_field_metadata():
     ("quant_block_size=1000000000", ["quant_block_size must be an integer in [2, 4096]"]),
     ("first_order=sgd,nesterov=true,momentum=0", ["nesterov=True needs momentum > 0"]),
     ("precond=", ["precond=''", "'cholesky_ef'"]),
+    ("grafting=rmsprop", ["grafting='rmsprop' is not valid", "'norm', 'adam'", "optim_args grafting=rmsprop"]),
+    ("grafting=adam,first_order=sgd", ["grafting='adam' needs first_order='adamw'", "first_order='sgd'"]),
 ])
 def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fragments):
     with pytest.raises(ConfigError) as info:
@@ -196,3 +202,13 @@ def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fra
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_grafting_is_documented_and_parsed():
+    doc = Q4ShampooConfig.__doc__
+    assert "grafting: " in doc and '``"norm"`` (default)' in doc and '``"adam"``' in doc
+    assert "first_order_m_map, grafting," in doc  # listed among the state fields
+    assert parse_optim_args("grafting=ADAM") == {"grafting": "adam"}
+    from hf_q4shampoo.config import LEGACY_STATE_LAYOUT
+
+    assert LEGACY_STATE_LAYOUT["grafting"] == "norm"  # checkpoints saved before the option were norm-grafted

@@ -384,19 +384,21 @@ def _changed(before: dict, after: dict) -> list[str]:
     return [k for k in before if k not in counters and not torch.equal(before[k], after[k])]
 
 
-@pytest.mark.parametrize("precond", ["cholesky_ef", "eigen", "fp32"])
+@pytest.mark.parametrize("precond,grafting", [
+    ("cholesky_ef", "norm"), ("eigen", "norm"), ("fp32", "norm"), ("cholesky_ef", "adam"), ("fp32", "adam"),
+])
 @pytest.mark.parametrize("bad_step,max_dim,bad_value", [
     (3, 1024, float("nan")),   # a statistics-only step (roots at 2, 4, ...), one block per side
     (4, 1024, float("inf")),   # a statistics + root step
     (3, 48, float("nan")),     # four blocks: the finite blocks' statistics must not move either
 ])
-def test_nan_gradient_skips_only_that_step(precond, bad_step, max_dim, bad_value):
+def test_nan_gradient_skips_only_that_step(precond, grafting, bad_step, max_dim, bad_value):
     # the issue's reproduction: 96x80, update_freq=1, root_freq=2, good steps, one bad entry, good steps
     g = torch.Generator().manual_seed(5)
     grads = [torch.randn(96, 80, generator=g) * torch.linspace(0.1, 3, 80) for _ in range(8)]
     start = torch.randn(96, 80, generator=g)
     p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    kw = dict(lr=1e-2, update_freq=1, root_freq=2, precond=precond, max_precond_dim=max_dim)
+    kw = dict(lr=1e-2, update_freq=1, root_freq=2, precond=precond, max_precond_dim=max_dim, grafting=grafting)
     opt, ref = Q4Shampoo([p], **kw), Q4Shampoo([q], **kw)
     for t, grad in enumerate(grads, 1):
         if t == bad_step:
@@ -422,6 +424,8 @@ def test_nan_gradient_skips_only_that_step(precond, bad_step, max_dim, bad_value
     ("adamw", 32, {}),                # fp32 moments: torch's fused AdamW (batch of one and batches of several)
     ("sgd", 4, {"nesterov": True}),
     ("sgd", 32, {"momentum": 0.0}),   # no moments at all
+    ("adamw", 4, {"grafting": "adam"}),
+    ("adamw", 32, {"grafting": "adam"}),
 ])
 def test_a_skipped_member_leaves_the_rest_of_its_batch_alone(first_order, bits, extra):
     # three same-shape matrices, two vectors and a lone matrix are stepped as batches; some get a bad gradient
@@ -691,3 +695,149 @@ def test_maximize_is_minimizing_the_negated_gradient(first_order):
         opt_down.step()
     for p, q in zip(up, down):
         assert torch.equal(p, q)
+
+
+# ---- grafting="adam" (Distributed Shampoo's Adam grafting) ----------------------------------------
+
+GRAFT_SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1), (48, 20)]
+
+
+def _fresh(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) * torch.linspace(0.1, 3.0, s[-1]) * (0.5 + t % 3)
+              for s in shapes] for t in range(13)]
+    return params, grads
+
+
+def test_adam_grafting_matches_fp64_reference():
+    # blocks of 32 cut (40, 70) into 6 blocks of 3 region shapes; (300, 10) has a left side only; the 1-D and
+    # (1, 50, 1) tensors take plain AdamW; roots at 4, 8, 12 (identity before: the Adam step itself)
+    hyper = dict(lr=0.01, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, stat_decay=0.9, matrix_eps=1e-4,
+                 update_freq=2, root_freq=4, max_precond_dim=32)
+    params, grads = _fresh(GRAFT_SHAPES, seed=int(torch.randint(0, 10**6, ())))
+    start = [p.detach().double().clone() for p in params]
+    ref = ReferenceShampoo(params, grafting="adam", **hyper)
+    opt = Q4Shampoo(params, precond="fp32", grafting="adam", first_order_bits=32, root_method="eigh",
+                    refresh_spread=1, **hyper)
+    worst = 0.0
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(step_grads)
+        for p, r, p0 in zip(params, ref.params, start):
+            worst = max(worst, float((p.detach().double() - r).norm() / (r - p0).norm()))
+    print(f"adam grafting: worst relative error of the displacement vs fp64, 13 steps: {worst:.2e}")
+    assert worst < 2e-4
+    # the same run with norm grafting moves the matrices elsewhere (the option is not silently ignored)
+    other = [torch.nn.Parameter(p0.float()) for p0 in start]
+    _train(lambda ps: Q4Shampoo(ps, precond="fp32", first_order_bits=32, root_method="eigh", refresh_spread=1,
+                                **hyper), other, grads)
+    assert float((other[0].detach().double() - ref.params[0]).norm() / (ref.params[0] - start[0]).norm()) > 0.05
+
+
+@pytest.mark.parametrize("precond", ["fp32", "cholesky_ef"])
+def test_adam_grafted_update_has_the_adam_steps_norm(precond):
+    # beta1 = 0, no decay: the update is lr * the grafted direction. Per block, its norm must be that of the
+    # Adam step A = g / (sqrt(v^) + eps) computed here in fp64; before a member's first root it is A itself.
+    # Four same-shape matrices with spread root offsets: their batch mixes ready and not-ready members.
+    shapes = [(40, 70)] * 4 + [(30,)]
+    params, grads = _fresh(shapes, seed=int(torch.randint(0, 10**6, ())))
+    for p in params:  # small parameters: their fp32 rounding stays far below the tolerance of the displacement
+        p.data.zero_()
+    lr, b2, eps = 0.01, 0.99, 1e-8
+    opt = Q4Shampoo(params, lr=lr, betas=(0.0, b2), eps=eps, precond=precond, grafting="adam", first_order_bits=32,
+                    update_freq=1, root_freq=4, refresh_spread=4, max_precond_dim=32)
+    v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    mixed = False
+    for t, step_grads in enumerate(grads, 1):
+        before = [p.detach().double().clone() for p in params]
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        ready = []
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            v[i] = b2 * v[i] + (1 - b2) * g.double() ** 2
+            adam = g.double() / ((v[i] / (1 - b2**t)).sqrt() + eps)
+            direction = (before[i] - p.detach().double()) / lr
+            if len(shapes[i]) == 1:
+                continue
+            offset = int(opt.state[p]["root_offset"])
+            ready.append(t >= offset + 4)
+            if not ready[-1]:
+                torch.testing.assert_close(direction, adam, rtol=1e-4, atol=1e-5)
+                continue
+            for r0 in range(0, 40, 32):
+                for c0 in range(0, 70, 32):
+                    blk = (slice(r0, r0 + 32), slice(c0, c0 + 32))
+                    ratio = float(direction[blk].norm() / adam[blk].norm())
+                    assert abs(ratio - 1) < 1e-4, (t, i, r0, c0, ratio)
+            assert not torch.allclose(direction, adam, rtol=1e-2)  # it is Shampoo's direction, at A's norm
+        mixed |= any(ready) and not all(ready)
+    assert mixed  # the partial-batch path ran
+
+
+@pytest.mark.parametrize("precond,bits", [("cholesky_ef", 4), ("fp32", 32), ("eigen", 4)])
+def test_adam_grafting_exact_resume(precond, bits):
+    kw = dict(lr=0.01, weight_decay=0.05, precond=precond, grafting="adam", first_order_bits=bits, update_freq=2,
+              root_freq=3, max_precond_dim=64, min_quant_numel=256, first_order_min_quant_numel=256)
+    params, grads = _fresh(GRAFT_SHAPES, seed=3)
+    start = [p.detach().clone() for p in params]
+    straight = [torch.nn.Parameter(x.clone()) for x in start]
+    _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
+    first = [torch.nn.Parameter(x.clone()) for x in start]
+    saved = _roundtrip(_train(lambda p: Q4Shampoo(p, **kw), first, grads[:5]))
+    assert saved["q4shampoo_config"]["grafting"] == "adam"
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt = Q4Shampoo(resumed, **kw)
+    opt.load_state_dict(saved)
+    if bits == 4:
+        assert any(v.dtype == torch.uint8 for v in opt.state[resumed[0]].values() if isinstance(v, torch.Tensor))
+    for step_grads in grads[5:]:
+        for p, g in zip(resumed, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b), "resumed run must be bitwise identical on CPU"
+    # the state has AdamW's keys and shapes but another meaning: a checkpoint of the other grafting is refused
+    norm = Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **{**kw, "grafting": "norm"})
+    with pytest.raises(ConfigError, match="grafting: saved 'adam', now 'norm'"):
+        norm.load_state_dict(saved)
+    legacy = dict(saved, q4shampoo_config={k: v for k, v in saved["q4shampoo_config"].items() if k != "grafting"})
+    with pytest.raises(ConfigError, match="grafting: saved 'norm', now 'adam'"):  # saved before the option: norm
+        Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **kw).load_state_dict(legacy)
+
+
+def test_adam_grafting_maximize_is_descent_on_the_negated_gradient():
+    params, grads = _fresh([(40, 70), (70,)], seed=9)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=0.01, precond="fp32", grafting="adam", update_freq=1, root_freq=2)
+    up, down = Q4Shampoo(params, maximize=True, **kw), Q4Shampoo(twin, **kw)
+    for step_grads in grads[:6]:
+        for p, q, g in zip(params, twin, step_grads):
+            p.grad, q.grad = g.clone(), -g
+        up.step()
+        down.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_adam_grafting_skips_a_member_whose_direction_is_not_finite():
+    # a bad preconditioned direction (not a bad gradient) must skip that member's m, v and value only
+    params, grads = _fresh([(40, 70)] * 2, seed=4)
+    opt = Q4Shampoo(params, lr=0.01, precond="fp32", grafting="adam", update_freq=1, root_freq=2, refresh_spread=1)
+    _train(lambda p: opt, params, grads[:2])
+    bucket = opt._current_layout().groups[0].slots[0].bucket
+    rows = opt._current_layout().groups[0].slots[0].member_rows(1)
+    root_key = next(k for k in bucket.storage if k.startswith("root"))
+    bucket.storage[root_key][rows.start].fill_(float("nan"))
+    before = [_state_tensors(opt, p) for p in params]
+    for p, g in zip(params, grads[2]):
+        p.grad = g.clone()
+    opt.step()  # step 3: no root refresh, so the NaN root is used (the statistics take the finite gradient)
+    kept = ["param", "state.exp_avg", "state.exp_avg_sq"]
+    assert [k for k in _changed(before[1], _state_tensors(opt, params[1])) if k in kept] == []
+    assert [k for k in _changed(before[0], _state_tensors(opt, params[0])) if k in kept] == kept
+    assert torch.isfinite(params[1]).all()
+    assert [int(opt.state[p]["skipped_updates"]) for p in params] == [0, 1]
