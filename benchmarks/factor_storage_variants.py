@@ -64,8 +64,13 @@ class Prototype(CholeskyForm):
         self.table = get_code(settings.quant_map)[0]
 
     def init_state(self, n, k, device):
-        state = {"cbar": (self.s.matrix_eps**0.5) * torch.eye(n).expand(k, n, n).clone(), "ridge": torch.zeros(k),
-                 "err": torch.zeros(k, n, n), "serr": torch.zeros(k, n, n), "b": torch.zeros(k, n)}
+        state = {
+            "cbar": (self.s.matrix_eps**0.5) * torch.eye(n).expand(k, n, n).clone(),
+            "ridge": torch.zeros(k),
+            "err": torch.zeros(k, n, n),
+            "serr": torch.zeros(k, n, n),
+            "b": torch.zeros(k, n),
+        }
         state.update(self._store_symmetric(torch.eye(n).expand(k, n, n).contiguous(), "root", False, packed=True))
         return state
 
@@ -74,8 +79,9 @@ class Prototype(CholeskyForm):
         return out - torch.diag_embed(st["b"])
 
     def _q(self, x, table=None, stochastic=False):
-        return torch.tril(_roundtrip(x, self.table if table is None else table,
-                                     generator=self.gen if stochastic else None), -1)
+        return torch.tril(
+            _roundtrip(x, self.table if table is None else table, generator=self.gen if stochastic else None), -1
+        )
 
     def update_statistics(self, st, gram):
         n = gram.shape[-1]
@@ -114,8 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--side", default="R")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    variants = {"cholesky": {"precond": "cholesky"}, "cholesky_ef": {"precond": "cholesky_ef"},
-                "refine": {"precond": "cholesky_ef", "factor_upper": "refine"}}
+    variants = {
+        "cholesky": {"precond": "cholesky"},
+        "cholesky_ef": {"precond": "cholesky_ef"},
+        "refine": {"precond": "cholesky_ef", "factor_upper": "refine"},
+    }
     variants.update({f"prototype {k}": (lambda s, k=k: Prototype(s, k)) for k in KINDS})
     hc.print_diagnosis(hc.diagnose(args.problem, variants, side=args.side))
     return 0

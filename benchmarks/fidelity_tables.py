@@ -27,8 +27,9 @@ def captured_preconditioners(epochs: int = 6, hidden: int = 512, seed: int = 0) 
     (x, y), _ = digits_data(seed)
     torch.manual_seed(seed)
     model = digits_mlp(hidden)
-    opt = Q4Shampoo(model.parameters(), lr=3e-3, precond="fp32", first_order_bits=32, update_freq=1, root_freq=10,
-                    refresh_spread=1)
+    opt = Q4Shampoo(
+        model.parameters(), lr=3e-3, precond="fp32", first_order_bits=32, update_freq=1, root_freq=10, refresh_spread=1
+    )
     train_epochs(model, opt, x, y, epochs, seed)
     sides = opt.state[model[2].weight]["regions"][0]
     return {

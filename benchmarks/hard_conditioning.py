@@ -51,9 +51,16 @@ FORMS = ("fp32", "naive", "cholesky", "cholesky_ef", "eigen")
 LS_LRS = (0.05, 0.1, 0.2, 0.4, 0.8)
 MLP_LRS = (0.0025, 0.005, 0.01, 0.02, 0.04)
 DEFAULT_PROBLEMS = (
-    "ls_k1e2_256x128", "ls_k1e4_256x128", "ls_k1e6_256x128", "ls_k1e8_256x128",
-    "ls_k1e2_128x128", "ls_k1e4_128x128", "ls_k1e6_128x128", "ls_k1e8_128x128",
-    "mlp_raw_k1e4", "mlp_whitened_k1e4",
+    "ls_k1e2_256x128",
+    "ls_k1e4_256x128",
+    "ls_k1e6_256x128",
+    "ls_k1e8_256x128",
+    "ls_k1e2_128x128",
+    "ls_k1e4_128x128",
+    "ls_k1e6_128x128",
+    "ls_k1e8_128x128",
+    "mlp_raw_k1e4",
+    "mlp_whitened_k1e4",
 )
 
 
@@ -115,7 +122,8 @@ class Problem:
             torch.nn.init.zeros_(m.weight)
             return m
         return torch.nn.Sequential(
-            torch.nn.Linear(inp, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, out))
+            torch.nn.Linear(inp, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, out)
+        )
 
     def loss(self, model: torch.nn.Module, idx: torch.Tensor | None = None) -> torch.Tensor:
         x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
@@ -148,8 +156,9 @@ def make_optimizer(spec: dict, params, lr: float):
     return Q4Shampoo(params, lr=lr, **spec)
 
 
-def run(problem: Problem, spec: dict, lr: float, steps: int = 200, batch: int = 256, warmup: int = 10,
-        record=None) -> float:
+def run(
+    problem: Problem, spec: dict, lr: float, steps: int = 200, batch: int = 256, warmup: int = 10, record=None
+) -> float:
     """Final full-batch loss of one run (inf if it diverged)."""
     model = problem.model()
     opt = make_optimizer(spec, model.parameters(), lr)
@@ -227,9 +236,15 @@ def diagnose(problem_name: str, variants: dict, steps: int = 200, lr: float = 0.
     lam, vec = torch.linalg.eigh(exact)
     k = max(1, n // 10)
     f_exact = _root64(exact, eps)
-    out = {"problem": problem_name, "side": side, "order": n, "steps": steps,
-           "condition": float(lam.max() / lam.clamp_min(1e-300).min()), "variants": {},
-           "single_shot": {s: single_shot(exact, s) for s in ("row", "column")}}
+    out = {
+        "problem": problem_name,
+        "side": side,
+        "order": n,
+        "steps": steps,
+        "condition": float(lam.max() / lam.clamp_min(1e-300).min()),
+        "variants": {},
+        "single_shot": {s: single_shot(exact, s) for s in ("row", "column")},
+    }
     for name, opts in variants.items():
         if callable(opts):
             # prototypes build on paper 1's layout (row scaling, feedback), as they did when measured
@@ -249,8 +264,10 @@ def diagnose(problem_name: str, variants: dict, steps: int = 200, lr: float = 0.
         root_err = (vec.T @ (f_stored - f_exact) @ vec).diagonal() / fe
         nre = float(torch.linalg.matrix_norm(f_stored - f_exact) / torch.linalg.matrix_norm(f_exact))
         out["variants"][name] = {
-            "stat_err_small": float(stat_err[:k].mean()), "stat_err_large": float(stat_err[-k:].mean()),
-            "root_err_small": float(root_err[:k].mean()), "root_err_large": float(root_err[-k:].mean()),
+            "stat_err_small": float(stat_err[:k].mean()),
+            "stat_err_large": float(stat_err[-k:].mean()),
+            "root_err_small": float(root_err[:k].mean()),
+            "root_err_large": float(root_err[-k:].mean()),
             "root_nre": nre,
         }
     return out
@@ -274,8 +291,11 @@ def single_shot(a: torch.Tensor, scaling: str = "row") -> dict:
     linear = 2 * ((vec.T @ c) * (vec.T @ dc)).sum(1) / lam
     quad = ((vec.T @ dc) ** 2).sum(1) / lam
     centred = quad - (vec**2).T @ (dc**2).sum(1) / lam
-    return {"linear_small": float(linear[:k].mean()), "quadratic_small": float(quad[:k].mean()),
-            "quadratic_minus_diagonal_small": float(centred[:k].mean())}
+    return {
+        "linear_small": float(linear[:k].mean()),
+        "quadratic_small": float(quad[:k].mean()),
+        "quadratic_minus_diagonal_small": float(centred[:k].mean()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,14 +306,19 @@ def single_shot(a: torch.Tensor, scaling: str = "row") -> dict:
 def print_diagnosis(res: dict) -> None:
     print(f"{res['problem']} side {res['side']} (order {res['order']}, condition {res['condition']:.2g})")
     for scaling, r in res["single_shot"].items():
-        print(f"single shot, {scaling} scaling, small 10%: linear {r['linear_small']:+.3g}, quadratic "
-              f"{r['quadratic_small']:+.3g}, quadratic minus its diagonal {r['quadratic_minus_diagonal_small']:+.3g}")
-    print("| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% "
-          "| root NRE |")
+        print(
+            f"single shot, {scaling} scaling, small 10%: linear {r['linear_small']:+.3g}, quadratic "
+            f"{r['quadratic_small']:+.3g}, quadratic minus its diagonal {r['quadratic_minus_diagonal_small']:+.3g}"
+        )
+    print(
+        "| variant | stat err, small 10% | stat err, large 10% | root err, small 10% | root err, large 10% | root NRE |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in res["variants"].items():
-        print(f"| {name} | {r['stat_err_small']:+.3g} | {r['stat_err_large']:+.3g} | {r['root_err_small']:+.3g} | "
-              f"{r['root_err_large']:+.3g} | {r['root_nre']:.3g} |")
+        print(
+            f"| {name} | {r['stat_err_small']:+.3g} | {r['stat_err_large']:+.3g} | {r['root_err_small']:+.3g} | "
+            f"{r['root_err_large']:+.3g} | {r['root_nre']:.3g} |"
+        )
 
 
 def _table(results: dict, names: list[str], problems: list[str]) -> str:
@@ -332,8 +357,13 @@ def main(argv=None) -> int:
 
     schedule = parse_optim_args(args.schedule)
     if args.diagnose:
-        variants = {"fp32": {"precond": "fp32"}, "naive": {"precond": "naive"}, "cholesky": {"precond": "cholesky"},
-                    "cholesky_ef": {"precond": "cholesky_ef"}, "eigen": {"precond": "eigen"}}
+        variants = {
+            "fp32": {"precond": "fp32"},
+            "naive": {"precond": "naive"},
+            "cholesky": {"precond": "cholesky"},
+            "cholesky_ef": {"precond": "cholesky_ef"},
+            "eigen": {"precond": "eigen"},
+        }
         for text in args.extra:
             name, _, opts = text.partition(":")
             variants[name] = parse_optim_args(opts.replace(";", ","))
@@ -359,15 +389,25 @@ def main(argv=None) -> int:
         for name, spec in specs.items():
             results[pname][name] = grid(problem, spec, lrs, args.steps)
             r = results[pname][name]
-            print(f"{pname:22s} {name:24s} best lr {r['best_lr']:<6g} loss {r['loss']:.4g}  "
-                  f"[{', '.join(f'{v:.3g}' for v in r['losses'].values())}]  ({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"{pname:22s} {name:24s} best lr {r['best_lr']:<6g} loss {r['loss']:.4g}  "
+                f"[{', '.join(f'{v:.3g}' for v in r['losses'].values())}]  ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     names = list(specs)
     print()
     print(_table(results, names, problems))
     if args.json:
-        payload = {"command": " ".join(sys.argv), "machine": "2-core CPU", "date": time.strftime("%Y-%m-%d"),
-                   "steps": args.steps, "lrs": given or {"ls": LS_LRS, "mlp": MLP_LRS}, "schedule": schedule,
-                   "specs": specs, "results": results}
+        payload = {
+            "command": " ".join(sys.argv),
+            "machine": "2-core CPU",
+            "date": time.strftime("%Y-%m-%d"),
+            "steps": args.steps,
+            "lrs": given or {"ls": LS_LRS, "mlp": MLP_LRS},
+            "schedule": schedule,
+            "specs": specs,
+            "results": results,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0

@@ -76,8 +76,11 @@ VARIANTS = {  # name -> (patch or None, first_order_bits, options)
     "m fp32, v 4-bit": (lambda: _set_m((lambda x, q, *_: {"": x}, ORIGINAL[1])), 4, {}),
     "m 4-bit, v fp32": (lambda: _set_v((lambda x, q: {"": x}, ORIGINAL[3])), 4, {"first_order_m_map": "dynamic"}),
     "m blocks of 32": (lambda: _set_m(_blockwise("dynamic", 32)), 4, {}),
-    "v block-wise 128 (no rank-1)": (lambda: _set_v(_blockwise("zero_free_linear", 128)), 4,
-                                     {"first_order_m_map": "dynamic"}),
+    "v block-wise 128 (no rank-1)": (
+        lambda: _set_v(_blockwise("zero_free_linear", 128)),
+        4,
+        {"first_order_m_map": "dynamic"},
+    ),
     "v stored as sqrt(v)": (_sqrt_v, 4, {"first_order_m_map": "dynamic"}),
     "m stochastic rounding": (lambda: _set_m(_blockwise("dynamic", 128, stochastic=True)), 4, {}),
     "m Linear-2 (first_order_m_map=linear2)": (None, 4, {"first_order_m_map": "linear2"}),

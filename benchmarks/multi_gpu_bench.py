@@ -105,8 +105,12 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Mod
 
 
 def _batch(args: argparse.Namespace, step: int, rank: int, world: int, vocab: int, device: torch.device):
-    rows = torch.randint(0, vocab, (args.data_world * args.batch, args.seq),
-                         generator=torch.Generator().manual_seed(args.seed * 100003 + step))
+    rows = torch.randint(
+        0,
+        vocab,
+        (args.data_world * args.batch, args.seq),
+        generator=torch.Generator().manual_seed(args.seed * 100003 + step),
+    )
     if world > 1:
         rows = rows[rank * args.batch : (rank + 1) * args.batch]
     return rows.to(device)
@@ -114,8 +118,10 @@ def _batch(args: argparse.Namespace, step: int, rank: int, world: int, vocab: in
 
 def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
@@ -148,8 +154,9 @@ def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                    enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -192,8 +199,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     result: dict[str, Any] = {
         "optimizer": name,
         "state_bytes": _state_bytes(opt),
-        "step": _summary(timer.per_step("step", total)[args.warmup:]),
-        "optimizer_step": _summary(timer.per_step("optimizer", total)[args.warmup:]),
+        "step": _summary(timer.per_step("step", total)[args.warmup :]),
+        "optimizer_step": _summary(timer.per_step("optimizer", total)[args.warmup :]),
         "losses": losses,
         "final_loss": float(loss.detach()),
         "params_sha256": _params_sha256(model),
@@ -201,7 +208,7 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     stages = {}
     for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order"):
         if stage in timer.records:
-            stages[stage] = _summary(timer.per_step(stage, total)[args.warmup:])
+            stages[stage] = _summary(timer.per_step(stage, total)[args.warmup :])
     result["stages"] = stages
     info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
     if info is not None and before is not None:
@@ -268,14 +275,25 @@ def run_fsdp2_ckpt(args: argparse.Namespace, device: torch.device, rank: int, wo
     set_optimizer_state_dict(model, opt, template["optim"])
     train(model, opt, range(half, args.ckpt_steps))
     resumed = _params_sha256(model)
-    return {"steps": args.ckpt_steps, "checkpoint_step": half, "uninterrupted_sha256": uninterrupted,
-            "resumed_sha256": resumed, "resumed_bitwise_equal": uninterrupted == resumed, "checkpoint": path}
+    return {
+        "steps": args.ckpt_steps,
+        "checkpoint_step": half,
+        "uninterrupted_sha256": uninterrupted,
+        "resumed_sha256": resumed,
+        "resumed_bitwise_equal": uninterrupted == resumed,
+        "checkpoint": path,
+    }
 
 
 def _environment(device: torch.device, world: int) -> dict[str, Any]:
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "world_size": world, "torch": torch.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node()}
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "world_size": world,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+    }
     try:
         import transformers
 
@@ -329,8 +347,11 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
                 out[name]["step_ratio_to_fused_adamw"] = ranks[0]["step"]["mean_ms"] / adamw["step"]["mean_ms"]
     if multi and same_global:
         ranks0 = by_name(multi)
-        out["final_loss"] = {name: {"ranks": ranks0[name]["final_loss"], "one_gpu_same_global_batch": r["final_loss"]}
-                             for name, r in by_name(same_global).items() if name in ranks0}
+        out["final_loss"] = {
+            name: {"ranks": ranks0[name]["final_loss"], "one_gpu_same_global_batch": r["final_loss"]}
+            for name, r in by_name(same_global).items()
+            if name in ranks0
+        }
     if fsdp:
         out["fsdp2_dcp_resume_bitwise_equal"] = all(r[0]["resumed_bitwise_equal"] for r in fsdp["ranks"])
     return out
@@ -339,8 +360,13 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the JSON results (rank 0 writes them)")
-    p.add_argument("--summarize", type=int, default=0, metavar="N",
-                   help="no run: print the comparison of N ranks with one GPU from the JSON files in --out")
+    p.add_argument(
+        "--summarize",
+        type=int,
+        default=0,
+        metavar="N",
+        help="no run: print the comparison of N ranks with one GPU from the JSON files in --out",
+    )
     p.add_argument("--modes", default="ddp,fsdp2_ckpt", help="comma-separated: ddp, fsdp2_ckpt")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"for mode ddp, from {', '.join(OPTIMIZERS)}")
     p.add_argument("--optim_args", default="update_freq=10,root_freq=100", help="Q4Shampoo options (--optim_args)")
@@ -349,9 +375,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="timed steps")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--log_every", type=int, default=10, help="record the loss every this many timed steps")
-    p.add_argument("--data_world", type=int, default=None,
-                   help="ranks whose batches form the global batch (default: the world size); a single process "
-                        "with N takes the global batch of N ranks")
+    p.add_argument(
+        "--data_world",
+        type=int,
+        default=None,
+        help="ranks whose batches form the global batch (default: the world size); a single process "
+        "with N takes the global batch of N ranks",
+    )
     p.add_argument("--ckpt_steps", type=int, default=40, help="fsdp2_ckpt: steps, with the checkpoint at half")
     p.add_argument("--keep_checkpoint", action="store_true", help="fsdp2_ckpt: write the checkpoint under --out")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -360,8 +390,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer, width-64 GPT-2 and short steps (CPU, gloo)")
     args = p.parse_args(argv)
     if args.tiny:
-        for name, value in dict(seq=32, batch=2, steps=12, warmup=2, log_every=2, ckpt_steps=8,
-                                optim_args="update_freq=2,root_freq=4,min_quant_numel=256").items():
+        for name, value in dict(
+            seq=32,
+            batch=2,
+            steps=12,
+            warmup=2,
+            log_every=2,
+            ckpt_steps=8,
+            optim_args="update_freq=2,root_freq=4,min_quant_numel=256",
+        ).items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
     return args
@@ -404,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "ddp":
             out["replicas_bitwise_equal"] = {
                 r["optimizer"]: len({ranks[k][i]["params_sha256"] for k in range(world)}) == 1
-                for i, r in enumerate(ranks[0])}
+                for i, r in enumerate(ranks[0])
+            }
         suffix = f"_data{args.data_world}" if args.data_world != world else ""
         path = os.path.join(args.out, f"multi_gpu_{mode}_ws{world}{suffix}.json")
         with open(path, "w") as f:
@@ -413,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in ranks[0]:
             if mode == "ddp":
                 comm = r.get("communication", {})
-                print(f"rank0 {r['optimizer']:<22} step {r['step']['mean_ms']:.1f} ms  optimizer "
-                      f"{r['optimizer_step']['mean_ms']:.2f} ms  state {r['state_bytes']['total'] / 2**20:.1f} MiB  "
-                      f"exchange {comm.get('exchange_ms_per_step_mean', 0):.2f} ms/step, "
-                      f"{comm.get('received_bytes_per_step', 0) / 2**10:.1f} KiB/step  "
-                      f"replicas equal {out['replicas_bitwise_equal'][r['optimizer']]}")
+                print(
+                    f"rank0 {r['optimizer']:<22} step {r['step']['mean_ms']:.1f} ms  optimizer "
+                    f"{r['optimizer_step']['mean_ms']:.2f} ms  state {r['state_bytes']['total'] / 2**20:.1f} MiB  "
+                    f"exchange {comm.get('exchange_ms_per_step_mean', 0):.2f} ms/step, "
+                    f"{comm.get('received_bytes_per_step', 0) / 2**10:.1f} KiB/step  "
+                    f"replicas equal {out['replicas_bitwise_equal'][r['optimizer']]}"
+                )
             else:
                 print(f"fsdp2 DCP resume bitwise equal: {r['resumed_bitwise_equal']}")
     dist.barrier()

@@ -127,9 +127,11 @@ def micro(lines: list[str]) -> None:
         e0 = err(linalg.inverse_root_newton(sub, 4, eps, max_iters=25, host_checks=False))
         e1 = err(linalg.inverse_root_scheduled(sub, 4, eps)[0])
         e2 = err(scheduled_root_split(sub, eps))
-        lines.append(f"root K=97 n=1024 eps {eps:g} ({len(linalg.newton_schedule(4, eps))} scheduled steps): "
-                     f"newton25 {t0:.1f} ms (err {e0:.1e}); scheduled fp32 {t1:.1f} ms (err {e1:.1e}); "
-                     f"scheduled split-TF32 {t2:.1f} ms (err {e2:.1e})")
+        lines.append(
+            f"root K=97 n=1024 eps {eps:g} ({len(linalg.newton_schedule(4, eps))} scheduled steps): "
+            f"newton25 {t0:.1f} ms (err {e0:.1e}); scheduled fp32 {t1:.1f} ms (err {e1:.1e}); "
+            f"scheduled split-TF32 {t2:.1f} ms (err {e2:.1e})"
+        )
     s = FormSettings.from_options(dev, root_method="newton")
     form = make_form("cholesky_ef", s)
     state = form.init_state(1024, 97, dev)
@@ -151,12 +153,26 @@ def micro(lines: list[str]) -> None:
 def e2e(out: Path, lines: list[str]) -> None:
     from hf_q4shampoo import bench
 
-    configs = {"100": "update_freq=100,root_freq=100", "10": "update_freq=10,root_freq=100",
-               "1": "update_freq=1,root_freq=100"}
+    configs = {
+        "100": "update_freq=100,root_freq=100",
+        "10": "update_freq=10,root_freq=100",
+        "1": "update_freq=1,root_freq=100",
+    }
     for i, (tag, optim_args) in enumerate(configs.items()):
         names = "adamw,q4shampoo" if i == 0 else "q4shampoo"
-        argv = ["--optimizers", names, "--steps", "200", "--warmup", "20", "--phases", "--optim_args", optim_args,
-                "--json", str(out / f"bench_{tag}.json")]
+        argv = [
+            "--optimizers",
+            names,
+            "--steps",
+            "200",
+            "--warmup",
+            "20",
+            "--phases",
+            "--optim_args",
+            optim_args,
+            "--json",
+            str(out / f"bench_{tag}.json"),
+        ]
         if tag == "100":
             argv += ["--profile", "3"]
         args = bench.parse_args(argv)

@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 runs = [fn(lambda params, steps, name=name, lr=lr: OPTIMIZERS[name](params, lr), s) for s in seeds]
                 rows[name] = {"runs": runs, "mean": sum(runs) / len(runs)}
-                print(f"{task:8s} lr {lr:<6g} {name:22s} {rows[name]['mean']:.4f} {runs}  ({time.time() - t0:.0f} s)",
-                      flush=True)
+                print(
+                    f"{task:8s} lr {lr:<6g} {name:22s} {rows[name]['mean']:.4f} {runs}  ({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
             base = rows.get("adamw")
             for row in rows.values():
                 row["vs_adamw"] = row["mean"] / base["mean"] - 1.0 if base else None
@@ -76,13 +78,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {lr} | {r['mean']:.4f} | {rel} |")
         print()
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "command": "python " + " ".join(sys.argv),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread, torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d"),
-            "seconds": round(time.time() - t0),
-            "results": results,
-        }, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": "python " + " ".join(sys.argv),
+                    "machine": (
+                        f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread, torch {torch.__version__}"
+                    ),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "seconds": round(time.time() - t0),
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

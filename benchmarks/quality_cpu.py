@@ -31,8 +31,20 @@ from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STDLIB = ("argparse", "dataclasses", "typing", "inspect", "collections/__init__", "json/decoder", "textwrap",
-          "functools", "pathlib", "enum", "logging/__init__", "unittest/case")
+STDLIB = (
+    "argparse",
+    "dataclasses",
+    "typing",
+    "inspect",
+    "collections/__init__",
+    "json/decoder",
+    "textwrap",
+    "functools",
+    "pathlib",
+    "enum",
+    "logging/__init__",
+    "unittest/case",
+)
 
 OPTIMIZERS = {
     "adamw": "adamw",
@@ -86,8 +98,10 @@ def _text() -> tuple[torch.Tensor, torch.Tensor]:
         chunks = [data[i : i + 2000] for i in range(0, len(data), 2000)]
         val = b"".join(c for i, c in enumerate(chunks) if i % 10 == 9)
         train = b"".join(c for i, c in enumerate(chunks) if i % 10 != 9)
-        _TEXT = (torch.frombuffer(bytearray(train), dtype=torch.uint8).long(),
-                 torch.frombuffer(bytearray(val), dtype=torch.uint8).long())
+        _TEXT = (
+            torch.frombuffer(bytearray(train), dtype=torch.uint8).long(),
+            torch.frombuffer(bytearray(val), dtype=torch.uint8).long(),
+        )
     return _TEXT
 
 
@@ -96,12 +110,21 @@ def lm(make_opt, seed, steps=400, batch=16, ctx=64) -> float:
 
     train, val = _text()
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=256, n_positions=ctx, n_embd=128, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=256,
+        n_positions=ctx,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     opt = make_opt(model.parameters(), steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))))
+        opt, lambda t: min(1.0, (t + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    )
     g = torch.Generator().manual_seed(100 + seed)
     for _ in range(steps):
         starts = torch.randint(0, train.numel() - ctx - 1, (batch,), generator=g)
@@ -120,8 +143,10 @@ def lm(make_opt, seed, steps=400, batch=16, ctx=64) -> float:
     return sum(losses) / len(losses)
 
 
-TASKS = {"teacher": (teacher, (3e-3, 1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)),
-         "lm": (lm, (1e-3, 3e-3, 1e-2), (1e-3, 3e-3, 1e-2))}
+TASKS = {
+    "teacher": (teacher, (3e-3, 1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)),
+    "lm": (lm, (1e-3, 3e-3, 1e-2), (1e-3, 3e-3, 1e-2)),
+}
 
 
 def maker(spec: str, lr: float, schedule: dict):
@@ -162,8 +187,9 @@ def main(argv=None) -> int:
             mean = sum(vals) / len(vals)
             sd = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
             results[task][name] = {"best_lr": float(best), "mean": mean, "sd": sd, "runs": per_lr}
-            print(f"{task:8s} {name:28s} best lr {best:6s} {mean:.4f} +- {sd:.4f}  ({time.time() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"{task:8s} {name:28s} best lr {best:6s} {mean:.4f} +- {sd:.4f}  ({time.time() - t0:.0f} s)", flush=True
+            )
     print()
     for task, rows in results.items():
         print(f"| {task} | best lr | loss (mean +- sd over seeds {args.seeds}) |\n|---|---|---|")
@@ -171,9 +197,18 @@ def main(argv=None) -> int:
             print(f"| {name} | {r['best_lr']:g} | {r['mean']:.4f} +- {r['sd']:.4f} |")
         print()
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": "2-core CPU",
-                                               "date": time.strftime("%Y-%m-%d"), "optimizers": optimizers,
-                                               "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "machine": "2-core CPU",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "optimizers": optimizers,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

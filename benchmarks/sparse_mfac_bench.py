@@ -50,11 +50,25 @@ def build_model(smoke: bool, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     if smoke:
-        config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, num_labels=2)
+        config = BertConfig(
+            vocab_size=1000,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
     else:  # all-MiniLM-L6-v2's architecture
-        config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                            intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            max_position_embeddings=512,
+            num_labels=2,
+        )
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0  # the same step every repetition
     return BertForSequenceClassification(config)
 
@@ -160,30 +174,42 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     mib = 2**20
-    print(f"{'optimizer':<14} {'step ms':>9} {'opt.step ms':>12} {'state MiB':>10} {'B/param':>8} "
-          f"{'window MiB':>11} {'peak MiB':>9}  status")
+    print(
+        f"{'optimizer':<14} {'step ms':>9} {'opt.step ms':>12} {'state MiB':>10} {'B/param':>8} "
+        f"{'window MiB':>11} {'peak MiB':>9}  status"
+    )
     for r in rows:
         if r.get("status") != "ok":
             print(f"{r['optimizer']:<14} {'':>9} {'':>12} {'':>10} {'':>8} {'':>11} {'':>9}  {r.get('status')}")
             continue
         win = window_bytes(r) if r["optimizer"].endswith("mfac") else None
         peak = r["peak_allocated_bytes"]
-        print(f"{r['optimizer']:<14} {r['step_ms_median']:>9.2f} {r['optimizer_step_ms_median']:>12.2f} "
-              f"{r['state_bytes'] / mib:>10.1f} {r['state_bytes_per_param']:>8.2f} "
-              f"{'' if win is None else f'{win / mib:.1f}':>11} {'' if peak is None else f'{peak / mib:.0f}':>9}  ok")
+        print(
+            f"{r['optimizer']:<14} {r['step_ms_median']:>9.2f} {r['optimizer_step_ms_median']:>12.2f} "
+            f"{r['state_bytes'] / mib:>10.1f} {r['state_bytes_per_param']:>8.2f} "
+            f"{'' if win is None else f'{win / mib:.1f}':>11} {'' if peak is None else f'{peak / mib:.0f}':>9}  ok"
+        )
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0],
-                            "torch": torch.__version__, "device": str(device)}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
         import transformers
 
         info["transformers"] = transformers.__version__
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent, check=False).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001  (metadata only)
         pass
     return info
@@ -207,9 +233,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (CPU runs only; on a shared 2-core machine more threads made steps "
-                        "~100x slower through OpenMP spin-waiting)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (CPU runs only; on a shared 2-core machine more threads made steps "
+        "~100x slower through OpenMP spin-waiting)",
+    )
     a = p.parse_args(argv)
     if a.smoke:
         a.m, a.dense_m, a.batch, a.seq, a.steps, a.warmup = 4, None, 4, 16, 3, 1

@@ -32,8 +32,11 @@ def measure(model: torch.nn.Module, options: dict) -> dict:
     opt = Q4Shampoo(model.parameters(), **options)
     opt.build_state()
     report = optimizer_state_bytes(opt)
-    out = {"bytes_per_param": report.bytes_per_param, "total_mib": report.total / MIB,
-           "mib_by_kind": {k: report.by_kind[k] / MIB for k in KINDS if report.by_kind[k]}}
+    out = {
+        "bytes_per_param": report.bytes_per_param,
+        "total_mib": report.total / MIB,
+        "mib_by_kind": {k: report.by_kind[k] / MIB for k in KINDS if report.by_kind[k]},
+    }
     del opt
     return out
 
@@ -61,8 +64,17 @@ def main(argv=None) -> int:
         kinds = " | ".join(f"{r['mib_by_kind'].get(k, 0.0):.1f}" for k in KINDS)
         print(f"| {name} | {r['bytes_per_param']:.3f} | {r['total_mib']:.1f} | {kinds} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "machine": "2-core CPU",
-                                               "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "machine": "2-core CPU",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -47,9 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
 __all__ = ["OPTIMIZERS", "main"]
 
-FORMS = {"naive": {"precond": "naive"}, "cholesky": {"precond": "cholesky"},
-         "cholesky_ef": {"precond": "cholesky_ef"}, "eigen": {"precond": "eigen"},
-         "shampoo_fp32": {"precond": "fp32", "first_order_bits": 32}}
+FORMS = {
+    "naive": {"precond": "naive"},
+    "cholesky": {"precond": "cholesky"},
+    "cholesky_ef": {"precond": "cholesky_ef"},
+    "eigen": {"precond": "eigen"},
+    "shampoo_fp32": {"precond": "fp32", "first_order_bits": 32},
+}
 OPTIMIZERS = ("adamw", "adamw_4bit", *FORMS)
 
 
@@ -94,11 +98,25 @@ class FashionMnistTask(Task):
 
         torch.manual_seed(seed)
         if self.kind == "resnet":
-            cfg = ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
-                               layer_type="basic", num_labels=10)
+            cfg = ResNetConfig(
+                num_channels=1,
+                embedding_size=32,
+                hidden_sizes=[32, 64, 128, 256],
+                depths=[1, 1, 1, 1],
+                layer_type="basic",
+                num_labels=10,
+            )
             return ResNetForImageClassification(cfg).to(self.device)
-        cfg = ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=192, num_hidden_layers=6,
-                        num_attention_heads=3, intermediate_size=768, num_labels=10)
+        cfg = ViTConfig(
+            image_size=28,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=3,
+            intermediate_size=768,
+            num_labels=10,
+        )
         return ViTForImageClassification(cfg).to(self.device)
 
     def batch(self, step, gen):
@@ -147,9 +165,16 @@ class ClmTask(Task):
         from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=self.vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=self.train.shape[1],
-                          tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            vocab_size=self.vocab,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=self.train.shape[1],
+            tie_word_embeddings=True,
+        )
         return LlamaForCausalLM(cfg).to(self.device)
 
     def batch(self, step, gen):
@@ -179,13 +204,19 @@ class MiniLMTask(Task):
 
         self.model_dir = assets.minilm_dir("The study's minilm task")
         # the recipe's default split: whole movies to validation until it holds 15% of the sentences
-        train, validation = data.split_by_group(text.rotten_tomatoes_rows("The study's minilm task"), "movie", 0.15,
-                                                split_seed)
+        train, validation = data.split_by_group(
+            text.rotten_tomatoes_rows("The study's minilm task"), "movie", 0.15, split_seed
+        )
         tok = AutoTokenizer.from_pretrained(self.model_dir)
 
         def encode(rows):
-            enc = tok([r["text"] for r in rows], truncation=True, max_length=max_length, padding="max_length",
-                      return_tensors="pt")
+            enc = tok(
+                [r["text"] for r in rows],
+                truncation=True,
+                max_length=max_length,
+                padding="max_length",
+                return_tensors="pt",
+            )
             labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
             return enc["input_ids"].to(device), enc["attention_mask"].to(device), labels.to(device)
 
@@ -210,8 +241,10 @@ class MiniLMTask(Task):
     def evaluate(self, model):
         model.eval()
         ids, mask, labels = self.eval
-        correct = sum(int((model(input_ids=i, attention_mask=m).logits.argmax(-1) == y).sum())
-                      for i, m, y in zip(ids.split(256), mask.split(256), labels.split(256)))
+        correct = sum(
+            int((model(input_ids=i, attention_mask=m).logits.argmax(-1) == y).sum())
+            for i, m, y in zip(ids.split(256), mask.split(256), labels.split(256))
+        )
         model.train()
         return {"eval_accuracy": correct / labels.shape[0]}
 
@@ -246,8 +279,15 @@ def _schedule(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Namespace,
-            shampoo_args: dict[str, Any], variants: dict[str, dict]) -> dict[str, Any]:
+def run_one(
+    task: Task,
+    opt_name: str,
+    lr: float,
+    seed: int,
+    args: argparse.Namespace,
+    shampoo_args: dict[str, Any],
+    variants: dict[str, dict],
+) -> dict[str, Any]:
     device = torch.device(args.device)
     model = task.model(seed)
     opt = make_optimizer(opt_name, _groups(model, args.weight_decay), lr, shampoo_args, variants)
@@ -304,8 +344,12 @@ def run_one(task: Task, opt_name: str, lr: float, seed: int, args: argparse.Name
 
 
 #: task -> (metric, higher is better)
-TASK_METRICS = {"resnet": ("test_accuracy", True), "vit": ("test_accuracy", True), "clm": ("eval_loss", False),
-                "minilm": ("eval_accuracy", True)}
+TASK_METRICS = {
+    "resnet": ("test_accuracy", True),
+    "vit": ("test_accuracy", True),
+    "clm": ("eval_loss", False),
+    "minilm": ("eval_accuracy", True),
+}
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
@@ -314,19 +358,24 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         rows = [r for r in runs if r["task"] == task_name]
         if not rows:
             continue
-        lines += [f"### {task_name} ({metric}; mean over seeds at each optimizer's best learning rate)", "",
-                  f"| optimizer | best lr | {metric} | final train loss | seeds | s/run | state B/param | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {task_name} ({metric}; mean over seeds at each optimizer's best learning rate)",
+            "",
+            f"| optimizer | best lr | {metric} | final train loss | seeds | s/run | state B/param | peak MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         by_opt: dict[str, dict[float, list]] = {}
         for r in rows:
             by_opt.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r)
         for opt_name, by_lr in by_opt.items():
+
             def score(rs, metric=metric, higher=higher):
                 vals = [r[metric] for r in rs if math.isfinite(r[metric])]
                 if len(vals) < len(rs):
                     return -math.inf
                 m = statistics.fmean(vals)
                 return m if higher else -m
+
             lr, rs = max(by_lr.items(), key=lambda kv: score(kv[1]))
             vals = [r[metric] for r in rs]
             spread = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""

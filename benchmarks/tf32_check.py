@@ -23,6 +23,7 @@ def tf32_check() -> str:
     accumulate in fp32, as the tensor cores do. Errors are NRE against the fp64 root, next to the error of
     storing the exact root in 4 bit (what the quantized forms keep anyway).
     """
+
     def to_tf32(x: torch.Tensor) -> torch.Tensor:
         bits = x.contiguous().view(torch.int32)
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
@@ -34,7 +35,7 @@ def tf32_check() -> str:
         lam = linalg.power_iteration(work)
         work = work / lam + eps * eye
         z = 5.0 / (2.0 * torch.linalg.matrix_norm(work))
-        x, m = z ** 0.25 * eye, z * work
+        x, m = z**0.25 * eye, z * work
         err = (m - eye).abs().max()
         for _ in range(iters):
             t = (5.0 * eye - m) / 4.0
@@ -44,7 +45,7 @@ def tf32_check() -> str:
             if err_new > 1.2 * err or err < 1e-6:
                 break
             x, m, err = x_new, m_new, err_new
-        return x * lam ** -0.25, lam
+        return x * lam**-0.25, lam
 
     gen = torch.Generator().manual_seed(0)
     draw = fidelity._gradient_factory(256, 32, gen)

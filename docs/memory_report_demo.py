@@ -37,11 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--optim_args", default="update_freq=5,root_freq=10",
-                   help="Q4Shampoo options (short schedule: statistics and roots happen within the run)")
+    p.add_argument(
+        "--optim_args",
+        default="update_freq=5,root_freq=10",
+        help="Q4Shampoo options (short schedule: statistics and roots happen within the run)",
+    )
     p.add_argument("--only", choices=("adamw", "q4shampoo"), help="run one optimizer here (used internally)")
-    p.add_argument("--update_docs", action="store_true",
-                   help="copy the Q4Shampoo report over the tracked docs/memory_report_example.*")
+    p.add_argument(
+        "--update_docs",
+        action="store_true",
+        help="copy the Q4Shampoo report over the tracked docs/memory_report_example.*",
+    )
     return p
 
 
@@ -70,18 +76,28 @@ def _train(args: argparse.Namespace, run: str) -> None:
 
     torch.manual_seed(0)
     out = Path(args.out)
-    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=8)
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer, n_head=8)
     model = GPT2LMHeadModel(config)
     training_args = Q4ShampooTrainingArguments(
-        output_dir=str(out / run), optim=OPTIM[run], optim_args=args.optim_args if run == "q4shampoo" else None,
-        learning_rate=1e-3, weight_decay=0.01, max_steps=args.steps, per_device_train_batch_size=args.batch,
-        logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        output_dir=str(out / run),
+        optim=OPTIM[run],
+        optim_args=args.optim_args if run == "q4shampoo" else None,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
         disable_tqdm=True,
     )
     compare = [out / "adamw" / REPORT_FILES["json"]] if run == "q4shampoo" else []
     trainer = Q4ShampooTrainer(
-        model=model, args=training_args, train_dataset=_dataset(args.steps * args.batch, args.vocab, args.seq),
+        model=model,
+        args=training_args,
+        train_dataset=_dataset(args.steps * args.batch, args.vocab, args.seq),
         memory_report=MemoryReportCallback(compare_with=[p for p in compare if p.exists()]),
     )
     trainer.train()
@@ -105,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         # the report names the device and date but not the command or the machine: say them above it
         md = DOCS / "memory_report_example.md"
         title, _, rest = md.read_text().partition("\n")
-        note = (f"Made by `python docs/memory_report_demo.py` (this report is its Q4Shampoo run) on a "
-                f"{os.cpu_count()}-core CPU.")
+        note = (
+            f"Made by `python docs/memory_report_demo.py` (this report is its Q4Shampoo run) on a "
+            f"{os.cpu_count()}-core CPU."
+        )
         md.write_text(f"{title}\n\n{note}\n{rest}")
         print(f"copied the Q4Shampoo report to {DOCS}/memory_report_example.*")
     return 0

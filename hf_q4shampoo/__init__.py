@@ -18,12 +18,28 @@ import sys as _sys
 __version__ = "0.1.0"
 
 __all__ = [
-    "Q4Shampoo", "Q4ShampooConfig", "ConfigError", "parse_optim_args", "__version__",
-    "SparseMFAC", "SparseMFACConfig", "parse_sparse_mfac_optim_args",
-    "Q4AdamW", "Q4AdamWConfig", "parse_q4adamw_optim_args",
-    "register", "make_optimizer_cls_and_kwargs", "UnsupportedSetupError",
-    "Q4ShampooTrainer", "Q4ShampooTrainingArguments", "Q4ShampooTrainerMixin", "Q4ShampooArgumentsMixin",
-    "estimate_memory", "MemoryReportCallback", "MemoryReportMixin", "attach_memory_report",
+    "Q4Shampoo",
+    "Q4ShampooConfig",
+    "ConfigError",
+    "parse_optim_args",
+    "__version__",
+    "SparseMFAC",
+    "SparseMFACConfig",
+    "parse_sparse_mfac_optim_args",
+    "Q4AdamW",
+    "Q4AdamWConfig",
+    "parse_q4adamw_optim_args",
+    "register",
+    "make_optimizer_cls_and_kwargs",
+    "UnsupportedSetupError",
+    "Q4ShampooTrainer",
+    "Q4ShampooTrainingArguments",
+    "Q4ShampooTrainerMixin",
+    "Q4ShampooArgumentsMixin",
+    "estimate_memory",
+    "MemoryReportCallback",
+    "MemoryReportMixin",
+    "attach_memory_report",
 ]
 
 #: Where each public name lives (relative module).

@@ -101,8 +101,14 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
 def _build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
 
-    cfg = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab,
-                     n_positions=max(args.seq, 1024), loss_type="ForCausalLMLoss")
+    cfg = GPT2Config(
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        vocab_size=args.vocab,
+        n_positions=max(args.seq, 1024),
+        loss_type="ForCausalLMLoss",
+    )
     torch.manual_seed(args.seed)
     return GPT2LMHeadModel(cfg).to(device)
 
@@ -132,8 +138,9 @@ def _autocast(device: torch.device):
     )
 
 
-def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
-              q4_options: dict[str, Any]) -> dict[str, Any]:
+def bench_one(
+    name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor], q4_options: dict[str, Any]
+) -> dict[str, Any]:
     factory, _ = OPTIMIZERS[name]
     model = _build_model(args, device)
     model.train()
@@ -193,8 +200,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
         "worst_step_ms": timed[worst_at],
         "worst_step_index": args.warmup + worst_at + 1,
         "median_optimizer_ms": statistics.median(timed_opt),
-        "host_optimizer_median_ms": statistics.median(host_opt[args.warmup:]),
-        "host_optimizer_mean_ms": statistics.fmean(host_opt[args.warmup:]),
+        "host_optimizer_median_ms": statistics.median(host_opt[args.warmup :]),
+        "host_optimizer_mean_ms": statistics.fmean(host_opt[args.warmup :]),
         "warmup_step_ms": clock.times("step", total_steps)[: args.warmup],
         "mean_optimizer_ms": statistics.fmean(timed_opt),
         "losses_every_20": losses,
@@ -210,8 +217,9 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batches
     return result
 
 
-def profile_steps(name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
-                  q4_options: dict[str, Any]) -> str:
+def profile_steps(
+    name: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor], q4_options: dict[str, Any]
+) -> str:
     """Top ops (by self device time, then CPU time) of ``args.profile`` optimizer steps after a short warm-up."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
@@ -334,10 +342,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(out: dict[str, Any]) -> str:
-    head = (f"{'optimizer':<16}{'B/param':>8}{'state MiB':>10}{'persist MiB':>12}{'peak MiB':>10}"
-            f"{'median ms':>10}{'mean ms':>9}{'worst ms':>9}{'opt ms':>8}{'x median':>9}{'x mean':>8}{'x peak':>8}")
+    head = (
+        f"{'optimizer':<16}{'B/param':>8}{'state MiB':>10}{'persist MiB':>12}{'peak MiB':>10}"
+        f"{'median ms':>10}{'mean ms':>9}{'worst ms':>9}{'opt ms':>8}{'x median':>9}{'x mean':>8}{'x peak':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in out["results"]:
+
         def fmt(v, spec):
             return format(v, spec) if v is not None else "-"
 
@@ -349,7 +360,9 @@ def format_table(out: dict[str, Any]) -> str:
             f"{r.get('mean_step_ms_ratio', 1):>8.2f}{fmt(r.get('peak_MiB_ratio'), '.2f'):>8}"
         )
     for r in out["results"]:
-        stages = [k[len("stage_"):-len("_median_ms")] for k in r if k.startswith("stage_") and k.endswith("_median_ms")]
+        stages = [
+            k[len("stage_") : -len("_median_ms")] for k in r if k.startswith("stage_") and k.endswith("_median_ms")
+        ]
         if stages:
             parts = [f"{st} {r[f'stage_{st}_median_ms']:.2f}/{r[f'stage_{st}_mean_ms']:.2f}" for st in stages]
             lines.append(f"  {r['optimizer']} stages, median/mean ms per step: " + ", ".join(parts))
@@ -378,10 +391,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the full results (incl. every step time) here")
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
-    p.add_argument("--phases", action="store_true",
-                   help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)")
-    p.add_argument("--profile", type=int, default=0,
-                   help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops")
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile this many more steps of each Q4Shampoo optimizer and print the top ops",
+    )
     return p.parse_args(argv)
 
 

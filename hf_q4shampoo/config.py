@@ -453,8 +453,11 @@ def _valid(name: str, value: Any) -> bool:
     if name in _BOOLS:
         return isinstance(value, bool)
     if name == "betas":
-        return isinstance(value, tuple) and len(value) == 2 and all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+        return (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+        )
     raise AssertionError(f"no validation rule for {name}")  # pragma: no cover - every field must have a rule
 
 
@@ -563,4 +566,3 @@ def _check_combination(options: dict[str, Any]) -> None:
         Q4ShampooConfig(**options)
     except ConfigError as err:
         raise ConfigError(f"{str(err).rstrip('.')} (from optim_args).") from None
-

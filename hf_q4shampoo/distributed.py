@@ -72,8 +72,10 @@ def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> lis
     owners = [0] * len(units)
     for i in sorted(range(len(units)), key=lambda i: (-units[i][0], i)):
         cost, stats_offset, root_offset = units[i]
-        rank = min(range(world_size), key=lambda r: (
-            total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r))
+        rank = min(
+            range(world_size),
+            key=lambda r: (total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r),
+        )
         owners[i] = rank
         total[rank] += cost
         at_step[rank, "s", stats_offset] += cost
@@ -208,8 +210,7 @@ class DdpSplit:
             dist.all_gather_object(out, owned, group=self.group)
             return out
         out = [None] * self.world_size if self.rank == to else None
-        dist.gather_object(owned, out, dst=dist.get_global_rank(self.group, to) if self.group else to,
-                           group=self.group)
+        dist.gather_object(owned, out, dst=dist.get_global_rank(self.group, to) if self.group else to, group=self.group)
         return out
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "trainable_parameters",
 ]
 
+
 class EstimateUnavailable(RuntimeError):
     """The state of this optimizer cannot be sized without running it on real tensors."""
 
@@ -444,10 +445,18 @@ def estimate_memory(
 
     add("adamw", "AdamW (torch)", adamw_bytes(census), _HOW["adamw"])
     emb_note = "nn.Embedding weights 32-bit, as HF Trainer sets up" if bnb_embeddings_32bit else "no 32-bit overrides"
-    add("adamw_8bit_bnb", "8-bit AdamW (bitsandbytes)", bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
-        _HOW["adamw_8bit_bnb"].format(emb=emb_note))
-    add("adamw_4bit_torchao", "4-bit AdamW (torchao)", torchao_4bit_bytes(census, torchao_block_size),
-        _HOW["adamw_4bit_torchao"].format(block=torchao_block_size))
+    add(
+        "adamw_8bit_bnb",
+        "8-bit AdamW (bitsandbytes)",
+        bnb_8bit_bytes(census, embeddings, bnb_embeddings_32bit),
+        _HOW["adamw_8bit_bnb"].format(emb=emb_note),
+    )
+    add(
+        "adamw_4bit_torchao",
+        "4-bit AdamW (torchao)",
+        torchao_4bit_bytes(census, torchao_block_size),
+        _HOW["adamw_4bit_torchao"].format(block=torchao_block_size),
+    )
     groups = [({}, census)]
     plan = config_block_plan(config)
     fp32_shampoo = sum(fp32_shampoo_equivalent(shape, plan) * count for (shape, _), count in census.items())
@@ -456,13 +465,24 @@ def estimate_memory(
         form_config = config.replace(precond=form)
         per_shape = _per_shape_state(groups, lambda pg, c=form_config: Q4Shampoo(pg, config=c), needs_step=False)
         report = _report_from_shapes(groups, per_shape, form_config)
-        add(f"q4shampoo_{form}", f"Q4Shampoo {form}", report.total, _HOW["q4shampoo"].format(form=form),
-            by_kind=dict(report.by_kind), selected=form == config.precond)
+        add(
+            f"q4shampoo_{form}",
+            f"Q4Shampoo {form}",
+            report.total,
+            _HOW["q4shampoo"].format(form=form),
+            by_kind=dict(report.by_kind),
+            selected=form == config.precond,
+        )
     for variant in Q4ADAMW_VARIANTS:
         per_shape = _per_shape_state(groups, lambda pg, v=variant: Q4AdamW(pg, variant=v), needs_step=False)
         report = _report_from_shapes(groups, per_shape, config)
-        add(f"q4adamw_{variant}", f"Q4AdamW {variant} (paper 3)", report.total,
-            _HOW["q4adamw"].format(variant=variant), by_kind=dict(report.by_kind))
+        add(
+            f"q4adamw_{variant}",
+            f"Q4AdamW {variant} (paper 3)",
+            report.total,
+            _HOW["q4adamw"].format(variant=variant),
+            by_kind=dict(report.by_kind),
+        )
     notes = []
     if n_trainable < n_total:
         notes.append(f"{n_total - n_trainable:,} frozen parameters (requires_grad=False) have no optimizer state.")

@@ -20,26 +20,48 @@ def _parser() -> argparse.ArgumentParser:
         description="Estimate optimizer-state memory for a model before training (nothing is allocated: "
         "the model is built on the meta device from its config).",
     )
-    p.add_argument("model", metavar="MODEL_NAME_OR_PATH",
-                   help="folder holding config.json, a config.json path, or a Hub name (needs the Hub)")
+    p.add_argument(
+        "model",
+        metavar="MODEL_NAME_OR_PATH",
+        help="folder holding config.json, a config.json path, or a Hub name (needs the Hub)",
+    )
     p.add_argument(
         "--optim_args",
         default=None,
         help="Q4Shampoo options as key=value,... (Q4ShampooConfig fields), e.g. precond=eigen,max_precond_dim=2048",
     )
-    p.add_argument("--dtype", default="float32",
-                   help="dtype of the trainable parameters (default float32; with --lora_r, of the model and its "
-                   "adapters)")
-    p.add_argument("--model_class", default=None,
-                   help="transformers class to build (default: the config's architectures, else AutoModelForCausalLM)")
-    p.add_argument("--lora_r", type=int, default=None,
-                   help="estimate for a peft LoRA adapter of this rank (only the adapter is trainable)")
-    p.add_argument("--lora_target_modules", default="all-linear",
-                   help="comma-separated module names for --lora_r (default all-linear)")
-    p.add_argument("--torchao_block_size", type=int, default=256,
-                   help="block size of the torchao 4-bit row (default 256, as HF Trainer)")
-    p.add_argument("--bnb_quantize_embeddings", action="store_true",
-                   help="8-bit row: quantize embeddings too (plain bitsandbytes; HF Trainer keeps them 32-bit)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of the trainable parameters (default float32; with --lora_r, of the model and its adapters)",
+    )
+    p.add_argument(
+        "--model_class",
+        default=None,
+        help="transformers class to build (default: the config's architectures, else AutoModelForCausalLM)",
+    )
+    p.add_argument(
+        "--lora_r",
+        type=int,
+        default=None,
+        help="estimate for a peft LoRA adapter of this rank (only the adapter is trainable)",
+    )
+    p.add_argument(
+        "--lora_target_modules",
+        default="all-linear",
+        help="comma-separated module names for --lora_r (default all-linear)",
+    )
+    p.add_argument(
+        "--torchao_block_size",
+        type=int,
+        default=256,
+        help="block size of the torchao 4-bit row (default 256, as HF Trainer)",
+    )
+    p.add_argument(
+        "--bnb_quantize_embeddings",
+        action="store_true",
+        help="8-bit row: quantize embeddings too (plain bitsandbytes; HF Trainer keeps them 32-bit)",
+    )
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return p
 
@@ -81,8 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
         return 0
-    print(f"{estimate.model}: {estimate.num_params / 1e6:,.1f}M parameters, "
-          f"{estimate.num_trainable / 1e6:,.1f}M trainable ({estimate.param_dtype})")
+    print(
+        f"{estimate.model}: {estimate.num_params / 1e6:,.1f}M parameters, "
+        f"{estimate.num_trainable / 1e6:,.1f}M trainable ({estimate.param_dtype})"
+    )
     opts = ", ".join(f"{k}={v}" for k, v in estimate.options.items()) or "defaults"
     print(f"Q4Shampoo options: {opts}. Optimizer state once every parameter has stepped:\n")
     print(estimate.to_markdown())

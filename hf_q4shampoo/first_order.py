@@ -57,8 +57,15 @@ from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
 __all__ = [
-    "init_first_order_state", "adamw_batch_step", "sgd_batch_step", "adam_graft_batch_step", "first_order_keys",
-    "quantized_moments", "factored_shape", "V_MODES", "moment_bytes_by_kind",
+    "init_first_order_state",
+    "adamw_batch_step",
+    "sgd_batch_step",
+    "adam_graft_batch_step",
+    "first_order_keys",
+    "quantized_moments",
+    "factored_shape",
+    "V_MODES",
+    "moment_bytes_by_kind",
 ]
 
 QUANT_MIN_NUMEL = 4096  # tensors with at most this many entries keep fp32 moments (paper 3)
@@ -81,9 +88,7 @@ def _is_quantized(moments: State) -> bool:
     return any(key.endswith("_codes") for key in moments)
 
 
-def factored_shape(
-    shape: tuple[int, ...], v: str, min_numel: int = QUANT_MIN_NUMEL
-) -> tuple[int, int] | None:
+def factored_shape(shape: tuple[int, ...], v: str, min_numel: int = QUANT_MIN_NUMEL) -> tuple[int, int] | None:
     """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored
     (``v != "factored"``, fewer than two dims, at most ``min_numel`` entries, or a dim of 1)."""
     numel = math.prod(shape)
@@ -164,7 +169,11 @@ def _scatter(states: list[State], name: str, batched: Moments) -> None:
 
 
 def init_first_order_state(
-    p: torch.Tensor, kind: str, bits: int, min_quant_numel: int = QUANT_MIN_NUMEL, v: str = "rank1",
+    p: torch.Tensor,
+    kind: str,
+    bits: int,
+    min_quant_numel: int = QUANT_MIN_NUMEL,
+    v: str = "rank1",
     m_map: str = "dynamic",
 ) -> State:
     """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries;
@@ -212,9 +221,20 @@ def _kept(update: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return update if keep is None else torch.where(_member_mask(keep, update), update, 0.0)
 
 
-def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
-                bias2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float, quantized: bool,
-                m_map: str = "dynamic", keep: torch.Tensor | None = None):
+def _adamw_math(
+    m: Moments,
+    v: Moments,
+    d: torch.Tensor,
+    lr: torch.Tensor,
+    bias1: torch.Tensor,
+    bias2_sqrt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    quantized: bool,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+):
     shape = tuple(d.shape)
     m_new = _decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
     if "_row" in v:
@@ -226,15 +246,22 @@ def _adamw_math(m: Moments, v: Moments, d: torch.Tensor, lr: torch.Tensor, bias1
     return _encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
 
 
-def _sgd_math(buf: Moments, d: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool, quantized: bool,
-              m_map: str = "dynamic", keep: torch.Tensor | None = None):
+def _sgd_math(
+    buf: Moments,
+    d: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: float,
+    nesterov: bool,
+    quantized: bool,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+):
     new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
     return _encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
 
 
-def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float,
-                    quantized: bool):
+def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float, quantized: bool):
     """Adam grafting's source of norms: the new second moment of the raw gradient and its Adam step
     ``A = g / (sqrt(v / (1 - beta2^t)) + eps)``."""
     if "_row" in v:
@@ -245,8 +272,16 @@ def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2
     return v_state, g / (v_new.sqrt() / bias2_sqrt + eps)
 
 
-def _momentum_math(m: Moments, d: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor, beta1: float,
-                   quantized: bool, m_map: str = "dynamic", keep: torch.Tensor | None = None):
+def _momentum_math(
+    m: Moments,
+    d: torch.Tensor,
+    lr: torch.Tensor,
+    bias1: torch.Tensor,
+    beta1: float,
+    quantized: bool,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+):
     """Adam grafting's momentum: ``m <- beta1 m + (1 - beta1) d`` and the update ``lr m / (1 - beta1^t)``."""
     m_new = _decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
     return _encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
@@ -294,8 +329,8 @@ def _batched(moments: State, name: str) -> Moments:
     """
     out = {}
     for key, value in moments.items():
-        if key.startswith(name) and _SUFFIX.fullmatch(key[len(name):]):
-            suffix = key[len(name):]
+        if key.startswith(name) and _SUFFIX.fullmatch(key[len(name) :]):
+            suffix = key[len(name) :]
             out[suffix] = value.reshape(value.shape[0], -1) if suffix in ("_codes", "_scales") else value
     return out
 
@@ -309,8 +344,9 @@ def _write_back(moments: State, name: str, new: Moments, keep: torch.Tensor | No
         target.copy_(value if keep is None else torch.where(_member_mask(keep, target), value, target))
 
 
-def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float,
-           keep: torch.Tensor | None) -> None:
+def _decay(
+    params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: float, keep: torch.Tensor | None
+) -> None:
     """Decoupled weight decay ``p <- (1 - lr wd) p`` of the members whose ``keep`` flag is set.
 
     With flags, ``p <- p + (-lr wd) * keep * p``: the flag is exactly 0 or 1 in any dtype, so it can be a
@@ -329,9 +365,17 @@ def _decay(params: list[torch.Tensor], lr: float | torch.Tensor, weight_decay: f
         torch._foreach_addcmul_(params, params, list(keep.to(params[0].dtype).unbind(0)), value=-lr * weight_decay)
 
 
-def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, moments: State, step: int,
-                 lr: float | torch.Tensor, betas: tuple[float, float], eps: float, weight_decay: float,
-                 keep: torch.Tensor | None = None) -> None:
+def _fused_adamw(
+    params: list[torch.Tensor],
+    directions: torch.Tensor,
+    moments: State,
+    step: int,
+    lr: float | torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    keep: torch.Tensor | None = None,
+) -> None:
     """fp32 moments of fp32 parameters: torch's fused AdamW kernel (one launch for the whole batch, no
     compilation), which computes the same update as :func:`_adamw_math` (decoupled decay, bias-corrected
     Adam step; equal up to rounding). Updates the moments in place.
@@ -353,9 +397,20 @@ def _fused_adamw(params: list[torch.Tensor], directions: torch.Tensor, moments: 
     elif keep is not None:
         saved = (torch.stack(params), m.clone(), v.clone())
     torch._fused_adamw_(
-        params, list(directions.unbind(0)), list(m.unbind(0)), list(v.unbind(0)),
-        [], steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
-        maximize=False, found_inf=found_inf,
+        params,
+        list(directions.unbind(0)),
+        list(m.unbind(0)),
+        list(v.unbind(0)),
+        [],
+        steps,
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        found_inf=found_inf,
     )
     if saved is not None:
         old_p, old_m, old_v = saved
@@ -394,18 +449,32 @@ def adamw_batch_step(
     if not quantized and not factored and params[0].dtype == torch.float32:
         _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
-    scalars = (_scalars(device, "lr", lr), _scalars(device, "bias1", 1.0 - beta1**step),
-               _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)))
+    scalars = (
+        _scalars(device, "lr", lr),
+        _scalars(device, "bias1", 1.0 - beta1**step),
+        _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
+    )
     # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
-        triton_kernels.adamw4_step(params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map,
-                                   keep=keep)
+        triton_kernels.adamw4_step(
+            params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map, keep=keep
+        )
         return
     if weight_decay:
         _decay(params, lr, weight_decay, keep)
     fn = maybe_compiled(_adamw_math, device, compile_)
-    m, v, update = fn(_batched(moments, "exp_avg"), _batched(moments, "exp_avg_sq"), directions, *scalars,
-                      beta1, beta2, eps, quantized, m_map, keep)
+    m, v, update = fn(
+        _batched(moments, "exp_avg"),
+        _batched(moments, "exp_avg_sq"),
+        directions,
+        *scalars,
+        beta1,
+        beta2,
+        eps,
+        quantized,
+        m_map,
+        keep,
+    )
     _write_back(moments, "exp_avg", m, keep)
     _write_back(moments, "exp_avg_sq", v, keep)
     _apply_update(params, update)
@@ -436,8 +505,16 @@ def sgd_batch_step(
         return
     quantized = _is_quantized(moments)
     fn = maybe_compiled(_sgd_math, device, compile_)
-    buf, update = fn(_batched(moments, "momentum_buffer"), directions, _scalars(device, "lr", lr), momentum, nesterov,
-                     quantized, m_map, keep)
+    buf, update = fn(
+        _batched(moments, "momentum_buffer"),
+        directions,
+        _scalars(device, "lr", lr),
+        momentum,
+        nesterov,
+        quantized,
+        m_map,
+        keep,
+    )
     _write_back(moments, "momentum_buffer", buf, keep)
     _apply_update(params, update)
 
@@ -477,8 +554,16 @@ def adam_graft_batch_step(
     if ok is not None:
         keep = ok if keep is None else keep & ok
     m_fn = maybe_compiled(_momentum_math, device, compile_)
-    m, update = m_fn(_batched(moments, "exp_avg"), directions, _scalars(device, "lr", lr),
-                     _scalars(device, "bias1", 1.0 - beta1**step), beta1, quantized, m_map, keep)
+    m, update = m_fn(
+        _batched(moments, "exp_avg"),
+        directions,
+        _scalars(device, "lr", lr),
+        _scalars(device, "bias1", 1.0 - beta1**step),
+        beta1,
+        quantized,
+        m_map,
+        keep,
+    )
     _write_back(moments, "exp_avg_sq", v, keep)
     _write_back(moments, "exp_avg", m, keep)
     if weight_decay:

@@ -96,8 +96,13 @@ def _side_order(region: Region, side: str) -> int:
     return region.block_rows if side == "L" else region.block_cols
 
 
-def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, moment_keys, key: tuple,
-                 owners: Sequence[int | None] | None = None) -> Layout:
+def build_layout(
+    members: Sequence[tuple[int, torch.Tensor, dict]],
+    plan_of,
+    moment_keys,
+    key: tuple,
+    owners: Sequence[int | None] | None = None,
+) -> Layout:
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
     ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
@@ -111,8 +116,9 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
         owner = owners[i] if owners is not None and "regions" in state else None
         k = (gi, tuple(p.shape), p.dtype, p.device, owner)
         if k not in by_key:
-            by_key[k] = ShapeGroup(gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None,
-                                   owner=owner)
+            by_key[k] = ShapeGroup(
+                gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None, owner=owner
+            )
         by_key[k].params.append(p)
         by_key[k].states.append(state)
     groups = list(by_key.values())
@@ -137,8 +143,9 @@ def build_layout(members: Sequence[tuple[int, torch.Tensor, dict]], plan_of, mom
                 device = group.params[0].device
                 # the keys too: a factor owned by another rank keeps only its root (distributed.py)
                 keys = tuple(sorted(group.states[0]["regions"][ri][side]))
-                bucket = buckets.setdefault((device, _side_order(region, side), keys),
-                                            FactorBucket(_side_order(region, side), device))
+                bucket = buckets.setdefault(
+                    (device, _side_order(region, side), keys), FactorBucket(_side_order(region, side), device)
+                )
                 group.slots.append(SideSlot(ri, side, bucket, bucket.rows, region.num_blocks))
                 bucket.rows += region.num_blocks * group.size
                 pieces.setdefault(id(bucket), []).extend(s["regions"][ri][side] for s in group.states)

@@ -361,8 +361,9 @@ def newton_schedule(
     raise RuntimeError(f"no Newton schedule reaches tol {tol:g} within {max_iters} steps for ridge_eps {ridge_eps:g}")
 
 
-def inverse_root_scheduled(a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, tol: float = 1e-6,
-                           accept: float = 1e-3, max_iters: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_root_scheduled(
+    a: torch.Tensor, p: int = 4, ridge_eps: float = 1e-6, tol: float = 1e-6, accept: float = 1e-3, max_iters: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A + eps * lambda_max I)^(-1/p)`` by the coupled iteration with :func:`newton_schedule`'s steps.
 
     Returns ``(X, ok)``: ``ok`` (shape ``(...,)``) is False where the result is not finite or where

@@ -286,9 +286,7 @@ def _sparse_mfac_report(optimizer: SparseMFAC, largest: int) -> MemoryReport:
     return builder.report(largest)
 
 
-def optimizer_state_bytes(
-    optimizer: Any, largest: int = 10, param_names: dict[int, str] | None = None
-) -> MemoryReport:
+def optimizer_state_bytes(optimizer: Any, largest: int = 10, param_names: dict[int, str] | None = None) -> MemoryReport:
     """Measure the state of ``optimizer`` (a Q4Shampoo, a SparseMFAC, or any torch optimizer) right now.
 
     A SparseMFAC is reported per parameter group (module docstring). For any other optimizer every

@@ -85,8 +85,9 @@ def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tenso
     return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
 
 
-def _flat(grafted: tuple[torch.Tensor, torch.Tensor | None],
-          shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _flat(
+    grafted: tuple[torch.Tensor, torch.Tensor | None], shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Grafted matrix directions back in the parameters' stacked shape."""
     directions, ok = grafted
     return directions.reshape(shape), ok
@@ -111,7 +112,7 @@ def _as_config(config: Any) -> Q4ShampooConfig:
         return Q4ShampooConfig.from_kwargs(**config)
     raise ConfigError(
         f"Q4Shampoo: config must be a Q4ShampooConfig or a dict of its fields, got {type(config).__name__} "
-        f"{config!r}. Options go in as keywords, e.g. Q4Shampoo(params, precond=\"eigen\")."
+        f'{config!r}. Options go in as keywords, e.g. Q4Shampoo(params, precond="eigen").'
     )
 
 
@@ -198,8 +199,17 @@ class Q4Shampoo(torch.optim.Optimizer):
         optimizer, never shared with the original)."""
         self._forms: dict[tuple, PreconditionerForm] = {}
         self._layout_version = 0  # bumped when the state is replaced (load_state_dict): rebuilds the layout
-        for name in ("_layout", "_index_cache", "_offset_key", "_offsets", "_warmed_orders", "_split", "_owner_key",
-                     "_owner_by_id", "_consolidated"):
+        for name in (
+            "_layout",
+            "_index_cache",
+            "_offset_key",
+            "_offsets",
+            "_warmed_orders",
+            "_split",
+            "_owner_key",
+            "_owner_by_id",
+            "_consolidated",
+        ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
         #: step ("statistics", "roots", "apply", "grafting", "first_order"); None costs nothing.
@@ -257,7 +267,7 @@ class Q4Shampoo(torch.optim.Optimizer):
         if total is not None and first > total:
             warnings.warn(
                 f"Q4Shampoo: root_freq={root_freq} but the run has {total} steps: no inverse root will be computed, "
-                "so it trains as (4-bit) AdamW alone. Leave update_freq/root_freq at \"auto\" or lower them.",
+                'so it trains as (4-bit) AdamW alone. Leave update_freq/root_freq at "auto" or lower them.',
                 stacklevel=3,
             )
 
@@ -311,8 +321,8 @@ class Q4Shampoo(torch.optim.Optimizer):
 
         ``first_order`` (moments, as codes or fp32) and their ``scales_diagonals`` (block scales, rank-1
         maxima); the preconditioner form's ``statistics``, ``roots``, ``error_feedback`` and
-        ``scales_diagonals`` (``PreconditionerForm.bytes_by_kind``); ``other`` (the step and skip counters). Empty before
-        ``p``'s first step (or :meth:`build_state`). This is what the memory report and the estimate read.
+        ``scales_diagonals`` (``PreconditionerForm.bytes_by_kind``); ``other`` (the step and skip counters).
+        Empty before ``p``'s first step (or :meth:`build_state`). This is what the memory report and the estimate read.
         """
         state = self.state.get(p)
         if not state:
@@ -414,8 +424,12 @@ class Q4Shampoo(torch.optim.Optimizer):
         owned = [0] * split.world_size
         for owner in self._owners().values():
             owned[owner] += 1
-        return {"rank": split.rank, "world_size": split.world_size, "matrices_per_rank": owned,
-                **split.counters.as_dict()}
+        return {
+            "rank": split.rank,
+            "world_size": split.world_size,
+            "matrices_per_rank": owned,
+            **split.counters.as_dict(),
+        }
 
     def consolidate_state_dict(self, to: int | None = 0) -> None:
         """Gather every rank's share of the state so that the next :meth:`state_dict` on rank ``to`` (every
@@ -447,8 +461,15 @@ class Q4Shampoo(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0)
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
         state.update(
-            init_first_order_state(local, cfg.first_order, cfg.first_order_bits, cfg.first_order_min_quant_numel,
-                                   cfg.first_order_v, cfg.first_order_m_map))
+            init_first_order_state(
+                local,
+                cfg.first_order,
+                cfg.first_order_bits,
+                cfg.first_order_min_quant_numel,
+                cfg.first_order_v,
+                cfg.first_order_m_map,
+            )
+        )
         plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
@@ -480,8 +501,10 @@ class Q4Shampoo(torch.optim.Optimizer):
         roots = {k: v for k, v in bucket.storage.items() if k.startswith("root")}
         # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
         for size in (1, 2):
-            form.root({k: v[:1].expand(size, *v.shape[1:]).contiguous() for k, v in roots.items()},
-                      self._apply_dtype(bucket.device))
+            form.root(
+                {k: v[:1].expand(size, *v.shape[1:]).contiguous() for k, v in roots.items()},
+                self._apply_dtype(bucket.device),
+            )
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -524,7 +547,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         for b in batches:
             if b.group.plan is not None:
                 states = [b.group.states[m] for m in b.members]
-                b.stats_due = [i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])]
+                b.stats_due = [
+                    i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])
+                ]
                 b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
                 b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
         split = self._ddp_split()
@@ -547,8 +572,12 @@ class Q4Shampoo(torch.optim.Optimizer):
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""
-        members = [(gi, _local(p), self.state[p]) for gi, g in enumerate(self.param_groups) for p in g["params"]
-                   if self.state.get(p)]
+        members = [
+            (gi, _local(p), self.state[p])
+            for gi, g in enumerate(self.param_groups)
+            for p in g["params"]
+            if self.state.get(p)
+        ]
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
@@ -600,8 +629,9 @@ class Q4Shampoo(torch.optim.Optimizer):
             counts.index_add_(0, self._index(batch.members, counts.device), (~keep).to(counts.dtype))
 
     # ---- the stages ---------------------------------------------------------------------------
-    def _bucket_update(self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None],
-                       keep: torch.Tensor | None = None) -> None:
+    def _bucket_update(
+        self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None], keep: torch.Tensor | None = None
+    ) -> None:
         """Run ``update`` on the stored state of some rows of a bucket and write the result back in place.
 
         ``keep`` (one flag per row, on the device) selects the rows that take the new values; the others
@@ -637,7 +667,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         group, positions = batch.group, batch.stats_due
         grads = [batch.grads[i] for i in positions]
         g2 = (grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()).reshape(
-            len(grads), *group.plan.matrix_shape)
+            len(grads), *group.plan.matrix_shape
+        )
         form = self._form(g2.device)
         tf32 = self._gram_tf32(g2.device)
         for slot in group.slots:
@@ -672,8 +703,7 @@ class Q4Shampoo(torch.optim.Optimizer):
             offsets[device] += len(b.members)
             for slot in b.group.slots:
                 buckets[id(slot.bucket)] = slot.bucket
-                rows[id(slot.bucket)].extend(
-                    (r, base + i) for i in b.roots_due for r in slot.member_rows(b.members[i]))
+                rows[id(slot.bucket)].extend((r, base + i) for i in b.roots_due for r in slot.member_rows(b.members[i]))
         finite = {device: torch.cat(parts) for device, parts in flags.items()}
         for bid, bucket in buckets.items():
             form = self._form(bucket.device)
@@ -712,8 +742,9 @@ class Q4Shampoo(torch.optim.Optimizer):
             insert_blocks(out, region, blocks)
         return out
 
-    def _graft(self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int],
-               batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graft(
+        self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int], batch: _Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale each preconditioned direction to its gradient's Frobenius norm; members not yet ready
         (before their first root) keep the gradient itself.
 
@@ -749,15 +780,15 @@ class Q4Shampoo(torch.optim.Optimizer):
             if pre is None:
                 return adam_step, None
             with self._stage("grafting"):
-                return self._graft_blocks(adam_step.reshape(len(batch.grads), *batch.group.plan.matrix_shape), pre,
-                                          batch)
+                return self._graft_blocks(
+                    adam_step.reshape(len(batch.grads), *batch.group.plan.matrix_shape), pre, batch
+                )
 
         with self._stage("first_order"):
             keep = self._first_order_step(batch, g, batch.finite, graft=graft)
         self._count_skips(batch, keep)
 
-    def _graft_blocks(self, a2: torch.Tensor, pre: torch.Tensor,
-                      batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graft_blocks(self, a2: torch.Tensor, pre: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale each block of the preconditioned directions ``pre`` (members ``batch.ready``) to the Frobenius
         norm of the same block of the Adam steps ``a2`` (every member, ``(K, rows, cols)``); members not ready
         keep their Adam step. Returns the directions ``(K, rows, cols)`` and per-member flags ``(K,)`` of
@@ -777,8 +808,9 @@ class Q4Shampoo(torch.optim.Optimizer):
         flags = torch.ones(a2.shape[0], dtype=torch.bool, device=a2.device)
         return a2.index_copy(0, index, pre), flags.index_copy(0, index, ok)
 
-    def _first_order_step(self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None,
-                          graft: Callable | None = None) -> torch.Tensor | None:
+    def _first_order_step(
+        self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None, graft: Callable | None = None
+    ) -> torch.Tensor | None:
         """The AdamW / SGD step for the members of one batch (same group, shape and step), in place;
         members whose ``keep`` flag is false stay as they are. With ``graft`` (``grafting="adam"``),
         ``directions`` is the raw gradient and ``graft`` maps its Adam step to the step's directions
@@ -795,20 +827,46 @@ class Q4Shampoo(torch.optim.Optimizer):
         if graft is not None:
             shape = directions.shape
             keep = adam_graft_batch_step(
-                params, directions, moments, lambda a: _flat(graft(a), shape), step=batch.step, lr=group["lr"],
-                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                compile_=cfg.use_compile, keep=keep, m_map=cfg.first_order_m_map,
+                params,
+                directions,
+                moments,
+                lambda a: _flat(graft(a), shape),
+                step=batch.step,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                compile_=cfg.use_compile,
+                keep=keep,
+                m_map=cfg.first_order_m_map,
             )
         elif cfg.first_order == "adamw":
             adamw_batch_step(
-                params, directions, moments, step=batch.step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
+                params,
+                directions,
+                moments,
+                step=batch.step,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bits=cfg.first_order_bits,
+                compile_=cfg.use_compile,
+                keep=keep,
                 m_map=cfg.first_order_m_map,
             )
         else:
             sgd_batch_step(
-                params, directions, moments, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], bits=cfg.first_order_bits, compile_=cfg.use_compile, keep=keep,
+                params,
+                directions,
+                moments,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                bits=cfg.first_order_bits,
+                compile_=cfg.use_compile,
+                keep=keep,
                 m_map=cfg.first_order_m_map,
             )
         if not whole:
@@ -885,8 +943,9 @@ class Q4Shampoo(torch.optim.Optimizer):
             for index, value in sd["state"].items():
                 if is_dtensor(params[index]):
                     p = params[index]
-                    sd["state"][index] = wrap(value, p, lambda shape, p=p: self._meta_state(shape, p.dtype),
-                                              _param_name(self, index))
+                    sd["state"][index] = wrap(
+                        value, p, lambda shape, p=p: self._meta_state(shape, p.dtype), _param_name(self, index)
+                    )
             for group in sd["param_groups"]:
                 group["q4shampoo_config"] = sd["q4shampoo_config"]
         return sd
@@ -967,8 +1026,10 @@ class Q4Shampoo(torch.optim.Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             out["state"] = {
                 pos: unwrap(value, self._meta_state(tuple(_local(params[pos]).shape), params[pos].dtype))
-                if isinstance(pos, int) and pos < len(params) and is_dtensor(params[pos]) else value
-                for pos, value in state.items()}
+                if isinstance(pos, int) and pos < len(params) and is_dtensor(params[pos])
+                else value
+                for pos, value in state.items()
+            }
         return out
 
     def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
@@ -990,7 +1051,8 @@ class Q4Shampoo(torch.optim.Optimizer):
         ``share_of``: the state is this rank's share (parameters owned elsewhere have roots only)."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
-                len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
             return  # torch's own check names the group-size mismatch
         saved_state = state_dict["state"]
         for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
@@ -1019,7 +1081,8 @@ _SHARE_WARNING = (
     "Q4Shampoo: under DDP each rank keeps the statistics of its share of the matrices (shard_preconditioners), so "
     "this state_dict() holds this rank's share only and loads only into the same rank of the same world size. "
     "For a checkpoint that resumes, call optimizer.consolidate_state_dict() on every rank first (Q4ShampooTrainer "
-    "does it before saving optimizer.pt), or set shard_preconditioners=false.")
+    "does it before saving optimizer.pt), or set shard_preconditioners=false."
+)
 
 
 def _param_name(opt: Q4Shampoo, index: int) -> str:
@@ -1042,7 +1105,8 @@ def _check_share(share: Mapping[str, Any], split: DdpSplit | None) -> None:
         f"Q4Shampoo: this optimizer state holds only rank {rank}'s share of the statistics (saved with world size "
         f"{world}), but it is being loaded into rank {here_rank} of world size {here_world}. A share resumes only "
         "on the same rank of the same world size. Save the whole state instead (optimizer.consolidate_state_dict() "
-        "on every rank before state_dict(); Q4ShampooTrainer does this), which loads into any world size.")
+        "on every rank before state_dict(); Q4ShampooTrainer does this), which loads into any world size."
+    )
 
 
 def _keep_owned_work(batches: list[_Batch], rank: int) -> list[tuple[ShapeGroup, list[int]]]:

@@ -104,8 +104,9 @@ class FormSettings:
     def replace(self, **options: Any) -> FormSettings:
         """The same device choices over a config with some fields changed (``root_method`` too, if given)."""
         method = options.get("root_method", self.root_method)
-        return FormSettings(self.config.replace(**options), self.root_method if method == "auto" else method,
-                            self.gram_tf32)
+        return FormSettings(
+            self.config.replace(**options), self.root_method if method == "auto" else method, self.gram_tf32
+        )
 
     def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the config's
         if name == "config":  # not set yet (copy / unpickling): no recursion
@@ -365,8 +366,15 @@ class CholeskyForm(PreconditionerForm):
         if self._fused(state["diag"].device):
             table = get_code(self.s.quant_map, state["diag"].device)[0]
             c, upper = triton_kernels.dequantize_factor(
-                state["factor_codes"], state["factor_scales"], state["factor_diag_block_upper_scale"], state["diag"],
-                table, self.s.quant_block_size, self._upper_mode(), self.s.factor_scaling == "column")
+                state["factor_codes"],
+                state["factor_scales"],
+                state["factor_diag_block_upper_scale"],
+                state["diag"],
+                table,
+                self.s.quant_block_size,
+                self._upper_mode(),
+                self.s.factor_scaling == "column",
+            )
             return c, None if upper is None else upper.mT
         q = {
             "codes": state["factor_codes"],
@@ -416,8 +424,15 @@ class CholeskyForm(PreconditionerForm):
         elif self._fused(new_c.device):  # the same update in two Triton passes (triton_kernels.py)
             table, mids = get_code(self.s.quant_map, new_c.device)
             stored = triton_kernels.requantize_factor(
-                new_c, None if err is None else err.mT, table, mids, self.s.quant_block_size, self._upper_mode(),
-                self.s.factor_scaling == "column", self.s.ef_beta)
+                new_c,
+                None if err is None else err.mT,
+                table,
+                mids,
+                self.s.quant_block_size,
+                self._upper_mode(),
+                self.s.factor_scaling == "column",
+                self.s.ef_beta,
+            )
             new = {f"factor_{k}": v for k, v in stored.items() if k != "diag"}
             new["diag"] = stored["diag"]
         elif not self.error_feedback or self.refine:

@@ -161,8 +161,12 @@ class Q4AdamW(torch.optim.Optimizer):
 
     def _current_layout(self) -> Layout:
         """Shape groups of every parameter with state, moments stacked (rebuilt when that set changes)."""
-        members = [(gi, _local(p), self.state[p]) for gi, g in enumerate(self.param_groups) for p in g["params"]
-                   if self.state.get(p)]
+        members = [
+            (gi, _local(p), self.state[p])
+            for gi, g in enumerate(self.param_groups)
+            for p in g["params"]
+            if self.state.get(p)
+        ]
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
@@ -225,8 +229,17 @@ class Q4AdamW(torch.optim.Optimizer):
         index = None if whole else self._index(members, directions.device)
         moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
         adamw_batch_step(
-            params, directions, moments, step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-            weight_decay=group["weight_decay"], bits=4, compile_=self.config.use_compile, m_map=self.config.m_map,
+            params,
+            directions,
+            moments,
+            step=step,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bits=4,
+            compile_=self.config.use_compile,
+            m_map=self.config.m_map,
             keep=keep,
         )
         counts = shape_group.skipped
@@ -285,7 +298,8 @@ class Q4AdamW(torch.optim.Optimizer):
         """Compare each saved state with the one this optimizer would create for its parameter (on ``meta``)."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
-                len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
             return  # torch's own check names the group-size mismatch
         for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
             for position, (saved_id, p) in enumerate(zip(saved_group["params"], group["params"])):
@@ -306,11 +320,15 @@ class Q4AdamW(torch.optim.Optimizer):
 
 def _check_param(p: torch.Tensor) -> None:
     if p.grad.is_sparse:
-        raise RuntimeError("Q4AdamW does not support sparse gradients. Use dense gradients (e.g. "
-                           "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings.")
+        raise RuntimeError(
+            "Q4AdamW does not support sparse gradients. Use dense gradients (e.g. "
+            "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings."
+        )
     if torch.is_complex(p) or torch.is_complex(p.grad):
-        raise RuntimeError("Q4AdamW does not support complex parameters. Optimise torch.view_as_real(param) "
-                           "as a real parameter instead.")
+        raise RuntimeError(
+            "Q4AdamW does not support complex parameters. Optimise torch.view_as_real(param) "
+            "as a real parameter instead."
+        )
 
 
 def _lr_number(lr: torch.Tensor) -> float:

@@ -175,9 +175,7 @@ def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], nb, block_size)
 
 
-def encode_blockwise(
-    x: torch.Tensor, code: str = "linear2", block_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-code indices (unpacked, int32) and fp32 per-block absmax of ``x`` along its last dim.
 
     Returns ``(indices, absmax)`` with shapes ``x.shape`` and ``(..., ceil(n / block_size))``.
@@ -234,9 +232,7 @@ def dequantize_blockwise(
 # --------------------------------------------------------------------------------------------
 
 
-def quantize_diagreal(
-    x: torch.Tensor, code: str = "linear2", block_size: int = 64
-) -> dict[str, torch.Tensor]:
+def quantize_diagreal(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> dict[str, torch.Tensor]:
     """Quantize the off-diagonal of square matrices ``(..., n, n)``; keep the diagonal in fp32.
 
     The diagonal is removed *before* block maxima are taken, so it neither inflates the scales nor
@@ -309,8 +305,11 @@ def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int =
     """
     n = x.shape[-1]
     if n < 2:
-        return {"codes": x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8),
-                "scales": x.new_zeros((*x.shape[:-2], 0, 0)), "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
+        return {
+            "codes": x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8),
+            "scales": x.new_zeros((*x.shape[:-2], 0, 0)),
+            "diag": x.float().diagonal(dim1=-2, dim2=-1).clone(),
+        }
     source, valid, _ = _symmetric_layout(n, x.device)
     flat = x.float().flatten(-2)
     packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device))
@@ -318,8 +317,15 @@ def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int =
     return {"codes": codes, "scales": scales, "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
 
 
-def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tensor, table: torch.Tensor,
-                     gather: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def decode_symmetric(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    diag: torch.Tensor,
+    table: torch.Tensor,
+    gather: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable)."""
     n = diag.shape[-1]
     packed = _decode_with_table(unpack_nibbles(codes, n), scales, table, block_size).flatten(-2)

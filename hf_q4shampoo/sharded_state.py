@@ -53,7 +53,8 @@ def shard_shapes(p: torch.Tensor) -> tuple[Any, list, list[tuple[int, ...]]] | N
     if len(sharded) > 1 or type(placements[sharded[0]]) is not Shard or placements[sharded[0]].dim != 0:
         raise ShardedStateError(
             f"Q4Shampoo: a parameter of shape {tuple(p.shape)} is sharded as {placements}; sharded optimizer "
-            "checkpoints support FSDP2's Shard(0) on one mesh dimension (plus Replicate, HSDP) only.")
+            "checkpoints support FSDP2's Shard(0) on one mesh dimension (plus Replicate, HSDP) only."
+        )
     dim = sharded[0]
     world = mesh.size(dim)
     rows = p.shape[0]
@@ -83,8 +84,9 @@ def _length(leaf: Any) -> int:
     return leaf.numel() if isinstance(leaf, torch.Tensor) else 1
 
 
-def wrap(state: dict[str, Any], p: torch.Tensor, expected: Callable[[tuple[int, ...]], dict[str, Any]],
-         name: str) -> dict[str, Any]:
+def wrap(
+    state: dict[str, Any], p: torch.Tensor, expected: Callable[[tuple[int, ...]], dict[str, Any]], name: str
+) -> dict[str, Any]:
     """``state`` (this rank's, of DTensor parameter ``p``) with every per-rank leaf as a sharded 1-D DTensor.
 
     ``expected(local_shape)`` is the state the optimizer creates for a shard of that shape (meta tensors):
@@ -102,7 +104,8 @@ def wrap(state: dict[str, Any], p: torch.Tensor, expected: Callable[[tuple[int, 
         raise ShardedStateError(
             f"Q4Shampoo: the shards of parameter {name} (local shapes {shapes}) have differently structured "
             "optimizer states (e.g. a shard too small to be preconditioned), which a sharded checkpoint cannot "
-            "hold; shard the model so that every rank holds a part of each matrix, or save without FSDP.")
+            "hold; shard the model so that every rank holds a part of each matrix, or save without FSDP."
+        )
     longest = {path: max(_length(s[path]) for s in per_shard) for path in paths}
     device = p.to_local().device
     world = len(shapes)
@@ -115,8 +118,9 @@ def wrap(state: dict[str, Any], p: torch.Tensor, expected: Callable[[tuple[int, 
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         length = longest[path]
-        return DTensor.from_local(flat.contiguous(), mesh, placements, run_check=False, shape=(world * length,),
-                                  stride=(1,))
+        return DTensor.from_local(
+            flat.contiguous(), mesh, placements, run_check=False, shape=(world * length,), stride=(1,)
+        )
 
     return _map(state, to_dtensor)
 

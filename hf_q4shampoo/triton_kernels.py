@@ -64,10 +64,34 @@ if HAS_TRITON:
         return code
 
     @triton.jit
-    def _pass_a(param_ptrs, d_ptr, m_codes_ptr, m_scales_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_new_ptr,
-                m_table_ptr, m_mids_ptr, v_table_ptr, lr_ptr, bias1_ptr, bias2_ptr, keep_ptr,
-                beta1, beta2, eps, weight_decay, N, NB2, NBLK, R, C,
-                PARAM_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def _pass_a(
+        param_ptrs,
+        d_ptr,
+        m_codes_ptr,
+        m_scales_ptr,
+        v_codes_ptr,
+        max0_ptr,
+        max1_ptr,
+        v_new_ptr,
+        m_table_ptr,
+        m_mids_ptr,
+        v_table_ptr,
+        lr_ptr,
+        bias1_ptr,
+        bias2_ptr,
+        keep_ptr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        N,
+        NB2,
+        NBLK,
+        R,
+        C,
+        PARAM_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         k = tl.program_id(0)
         pid = tl.program_id(1)
         HALF: tl.constexpr = BLOCK // 2
@@ -96,10 +120,14 @@ if HAS_TRITON:
         m_o = tl.load(m_table_ptr + (mbyte >> 4)) * m_scale
         # decode v (rank-1 zero-free linear): scale min(row max, column max)
         vbyte = tl.load(v_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
-        s_e = tl.minimum(tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0),
-                         tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0))
-        s_o = tl.minimum(tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0),
-                         tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0))
+        s_e = tl.minimum(
+            tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0),
+            tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0),
+        )
+        s_o = tl.minimum(
+            tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0),
+            tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0),
+        )
         v_e = tl.load(v_table_ptr + (vbyte & 15)) * s_e
         v_o = tl.load(v_table_ptr + (vbyte >> 4)) * s_o
         # the AdamW step (lerp with weight < 0.5 is start + w (end - start), as torch computes it)
@@ -138,8 +166,7 @@ if HAS_TRITON:
         tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=(blk < NBLK) & keep)
 
     @triton.jit
-    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C,
-                BLOCK: tl.constexpr):
+    def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C, BLOCK: tl.constexpr):
         k = tl.program_id(0)
         pid = tl.program_id(1)
         keep = tl.load(keep_ptr + k) != 0
@@ -152,10 +179,14 @@ if HAS_TRITON:
         row_base = k.to(tl.int64) * N
         v_e = tl.load(v_new_ptr + row_base + even, mask=in_e, other=0.0)
         v_o = tl.load(v_new_ptr + row_base + odd, mask=in_o, other=0.0)
-        s_e = tl.minimum(tl.load(max0_ptr + k * R + even // C, mask=in_e, other=1.0),
-                         tl.load(max1_ptr + k * C + even % C, mask=in_e, other=1.0))
-        s_o = tl.minimum(tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=1.0),
-                         tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0))
+        s_e = tl.minimum(
+            tl.load(max0_ptr + k * R + even // C, mask=in_e, other=1.0),
+            tl.load(max1_ptr + k * C + even % C, mask=in_e, other=1.0),
+        )
+        s_o = tl.minimum(
+            tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=1.0),
+            tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0),
+        )
         c_e = _codes_of(v_e / tl.where(s_e > 0, s_e, 1.0), v_mids_ptr)
         c_o = _codes_of(v_o / tl.where(s_o > 0, s_o, 1.0), v_mids_ptr)
         tl.store(v_codes_ptr + k.to(tl.int64) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=(pair < NB2) & keep)
@@ -176,10 +207,20 @@ def _pointer_table(params: list[torch.Tensor]) -> torch.Tensor:
     return table
 
 
-def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: dict[str, torch.Tensor],
-                lr: torch.Tensor, bias1: torch.Tensor, bias2_sqrt: torch.Tensor,
-                beta1: float, beta2: float, eps: float, weight_decay: float, m_map: str = "dynamic",
-                keep: torch.Tensor | None = None) -> None:
+def adamw4_step(
+    params: list[torch.Tensor],
+    directions: torch.Tensor,
+    moments: dict[str, torch.Tensor],
+    lr: torch.Tensor,
+    bias1: torch.Tensor,
+    bias2_sqrt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
     ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``m_map`` is the
     code of m (any 16-entry table: the kernel reads it from memory); ``keep`` (K,) bool flags, false for
@@ -199,9 +240,32 @@ def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: d
     v_new = torch.empty((k, rows, cols), dtype=torch.float32, device=device)
     grid = (k, triton.cdiv(n, BLOCK))
     _pass_a[grid](
-        _pointer_table(params), directions.contiguous(), m_codes, m_scales, v_codes, max0, max1, v_new,
-        m_table, m_mids, v_table, lr, bias1, bias2_sqrt, keep_bytes, beta1, beta2, eps, weight_decay,
-        n, (n + 1) // 2, m_scales.shape[-1], rows, cols, PARAM_BF16=params[0].dtype == torch.bfloat16, BLOCK=BLOCK,
+        _pointer_table(params),
+        directions.contiguous(),
+        m_codes,
+        m_scales,
+        v_codes,
+        max0,
+        max1,
+        v_new,
+        m_table,
+        m_mids,
+        v_table,
+        lr,
+        bias1,
+        bias2_sqrt,
+        keep_bytes,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        n,
+        (n + 1) // 2,
+        m_scales.shape[-1],
+        rows,
+        cols,
+        PARAM_BF16=params[0].dtype == torch.bfloat16,
+        BLOCK=BLOCK,
     )
     rows_kept = keep.reshape(k, 1)
     max0.copy_(torch.where(rows_kept, v_new.amax(dim=2), max0))
@@ -216,8 +280,18 @@ def adamw4_step(params: list[torch.Tensor], directions: torch.Tensor, moments: d
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_symmetric(codes_ptr, scales_ptr, diag_ptr, table_ptr, out_ptr, n, NBLK,
-                          QBLOCK: tl.constexpr, OUT_BF16: tl.constexpr, TILE: tl.constexpr):
+    def _decode_symmetric(
+        codes_ptr,
+        scales_ptr,
+        diag_ptr,
+        table_ptr,
+        out_ptr,
+        n,
+        NBLK,
+        QBLOCK: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        TILE: tl.constexpr,
+    ):
         k = tl.program_id(0)
         i = tl.program_id(1) * TILE + tl.arange(0, TILE)[:, None]
         j = tl.program_id(2) * TILE + tl.arange(0, TILE)[None, :]
@@ -244,15 +318,31 @@ if HAS_TRITON:
             tl.store(dest, value, mask=inside)
 
 
-def decode_symmetric(codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tensor, table: torch.Tensor,
-                     block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def decode_symmetric(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    diag: torch.Tensor,
+    table: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Triton version of ``quant.decode_symmetric``: ``(K, n, n)`` roots from their packed 4-bit storage."""
     k, n = diag.shape
     out = torch.empty((k, n, n), dtype=dtype, device=diag.device)
     tile = 64
     grid = (k, triton.cdiv(n, tile), triton.cdiv(n, tile))
-    _decode_symmetric[grid](codes.contiguous(), scales.contiguous(), diag.contiguous(), table, out, n,
-                            scales.shape[-1], QBLOCK=block_size, OUT_BF16=dtype == torch.bfloat16, TILE=tile)
+    _decode_symmetric[grid](
+        codes.contiguous(),
+        scales.contiguous(),
+        diag.contiguous(),
+        table,
+        out,
+        n,
+        scales.shape[-1],
+        QBLOCK=block_size,
+        OUT_BF16=dtype == torch.bfloat16,
+        TILE=tile,
+    )
     return out
 
 
@@ -291,8 +381,22 @@ if HAS_TRITON:
         return tl.where(j % 2 == 0, byte & 15, byte >> 4)
 
     @triton.jit
-    def _dequant_factor(codes_ptr, scales_ptr, dbus_ptr, diag_ptr, table_ptr, c_ptr, u_ptr, n, NB2, NBLK,
-                        QBLOCK: tl.constexpr, TI: tl.constexpr, UPPER: tl.constexpr, COLUMN: tl.constexpr):
+    def _dequant_factor(
+        codes_ptr,
+        scales_ptr,
+        dbus_ptr,
+        diag_ptr,
+        table_ptr,
+        c_ptr,
+        u_ptr,
+        n,
+        NB2,
+        NBLK,
+        QBLOCK: tl.constexpr,
+        TI: tl.constexpr,
+        UPPER: tl.constexpr,
+        COLUMN: tl.constexpr,
+    ):
         """C = (strict lower [+ refine: strict upper transposed]) [* column's diagonal] + diag; with
         feedback also U = strict upper (own scales). One block column of TI rows per program."""
         k = tl.program_id(0).to(tl.int64)
@@ -314,8 +418,9 @@ if HAS_TRITON:
             # i // QBLOCK is row j's diagonal block (own scale dbus[j]) or one right of it (scales[j, .])
             code_t = _nibble(codes_ptr, (k * n + j) * NB2, i, lower)
             t_block = i // QBLOCK
-            t_scale = tl.load(scales_ptr + (k * n + j) * NBLK + t_block, mask=lower & (t_block > j // QBLOCK),
-                              other=0.0)
+            t_scale = tl.load(
+                scales_ptr + (k * n + j) * NBLK + t_block, mask=lower & (t_block > j // QBLOCK), other=0.0
+            )
             t_dbus = tl.load(dbus_ptr + k * n + j, mask=lower & (t_block == j // QBLOCK), other=0.0)
             lo = lo + tl.load(table_ptr + code_t) * (t_scale + t_dbus)
         if COLUMN:
@@ -329,9 +434,24 @@ if HAS_TRITON:
             tl.store(u_ptr + offset, tl.where(j > i, value * up_scale, 0.0), mask=inside)
 
     @triton.jit
-    def _requant_lower(new_c_ptr, u_old_ptr, lo_codes_ptr, err_ptr, scales_ptr, diag_ptr, table_ptr, mids_ptr,
-                       ef_beta, one_minus_beta, n, NBLK, QBLOCK: tl.constexpr, TI: tl.constexpr,
-                       UPPER: tl.constexpr, COLUMN: tl.constexpr):
+    def _requant_lower(
+        new_c_ptr,
+        u_old_ptr,
+        lo_codes_ptr,
+        err_ptr,
+        scales_ptr,
+        diag_ptr,
+        table_ptr,
+        mids_ptr,
+        ef_beta,
+        one_minus_beta,
+        n,
+        NBLK,
+        QBLOCK: tl.constexpr,
+        TI: tl.constexpr,
+        UPPER: tl.constexpr,
+        COLUMN: tl.constexpr,
+    ):
         """x = F (+ E with feedback); its strict lower part block-quantized (codes kept unpacked in a scratch
         buffer); the upper triangle's matrix (feedback: E' = beta E + (1 - beta)(x - D(Q(x))); refine:
         R = x - D(Q(x))) written to a scratch buffer; C's diagonal stored. Only the lower triangle is read."""
@@ -364,8 +484,20 @@ if HAS_TRITON:
             tl.store(err_ptr + base + i * n + j, residual, mask=lower)
 
     @triton.jit
-    def _requant_upper(err_ptr, lo_codes_ptr, codes_ptr, scales_ptr, dbus_ptr, mids_ptr, n, NB2, NBLK,
-                       QBLOCK: tl.constexpr, TI: tl.constexpr, UPPER: tl.constexpr):
+    def _requant_upper(
+        err_ptr,
+        lo_codes_ptr,
+        codes_ptr,
+        scales_ptr,
+        dbus_ptr,
+        mids_ptr,
+        n,
+        NB2,
+        NBLK,
+        QBLOCK: tl.constexpr,
+        TI: tl.constexpr,
+        UPPER: tl.constexpr,
+    ):
         """The upper matrix's transpose (zeros with ``UPPER == 0``) block-quantized into the strict upper
         triangle of the same code buffer; packs both triangles' codes and writes the upper part's scales."""
         k = tl.program_id(0).to(tl.int64)
@@ -403,9 +535,16 @@ if HAS_TRITON:
 _TI = 32  # rows per program of the factor kernels
 
 
-def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, dbus: torch.Tensor, diag: torch.Tensor,
-                      table: torch.Tensor, block_size: int, upper: str = "feedback",
-                      column: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def dequantize_factor(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    dbus: torch.Tensor,
+    diag: torch.Tensor,
+    table: torch.Tensor,
+    block_size: int,
+    upper: str = "feedback",
+    column: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(C, U)`` of ``quant.quantize_lower_upper``'s storage, fp32 ``(K, n, n)`` each: the Cholesky factor
     (strict lower part, times its column's diagonal entry with ``column``, + diagonal; with ``upper="refine"``
     the upper triangle's residual code is added first) and, with ``upper="feedback"``, the strict upper part
@@ -415,14 +554,36 @@ def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, dbus: torch.Ten
     c = torch.empty((k, n, n), dtype=torch.float32, device=diag.device)
     u = torch.empty_like(c) if mode == 1 else None
     grid = (k, triton.cdiv(n, _TI), scales.shape[-1])
-    _dequant_factor[grid](codes, scales, dbus, diag, table, c, c if u is None else u, n, codes.shape[-1],
-                          scales.shape[-1], QBLOCK=block_size, TI=_TI, UPPER=mode, COLUMN=column, **_EXACT)
+    _dequant_factor[grid](
+        codes,
+        scales,
+        dbus,
+        diag,
+        table,
+        c,
+        c if u is None else u,
+        n,
+        codes.shape[-1],
+        scales.shape[-1],
+        QBLOCK=block_size,
+        TI=_TI,
+        UPPER=mode,
+        COLUMN=column,
+        **_EXACT,
+    )
     return c, u
 
 
-def requantize_factor(new_c: torch.Tensor, u_old: torch.Tensor | None, table: torch.Tensor, mids: torch.Tensor,
-                      block_size: int, upper: str = "feedback", column: bool = False,
-                      ef_beta: float = 0.0) -> dict[str, torch.Tensor]:
+def requantize_factor(
+    new_c: torch.Tensor,
+    u_old: torch.Tensor | None,
+    table: torch.Tensor,
+    mids: torch.Tensor,
+    block_size: int,
+    upper: str = "feedback",
+    column: bool = False,
+    ef_beta: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Store the new lower factor ``new_c``: ``F`` (``offdiag(C)``, divided by its column's diagonal entry with
     ``column``) quantized in the strict lower triangle, ``diag(C)`` in fp32, and in the upper triangle of the
     same codes, transposed: with ``upper="feedback"`` (paper 1) ``x = F + E`` is what is quantized and
@@ -446,8 +607,26 @@ def requantize_factor(new_c: torch.Tensor, u_old: torch.Tensor | None, table: to
     grid = (k, triton.cdiv(n, _TI), nblk)
     new_c = new_c.contiguous()
     u_old = new_c if u_old is None else u_old.contiguous()  # any pointer when unused (mode != feedback)
-    _requant_lower[grid](new_c, u_old, lo_codes, err, scales, diag, table, mids, ef_beta, 1.0 - ef_beta, n, nblk,
-                         QBLOCK=block_size, TI=_TI, UPPER=mode, COLUMN=column, **_EXACT)
-    _requant_upper[grid](err, lo_codes, codes, scales, dbus, mids, n, (n + 1) // 2, nblk, QBLOCK=block_size,
-                         TI=_TI, UPPER=mode, **_EXACT)
+    _requant_lower[grid](
+        new_c,
+        u_old,
+        lo_codes,
+        err,
+        scales,
+        diag,
+        table,
+        mids,
+        ef_beta,
+        1.0 - ef_beta,
+        n,
+        nblk,
+        QBLOCK=block_size,
+        TI=_TI,
+        UPPER=mode,
+        COLUMN=column,
+        **_EXACT,
+    )
+    _requant_upper[grid](
+        err, lo_codes, codes, scales, dbus, mids, n, (n + 1) // 2, nblk, QBLOCK=block_size, TI=_TI, UPPER=mode, **_EXACT
+    )
     return {"codes": codes, "scales": scales, "diag_block_upper_scale": dbus, "diag": diag}

@@ -24,8 +24,16 @@ from hf_q4shampoo.config import ConfigError  # noqa: E402
 
 STEPS, HALF = 12, 6
 #: small enough for two CPU cores, varied enough to split: blocked matrices, 4-bit and fp32 factors, a vector
-OPTIONS = dict(update_freq=2, root_freq=4, refresh_spread=2, max_precond_dim=48, min_quant_numel=256,
-               first_order_min_quant_numel=64, lr=0.01, weight_decay=0.01)
+OPTIONS = dict(
+    update_freq=2,
+    root_freq=4,
+    refresh_spread=2,
+    max_precond_dim=48,
+    min_quant_numel=256,
+    first_order_min_quant_numel=64,
+    lr=0.01,
+    weight_decay=0.01,
+)
 SHAPES = [(48, 40)] * 6 + [(96, 40)] * 2 + [(40, 24), (12, 20), (40,)]
 FORMS = ("cholesky_ef", "eigen")
 
@@ -40,8 +48,15 @@ def rank_grads(step: int, rank: int) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=g) * (1 + rank) for shape in SHAPES]
 
 
-def train(opt: Q4Shampoo, params: list[torch.Tensor], steps: range, rank: int, world: int,
-          grads_out: list | None = None, at_half=None) -> None:
+def train(
+    opt: Q4Shampoo,
+    params: list[torch.Tensor],
+    steps: range,
+    rank: int,
+    world: int,
+    grads_out: list | None = None,
+    at_half=None,
+) -> None:
     for step in steps:
         grads = rank_grads(step, rank)
         for p, grad in zip(params, grads):
@@ -57,8 +72,9 @@ def train(opt: Q4Shampoo, params: list[torch.Tensor], steps: range, rank: int, w
 def main() -> None:
     out, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     resume = sys.argv[4] if len(sys.argv) > 4 else None
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank, world_size=world
+    )
     report: dict = {}
     for form in FORMS:
         params = make_params()
@@ -66,8 +82,10 @@ def main() -> None:
         grads: list = []
 
         def save_half(opt=opt, params=params, form=form):
-            torch.save({"params": [p.detach().clone() for p in params], "share": opt.state_dict()},
-                       os.path.join(out, f"{form}-half-rank{rank}.pt"))
+            torch.save(
+                {"params": [p.detach().clone() for p in params], "share": opt.state_dict()},
+                os.path.join(out, f"{form}-half-rank{rank}.pt"),
+            )
             opt.consolidate_state_dict(to=0)
             if rank == 0:
                 torch.save(opt.state_dict(), os.path.join(out, f"{form}-half-whole.pt"))
@@ -98,8 +116,9 @@ def main() -> None:
                     p.copy_(value)
             opt2 = Q4Shampoo(again, precond=form, **OPTIONS)
             dist.barrier()  # rank 0 wrote the whole state
-            opt2.load_state_dict(half["share"] if source == "share" else
-                                 torch.load(os.path.join(out, f"{form}-half-whole.pt")))
+            opt2.load_state_dict(
+                half["share"] if source == "share" else torch.load(os.path.join(out, f"{form}-half-whole.pt"))
+            )
             train(opt2, again, range(HALF, STEPS), rank, world)
             torch.save([p.detach() for p in again], os.path.join(out, f"{form}-resumed-{source}-rank{rank}.pt"))
         torch.save([p.detach() for p in params], os.path.join(out, f"{form}-final-rank{rank}.pt"))

@@ -53,8 +53,9 @@ def step(model, opt, t, rank):
 
 def main():
     out, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank, world_size=world
+    )
     full = StateDictOptions(full_state_dict=True)
     model, opt = build()
     for t in range(HALF):

@@ -24,13 +24,41 @@ def _root(mat: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class ReferenceShampoo:
-    def __init__(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, first_order="adamw",
-                 momentum=0.9, nesterov=False, stat_decay=0.95, matrix_eps=1e-6, update_freq=1, root_freq=1,
-                 max_precond_dim=1024, max_aspect_ratio=16.0, min_precond_numel=64, grafting="norm"):
+    def __init__(
+        self,
+        params,
+        *,
+        lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        first_order="adamw",
+        momentum=0.9,
+        nesterov=False,
+        stat_decay=0.95,
+        matrix_eps=1e-6,
+        update_freq=1,
+        root_freq=1,
+        max_precond_dim=1024,
+        max_aspect_ratio=16.0,
+        min_precond_numel=64,
+        grafting="norm",
+    ):
         self.params = [p.detach().double().clone() for p in params]
-        self.h = dict(lr=lr, betas=betas, eps=eps, wd=weight_decay, first_order=first_order, momentum=momentum,
-                      nesterov=nesterov, beta=stat_decay, meps=matrix_eps, t1=update_freq, t2=root_freq,
-                      grafting=grafting)
+        self.h = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            wd=weight_decay,
+            first_order=first_order,
+            momentum=momentum,
+            nesterov=nesterov,
+            beta=stat_decay,
+            meps=matrix_eps,
+            t1=update_freq,
+            t2=root_freq,
+            grafting=grafting,
+        )
         self.t = 0
         self.blocks = []  # per param: list of dicts(rows, cols, L, R, Lr, Rr) or None
         for p in self.params:
@@ -45,10 +73,16 @@ class ReferenceShampoo:
             for r0, r1 in _chunks(m, max_precond_dim, pre_rows):
                 for c0, c1 in _chunks(n, max_precond_dim, pre_cols):
                     a, b = r1 - r0, c1 - c0
-                    blocks.append(dict(rows=(r0, r1), cols=(c0, c1),
-                                       L=matrix_eps * torch.eye(a, dtype=torch.float64) if pre_rows else None,
-                                       R=matrix_eps * torch.eye(b, dtype=torch.float64) if pre_cols else None,
-                                       Lr=torch.eye(a, dtype=torch.float64), Rr=torch.eye(b, dtype=torch.float64)))
+                    blocks.append(
+                        dict(
+                            rows=(r0, r1),
+                            cols=(c0, c1),
+                            L=matrix_eps * torch.eye(a, dtype=torch.float64) if pre_rows else None,
+                            R=matrix_eps * torch.eye(b, dtype=torch.float64) if pre_cols else None,
+                            Lr=torch.eye(a, dtype=torch.float64),
+                            Rr=torch.eye(b, dtype=torch.float64),
+                        )
+                    )
             self.blocks.append((m, n, blocks))
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]

@@ -50,8 +50,10 @@ def test_extract_insert_roundtrip(shape):
         # block k of the region is rows (k // n_col_blocks), cols (k % n_col_blocks)
         k = r.num_blocks - 1
         i, j = divmod(k, r.n_col_blocks)
-        ref = m[r.row_start + i * r.block_rows : r.row_start + (i + 1) * r.block_rows,
-                r.col_start + j * r.block_cols : r.col_start + (j + 1) * r.block_cols]
+        ref = m[
+            r.row_start + i * r.block_rows : r.row_start + (i + 1) * r.block_rows,
+            r.col_start + j * r.block_cols : r.col_start + (j + 1) * r.block_cols,
+        ]
         assert torch.equal(blocks[k], ref)
         insert_blocks(out, r, blocks)
     assert torch.equal(out, m)

@@ -47,10 +47,17 @@ class Recorder(TrainerCallback):
 
 
 def make_trainer(tmp_path, optimizer=(Q4Shampoo, Q4_OPTIONS), callbacks=(), trainer_cls=Trainer, **kwargs):
-    args = training_args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=STEPS, logging_steps=2,
-                         per_device_train_batch_size=4)
-    return trainer_cls(model=tiny_gpt2(n_embd=64), args=args, train_dataset=lm_dataset(32),
-                       optimizer_cls_and_kwargs=optimizer, callbacks=list(callbacks), **kwargs)
+    args = training_args(
+        tmp_path, optim="adamw_torch", optim_args=None, max_steps=STEPS, logging_steps=2, per_device_train_batch_size=4
+    )
+    return trainer_cls(
+        model=tiny_gpt2(n_embd=64),
+        args=args,
+        train_dataset=lm_dataset(32),
+        optimizer_cls_and_kwargs=optimizer,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")

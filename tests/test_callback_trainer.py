@@ -17,8 +17,15 @@ pytestmark = pytest.mark.heavy  # Trainer runs
 
 
 def _trainer(out, **kwargs):
-    args = training_args(out, cls=Q4ShampooTrainingArguments, optim="q4shampoo", optim_args=FAST, max_steps=4,
-                         logging_steps=2, per_device_train_batch_size=4)
+    args = training_args(
+        out,
+        cls=Q4ShampooTrainingArguments,
+        optim="q4shampoo",
+        optim_args=FAST,
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+    )
     return Q4ShampooTrainer(model=tiny_gpt2(n_embd=64), args=args, train_dataset=lm_dataset(16), **kwargs)
 
 

@@ -28,8 +28,9 @@ def q4shampoo(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
-                              cwd=tmp_path, env=env)
+        return subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+        )
 
     return run
 

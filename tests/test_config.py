@@ -16,10 +16,20 @@ def test_defaults_are_the_documented_ones():
 
 
 def test_parse_optim_args_types_and_spaces():
-    out = parse_optim_args("precond = eigen, update_freq=10,root_freq=50, ef_beta=0.5,nesterov=True,"
-                           "max_aspect_ratio=0,first_order_bits=32,quant_map=DYNAMIC")
-    assert out == {"precond": "eigen", "update_freq": 10, "root_freq": 50, "ef_beta": 0.5, "nesterov": True,
-                   "max_aspect_ratio": 0.0, "first_order_bits": 32, "quant_map": "dynamic"}
+    out = parse_optim_args(
+        "precond = eigen, update_freq=10,root_freq=50, ef_beta=0.5,nesterov=True,"
+        "max_aspect_ratio=0,first_order_bits=32,quant_map=DYNAMIC"
+    )
+    assert out == {
+        "precond": "eigen",
+        "update_freq": 10,
+        "root_freq": 50,
+        "ef_beta": 0.5,
+        "nesterov": True,
+        "max_aspect_ratio": 0.0,
+        "first_order_bits": 32,
+        "quant_map": "dynamic",
+    }
     assert isinstance(out["max_aspect_ratio"], float)
     assert parse_optim_args(None) == {} and parse_optim_args("  ") == {}
     Q4ShampooConfig(**out)  # parsed values build a valid config
@@ -105,22 +115,32 @@ def test_sparse_mfac_optim_args():
     from hf_q4shampoo import parse_sparse_mfac_optim_args as parse
 
     out = parse("m=32, k_fraction=0.02,damp=1e-6,variant=LOWRANK,rank=2,momentum=0.9,lr_scaled_decay=false")
-    assert out == {"m": 32, "k_fraction": 0.02, "damp": 1e-6, "variant": "lowrank", "rank": 2, "momentum": 0.9,
-                   "lr_scaled_decay": False}
+    assert out == {
+        "m": 32,
+        "k_fraction": 0.02,
+        "damp": 1e-6,
+        "variant": "lowrank",
+        "rank": 2,
+        "momentum": 0.9,
+        "lr_scaled_decay": False,
+    }
     assert parse("k=1000") == {"k": 1000} and parse(None) == {} and parse(" ") == {}
 
 
-@pytest.mark.parametrize("text,message", [
-    ("ngrads=1024", "unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction, k, damp, momentum,"),
-    ("m=ten", "m='ten' is not an integer"),
-    ("m=0", "m must be an integer >= 1, got 0"),
-    ("damp=-1", r"damp must be a number in \(0, inf\)"),
-    ("variant=svd", "variant='svd' is not valid; allowed values: 'topk', 'lowrank'"),
-    ("lr_scaled_decay=maybe", "lr_scaled_decay='maybe' is not true or false"),
-    ("k=10,k_fraction=0.1", "not both"),
-    ("m", "not of the form key=value"),
-    ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("ngrads=1024", "unknown optim_args key 'ngrads'. Allowed keys: m, k_fraction, k, damp, momentum,"),
+        ("m=ten", "m='ten' is not an integer"),
+        ("m=0", "m must be an integer >= 1, got 0"),
+        ("damp=-1", r"damp must be a number in \(0, inf\)"),
+        ("variant=svd", "variant='svd' is not valid; allowed values: 'topk', 'lowrank'"),
+        ("lr_scaled_decay=maybe", "lr_scaled_decay='maybe' is not true or false"),
+        ("k=10,k_fraction=0.1", "not both"),
+        ("m", "not of the form key=value"),
+        ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate"),
+    ],
+)
 def test_sparse_mfac_optim_args_errors(text, message):
     from hf_q4shampoo import parse_sparse_mfac_optim_args
     from hf_q4shampoo.integrations.registration import SPARSE_MFAC_RESERVED_OPTIM_ARGS
@@ -129,15 +149,18 @@ def test_sparse_mfac_optim_args_errors(text, message):
         parse_sparse_mfac_optim_args(text, reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"max_aspect_ratio": 0.5}, r"max_aspect_ratio must be 0 \(no limit\) or a number >= 1, got 0.5"),
-    ({"quant_block_size": 10**9}, r"quant_block_size must be an integer in \[2, 4096\], got 1000000000"),
-    ({"first_order": "sgd", "nesterov": True, "momentum": 0.0}, "nesterov=True needs momentum > 0"),
-    ({"first_order_min_quant_numel": -1}, "first_order_min_quant_numel must be an integer >= 0"),
-    ({"grafting": "sgd"}, "grafting='sgd' is not valid; allowed values: 'norm', 'adam'"),
-    ({"grafting": "Adam"}, "grafting='Adam' is not valid; allowed values: 'norm', 'adam'"),
-    ({"grafting": "adam", "first_order": "sgd"}, "grafting='adam' needs first_order='adamw'.*grafting='norm'"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"max_aspect_ratio": 0.5}, r"max_aspect_ratio must be 0 \(no limit\) or a number >= 1, got 0.5"),
+        ({"quant_block_size": 10**9}, r"quant_block_size must be an integer in \[2, 4096\], got 1000000000"),
+        ({"first_order": "sgd", "nesterov": True, "momentum": 0.0}, "nesterov=True needs momentum > 0"),
+        ({"first_order_min_quant_numel": -1}, "first_order_min_quant_numel must be an integer >= 0"),
+        ({"grafting": "sgd"}, "grafting='sgd' is not valid; allowed values: 'norm', 'adam'"),
+        ({"grafting": "Adam"}, "grafting='Adam' is not valid; allowed values: 'norm', 'adam'"),
+        ({"grafting": "adam", "first_order": "sgd"}, "grafting='adam' needs first_order='adamw'.*grafting='norm'"),
+    ],
+)
 def test_values_accepted_before_but_wrong_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         Q4ShampooConfig(**options)
@@ -163,8 +186,9 @@ def test_fused_statistics_is_accepted_with_every_factor_layout():
 
 def test_numpy_scalars_become_python_numbers():
     np = pytest.importorskip("numpy")
-    c = Q4ShampooConfig(lr=np.float32(0.5), update_freq=np.int64(10), betas=(np.float64(0.8), np.float32(0.5)),
-                        nesterov=np.bool_(True))
+    c = Q4ShampooConfig(
+        lr=np.float32(0.5), update_freq=np.int64(10), betas=(np.float64(0.8), np.float32(0.5)), nesterov=np.bool_(True)
+    )
     assert (c.lr, c.update_freq, c.betas, c.nesterov) == (0.5, 10, (0.8, 0.5), True)
     assert [type(v) for v in (c.lr, c.update_freq, *c.betas, c.nesterov)] == [float, int, float, float, bool]
     with pytest.raises(ConfigError, match="update_freq"):
@@ -182,18 +206,21 @@ def test_state_keys_come_from_field_metadata():
     assert not {"update_freq", "root_freq", "lr", "stat_decay", "root_method"} & flagged
 
 
-@pytest.mark.parametrize("text,fragments", [
-    ("update_freq=10,update_freq=20", ["'update_freq' is given twice", "update_freq=10", "update_freq=20"]),
-    ("update_freq", ["'update_freq' is not of the form key=value", "Allowed keys:", "root_freq"]),
-    ("=10", ["'=10' is not of the form key=value", "Allowed keys:"]),
-    ("update_freq=ten", ["update_freq='ten'", '"auto" or an integer >= 1']),
-    ("max_aspect_ratio=0.5", ["max_aspect_ratio must be 0 (no limit) or a number >= 1", "max_aspect_ratio=0.5"]),
-    ("quant_block_size=1000000000", ["quant_block_size must be an integer in [2, 4096]"]),
-    ("first_order=sgd,nesterov=true,momentum=0", ["nesterov=True needs momentum > 0"]),
-    ("precond=", ["precond=''", "'cholesky_ef'"]),
-    ("grafting=rmsprop", ["grafting='rmsprop' is not valid", "'norm', 'adam'", "optim_args grafting=rmsprop"]),
-    ("grafting=adam,first_order=sgd", ["grafting='adam' needs first_order='adamw'", "first_order='sgd'"]),
-])
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        ("update_freq=10,update_freq=20", ["'update_freq' is given twice", "update_freq=10", "update_freq=20"]),
+        ("update_freq", ["'update_freq' is not of the form key=value", "Allowed keys:", "root_freq"]),
+        ("=10", ["'=10' is not of the form key=value", "Allowed keys:"]),
+        ("update_freq=ten", ["update_freq='ten'", '"auto" or an integer >= 1']),
+        ("max_aspect_ratio=0.5", ["max_aspect_ratio must be 0 (no limit) or a number >= 1", "max_aspect_ratio=0.5"]),
+        ("quant_block_size=1000000000", ["quant_block_size must be an integer in [2, 4096]"]),
+        ("first_order=sgd,nesterov=true,momentum=0", ["nesterov=True needs momentum > 0"]),
+        ("precond=", ["precond=''", "'cholesky_ef'"]),
+        ("grafting=rmsprop", ["grafting='rmsprop' is not valid", "'norm', 'adam'", "optim_args grafting=rmsprop"]),
+        ("grafting=adam,first_order=sgd", ["grafting='adam' needs first_order='adamw'", "first_order='sgd'"]),
+    ],
+)
 def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fragments):
     with pytest.raises(ConfigError) as info:
         parse_optim_args(text)

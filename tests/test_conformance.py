@@ -23,12 +23,22 @@ import torch
 from hf_q4shampoo import ConfigError, Q4Shampoo
 from hf_q4shampoo.config import PRECOND_FORMS
 
-SMALL = dict(update_freq=1, root_freq=2, min_precond_numel=16, min_quant_numel=16, first_order_min_quant_numel=32,
-             max_precond_dim=64)
-CONFIGS = {f"{form}-{bits}bit": dict(precond=form, first_order_bits=bits, **SMALL)
-           for form in PRECOND_FORMS for bits in (4, 32)}
-CONFIGS["cholesky_ef-sgd-nesterov"] = dict(precond="cholesky_ef", first_order="sgd", momentum=0.9, nesterov=True,
-                                           **SMALL)
+SMALL = dict(
+    update_freq=1,
+    root_freq=2,
+    min_precond_numel=16,
+    min_quant_numel=16,
+    first_order_min_quant_numel=32,
+    max_precond_dim=64,
+)
+CONFIGS = {
+    f"{form}-{bits}bit": dict(precond=form, first_order_bits=bits, **SMALL)
+    for form in PRECOND_FORMS
+    for bits in (4, 32)
+}
+CONFIGS["cholesky_ef-sgd-nesterov"] = dict(
+    precond="cholesky_ef", first_order="sgd", momentum=0.9, nesterov=True, **SMALL
+)
 STEPS = 5  # roots at steps 2 and 4: the preconditioned path is exercised after a refresh
 
 
@@ -105,8 +115,9 @@ def test_state_dict_round_trip_and_continue(options):
 
 def test_load_into_a_fresh_optimizer_keeps_dtypes_and_groups(options):
     model = _model()
-    opt = Q4Shampoo([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}], lr=1e-2,
-                    **options)
+    opt = Q4Shampoo(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}], lr=1e-2, **options
+    )
     _train(model, opt, range(STEPS))
     fresh = Q4Shampoo([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.5, **options)
     fresh.load_state_dict(opt.state_dict())
@@ -209,6 +220,7 @@ def test_step_with_closure_equals_step_after_backward(options):
     opt_b = Q4Shampoo(b.parameters(), lr=1e-2, **options)
     calls = []
     for seed in range(STEPS):
+
         def closure(seed=seed):
             calls.append(seed)
             opt_a.zero_grad()
@@ -366,9 +378,13 @@ def test_maximize(options):
 
 def test_errors_name_the_option(options):
     params = list(_model().parameters())
-    for bad, message in (({"lr": -1e-3}, "lr must be"), ({"betas": (1.0, 0.9)}, "betas must be"),
-                         ({"eps": -1.0}, "eps must be"), ({"weight_decay": -0.1}, "weight_decay must be"),
-                         ({"foreach": True}, "unknown option.*'foreach'")):
+    for bad, message in (
+        ({"lr": -1e-3}, "lr must be"),
+        ({"betas": (1.0, 0.9)}, "betas must be"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"weight_decay": -0.1}, "weight_decay must be"),
+        ({"foreach": True}, "unknown option.*'foreach'"),
+    ):
         with pytest.raises(ConfigError, match=message):
             Q4Shampoo(params, **{**options, **bad})
     assert "Q4Shampoo" in repr(Q4Shampoo(params, **options))

@@ -12,8 +12,9 @@ def _run(device, precond, steps=6, **kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 70)).to(device)
     kw = {"root_method": "eigh", "apply_dtype": "float32", "use_compile": False, **kw}
-    opt = Q4Shampoo(model.parameters(), lr=1e-2, precond=precond, update_freq=1, root_freq=2, min_quant_numel=1024,
-                    **kw)
+    opt = Q4Shampoo(
+        model.parameters(), lr=1e-2, precond=precond, update_freq=1, root_freq=2, min_quant_numel=1024, **kw
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(64, 96, generator=g).to(device)
@@ -69,7 +70,7 @@ def test_quantized_forms_cuda_match_cpu_on_identical_inputs(precond):
         )
         state = form.init_state(200, 3, torch.device(device))
         for k in range(3):
-            gk = grads[k:k + 1].expand(3, -1, -1).to(device)
+            gk = grads[k : k + 1].expand(3, -1, -1).to(device)
             form.update_statistics(state, gk @ gk.mT)
         form.refresh_root(state)
         out[device] = (form.statistics(state).cpu(), form.root(state).cpu())
@@ -104,8 +105,18 @@ def _moments(shape, dtype=torch.float32, steps=1):
     states = [fo.init_first_order_state(p, "adamw", 4) for p in params]
     moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
     for step in range(1, steps + 1):
-        fo.adamw_batch_step(params, torch.randn(shape, device="cuda"), moments, step=step, lr=1e-2, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=0.1, bits=4, compile_=False)
+        fo.adamw_batch_step(
+            params,
+            torch.randn(shape, device="cuda"),
+            moments,
+            step=step,
+            lr=1e-2,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=0.1,
+            bits=4,
+            compile_=False,
+        )
     return params, moments
 
 
@@ -209,8 +220,13 @@ def test_state_is_created_on_the_parameter_device_and_loads_there():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 70)).cuda()
     opt2 = Q4Shampoo(model.parameters(), lr=1e-2, update_freq=1, root_freq=2, min_quant_numel=1024)
-    cpu_sd = {**sd, "state": {k: {kk: (vv.cpu() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
-                               for k, v in sd["state"].items()}}
+    cpu_sd = {
+        **sd,
+        "state": {
+            k: {kk: (vv.cpu() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
+            for k, v in sd["state"].items()
+        },
+    }
     opt2.load_state_dict(cpu_sd)
     st = opt2.state[model[0].weight]
     assert st["step"].device.type == "cpu"
@@ -218,8 +234,11 @@ def test_state_is_created_on_the_parameter_device_and_loads_there():
     assert st["regions"][0]["L"]["factor_codes"].dtype == torch.uint8
 
 
-_LAYOUTS = [(p, u, s) for p, u in (("cholesky_ef", "feedback"), ("cholesky_ef", "refine"), ("cholesky", "refine"))
-            for s in ("row", "column")]
+_LAYOUTS = [
+    (p, u, s)
+    for p, u in (("cholesky_ef", "feedback"), ("cholesky_ef", "refine"), ("cholesky", "refine"))
+    for s in ("row", "column")
+]
 
 
 @pytest.mark.parametrize("precond,upper,scaling", _LAYOUTS)
@@ -241,9 +260,17 @@ def test_fused_statistics_update_matches_the_torch_path(precond, upper, scaling)
         grams.append(g @ g.mT)
     forms, states = {}, {}
     for fused in (False, True):
-        forms[fused] = make_form(precond, FormSettings.from_options(
-            "cuda", root_method="newton", fused_statistics=fused, factor_upper=upper, factor_scaling=scaling,
-            ef_beta=0.3))
+        forms[fused] = make_form(
+            precond,
+            FormSettings.from_options(
+                "cuda",
+                root_method="newton",
+                fused_statistics=fused,
+                factor_upper=upper,
+                factor_scaling=scaling,
+                ef_beta=0.3,
+            ),
+        )
         assert forms[fused]._fused(torch.device("cuda")) == fused
         state = forms[fused].init_state(n, 4, torch.device("cuda"))
         for g in grams:

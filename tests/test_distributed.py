@@ -88,8 +88,16 @@ def test_single_process_is_not_split(tmp_path):
 def _launch(out, world, resume=None, worker=WORKER, report="report"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_Q4SHAMPOO_AUTO_REGISTER": "0"}
     extra = [str(resume)] if resume else []
-    procs = [subprocess.Popen([sys.executable, worker, str(out), str(r), str(world), *extra], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(out), str(r), str(world), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(world)
+    ]
     errors = []
     for proc in procs:
         try:
@@ -160,8 +168,13 @@ def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
     # the work was split: both ranks own matrices and exchanged roots on refresh steps only
     info = reports[0][form]["info"]
     assert info["world_size"] == 2 and min(info["matrices_per_rank"]) >= 3
-    refresh_steps = len({s for s in range(1, len(grads) + 1) if any(
-        (s - o) > 0 and (s - o) % OPTIONS["root_freq"] == 0 for o in range(OPTIONS["refresh_spread"]))})
+    refresh_steps = len(
+        {
+            s
+            for s in range(1, len(grads) + 1)
+            if any((s - o) > 0 and (s - o) % OPTIONS["root_freq"] == 0 for o in range(OPTIONS["refresh_spread"]))
+        }
+    )
     assert 0 < info["exchanges"] <= refresh_steps
 
 
@@ -239,10 +252,25 @@ TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny
 
 
 def _torchrun(args, log):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "hf_q4shampoo.launcher", TRAINER_SCRIPT, *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hf_q4shampoo.launcher",
+        TRAINER_SCRIPT,
+        *args,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -252,17 +280,36 @@ def _torchrun(args, log):
 def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
     # the stock Trainer (an unmodified script through the launcher): registration makes it gather the ranks'
     # shares into optimizer.pt; the resumed run ends where the uninterrupted one did, on both ranks
-    common = ["--optim", "q4shampoo", "--optim_args", "update_freq=1,root_freq=2,min_quant_numel=256", "--use_cpu",
-              "true", "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "4",
-              "--disable_tqdm", "true", "--max_steps", "8", "--seed", "0"]
+    common = [
+        "--optim",
+        "q4shampoo",
+        "--optim_args",
+        "update_freq=1,root_freq=2,min_quant_numel=256",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--disable_tqdm",
+        "true",
+        "--max_steps",
+        "8",
+        "--seed",
+        "0",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     _torchrun(["--output_dir", str(a), *common, "--save_strategy", "steps", "--save_steps", "4"], tmp_path / "a.log")
     saved = torch.load(a / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert "q4shampoo_shard" not in saved  # the whole state, not rank 0's share
     sides = [side for s in saved["state"].values() for sides in s.get("regions", []) for side in sides.values()]
     assert sides and all("factor_codes" in side for side in sides)
-    _torchrun(["--output_dir", str(b), *common, "--save_strategy", "no", "--resume_from_checkpoint",
-               str(a / "checkpoint-4")], tmp_path / "b.log")
+    _torchrun(
+        ["--output_dir", str(b), *common, "--save_strategy", "no", "--resume_from_checkpoint", str(a / "checkpoint-4")],
+        tmp_path / "b.log",
+    )
     results = [json.loads((run / f"result-rank{r}.json").read_text()) for run in (a, b) for r in (0, 1)]
     assert len({r["param_checksum"] for r in results}) == 1
     assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
@@ -274,8 +321,20 @@ def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench = os.path.join(root, "benchmarks", "multi_gpu_bench.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", bench, "--tiny",
-               "--out", str(tmp_path), "--optimizers", "adamw,q4shampoo"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        bench,
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--optimizers",
+        "adamw,q4shampoo",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads((tmp_path / "multi_gpu_ddp_ws2.json").read_text())

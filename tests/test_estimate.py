@@ -31,8 +31,13 @@ def gpt2_config():
 
 def bert_config():
     return transformers.BertConfig(
-        vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=160,
-        max_position_embeddings=16, num_labels=3,
+        vocab_size=96,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=160,
+        max_position_embeddings=16,
+        num_labels=3,
     )
 
 
@@ -102,13 +107,17 @@ def test_estimate_counts_only_trainable_parameters_of_a_peft_model():
     assert any("frozen" in note for note in est.notes)
 
 
-@pytest.mark.parametrize("make", [
-    lambda groups: Q4Shampoo(groups, precond="cholesky_ef", update_freq=1, root_freq=1),
-    lambda groups: Q4Shampoo(groups, precond="eigen", update_freq=1, root_freq=1),
-    lambda groups: torch.optim.AdamW(groups),
-    lambda groups: torch.optim.AdamW(groups, fused=True),  # Trainer's default optim: adamw_torch_fused
-    lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9),
-], ids=["cholesky_ef", "eigen", "adamw", "adamw_fused", "sgd_momentum"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda groups: Q4Shampoo(groups, precond="cholesky_ef", update_freq=1, root_freq=1),
+        lambda groups: Q4Shampoo(groups, precond="eigen", update_freq=1, root_freq=1),
+        lambda groups: torch.optim.AdamW(groups),
+        lambda groups: torch.optim.AdamW(groups, fused=True),  # Trainer's default optim: adamw_torch_fused
+        lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9),
+    ],
+    ids=["cholesky_ef", "eigen", "adamw", "adamw_fused", "sgd_momentum"],
+)
 def test_estimate_optimizer_state_matches_a_step_with_statistics_and_roots(make):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 200), nn.ReLU(), nn.Linear(200, 10))
@@ -234,7 +243,11 @@ def test_clear_errors(tmp_path):
 
 def test_seven_billion_llama_config_takes_seconds():
     cfg = transformers.LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
     )
     start = time.perf_counter()
     est = estimate_memory(cfg)
@@ -256,8 +269,15 @@ def test_cli_on_a_local_config_file(tmp_path, capsys):
 
     assert cli_main(["memory", str(tmp_path / "config.json"), "--optim_args", "precond=eigen,max_precond_dim=32"]) == 0
     out = capsys.readouterr().out
-    for label in ("AdamW (torch)", "8-bit AdamW (bitsandbytes)", "4-bit AdamW (torchao)", "fp32 Shampoo",
-                  "Q4Shampoo cholesky_ef", "Q4Shampoo naive", "Q4Shampoo fp32"):
+    for label in (
+        "AdamW (torch)",
+        "8-bit AdamW (bitsandbytes)",
+        "4-bit AdamW (torchao)",
+        "fp32 Shampoo",
+        "Q4Shampoo cholesky_ef",
+        "Q4Shampoo naive",
+        "Q4Shampoo fp32",
+    ):
         assert label in out
     assert "**Q4Shampoo eigen**" in out  # the selected form is highlighted
     assert "How each row is computed" in out and "bitsandbytes Optimizer2State" in out

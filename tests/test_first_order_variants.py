@@ -42,8 +42,11 @@ def _reference_adam_factored(params, grads_seq, lr, betas, eps, wd, m_roundtrip=
                 v_full = v[i]
             else:
                 g2 = (g * g).reshape(shape)
-                row, col = (v[i] if v[i] is not None else (torch.zeros(shape[0], dtype=torch.float64),
-                                                          torch.zeros(shape[1], dtype=torch.float64)))
+                row, col = (
+                    v[i]
+                    if v[i] is not None
+                    else (torch.zeros(shape[0], dtype=torch.float64), torch.zeros(shape[1], dtype=torch.float64))
+                )
                 row = b2 * row + (1 - b2) * g2.mean(1)
                 col = b2 * col + (1 - b2) * g2.mean(0)
                 v[i] = (row, col)
@@ -61,8 +64,15 @@ def _params(seed=0):
 def _grads(steps, seed=1):
     g = torch.Generator().manual_seed(seed)
     # row- and column-dependent scales, so the factorisation is not trivially exact
-    return [[torch.randn(*s, generator=g) * torch.linspace(0.2, 2.0, s[0]).reshape(-1, *([1] * (len(s) - 1)))
-             * torch.rand(s[-1], generator=g).add(0.5) for s in SHAPES] for _ in range(steps)]
+    return [
+        [
+            torch.randn(*s, generator=g)
+            * torch.linspace(0.2, 2.0, s[0]).reshape(-1, *([1] * (len(s) - 1)))
+            * torch.rand(s[-1], generator=g).add(0.5)
+            for s in SHAPES
+        ]
+        for _ in range(steps)
+    ]
 
 
 @pytest.mark.parametrize("bits,m_map", [(32, "dynamic"), (4, "dynamic"), (4, "linear2")])
@@ -71,8 +81,14 @@ def test_factored_adam_matches_fp64_oracle(bits, m_map):
     params = _params()
     start = [p.detach().double().clone() for p in params]
     # no preconditioning: the first-order step alone is under test
-    opt = Q4Shampoo(params, first_order_v="factored", first_order_bits=bits, first_order_m_map=m_map,
-                    min_precond_numel=10**9, **hyper)
+    opt = Q4Shampoo(
+        params,
+        first_order_v="factored",
+        first_order_bits=bits,
+        first_order_m_map=m_map,
+        min_precond_numel=10**9,
+        **hyper,
+    )
     grads_seq = _grads(8)
     for grads in grads_seq:
         for p, g in zip(params, grads):
@@ -81,10 +97,13 @@ def test_factored_adam_matches_fp64_oracle(bits, m_map):
     # 4-bit m: the oracle applies the same codec to m after every update (block 128, m_map's code)
     m_rt = None
     if bits == 4:
+
         def m_rt(x):
             return roundtrip_blockwise(x.float().reshape(1, -1), m_map, 128).double().reshape(x.shape)
-    ref = _reference_adam_factored(start, grads_seq, hyper["lr"], hyper["betas"], hyper["eps"],
-                                   hyper["weight_decay"], m_rt)
+
+    ref = _reference_adam_factored(
+        start, grads_seq, hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"], m_rt
+    )
     for p, r, p0 in zip(params, ref, start):
         err = float((p.detach().double() - r).norm() / (r - p0).norm())
         print(tuple(p.shape), bits, f"{err:.2e}")
@@ -145,11 +164,11 @@ def test_linear2_momentum_buffer_of_sgd():
     g = -torch.rand(128, 40, generator=torch.Generator().manual_seed(0)) - 0.5  # 40 blocks of 128, all negative
     for m_map, shrink in (("linear2", 1.0), ("dynamic", 0.8875)):
         p = torch.nn.Parameter(torch.zeros(128, 40))
-        opt = Q4Shampoo([p], lr=0.1, first_order="sgd", momentum=0.9, first_order_m_map=m_map,
-                        min_precond_numel=10**9)
+        opt = Q4Shampoo([p], lr=0.1, first_order="sgd", momentum=0.9, first_order_m_map=m_map, min_precond_numel=10**9)
         p.grad = g.clone()
         opt.step()  # first step: buffer = g
         st = opt.state[p]
-        buf = _decode_signed({"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]},
-                             (1, 128, 40), m_map)[0]
+        buf = _decode_signed(
+            {"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]}, (1, 128, 40), m_map
+        )[0]
         torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))

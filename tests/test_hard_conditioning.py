@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "hard_conditioning", Path(__file__).resolve().parents[1] / "benchmarks" / "hard_conditioning.py")
+    "hard_conditioning", Path(__file__).resolve().parents[1] / "benchmarks" / "hard_conditioning.py"
+)
 hc = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(hc)
 

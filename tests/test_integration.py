@@ -27,9 +27,22 @@ from hf_q4shampoo.integrations import registration
 from tiny_hf import lm_dataset, one_torch_thread, tiny_gpt2, training_args  # noqa: F401 (autouse fixture)
 
 CLI = [
-    "--output_dir", "unused", "--optim", "q4shampoo", "--learning_rate", "0.02", "--adam_beta1", "0.8",
-    "--adam_beta2", "0.95", "--adam_epsilon", "1e-7", "--weight_decay", "0.1",
-    "--optim_args", "precond=eigen, update_freq=10,root_freq=50,max_precond_dim=256,nesterov=true,ef_beta=0.5",
+    "--output_dir",
+    "unused",
+    "--optim",
+    "q4shampoo",
+    "--learning_rate",
+    "0.02",
+    "--adam_beta1",
+    "0.8",
+    "--adam_beta2",
+    "0.95",
+    "--adam_epsilon",
+    "1e-7",
+    "--weight_decay",
+    "0.1",
+    "--optim_args",
+    "precond=eigen, update_freq=10,root_freq=50,max_precond_dim=256,nesterov=true,ef_beta=0.5",
 ]
 EXPECTED_OPTIONS = dict(precond="eigen", update_freq=10, root_freq=50, max_precond_dim=256, nesterov=True, ef_beta=0.5)
 
@@ -156,8 +169,16 @@ def test_cli_parse_through_hf_argument_parser():
 
 
 def test_json_config_file(tmp_path):
-    config = {"output_dir": str(tmp_path), "optim": "q4shampoo", "learning_rate": 0.02, "adam_beta1": 0.8,
-              "adam_beta2": 0.95, "adam_epsilon": 1e-7, "weight_decay": 0.1, "optim_args": CLI[-1]}
+    config = {
+        "output_dir": str(tmp_path),
+        "optim": "q4shampoo",
+        "learning_rate": 0.02,
+        "adam_beta1": 0.8,
+        "adam_beta2": 0.95,
+        "adam_epsilon": 1e-7,
+        "weight_decay": 0.1,
+        "optim_args": CLI[-1],
+    }
     path = tmp_path / "train.json"
     path.write_text(json.dumps(config))
     (args,) = HfArgumentParser(TrainingArguments).parse_json_file(str(path))
@@ -214,7 +235,8 @@ def test_bad_optim_args_stop_argument_parsing(optim_args, fragments):
         _one_line_naming(info.value, fragments)
     with pytest.raises(ConfigError) as info:
         HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", "x", "--optim", "q4shampoo", "--optim_args", optim_args])
+            ["--output_dir", "x", "--optim", "q4shampoo", "--optim_args", optim_args]
+        )
     _one_line_naming(info.value, fragments)
     args = TrainingArguments("x", optim="adamw_torch")  # set afterwards: the optimizer's own check still holds
     object.__setattr__(args, "optim", OptimizerNames("q4shampoo"))

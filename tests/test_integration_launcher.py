@@ -15,8 +15,24 @@ from hf_q4shampoo import cli, launcher
 from tiny_hf import FAST, one_torch_thread  # noqa: F401 (autouse fixture)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "train_tiny_clm.py")
-TRAIN = ["--optim", "q4shampoo", "--optim_args", FAST, "--max_steps", "4", "--use_cpu", "true",
-         "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]
+TRAIN = [
+    "--optim",
+    "q4shampoo",
+    "--optim_args",
+    FAST,
+    "--max_steps",
+    "4",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "8",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def _env(**extra):
@@ -37,11 +53,17 @@ def _check_trained(result):
 @pytest.mark.heavy
 def test_unmodified_script_needs_the_launcher(tmp_path):
     out = str(tmp_path / "out")
-    plain = subprocess.run([sys.executable, SCRIPT, "--output_dir", out, *TRAIN], capture_output=True, text=True,
-                           env=_env(), timeout=300)
+    plain = subprocess.run(
+        [sys.executable, SCRIPT, "--output_dir", out, *TRAIN], capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert plain.returncode == 2 and "invalid choice: 'q4shampoo'" in plain.stderr
-    launched = subprocess.run([sys.executable, "-m", "hf_q4shampoo.cli", "run", SCRIPT, "--output_dir", out, *TRAIN],
-                              capture_output=True, text=True, env=_env(), timeout=300)
+    launched = subprocess.run(
+        [sys.executable, "-m", "hf_q4shampoo.cli", "run", SCRIPT, "--output_dir", out, *TRAIN],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     result = _result(out)
     _check_trained(result)
@@ -60,12 +82,15 @@ def test_in_process_with_json_config_restores_sys_state(tmp_path):
     _check_trained(_result(tmp_path))
 
 
-@pytest.mark.parametrize("body,status", [
-    ("pass", 0),
-    ("raise SystemExit(3)", 3),
-    ("import sys; sys.exit('failed: reason')", 1),
-    ("import argparse; argparse.ArgumentParser().parse_args()", 2),  # unknown argument "--x" below
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ("pass", 0),
+        ("raise SystemExit(3)", 3),
+        ("import sys; sys.exit('failed: reason')", 1),
+        ("import argparse; argparse.ArgumentParser().parse_args()", 2),  # unknown argument "--x" below
+    ],
+)
 def test_exit_status_is_the_scripts(tmp_path, body, status, capsys):
     script = tmp_path / "job.py"
     script.write_text(body + "\n")
@@ -102,12 +127,15 @@ def test_main_semantics_and_module_form(tmp_path, monkeypatch):
     sys.modules.pop("helper_mod_q4", None)
 
 
-@pytest.mark.parametrize("optim_args,fragment", [
-    ("update_freq", "'update_freq' is not of the form key=value"),
-    ("update_freq=10,update_freq=20", "'update_freq' is given twice"),
-    ("quant_block_size=1000000000", "quant_block_size must be an integer in [2, 4096]"),
-    ("blocksize=64", "unknown optim_args key 'blocksize'. Allowed keys:"),
-])
+@pytest.mark.parametrize(
+    "optim_args,fragment",
+    [
+        ("update_freq", "'update_freq' is not of the form key=value"),
+        ("update_freq=10,update_freq=20", "'update_freq' is given twice"),
+        ("quant_block_size=1000000000", "quant_block_size must be an integer in [2, 4096]"),
+        ("blocksize=64", "unknown optim_args key 'blocksize'. Allowed keys:"),
+    ],
+)
 def test_bad_optim_args_stop_the_launched_script_at_argument_parsing(tmp_path, capsys, optim_args, fragment):
     # a script shaped like transformers' examples: it marks the moment its arguments are parsed
     marker = tmp_path / "parsed"
@@ -118,8 +146,22 @@ def test_bad_optim_args_stop_the_launched_script_at_argument_parsing(tmp_path, c
         f"open({str(marker)!r}, 'w').close()\n"
     )
     # through the console script's dispatcher (`q4shampoo run`), which hands over to the launcher
-    status = cli.main(["run", str(script), "--output_dir", str(tmp_path), "--optim", "q4shampoo",
-                       "--optim_args", optim_args, "--use_cpu", "true", "--report_to", "none"])
+    status = cli.main(
+        [
+            "run",
+            str(script),
+            "--output_dir",
+            str(tmp_path),
+            "--optim",
+            "q4shampoo",
+            "--optim_args",
+            optim_args,
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert status == 2 and not marker.exists()
     assert len(err.splitlines()) == 1 and err.startswith("q4shampoo run: error: Q4Shampoo:") and fragment in err, err
@@ -138,11 +180,26 @@ def test_usage_errors(tmp_path, capsys):
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     # DDP on two CPU processes (gloo): every rank runs the launcher, the preconditioner work is split, ranks agree
     out = str(tmp_path)
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "hf_q4shampoo.launcher", SCRIPT,
-               "--output_dir", out, *TRAIN[:-4], "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    command = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hf_q4shampoo.launcher",
+        SCRIPT,
+        "--output_dir",
+        out,
+        *TRAIN[:-4],
+        "--per_device_train_batch_size",
+        "4",
+        "--disable_tqdm",
+        "true",
+    ]
     # own process group, so a hang cannot leave the two ranks behind
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

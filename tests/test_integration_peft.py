@@ -27,8 +27,14 @@ R = 2
 def _lora_gpt2():
     base = tiny_gpt2(n_embd=64)
     frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
-    config = LoraConfig(r=R, lora_alpha=2 * R, target_modules=["c_attn", "c_fc"], lora_dropout=0.0,
-                        fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2 uses Conv1D: fan_in_fan_out
+    config = LoraConfig(
+        r=R,
+        lora_alpha=2 * R,
+        target_modules=["c_attn", "c_fc"],
+        lora_dropout=0.0,
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+    )  # GPT-2 uses Conv1D: fan_in_fan_out
     return get_peft_model(base, config), frozen
 
 
@@ -62,8 +68,11 @@ def test_lora_trains_only_adapters_without_nan(tmp_path):
     optimised = [p for g in opt.param_groups for p in g["params"]]
     assert optimised and {id(p) for p in optimised} == {id(p) for p in model.parameters() if p.requires_grad}
     assert all("lora_" in names[id(p)] for p in optimised)
-    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
-             if not p.requires_grad}
+    after = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+    }
     assert set(after) == set(frozen) and all(torch.equal(after[n], p) for n, p in frozen.items())
 
     # step 1: A's gradients are exactly zero (B = 0), A does not move and nothing becomes NaN; B moves

@@ -73,12 +73,27 @@ def test_causal_lm_stock_trainer_schedule_clipping_eval_checkpoints(tmp_path):
     steps, lr, clip = 12, 3e-3, 0.5
     recorder = StepRecorder()
     args = training_args(
-        tmp_path, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=3, weight_decay=0.1,
-        max_grad_norm=clip, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-        save_total_limit=2, per_device_eval_batch_size=16,
+        tmp_path,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=3,
+        weight_decay=0.1,
+        max_grad_norm=clip,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        save_total_limit=2,
+        per_device_eval_batch_size=16,
     )
-    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset(), eval_dataset=lm_dataset(32, seed=1),
-                      callbacks=[recorder])
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=lm_dataset(),
+        eval_dataset=lm_dataset(32, seed=1),
+        callbacks=[recorder],
+    )
     trainer.train()
 
     opt = unwrap_optimizer(trainer.optimizer)
@@ -118,14 +133,20 @@ def test_causal_lm_stock_trainer_schedule_clipping_eval_checkpoints(tmp_path):
 
 
 def test_sequence_classifier_q4shampoo_trainer_without_registration_path(tmp_path):
-    args = training_args(tmp_path, cls=Q4ShampooTrainingArguments, max_steps=16, learning_rate=1e-2,
-                         eval_strategy="steps", eval_steps=16)
+    args = training_args(
+        tmp_path, cls=Q4ShampooTrainingArguments, max_steps=16, learning_rate=1e-2, eval_strategy="steps", eval_steps=16
+    )
 
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
-    trainer = Q4ShampooTrainer(model=tiny_bert_classifier(), args=args, train_dataset=cls_dataset(),
-                               eval_dataset=cls_dataset(32, seed=1), compute_metrics=accuracy)
+    trainer = Q4ShampooTrainer(
+        model=tiny_bert_classifier(),
+        args=args,
+        train_dataset=cls_dataset(),
+        eval_dataset=cls_dataset(32, seed=1),
+        compute_metrics=accuracy,
+    )
     assert type(args.optim) is str  # the plain string: nothing registered was needed to parse it
     trainer.train()
     assert isinstance(unwrap_optimizer(trainer.optimizer), Q4Shampoo)
@@ -168,12 +189,17 @@ def test_resume_matches_uninterrupted_run_and_checkpoint_is_small(tmp_path):
     k, n_embd = 3, 128  # 0.4M parameters: large enough for 4-bit factors (order >= 64)
     common = dict(max_steps=2 * k, save_strategy="steps", save_steps=k)
 
-    straight = Trainer(model=tiny_gpt2(n_embd), args=training_args(tmp_path / "straight", **common),
-                       train_dataset=lm_dataset())
+    straight = Trainer(
+        model=tiny_gpt2(n_embd), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
+    )
     straight.train()
 
-    stopped = Trainer(model=tiny_gpt2(n_embd), args=training_args(tmp_path / "resumed", **common),
-                      train_dataset=lm_dataset(), callbacks=[StopAt(k)])
+    stopped = Trainer(
+        model=tiny_gpt2(n_embd),
+        args=training_args(tmp_path / "resumed", **common),
+        train_dataset=lm_dataset(),
+        callbacks=[StopAt(k)],
+    )
     stopped.train()
     assert stopped.state.global_step == k
     checkpoint = tmp_path / "resumed" / f"checkpoint-{k}"
@@ -227,8 +253,14 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     start = trainable_state(tiny_gpt2())
 
     def run(name, optim, optim_args, batch, accumulation):
-        args = training_args(tmp_path / name, optim=optim, optim_args=optim_args, max_steps=6,
-                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        args = training_args(
+            tmp_path / name,
+            optim=optim,
+            optim_args=optim_args,
+            max_steps=6,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
         trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
         trainer.train()
         return trainer
@@ -310,8 +342,14 @@ class FakeHub:
         files = sorted(
             os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs
         )
-        self.uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": files,
-                             "readme": _read(os.path.join(folder_path, "README.md"))})
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "path_in_repo": path_in_repo,
+                "files": files,
+                "readme": _read(os.path.join(folder_path, "README.md")),
+            }
+        )
         if run_as_future:
             done = Future()
             done.set_result(None)
@@ -332,8 +370,16 @@ def test_push_to_hub_flags_pass_through(tmp_path, monkeypatch):
     else:  # 5.0 / 5.1: huggingface_hub functions imported by name
         monkeypatch.setattr(transformers.trainer, "create_repo", hub.create_repo)
         monkeypatch.setattr(transformers.trainer, "upload_folder", hub.upload_folder)
-    args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
-                         hub_model_id="someone/tiny-q4shampoo", hub_strategy="checkpoint", hub_private_repo=True)
+    args = training_args(
+        tmp_path,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        push_to_hub=True,
+        hub_model_id="someone/tiny-q4shampoo",
+        hub_strategy="checkpoint",
+        hub_private_repo=True,
+    )
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
     trainer.train()
     trainer.push_to_hub(dataset_tags="synthetic")
@@ -351,16 +397,20 @@ def test_push_to_hub_flags_pass_through(tmp_path, monkeypatch):
 
 def test_auto_schedule_follows_the_trainers_run_length(tmp_path):
     # max_steps reaches the optimizer as total_steps; with no optim_args the schedule is the "auto" one
-    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "a", optim_args=None, max_steps=40),
-                      train_dataset=lm_dataset())
+    trainer = Trainer(
+        model=tiny_gpt2(), args=training_args(tmp_path / "a", optim_args=None, max_steps=40), train_dataset=lm_dataset()
+    )
     trainer.create_optimizer()
     opt = unwrap_optimizer(trainer.optimizer)
     assert opt.config.total_steps == 40 and opt.config.schedule() == (1, 10)
     # an epoch-based run: Q4ShampooTrainer fills the length once the Trainer knows it
     from hf_q4shampoo import Q4ShampooTrainer
 
-    epochs = Q4ShampooTrainer(model=tiny_gpt2(), args=training_args(tmp_path / "b", optim_args=None, max_steps=-1,
-                                                                     num_train_epochs=2), train_dataset=lm_dataset())
+    epochs = Q4ShampooTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "b", optim_args=None, max_steps=-1, num_train_epochs=2),
+        train_dataset=lm_dataset(),
+    )
     epochs.create_optimizer_and_scheduler(num_training_steps=123)
     assert unwrap_optimizer(epochs.optimizer).config.total_steps == 123
 
@@ -372,6 +422,7 @@ def test_a_run_that_ends_before_its_first_root_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Q4Shampoo([p], total_steps=100)  # "auto": roots every 10 steps
+
 
 # ---- --optim sparse_mfac (issue 17) ---------------------------------------------------------------
 
@@ -390,8 +441,15 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert parsed.optim.value == "sparse_mfac" and parsed.optim_args == SPARSE_MFAC_ARGS
 
     k = 3
-    common = dict(optim="sparse_mfac", optim_args=SPARSE_MFAC_ARGS, learning_rate=1e-2, weight_decay=0.01,
-                  max_steps=2 * k, save_strategy="steps", save_steps=k)
+    common = dict(
+        optim="sparse_mfac",
+        optim_args=SPARSE_MFAC_ARGS,
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        max_steps=2 * k,
+        save_strategy="steps",
+        save_steps=k,
+    )
     straight = Trainer(
         model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
     )
@@ -406,12 +464,17 @@ def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert report.num_params == sum(p.numel() for p in straight.model.parameters())
     assert report.by_kind["indices"] > 0 and report.by_kind["gram"] == 2 * 4 * 4 * 8
 
-    stopped = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset(),
-                      callbacks=[StopAt(k)])
+    stopped = Trainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "resumed", **common),
+        train_dataset=lm_dataset(),
+        callbacks=[StopAt(k)],
+    )
     stopped.train()
     checkpoint = tmp_path / "resumed" / f"checkpoint-{k}"
-    resumed = Trainer(model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common),
-                      train_dataset=lm_dataset())
+    resumed = Trainer(
+        model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset()
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     a, b = trainable_state(straight.model), trainable_state(resumed.model)
     assert all(torch.equal(a[name], b[name]) for name in a), "resumed run differs from the uninterrupted one"
@@ -449,10 +512,18 @@ def test_q4adamw_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert parsed.optim.value == "q4adamw" and parsed.optim_args == Q4ADAMW_ARGS
 
     k = 4
-    common = dict(optim="q4adamw", optim_args=Q4ADAMW_ARGS, learning_rate=3e-3, weight_decay=0.01,
-                  max_steps=2 * k, save_strategy="steps", save_steps=k)
-    straight = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common),
-                       train_dataset=lm_dataset())
+    common = dict(
+        optim="q4adamw",
+        optim_args=Q4ADAMW_ARGS,
+        learning_rate=3e-3,
+        weight_decay=0.01,
+        max_steps=2 * k,
+        save_strategy="steps",
+        save_steps=k,
+    )
+    straight = Trainer(
+        model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
+    )
     straight.train()
     opt = unwrap_optimizer(straight.optimizer)
     assert isinstance(opt, Q4AdamW) and opt.config.variant == "factor" and opt.config.min_quant_numel == 1024
@@ -465,23 +536,31 @@ def test_q4adamw_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert {"exp_avg_codes", "exp_avg_sq_row", "exp_avg_sq_col"} <= set(opt.state[c_fc])
     assert int(opt.state[c_fc]["step"]) == 2 * k and opt.skipped_updates() == 0
 
-    stopped = Trainer(model=tiny_gpt2(), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset(),
-                      callbacks=[StopAt(k)])
+    stopped = Trainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "resumed", **common),
+        train_dataset=lm_dataset(),
+        callbacks=[StopAt(k)],
+    )
     stopped.train()
     checkpoint = tmp_path / "resumed" / f"checkpoint-{k}"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["q4adamw_config"]["variant"] == "factor"
     assert torch.uint8 in {t.dtype for t in nested_tensors(saved["state"])}
-    resumed = Trainer(model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common),
-                      train_dataset=lm_dataset())
+    resumed = Trainer(
+        model=tiny_gpt2(seed=123), args=training_args(tmp_path / "resumed", **common), train_dataset=lm_dataset()
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     a, b = trainable_state(straight.model), trainable_state(resumed.model)
     assert all(torch.equal(a[name], b[name]) for name in a), "resumed run differs from the uninterrupted one"
     assert _same_state(opt.state_dict()["state"], unwrap_optimizer(resumed.optimizer).state_dict()["state"])
 
     # a checkpoint of another variant is refused with the option named
-    other = Trainer(model=tiny_gpt2(), train_dataset=lm_dataset(), args=training_args(
-        tmp_path / "resumed", **{**common, "optim_args": "variant=4bit,min_quant_numel=1024"}))
+    other = Trainer(
+        model=tiny_gpt2(),
+        train_dataset=lm_dataset(),
+        args=training_args(tmp_path / "resumed", **{**common, "optim_args": "variant=4bit,min_quant_numel=1024"}),
+    )
     with pytest.raises(ConfigError, match="variant: saved 'factor', now '4bit'"):
         other.train(resume_from_checkpoint=str(checkpoint))
 
@@ -496,8 +575,9 @@ def test_q4adamw_through_q4shampoo_trainer_with_memory_report(tmp_path):
 
     from hf_q4shampoo import Q4AdamW
 
-    args = training_args(tmp_path, cls=Q4ShampooTrainingArguments, optim="q4adamw", optim_args="min_quant_numel=1024",
-                         max_steps=3)
+    args = training_args(
+        tmp_path, cls=Q4ShampooTrainingArguments, optim="q4adamw", optim_args="min_quant_numel=1024", max_steps=3
+    )
     assert args.optim == "q4adamw"
     trainer = Q4ShampooTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
     trainer.train()

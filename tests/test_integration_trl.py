@@ -17,19 +17,51 @@ from tiny_hf import FAST, one_torch_thread, text_rows, tiny_gpt2, tiny_tokenizer
 pytestmark = pytest.mark.heavy
 
 # renamed from gradient_checkpointing in later 5.x releases
-_CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
     else "gradient_checkpointing"
-ARGS = ["--optim", "q4shampoo", "--optim_args", FAST, "--max_steps", "6", "--learning_rate", "1e-2",
-        "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
-        "--bf16", "false", f"--{_CHECKPOINTING}", "false", "--save_strategy", "no", "--max_length", "32",
-        "--disable_tqdm", "true"]
+)
+ARGS = [
+    "--optim",
+    "q4shampoo",
+    "--optim_args",
+    FAST,
+    "--max_steps",
+    "6",
+    "--learning_rate",
+    "1e-2",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "true",
+    "--bf16",
+    "false",
+    f"--{_CHECKPOINTING}",
+    "false",
+    "--save_strategy",
+    "no",
+    "--max_length",
+    "32",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def _train(trainer_cls, config, peft_config=None):
     model = tiny_gpt2()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(text_rows()),
-                          processing_class=tiny_tokenizer(), peft_config=peft_config)
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(text_rows()),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert isinstance(unwrap_optimizer(trainer.optimizer), Q4Shampoo)

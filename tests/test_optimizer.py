@@ -27,19 +27,23 @@ def _grads(steps, seed=1):
     return out
 
 
-@pytest.mark.parametrize("first_order,extra", [
-    ("adamw", dict(weight_decay=0.1)),
-    ("sgd", dict(weight_decay=0.01, momentum=0.9, nesterov=False)),
-    ("sgd", dict(weight_decay=0.0, momentum=0.8, nesterov=True)),
-])
+@pytest.mark.parametrize(
+    "first_order,extra",
+    [
+        ("adamw", dict(weight_decay=0.1)),
+        ("sgd", dict(weight_decay=0.01, momentum=0.9, nesterov=False)),
+        ("sgd", dict(weight_decay=0.0, momentum=0.8, nesterov=True)),
+    ],
+)
 def test_fp32_form_matches_fp64_algorithm4(first_order, extra):
     hyper = dict(lr=0.01, stat_decay=0.9, matrix_eps=1e-4, update_freq=2, root_freq=4, max_precond_dim=32, **extra)
     spread = {"refresh_spread": 1}  # paper 2's schedule: every matrix refreshed on the same steps
     params = _params()
     start = [p.detach().double().clone() for p in params]
     ref = ReferenceShampoo(params, first_order=first_order, **hyper)
-    opt = Q4Shampoo(params, precond="fp32", first_order=first_order, first_order_bits=32, root_method="eigh", **hyper,
-                    **spread)
+    opt = Q4Shampoo(
+        params, precond="fp32", first_order=first_order, first_order_bits=32, root_method="eigh", **hyper, **spread
+    )
     worst = 0.0
     for grads in _grads(13):
         for p, g in zip(params, grads):
@@ -87,6 +91,7 @@ def _roundtrip(opt) -> dict:
 def _state_dtypes(opt):
     out = {}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+
         def walk(prefix, v, i=i):
             if isinstance(v, torch.Tensor):
                 out[f"{i}.{prefix}"] = v.dtype
@@ -96,6 +101,7 @@ def _state_dtypes(opt):
             elif isinstance(v, list):
                 for k, x in enumerate(v):
                     walk(f"{prefix}.{k}", x)
+
         walk("", opt.state[p])
     return out
 
@@ -157,8 +163,14 @@ def test_tensor_lr_matches_float_lr():
 
 def test_param_groups_and_empty_group():
     params = _params()
-    opt = Q4Shampoo([{"params": params[:2], "weight_decay": 0.1}, {"params": [], "weight_decay": 0.0},
-                     {"params": params[2:], "lr": 0.0}], lr=0.01)
+    opt = Q4Shampoo(
+        [
+            {"params": params[:2], "weight_decay": 0.1},
+            {"params": [], "weight_decay": 0.0},
+            {"params": params[2:], "lr": 0.0},
+        ],
+        lr=0.01,
+    )
     before = [p.detach().clone() for p in params]
     for p, g in zip(params, _grads(1)[0]):
         p.grad = g
@@ -259,7 +271,8 @@ def _fit(make_opt, seed):
 
 def _quality_cpu():
     spec = importlib.util.spec_from_file_location(
-        "quality_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "quality_cpu.py")
+        "quality_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "quality_cpu.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -384,14 +397,24 @@ def _changed(before: dict, after: dict) -> list[str]:
     return [k for k in before if k not in counters and not torch.equal(before[k], after[k])]
 
 
-@pytest.mark.parametrize("precond,grafting", [
-    ("cholesky_ef", "norm"), ("eigen", "norm"), ("fp32", "norm"), ("cholesky_ef", "adam"), ("fp32", "adam"),
-])
-@pytest.mark.parametrize("bad_step,max_dim,bad_value", [
-    (3, 1024, float("nan")),   # a statistics-only step (roots at 2, 4, ...), one block per side
-    (4, 1024, float("inf")),   # a statistics + root step
-    (3, 48, float("nan")),     # four blocks: the finite blocks' statistics must not move either
-])
+@pytest.mark.parametrize(
+    "precond,grafting",
+    [
+        ("cholesky_ef", "norm"),
+        ("eigen", "norm"),
+        ("fp32", "norm"),
+        ("cholesky_ef", "adam"),
+        ("fp32", "adam"),
+    ],
+)
+@pytest.mark.parametrize(
+    "bad_step,max_dim,bad_value",
+    [
+        (3, 1024, float("nan")),  # a statistics-only step (roots at 2, 4, ...), one block per side
+        (4, 1024, float("inf")),  # a statistics + root step
+        (3, 48, float("nan")),  # four blocks: the finite blocks' statistics must not move either
+    ],
+)
 def test_nan_gradient_skips_only_that_step(precond, grafting, bad_step, max_dim, bad_value):
     # the issue's reproduction: 96x80, update_freq=1, root_freq=2, good steps, one bad entry, good steps
     g = torch.Generator().manual_seed(5)
@@ -419,14 +442,17 @@ def test_nan_gradient_skips_only_that_step(precond, grafting, bad_step, max_dim,
     assert int(opt.state[p]["step"]) == len(grads)
 
 
-@pytest.mark.parametrize("first_order,bits,extra", [
-    ("adamw", 4, {}),                 # 4-bit moments (torch math)
-    ("adamw", 32, {}),                # fp32 moments: torch's fused AdamW (batch of one and batches of several)
-    ("sgd", 4, {"nesterov": True}),
-    ("sgd", 32, {"momentum": 0.0}),   # no moments at all
-    ("adamw", 4, {"grafting": "adam"}),
-    ("adamw", 32, {"grafting": "adam"}),
-])
+@pytest.mark.parametrize(
+    "first_order,bits,extra",
+    [
+        ("adamw", 4, {}),  # 4-bit moments (torch math)
+        ("adamw", 32, {}),  # fp32 moments: torch's fused AdamW (batch of one and batches of several)
+        ("sgd", 4, {"nesterov": True}),
+        ("sgd", 32, {"momentum": 0.0}),  # no moments at all
+        ("adamw", 4, {"grafting": "adam"}),
+        ("adamw", 32, {"grafting": "adam"}),
+    ],
+)
 def test_a_skipped_member_leaves_the_rest_of_its_batch_alone(first_order, bits, extra):
     # three same-shape matrices, two vectors and a lone matrix are stepped as batches; some get a bad gradient
     g = torch.Generator().manual_seed(11)
@@ -434,8 +460,17 @@ def test_a_skipped_member_leaves_the_rest_of_its_batch_alone(first_order, bits, 
     start = [torch.randn(*s, generator=g) for s in shapes]
     ours = [torch.nn.Parameter(x.clone()) for x in start]
     ref = [torch.nn.Parameter(x.clone()) for x in start]
-    kw = dict(lr=1e-2, weight_decay=0.05, update_freq=1, root_freq=2, first_order=first_order, first_order_bits=bits,
-              min_quant_numel=1024, first_order_min_quant_numel=1024, **extra)
+    kw = dict(
+        lr=1e-2,
+        weight_decay=0.05,
+        update_freq=1,
+        root_freq=2,
+        first_order=first_order,
+        first_order_bits=bits,
+        min_quant_numel=1024,
+        first_order_min_quant_numel=1024,
+        **extra,
+    )
     opt, ref_opt = Q4Shampoo(ours, **kw), Q4Shampoo(ref, **kw)
     bad = {1, 4, 5}
     for t in range(1, 7):
@@ -570,8 +605,15 @@ def test_load_checks_shapes_and_names_the_parameter():
     shuffled = [model[1].weight, model[1].bias, model[0].weight, model[0].bias]
     with pytest.raises(ConfigError, match=r"parameter #0 of group 0 \(shape \(40, 70\)\).*\(70, 40\)"):
         Q4Shampoo(shuffled, lr=1e-2).load_state_dict(saved)
-    named = Q4Shampoo([("1.weight", model[1].weight), ("1.bias", model[1].bias), ("0.weight", model[0].weight),
-                       ("0.bias", model[0].bias)], lr=1e-2)
+    named = Q4Shampoo(
+        [
+            ("1.weight", model[1].weight),
+            ("1.bias", model[1].bias),
+            ("0.weight", model[0].weight),
+            ("0.bias", model[0].bias),
+        ],
+        lr=1e-2,
+    )
     with pytest.raises(ConfigError, match="parameter '1.weight'"):
         named.load_state_dict(saved)
     assert not named.state
@@ -629,9 +671,13 @@ def test_group_options_are_validated_like_the_constructor():
         with pytest.raises(ConfigError, match=f"'{key}' cannot be set per parameter group.*Per-group options: lr"):
             Q4Shampoo([{"params": [a], key: value}])
     opt = Q4Shampoo([a], lr=0.1)
-    bad = [({"lr": -1}, "lr must be"), ({"betas": (2.0, 0.9)}, "betas must be"),
-           ({"weight_decay": "x"}, "weight_decay must be"), ({"lr": torch.tensor([0.1, 0.2])}, "one-element tensor"),
-           ({"nesterov": True, "momentum": 0.0}, None)]
+    bad = [
+        ({"lr": -1}, "lr must be"),
+        ({"betas": (2.0, 0.9)}, "betas must be"),
+        ({"weight_decay": "x"}, "weight_decay must be"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "one-element tensor"),
+        ({"nesterov": True, "momentum": 0.0}, None),
+    ]
     for options, message in bad[:-1]:
         with pytest.raises(ConfigError, match=message):
             opt.add_param_group({"params": [b], **options})
@@ -705,21 +751,33 @@ GRAFT_SHAPES = [(40, 70), (8, 3, 3, 3), (300, 10), (70,), (1, 50, 1), (48, 20)]
 def _fresh(shapes, seed):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
-    grads = [[torch.randn(*s, generator=g) * torch.linspace(0.1, 3.0, s[-1]) * (0.5 + t % 3)
-              for s in shapes] for t in range(13)]
+    grads = [
+        [torch.randn(*s, generator=g) * torch.linspace(0.1, 3.0, s[-1]) * (0.5 + t % 3) for s in shapes]
+        for t in range(13)
+    ]
     return params, grads
 
 
 def test_adam_grafting_matches_fp64_reference():
     # blocks of 32 cut (40, 70) into 6 blocks of 3 region shapes; (300, 10) has a left side only; the 1-D and
     # (1, 50, 1) tensors take plain AdamW; roots at 4, 8, 12 (identity before: the Adam step itself)
-    hyper = dict(lr=0.01, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, stat_decay=0.9, matrix_eps=1e-4,
-                 update_freq=2, root_freq=4, max_precond_dim=32)
+    hyper = dict(
+        lr=0.01,
+        betas=(0.8, 0.99),
+        eps=1e-8,
+        weight_decay=0.1,
+        stat_decay=0.9,
+        matrix_eps=1e-4,
+        update_freq=2,
+        root_freq=4,
+        max_precond_dim=32,
+    )
     params, grads = _fresh(GRAFT_SHAPES, seed=int(torch.randint(0, 10**6, ())))
     start = [p.detach().double().clone() for p in params]
     ref = ReferenceShampoo(params, grafting="adam", **hyper)
-    opt = Q4Shampoo(params, precond="fp32", grafting="adam", first_order_bits=32, root_method="eigh",
-                    refresh_spread=1, **hyper)
+    opt = Q4Shampoo(
+        params, precond="fp32", grafting="adam", first_order_bits=32, root_method="eigh", refresh_spread=1, **hyper
+    )
     worst = 0.0
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -732,8 +790,11 @@ def test_adam_grafting_matches_fp64_reference():
     assert worst < 2e-4
     # the same run with norm grafting moves the matrices elsewhere (the option is not silently ignored)
     other = [torch.nn.Parameter(p0.float()) for p0 in start]
-    _train(lambda ps: Q4Shampoo(ps, precond="fp32", first_order_bits=32, root_method="eigh", refresh_spread=1,
-                                **hyper), other, grads)
+    _train(
+        lambda ps: Q4Shampoo(ps, precond="fp32", first_order_bits=32, root_method="eigh", refresh_spread=1, **hyper),
+        other,
+        grads,
+    )
     assert float((other[0].detach().double() - ref.params[0]).norm() / (ref.params[0] - start[0]).norm()) > 0.05
 
 
@@ -747,8 +808,19 @@ def test_adam_grafted_update_has_the_adam_steps_norm(precond):
     for p in params:  # small parameters: their fp32 rounding stays far below the tolerance of the displacement
         p.data.zero_()
     lr, b2, eps = 0.01, 0.99, 1e-8
-    opt = Q4Shampoo(params, lr=lr, betas=(0.0, b2), eps=eps, precond=precond, grafting="adam", first_order_bits=32,
-                    update_freq=1, root_freq=4, refresh_spread=4, max_precond_dim=32)
+    opt = Q4Shampoo(
+        params,
+        lr=lr,
+        betas=(0.0, b2),
+        eps=eps,
+        precond=precond,
+        grafting="adam",
+        first_order_bits=32,
+        update_freq=1,
+        root_freq=4,
+        refresh_spread=4,
+        max_precond_dim=32,
+    )
     v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
     mixed = False
     for t, step_grads in enumerate(grads, 1):
@@ -780,8 +852,18 @@ def test_adam_grafted_update_has_the_adam_steps_norm(precond):
 
 @pytest.mark.parametrize("precond,bits", [("cholesky_ef", 4), ("fp32", 32), ("eigen", 4)])
 def test_adam_grafting_exact_resume(precond, bits):
-    kw = dict(lr=0.01, weight_decay=0.05, precond=precond, grafting="adam", first_order_bits=bits, update_freq=2,
-              root_freq=3, max_precond_dim=64, min_quant_numel=256, first_order_min_quant_numel=256)
+    kw = dict(
+        lr=0.01,
+        weight_decay=0.05,
+        precond=precond,
+        grafting="adam",
+        first_order_bits=bits,
+        update_freq=2,
+        root_freq=3,
+        max_precond_dim=64,
+        min_quant_numel=256,
+        first_order_min_quant_numel=256,
+    )
     params, grads = _fresh(GRAFT_SHAPES, seed=3)
     start = [p.detach().clone() for p in params]
     straight = [torch.nn.Parameter(x.clone()) for x in start]

@@ -200,6 +200,7 @@ def test_refined_factor_keeps_the_small_eigenvalue_directions():
     # issue 14: the 4-bit factor inflates the statistics along the eigenvectors of the small eigenvalues, so
     # the root is too small there; the refined (two-code) factor keeps them (measured: see the printed errors)
     grads = _ill_conditioned_gradients(96, 40, 1e5, seed=5)
+
     def form(s, u):
         return make_form("cholesky_ef", FormSettings.from_options(factor_scaling=s, factor_upper=u))
 
@@ -236,5 +237,7 @@ def test_checkpoint_without_the_factor_fields_is_read_as_paper_1_layout():
         Q4Shampoo([w], update_freq=1, root_freq=1).load_state_dict(saved)
     again = Q4Shampoo([w], update_freq=1, root_freq=1, **old_layout)
     again.load_state_dict(saved)
-    torch.testing.assert_close(again._form(w.device).statistics(again.state[w]["regions"][0]["L"]),
-                               opt._form(w.device).statistics(opt.state[w]["regions"][0]["L"]))
+    torch.testing.assert_close(
+        again._form(w.device).statistics(again.state[w]["regions"][0]["L"]),
+        opt._form(w.device).statistics(opt.state[w]["regions"][0]["L"]),
+    )

@@ -140,8 +140,17 @@ def test_matches_fp64_adamw_within_quantization_error(variant, m_map):
 
 
 #: GPT-2 small's trainable tensors (the LM head is tied to wte): (shape, count)
-GPT2_SMALL = [((50257, 768), 1), ((1024, 768), 1), ((768,), 12 * 6 + 2), ((768, 2304), 12), ((2304,), 12),
-              ((768, 768), 12), ((768, 3072), 12), ((3072,), 12), ((3072, 768), 12)]
+GPT2_SMALL = [
+    ((50257, 768), 1),
+    ((1024, 768), 1),
+    ((768,), 12 * 6 + 2),
+    ((768, 2304), 12),
+    ((2304,), 12),
+    ((768, 768), 12),
+    ((768, 3072), 12),
+    ((3072,), 12),
+    ((3072, 768), 12),
+]
 
 
 def _expected_bytes(shape, variant):
@@ -231,9 +240,11 @@ def test_load_state_dict_refuses_other_optimizers_and_storage_options():
     with pytest.raises(ConfigError, match="q4shampoo_config|not saved by Q4Shampoo"):
         Q4Shampoo(params).load_state_dict(opt.state_dict())
     sd = opt.state_dict()
-    for options, named in [({"variant": "factor"}, "variant: saved '4bit', now 'factor'"),
-                           ({"m_map": "linear2"}, "m_map: saved 'dynamic', now 'linear2'"),
-                           ({"min_quant_numel": 0}, "min_quant_numel: saved 4096, now 0")]:
+    for options, named in [
+        ({"variant": "factor"}, "variant: saved '4bit', now 'factor'"),
+        ({"m_map": "linear2"}, "m_map: saved 'dynamic', now 'linear2'"),
+        ({"min_quant_numel": 0}, "min_quant_numel: saved 4096, now 0"),
+    ]:
         fresh = Q4AdamW(params, **options)
         with pytest.raises(ConfigError, match=named):
             fresh.load_state_dict(sd)
@@ -282,17 +293,20 @@ def test_maximize_lr_tensor_and_param_groups():
     assert all(torch.equal(params[i], before[i]) for i in range(3, 6))  # lr 0
 
 
-@pytest.mark.parametrize("text, message", [
-    ("variant=8bit", "variant='8bit' is not valid; allowed values: '4bit', 'factor'"),
-    ("m_map=nf4", "m_map='nf4' is not valid; allowed values: 'dynamic', 'linear2'"),
-    ("min_quant_numel=-1", "min_quant_numel must be an integer >= 0, got -1"),
-    ("min_quant_numel=1e3", "optim_args value min_quant_numel='1e3' is not an integer"),
-    ("update_freq=10", "unknown optim_args key 'update_freq'. Allowed keys: maximize, variant, m_map"),
-    ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate instead"),
-    ("variant", "optim_args item 'variant' is not of the form key=value"),
-    ("variant=factor,variant=4bit", "optim_args key 'variant' is given twice"),
-    ("use_compile=maybe", "optim_args value use_compile='maybe' is not true or false"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("variant=8bit", "variant='8bit' is not valid; allowed values: '4bit', 'factor'"),
+        ("m_map=nf4", "m_map='nf4' is not valid; allowed values: 'dynamic', 'linear2'"),
+        ("min_quant_numel=-1", "min_quant_numel must be an integer >= 0, got -1"),
+        ("min_quant_numel=1e3", "optim_args value min_quant_numel='1e3' is not an integer"),
+        ("update_freq=10", "unknown optim_args key 'update_freq'. Allowed keys: maximize, variant, m_map"),
+        ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate instead"),
+        ("variant", "optim_args item 'variant' is not of the form key=value"),
+        ("variant=factor,variant=4bit", "optim_args key 'variant' is given twice"),
+        ("use_compile=maybe", "optim_args value use_compile='maybe' is not true or false"),
+    ],
+)
 def test_bad_optim_args_name_the_key_and_allowed_values(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_q4adamw_optim_args(text, reserved=RESERVED_OPTIM_ARGS)
@@ -300,7 +314,11 @@ def test_bad_optim_args_name_the_key_and_allowed_values(text, message):
 
 def test_config_and_constructor_validation():
     assert parse_q4adamw_optim_args("variant=FACTOR, m_map=linear2,min_quant_numel=0,maximize=true") == {
-        "variant": "factor", "m_map": "linear2", "min_quant_numel": 0, "maximize": True}
+        "variant": "factor",
+        "m_map": "linear2",
+        "min_quant_numel": 0,
+        "maximize": True,
+    }
     c = Q4AdamWConfig(variant="factor")
     assert Q4AdamWConfig(**c.to_dict()) == c and c.first_order_v == "factored"
     p = [torch.nn.Parameter(torch.zeros(3))]
@@ -317,9 +335,29 @@ def test_config_and_constructor_validation():
 def test_bench_runs_q4adamw_beside_adamw_on_a_tiny_gpt2():
     from hf_q4shampoo.bench import format_table, parse_args, run_benchmark
 
-    args = parse_args(["--optimizers", "adamw,q4adamw,q4adamw_factor", "--n_layer", "1", "--n_embd", "64",
-                       "--n_head", "2", "--vocab", "256", "--batch", "2", "--seq", "16", "--steps", "3", "--warmup",
-                       "1", "--raise_errors"])
+    args = parse_args(
+        [
+            "--optimizers",
+            "adamw,q4adamw,q4adamw_factor",
+            "--n_layer",
+            "1",
+            "--n_embd",
+            "64",
+            "--n_head",
+            "2",
+            "--vocab",
+            "256",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--raise_errors",
+        ]
+    )
     out = run_benchmark(args)
     rows = {r["optimizer"]: r for r in out["results"]}
     assert list(rows) == ["adamw", "q4adamw", "q4adamw_factor"] and not out["skipped"]

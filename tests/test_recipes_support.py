@@ -420,8 +420,15 @@ def test_gguf_tokenizer_eos_follows_the_model(chat_tokenizer):
 
     tokenizer = _with_eos(chat_tokenizer, "<|im_start|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=im_end)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=im_end,
+    )
     model = LlamaForCausalLM(config)
     align_eos_with_generation_config(model, tokenizer)
     assert tokenizer.eos_token == "<|im_end|>"

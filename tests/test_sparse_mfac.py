@@ -335,7 +335,6 @@ def test_missing_gradients():
     assert moved.tolist() == [False, True, True, False]  # only the two top-k entries moved
 
 
-
 # ---- the GPU benchmark script runs (on a CPU, tiny model) -------------------------------------------
 
 
@@ -350,8 +349,17 @@ def test_benchmark_script_smoke(tmp_path):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        result = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path),
-                             "--optimizers", "adamw,sparse_mfac,lowrank_mfac,dense_mfac"])
+        result = bench.main(
+            [
+                "--smoke",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--optimizers",
+                "adamw,sparse_mfac,lowrank_mfac,dense_mfac",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "sparse_mfac_bench.json").read_text())

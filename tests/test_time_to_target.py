@@ -98,8 +98,10 @@ def test_q4_spec_keeps_colons_of_optim_args_and_refuses_typos():
 
 
 def test_wordnet_line_reads_words_and_gloss():
-    line = ("00022316 29 v 02 sedate 0 calm(a) 0 001 @ 00019448 v 0000 01 + 09 00 | cause to be calm; "
-            '"The patient must be sedated"  \n')
+    line = (
+        "00022316 29 v 02 sedate 0 calm(a) 0 001 @ 00019448 v 0000 01 + 09 00 | cause to be calm; "
+        '"The patient must be sedated"  \n'
+    )
     assert ttt._wordnet_line(line) == ("29", 'sedate, calm: cause to be calm; "The patient must be sedated"')
     assert ttt._wordnet_line("  1 This software and database is being provided\n") is None
 
@@ -107,8 +109,9 @@ def test_wordnet_line_reads_words_and_gloss():
 # ---- end to end ----------------------------------------------------------------------------------------
 def _script(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import math
     import torch
     from hf_q4shampoo import first_order as fo, quant, triton_kernels as tk
@@ -132,7 +132,7 @@ SCRIPT = textwrap.dedent('''
         assert torch.equal(ref_stats, got_stats), case
         assert float(ref["factor_diag_block_upper_scale"].abs().max()) > 0 or precond == "cholesky", case
     print("ok")
-''')
+""")
 
 
 def test_kernels_match_their_torch_oracles_in_the_interpreter():
@@ -142,7 +142,7 @@ def test_kernels_match_their_torch_oracles_in_the_interpreter():
     assert out.stdout.strip().endswith("ok")
 
 
-COMPILE_SCRIPT = textwrap.dedent('''
+COMPILE_SCRIPT = textwrap.dedent("""
     import re
     import triton
     from triton.backends.compiler import GPUTarget
@@ -164,7 +164,7 @@ COMPILE_SCRIPT = textwrap.dedent('''
         assert not re.search(r"\\bfma\\.", ptx), where  # a contracted a * b + c rounds once, torch rounds twice
         assert not re.search(r"\\bdiv\\.(full|approx)", ptx), where  # approximate division: last-bit differences
     print("ok")
-''')
+""")
 
 
 def test_factor_kernels_compile_for_the_gpu_without_fma_or_approximate_division(tmp_path):

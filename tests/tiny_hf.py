@@ -58,8 +58,14 @@ def tiny_gpt2(n_embd: int = 32, n_layer: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=n_embd, n_layer=n_layer, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs are reproducible step by step
+        vocab_size=VOCAB,
+        n_positions=SEQ_LEN,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # no dropout: runs are reproducible step by step
     )
     return GPT2LMHeadModel(config)
 
@@ -69,8 +75,15 @@ def tiny_bert_classifier(hidden: int = 32, seed: int = 0):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=SEQ_LEN, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ_LEN,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config)
 
@@ -84,9 +97,20 @@ def training_args(output_dir, cls=None, **overrides):
     if cls is None:
         from transformers import TrainingArguments as cls
     values = dict(
-        output_dir=str(output_dir), optim="q4shampoo", optim_args=FAST, learning_rate=3e-3,
-        per_device_train_batch_size=8, max_steps=8, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        optim="q4shampoo",
+        optim_args=FAST,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        max_steps=8,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     values.update(overrides)
     return cls(**values)
@@ -101,8 +125,9 @@ def tiny_tokenizer():
     vocab = {tok: i for i, tok in enumerate(specials + [f"t{i}" for i in range(VOCAB - len(specials))])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def text_rows(n: int = 64, seed: int = 0) -> list[dict[str, str]]:

@@ -318,9 +318,17 @@ class MemoryReportCallback(TrainerCallback):
             "process_index": getattr(args, "process_index", 0),
         }
         return build_report(
-            self._opt, measured, step=step, probe=self._probe, run=run, model=self._model_info or None,
-            estimate=self._estimate, estimate_error=self._estimate_error, alternatives=self._alternatives,
-            history=self._history, compare_with=self.compare_with,
+            self._opt,
+            measured,
+            step=step,
+            probe=self._probe,
+            run=run,
+            model=self._model_info or None,
+            estimate=self._estimate,
+            estimate_error=self._estimate_error,
+            alternatives=self._alternatives,
+            history=self._history,
+            compare_with=self.compare_with,
         )
 
 

@@ -440,8 +440,7 @@ def check_supported_setup(args: Any) -> None:
         problem = "FSDP1 (fsdp_config version 1: FlatParameter / flattened use_orig_params views)"
     if problem is not None:
         raise UnsupportedSetupError(
-            f"--optim {OPTIM_NAME} cannot run with {problem}: Shampoo needs each parameter's matrix shape. "
-            f"{_SUPPORTED}"
+            f"--optim {OPTIM_NAME} cannot run with {problem}: Shampoo needs each parameter's matrix shape. {_SUPPORTED}"
         )
 
 
@@ -547,8 +546,11 @@ def _register(mode: RegistrationMode | None = None) -> RegistrationMode:
     adamw_member = _extend_enum(OptimizerNames, _Q4ADAMW_MEMBER_NAME, Q4ADAMW_OPTIM_NAME)
 
     def add_handlers() -> bool:
-        return (_register_handler(member) and _register_handler(sparse_member, _sparse_mfac_handler)
-                and _register_handler(adamw_member, _q4adamw_handler))
+        return (
+            _register_handler(member)
+            and _register_handler(sparse_member, _sparse_mfac_handler)
+            and _register_handler(adamw_member, _q4adamw_handler)
+        )
 
     if mode is None:
         if _mode is not None:

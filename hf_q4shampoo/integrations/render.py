@@ -60,10 +60,14 @@ def _summary_rows(report: MemoryReportJSON) -> list[str]:
     if report.get("estimate"):
         e = report["estimate"]
         err = report["estimate_relative_error"]
-        rows.append(f"| pre-flight estimate (measured differs by {err:+.2%}) | {_mib(e['total_bytes'])} | "
-                    f"{e['bytes_per_param']:.2f} | {e['total_bytes'] / max(1, m['total_bytes']):.2f}x |")
-    for label, b in (("fp32 Shampoo, same blocks (equivalent)", eq["fp32_shampoo_bytes"]),
-                     ("AdamW, fp32 m and v (equivalent)", eq["adamw_bytes"])):
+        rows.append(
+            f"| pre-flight estimate (measured differs by {err:+.2%}) | {_mib(e['total_bytes'])} | "
+            f"{e['bytes_per_param']:.2f} | {e['total_bytes'] / max(1, m['total_bytes']):.2f}x |"
+        )
+    for label, b in (
+        ("fp32 Shampoo, same blocks (equivalent)", eq["fp32_shampoo_bytes"]),
+        ("AdamW, fp32 m and v (equivalent)", eq["adamw_bytes"]),
+    ):
         rows.append(f"| {label} | {_mib(b)} | {b / n:.2f} | {b / max(1, m['total_bytes']):.2f}x |")
     return rows
 
@@ -97,27 +101,48 @@ def render_markdown(report: MemoryReportJSON) -> str:
     ]
     for g in m["by_group"]:
         lr = "" if g["lr"] is None else f"{g['lr']:.3g}"
-        lines.append(f"| {g['index']} | {g['num_params']:,} | {_mib(g['bytes'])} | {g['bytes_per_param']:.2f} | "
-                     f"{lr} | {g['weight_decay']} |")
-    lines += ["", f"## Largest tensors ({len(m['largest'])})", "",
-              "| parameter | shape | state | bytes / param |", "|---|---|---:|---:|"]
+        lines.append(
+            f"| {g['index']} | {g['num_params']:,} | {_mib(g['bytes'])} | {g['bytes_per_param']:.2f} | "
+            f"{lr} | {g['weight_decay']} |"
+        )
+    lines += [
+        "",
+        f"## Largest tensors ({len(m['largest'])})",
+        "",
+        "| parameter | shape | state | bytes / param |",
+        "|---|---|---:|---:|",
+    ]
     for t in m["largest"]:
         shape = "x".join(map(str, t["shape"]))
         lines.append(f"| {t.get('name', '?')} | {shape} | {_mib(t['bytes'])} | {t['bytes_per_param']:.2f} |")
     if report.get("alternatives"):
-        lines += ["", "## Other optimizers for these parameters (pre-flight estimates)", "",
-                  "| optimizer | state | bytes / param |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## Other optimizers for these parameters (pre-flight estimates)",
+            "",
+            "| optimizer | state | bytes / param |",
+            "|---|---:|---:|",
+        ]
         for a in report["alternatives"]:
             lines.append(f"| {a['label']} | {_mib(a['total_bytes'])} | {a['bytes_per_param']:.2f} |")
         lines += ["", "How each is computed: `hf_q4shampoo/estimate.py` and `hf_q4shampoo/peers.py` (docstrings)."]
     if report.get("compared"):
-        lines += ["", "## Compared runs (measured)", "", "| run | state | bytes / param | peak memory |",
-                  "|---|---:|---:|---:|"]
-        lines.append(f"| {report['optimizer']['label']} (this run) | {_mib(m['total_bytes'])} | "
-                     f"{m['bytes_per_param']:.2f} | {_mib(report['peak_memory_bytes'])} |")
+        lines += [
+            "",
+            "## Compared runs (measured)",
+            "",
+            "| run | state | bytes / param | peak memory |",
+            "|---|---:|---:|---:|",
+        ]
+        lines.append(
+            f"| {report['optimizer']['label']} (this run) | {_mib(m['total_bytes'])} | "
+            f"{m['bytes_per_param']:.2f} | {_mib(report['peak_memory_bytes'])} |"
+        )
         for c in report["compared"]:
-            lines.append(f"| {c['label']} (`{c['path']}`) | {_mib(c['total_bytes'])} | {c['bytes_per_param']:.2f} | "
-                         f"{_mib(c['peak_memory_bytes'])} |")
+            lines.append(
+                f"| {c['label']} (`{c['path']}`) | {_mib(c['total_bytes'])} | {c['bytes_per_param']:.2f} | "
+                f"{_mib(c['peak_memory_bytes'])} |"
+            )
     if report.get("estimate_error"):
         lines += ["", f"No pre-flight estimate: {report['estimate_error']}"]
     lines += ["", f"Machine-readable: `{REPORT_FILES['json']}` (schema `{SCHEMA}`).", ""]
@@ -153,8 +178,10 @@ def plot_memory_report(report: MemoryReportJSON, path: str | os.PathLike) -> Pat
     n = max(1, m["num_params"])
 
     # left: horizontal bars, this run stacked by kind
-    bars = [("AdamW (fp32 m, v)\nequivalent", eq["adamw_bytes"], "#BBBBBB"),
-            ("fp32 Shampoo\n(same blocks) equivalent", eq["fp32_shampoo_bytes"], "#999999")]
+    bars = [
+        ("AdamW (fp32 m, v)\nequivalent", eq["adamw_bytes"], "#BBBBBB"),
+        ("fp32 Shampoo\n(same blocks) equivalent", eq["fp32_shampoo_bytes"], "#999999"),
+    ]
     bars += [(f"{o['label']}\n(measured, other run)", o["total_bytes"], "#C44E52") for o in others]
     labels = [b[0] for b in bars] + [f"{report['optimizer']['label']}\n(this run, measured)"]
     for y, (_, value, color) in enumerate(bars):
@@ -169,13 +196,17 @@ def plot_memory_report(report: MemoryReportJSON, path: str | os.PathLike) -> Pat
     values = [b[1] for b in bars] + [m["total_bytes"]]
     xmax = max(values) / MIB
     for y, value in enumerate(values):
-        ax_bar.text(value / MIB + xmax * 0.01, y, f"{value / MIB:,.1f} MiB\n{value / n:.2f} B/param",
-                    va="center", fontsize=8)
+        ax_bar.text(
+            value / MIB + xmax * 0.01, y, f"{value / MIB:,.1f} MiB\n{value / n:.2f} B/param", va="center", fontsize=8
+        )
     ax_bar.set_yticks(range(len(labels)), labels, fontsize=8)
     ax_bar.set_xlim(0, xmax * 1.3)
     ax_bar.set_xlabel("optimizer state (MiB)")
-    ax_bar.set_title(f"Optimizer state: {eq['compression_vs_fp32_shampoo']:.1f}x smaller than fp32 Shampoo, "
-                     f"{eq['compression_vs_adamw']:.1f}x vs AdamW", fontsize=9)
+    ax_bar.set_title(
+        f"Optimizer state: {eq['compression_vs_fp32_shampoo']:.1f}x smaller than fp32 Shampoo, "
+        f"{eq['compression_vs_adamw']:.1f}x vs AdamW",
+        fontsize=9,
+    )
     ax_bar.legend(fontsize=7, loc="lower right", title="this run, by kind", title_fontsize=7)
 
     # right: memory over steps
@@ -189,8 +220,15 @@ def plot_memory_report(report: MemoryReportJSON, path: str | os.PathLike) -> Pat
         ax_mem.plot(steps, shifted, color="#555555", ls=style, lw=1.2, label=f"same run with {name} state (est.)")
     for o in others:
         if o.get("history"):
-            ax_mem.plot([h["step"] for h in o["history"]], [h["peak_memory_bytes"] / MIB for h in o["history"]],
-                        color="#C44E52", lw=2, marker="s", ms=3, label=f"{o['label']}: peak (other run)")
+            ax_mem.plot(
+                [h["step"] for h in o["history"]],
+                [h["peak_memory_bytes"] / MIB for h in o["history"]],
+                color="#C44E52",
+                lw=2,
+                marker="s",
+                ms=3,
+                label=f"{o['label']}: peak (other run)",
+            )
     ax_mem.set_xlabel("step")
     ax_mem.set_ylabel("MiB")
     ax_mem.set_title(_memory_name(dev["memory_kind"], dev["peak_since"]), fontsize=9)
@@ -198,8 +236,10 @@ def plot_memory_report(report: MemoryReportJSON, path: str | os.PathLike) -> Pat
     ax_mem.grid(alpha=0.3)
 
     model = report.get("model") or {}
-    fig.suptitle(f"{model.get('class', 'model')}: {m['num_params']:,} parameters with state; step {m['step']}; "
-                 f"{dev['type']}", fontsize=10)
+    fig.suptitle(
+        f"{model.get('class', 'model')}: {m['num_params']:,} parameters with state; step {m['step']}; {dev['type']}",
+        fontsize=10,
+    )
     path = Path(path)
     fig.savefig(path)
     return path

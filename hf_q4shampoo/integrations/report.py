@@ -188,14 +188,16 @@ def _group_rows(optimizer: Any, r: MemoryReport) -> list[GroupRow]:
     rows: list[GroupRow] = []
     for i, (group, nbytes, nparams) in enumerate(zip(optimizer.param_groups, r.by_group, r.group_num_params)):
         lr = group.get("initial_lr", group.get("lr"))  # schedulers keep the configured value here
-        rows.append({
-            "index": i,
-            "num_params": nparams,
-            "bytes": nbytes,
-            "bytes_per_param": nbytes / nparams if nparams else 0.0,
-            "lr": float(lr) if lr is not None else None,
-            "weight_decay": group.get("weight_decay"),
-        })
+        rows.append(
+            {
+                "index": i,
+                "num_params": nparams,
+                "bytes": nbytes,
+                "bytes_per_param": nbytes / nparams if nparams else 0.0,
+                "lr": float(lr) if lr is not None else None,
+                "weight_decay": group.get("weight_decay"),
+            }
+        )
     return rows
 
 

@@ -138,9 +138,7 @@ class Q4ShampooTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        ours = (
-            getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
-        )
+        ours = getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
         if ours and is_q4shampoo_optim(self.args.optim):  # type: ignore[attr-defined]
             make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
         elif ours and is_q4adamw_optim(self.args.optim):  # type: ignore[attr-defined]

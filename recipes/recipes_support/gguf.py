@@ -55,8 +55,13 @@ def align_eos_with_generation_config(model: torch.nn.Module, tokenizer) -> None:
     if not isinstance(eos, int) or tokenizer.eos_token_id == eos:
         return
     token = tokenizer.convert_ids_to_tokens(eos)
-    logger.warning("the GGUF tokenizer's eos_token %r is not the model's end of sequence %r (id %d): using %r",
-                   tokenizer.eos_token, token, eos, token)
+    logger.warning(
+        "the GGUF tokenizer's eos_token %r is not the model's end of sequence %r (id %d): using %r",
+        tokenizer.eos_token,
+        token,
+        eos,
+        token,
+    )
     tokenizer.eos_token = token
 
 

@@ -20,7 +20,12 @@ import numpy as np
 from .metric_functions import FUNCTIONS
 
 __all__ = [
-    "MetricLike", "FunctionalMetric", "load_metric", "evaluate_available", "classification_metrics", "METRICS_DIR",
+    "MetricLike",
+    "FunctionalMetric",
+    "load_metric",
+    "evaluate_available",
+    "classification_metrics",
+    "METRICS_DIR",
     "LOCAL_METRICS",
 ]
 
