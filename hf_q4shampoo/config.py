@@ -8,6 +8,7 @@ says which decision it encodes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "GROUP_KEYS",
     "STATE_LAYOUT_KEYS",
     "LEGACY_STATE_LAYOUT",
+    "parse_key_values",
 ]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
@@ -526,37 +528,57 @@ def parse_optim_args(text: str | None, reserved: dict[str, str] | None = None) -
     validated. ``reserved`` maps keys that must not be given here to the place they come from
     (e.g. ``{"lr": "--learning_rate"}``); giving one raises :class:`ConfigError` naming it.
     """
+    out = parse_key_values(
+        text, "Q4Shampoo", Q4ShampooConfig.field_names(), "update_freq=10", _cast, _validate, reserved
+    )
+    if out:
+        _check_combination(out)
+    return out
+
+
+def parse_key_values(
+    text: str | None,
+    owner: str,
+    names: tuple[str, ...],
+    example: str,
+    cast: Callable[[str, str], Any],
+    validate: Callable[[str, Any], None],
+    reserved: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """``"key=value,key=value"`` as ``{key: cast(key, value)}``, each value checked by ``validate(key, value)``.
+
+    The ``--optim_args`` grammar every optimizer of this package shares. Malformed items, keys not in
+    ``names``, keys given twice and ``reserved`` keys (mapped to the flag they come from) raise
+    :class:`ConfigError`, prefixed with ``owner`` and naming the allowed keys; ``example`` shows a valid item.
+    """
     if text is None or not text.strip():
         return {}
     out: dict[str, Any] = {}
     given: dict[str, str] = {}  # key -> its text, to name both values of a repeated key
-    names = Q4ShampooConfig.field_names()
     allowed = ", ".join(n for n in names if not reserved or n not in reserved)
     for item in text.replace(" ", "").split(","):
         if not item:
             continue
         if "=" not in item or item.startswith("="):
             raise ConfigError(
-                f"Q4Shampoo: optim_args item {item!r} is not of the form key=value (e.g. update_freq=10). "
+                f"{owner}: optim_args item {item!r} is not of the form key=value (e.g. {example}). "
                 f"Allowed keys: {allowed}."
             )
         key, value = item.split("=", 1)
         if reserved and key in reserved:
-            raise ConfigError(f"Q4Shampoo: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
+            raise ConfigError(f"{owner}: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
         if key not in names:
-            raise ConfigError(f"Q4Shampoo: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
+            raise ConfigError(f"{owner}: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
         if key in given:
             raise ConfigError(
-                f"Q4Shampoo: optim_args key {key!r} is given twice ({key}={given[key]} and {key}={value}); "
-                "give it once."
+                f"{owner}: optim_args key {key!r} is given twice ({key}={given[key]} and {key}={value}); give it once."
             )
         given[key] = value
-        out[key] = _cast(key, value)
+        out[key] = cast(key, value)
         try:
-            _validate(key, out[key])
+            validate(key, out[key])
         except ConfigError as err:
             raise ConfigError(f"{str(err).rstrip('.')} (from optim_args {key}={value}).") from None
-    _check_combination(out)
     return out
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError, plain_value
+from .config import ConfigError, parse_key_values, plain_value
 
 __all__ = [
     "Q4AdamWConfig",
@@ -184,26 +184,5 @@ def parse_q4adamw_optim_args(text: str | None, reserved: dict[str, str] | None =
     Unknown keys, bad values and ``reserved`` keys (which come from another flag, named in the message)
     raise :class:`~hf_q4shampoo.config.ConfigError` naming the key and the allowed keys or values.
     """
-    if text is None or not text.strip():
-        return {}
-    out: dict[str, Any] = {}
-    names = Q4AdamWConfig.field_names()
-    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(
-                f"Q4AdamW: optim_args item {item!r} is not of the form key=value (e.g. variant=factor). "
-                f"Allowed keys: {allowed}."
-            )
-        key, value = item.split("=", 1)
-        if reserved and key in reserved:
-            raise ConfigError(f"Q4AdamW: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
-        if key not in names:
-            raise ConfigError(f"Q4AdamW: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
-        if key in out:
-            raise ConfigError(f"Q4AdamW: optim_args key {key!r} is given twice; give it once.")
-        out[key] = _cast(key, value)
-        _validate(key, out[key])
+    out = parse_key_values(text, "Q4AdamW", Q4AdamWConfig.field_names(), "variant=factor", _cast, _validate, reserved)
     return out

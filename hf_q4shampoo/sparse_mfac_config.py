@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, parse_key_values
 
 __all__ = [
     "SparseMFACConfig",
@@ -204,27 +204,6 @@ def parse_sparse_mfac_optim_args(text: str | None, reserved: dict[str, str] | No
     Unknown keys, bad values and ``reserved`` keys (which come from another flag, named in the message)
     raise :class:`~hf_q4shampoo.config.ConfigError` naming the key and the allowed keys or values.
     """
-    if text is None or not text.strip():
-        return {}
-    out: dict[str, Any] = {}
-    names = SparseMFACConfig.field_names()
-    allowed = ", ".join(n for n in names if not reserved or n not in reserved)
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(
-                f"SparseMFAC: optim_args item {item!r} is not of the form key=value (e.g. m=32). "
-                f"Allowed keys: {allowed}."
-            )
-        key, value = item.split("=", 1)
-        if reserved and key in reserved:
-            raise ConfigError(f"SparseMFAC: {key!r} cannot be set in optim_args; use {reserved[key]} instead.")
-        if key not in names:
-            raise ConfigError(f"SparseMFAC: unknown optim_args key {key!r}. Allowed keys: {allowed}.")
-        if key in out:
-            raise ConfigError(f"SparseMFAC: optim_args key {key!r} is given twice; give it once.")
-        out[key] = _cast(key, value)
-        _validate(key, out[key])
+    out = parse_key_values(text, "SparseMFAC", SparseMFACConfig.field_names(), "m=32", _cast, _validate, reserved)
     SparseMFACConfig._check_names(out)  # k together with k_fraction
     return out
