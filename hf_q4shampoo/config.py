@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "Q4ShampooConfig",
+    "OptionsBase",
     "parse_optim_args",
     "auto_schedule",
     "allowed_values",
@@ -61,8 +62,46 @@ class ConfigError(ValueError):
     """A Q4Shampoo option has an unknown name or an invalid value."""
 
 
+class OptionsBase:
+    """Construction helpers shared by the optimizers' frozen option dataclasses (Q4Shampoo, Q4AdamW, SparseMFAC):
+    unknown names are refused with the allowed ones; ``OWNER`` names the optimizer in the messages."""
+
+    OWNER = "Q4Shampoo"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def _check_names(cls, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"{cls.OWNER}: unknown option(s) {', '.join(map(repr, unknown))}. "
+                f"Allowed options: {', '.join(cls.field_names())}."
+            )
+
+    @classmethod
+    def from_kwargs(cls: type[_Options], **kwargs: Any) -> _Options:
+        """Build from keyword arguments, naming any unknown key and the allowed ones."""
+        cls._check_names(kwargs)
+        return cls(**kwargs)
+
+    def replace(self: _Options, **kwargs: Any) -> _Options:
+        """A copy with some fields changed (validated; unknown names are refused)."""
+        self._check_names(kwargs)
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_Options = TypeVar("_Options", bound=OptionsBase)
+
+
 @dataclass(frozen=True)
-class Q4ShampooConfig:
+class Q4ShampooConfig(OptionsBase):
     """Hyper-parameters of :class:`~hf_q4shampoo.Q4Shampoo`.
 
     First-order step (per parameter group):
@@ -271,35 +310,6 @@ class Q4ShampooConfig:
                 "Q4Shampoo: nesterov=True needs momentum > 0 with first_order='sgd' (as torch.optim.SGD); "
                 "got momentum=0. Set momentum in (0, 1) or nesterov=False."
             )
-
-    # ---- construction helpers ------------------------------------------------------------------
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def _check_names(cls, kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(
-                f"Q4Shampoo: unknown option(s) {', '.join(map(repr, unknown))}. "
-                f"Allowed options: {', '.join(cls.field_names())}."
-            )
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> Q4ShampooConfig:
-        """Build from keyword arguments, naming any unknown key and the allowed ones."""
-        cls._check_names(kwargs)
-        return cls(**kwargs)
-
-    def replace(self, **kwargs: Any) -> Q4ShampooConfig:
-        """A copy with some fields changed (validated; unknown names are refused)."""
-        self._check_names(kwargs)
-        return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in GROUP_KEYS}

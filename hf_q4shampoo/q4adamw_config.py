@@ -6,11 +6,10 @@ field has a validation rule, and errors name the bad key and the allowed keys or
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError, parse_key_values, plain_value
+from .config import ConfigError, OptionsBase, parse_key_values, plain_value
 
 __all__ = [
     "Q4AdamWConfig",
@@ -34,7 +33,7 @@ Q4ADAMW_LAYOUT_KEYS = ("variant", "m_map", "min_quant_numel")
 
 
 @dataclass(frozen=True)
-class Q4AdamWConfig:
+class Q4AdamWConfig(OptionsBase):
     """Hyper-parameters of :class:`~hf_q4shampoo.Q4AdamW` (paper 3, papers.md §4).
 
     Step (per parameter group, torch's ``AdamW`` meaning):
@@ -56,6 +55,8 @@ class Q4AdamWConfig:
             eager on CPU whatever this says.
     """
 
+    OWNER = "Q4AdamW"
+
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -73,34 +74,6 @@ class Q4AdamWConfig:
                 value = tuple(plain_value(b) for b in value)
             object.__setattr__(self, f.name, value)
             _validate(f.name, value)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def _check_names(cls, kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(
-                f"Q4AdamW: unknown option(s) {', '.join(map(repr, unknown))}. "
-                f"Allowed options: {', '.join(cls.field_names())}."
-            )
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> Q4AdamWConfig:
-        """Build from keyword arguments, naming any unknown key and the allowed ones."""
-        cls._check_names(kwargs)
-        return cls(**kwargs)
-
-    def replace(self, **kwargs: Any) -> Q4AdamWConfig:
-        """A copy with some fields changed (validated; unknown names are refused)."""
-        self._check_names(kwargs)
-        return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in Q4ADAMW_GROUP_KEYS}

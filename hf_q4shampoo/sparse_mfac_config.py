@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError, parse_key_values
+from .config import ConfigError, OptionsBase, parse_key_values
 
 __all__ = [
     "SparseMFACConfig",
@@ -46,7 +46,7 @@ STATE_KINDS = {
 
 
 @dataclass(frozen=True)
-class SparseMFACConfig:
+class SparseMFACConfig(OptionsBase):
     """Hyper-parameters of :class:`SparseMFAC` (EFCP's sparse M-FAC, papers.md §5).
 
     Window and compression:
@@ -71,6 +71,8 @@ class SparseMFACConfig:
             ``--weight_decay`` means for AdamW).
     """
 
+    OWNER = "SparseMFAC"
+
     lr: float = 1e-3
     m: int = 10
     k_fraction: float = 0.01
@@ -90,25 +92,10 @@ class SparseMFACConfig:
             raise ConfigError("SparseMFAC: window_format applies to variant='topk' only; leave it 'auto'.")
 
     @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
     def _check_names(cls, kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(
-                f"SparseMFAC: unknown option(s) {', '.join(map(repr, unknown))}. "
-                f"Allowed options: {', '.join(cls.field_names())}."
-            )
+        super()._check_names(kwargs)
         if kwargs.get("k") is not None and "k_fraction" in kwargs:
             raise ConfigError("SparseMFAC: give k (entries per group) or k_fraction (density), not both.")
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> SparseMFACConfig:
-        """Build from keyword arguments, naming any unknown key and the allowed ones."""
-        cls._check_names(kwargs)
-        return cls(**kwargs)
 
     def replace(self, **kwargs: Any) -> SparseMFACConfig:
         """A copy with some fields changed (validated; unknown names are refused)."""
@@ -116,10 +103,6 @@ class SparseMFACConfig:
         if kwargs.get("k_fraction") is not None and "k" not in kwargs:
             kwargs["k"] = None  # a new density replaces an absolute k
         return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPARSE_MFAC_GROUP_KEYS}
