@@ -26,6 +26,7 @@ LAYERS = {
     "preconditioners": 2,
     "first_order": 2,
     "distributed": 2,
+    "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
     "optimizer": 3,
     "sparse_mfac": 3,
     "q4adamw": 3,
