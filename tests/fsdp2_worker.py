@@ -92,3 +92,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # leave without the interpreter's teardown: with gloo on CPU it occasionally aborts there ("terminate called
+    # without an active exception") after everything is written and the process group destroyed
+    os._exit(0)
