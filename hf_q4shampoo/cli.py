@@ -18,6 +18,9 @@ SUBCOMMANDS = {
     "bench": ("hf_q4shampoo.bench", "benchmark step time and memory against AdamW and peers"),
 }
 
+#: subcommands whose arguments are parsed by a module lighter than the subcommand (for a fast --help)
+HELP_MODULES = {"bench": "hf_q4shampoo.bench_cli"}
+
 
 def _usage() -> str:
     lines = ["usage: q4shampoo {" + ",".join(SUBCOMMANDS) + "} [ARGS...]", ""]
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"q4shampoo: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in HELP_MODULES and any(a in ("-h", "--help") for a in rest):
+        # answer --help from the arguments module alone (the subcommand itself imports torch: seconds)
+        importlib.import_module(HELP_MODULES[name]).parse_args(rest)
+        return 0
     module = importlib.import_module(SUBCOMMANDS[name][0])
     result = module.main(rest)
     return result if isinstance(result, int) else 0

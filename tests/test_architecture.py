@@ -36,6 +36,7 @@ LAYERS = {
     "integrations.registration": 5,
     "integrations.report": 5,
     "integrations.render": 6,
+    "bench_cli": 0,  # the arguments of `q4shampoo bench` (no torch: a fast --help)
     "bench": 6,
     "estimate_cli": 6,
     "integrations.callback": 7,

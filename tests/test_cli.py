@@ -42,6 +42,7 @@ def q4shampoo(tmp_path):
         (["run", "missing.py"], 2, "q4shampoo run: no such script: 'missing.py'"),
         (["run", "-m", "no_such_module"], 1, "q4shampoo run: no module named 'no_such_module'"),
         (["memory", "--help"], 0, "usage: q4shampoo memory"),
+        (["bench", "--help"], 0, "usage: q4shampoo bench"),
         (["nope"], 2, "unknown subcommand 'nope'"),
     ],
 )
