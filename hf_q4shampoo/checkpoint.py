@@ -19,7 +19,7 @@ from .config import LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4Shamp
 from .distributed import DdpSplit, strip_statistics
 from .sharded_state import is_dtensor, unwrap, wrap
 
-__all__ = ["CheckpointMixin"]
+__all__ = ["CheckpointMixin", "detach_views", "state_mismatch", "step_tensor"]
 
 _SHARE_WARNING = (
     "Q4Shampoo: under DDP each rank keeps the statistics of its share of the matrices (shard_preconditioners), so "
@@ -56,7 +56,7 @@ class CheckpointMixin:
         sd = super().state_dict()
         # The per-parameter state tensors are views of the layout's stacked buffers: give the checkpoint
         # independent tensors (a view would serialise its whole buffer under some checkpoint writers).
-        sd["state"] = {index: _detach_views(value) for index, value in sd["state"].items()}
+        sd["state"] = {index: detach_views(value) for index, value in sd["state"].items()}
         sd["q4shampoo_config"] = self.config.to_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         if any(is_dtensor(p) for p in params):
@@ -190,7 +190,7 @@ class CheckpointMixin:
                     strip_statistics(expected)
                 saved = dict(saved_state[saved_id])
                 _add_missing_keys(saved, torch.device("meta"))
-                problem = _state_mismatch(saved, expected, "")
+                problem = state_mismatch(saved, expected, "")
                 if problem:
                     name = repr(names[position]) if names else f"#{position} of group {gi}"
                     raise ConfigError(
@@ -251,7 +251,7 @@ def _foreign_state_message(state_dict: Any) -> str:
     )
 
 
-def _state_mismatch(saved: Any, expected: Any, path: str) -> str | None:
+def state_mismatch(saved: Any, expected: Any, path: str) -> str | None:
     """The first difference in structure or tensor shape between a saved and an expected state, or None."""
     where = path or "the state"
     if isinstance(expected, torch.Tensor):
@@ -269,7 +269,7 @@ def _state_mismatch(saved: Any, expected: Any, path: str) -> str | None:
         for key in expected:
             if key in ("step", "refresh_offset", "root_offset"):
                 continue  # counters and schedule offsets: any value fits
-            problem = _state_mismatch(saved[key], expected[key], f"{path}.{key}" if path else str(key))
+            problem = state_mismatch(saved[key], expected[key], f"{path}.{key}" if path else str(key))
             if problem:
                 return problem
         return None
@@ -277,19 +277,21 @@ def _state_mismatch(saved: Any, expected: Any, path: str) -> str | None:
         if not isinstance(saved, list) or len(saved) != len(expected):
             return f"{where} has {len(saved) if isinstance(saved, list) else 'no'} entries, {len(expected)} expected"
         for i, (a, b) in enumerate(zip(saved, expected)):
-            problem = _state_mismatch(a, b, f"{path}[{i}]")
+            problem = state_mismatch(a, b, f"{path}[{i}]")
             if problem:
                 return problem
     return None
 
 
-def _detach_views(value: Any) -> Any:
+def detach_views(value: Any) -> Any:
+    """``value`` with every tensor that is a view replaced by a copy of its own (a view would serialise its whole
+    base buffer under some checkpoint writers)."""
     if isinstance(value, torch.Tensor):
         return value.clone() if value._base is not None else value
     if isinstance(value, dict):
-        return {k: _detach_views(v) for k, v in value.items()}
+        return {k: detach_views(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_detach_views(v) for v in value]
+        return [detach_views(v) for v in value]
     return value
 
 
@@ -315,13 +317,13 @@ def _restore(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
-        return {k: _step_tensor(v) if k == "step" else _restore(v, device) for k, v in value.items()}
+        return {k: step_tensor(v) if k == "step" else _restore(v, device) for k, v in value.items()}
     if isinstance(value, list):
         return [_restore(v, device) for v in value]
     return value
 
 
-def _step_tensor(step: Any) -> torch.Tensor:
+def step_tensor(step: Any) -> torch.Tensor:
     """A saved step counter (tensor or number) as the CPU fp32 tensor the step increments."""
     if isinstance(step, torch.Tensor):
         return step.to("cpu", torch.float32)

@@ -24,6 +24,7 @@ __all__ = [
     "STATE_LAYOUT_KEYS",
     "LEGACY_STATE_LAYOUT",
     "parse_key_values",
+    "lr_number",
 ]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
@@ -328,6 +329,15 @@ class Q4ShampooConfig(OptionsBase):
 #: Fields that decide the layout and decoding of the saved state (flagged ``_state_field`` above); a
 #: checkpoint made with other values of these cannot be loaded (the error names the differing fields).
 STATE_LAYOUT_KEYS = tuple(f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state"))
+
+
+def lr_number(lr: Any, owner: str = "Q4Shampoo") -> float:
+    """The value of a tensor learning rate, which must hold exactly one number (``owner`` names the optimizer)."""
+    if lr.numel() != 1:
+        raise ConfigError(
+            f"{owner}: lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}."
+        )
+    return float(lr)
 
 
 def plain_value(value: Any) -> Any:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -57,6 +57,7 @@ from .kernels import maybe_compiled
 from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 
 __all__ = [
+    "total_skipped",
     "init_first_order_state",
     "adamw_batch_step",
     "sgd_batch_step",
@@ -570,3 +571,16 @@ def adam_graft_batch_step(
         _decay(params, lr, weight_decay, keep)
     _apply_update(params, update)
     return keep
+
+
+def total_skipped(states: Iterable[dict]) -> int:
+    """Sum of the per-parameter ``skipped_updates`` counters (updates skipped for a NaN/inf, see ``keep``).
+
+    For logging: it reads device tensors, so it waits for each device once.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for state in states:
+        count = state.get("skipped_updates")
+        if isinstance(count, torch.Tensor):
+            by_device.setdefault(count.device, []).append(count.reshape(()))
+    return sum(int(torch.stack(counts).sum()) for counts in by_device.values())

@@ -29,8 +29,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocking import BlockPlan, Region
+from .blocking import local_tensor as _local
 
-__all__ = ["FactorBucket", "SideSlot", "ShapeGroup", "Layout", "build_layout", "IndexCache"]
+__all__ = [
+    "FactorBucket",
+    "SideSlot",
+    "ShapeGroup",
+    "Layout",
+    "build_layout",
+    "IndexCache",
+    "layout_members",
+    "step_gradients",
+    "check_dense_real",
+]
 
 State = dict[str, torch.Tensor]
 
@@ -183,3 +194,54 @@ class IndexCache:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+def layout_members(param_groups: Sequence[dict], state: dict) -> list[tuple[int, torch.Tensor, dict]]:
+    """``(group index, local parameter, state)`` of every parameter that has state, in group order: what
+    :func:`build_layout` groups (the layout's key is built from the states' ids)."""
+    return [(gi, _local(p), state[p]) for gi, g in enumerate(param_groups) for p in g["params"] if state.get(p)]
+
+
+def step_gradients(
+    param_groups: Sequence[dict], state: dict, init_state, check_param
+) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """The step's bookkeeping shared by the optimizers built on a layout: every parameter with a non-empty
+    (local) gradient gets its state (``init_state(p, state)`` the first time, after ``check_param(p)``) and
+    its CPU step counter advanced. Returns ``{id(state): local gradient}`` and ``{id(state): new step}``.
+
+    The counters are CPU tensors advanced in one multi-tensor op and read back in one ``tolist``: no device
+    synchronisation.
+    """
+    grads: dict[int, torch.Tensor] = {}
+    counters = []
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_param(p)
+            st = state[p]
+            if not st:
+                init_state(p, st)
+            local_g = _local(p.grad)
+            if local_g.numel() == 0:
+                continue
+            grads[id(st)] = local_g
+            counters.append(st["step"])
+    if not grads:
+        return grads, {}
+    torch._foreach_add_(counters, 1.0)
+    return grads, {sid: int(v) for sid, v in zip(grads, torch.stack(counters).tolist())}
+
+
+def check_dense_real(p: torch.Tensor, owner: str) -> None:
+    """Refuse a sparse gradient or a complex parameter (``owner`` names the optimizer), as torch's optimizers do."""
+    if p.grad.is_sparse:
+        raise RuntimeError(
+            f"{owner} does not support sparse gradients. Use dense gradients (e.g. "
+            "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings."
+        )
+    if torch.is_complex(p) or torch.is_complex(p.grad):
+        raise RuntimeError(
+            f"{owner} does not support complex parameters. Optimise torch.view_as_real(param) "
+            "as a real parameter instead."
+        )

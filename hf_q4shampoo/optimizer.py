@@ -46,7 +46,7 @@ from . import linalg
 from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
 from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin, _to_cpu
-from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig, plain_value
+from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig, lr_number, plain_value
 from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
 from .first_order import (
     adam_graft_batch_step,
@@ -55,8 +55,19 @@ from .first_order import (
     init_first_order_state,
     moment_bytes_by_kind,
     sgd_batch_step,
+    total_skipped,
 )
-from .layout import FactorBucket, IndexCache, Layout, ShapeGroup, SideSlot, build_layout
+from .layout import (
+    FactorBucket,
+    IndexCache,
+    Layout,
+    ShapeGroup,
+    SideSlot,
+    build_layout,
+    check_dense_real,
+    layout_members,
+    step_gradients,
+)
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
@@ -91,15 +102,6 @@ def _flat(
     """Grafted matrix directions back in the parameters' stacked shape."""
     directions, ok = grafted
     return directions.reshape(shape), ok
-
-
-def _lr_number(lr: torch.Tensor) -> float:
-    """The value of a tensor learning rate, which must hold exactly one number."""
-    if lr.numel() != 1:
-        raise ConfigError(
-            f"Q4Shampoo: lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}."
-        )
-    return float(lr)
 
 
 def _as_config(config: Any) -> Q4ShampooConfig:
@@ -183,7 +185,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         overrides.update(options)
         lr_tensor = overrides.get("lr") if isinstance(overrides.get("lr"), torch.Tensor) else None
         if lr_tensor is not None:
-            overrides["lr"] = _lr_number(lr_tensor)
+            overrides["lr"] = lr_number(lr_tensor)
         base = _as_config(config)
         cfg = base.replace(**overrides) if overrides else base
         self.config = cfg
@@ -242,12 +244,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         For logging: it reads the per-parameter counters (``state[p]["skipped_updates"]``), which waits for
         the accelerator once per device.
         """
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for state in self.state.values():
-            count = state.get("skipped_updates")
-            if isinstance(count, torch.Tensor):
-                by_device[count.device].append(count.reshape(()))
-        return sum(int(torch.stack(counts).sum()) for counts in by_device.values())
+        return total_skipped(self.state.values())
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the optimizer the run's length (optimizer steps), which the ``"auto"`` schedule reads.
@@ -295,7 +292,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
                 group[key] = value
         checked = {k: group[k] for k in GROUP_KEYS if k in group}
         if isinstance(checked.get("lr"), torch.Tensor):
-            checked["lr"] = _lr_number(checked["lr"])
+            checked["lr"] = lr_number(checked["lr"])
         self.config.replace(**checked)
 
     def _form(self, device: torch.device) -> PreconditionerForm:
@@ -347,17 +344,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(
-                "Q4Shampoo does not support sparse gradients. Use dense gradients (e.g. "
-                "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings."
-            )
-        if torch.is_complex(p) or torch.is_complex(grad):
-            raise RuntimeError(
-                "Q4Shampoo does not support complex parameters. Optimise torch.view_as_real(param) "
-                "as a real parameter instead."
-            )
+        check_dense_real(p, "Q4Shampoo")
         flattened = (
             getattr(p, "_fsdp_flattened", False)
             or getattr(p, "_is_flat_param", False)
@@ -516,26 +503,9 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        grads: dict[int, torch.Tensor] = {}  # id(state) -> local gradient
-        counters = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_param(p)
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                local_g = _local(p.grad)
-                if local_g.numel() == 0:
-                    continue
-                grads[id(state)] = local_g
-                counters.append(state["step"])
+        grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
         if not grads:
             return loss
-        torch._foreach_add_(counters, 1.0)  # CPU tensors: no device sync, one op for all
-        values = torch.stack(counters).tolist()
-        steps = {sid: int(v) for sid, v in zip(grads, values)}
         layout = self._current_layout()
         batches = _batches(layout, grads, steps)
         for b in batches:  # one multi-tensor max-abs per batch; the flags stay on the device (no sync)
@@ -572,12 +542,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""
-        members = [
-            (gi, _local(p), self.state[p])
-            for gi, g in enumerate(self.param_groups)
-            for p in g["params"]
-            if self.state.get(p)
-        ]
+        members = layout_members(self.param_groups, self.state)
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:

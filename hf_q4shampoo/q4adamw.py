@@ -26,16 +26,22 @@ counter advances) and counts the skip in ``state[p]["skipped_updates"]`` (:meth:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from .blocking import local_tensor as _local
-from .config import ConfigError
-from .first_order import adamw_batch_step, first_order_keys, init_first_order_state, moment_bytes_by_kind
-from .layout import IndexCache, Layout, ShapeGroup, build_layout
+from .checkpoint import detach_views, state_mismatch, step_tensor
+from .config import ConfigError, lr_number
+from .first_order import (
+    adamw_batch_step,
+    first_order_keys,
+    init_first_order_state,
+    moment_bytes_by_kind,
+    total_skipped,
+)
+from .layout import IndexCache, Layout, ShapeGroup, build_layout, check_dense_real, layout_members, step_gradients
 from .q4adamw_config import (
     Q4ADAMW_GROUP_KEYS,
     Q4ADAMW_LAYOUT_KEYS,
@@ -80,7 +86,7 @@ class Q4AdamW(torch.optim.Optimizer):
         overrides = {k: v for k, v in given.items() if v is not None} | options
         lr_tensor = overrides["lr"] if isinstance(overrides.get("lr"), torch.Tensor) else None
         if lr_tensor is not None:
-            overrides["lr"] = _lr_number(lr_tensor)
+            overrides["lr"] = lr_number(lr_tensor, "Q4AdamW")
         base = Q4AdamWConfig.from_kwargs(**config) if isinstance(config, Mapping) else (config or Q4AdamWConfig())
         self.config = base.replace(**overrides) if overrides else base
         defaults = self.config.group_defaults()
@@ -115,7 +121,7 @@ class Q4AdamW(torch.optim.Optimizer):
                 )
             checked = {k: param_group[k] for k in Q4ADAMW_GROUP_KEYS if k in param_group}
             if isinstance(checked.get("lr"), torch.Tensor):
-                checked["lr"] = _lr_number(checked["lr"])
+                checked["lr"] = lr_number(checked["lr"], "Q4AdamW")
             if isinstance(checked.get("betas"), list):
                 checked["betas"] = param_group["betas"] = tuple(checked["betas"])
             self.config.replace(**checked)
@@ -123,12 +129,7 @@ class Q4AdamW(torch.optim.Optimizer):
 
     def skipped_updates(self) -> int:
         """Total number of parameter updates skipped for a NaN/inf gradient so far (waits for the device)."""
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for state in self.state.values():
-            count = state.get("skipped_updates")
-            if isinstance(count, torch.Tensor):
-                by_device[count.device].append(count.reshape(()))
-        return sum(int(torch.stack(counts).sum()) for counts in by_device.values())
+        return total_skipped(self.state.values())
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -161,12 +162,7 @@ class Q4AdamW(torch.optim.Optimizer):
 
     def _current_layout(self) -> Layout:
         """Shape groups of every parameter with state, moments stacked (rebuilt when that set changes)."""
-        members = [
-            (gi, _local(p), self.state[p])
-            for gi, g in enumerate(self.param_groups)
-            for p in g["params"]
-            if self.state.get(p)
-        ]
+        members = layout_members(self.param_groups, self.state)
         key = (self._layout_version, tuple(id(s) for _, _, s in members))
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
@@ -188,25 +184,9 @@ class Q4AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads: dict[int, torch.Tensor] = {}  # id(state) -> local gradient
-        counters = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_param(p)
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                local_g = _local(p.grad)
-                if local_g.numel() == 0:
-                    continue
-                grads[id(state)] = local_g
-                counters.append(state["step"])
+        grads, steps = step_gradients(self.param_groups, self.state, self._init_state, _check_q4adamw_param)
         if not grads:
             return loss
-        torch._foreach_add_(counters, 1.0)  # CPU tensors: one op, no device sync
-        steps = dict(zip(grads, (int(v) for v in torch.stack(counters).tolist())))
         for shape_group in self._current_layout().groups:
             by_step: dict[int, list[int]] = {}
             for m, state in enumerate(shape_group.states):
@@ -258,7 +238,7 @@ class Q4AdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         # the per-parameter tensors are views of the stacked buffers: save them as tensors of their own (a view
         # would serialise its whole buffer under some checkpoint writers)
-        sd["state"] = {i: {k: _own(v) for k, v in s.items()} for i, s in sd["state"].items()}
+        sd["state"] = {i: detach_views(s) for i, s in sd["state"].items()}
         sd[CONFIG_KEY] = self.config.to_dict()
         return sd
 
@@ -289,7 +269,7 @@ class Q4AdamW(torch.optim.Optimizer):
             if index in saved_state:
                 device = _local(p).device
                 self.state[p] = {
-                    k: _step_tensor(v) if k == "step" else v.to(device) for k, v in saved_state[index].items()
+                    k: step_tensor(v) if k == "step" else v.to(device) for k, v in saved_state[index].items()
                 }
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
@@ -309,58 +289,13 @@ class Q4AdamW(torch.optim.Optimizer):
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
-                problem = _mismatch(saved, expected)
+                problem = state_mismatch(saved, expected, "")
                 if problem:
                     raise ConfigError(
                         f"Q4AdamW: the saved state of parameter #{position} of group {gi} (shape "
                         f"{tuple(local.shape)}) does not fit it: {problem}. Load the checkpoint into an optimizer "
                         "over the same parameters, in the same order."
                     )
-
-
-def _check_param(p: torch.Tensor) -> None:
-    if p.grad.is_sparse:
-        raise RuntimeError(
-            "Q4AdamW does not support sparse gradients. Use dense gradients (e.g. "
-            "nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse embeddings."
-        )
-    if torch.is_complex(p) or torch.is_complex(p.grad):
-        raise RuntimeError(
-            "Q4AdamW does not support complex parameters. Optimise torch.view_as_real(param) "
-            "as a real parameter instead."
-        )
-
-
-def _lr_number(lr: torch.Tensor) -> float:
-    if lr.numel() != 1:
-        raise ConfigError(f"Q4AdamW: lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}.")
-    return float(lr)
-
-
-def _own(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) and value._base is not None else value
-
-
-def _step_tensor(step: Any) -> torch.Tensor:
-    """A saved step counter (tensor or number) as the CPU fp32 tensor the step increments."""
-    return step.to("cpu", torch.float32) if isinstance(step, torch.Tensor) else torch.tensor(float(step))
-
-
-def _mismatch(saved: Any, expected: dict[str, torch.Tensor]) -> str | None:
-    """The first difference in keys or tensor shapes between a saved and an expected state, or None."""
-    if not isinstance(saved, Mapping):
-        return "the state is not a dict"
-    if set(saved) != set(expected):
-        extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
-        return f"the state has keys {extra} where {missing} are expected" if extra else f"the state lacks {missing}"
-    for key, want in expected.items():
-        if key == "step":
-            continue
-        got = saved[key]
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return f"{key} is {shape} in the checkpoint, {tuple(want.shape)} expected"
-    return None
 
 
 def _foreign_state_message(state_dict: Any) -> str:
@@ -376,3 +311,7 @@ def _foreign_state_message(state_dict: Any) -> str:
         "state fresh (with the Trainer: remove optimizer.pt from the checkpoint folder before resuming; the "
         "learning-rate schedule then restarts too), or resume with the optimizer that saved it."
     )
+
+
+def _check_q4adamw_param(p: torch.Tensor) -> None:
+    check_dense_real(p, "Q4AdamW")
