@@ -97,6 +97,16 @@ class OptionsBase:
         """Plain-Python dict (safe for ``torch.load(weights_only=True)``)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def _normalise_and_validate(self, validate: Callable[[str, Any], None]) -> None:
+        """Every field as a plain Python value (numpy scalars become numbers, ``betas`` a tuple), then checked by
+        ``validate(name, value)``; for ``__post_init__`` of a frozen dataclass."""
+        for f in fields(self):
+            value = plain_value(getattr(self, f.name))
+            if f.name == "betas" and isinstance(value, (list, tuple)):
+                value = tuple(plain_value(b) for b in value)
+            object.__setattr__(self, f.name, value)
+            validate(f.name, value)
+
 
 _Options = TypeVar("_Options", bound=OptionsBase)
 
@@ -294,12 +304,7 @@ class Q4ShampooConfig(OptionsBase):
     shard_preconditioners: bool = True
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = plain_value(getattr(self, f.name))
-            if f.name == "betas" and isinstance(value, (list, tuple)):
-                value = tuple(plain_value(b) for b in value)
-            object.__setattr__(self, f.name, value)
-            _validate(f.name, value)
+        self._normalise_and_validate(_validate)
         if self.grafting == "adam" and self.first_order != "adamw":
             raise ConfigError(
                 f"Q4Shampoo: grafting='adam' needs first_order='adamw' (got first_order={self.first_order!r}): it "

@@ -6,10 +6,10 @@ field has a validation rule, and errors name the bad key and the allowed keys or
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_key_values, plain_value
+from .config import ConfigError, OptionsBase, parse_key_values
 
 __all__ = [
     "Q4AdamWConfig",
@@ -68,12 +68,7 @@ class Q4AdamWConfig(OptionsBase):
     use_compile: bool = True
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = plain_value(getattr(self, f.name))
-            if f.name == "betas" and isinstance(value, (list, tuple)):
-                value = tuple(plain_value(b) for b in value)
-            object.__setattr__(self, f.name, value)
-            _validate(f.name, value)
+        self._normalise_and_validate(_validate)
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in Q4ADAMW_GROUP_KEYS}
