@@ -25,6 +25,7 @@ __all__ = [
     "LEGACY_STATE_LAYOUT",
     "parse_key_values",
     "lr_number",
+    "parse_bool",
 ]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
@@ -504,6 +505,16 @@ def _validate(name: str, value: Any) -> None:
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+
+
+def parse_bool(name: str, text: str, owner: str) -> bool:
+    """An ``--optim_args`` boolean (true/false, 1/0, yes/no, y/n, on/off; any case); ``owner`` names the optimizer."""
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{owner}: optim_args value {name}={text!r} is not true or false.")
 
 
 def _cast(name: str, text: str) -> Any:

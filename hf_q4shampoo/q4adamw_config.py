@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_key_values
+from .config import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "Q4AdamWConfig",
@@ -128,11 +128,7 @@ def _validate(name: str, value: Any) -> None:
 def _cast(name: str, text: str) -> Any:
     low = text.strip().lower()
     if name in _BOOLS:
-        if low in {"true", "1", "yes", "y", "on"}:
-            return True
-        if low in {"false", "0", "no", "n", "off"}:
-            return False
-        raise ConfigError(f"Q4AdamW: optim_args value {name}={text!r} is not true or false.")
+        return parse_bool(name, text, "Q4AdamW")
     if name in _CHOICES:
         return low
     try:

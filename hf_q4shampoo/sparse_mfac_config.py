@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_key_values
+from .config import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "SparseMFACConfig",
@@ -165,11 +165,7 @@ def _validate(name: str, value: Any) -> None:
 def _cast(name: str, text: str) -> Any:
     low = text.strip().lower()
     if name in _BOOLS:
-        if low in {"true", "1", "yes", "y", "on"}:
-            return True
-        if low in {"false", "0", "no", "n", "off"}:
-            return False
-        raise ConfigError(f"SparseMFAC: optim_args value {name}={text!r} is not true or false.")
+        return parse_bool(name, text, "SparseMFAC")
     if name in _CHOICES:
         return low
     if name == "k" and low in {"none", ""}:
