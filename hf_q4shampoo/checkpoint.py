@@ -43,7 +43,6 @@ class CheckpointMixin:
         consolidated = self.__dict__.pop("_consolidated", None)
         if consolidated is not None:
             return consolidated
-        self.wait_for_refresh()  # overlap_refresh: the side stream's writes land before the tensors are read
         sd = self._plain_state_dict()
         split = self._ddp_split() if any(self.state.values()) else None
         if split is not None:
@@ -99,7 +98,6 @@ class CheckpointMixin:
         * one whose saved state does not fit a parameter's shape (parameters in another order, or another
           model): the message names the parameter.
         """
-        self.wait_for_refresh()  # no side-stream write may land on the state after it is replaced
         state_dict = self._from_sharded_form(state_dict)
         saved_cfg = state_dict.get("q4shampoo_config")
         if not isinstance(saved_cfg, Mapping):

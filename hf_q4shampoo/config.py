@@ -233,15 +233,6 @@ class Q4ShampooConfig(OptionsBase):
             every root and keeps the first-order moments, so the result equals the single-process algorithm on
             the same (all-reduced) gradients, bitwise on every replica. False: every rank keeps and computes
             everything (no optimizer communication). Ignored in a single process and under FSDP2.
-        overlap_refresh: run each step's statistics updates and root refreshes after its update instead of
-            before, on a side CUDA stream, so the GPU can interleave them with the next forward/backward
-            (``overlap.py``). A root refreshed at step ``t`` is then first used at step ``t + 1`` (one step later
-            than with False; the statistics it is computed from are the same). The next ``step()``,
-            ``state_dict()`` and ``load_state_dict()`` wait for the side stream on the GPU (no host
-            synchronisation); code that reads ``optimizer.state`` tensors directly between steps should call
-            ``optimizer.wait_for_refresh()`` first. On CPU the same order runs in line. Not used when the
-            preconditioner work is shared between DDP ranks (``shard_preconditioners``), whose root exchange
-            needs the in-line order.
 
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
@@ -312,7 +303,6 @@ class Q4ShampooConfig(OptionsBase):
     fused_statistics: bool = True
     refresh_spread: int = 25
     shard_preconditioners: bool = True
-    overlap_refresh: bool = False
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)
@@ -429,15 +419,7 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = (
-    "nesterov",
-    "maximize",
-    "remove_cholesky_ridge",
-    "use_compile",
-    "fused_statistics",
-    "shard_preconditioners",
-    "overlap_refresh",
-)
+_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics", "shard_preconditioners")
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:

@@ -68,7 +68,6 @@ from .layout import (
     layout_members,
     step_gradients,
 )
-from .overlap import SideStreams
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
@@ -212,7 +211,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             "_owner_key",
             "_owner_by_id",
             "_consolidated",
-            "_streams",
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
@@ -505,7 +503,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self._side_streams().join()  # the previous step's maintenance finishes before the state is touched
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
         if not grads:
             return loss
@@ -517,10 +514,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         cfg = self.config
         update_freq, root_freq = cfg.schedule()
         start = cfg.start_precond_step
-        split = self._ddp_split()
-        # overlap_refresh: the step first (with the roots of earlier steps), then the maintenance, on a side
-        # stream on CUDA; with the preconditioner work shared between ranks the exchange needs the old order
-        overlap = cfg.overlap_refresh and split is None
         for b in batches:
             if b.group.plan is not None:
                 states = [b.group.states[m] for m in b.members]
@@ -528,28 +521,10 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
                     i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])
                 ]
                 b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
-                b.ready = [
-                    i
-                    for i, s in enumerate(states)
-                    if b.step >= _first_due(root_freq, start, s["root_offset"]) + int(overlap)
-                ]
-        if overlap:
-            for b in batches:
-                self._step_batch(b)
-            used = [t for b in batches for t in (*b.grads, b.finite)]
-            with self._side_streams().run({t.device for t in used}, used):
-                self._maintain(batches, None, [])
-            return loss
+                b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
+        split = self._ddp_split()
         shared = _keep_owned_work(batches, split.rank) if split is not None else []
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
-        self._maintain(batches, split, shared)
-        for b in batches:
-            self._step_batch(b)
-        return loss
-
-    def _maintain(self, batches: list[_Batch], split: DdpSplit | None, shared: list) -> None:
-        """The due statistics updates and root refreshes of a step (and, with shared preconditioner work, the
-        exchange of the refreshed roots)."""
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
                 for b in batches:
@@ -561,18 +536,9 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots
             with self._stage("roots_exchange"):
                 split.exchange_roots(shared)
-
-    def wait_for_refresh(self) -> None:
-        """Make the current CUDA streams wait for the statistics updates and root refreshes that
-        ``overlap_refresh`` queued on the side stream (no host synchronisation; nothing to do otherwise).
-        ``step()``, ``state_dict()`` and ``load_state_dict()`` call it themselves."""
-        self._side_streams().join()
-
-    def _side_streams(self) -> SideStreams:
-        streams = self.__dict__.get("_streams")
-        if streams is None:
-            streams = self._streams = SideStreams()
-        return streams
+        for b in batches:
+            self._step_batch(b)
+        return loss
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""
@@ -879,7 +845,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         depends on the second moment's update by ``grad``."""
         if self.config.grafting != "norm":
             raise NotImplementedError("Q4Shampoo._direction: only for grafting='norm'")
-        self.wait_for_refresh()
         state = self.state[p]
         for group in self._current_layout().groups:
             for m, s in enumerate(group.states):
