@@ -166,7 +166,9 @@ class Q4ShampooConfig(OptionsBase):
             (t - offset) a positive multiple of the frequency. 1 gives paper 2's schedule exactly. The
             offsets are saved with the state. Each factor is still refreshed every update_freq / root_freq
             steps; only its first refresh may come up to ``spread - 1`` steps later than in the paper's
-            schedule. Default 25: a full round of roots costs ~0.4 s on GPT-2 small on an H200, so a step
+            schedule. When ``update_freq`` divides ``root_freq`` and both spreads fit in ``update_freq`` steps
+            (e.g. 100 / 100), the roots take the slots after the statistics' (no step carries both).
+            Default 25: a full round of roots costs ~0.4 s on GPT-2 small on an H200, so a step
             carries ~16 ms of it; spreading wider leaves the GPU idle between small calls (100 made the
             round 3.7x as expensive, docs/perf_notes.md v7).
         stat_decay: beta of ``L <- beta L + (1 - beta) G G^T`` (paper 2: 0.95).

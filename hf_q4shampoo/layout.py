@@ -176,9 +176,9 @@ def build_layout(
 class IndexCache:
     """Device index tensors for row lists, made once per distinct list.
 
-    Building an index from a Python list on an accelerator copies from pageable host memory, which makes
-    the host wait for the stream; the row patterns of a run repeat (one per refresh offset), so each is
-    copied once.
+    The row patterns of a run repeat (one per refresh offset), so each is copied once, and on CUDA from
+    pinned memory without blocking: a copy from pageable memory makes the host wait for the GPU's queue,
+    which was 5 waits per refresh step in a run's first refresh round (docs/perf_notes.md v13).
     """
 
     def __init__(self) -> None:
@@ -189,7 +189,10 @@ class IndexCache:
         key = (rows, device)
         index = self._cache.get(key)
         if index is None:
-            index = self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+            host = torch.tensor(rows, dtype=torch.long)
+            if device.type == "cuda":  # a pageable copy would make the host wait for the GPU's queue
+                host = host.pin_memory()
+            index = self._cache[key] = host.to(device, non_blocking=True)
         return index
 
     def clear(self) -> None:

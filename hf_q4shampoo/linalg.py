@@ -66,15 +66,29 @@ def power_iteration(a: torch.Tensor, iters: int = 32) -> torch.Tensor:
     """Estimate the largest eigenvalue of symmetric PSD matrices ``(..., n, n)``; returns ``(...,)``.
 
     Paper 2 uses 10 iterations; when the top two eigenvalues are close that can miss lambda_max by
-    20% (measured on log-spaced spectra), which moves the relative ridge by as much. 32 matrix-vector
-    products cost O(n^2) each, nothing beside the O(n^3) root. The Rayleigh quotient returned is a
-    lower bound of lambda_max.
+    20% (measured on log-spaced spectra), which moves the relative ridge by as much. The Rayleigh quotient
+    returned is a lower bound of lambda_max.
+
+    ``iters`` products ``A v`` from the fixed start vector: when ``iters`` is a multiple of 8 they run as
+    ``iters / 8`` products with ``B^8``, ``B = A / ||A||_F`` (three squarings: the same directions up to
+    rounding, since ``B^8 v`` is parallel to ``A^8 v``). On a GPU each of the 32 matrix-vector steps was
+    four kernel launches, ~130 per call, which left the GPU waiting for the host in refresh steps
+    (docs/perf_notes.md v13); the squarings cost three O(n^3) products, a few percent of the Newton root's 40.
     """
     v = _start_vector(a.shape[-1], a.dtype, a.device).expand(*a.shape[:-1]).unsqueeze(-1)
     v = v / v.norm(dim=-2, keepdim=True)
-    for _ in range(iters):
-        w = a @ v
-        v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    tiny = torch.finfo(a.dtype).tiny
+    b, steps = a, iters
+    if iters % 8 == 0:
+        # ||A||_F >= lambda_max, so B's spectrum lies in [0, 1] and B^8 cannot overflow; its top eigenvalue
+        # is at least n^-4 (lambda_max >= ||A||_F / sqrt(n)), far above fp32's smallest normal number
+        b = a / torch.linalg.matrix_norm(a).clamp_min(tiny)[..., None, None]
+        for _ in range(3):
+            b = b @ b
+        steps = iters // 8
+    for _ in range(steps):
+        w = b @ v
+        v = w / w.norm(dim=-2, keepdim=True).clamp_min(tiny)
     return (v.mT @ a @ v).squeeze(-1).squeeze(-1).clamp_min(0.0)
 
 

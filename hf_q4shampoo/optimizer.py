@@ -71,7 +71,7 @@ from .layout import (
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
-from .schedule import refresh_cost, refresh_offsets
+from .schedule import refresh_cost, refresh_offsets, root_shift
 
 __all__ = ["Q4Shampoo"]
 
@@ -377,7 +377,11 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         key = (spreads, tuple(pid for _, _, pid in params))
         if getattr(self, "_offset_key", None) != key:
             self._offset_key = key
-            self._offsets = refresh_offsets(params, self.block_plan, spreads)
+            shift = root_shift(update_freq, root_freq, spreads)
+            self._offsets = {
+                pid: (stats, root + shift)
+                for pid, (stats, root) in refresh_offsets(params, self.block_plan, spreads).items()
+            }
         return self._offsets
 
     # ---- several ranks (DDP): distributed.py ---------------------------------------------------

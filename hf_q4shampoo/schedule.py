@@ -73,3 +73,17 @@ def refresh_offsets(
             offsets.update(dict.fromkeys(ids, slot))
         per_side.append(offsets)
     return {pid: (per_side[0][pid], per_side[1][pid]) for pid in per_side[0]}
+
+
+def root_shift(update_freq: int, root_freq: int, spreads: tuple[int, int]) -> int:
+    """How far to move every root offset so that no step carries both statistics and roots, or 0.
+
+    Statistics fall on steps whose residue modulo ``update_freq`` is below the statistics spread; when
+    ``update_freq`` divides ``root_freq`` and both spreads fit in one ``update_freq`` period, roots placed right
+    after the statistics' slots never share a step with them (e.g. 100 / 100 with spread 25: statistics on
+    residues 0-24, roots on 25-49), which halves the worst step's refresh work.
+    """
+    stats_spread, root_spread = spreads
+    if root_freq % update_freq == 0 and stats_spread + root_spread <= update_freq:
+        return stats_spread
+    return 0

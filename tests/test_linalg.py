@@ -67,6 +67,38 @@ def test_power_iteration():
     assert torch.all(linalg.power_iteration(a, iters=10) <= true * (1 + 1e-9))
 
 
+def _plain_power_iteration(a: torch.Tensor, iters: int) -> torch.Tensor:
+    """The textbook loop in fp64: ``iters`` normalised products ``A v`` from the same start vector."""
+    a = a.double()
+    v = linalg._start_vector(a.shape[-1], torch.float64, a.device).expand(*a.shape[:-1]).unsqueeze(-1)
+    for _ in range(iters):
+        w = a @ v
+        v = w / w.norm(dim=-2, keepdim=True)
+    return (v.mT @ a @ v).squeeze(-1).squeeze(-1)
+
+
+@pytest.mark.parametrize("n", [48, 300])
+def test_power_iteration_by_squaring_matches_the_plain_steps(n):
+    # iters=32 runs as 4 products with (A / ||A||)^8: it must give the plain 32-step estimate (fp64 oracle),
+    # on spectra whose top eigenvalues are close (where the number of steps matters) and on wide ones
+    g = torch.Generator().manual_seed(n)
+    q, _ = torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=torch.float64))
+    spectra = torch.stack(
+        [
+            torch.logspace(0, -6, n, dtype=torch.float64),
+            torch.cat([torch.tensor([1.0, 0.97, 0.95], dtype=torch.float64), torch.rand(n - 3, generator=g) * 0.9]),
+            torch.rand(n, generator=g, dtype=torch.float64) * 1e4,
+        ]
+    )
+    a = (q * spectra[:, None, :]) @ q.mT
+    est = linalg.power_iteration(a.float(), iters=32)
+    ref = _plain_power_iteration(a, 32)
+    torch.testing.assert_close(est.double(), ref, rtol=1e-5, atol=0)
+    assert torch.all(est.double() <= spectra.amax(-1) * (1 + 1e-5))
+    # a zero matrix estimates 0 (the root then uses the identity), not NaN
+    assert float(linalg.power_iteration(torch.zeros(1, n, n), iters=32)[0]) == 0.0
+
+
 def test_bjorck_improves_orthogonality():
     g = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(4, 100, 100, generator=g))

@@ -7,6 +7,7 @@ import torch
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
 from hf_q4shampoo.config import STATE_LAYOUT_KEYS
+from hf_q4shampoo.schedule import root_shift
 
 from reference_shampoo import ReferenceShampoo
 
@@ -329,6 +330,26 @@ def test_refresh_spread_balances_and_shifts_the_schedule():
     again.load_state_dict(_roundtrip(opt))
     assert [again.state[p]["root_offset"] for p in params] == roots
     assert [again.state[p]["refresh_offset"] for p in params] == stats
+
+
+def test_equal_frequencies_put_statistics_and_roots_on_different_steps():
+    # update_freq = root_freq = 8, spread 3: statistics on residues 0-2, roots moved to 3-5 (schedule.root_shift);
+    # no step then pays for both, and every factor still refreshes every 8 steps
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(80, 80)) for _ in range(6)]
+    opt = Q4Shampoo(params, lr=1e-3, update_freq=8, root_freq=8, refresh_spread=3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    stats = {opt.state[p]["refresh_offset"] for p in params}
+    roots = {opt.state[p]["root_offset"] for p in params}
+    assert stats == {0, 1, 2} and roots == {3, 4, 5}
+    # without room for both spreads in one period the offsets overlap as before
+    crowded = Q4Shampoo(params, lr=1e-3, update_freq=8, root_freq=8, refresh_spread=5)
+    crowded.step()
+    assert {crowded.state[p]["root_offset"] for p in params} <= set(range(5))
+    assert root_shift(10, 100, (10, 25)) == 0 and root_shift(50, 100, (25, 25)) == 25
+    assert root_shift(30, 100, (10, 10)) == 0  # 30 does not divide 100: residues would drift
 
 
 def test_bf16_application_is_close_to_fp32():
