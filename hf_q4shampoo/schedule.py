@@ -84,6 +84,7 @@ def root_shift(update_freq: int, root_freq: int, spreads: tuple[int, int]) -> in
     residues 0-24, roots on 25-49), which halves the worst step's refresh work.
     """
     stats_spread, root_spread = spreads
-    if root_freq % update_freq == 0 and stats_spread + root_spread <= update_freq:
+    # a spread of 1 is paper 2's schedule exactly (statistics, then roots, on the same step): left alone
+    if stats_spread > 1 and root_freq % update_freq == 0 and stats_spread + root_spread <= update_freq:
         return stats_spread
     return 0

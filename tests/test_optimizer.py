@@ -350,6 +350,7 @@ def test_equal_frequencies_put_statistics_and_roots_on_different_steps():
     assert {crowded.state[p]["root_offset"] for p in params} <= set(range(5))
     assert root_shift(10, 100, (10, 25)) == 0 and root_shift(50, 100, (25, 25)) == 25
     assert root_shift(30, 100, (10, 10)) == 0  # 30 does not divide 100: residues would drift
+    assert root_shift(2, 4, (1, 1)) == 0  # refresh_spread=1: paper 2's schedule, roots on the statistics' step
 
 
 def test_bf16_application_is_close_to_fp32():
