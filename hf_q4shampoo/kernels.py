@@ -13,15 +13,11 @@ fall back to eager: the first compilation raises the process-wide limit to at le
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["maybe_compiled", "mark_batch_dynamic", "run_warm_ups", "RECOMPILE_LIMIT"]
+__all__ = ["maybe_compiled", "mark_batch_dynamic", "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 64
 _COMPILED: dict[Callable, Callable] = {}
@@ -47,25 +43,3 @@ def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
     """Let dimension 0 (a batch of stacked matrices) vary between calls without a recompilation."""
     for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)
-
-
-def run_warm_ups(tasks: Sequence[tuple[torch.device | None, Callable[[], Any]]]) -> None:
-    """Run the first-step warm-ups ``(device, fn)``: in threads when one of them is on a CUDA device, else in line.
-
-    A warm-up launches kernels once so that their compilation happens now: on an H200 the first step of
-    GPT-2 small spent ~6 of its 9 s compiling a dozen Triton kernels one after the other, and most of that
-    is ptxas and the C compiler of Triton's launchers in subprocesses (docs/perf_notes.md v13), which run
-    side by side from threads. Each task runs with its device current; the first exception is raised.
-    """
-    if not any(device is not None and device.type == "cuda" for device, _ in tasks) or len(tasks) < 2:
-        for _, fn in tasks:
-            fn()
-        return
-
-    def run(device: torch.device | None, fn: Callable[[], Any]) -> None:
-        with torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext():
-            fn()
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(tasks), os.cpu_count() or 1, 8))) as pool:
-        for future in [pool.submit(run, device, fn) for device, fn in tasks]:
-            future.result()

@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -57,7 +57,6 @@ from .first_order import (
     sgd_batch_step,
     total_skipped,
 )
-from .kernels import run_warm_ups
 from .layout import (
     FactorBucket,
     IndexCache,
@@ -556,17 +555,12 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
                 by_id = self._owners()
                 owners = [by_id.get(id(p)) for _, p, _ in members]
             layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key, owners)
-            cfg = self.config
-            warm_ups: list[tuple[torch.device | None, Callable[[], Any]]] = []
-            if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
-                warm_ups.append(
-                    (None, partial(linalg.newton_schedule, 4, cfg.matrix_eps, cfg.newton_tol, cfg.newton_max_iters))
-                )
             for bucket in layout.buckets:
-                form = self._form(bucket.device)
-                warm_ups.append((bucket.device, partial(self._precompile, form, bucket)))
-                warm_ups.append((bucket.device, partial(_warm_refresh, form, bucket)))
-            run_warm_ups(warm_ups)
+                self._precompile(self._form(bucket.device), bucket)
+            if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
+                linalg.newton_schedule(4, self.config.matrix_eps, self.config.newton_tol, self.config.newton_max_iters)
+            for bucket in layout.buckets:
+                _warm_refresh(self._form(bucket.device), bucket)
         return layout
 
     def _step_batch(self, batch: _Batch) -> None:
