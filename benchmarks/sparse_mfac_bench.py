@@ -118,7 +118,14 @@ def run_one(name: str, a: argparse.Namespace, device: torch.device, batch: dict[
             loss.backward()
             _sync(device)
             mid = time.perf_counter()
-            opt.step()
+            if a.profile and i == a.warmup + a.steps - 1:  # the last step, by operator (--profile)
+                with torch.profiler.profile() as prof:
+                    opt.step()
+                    _sync(device)
+                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                row["profile"] = prof.key_averages().table(sort_by=sort, row_limit=15)
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
             end = time.perf_counter()
@@ -233,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="profile the last step of each optimizer (operator table)")
     p.add_argument(
         "--threads",
         type=int,
