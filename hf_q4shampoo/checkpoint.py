@@ -52,6 +52,30 @@ class CheckpointMixin:
                 warnings.warn(_SHARE_WARNING, stacklevel=2)
         return sd
 
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Gather every rank's share of the state so that the next :meth:`state_dict` on rank ``to`` (every
+        rank if None) returns the whole state, as one process would have it.
+
+        A collective under DDP with the work split: every rank must call it (``Q4ShampooTrainer`` does before
+        it saves ``optimizer.pt``); elsewhere it does nothing. The whole state is the single-process one, so
+        it loads into any world size (each rank keeps its share) or into a single process. The gathered copy
+        lives on the CPU of rank ``to`` and is handed out once.
+        """
+        split = self._ddp_split()
+        if split is None:
+            return
+        sd = self._plain_state_dict()
+        owners = self._owners()
+        params = [p for g in self.param_groups for p in g["params"]]
+        theirs = [index for index, p in enumerate(params) if owners.get(id(p)) not in (None, to)]
+        owned = {i: _to_cpu(sd["state"][i]) for i in theirs if owners[id(params[i])] == split.rank and i in sd["state"]}
+        gathered = split.gather_states(owned, to)
+        if gathered is None:
+            return
+        for share in gathered:
+            sd["state"].update(share)
+        self._consolidated = sd
+
     def _plain_state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         # The per-parameter state tensors are views of the layout's stacked buffers: give the checkpoint

@@ -37,9 +37,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .layout import FactorBucket, IndexCache, ShapeGroup
+from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch
 
-__all__ = ["DdpSplit", "assign_owners", "split_for", "is_root_key", "strip_statistics", "ExchangeCounters"]
+__all__ = [
+    "DdpSplit",
+    "assign_owners",
+    "split_for",
+    "is_root_key",
+    "strip_statistics",
+    "ExchangeCounters",
+    "keep_owned_work",
+]
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
 _ALIGN = 8
@@ -231,3 +239,18 @@ def split_for(enabled: bool, params: Sequence[torch.Tensor]) -> DdpSplit | None:
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def keep_owned_work(batches: list[StepBatch], rank: int) -> list[tuple[ShapeGroup, list[int]]]:
+    """Under DDP with the work split: drop the statistics and root work of matrices owned by other ranks from
+    ``batches`` and return every rank's due roots (``(group, members)``, in the layout's order), which the
+    owners then all-gather."""
+    shared = []
+    for b in batches:
+        if b.group.owner is None:
+            continue
+        if b.roots_due:
+            shared.append((b.group, [b.members[i] for i in b.roots_due]))
+        if b.group.owner != rank:
+            b.stats_due, b.roots_due = [], []
+    return shared

@@ -248,3 +248,33 @@ def check_dense_real(p: torch.Tensor, owner: str) -> None:
             f"{owner} does not support complex parameters. Optimise torch.view_as_real(param) "
             "as a real parameter instead."
         )
+
+
+@dataclass(eq=False)
+class StepBatch:
+    """Members (positions in ``group``) that have a gradient this step and share one step count."""
+
+    group: ShapeGroup
+    members: list[int]
+    step: int
+    grads: list[torch.Tensor]
+    # positions (into ``members``) whose statistics / roots are due this step, and those preconditioned
+    stats_due: list[int] = field(default_factory=list)
+    roots_due: list[int] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)
+    #: per-member max |gradient| and whether it is finite, ``(len(members),)`` on the gradients' device
+    amax: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
+
+
+def step_batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[StepBatch]:
+    """This step's work, one batch per (shape group, step count); usually one batch per shape group."""
+    out = []
+    for group in layout.groups:
+        by_step: dict[int, list[int]] = {}
+        for m, state in enumerate(group.states):
+            if id(state) in grads:
+                by_step.setdefault(steps[id(state)], []).append(m)
+        for step, members in by_step.items():
+            out.append(StepBatch(group, members, step, [grads[id(group.states[m])] for m in members]))
+    return out

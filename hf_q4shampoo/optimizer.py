@@ -36,72 +36,45 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import torch
 
 from . import linalg
-from .blocking import BlockPlan, extract_blocks, insert_blocks, plan_blocks
+from .blocking import BlockPlan, plan_blocks
 from .blocking import local_tensor as _local
-from .checkpoint import CheckpointMixin, _to_cpu
+from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig, lr_number, plain_value
-from .distributed import DdpSplit, assign_owners, is_root_key, split_for, strip_statistics
+from .direction import DirectionMixin
+from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
 from .first_order import (
-    adam_graft_batch_step,
-    adamw_batch_step,
     first_order_keys,
     init_first_order_state,
     moment_bytes_by_kind,
-    sgd_batch_step,
     total_skipped,
 )
 from .layout import (
-    FactorBucket,
     IndexCache,
     Layout,
-    ShapeGroup,
-    SideSlot,
+    StepBatch,
     build_layout,
     check_dense_real,
     layout_members,
+    step_batches,
     step_gradients,
 )
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
+from .refresh import RefreshMixin, warm_refresh
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
 
 __all__ = ["Q4Shampoo"]
 
-_GRAFT_EPS = 1e-12
 #: Attributes DeepSpeed ZeRO-3 sets on the parameters it partitions (ZeRO-1/2 hand the optimizer flat
 #: partitions without markers: the Trainer integration refuses those setups from its arguments).
 _DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
-
-
-def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-member Frobenius norms of a ``(K, rows, cols)`` stack, without overflow.
-
-    Squaring in fp32 overflows once entries pass ~1e19 (a 96 x 80 gradient of 1e18 has norm 8.8e19, but its
-    squares sum to inf), so each member is divided by its largest magnitude first and the norm scaled back.
-    ``amax`` (the per-member max |x|) may be given when already known. Members with a NaN/inf entry get a
-    non-finite norm, which the caller treats as a skipped update.
-    """
-    if amax is None:
-        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1))
-    amax = amax.float()
-    safe = torch.where(amax > 0, amax, 1.0)  # an all-zero member: norm 0 whatever the divisor
-    return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
-
-
-def _flat(
-    grafted: tuple[torch.Tensor, torch.Tensor | None], shape: torch.Size
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Grafted matrix directions back in the parameters' stacked shape."""
-    directions, ok = grafted
-    return directions.reshape(shape), ok
 
 
 def _as_config(config: Any) -> Q4ShampooConfig:
@@ -118,37 +91,7 @@ def _as_config(config: Any) -> Q4ShampooConfig:
     )
 
 
-@dataclass(eq=False)
-class _Batch:
-    """Members (positions in ``group``) that have a gradient this step and share one step count."""
-
-    group: ShapeGroup
-    members: list[int]
-    step: int
-    grads: list[torch.Tensor]
-    # positions (into ``members``) whose statistics / roots are due this step, and those preconditioned
-    stats_due: list[int] = field(default_factory=list)
-    roots_due: list[int] = field(default_factory=list)
-    ready: list[int] = field(default_factory=list)
-    #: per-member max |gradient| and whether it is finite, ``(len(members),)`` on the gradients' device
-    amax: torch.Tensor | None = None
-    finite: torch.Tensor | None = None
-
-
-def _batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[_Batch]:
-    """This step's work, one batch per (shape group, step count); usually one batch per shape group."""
-    out = []
-    for group in layout.groups:
-        by_step: dict[int, list[int]] = {}
-        for m, state in enumerate(group.states):
-            if id(state) in grads:
-                by_step.setdefault(steps[id(state)], []).append(m)
-        for step, members in by_step.items():
-            out.append(_Batch(group, members, step, [grads[id(group.states[m])] for m in members]))
-    return out
-
-
-class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
+class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optimizer):
     """Shampoo with 4-bit preconditioners (a refined 4-bit Cholesky factor by default, paper 1's layout).
 
     Args:
@@ -422,30 +365,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             **split.counters.as_dict(),
         }
 
-    def consolidate_state_dict(self, to: int | None = 0) -> None:
-        """Gather every rank's share of the state so that the next :meth:`state_dict` on rank ``to`` (every
-        rank if None) returns the whole state, as one process would have it.
-
-        A collective under DDP with the work split: every rank must call it (``Q4ShampooTrainer`` does before
-        it saves ``optimizer.pt``); elsewhere it does nothing. The whole state is the single-process one, so
-        it loads into any world size (each rank keeps its share) or into a single process. The gathered copy
-        lives on the CPU of rank ``to`` and is handed out once.
-        """
-        split = self._ddp_split()
-        if split is None:
-            return
-        sd = self._plain_state_dict()
-        owners = self._owners()
-        params = [p for g in self.param_groups for p in g["params"]]
-        theirs = [index for index, p in enumerate(params) if owners.get(id(p)) not in (None, to)]
-        owned = {i: _to_cpu(sd["state"][i]) for i in theirs if owners[id(params[i])] == split.rank and i in sd["state"]}
-        gathered = split.gather_states(owned, to)
-        if gathered is None:
-            return
-        for share in gathered:
-            sd["state"].update(share)
-        self._consolidated = sd
-
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         local = _local(p)
         cfg = self.config
@@ -478,25 +397,6 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             if split is not None and self._owners().get(id(p), split.rank) != split.rank:
                 strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
 
-    def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
-        """Decode roots of a new order once now, so its compilation (accelerators only: the Triton decoder,
-        once for every order, or the compiled torch decoder, once per order) happens at the first step
-        instead of in the middle of training when preconditioning starts (a 1.5 s stall, v7)."""
-        if not self.config.use_compile or bucket.device.type in ("cpu", "meta"):
-            return
-        warmed = self.__dict__.setdefault("_warmed_orders", set())
-        key = (bucket.device, bucket.order)
-        if key in warmed:
-            return
-        warmed.add(key)
-        roots = {k: v for k, v in bucket.storage.items() if k.startswith("root")}
-        # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
-        for size in (1, 2):
-            form.root(
-                {k: v[:1].expand(size, *v.shape[1:]).contiguous() for k, v in roots.items()},
-                self._apply_dtype(bucket.device),
-            )
-
     # ------------------------------------------------------------------------------------------
     # step
     # ------------------------------------------------------------------------------------------
@@ -511,7 +411,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         if not grads:
             return loss
         layout = self._current_layout()
-        batches = _batches(layout, grads, steps)
+        batches = step_batches(layout, grads, steps)
         for b in batches:  # one multi-tensor max-abs per batch; the flags stay on the device (no sync)
             b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
             b.finite = torch.isfinite(b.amax)
@@ -527,7 +427,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
                 b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
                 b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
         split = self._ddp_split()
-        shared = _keep_owned_work(batches, split.rank) if split is not None else []
+        shared = keep_owned_work(batches, split.rank) if split is not None else []
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -560,289 +460,10 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
             if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
                 linalg.newton_schedule(4, self.config.matrix_eps, self.config.newton_tol, self.config.newton_max_iters)
             for bucket in layout.buckets:
-                _warm_refresh(self._form(bucket.device), bucket)
+                warm_refresh(self._form(bucket.device), bucket)
         return layout
 
-    def _step_batch(self, batch: _Batch) -> None:
-        """Precondition, graft and take the first-order step for one batch; members with a non-finite
-        gradient or direction keep their parameter and moments and count a skipped update."""
-        grads = batch.grads
-        g = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
-        directions = g
-        keep = batch.finite
-        if self.config.grafting == "adam" and batch.group.plan is not None:
-            self._adam_graft_step(batch, g)
-            return
-        if batch.ready:
-            g2 = g.reshape(len(grads), *batch.group.plan.matrix_shape)
-            with self._stage("apply"):
-                pre = self._precondition(batch, g2, batch.ready)
-            with self._stage("grafting"):
-                grafted, ok = self._graft(g2, pre, batch.ready, batch)
-                directions = grafted.reshape(g.shape)
-            if len(batch.ready) == len(grads):
-                keep = keep & ok
-            else:
-                index = self._index(batch.ready, keep.device)
-                keep = keep.index_copy(0, index, keep.index_select(0, index) & ok)
-        with self._stage("first_order"):
-            self._first_order_step(batch, directions, keep)
-        self._count_skips(batch, keep)
-
-    def _count_skips(self, batch: _Batch, keep: torch.Tensor) -> None:
-        """Add this step's skips to the members' ``skipped_updates`` counters (on the device)."""
-        counts = batch.group.skipped
-        if batch.members == list(range(batch.group.size)):
-            counts.add_(~keep)
-        else:
-            counts.index_add_(0, self._index(batch.members, counts.device), (~keep).to(counts.dtype))
-
-    # ---- the stages ---------------------------------------------------------------------------
-    def _bucket_update(
-        self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None], keep: torch.Tensor | None = None
-    ) -> None:
-        """Run ``update`` on the stored state of some rows of a bucket and write the result back in place.
-
-        ``keep`` (one flag per row, on the device) selects the rows that take the new values; the others
-        keep their stored ones exactly. This relies on the forms' contract of replacing state entries with
-        new tensors, never writing into them (``preconditioners.py``), so ``old`` below is still intact.
-        """
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        if contiguous:
-            window = slice(rows[0], rows[0] + len(rows))
-            sub = {k: v[window] for k, v in bucket.storage.items()}
-        else:
-            index = self._index(rows, bucket.device)
-            sub = {k: v.index_select(0, index) for k, v in bucket.storage.items()}
-        old = dict(sub)
-        update(sub)
-        for k, v in bucket.storage.items():
-            new = sub[k]
-            if keep is not None and new is not old[k]:
-                new = torch.where(keep.reshape(-1, *([1] * (new.dim() - 1))), new, old[k])
-            if contiguous:
-                if new is not old[k]:
-                    v[window].copy_(new)
-            else:
-                v.index_copy_(0, index, new)
-
-    def _chunks(self, positions: list[int], slot: SideSlot) -> list[list[int]]:
-        """Split member positions so one call handles at most ~2^26 factor entries (bounded transients)."""
-        per = max(1, (1 << 26) // max(1, slot.blocks * slot.bucket.order**2))
-        return [positions[i : i + per] for i in range(0, len(positions), per)]
-
-    def _update_statistics(self, batch: _Batch) -> None:
-        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the batch's due members."""
-        group, positions = batch.group, batch.stats_due
-        grads = [batch.grads[i] for i in positions]
-        g2 = (grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()).reshape(
-            len(grads), *group.plan.matrix_shape
-        )
-        form = self._form(g2.device)
-        tf32 = self._gram_tf32(g2.device)
-        for slot in group.slots:
-            region = group.plan.regions[slot.region_index]
-            for chunk in self._chunks(list(range(len(positions))), slot):
-                sub = g2 if len(chunk) == g2.shape[0] else g2[chunk[0] : chunk[-1] + 1]
-                blocks = extract_blocks(sub, region)
-                with linalg.tf32_matmul(tf32):
-                    gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
-                rows = [r for i in chunk for r in slot.member_rows(batch.members[positions[i]])]
-                # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks
-                # whose own gram is non-finite, which the forms' blend already keeps)
-                flags = [positions[i] for i in chunk for _ in range(slot.blocks)]
-                keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
-                self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram), keep)
-
-    def _refresh_roots(self, batches: list[_Batch]) -> None:
-        """Recompute the stored inverse roots of every due factor, one batched call per factor order.
-
-        Factors of a member whose gradient is not finite this step keep their root (the whole update of
-        that parameter is skipped)."""
-        rows: dict[int, list[tuple[int, int]]] = defaultdict(list)  # bucket -> (row, index into its flags)
-        buckets: dict[int, FactorBucket] = {}
-        flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        offsets: dict[torch.device, int] = defaultdict(int)
-        for b in batches:
-            if not b.roots_due:
-                continue
-            device = b.finite.device
-            base = offsets[device]
-            flags[device].append(b.finite)
-            offsets[device] += len(b.members)
-            for slot in b.group.slots:
-                buckets[id(slot.bucket)] = slot.bucket
-                rows[id(slot.bucket)].extend((r, base + i) for i in b.roots_due for r in slot.member_rows(b.members[i]))
-        finite = {device: torch.cat(parts) for device, parts in flags.items()}
-        for bid, bucket in buckets.items():
-            form = self._form(bucket.device)
-            due = sorted(rows[bid])
-            per = max(1, (1 << 26) // bucket.order**2)
-            for i in range(0, len(due), per):
-                part = due[i : i + per]
-                keep = finite[bucket.device].index_select(0, self._index([f for _, f in part], bucket.device))
-                self._bucket_update(bucket, [r for r, _ in part], form.refresh_root, keep)
-
-    def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
-        rows = [r for m in members for r in slot.member_rows(m)]
-        storage = slot.bucket.storage
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            sub = {k: v[rows[0] : rows[0] + len(rows)] for k, v in storage.items() if k.startswith("root")}
-        else:
-            index = self._index(rows, slot.bucket.device)
-            sub = {k: v.index_select(0, index) for k, v in storage.items() if k.startswith("root")}
-        return self._form(slot.bucket.device).root(sub, dtype)
-
-    def _precondition(self, batch: _Batch, g2: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """``G^ = L^ G R^`` blockwise for the members at ``positions``: ``(len(positions), rows, cols)`` fp32."""
-        group = batch.group
-        dtype = self._apply_dtype(g2.device)
-        members = [batch.members[i] for i in positions]
-        sub = g2 if len(positions) == g2.shape[0] else g2[self._index(positions, g2.device)]
-        out = torch.empty_like(sub)
-        for ri, region in enumerate(group.plan.regions):
-            slots = group.region_slots(ri)
-            blocks = extract_blocks(sub, region).to(dtype)
-            if "L" in slots:
-                blocks = self._roots(slots["L"], members, dtype) @ blocks
-            if "R" in slots:
-                blocks = blocks @ self._roots(slots["R"], members, dtype)
-            insert_blocks(out, region, blocks)
-        return out
-
-    def _graft(
-        self, g2: torch.Tensor, pre: torch.Tensor, positions: list[int], batch: _Batch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rescale each preconditioned direction to its gradient's Frobenius norm; members not yet ready
-        (before their first root) keep the gradient itself.
-
-        Returns the directions and, for the members at ``positions``, whether the rescaling is finite
-        (false when the gradient or the preconditioned direction has a NaN/inf entry). The norms are
-        overflow-safe (:func:`_frobenius`)."""
-        every = len(positions) == g2.shape[0]
-        index = None if every else self._index(positions, g2.device)
-        sub = g2 if every else g2[index]
-        amax = batch.amax if batch.amax is None or every else batch.amax[index.to(batch.amax.device)]
-        grad_norm = _frobenius(sub, amax)
-        pre_norm = _frobenius(pre).add_(_GRAFT_EPS)
-        ratio = grad_norm / pre_norm
-        pre.mul_(ratio[:, None, None])
-        ok = torch.isfinite(ratio)
-        if every:
-            return pre, ok
-        return g2.index_copy(0, index, pre), ok
-
-    def _adam_graft_step(self, batch: _Batch, g: torch.Tensor) -> None:
-        """``grafting="adam"`` for one batch of preconditioned members: the Adam step of the raw gradient sets
-        each block's norm, momentum runs on the grafted direction (module docstring); members before their
-        first root step along the Adam step itself. Skips as in :meth:`_step_batch`."""
-        pre = None
-        if batch.ready:
-            g2 = g.reshape(len(batch.grads), *batch.group.plan.matrix_shape)
-            with self._stage("apply"):
-                pre = self._precondition(batch, g2, batch.ready)
-            if self.param_groups[batch.group.group_index].get("maximize", False):
-                pre = pre.neg_()  # the gradient is negated for the step below: keep G^ linear in it
-
-        def graft(adam_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if pre is None:
-                return adam_step, None
-            with self._stage("grafting"):
-                return self._graft_blocks(
-                    adam_step.reshape(len(batch.grads), *batch.group.plan.matrix_shape), pre, batch
-                )
-
-        with self._stage("first_order"):
-            keep = self._first_order_step(batch, g, batch.finite, graft=graft)
-        self._count_skips(batch, keep)
-
-    def _graft_blocks(self, a2: torch.Tensor, pre: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rescale each block of the preconditioned directions ``pre`` (members ``batch.ready``) to the Frobenius
-        norm of the same block of the Adam steps ``a2`` (every member, ``(K, rows, cols)``); members not ready
-        keep their Adam step. Returns the directions ``(K, rows, cols)`` and per-member flags ``(K,)`` of
-        whether every rescaling was finite."""
-        positions = batch.ready
-        every = len(positions) == a2.shape[0]
-        index = None if every else self._index(positions, a2.device)
-        target = a2 if every else a2[index]
-        ok = torch.ones(len(positions), dtype=torch.bool, device=a2.device)
-        for region in batch.group.plan.regions:
-            blocks = extract_blocks(pre, region)
-            ratio = _frobenius(extract_blocks(target, region)) / _frobenius(blocks).add_(_GRAFT_EPS)
-            insert_blocks(pre, region, blocks * ratio[:, None, None])
-            ok &= torch.isfinite(ratio).reshape(len(positions), region.num_blocks).all(1)
-        if every:
-            return pre, ok
-        flags = torch.ones(a2.shape[0], dtype=torch.bool, device=a2.device)
-        return a2.index_copy(0, index, pre), flags.index_copy(0, index, ok)
-
-    def _first_order_step(
-        self, batch: _Batch, directions: torch.Tensor, keep: torch.Tensor | None = None, graft: Callable | None = None
-    ) -> torch.Tensor | None:
-        """The AdamW / SGD step for the members of one batch (same group, shape and step), in place;
-        members whose ``keep`` flag is false stay as they are. With ``graft`` (``grafting="adam"``),
-        ``directions`` is the raw gradient and ``graft`` maps its Adam step to the step's directions
-        (:func:`~hf_q4shampoo.first_order.adam_graft_batch_step`). Returns the flags the step used."""
-        cfg = self.config
-        group = self.param_groups[batch.group.group_index]
-        if group.get("maximize", False):
-            directions = directions.neg()  # not in place: for a single fp32 gradient it is p.grad itself
-        params = [batch.group.params[m] for m in batch.members]
-        stacked = batch.group.moments
-        whole = batch.members == list(range(batch.group.size))
-        index = None if whole else self._index(batch.members, directions.device)
-        moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
-        if graft is not None:
-            shape = directions.shape
-            keep = adam_graft_batch_step(
-                params,
-                directions,
-                moments,
-                lambda a: _flat(graft(a), shape),
-                step=batch.step,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
-        elif cfg.first_order == "adamw":
-            adamw_batch_step(
-                params,
-                directions,
-                moments,
-                step=batch.step,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                bits=cfg.first_order_bits,
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
-        else:
-            sgd_batch_step(
-                params,
-                directions,
-                moments,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                bits=cfg.first_order_bits,
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
-        if not whole:
-            for k, v in stacked.items():
-                v.index_copy_(0, index.to(v.device), moments[k])
-        return keep
-
+    # ---- inspection and small helpers ---------------------------------------------------------
     def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The preconditioned, norm-grafted direction the current roots give ``grad`` for parameter ``p``
         (no state changes; for tests and inspection). Not defined for ``grafting="adam"``, whose direction
@@ -855,7 +476,7 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
                 if s is state:
                     if group.plan is None:
                         return grad.float()
-                    batch = _Batch(group, [m], int(state["step"]), [grad])
+                    batch = StepBatch(group, [m], int(state["step"]), [grad])
                     g2 = grad.float().reshape(1, *group.plan.matrix_shape)
                     return self._graft(g2, self._precondition(batch, g2, [0]), [0], batch)[0][0].reshape(grad.shape)
         raise KeyError("parameter has no Q4Shampoo state yet")
@@ -874,37 +495,3 @@ class Q4Shampoo(CheckpointMixin, torch.optim.Optimizer):
         if choice == "auto":
             return torch.float32 if device.type == "cpu" else torch.bfloat16
         return torch.bfloat16 if choice == "bfloat16" else torch.float32
-
-
-def _keep_owned_work(batches: list[_Batch], rank: int) -> list[tuple[ShapeGroup, list[int]]]:
-    """Under DDP with the work split: drop the statistics and root work of matrices owned by other ranks from
-    ``batches`` and return every rank's due roots (``(group, members)``, in the layout's order), which the
-    owners then all-gather."""
-    shared = []
-    for b in batches:
-        if b.group.owner is None:
-            continue
-        if b.roots_due:
-            shared.append((b.group, [b.members[i] for i in b.roots_due]))
-        if b.group.owner != rank:
-            b.stats_due, b.roots_due = [], []
-    return shared
-
-
-_WARMED: set[tuple] = set()
-
-
-def _warm_refresh(form: PreconditionerForm, bucket: FactorBucket) -> None:
-    """Run one statistics update and one root refresh of a copy of one factor, per order, at the first step.
-
-    CUDA loads a library's kernels (cuSOLVER's Cholesky, the fp32 products of the root iteration) at their
-    first launch: the first refresh of a run paid ~150-200 ms for it, the worst step of every configuration
-    in docs/perf_notes.md v9. The copy is discarded.
-    """
-    key = (bucket.device, bucket.order, form.name)
-    if bucket.device.type != "cuda" or key in _WARMED or all(is_root_key(k) for k in bucket.storage):
-        return
-    _WARMED.add(key)
-    sample = {k: v[:1].clone() for k, v in bucket.storage.items()}
-    form.update_statistics(sample, torch.eye(bucket.order, device=bucket.device).unsqueeze(0))
-    form.refresh_root(sample)
