@@ -26,9 +26,9 @@ LAYERS = {
     "preconditioners": 2,
     "first_order": 2,
     "distributed": 2,
-    "checkpoint": 2.5,
+    "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
     "refresh": 2.7,  # Q4Shampoo's statistics / root refresh stages (a mixin)
-    "direction": 2.7,  # Q4Shampoo's per-step update: L^ G R^, grafting, first-order step (a mixin)  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
+    "direction": 2.7,  # Q4Shampoo's per-step update: L^ G R^, grafting, first-order step (a mixin)
     "optimizer": 3,
     "sparse_mfac": 3,
     "q4adamw": 3,

@@ -1,6 +1,7 @@
 """MemoryReportCallback: log keys, report files, model card, with the stock Trainer and any optimizer."""
 
 import json
+import mmap
 import types
 import typing
 
@@ -340,11 +341,17 @@ def test_cpu_probe_reads_rss_and_resets_its_peak():
     probe = MemoryProbe("cpu")
     assert probe.kind == "rss" and probe.log_key == "peak_rss_mib"
     probe.reset_peak()
-    blob = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
+    before = probe.sample()
+    # 128 MiB in an anonymous mapping of its own, every page touched: unlike a tensor, which may reuse memory
+    # freed by earlier tests and stay resident after `del`, closing the mapping gives the pages back at once
+    size = 128 * 2**20
+    blob = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        blob[offset] = 1
     current = probe.sample()
     peak = probe.peak()
-    assert peak >= current > 128 * 2**20
-    del blob
+    assert peak >= current > before + 96 * 2**20
+    blob.close()
     probe.reset_peak()
     if probe.peak_since == "train_begin":  # Linux: the high-water mark restarts from the current RSS
         assert probe.peak() < peak - 64 * 2**20
