@@ -18,7 +18,11 @@ LAYERS = {
     "integrations.probe": 0,
     "peers": 0,
     "sharded_state": 0,
-    "triton_kernels": 1,
+    "triton_common": 0,  # the optional triton import and what the kernel modules share
+    "triton_adamw": 0.5,
+    "triton_roots": 0.5,
+    "triton_factor": 0.5,
+    "triton_kernels": 1,  # re-exports the three kernel modules above
     "layout": 1,
     "sparse_mfac_config": 1,
     "q4adamw_config": 1,
