@@ -27,7 +27,9 @@ LAYERS = {
     "sparse_mfac_config": 1,
     "q4adamw_config": 1,
     "schedule": 1,
-    "preconditioners": 2,
+    "preconditioner_base": 1.5,  # PreconditionerForm, FormSettings: below the forms
+    "cholesky_form": 1.75,
+    "preconditioners": 2,  # the other forms, FORMS, make_form; re-exports the two modules above
     "first_order": 2,
     "distributed": 2,
     "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
