@@ -18,12 +18,18 @@ LAYERS = {
     "integrations.probe": 0,
     "peers": 0,
     "sharded_state": 0,
-    "triton_kernels": 1,
+    "triton_common": 0,  # the optional triton import and what the kernel modules share
+    "triton_adamw": 0.5,
+    "triton_roots": 0.5,
+    "triton_factor": 0.5,
+    "triton_kernels": 1,  # re-exports the three kernel modules above
     "layout": 1,
     "sparse_mfac_config": 1,
     "q4adamw_config": 1,
     "schedule": 1,
-    "preconditioners": 2,
+    "preconditioner_base": 1.5,  # PreconditionerForm, FormSettings: below the forms
+    "cholesky_form": 1.75,
+    "preconditioners": 2,  # the other forms, FORMS, make_form; re-exports the two modules above
     "first_order": 2,
     "distributed": 2,
     "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed

@@ -147,7 +147,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from hf_q4shampoo import triton_kernels as tk
+    from hf_q4shampoo import triton_factor as tk
 
     types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "ef_beta": "fp32", "one_minus_beta": "fp32"}
     variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True)), (tk._dequant_factor, dict(UPPER=1, COLUMN=True)),
