@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_bool, parse_key_values
+from .options import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "Q4AdamWConfig",

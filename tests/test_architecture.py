@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_q4shampoo"
 
 #: docs/ARCHITECTURE.md, "Layers": a module imports only modules of lower layers.
 LAYERS = {
+    "options": -1,  # the option machinery every optimizer's options share (config re-exports it)
     "config": 0,
     "quant": 0,
     "linalg": 0,
