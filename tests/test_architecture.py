@@ -34,6 +34,7 @@ LAYERS = {
     "fidelity": 3,
     "memory": 4,
     "estimate": 5,
+    "integrations.optimizer_args": 4.5,  # TrainingArguments -> (optimizer, kwargs); below registration
     "integrations.registration": 5,
     "integrations.report": 5,
     "integrations.render": 6,
