@@ -24,6 +24,7 @@ LAYERS = {
     "sparse_mfac_config": 1,
     "q4adamw_config": 1,
     "schedule": 1,
+    "moments": 1,  # the first-order moments' storage (codes, zero state, bytes); first_order re-exports it
     "preconditioners": 2,
     "first_order": 2,
     "distributed": 2,
