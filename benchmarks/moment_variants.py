@@ -1,9 +1,10 @@
 """Which part of the 4-bit first-order state costs loss on the hard-conditioning family (issue 14, item 2).
 
 The fp32 preconditioner (``precond="fp32"``) with the family's schedule, each first-order variant at its best of
-``--lrs``. Variants that are not options are made by replacing the encoders of ``hf_q4shampoo.first_order`` in
-this process: m or v kept in fp32, m in blocks of 32, v block-wise (128) instead of rank-1, v stored as its
-square root, stochastic rounding of m. Numbers in docs/results.md §4.
+``--lrs``. Variants that are not options are made by replacing the encoders in this process (in
+``hf_q4shampoo.first_order``, whose steps use them, and ``hf_q4shampoo.moments``, whose zero state does): m or v
+kept in fp32, m in blocks of 32, v block-wise (128) instead of rank-1, v stored as its square root, stochastic
+rounding of m. Numbers in docs/results.md §4.
 
     python benchmarks/moment_variants.py --problems ls_k1e6_256x128,ls_k1e4_128x128
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hard_conditioning as hc  # noqa: E402
 
 import hf_q4shampoo.first_order as fo  # noqa: E402
+import hf_q4shampoo.moments as fm  # noqa: E402
 from hf_q4shampoo.quant import dequantize_blockwise, get_code, pack_nibbles, quantize_blockwise  # noqa: E402
 
 ORIGINAL = (fo._encode_signed, fo._decode_signed, fo._encode_nonneg, fo._decode_nonneg)
@@ -58,11 +60,18 @@ def _blockwise(code: str, block: int, stochastic: bool = False):
 
 
 def _set_m(pair):
-    fo._encode_signed, fo._decode_signed = pair
+    for module in (fo, fm):
+        module._encode_signed, module._decode_signed = pair
 
 
 def _set_v(pair):
-    fo._encode_nonneg, fo._decode_nonneg = pair
+    for module in (fo, fm):
+        module._encode_nonneg, module._decode_nonneg = pair
+
+
+def _restore():
+    _set_m(ORIGINAL[:2])
+    _set_v(ORIGINAL[2:])
 
 
 def _sqrt_v():
@@ -102,14 +111,14 @@ def main(argv=None) -> int:
         problem = hc.Problem(pname)
         ref = None
         for name, (patch, bits, options) in VARIANTS.items():
-            fo._encode_signed, fo._decode_signed, fo._encode_nonneg, fo._decode_nonneg = ORIGINAL
+            _restore()
             if patch is not None:
                 patch()
             spec = dict(precond="fp32", first_order_bits=bits, update_freq=1, root_freq=10, **options)
             best = min(hc.run(problem, spec, lr) for lr in lrs)
             ref = ref or best
             print(f"| {pname} | {name} | {best:.4g} | {best / ref:.2f}x |", flush=True)
-    fo._encode_signed, fo._decode_signed, fo._encode_nonneg, fo._decode_nonneg = ORIGINAL
+    _restore()
     return 0
 
 

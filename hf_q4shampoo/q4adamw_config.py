@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_bool, parse_key_values
+from .options import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "Q4AdamWConfig",
@@ -22,7 +22,7 @@ __all__ = [
 
 #: ``"4bit"``: paper 3's "4-bit AdamW"; ``"factor"``: its "4-bit Factor" (Adafactor's v for matrices).
 VARIANTS = ("4bit", "factor")
-#: 4-bit codes of the first moment: paper 3's dynamic exponent, or paper 2's Linear-2 (``first_order.py``).
+#: 4-bit codes of the first moment: paper 3's dynamic exponent, or paper 2's Linear-2 (``moments.py``).
 M_MAPS = ("dynamic", "linear2")
 
 #: Options that may differ between parameter groups (torch's ``defaults`` convention).
@@ -75,7 +75,7 @@ class Q4AdamWConfig(OptionsBase):
 
     @property
     def first_order_v(self) -> str:
-        """The second-moment mode of ``first_order.py`` this variant selects."""
+        """The second-moment mode of ``moments.py`` this variant selects."""
         return "factored" if self.variant == "factor" else "rank1"
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import ConfigError, OptionsBase, parse_bool, parse_key_values
+from .options import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "SparseMFACConfig",

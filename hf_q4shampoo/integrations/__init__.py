@@ -2,6 +2,7 @@
 
 ``registration``  ``register()``: ``optim="q4shampoo"`` / ``"sparse_mfac"`` for stock ``TrainingArguments`` /
                   ``Trainer`` (light: imported by ``import hf_q4shampoo``)
+``optimizer_args`` ``TrainingArguments`` -> ``(optimizer class, kwargs)`` of each optimizer, unsupported setups
 ``transformers``  ``Q4ShampooTrainer``, ``Q4ShampooTrainingArguments`` and their mixins, TRL variants
                   (imports ``transformers.Trainer``; loaded on first use)
 ``callback``      ``MemoryReportCallback``, ``MemoryReportMixin``, ``attach_memory_report``: when to measure
