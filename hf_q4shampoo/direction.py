@@ -196,51 +196,22 @@ class DirectionMixin:
         whole = batch.members == list(range(batch.group.size))
         index = None if whole else self._index(batch.members, directions.device)
         moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
+        # what the three first-order steps share
+        common = dict(lr=group["lr"], weight_decay=group["weight_decay"], compile_=cfg.use_compile, keep=keep)
+        common["m_map"] = cfg.first_order_m_map
+        adam = dict(step=batch.step, betas=group["betas"], eps=group["eps"])
         if graft is not None:
             shape = directions.shape
-            keep = adam_graft_batch_step(
-                params,
-                directions,
-                moments,
-                lambda a: _flat(graft(a), shape),
-                step=batch.step,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
+
+            def graft_flat(adam_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return _flat(graft(adam_step), shape)
+
+            keep = adam_graft_batch_step(params, directions, moments, graft_flat, **adam, **common)
         elif cfg.first_order == "adamw":
-            adamw_batch_step(
-                params,
-                directions,
-                moments,
-                step=batch.step,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                bits=cfg.first_order_bits,
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
+            adamw_batch_step(params, directions, moments, **adam, bits=cfg.first_order_bits, **common)
         else:
-            sgd_batch_step(
-                params,
-                directions,
-                moments,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                bits=cfg.first_order_bits,
-                compile_=cfg.use_compile,
-                keep=keep,
-                m_map=cfg.first_order_m_map,
-            )
+            sgd = dict(momentum=group["momentum"], nesterov=group["nesterov"], bits=cfg.first_order_bits)
+            sgd_batch_step(params, directions, moments, **sgd, **common)
         if not whole:
             for k, v in stacked.items():
                 v.index_copy_(0, index.to(v.device), moments[k])
