@@ -87,7 +87,8 @@ def _console_script() -> bool:
 if not _console_script():
     from .config import ConfigError, Q4ShampooConfig, parse_optim_args
     from .estimate import estimate_memory
-    from .integrations.registration import UnsupportedSetupError, make_optimizer_cls_and_kwargs, register
+    from .integrations.optimizer_args import UnsupportedSetupError, make_optimizer_cls_and_kwargs
+    from .integrations.registration import register
     from .optimizer import Q4Shampoo
     from .q4adamw import Q4AdamW, Q4AdamWConfig, parse_q4adamw_optim_args
     from .sparse_mfac import SparseMFAC, SparseMFACConfig, parse_sparse_mfac_optim_args

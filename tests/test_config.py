@@ -143,7 +143,7 @@ def test_sparse_mfac_optim_args():
 )
 def test_sparse_mfac_optim_args_errors(text, message):
     from hf_q4shampoo import parse_sparse_mfac_optim_args
-    from hf_q4shampoo.integrations.registration import SPARSE_MFAC_RESERVED_OPTIM_ARGS
+    from hf_q4shampoo.integrations.optimizer_args import SPARSE_MFAC_RESERVED_OPTIM_ARGS
 
     with pytest.raises(ConfigError, match=message):
         parse_sparse_mfac_optim_args(text, reserved=SPARSE_MFAC_RESERVED_OPTIM_ARGS)

@@ -13,7 +13,7 @@ import torch
 
 from hf_q4shampoo import ConfigError, Q4AdamW, Q4AdamWConfig, Q4Shampoo, parse_q4adamw_optim_args
 from hf_q4shampoo.estimate import estimate_optimizer_state
-from hf_q4shampoo.integrations.registration import RESERVED_OPTIM_ARGS
+from hf_q4shampoo.integrations.optimizer_args import RESERVED_OPTIM_ARGS
 from hf_q4shampoo.memory import optimizer_state_bytes
 from hf_q4shampoo.quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
 

@@ -167,24 +167,34 @@ def _consolidate_before_save() -> None:
     Trainer._save_optimizer_and_scheduler = save
 
 
-def _q4shampoo_kwargs(args: Any) -> dict[str, Any]:
-    """Q4Shampoo's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
-    options = parse_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS)
-    kwargs: dict[str, Any] = {
+def _adam_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The Adam-style fields every Adam-based optimizer here takes from ``args``, then the parsed ``optim_args``."""
+    return {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),
         "eps": args.adam_epsilon,
         "weight_decay": args.weight_decay,
         **options,
     }
+
+
+def _validated(kwargs: dict[str, Any], config_cls: Any, optim_name: str) -> dict[str, Any]:
+    """``kwargs`` after building ``config_cls`` from them, so a bad learning rate or beta stops before the model is
+    touched; the error names the ``--optim`` it came from."""
+    try:
+        config_cls.from_kwargs(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from the TrainingArguments of --optim {optim_name})") from err
+    return kwargs
+
+
+def _q4shampoo_kwargs(args: Any) -> dict[str, Any]:
+    """Q4Shampoo's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
+    kwargs = _adam_kwargs(args, parse_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS))
     max_steps = getattr(args, "max_steps", -1)
     if "total_steps" not in kwargs and isinstance(max_steps, int) and max_steps > 0:
         kwargs["total_steps"] = max_steps  # the "auto" schedule follows the run's length
-    try:  # validate now, so a bad learning rate or beta stops before the model is touched
-        Q4ShampooConfig.from_kwargs(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{err} (from the TrainingArguments of --optim {OPTIM_NAME})") from err
-    return kwargs
+    return _validated(kwargs, Q4ShampooConfig, OPTIM_NAME)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,18 +222,7 @@ def make_q4adamw_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type[Q4Ad
 def _q4adamw_kwargs(args: Any) -> dict[str, Any]:
     """Q4AdamW's keyword arguments from ``args`` (parsed ``optim_args`` + the usual fields), validated."""
     options = parse_q4adamw_optim_args(getattr(args, "optim_args", None), reserved=RESERVED_OPTIM_ARGS)
-    kwargs: dict[str, Any] = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        "weight_decay": args.weight_decay,
-        **options,
-    }
-    try:  # validate now, so a bad learning rate or beta stops before the model is touched
-        Q4AdamWConfig.from_kwargs(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{err} (from the TrainingArguments of --optim {Q4ADAMW_OPTIM_NAME})") from err
-    return kwargs
+    return _validated(_adam_kwargs(args, options), Q4AdamWConfig, Q4ADAMW_OPTIM_NAME)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,11 +263,7 @@ def _sparse_mfac_kwargs(args: Any) -> dict[str, Any]:
         "lr_scaled_decay": True,
         **options,
     }
-    try:  # validate now, so a bad value stops before the model is touched
-        SparseMFACConfig.from_kwargs(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{err} (from the TrainingArguments of --optim {SPARSE_MFAC_OPTIM_NAME})") from err
-    return kwargs
+    return _validated(kwargs, SparseMFACConfig, SPARSE_MFAC_OPTIM_NAME)
 
 
 def check_optim_args(args: Any) -> None:

@@ -46,7 +46,7 @@ reachable through ``Q4ShampooTrainer`` / ``Q4ShampooTrainingArguments`` or
 ``Trainer(optimizer_cls_and_kwargs=make_optimizer_cls_and_kwargs(args))``.
 
 What the handlers call (``TrainingArguments`` -> each optimizer's keyword arguments, the refused setups) is
-:mod:`~hf_q4shampoo.integrations.optimizer_args`; this module re-exports its names.
+:mod:`~hf_q4shampoo.integrations.optimizer_args`; import those names from there.
 """
 
 from __future__ import annotations
@@ -62,12 +62,8 @@ from ..sparse_mfac import SparseMFAC
 from .optimizer_args import (
     OPTIM_NAME,
     Q4ADAMW_OPTIM_NAME,
-    RESERVED_OPTIM_ARGS,
     SPARSE_MFAC_OPTIM_NAME,
-    SPARSE_MFAC_RESERVED_OPTIM_ARGS,
-    UnsupportedSetupError,
     check_optim_args,
-    check_supported_setup,
     is_q4adamw_optim,
     is_q4shampoo_optim,
     is_sparse_mfac_optim,
@@ -75,27 +71,8 @@ from .optimizer_args import (
     make_q4adamw_cls_and_kwargs,
     make_sparse_mfac_cls_and_kwargs,
 )
-from .optimizer_args import consolidate_for_save as consolidate_for_save
-from .optimizer_args import saves_consolidated as saves_consolidated
 
-__all__ = [
-    "OPTIM_NAME",
-    "RESERVED_OPTIM_ARGS",
-    "Q4ADAMW_OPTIM_NAME",
-    "is_q4adamw_optim",
-    "make_q4adamw_cls_and_kwargs",
-    "SPARSE_MFAC_OPTIM_NAME",
-    "SPARSE_MFAC_RESERVED_OPTIM_ARGS",
-    "is_sparse_mfac_optim",
-    "make_sparse_mfac_cls_and_kwargs",
-    "UnsupportedSetupError",
-    "check_optim_args",
-    "check_supported_setup",
-    "is_q4shampoo_optim",
-    "is_registered",
-    "make_optimizer_cls_and_kwargs",
-    "register",
-]
+__all__ = ["RegistrationMode", "is_registered", "register"]
 
 logger = logging.getLogger(__name__)
 

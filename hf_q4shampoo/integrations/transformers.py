@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 from ..memory import unwrap_optimizer
 from ..optimizer import Q4Shampoo
 from .callback import MemoryReportMixin
-from .registration import (
+from .optimizer_args import (
     OPTIM_NAME,
     Q4ADAMW_OPTIM_NAME,
     UnsupportedSetupError,
@@ -41,9 +41,9 @@ from .registration import (
     is_q4shampoo_optim,
     make_optimizer_cls_and_kwargs,
     make_q4adamw_cls_and_kwargs,
-    register,
     saves_consolidated,
 )
+from .registration import register
 
 __all__ = [
     "OPTIM_NAME",

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_q4shampoo.integrations.registration import is_q4shampoo_optim
+from hf_q4shampoo.integrations.optimizer_args import is_q4shampoo_optim
 
 __all__ = [
     "HubArguments",
