@@ -238,6 +238,26 @@ def test_resume_matches_uninterrupted_run_and_checkpoint_is_small(tmp_path):
     assert q4_bytes < adamw_bytes
 
 
+def _flag_run_args(tmp_path, optim: str, optim_args: str, learning_rate: float, k: int) -> dict:
+    """Check that ``--optim OPTIM --optim_args ARGS`` parses as given, and return the TrainingArguments fields of a
+    run of ``2 k`` steps that saves a checkpoint every ``k`` (for the straight-through vs resumed comparisons)."""
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path / "parsed"), "--optim", optim, "--optim_args", optim_args]
+    )
+    assert parsed.optim.value == optim and parsed.optim_args == optim_args
+    return dict(
+        optim=optim,
+        optim_args=optim_args,
+        learning_rate=learning_rate,
+        weight_decay=0.01,
+        max_steps=2 * k,
+        save_strategy="steps",
+        save_steps=k,
+    )
+
+
 def _same_state(a, b):
     ta, tb = list(nested_tensors(a)), list(nested_tensors(b))
     return len(ta) == len(tb) > 0 and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
@@ -430,26 +450,12 @@ SPARSE_MFAC_ARGS = "m=4,k_fraction=0.05,damp=1e-4"
 
 
 def test_sparse_mfac_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
-    from transformers import HfArgumentParser
 
     from hf_q4shampoo import ConfigError, SparseMFAC
     from hf_q4shampoo.memory import optimizer_state_bytes
 
-    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        args=["--output_dir", str(tmp_path / "parsed"), "--optim", "sparse_mfac", "--optim_args", SPARSE_MFAC_ARGS]
-    )
-    assert parsed.optim.value == "sparse_mfac" and parsed.optim_args == SPARSE_MFAC_ARGS
-
     k = 3
-    common = dict(
-        optim="sparse_mfac",
-        optim_args=SPARSE_MFAC_ARGS,
-        learning_rate=1e-2,
-        weight_decay=0.01,
-        max_steps=2 * k,
-        save_strategy="steps",
-        save_steps=k,
-    )
+    common = _flag_run_args(tmp_path, "sparse_mfac", SPARSE_MFAC_ARGS, learning_rate=1e-2, k=k)
     straight = Trainer(
         model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
     )
@@ -502,25 +508,11 @@ Q4ADAMW_ARGS = "variant=factor,min_quant_numel=1024"
 
 
 def test_q4adamw_flag_trains_checkpoints_and_resumes_exactly(tmp_path):
-    from transformers import HfArgumentParser
 
     from hf_q4shampoo import ConfigError, Q4AdamW
 
-    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        args=["--output_dir", str(tmp_path / "parsed"), "--optim", "q4adamw", "--optim_args", Q4ADAMW_ARGS]
-    )
-    assert parsed.optim.value == "q4adamw" and parsed.optim_args == Q4ADAMW_ARGS
-
     k = 4
-    common = dict(
-        optim="q4adamw",
-        optim_args=Q4ADAMW_ARGS,
-        learning_rate=3e-3,
-        weight_decay=0.01,
-        max_steps=2 * k,
-        save_strategy="steps",
-        save_steps=k,
-    )
+    common = _flag_run_args(tmp_path, "q4adamw", Q4ADAMW_ARGS, learning_rate=3e-3, k=k)
     straight = Trainer(
         model=tiny_gpt2(), args=training_args(tmp_path / "straight", **common), train_dataset=lm_dataset()
     )
