@@ -2,10 +2,13 @@
 
     python benchmarks/mfac_window_micro.py [--d 22713986] [--m 1024] [--k_fraction 0.01] [--json OUT]
 
-Synthetic window (the optimizer's own layout: m x k fp32 values, m x k int32 positions), two index
-patterns: ``uniform`` (each row's positions drawn at random) and ``hot`` (70% of each row's positions
-from a fixed 2% of the coordinates, as when a few coordinates stay large step after step, the worst case
-for atomics). Each piece is timed with CUDA events, median of ``--repeat`` after one warm-up.
+Synthetic window (the optimizer's own layout: m x k fp32 values, m x k int32 positions), index patterns of a full
+ring: ``uniform`` (each row's positions drawn at random), ``same`` / ``same_order`` (every row the same positions,
+in its own or one order, as a fixed batch gives) and ``hot`` (70% of each row's positions from a fixed 2% of the
+coordinates); and ``filling_25``, the ring after 25 steps (the rest unwritten: zeros at position 0). Each piece
+is timed with CUDA events, median of ``--repeat`` after one warm-up. ``combine_all_rows`` is the earlier
+``combine`` (every ring row), ``combine_rowwise`` one scatter-add per row, ``combine_index_put`` torch's sort-based
+accumulate.
 """
 
 from __future__ import annotations
@@ -35,25 +38,44 @@ def _time(fn, repeat: int) -> float:
 
 def _indices(pattern: str, m: int, d: int, k: int, gen: torch.Generator) -> torch.Tensor:
     rows = []
-    hot = torch.randperm(d, generator=gen, device="cuda")[: max(k, d // 50)]
+    hot = torch.randperm(d, generator=gen, device="cuda")[: max(k, d // 50)].clone()
+    same = torch.randperm(d, generator=gen, device="cuda")[:k].clone()
     for _ in range(m):
-        if pattern == "uniform":
-            rows.append(torch.randperm(d, generator=gen, device="cuda")[:k])
+        if pattern == "same_order":  # and in the same order
+            rows.append(same)
+        elif pattern == "same":  # every row the same positions (a fixed batch: the bench's case)
+            rows.append(same[torch.randperm(k, generator=gen, device="cuda")])
+        elif pattern == "uniform":
+            rows.append(torch.randperm(d, generator=gen, device="cuda")[:k].clone())
         else:
             n_hot = int(0.7 * k)
             picked = hot[torch.randperm(hot.numel(), generator=gen, device="cuda")[:n_hot]]
-            rest = torch.randperm(d, generator=gen, device="cuda")[: 2 * k]
+            rest = torch.randperm(d, generator=gen, device="cuda")[: 2 * k].clone()
             rest = rest[~torch.isin(rest, picked)][: k - n_hot]
             rows.append(torch.cat([picked, rest]))
     return torch.stack(rows).to(torch.int32)
 
 
 def combine_rowwise(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
-    """One index_add_ per row: positions within a row are distinct, so no two atomics of a launch collide."""
+    """One index_add_ per row (a row's positions are distinct: no two atomic adds of a launch collide)."""
     out = torch.zeros(d, dtype=torch.float32, device=coef.device)
     values, indices = state["window_values"], state["window_indices"]
-    for j in range(values.shape[0]):
-        out.index_add_(0, indices[j], values[j] * coef[j])
+    rows = max(1, GATHER_CHUNK // values.shape[1])
+    for s in range(0, values.shape[0], rows):
+        weighted = values[s : s + rows] * coef[s : s + rows, None]
+        for j in range(weighted.shape[0]):
+            out.index_add_(0, indices[s + j], weighted[j])
+    return out
+
+
+def combine_all_rows(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
+    """The earlier ``TopKWindow.combine``: every ring row, written or not, one index_add_ per chunk."""
+    out = torch.zeros(d, dtype=torch.float32, device=coef.device)
+    values, indices = state["window_values"], state["window_indices"]
+    rows = max(1, GATHER_CHUNK // values.shape[1])
+    for s in range(0, values.shape[0], rows):
+        weighted = values[s : s + rows] * coef[s : s + rows, None]
+        out.index_add_(0, indices[s : s + rows].reshape(-1), weighted.reshape(-1))
     return out
 
 
@@ -66,6 +88,29 @@ def combine_index_put(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
         w = (values[s : s + rows] * coef[s : s + rows, None]).reshape(-1)
         out.index_put_((indices[s : s + rows].reshape(-1).long(),), w, accumulate=True)
     return out
+
+
+def _pattern_times(window: TopKWindow, indices: torch.Tensor, written: int, gen: torch.Generator, repeat: int) -> dict:
+    m, d, k = window.m, window.d, window.k
+    state = {
+        "window_values": torch.randn(m, k, device="cuda", generator=gen),
+        "window_indices": indices,
+        "step": torch.tensor(float(written)),
+    }
+    state["window_values"][written:] = 0.0  # rows not written yet: zeros at position 0, as the optimizer keeps them
+    state["window_indices"][written:] = 0
+    x = torch.randn(d, device="cuda", generator=gen)
+    coef = torch.randn(m, device="cuda", generator=gen)
+    res = {
+        "dots_ms": _time(lambda: window.dots(state, x), repeat),
+        "combine_ms": _time(lambda: window.combine(state, coef), repeat),
+        "combine_all_rows_ms": _time(lambda: combine_all_rows(state, coef, d), repeat),
+        "combine_rowwise_ms": _time(lambda: combine_rowwise(state, coef, d), repeat),
+        "combine_index_put_ms": _time(lambda: combine_index_put(state, coef, d), repeat),
+    }
+    ref = window.combine(state, coef)
+    res["rowwise_max_rel_diff"] = float((combine_rowwise(state, coef, d) - ref).abs().max() / ref.abs().max())
+    return res
 
 
 def main() -> None:
@@ -88,24 +133,11 @@ def main() -> None:
     unit = torch.zeros(m, dtype=torch.float64, device="cuda")
     unit[0] = m
     results["solve_ms"] = _time(lambda: inverse_fisher_coefficients(dots, 5e-5, unit), a.repeat)
-    for pattern in ("uniform", "hot"):
-        state = {
-            "window_values": torch.randn(m, k, device="cuda", generator=gen),
-            "window_indices": _indices(pattern, m, d, k, gen),
-        }
-        x = torch.randn(d, device="cuda", generator=gen)
-        coef = torch.randn(m, device="cuda", generator=gen)
-        res = {
-            "dots_ms": _time(lambda: window.dots(state, x), a.repeat),
-            "combine_index_add_ms": _time(lambda: window.combine(state, coef), a.repeat),
-            "combine_rowwise_ms": _time(lambda: combine_rowwise(state, coef, d), a.repeat),
-            "combine_index_put_ms": _time(lambda: combine_index_put(state, coef, d), a.repeat),
-        }
-        ref = window.combine(state, coef)
-        res["rowwise_max_rel_diff"] = float((combine_rowwise(state, coef, d) - ref).abs().max() / ref.abs().max())
-        results[pattern] = res
-        del state
+    for pattern in ("same_order", "same", "uniform", "hot"):
+        results[pattern] = _pattern_times(window, _indices(pattern, m, d, k, gen), m, gen, a.repeat)
         torch.cuda.empty_cache()
+    # the ring after 25 steps (the bench's window): the other rows not written yet
+    results["filling_25"] = _pattern_times(window, _indices("uniform", m, d, k, gen), min(m, 25), gen, a.repeat)
     print(json.dumps(results, indent=1))
     if a.json:
         with open(a.json, "w") as f:
