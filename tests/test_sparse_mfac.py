@@ -367,3 +367,28 @@ def test_benchmark_script_smoke(tmp_path):
     rows = {r["optimizer"]: r for r in result["rows"]}
     assert rows["dense_mfac"]["state_by_kind"]["indices"] == 0 and rows["sparse_mfac"]["state_by_kind"]["indices"] > 0
     assert 0 < saved["summary"]["window_sparse_over_dense"] < 1
+
+
+def test_products_read_only_the_written_rows_of_a_filling_ring():
+    """Before the ring is full, ``G x`` and ``G^T b`` equal the fp64 products over the written rows, whatever the
+    unwritten rows hold (they are skipped: scattering their zeros at position 0 serialised on a GPU)."""
+    from hf_q4shampoo.mfac_window import TopKWindow
+
+    gen = torch.Generator().manual_seed(3)
+    m, d, k, written = 8, 300, 20, 3
+    window = TopKWindow(m, d, k)
+    state: dict = {}
+    window.init_state(state, torch.device("cpu"))
+    state["step"] = torch.tensor(float(written))
+    for slot in range(written):
+        state["window_values"][slot] = torch.randn(k, generator=gen)
+        state["window_indices"][slot] = torch.randperm(d, generator=gen)[:k].int()
+    rows = torch.stack([window.reconstruct(state, s) for s in range(written)]).double()
+    state["window_values"][written:] = float("nan")  # would poison both products if they were read
+    x, coef = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
+
+    dots = window.dots(state, x)
+    assert torch.equal(dots[written:], torch.zeros(m - written))
+    torch.testing.assert_close(dots[:written].double(), rows @ x.double(), rtol=1e-6, atol=1e-6)
+    combined = window.combine(state, coef)
+    torch.testing.assert_close(combined.double(), coef[:written].double() @ rows, rtol=1e-6, atol=1e-6)
