@@ -48,9 +48,18 @@ import torch
 #: The recipes' helpers (``recipes/recipes_support``: text corpus, BPE tokenizer) are imported from there.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
-#: Q4Shampoo runs when no ``--q4`` is given: the "auto" schedule for the run's length, then statistics every
-#: 10 and every step with roots every 100 (the two fixed schedules measured by benchmarks/perf_probe.py).
-DEFAULT_Q4_SPECS = ("default:1e-3:", "uf10:1e-3:update_freq=10,root_freq=100", "uf1:1e-3:update_freq=1,root_freq=100")
+#: Q4Shampoo runs when no ``--q4`` is given: the "auto" schedule for the run's length on a 3-point lr grid (as
+#: AdamW), then statistics every 10 and every step with roots every 100 (the two fixed schedules measured by
+#: benchmarks/perf_probe.py) at the grid's best lr of docs/perf_notes.md v14.
+DEFAULT_Q4_SPECS = (
+    "default:3e-4:",
+    "default@6e-4:6e-4:",
+    "default@1e-3:1e-3:",
+    "uf10:3e-4:update_freq=10,root_freq=100",
+    "uf1:3e-4:update_freq=1,root_freq=100",
+)
+#: AdamW's lr grid when no ``--adamw_lrs`` is given (its best, 3e-4, is inside it: docs/perf_notes.md v14).
+DEFAULT_ADAMW_LRS = "2e-4,3e-4,6e-4"
 
 #: Sizes of ``--smoke``: a run small enough for a 2-core CPU in seconds, yet with a Shampoo root refresh
 #: (the auto schedule of a 20-step run refreshes roots at steps 10 and 20).
@@ -685,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="initial weights (seed) and batch order (seed + 1)")
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     o = p.add_argument_group("optimizers")
-    o.add_argument("--adamw_lrs", default="6e-4,1e-3,2e-3", help="AdamW lr grid (comma-separated; empty: none)")
+    o.add_argument("--adamw_lrs", default=DEFAULT_ADAMW_LRS, help="AdamW lr grid (comma-separated; empty: none)")
     o.add_argument(
         "--q4",
         action="append",
