@@ -32,8 +32,8 @@ def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tenso
     """
     if amax is None:
         amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1))
-    amax = amax.float()
-    safe = torch.where(amax > 0, amax, 1.0)  # an all-zero member: norm 0 whatever the divisor
+    # an all-zero member: norm 0 whatever the divisor; one launch where ``where(amax > 0, amax, 1)`` took two
+    safe = amax.float().clamp_min(torch.finfo(torch.float32).tiny)
     return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
 
 

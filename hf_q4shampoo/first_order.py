@@ -163,24 +163,29 @@ def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
 
 
 class _DeviceScalars:
-    """0-dim fp32 tensors on a device, refilled in place every step.
+    """0-dim fp32 tensors on a device, refilled in place when their value changes.
 
     ``torch.tensor(x, device="cuda")`` copies from pageable host memory and makes the host wait for
     the stream; ``fill_`` is an ordinary kernel launch. Compiled functions take these tensors, so a
-    new learning rate never triggers a recompilation.
+    new learning rate never triggers a recompilation. A step asks for the same three values once per
+    batch; only the first ask of a new value launches a fill (the host's launches are the cost of a step
+    on small models, docs/perf_notes.md v15). Kernels queued earlier on the stream still read the old
+    value: a fill is ordered after them.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, float]] = {}
 
     def __call__(self, device: torch.device, name: str, value: float | torch.Tensor) -> torch.Tensor:
         value = _host_float(value)
         if isinstance(value, torch.Tensor):  # already on an accelerator: use it as it is
             return value.to(device=device, dtype=torch.float32)
         key = (device, name)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty((), dtype=torch.float32, device=device)
+        held = self._buffers.get(key)
+        if held is not None and held[1] == value:
+            return held[0]
+        buf = held[0] if held is not None else torch.empty((), dtype=torch.float32, device=device)
+        self._buffers[key] = (buf, value)
         return buf.fill_(value)
 
 

@@ -148,3 +148,31 @@ def test_sgd_4bit_momentum_follows_fp64_within_quantization_error():
     rel = _relative(torch.stack(params).double(), ref, start)
     assert 1e-4 < rel < 0.25, rel  # ~11% here (see the AdamW test)
     assert moments["momentum_buffer_codes"].dtype == torch.uint8
+
+
+def test_device_scalars_refill_only_on_a_new_value():
+    """The step's 0-dim scalars: asking again for the value held returns the buffer without a fill (no kernel
+    launch on an accelerator); a new value refills it in place, and alternating values stay right."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_q4shampoo.first_order import _DeviceScalars
+
+    class Fills(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket is torch.ops.aten.fill_
+            return func(*args, **(kwargs or {}))
+
+    scalars, device = _DeviceScalars(), torch.device("cpu")
+    fills = Fills()
+    with fills:
+        first = scalars(device, "lr", 3e-4)
+        again = scalars(device, "lr", 3e-4)
+    assert again is first and fills.count == 1 and float(first) == pytest.approx(3e-4)
+    for value in (1e-3, 3e-4, 2.5):
+        out = scalars(device, "lr", value)
+        assert out is first and float(out) == pytest.approx(value)
+    assert float(scalars(device, "bias1", 0.1)) == pytest.approx(0.1) and float(first) == pytest.approx(2.5)
