@@ -6,7 +6,7 @@ Synthetic window (the optimizer's own layout: m x k fp32 values, m x k int32 pos
 ring: ``uniform`` (each row's positions drawn at random), ``same`` / ``same_order`` (every row the same positions,
 in its own or one order, as a fixed batch gives) and ``hot`` (70% of each row's positions from a fixed 2% of the
 coordinates); and ``filling_25``, the ring after 25 steps (the rest unwritten: zeros at position 0). Each piece
-is timed with CUDA events, median of ``--repeat`` after one warm-up. ``combine_all_rows`` is the earlier
+is timed with CUDA events, median of ``--repeat`` after two warm-ups. ``combine_all_rows`` is the earlier
 ``combine`` (every ring row), ``combine_rowwise`` one scatter-add per row, ``combine_index_put`` torch's sort-based
 accumulate.
 """
@@ -15,25 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from perf_probe import _time as _cuda_median_ms  # CUDA-event median (this folder is on sys.path)
 
 from hf_q4shampoo.mfac_window import GATHER_CHUNK, TopKWindow, inverse_fisher_coefficients
-
-
-def _time(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _indices(pattern: str, m: int, d: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,37 +42,36 @@ def _indices(pattern: str, m: int, d: int, k: int, gen: torch.Generator) -> torc
     return torch.stack(rows).to(torch.int32)
 
 
-def combine_rowwise(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
-    """One index_add_ per row (a row's positions are distinct: no two atomic adds of a launch collide)."""
-    out = torch.zeros(d, dtype=torch.float32, device=coef.device)
+def _weighted_chunks(state: dict, coef: torch.Tensor):
+    """Every ring row (written or not) in chunks of ``GATHER_CHUNK`` entries: (first row, rows x coefs, positions)."""
     values, indices = state["window_values"], state["window_indices"]
     rows = max(1, GATHER_CHUNK // values.shape[1])
     for s in range(0, values.shape[0], rows):
-        weighted = values[s : s + rows] * coef[s : s + rows, None]
+        yield s, values[s : s + rows] * coef[s : s + rows, None], indices[s : s + rows]
+
+
+def combine_rowwise(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
+    """One index_add_ per row (a row's positions are distinct: no two atomic adds of a launch collide)."""
+    out = torch.zeros(d, dtype=torch.float32, device=coef.device)
+    for _, weighted, indices in _weighted_chunks(state, coef):
         for j in range(weighted.shape[0]):
-            out.index_add_(0, indices[s + j], weighted[j])
+            out.index_add_(0, indices[j], weighted[j])
     return out
 
 
 def combine_all_rows(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
     """The earlier ``TopKWindow.combine``: every ring row, written or not, one index_add_ per chunk."""
     out = torch.zeros(d, dtype=torch.float32, device=coef.device)
-    values, indices = state["window_values"], state["window_indices"]
-    rows = max(1, GATHER_CHUNK // values.shape[1])
-    for s in range(0, values.shape[0], rows):
-        weighted = values[s : s + rows] * coef[s : s + rows, None]
-        out.index_add_(0, indices[s : s + rows].reshape(-1), weighted.reshape(-1))
+    for _, weighted, indices in _weighted_chunks(state, coef):
+        out.index_add_(0, indices.reshape(-1), weighted.reshape(-1))
     return out
 
 
 def combine_index_put(state: dict, coef: torch.Tensor, d: int) -> torch.Tensor:
     """index_put_ with accumulate=True (sort-based on CUDA: deterministic)."""
     out = torch.zeros(d, dtype=torch.float32, device=coef.device)
-    values, indices = state["window_values"], state["window_indices"]
-    rows = max(1, GATHER_CHUNK // values.shape[1])
-    for s in range(0, values.shape[0], rows):
-        w = (values[s : s + rows] * coef[s : s + rows, None]).reshape(-1)
-        out.index_put_((indices[s : s + rows].reshape(-1).long(),), w, accumulate=True)
+    for _, weighted, indices in _weighted_chunks(state, coef):
+        out.index_put_((indices.reshape(-1).long(),), weighted.reshape(-1), accumulate=True)
     return out
 
 
@@ -102,11 +87,11 @@ def _pattern_times(window: TopKWindow, indices: torch.Tensor, written: int, gen:
     x = torch.randn(d, device="cuda", generator=gen)
     coef = torch.randn(m, device="cuda", generator=gen)
     res = {
-        "dots_ms": _time(lambda: window.dots(state, x), repeat),
-        "combine_ms": _time(lambda: window.combine(state, coef), repeat),
-        "combine_all_rows_ms": _time(lambda: combine_all_rows(state, coef, d), repeat),
-        "combine_rowwise_ms": _time(lambda: combine_rowwise(state, coef, d), repeat),
-        "combine_index_put_ms": _time(lambda: combine_index_put(state, coef, d), repeat),
+        "dots_ms": _cuda_median_ms(lambda: window.dots(state, x), repeat),
+        "combine_ms": _cuda_median_ms(lambda: window.combine(state, coef), repeat),
+        "combine_all_rows_ms": _cuda_median_ms(lambda: combine_all_rows(state, coef, d), repeat),
+        "combine_rowwise_ms": _cuda_median_ms(lambda: combine_rowwise(state, coef, d), repeat),
+        "combine_index_put_ms": _cuda_median_ms(lambda: combine_index_put(state, coef, d), repeat),
     }
     ref = window.combine(state, coef)
     res["rowwise_max_rel_diff"] = float((combine_rowwise(state, coef, d) - ref).abs().max() / ref.abs().max())
@@ -127,12 +112,12 @@ def main() -> None:
     window = TopKWindow(m, d, k)
     results: dict = {"d": d, "m": m, "k": k, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     acc = torch.randn(d, device="cuda", generator=gen)
-    results["topk_ms"] = _time(lambda: torch.topk(acc.abs(), k, sorted=False), a.repeat)
+    results["topk_ms"] = _cuda_median_ms(lambda: torch.topk(acc.abs(), k, sorted=False), a.repeat)
     dots = torch.randn(m, m, device="cuda", dtype=torch.float64, generator=gen)
     dots = dots @ dots.T
     unit = torch.zeros(m, dtype=torch.float64, device="cuda")
     unit[0] = m
-    results["solve_ms"] = _time(lambda: inverse_fisher_coefficients(dots, 5e-5, unit), a.repeat)
+    results["solve_ms"] = _cuda_median_ms(lambda: inverse_fisher_coefficients(dots, 5e-5, unit), a.repeat)
     for pattern in ("same_order", "same", "uniform", "hot"):
         results[pattern] = _pattern_times(window, _indices(pattern, m, d, k, gen), m, gen, a.repeat)
         torch.cuda.empty_cache()
