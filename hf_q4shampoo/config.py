@@ -10,22 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .options import _FALSE, _TRUE, ConfigError, OptionsBase, lr_number, parse_bool, parse_key_values, plain_value
+from .options import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
     "Q4ShampooConfig",
-    "OptionsBase",
     "parse_optim_args",
     "auto_schedule",
     "allowed_values",
-    "plain_value",
     "ConfigError",
     "GROUP_KEYS",
     "STATE_LAYOUT_KEYS",
     "LEGACY_STATE_LAYOUT",
-    "parse_key_values",
-    "lr_number",
-    "parse_bool",
 ]
 
 PRECOND_FORMS = ("cholesky_ef", "cholesky", "eigen", "naive", "fp32")
@@ -443,14 +438,9 @@ def _cast(name: str, text: str) -> Any:
         return "auto"
     if name in _AUTO_INT or name == "total_steps":
         default = 0  # an integer field whose default is not an int
+    if name in _BOOLS:
+        return parse_bool(name, text, "Q4Shampoo")
     try:
-        if name in _BOOLS:
-            low = text.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
         if name in _CHOICES and isinstance(_CHOICES[name][0], str):
             return text.lower()
         if isinstance(default, bool):  # pragma: no cover - covered by _BOOLS
@@ -466,9 +456,7 @@ def _cast(name: str, text: str) -> Any:
         pass
     else:
         return text
-    if name in _BOOLS:
-        expected = "true or false"
-    elif name == "betas":
+    if name == "betas":
         expected = "two numbers written as b1:b2"
     else:
         expected = "an integer" if isinstance(default, int) else "a number"

@@ -45,7 +45,7 @@ from . import linalg
 from .blocking import BlockPlan, plan_blocks
 from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin
-from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig, lr_number, plain_value
+from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
 from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
 from .first_order import (
@@ -64,6 +64,7 @@ from .layout import (
     step_batches,
     step_gradients,
 )
+from .options import lr_number, plain_value
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .refresh import RefreshMixin, warm_refresh
 from .schedule import first_due as _first_due

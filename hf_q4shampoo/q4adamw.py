@@ -33,7 +33,6 @@ import torch
 
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, state_mismatch, step_tensor
-from .config import ConfigError, lr_number
 from .first_order import (
     adamw_batch_step,
     first_order_keys,
@@ -42,6 +41,7 @@ from .first_order import (
     total_skipped,
 )
 from .layout import IndexCache, Layout, ShapeGroup, build_layout, check_dense_real, layout_members, step_gradients
+from .options import ConfigError, lr_number
 from .q4adamw_config import (
     Q4ADAMW_GROUP_KEYS,
     Q4ADAMW_LAYOUT_KEYS,
