@@ -1,10 +1,10 @@
 """Which part of the 4-bit first-order state costs loss on the hard-conditioning family (issue 14, item 2).
 
 The fp32 preconditioner (``precond="fp32"``) with the family's schedule, each first-order variant at its best of
-``--lrs``. Variants that are not options are made by replacing the encoders in this process (in
-``hf_q4shampoo.first_order``, whose steps use them, and ``hf_q4shampoo.moments``, whose zero state does): m or v
-kept in fp32, m in blocks of 32, v block-wise (128) instead of rank-1, v stored as its square root, stochastic
-rounding of m. Numbers in docs/results.md §4.
+``--lrs``. Variants that are not options are made by replacing the codecs of ``hf_q4shampoo.moments`` in this
+process (the steps of ``first_order`` call them through that module): m or v kept in fp32, m in blocks of 32, v
+block-wise (128) instead of rank-1, v stored as its square root, stochastic rounding of m. Numbers in
+docs/results.md §4.
 
     python benchmarks/moment_variants.py --problems ls_k1e6_256x128,ls_k1e4_128x128
 """
@@ -23,11 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hard_conditioning as hc  # noqa: E402
 
-import hf_q4shampoo.first_order as fo  # noqa: E402
 import hf_q4shampoo.moments as fm  # noqa: E402
 from hf_q4shampoo.quant import dequantize_blockwise, get_code, pack_nibbles, quantize_blockwise  # noqa: E402
 
-ORIGINAL = (fo._encode_signed, fo._decode_signed, fo._encode_nonneg, fo._decode_nonneg)
+ORIGINAL = (fm.encode_signed, fm.decode_signed, fm.encode_nonneg, fm.decode_nonneg)
 GEN = torch.Generator().manual_seed(0)
 
 
@@ -60,13 +59,11 @@ def _blockwise(code: str, block: int, stochastic: bool = False):
 
 
 def _set_m(pair):
-    for module in (fo, fm):
-        module._encode_signed, module._decode_signed = pair
+    fm.encode_signed, fm.decode_signed = pair
 
 
 def _set_v(pair):
-    for module in (fo, fm):
-        module._encode_nonneg, module._decode_nonneg = pair
+    fm.encode_nonneg, fm.decode_nonneg = pair
 
 
 def _restore():

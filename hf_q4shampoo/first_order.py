@@ -2,7 +2,7 @@
 
 Their states are 4-bit by default (paper 3, papers.md §4.1; fp32 with ``bits=32``, Linear-2 signed moments with
 ``m_map="linear2"``, Adafactor's factored v with ``v="factored"``): how they are stored, created and counted is
-:mod:`hf_q4shampoo.moments`'s, whose names this module re-exports.
+:mod:`hf_q4shampoo.moments`'s.
 
 Skipped members: every step takes an optional per-member ``keep`` flag ``(K,)`` (bool, on the
 directions' device). A member whose flag is false leaves its parameter and moments exactly as they were
@@ -36,40 +36,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from . import moments as codes  # the codecs by module, so a study can swap them in one place
 from . import triton_kernels
 from .kernels import maybe_compiled
-from .moments import QUANT_MIN_NUMEL as QUANT_MIN_NUMEL
-from .moments import (
-    V_MODES,
-    Moments,
-    State,
-    _batched,
-    _decode_nonneg,
-    _decode_signed,
-    _encode_nonneg,
-    _encode_signed,
-    _is_quantized,
-    _member_mask,
-    _write_back,
-    factored_shape,
-    first_order_keys,
-    init_first_order_state,
-    moment_bytes_by_kind,
-    quantized_moments,
-)
+from .moments import Moments, State, _batched, _is_quantized, _member_mask, _write_back
 
-__all__ = [
-    "total_skipped",
-    "init_first_order_state",
-    "adamw_batch_step",
-    "sgd_batch_step",
-    "adam_graft_batch_step",
-    "first_order_keys",
-    "quantized_moments",
-    "factored_shape",
-    "V_MODES",
-    "moment_bytes_by_kind",
-]
+__all__ = ["total_skipped", "adamw_batch_step", "sgd_batch_step", "adam_graft_batch_step"]
 
 # ---------------------------------------------------------------------------------------------
 # the math (pure functions of batched tensors; compiled on accelerators)
@@ -106,14 +78,14 @@ def _adamw_math(
     keep: torch.Tensor | None = None,
 ):
     shape = tuple(d.shape)
-    m_new = _decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
+    m_new = codes.decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
     if "_row" in v:
         v_state, v_new = _factored_v(v, d, beta2)
     else:
-        v_new = _decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
-        v_state = _encode_nonneg(v_new, quantized)
+        v_new = codes.decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
+        v_state = codes.encode_nonneg(v_new, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return _encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
+    return codes.encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
 
 
 def _sgd_math(
@@ -126,9 +98,9 @@ def _sgd_math(
     m_map: str = "dynamic",
     keep: torch.Tensor | None = None,
 ):
-    new = _decode_signed(buf, tuple(d.shape), m_map) * momentum + d
+    new = codes.decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return _encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
+    return codes.encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
 
 
 def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float, quantized: bool):
@@ -137,8 +109,8 @@ def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2
     if "_row" in v:
         v_state, v_new = _factored_v(v, g, beta2)
     else:
-        v_new = _decode_nonneg(v, tuple(g.shape)) * beta2 + (1.0 - beta2) * g * g
-        v_state = _encode_nonneg(v_new, quantized)
+        v_new = codes.decode_nonneg(v, tuple(g.shape)) * beta2 + (1.0 - beta2) * g * g
+        v_state = codes.encode_nonneg(v_new, quantized)
     return v_state, g / (v_new.sqrt() / bias2_sqrt + eps)
 
 
@@ -153,8 +125,8 @@ def _momentum_math(
     keep: torch.Tensor | None = None,
 ):
     """Adam grafting's momentum: ``m <- beta1 m + (1 - beta1) d`` and the update ``lr m / (1 - beta1^t)``."""
-    m_new = _decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
-    return _encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
+    m_new = codes.decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
+    return codes.encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:

@@ -35,6 +35,10 @@ from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, q
 
 __all__ = [
     "QUANT_MIN_NUMEL",
+    "encode_signed",
+    "decode_signed",
+    "encode_nonneg",
+    "decode_nonneg",
     "V_MODES",
     "quantized_moments",
     "factored_shape",
@@ -100,21 +104,21 @@ def moment_bytes_by_kind(state: State, numel: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
+def encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
     if not quantized:
         return {"": x}
     codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK)
     return {"_codes": codes, "_scales": scales}
 
 
-def _decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
+def decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
     if "" in m:
         return m[""]
     numel = math.prod(shape[1:])
     return dequantize_blockwise(m["_codes"], m["_scales"], numel, code, SIGNED_BLOCK).reshape(shape)
 
 
-def _encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
+def encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
     if not quantized:
         return {"": x}
     if x.ndim >= 3:  # batch dim + a tensor of >= 2 dims: rank-1 normalisation
@@ -123,7 +127,7 @@ def _encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
     return {"_codes": codes, "_scales": scales}
 
 
-def _decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
+def decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
     if "" in m:
         return m[""]
     if "_scales" in m:
@@ -160,14 +164,14 @@ def init_first_order_state(
     quantized = quantized_moments(p.numel(), bits, min_quant_numel)
     state: State = {}
     if kind == "adamw":
-        _scatter([state], "exp_avg", _encode_signed(zeros(), quantized, m_map))
+        _scatter([state], "exp_avg", encode_signed(zeros(), quantized, m_map))
         factored = factored_shape(tuple(p.shape), v, min_quant_numel)
         if factored is not None:
             _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
         else:
-            _scatter([state], "exp_avg_sq", _encode_nonneg(zeros(), quantized))
+            _scatter([state], "exp_avg_sq", encode_nonneg(zeros(), quantized))
     else:
-        _scatter([state], "momentum_buffer", _encode_signed(zeros(), quantized, m_map))
+        _scatter([state], "momentum_buffer", encode_signed(zeros(), quantized, m_map))
     return state
 
 

@@ -48,12 +48,7 @@ from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
 from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
-from .first_order import (
-    first_order_keys,
-    init_first_order_state,
-    moment_bytes_by_kind,
-    total_skipped,
-)
+from .first_order import total_skipped
 from .layout import (
     IndexCache,
     Layout,
@@ -64,6 +59,7 @@ from .layout import (
     step_batches,
     step_gradients,
 )
+from .moments import first_order_keys, init_first_order_state, moment_bytes_by_kind
 from .options import lr_number, plain_value
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .refresh import RefreshMixin, warm_refresh

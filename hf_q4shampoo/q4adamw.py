@@ -33,14 +33,9 @@ import torch
 
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, state_mismatch, step_tensor
-from .first_order import (
-    adamw_batch_step,
-    first_order_keys,
-    init_first_order_state,
-    moment_bytes_by_kind,
-    total_skipped,
-)
+from .first_order import adamw_batch_step, total_skipped
 from .layout import IndexCache, Layout, ShapeGroup, build_layout, check_dense_real, layout_members, step_gradients
+from .moments import first_order_keys, init_first_order_state, moment_bytes_by_kind
 from .options import ConfigError, lr_number
 from .q4adamw_config import (
     Q4ADAMW_GROUP_KEYS,

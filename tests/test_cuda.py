@@ -100,10 +100,11 @@ def test_fast_paths_match_reference_on_cuda(precond):
 def _moments(shape, dtype=torch.float32, steps=1):
     """Stacked 4-bit AdamW state of K = shape[0] matrices after ``steps`` eager steps, on CUDA."""
     from hf_q4shampoo import first_order as fo
+    from hf_q4shampoo import moments as fm
 
     params = [torch.randn(shape[1:], device="cuda").to(dtype) for _ in range(shape[0])]
-    states = [fo.init_first_order_state(p, "adamw", 4) for p in params]
-    moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
+    states = [fm.init_first_order_state(p, "adamw", 4) for p in params]
+    moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
     for step in range(1, steps + 1):
         fo.adamw_batch_step(
             params,
@@ -122,12 +123,13 @@ def _moments(shape, dtype=torch.float32, steps=1):
 
 def test_compiled_first_order_matches_eager():
     from hf_q4shampoo import first_order as fo
+    from hf_q4shampoo import moments as fm
 
     shape = (3, 96, 200)
     _, moments = _moments(shape, steps=2)
     d = torch.randn(shape, device="cuda")
     scalars = [torch.tensor(v, device="cuda") for v in (1e-3, 0.1, 0.03)]
-    args = (fo._batched(moments, "exp_avg"), fo._batched(moments, "exp_avg_sq"), d, *scalars, 0.9, 0.999, 1e-8, True)
+    args = (fm._batched(moments, "exp_avg"), fm._batched(moments, "exp_avg_sq"), d, *scalars, 0.9, 0.999, 1e-8, True)
     m1, v1, u1 = fo._adamw_math(*args)
     m2, v2, u2 = torch.compile(fo._adamw_math, fullgraph=True)(*args)
     for a, b in ((m1, m2), (v1, v2)):

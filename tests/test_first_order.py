@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from hf_q4shampoo.first_order import (
-    QUANT_MIN_NUMEL,
-    adamw_batch_step,
-    first_order_keys,
-    init_first_order_state,
-    quantized_moments,
-    sgd_batch_step,
-)
+from hf_q4shampoo.first_order import adamw_batch_step, sgd_batch_step
+from hf_q4shampoo.moments import QUANT_MIN_NUMEL, first_order_keys, init_first_order_state, quantized_moments
 
 SHAPE_FP32 = (24, 16)  # 384 entries: moments stay fp32 whatever the bits
 SHAPE_4BIT = (96, 64)  # 6144 entries: 4-bit moments (m block-128 dynamic exponent, v rank-1)

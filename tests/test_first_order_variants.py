@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_q4shampoo import ConfigError, Q4Shampoo, triton_kernels
-from hf_q4shampoo.first_order import factored_shape
 from hf_q4shampoo.memory import optimizer_state_bytes
+from hf_q4shampoo.moments import factored_shape
 from hf_q4shampoo.quant import roundtrip_blockwise
 
 SHAPES = [(96, 70), (32, 16, 3, 3), (70,), (40, 30), (5000, 1)]  # matrix, conv, 1-D, small, column vector
@@ -159,7 +159,7 @@ def test_invalid_first_order_v():
 def test_linear2_momentum_buffer_of_sgd():
     # SGD's momentum uses the same signed codec; with m_map=linear2 a block whose largest entry is negative
     # keeps it exactly (-1 is in the table; the dynamic code's most negative entry is -0.8875)
-    from hf_q4shampoo.first_order import _decode_signed
+    from hf_q4shampoo.moments import decode_signed
 
     g = -torch.rand(128, 40, generator=torch.Generator().manual_seed(0)) - 0.5  # 40 blocks of 128, all negative
     for m_map, shrink in (("linear2", 1.0), ("dynamic", 0.8875)):
@@ -168,7 +168,7 @@ def test_linear2_momentum_buffer_of_sgd():
         p.grad = g.clone()
         opt.step()  # first step: buffer = g
         st = opt.state[p]
-        buf = _decode_signed(
+        buf = decode_signed(
             {"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]}, (1, 128, 40), m_map
         )[0]
         torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))

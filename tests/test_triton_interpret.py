@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SCRIPT = textwrap.dedent("""
     import math
     import torch
-    from hf_q4shampoo import first_order as fo, quant, triton_kernels as tk
+    from hf_q4shampoo import first_order as fo, moments as fm, quant, triton_kernels as tk
 
     assert tk.HAS_TRITON
     g = torch.Generator().manual_seed(0)
@@ -35,8 +35,8 @@ SCRIPT = textwrap.dedent("""
     K, R, C = 3, 40, 200
     for m_map in ("dynamic", "linear2"):
         params = [torch.randn(R, C, generator=g) for _ in range(K)]
-        states = [fo.init_first_order_state(p, "adamw", 4, m_map=m_map) for p in params]
-        moments = {k: torch.stack([s[k] for s in states]) for k in fo.first_order_keys(states[0])}
+        states = [fm.init_first_order_state(p, "adamw", 4, m_map=m_map) for p in params]
+        moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
         kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4, m_map=m_map)
         fo.adamw_batch_step(params, torch.randn(K, R, C, generator=g), moments, step=1, **kw)
         fast_p, fast_m = [p.clone() for p in params], {k: v.clone() for k, v in moments.items()}
