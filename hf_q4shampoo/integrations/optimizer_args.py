@@ -4,7 +4,7 @@ Names the ``optim`` values, translates the usual ``TrainingArguments`` fields an
 each optimizer into its keyword arguments (validated before the model is touched), refuses the distributed setups
 that hand the optimizer flattened parameters, and makes the stock ``Trainer`` save a DDP-split Q4Shampoo's whole
 state. Registration with transformers (the ``OptimizerNames`` members, the handlers, the wrappers) is
-:mod:`hf_q4shampoo.integrations.registration`'s, which re-exports every name here.
+:mod:`hf_q4shampoo.integrations.registration`'s.
 """
 
 from __future__ import annotations
@@ -76,22 +76,25 @@ class UnsupportedSetupError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def _selects(optim: Any, name: str) -> bool:
+    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) is ``name``, in any case."""
+    value = getattr(optim, "value", optim)
+    return isinstance(value, str) and value.lower() == name
+
+
 def is_q4shampoo_optim(optim: Any) -> bool:
     """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4Shampoo."""
-    value = getattr(optim, "value", optim)
-    return isinstance(value, str) and value.lower() == OPTIM_NAME
+    return _selects(optim, OPTIM_NAME)
 
 
 def is_q4adamw_optim(optim: Any) -> bool:
-    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects Q4AdamW."""
-    value = getattr(optim, "value", optim)
-    return isinstance(value, str) and value.lower() == Q4ADAMW_OPTIM_NAME
+    """Whether an ``optim`` value selects Q4AdamW."""
+    return _selects(optim, Q4ADAMW_OPTIM_NAME)
 
 
 def is_sparse_mfac_optim(optim: Any) -> bool:
-    """Whether an ``optim`` value (plain string or ``OptimizerNames`` member) selects SparseMFAC."""
-    value = getattr(optim, "value", optim)
-    return isinstance(value, str) and value.lower() == SPARSE_MFAC_OPTIM_NAME
+    """Whether an ``optim`` value selects SparseMFAC."""
+    return _selects(optim, SPARSE_MFAC_OPTIM_NAME)
 
 
 # --------------------------------------------------------------------------------------------
