@@ -15,7 +15,7 @@ import torch
 
 from .blocking import extract_blocks, insert_blocks
 from .first_order import adam_graft_batch_step, adamw_batch_step, sgd_batch_step
-from .layout import SideSlot, StepBatch
+from .layout import SideSlot, StepBatch, stacked_fp32
 
 __all__ = ["DirectionMixin"]
 
@@ -52,7 +52,7 @@ class DirectionMixin:
         """Precondition, graft and take the first-order step for one batch; members with a non-finite
         gradient or direction keep their parameter and moments and count a skipped update."""
         grads = batch.grads
-        g = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
+        g = stacked_fp32(grads)
         directions = g
         keep = batch.finite
         if self.config.grafting == "adam" and batch.group.plan is not None:

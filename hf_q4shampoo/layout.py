@@ -40,6 +40,9 @@ __all__ = [
     "IndexCache",
     "layout_members",
     "step_gradients",
+    "StepBatch",
+    "step_batches",
+    "stacked_fp32",
     "check_dense_real",
 ]
 
@@ -265,6 +268,16 @@ class StepBatch:
     #: per-member max |gradient| and whether it is finite, ``(len(members),)`` on the gradients' device
     amax: torch.Tensor | None = None
     finite: torch.Tensor | None = None
+
+
+def stacked_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Same-shape gradients as one fp32 ``(K, *shape)`` stack; a single fp32 gradient is returned as a view of
+    itself (no copy), so callers must not write into the result.
+
+    Not cached on the batch: the statistics stage and the step each stack and free their own copy, so at most one
+    batch's stack is alive at a time (a cached one per batch would keep 4 bytes per parameter alive across both
+    stages of a statistics step)."""
+    return grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
 
 
 def step_batches(layout: Layout, grads: dict[int, torch.Tensor], steps: dict[int, int]) -> list[StepBatch]:

@@ -34,7 +34,17 @@ import torch
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, state_mismatch, step_tensor
 from .first_order import adamw_batch_step, total_skipped
-from .layout import IndexCache, Layout, ShapeGroup, build_layout, check_dense_real, layout_members, step_gradients
+from .layout import (
+    IndexCache,
+    Layout,
+    ShapeGroup,
+    build_layout,
+    check_dense_real,
+    layout_members,
+    stacked_fp32,
+    step_batches,
+    step_gradients,
+)
 from .moments import first_order_keys, init_first_order_state, moment_bytes_by_kind
 from .options import ConfigError, lr_number
 from .q4adamw_config import (
@@ -182,20 +192,15 @@ class Q4AdamW(torch.optim.Optimizer):
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, _check_q4adamw_param)
         if not grads:
             return loss
-        for shape_group in self._current_layout().groups:
-            by_step: dict[int, list[int]] = {}
-            for m, state in enumerate(shape_group.states):
-                if id(state) in grads:
-                    by_step.setdefault(steps[id(state)], []).append(m)
-            for step, members in by_step.items():
-                self._step_members(shape_group, members, step, [grads[id(shape_group.states[m])] for m in members])
+        for batch in step_batches(self._current_layout(), grads, steps):
+            self._step_members(batch.group, batch.members, batch.step, batch.grads)
         return loss
 
     def _step_members(self, shape_group: ShapeGroup, members: list[int], step: int, grads: list[torch.Tensor]) -> None:
         """One batched AdamW step of ``members`` (positions in ``shape_group``), which share a step count."""
         group = self.param_groups[shape_group.group_index]
         keep = torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf)))  # on the device: no sync
-        directions = grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()
+        directions = stacked_fp32(grads)
         if group["maximize"]:
             directions = directions.neg()  # not in place: for one fp32 gradient it is p.grad itself
         params = [shape_group.params[m] for m in members]

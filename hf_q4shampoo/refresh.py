@@ -16,7 +16,7 @@ import torch
 from . import linalg
 from .blocking import extract_blocks
 from .distributed import is_root_key
-from .layout import FactorBucket, SideSlot, StepBatch
+from .layout import FactorBucket, SideSlot, StepBatch, stacked_fp32
 from .preconditioners import PreconditionerForm
 
 __all__ = ["RefreshMixin", "warm_refresh"]
@@ -80,10 +80,7 @@ class RefreshMixin:
     def _update_statistics(self, batch: StepBatch) -> None:
         """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the batch's due members."""
         group, positions = batch.group, batch.stats_due
-        grads = [batch.grads[i] for i in positions]
-        g2 = (grads[0].float().unsqueeze(0) if len(grads) == 1 else torch.stack(grads).float()).reshape(
-            len(grads), *group.plan.matrix_shape
-        )
+        g2 = stacked_fp32([batch.grads[i] for i in positions]).reshape(len(positions), *group.plan.matrix_shape)
         form = self._form(g2.device)
         tf32 = self._gram_tf32(g2.device)
         for slot in group.slots:
