@@ -2,8 +2,7 @@
 
 :class:`ConfigError`, :class:`OptionsBase` (construction helpers of the frozen option dataclasses), plain values
 (numpy scalars as Python numbers, one-element tensor learning rates) and the ``--optim_args`` grammar
-(``key=value,key=value``: :func:`parse_key_values`, :func:`parse_bool`). No optimizer's own options, no torch;
-:mod:`hf_q4shampoo.config` re-exports every name.
+(``key=value,key=value``: :func:`parse_key_values`, :func:`parse_bool`). No optimizer's own options, no torch.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_q4shampoo"
 
 #: docs/ARCHITECTURE.md, "Layers": a module imports only modules of lower layers.
 LAYERS = {
-    "options": -1,  # the option machinery every optimizer's options share (config re-exports it)
+    "options": -1,  # the option machinery every optimizer's options share
     "config": 0,
     "quant": 0,
     "linalg": 0,
@@ -28,7 +28,7 @@ LAYERS = {
     "sparse_mfac_config": 1,
     "q4adamw_config": 1,
     "schedule": 1,
-    "moments": 1,  # the first-order moments' storage (codes, zero state, bytes); first_order re-exports it
+    "moments": 1,  # the first-order moments' storage (codes, zero state, bytes)
     "preconditioner_base": 1.5,  # PreconditionerForm, FormSettings: below the forms
     "cholesky_form": 1.75,
     "preconditioners": 2,  # the other forms, FORMS, make_form; re-exports the two modules above
