@@ -1,6 +1,6 @@
 """What Q4Shampoo's first ``optimizer.step()`` spends its seconds on (compilation, solver start-up, the step itself).
 
-    python benchmarks/first_step_probe.py [--optim_args ...] [--top 45]
+    python benchmarks/first_step_probe.py [--optim_args ...] [--top 45] [--serial]
 
 GPT-2 small as ``hf_q4shampoo.bench`` (batch 4 x 512: only the optimizer matters). One forward/backward, then
 the first ``optimizer.step()`` under cProfile (cumulative time per function, the ``--top`` largest), then the
@@ -26,7 +26,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--optim_args", default="update_freq=10,root_freq=100")
     p.add_argument("--top", type=int, default=45)
+    p.add_argument("--serial", action="store_true", help="compile the warm-ups' kernels one by one (as before v16)")
     args = p.parse_args()
+    if args.serial:
+        from hf_q4shampoo import triton_precompile
+
+        triton_precompile.ENABLED = False
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

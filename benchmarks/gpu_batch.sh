@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | first_step | launches:OLD_TREE | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -20,7 +20,7 @@ bench() {  # bench TAG OPTIM_ARGS: fused AdamW and Q4Shampoo on GPT-2 small, one
 for part in "$@"; do
   case $part in
     tests)
-      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
+      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py tests/test_cuda_warmup.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
     bench)
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
@@ -36,6 +36,19 @@ for part in "$@"; do
     bench_fused_paper1)  # the same on paper 1's layout (feedback, row), the v10 measurement
       bench 1fp update_freq=1,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row
       bench 10fp update_freq=10,root_freq=100,fused_statistics=true,factor_upper=feedback,factor_scaling=row ;;
+    first_step)  # the first optimizer.step() from empty caches, warm-ups compiled in parallel and one by one
+      for mode in parallel serial; do
+        fresh_caches
+        python benchmarks/first_step_probe.py --top 60 $([ $mode = serial ] && echo --serial) \
+          > "$out/first_step_$mode.log" 2>&1; head -1 "$out/first_step_$mode.log"
+      done ;;
+    launches:*)  # launches:DIR: the steady step's host time on the time-to-target shape, code in DIR vs this tree
+      for tree in "${part#launches:}" .; do
+        fresh_caches; tag=$(basename "$(realpath "$tree")")
+        PYTHONPATH=$(realpath "$tree") python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --vocab 8192 \
+          --batch 16 --seq 512 --steps 200 --warmup 20 --optim_args update_freq=8,root_freq=80 \
+          --json "$out/launches_$tag.json" > "$out/launches_$tag.log" 2>&1; tail -3 "$out/launches_$tag.log"
+      done ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive

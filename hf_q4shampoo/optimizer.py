@@ -62,10 +62,11 @@ from .layout import (
 from .moments import first_order_keys, init_first_order_state, moment_bytes_by_kind
 from .options import lr_number, plain_value
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
-from .refresh import RefreshMixin, warm_refresh
+from .refresh import RefreshMixin
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
+from .warmup import run_first_step_warm_ups
 
 __all__ = ["Q4Shampoo"]
 
@@ -146,7 +147,6 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
             "_index_cache",
             "_offset_key",
             "_offsets",
-            "_warmed_orders",
             "_split",
             "_owner_key",
             "_owner_by_id",
@@ -452,12 +452,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
                 by_id = self._owners()
                 owners = [by_id.get(id(p)) for _, p, _ in members]
             layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key, owners)
-            for bucket in layout.buckets:
-                self._precompile(self._form(bucket.device), bucket)
             if layout.buckets:  # designed on the host (~0.3 s once): now, not as a stall at the first root
                 linalg.newton_schedule(4, self.config.matrix_eps, self.config.newton_tol, self.config.newton_max_iters)
-            for bucket in layout.buckets:
-                warm_refresh(self._form(bucket.device), bucket)
+            run_first_step_warm_ups(self, layout)  # compiles and loads now what later steps would (warmup.py)
         return layout
 
     # ---- inspection and small helpers ---------------------------------------------------------

@@ -1,6 +1,6 @@
 """The refresh stages of Q4Shampoo's step (:class:`RefreshMixin`): statistics updates and inverse-root refreshes
-of the factor buckets, in place and batched per stack of one order, and the first step's warm-ups (the root
-decoder's compilation, cuSOLVER's and the products' first launches) so that none of it stalls training later.
+of the factor buckets, in place and batched per stack of one order (the first step's warm-ups of these stages
+are in ``warmup.py``).
 
 A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config`` and calls ``_form``, ``_index``,
 ``_stage``, ``_gram_tf32`` and ``_apply_dtype`` of the optimizer.
@@ -15,34 +15,13 @@ import torch
 
 from . import linalg
 from .blocking import extract_blocks
-from .distributed import is_root_key
 from .layout import FactorBucket, SideSlot, StepBatch, stacked_fp32
-from .preconditioners import PreconditionerForm
 
-__all__ = ["RefreshMixin", "warm_refresh"]
+__all__ = ["RefreshMixin"]
 
 
 class RefreshMixin:
     """Statistics updates and root refreshes of :class:`~hf_q4shampoo.optimizer.Q4Shampoo` (module docstring)."""
-
-    def _precompile(self, form: PreconditionerForm, bucket: FactorBucket) -> None:
-        """Decode roots of a new order once now, so its compilation (accelerators only: the Triton decoder,
-        once for every order, or the compiled torch decoder, once per order) happens at the first step
-        instead of in the middle of training when preconditioning starts (a 1.5 s stall, v7)."""
-        if not self.config.use_compile or bucket.device.type in ("cpu", "meta"):
-            return
-        warmed = self.__dict__.setdefault("_warmed_orders", set())
-        key = (bucket.device, bucket.order)
-        if key in warmed:
-            return
-        warmed.add(key)
-        roots = {k: v for k, v in bucket.storage.items() if k.startswith("root")}
-        # a stack of one and of two roots: dynamo specializes a batch of size 1 separately
-        for size in (1, 2):
-            form.root(
-                {k: v[:1].expand(size, *v.shape[1:]).contiguous() for k, v in roots.items()},
-                self._apply_dtype(bucket.device),
-            )
 
     def _bucket_update(
         self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None], keep: torch.Tensor | None = None
@@ -125,23 +104,3 @@ class RefreshMixin:
                 part = due[i : i + per]
                 keep = finite[bucket.device].index_select(0, self._index([f for _, f in part], bucket.device))
                 self._bucket_update(bucket, [r for r, _ in part], form.refresh_root, keep)
-
-
-#: (device, order, form) already warmed in this process
-_WARMED: set[tuple] = set()
-
-
-def warm_refresh(form: PreconditionerForm, bucket: FactorBucket) -> None:
-    """Run one statistics update and one root refresh of a copy of one factor, per order, at the first step.
-
-    CUDA loads a library's kernels (cuSOLVER's Cholesky, the fp32 products of the root iteration) at their
-    first launch: the first refresh of a run paid ~150-200 ms for it, the worst step of every configuration
-    in docs/perf_notes.md v9. The copy is discarded.
-    """
-    key = (bucket.device, bucket.order, form.name)
-    if bucket.device.type != "cuda" or key in _WARMED or all(is_root_key(k) for k in bucket.storage):
-        return
-    _WARMED.add(key)
-    sample = {k: v[:1].clone() for k, v in bucket.storage.items()}
-    form.update_statistics(sample, torch.eye(bucket.order, device=bucket.device).unsqueeze(0))
-    form.refresh_root(sample)
