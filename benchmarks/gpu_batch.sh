@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | first_step | launches:OLD_TREE | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | first_step | launches:OLD_TREE | graph | graph_ttt | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -17,10 +17,16 @@ bench() {  # bench TAG OPTIM_ARGS: fused AdamW and Q4Shampoo on GPT-2 small, one
     --optim_args "$2" --json "$out/bench_$1.json" > "$out/bench_$1.log" 2>&1
   tail -4 "$out/bench_$1.log"
 }
+bench_plain() {  # bench_plain TAG OPTIM_ARGS [bench args]: as bench, without stage timers (they force eager steps)
+  fresh_caches; local tag=$1 args=$2; shift 2
+  python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --optim_args "$args" "$@" \
+    --json "$out/bench_$tag.json" > "$out/bench_$tag.log" 2>&1
+  tail -3 "$out/bench_$tag.log"
+}
 for part in "$@"; do
   case $part in
     tests)
-      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py tests/test_cuda_warmup.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
+      python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py tests/test_cuda_warmup.py tests/test_cuda_graph.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
     bench)
       bench 100 update_freq=100,root_freq=100
       bench 10 update_freq=10,root_freq=100
@@ -48,6 +54,14 @@ for part in "$@"; do
         PYTHONPATH=$(realpath "$tree") python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --vocab 8192 \
           --batch 16 --seq 512 --steps 200 --warmup 20 --optim_args update_freq=8,root_freq=80 \
           --json "$out/launches_$tag.json" > "$out/launches_$tag.log" 2>&1; tail -3 "$out/launches_$tag.log"
+      done ;;
+    graph)  # the issue-11 targets' three schedules on GPT-2 small with the captured steady step (the default)
+      bench_plain g100 update_freq=100,root_freq=100
+      bench_plain g10 update_freq=10,root_freq=100
+      bench_plain g1 update_freq=1,root_freq=100 ;;
+    graph_ttt)  # the time-to-target model's shape, captured and eager steady steps
+      for g in true false; do
+        bench_plain "ttt_graph_$g" "update_freq=8,root_freq=80,cuda_graph=$g" --vocab 8192 --batch 16 --seq 512
       done ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import platform
@@ -25,6 +26,13 @@ from .optimizer import Q4Shampoo
 from .q4adamw import Q4AdamW
 
 __all__ = ["OPTIMIZERS", "run_benchmark", "main"]
+
+
+def _graph_pool_bytes() -> int:
+    """Bytes of the CUDA caching allocator's segments in private pools (CUDA graphs' memory)."""
+    return sum(
+        seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)
+    )
 
 
 def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -170,6 +178,8 @@ def bench_one(
         clock.times("optimizer", total_steps)[args.warmup :],
     )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    # a captured step's private pool is reserved, not allocated, between steps: counted apart (step_graph.py)
+    graph_pool = _graph_pool_bytes() if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
     _sync(device)
     persistent = _allocated(device) - before_opt
@@ -182,6 +192,9 @@ def bench_one(
         "state_MiB": report.total / 2**20,
         "persistent_optimizer_MiB": persistent / 2**20 if device.type == "cuda" else None,
         "peak_MiB": peak / 2**20 if device.type == "cuda" else None,
+        "graph_pool_MiB": graph_pool / 2**20 if device.type == "cuda" else None,
+        "peak_with_graph_pool_MiB": (peak + graph_pool) / 2**20 if device.type == "cuda" else None,
+        "step_graph": dataclasses.asdict(opt._step_graph.counts) if hasattr(opt, "_step_graph") else None,
         "median_step_ms": statistics.median(timed),
         "mean_step_ms": statistics.fmean(timed),
         "worst_step_ms": timed[worst_at],

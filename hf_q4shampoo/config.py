@@ -182,6 +182,13 @@ class Q4ShampooConfig(OptionsBase):
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
+        cuda_graph: on CUDA, capture a step without statistics or roots due as one CUDA graph and replay it in
+            the steps that look the same, instead of launching its ~600 kernels from the host each time
+            (``step_graph.py``). It applies where the step's first-order update reads the learning rate from the
+            device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused AdamW), ``grafting="norm"``,
+            one learning rate and one step count for all parameters, and no DDP work split; other steps run
+            eagerly. The graph's private memory pool keeps one steady step's transient tensors allocated between
+            steps. False: every step eager.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);
@@ -248,6 +255,7 @@ class Q4ShampooConfig(OptionsBase):
     fused_statistics: bool = True
     refresh_spread: int = 25
     shard_preconditioners: bool = True
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)
@@ -347,7 +355,15 @@ _FLOAT_RANGE = {
     "ef_beta": (0.0, 1.0, True, False),
     "cholesky_eps": (0.0, float("inf"), False, False),
 }
-_BOOLS = ("nesterov", "maximize", "remove_cholesky_ridge", "use_compile", "fused_statistics", "shard_preconditioners")
+_BOOLS = (
+    "nesterov",
+    "maximize",
+    "remove_cholesky_ridge",
+    "use_compile",
+    "fused_statistics",
+    "shard_preconditioners",
+    "cuda_graph",
+)
 
 
 def _range_text(low: float, high: float, lo_inc: bool, hi_inc: bool) -> str:

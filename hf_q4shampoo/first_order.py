@@ -38,10 +38,19 @@ import torch
 
 from . import moments as codes  # the codecs by module, so a study can swap them in one place
 from . import triton_kernels
+from .capture_guard import refuse_in_capture
 from .kernels import maybe_compiled
 from .moments import Moments, State, _batched, _is_quantized, _member_mask, _write_back
 
-__all__ = ["total_skipped", "adamw_batch_step", "sgd_batch_step", "adam_graft_batch_step"]
+__all__ = [
+    "total_skipped",
+    "adamw_batch_step",
+    "sgd_batch_step",
+    "adam_graft_batch_step",
+    "adam_scalars",
+    "fill_scalars",
+    "replayable_adamw",
+]
 
 # ---------------------------------------------------------------------------------------------
 # the math (pure functions of batched tensors; compiled on accelerators)
@@ -156,12 +165,33 @@ class _DeviceScalars:
         held = self._buffers.get(key)
         if held is not None and held[1] == value:
             return held[0]
+        # a graph would replay this fill with the capture's value forever (step_graph.py fills before replay)
+        refuse_in_capture(device, f"a new value of the device scalar {name!r}")
         buf = held[0] if held is not None else torch.empty((), dtype=torch.float32, device=device)
         self._buffers[key] = (buf, value)
         return buf.fill_(value)
 
 
 _scalars = _DeviceScalars()
+
+
+def adam_scalars(lr: float | torch.Tensor, step: int, betas: tuple[float, float]) -> dict[str, float | torch.Tensor]:
+    """The step-dependent scalars an Adam-type batch step reads from the device, by the names it asks
+    :data:`_scalars` for: the learning rate, the bias corrections and the step count."""
+    beta1, beta2 = betas
+    return {
+        "lr": lr,
+        "bias1": 1.0 - beta1**step,
+        "bias2_sqrt": math.sqrt(1.0 - beta2**step),
+        "step": float(step),
+    }
+
+
+def fill_scalars(device: torch.device, values: dict[str, float | torch.Tensor]) -> None:
+    """Bring the device scalars to ``values`` (a fill for each that changed): what a replayed CUDA graph of a
+    step then reads."""
+    for name, value in values.items():
+        _scalars(device, name, value)
 
 
 def _apply_update(params: list[torch.Tensor], update: torch.Tensor) -> None:
@@ -210,10 +240,10 @@ def _fused_adamw(
     members' values back (three small ``where``s: this path holds the small tensors of a model).
     """
     device = directions.device
-    lr = _host_float(lr)
-    if isinstance(lr, torch.Tensor):
-        lr = lr.to(device=device, dtype=torch.float32)
-    steps = [_scalars(device, "step", float(step))] * len(params)
+    scalars = adam_scalars(lr, step, betas)
+    # both from device buffers, never host floats: a captured step (step_graph.py) replays with new values
+    lr = _scalars(device, "lr", scalars["lr"])
+    steps = [_scalars(device, "step", scalars["step"])] * len(params)
     m, v = moments["exp_avg"], moments["exp_avg_sq"]
     found_inf = None
     saved = None
@@ -245,6 +275,18 @@ def _fused_adamw(
         torch._foreach_copy_(params, list(torch.where(mask, torch.stack(params), old_p).unbind(0)))
 
 
+def replayable_adamw(params: list[torch.Tensor], moments: State) -> bool:
+    """Whether :func:`adamw_batch_step` of these tensors reads every step-dependent value from the device
+    scalars (the Triton 4-bit kernels, or torch's fused AdamW for fp32 moments of fp32 tensors), so that a
+    CUDA graph of it replays correctly after :func:`fill_scalars` (``step_graph.py``)."""
+    p = params[0]
+    if p.device.type != "cuda":
+        return False
+    if _is_quantized(moments):
+        return p.dim() == 2 and triton_kernels.supports(params, p.unsqueeze(0), moments)
+    return set(moments) == {"exp_avg", "exp_avg_sq"} and p.dtype == torch.float32
+
+
 def adamw_batch_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
@@ -274,11 +316,8 @@ def adamw_batch_step(
     if not quantized and not factored and params[0].dtype == torch.float32:
         _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
-    scalars = (
-        _scalars(device, "lr", lr),
-        _scalars(device, "bias1", 1.0 - beta1**step),
-        _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
-    )
+    values = adam_scalars(lr, step, betas)
+    scalars = tuple(_scalars(device, name, values[name]) for name in ("lr", "bias1", "bias2_sqrt"))
     # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
     if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
         triton_kernels.adamw4_step(

@@ -30,6 +30,7 @@ import torch
 
 from .blocking import BlockPlan, Region
 from .blocking import local_tensor as _local
+from .capture_guard import refuse_in_capture
 
 __all__ = [
     "FactorBucket",
@@ -192,6 +193,7 @@ class IndexCache:
         key = (rows, device)
         index = self._cache.get(key)
         if index is None:
+            refuse_in_capture(device, "a new index copied from host memory")  # the pinned buffer is reused later
             host = torch.tensor(rows, dtype=torch.long)
             if device.type == "cuda":  # a pageable copy would make the host wait for the GPU's queue
                 host = host.pin_memory()

@@ -41,14 +41,14 @@ from typing import Any
 
 import torch
 
-from . import linalg
+from . import linalg, triton_kernels
 from .blocking import BlockPlan, plan_blocks
 from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
 from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
-from .first_order import total_skipped
+from .first_order import adam_scalars, fill_scalars, replayable_adamw, total_skipped
 from .layout import (
     IndexCache,
     Layout,
@@ -66,6 +66,7 @@ from .refresh import RefreshMixin
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
+from .step_graph import StepGraph
 from .warmup import run_first_step_warm_ups
 
 __all__ = ["Q4Shampoo"]
@@ -73,6 +74,13 @@ __all__ = ["Q4Shampoo"]
 #: Attributes DeepSpeed ZeRO-3 sets on the parameters it partitions (ZeRO-1/2 hand the optimizer flat
 #: partitions without markers: the Trainer integration refuses those setups from its arguments).
 _DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
+
+
+def _flag_finite(batches: list[StepBatch]) -> None:
+    """One multi-tensor max-abs per batch; the flags stay on the device (no sync)."""
+    for b in batches:
+        b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
+        b.finite = torch.isfinite(b.amax)
 
 
 def _as_config(config: Any) -> Q4ShampooConfig:
@@ -151,6 +159,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
             "_owner_key",
             "_owner_by_id",
             "_consolidated",
+            "_step_graph",
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
@@ -409,9 +418,6 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
             return loss
         layout = self._current_layout()
         batches = step_batches(layout, grads, steps)
-        for b in batches:  # one multi-tensor max-abs per batch; the flags stay on the device (no sync)
-            b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
-            b.finite = torch.isfinite(b.amax)
         cfg = self.config
         update_freq, root_freq = cfg.schedule()
         start = cfg.start_precond_step
@@ -425,6 +431,11 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
                 b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
         split = self._ddp_split()
         shared = keep_owned_work(batches, split.rank) if split is not None else []
+        if not shared and not any(b.stats_due or b.roots_due for b in batches):  # a steady step
+            key, prepare = self._steady_graph(layout, batches)
+            self._graph_runner().run(key, lambda: self._steady_work(batches), prepare, triton_kernels.pointer_tables)
+            return loss
+        _flag_finite(batches)
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -440,6 +451,48 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
         for b in batches:
             self._step_batch(b)
         return loss
+
+    def _steady_work(self, batches: list[StepBatch]) -> None:
+        """A step without statistics or roots due: precondition, graft and step every batch (what
+        ``step_graph.py`` captures)."""
+        _flag_finite(batches)
+        for b in batches:
+            self._step_batch(b)
+
+    def _graph_runner(self) -> StepGraph:
+        runner = self.__dict__.get("_step_graph")
+        if runner is None:
+            runner = self._step_graph = StepGraph()
+        return runner
+
+    def _steady_graph(self, layout: Layout, batches: list[StepBatch]) -> tuple[tuple | None, Callable[[], None]]:
+        """This steady step's CUDA graph key (None: run it eagerly) and what to do before its replay; the
+        conditions are ``step_graph.py``'s."""
+        cfg = self.config
+        device = batches[0].grads[0].device
+        eager = (None, lambda: None)
+        if not cfg.cuda_graph or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
+            return eager
+        if not cfg.use_compile or cfg.first_order != "adamw" or cfg.grafting != "norm":
+            return eager
+        groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
+        if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
+            return eager
+        lrs, betas, steps = {g["lr"] for g in groups}, {tuple(g["betas"]) for g in groups}, {b.step for b in batches}
+        if len(lrs) != 1 or len(betas) != 1 or len(steps) != 1:  # one value per device scalar (step_graph.py)
+            return eager
+        if not all(b.grads[0].device == device and replayable_adamw(b.group.params, b.group.moments) for b in batches):
+            return eager
+        key = (
+            layout.key,
+            tuple((g["weight_decay"], g["eps"]) for g in groups),
+            betas.pop(),
+            tuple((id(b.group), tuple(b.members), tuple(b.ready)) for b in batches),
+            tuple(x.data_ptr() for b in batches for x in b.grads),
+            tuple(p.data_ptr() for b in batches for p in b.group.params),
+        )
+        values = adam_scalars(lrs.pop(), steps.pop(), key[2])
+        return key, lambda: fill_scalars(device, values)
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""

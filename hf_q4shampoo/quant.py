@@ -23,6 +23,8 @@ from functools import cache, lru_cache
 
 import torch
 
+from .capture_guard import refuse_in_capture
+
 __all__ = [
     "CODE_NAMES",
     "get_code",
@@ -127,6 +129,7 @@ def get_code(name: str, device: torch.device | str = "cpu", bits: int = 4) -> tu
     device = torch.device(device)
     key = (name, bits, device)
     if key not in _DEVICE_CACHE:
+        refuse_in_capture(device, f"the {name!r} code copied from host memory")
         table = _code_cpu(name, bits).to(device)
         _DEVICE_CACHE[key] = (table, (table[1:] + table[:-1]) / 2)
     return _DEVICE_CACHE[key]

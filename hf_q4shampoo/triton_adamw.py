@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .capture_guard import refuse_in_capture
 from .quant import get_code
 from .triton_common import HAS_TRITON, tl, triton
 
@@ -170,10 +171,16 @@ def _pointer_table(params: list[torch.Tensor]) -> torch.Tensor:
     key = (params[0].device, tuple(p.data_ptr() for p in params))
     table = _POINTERS.get(key)
     if table is None:
+        refuse_in_capture(params[0].device, "a new parameter pointer table")
         if len(_POINTERS) > 256:
             _POINTERS.clear()
         table = _POINTERS[key] = torch.tensor(key[1], dtype=torch.int64, device=params[0].device)
     return table
+
+
+def pointer_tables() -> list[torch.Tensor]:
+    """The cached pointer tables (a captured CUDA graph holds on to those it reads: ``step_graph.py``)."""
+    return list(_POINTERS.values())
 
 
 def adamw4_step(

@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from .triton_adamw import adamw4_step
+from .triton_adamw import adamw4_step, pointer_tables
 from .triton_common import HAS_TRITON
 from .triton_factor import dequantize_factor, requantize_factor
 from .triton_roots import decode_symmetric
 
-__all__ = ["HAS_TRITON", "supports", "adamw4_step", "decode_symmetric", "dequantize_factor", "requantize_factor"]
+__all__ = [
+    "HAS_TRITON",
+    "supports",
+    "adamw4_step",
+    "pointer_tables",
+    "decode_symmetric",
+    "dequantize_factor",
+    "requantize_factor",
+]
 
 _KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_max0", "exp_avg_sq_max1")
 

@@ -10,14 +10,15 @@ All of them work on copies, so the first pass is a dry run (``triton_precompile`
 would compile are recorded, skipped, and compiled in parallel; cuSOLVER and cuBLAS load as they run. Where that
 is not available (CPU, no Triton) the warm-ups run for real and compile one by one, as before.
 
-A warm-up is a ``(key, run)`` pair; keys name what it prepares (device, order or shape, and the configuration,
+The functions take the :class:`~hf_q4shampoo.optimizer.Q4Shampoo` (``opt``: its config, forms and first-order
+step). A warm-up is a ``(key, run)`` pair; keys name what it prepares (device, order or shape, and the configuration,
 whose fields pick the kernels' compile-time constants), and a key done once in the process is not done again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -27,9 +28,6 @@ from .layout import FactorBucket, Layout, ShapeGroup, StepBatch
 from .moments import _is_quantized
 from .triton_precompile import compile_in_parallel
 
-if TYPE_CHECKING:
-    from .optimizer import Q4Shampoo
-
 __all__ = ["run_first_step_warm_ups", "first_step_warm_ups"]
 
 WarmUp = tuple[tuple, Callable[[], None]]
@@ -38,7 +36,7 @@ WarmUp = tuple[tuple, Callable[[], None]]
 _DONE: set[tuple] = set()
 
 
-def _decoder(opt: Q4Shampoo, bucket: FactorBucket) -> WarmUp | None:
+def _decoder(opt: Any, bucket: FactorBucket) -> WarmUp | None:
     """Decode a copy of a stack of one and of two roots (the compiled torch decoder specialises a stack of one)."""
     if not opt.config.use_compile or bucket.device.type in ("cpu", "meta"):
         return None
@@ -52,7 +50,7 @@ def _decoder(opt: Q4Shampoo, bucket: FactorBucket) -> WarmUp | None:
     return ("decoder", bucket.device, bucket.order, dtype, repr(opt.config)), run
 
 
-def _refresh(opt: Q4Shampoo, bucket: FactorBucket) -> WarmUp | None:
+def _refresh(opt: Any, bucket: FactorBucket) -> WarmUp | None:
     """One statistics update and one root refresh of a copy of the bucket's first factor."""
     if bucket.device.type != "cuda" or all(is_root_key(k) for k in bucket.storage):
         return None
@@ -66,7 +64,7 @@ def _refresh(opt: Q4Shampoo, bucket: FactorBucket) -> WarmUp | None:
     return ("refresh", bucket.device, bucket.order, repr(opt.config)), run
 
 
-def _first_order(opt: Q4Shampoo, group: ShapeGroup) -> WarmUp | None:
+def _first_order(opt: Any, group: ShapeGroup) -> WarmUp | None:
     """One first-order step of a copy of the group's first member, where it takes the Triton 4-bit AdamW
     kernels (they take shapes as arguments, so the batch size does not matter). Other paths are left alone:
     torch.compile specialises to the batch size, so a copy of one member would compile a graph the step
@@ -100,7 +98,7 @@ def _first_order(opt: Q4Shampoo, group: ShapeGroup) -> WarmUp | None:
     return ("first_order", p.device, tuple(p.shape), p.dtype, repr(cfg)), run
 
 
-def first_step_warm_ups(opt: Q4Shampoo, layout: Layout) -> list[WarmUp]:
+def first_step_warm_ups(opt: Any, layout: Layout) -> list[WarmUp]:
     """The warm-ups ``layout`` needs that this process has not done yet (one per key)."""
     found = [_decoder(opt, b) for b in layout.buckets] + [_refresh(opt, b) for b in layout.buckets]
     found += [_first_order(opt, g) for g in layout.groups]
@@ -111,7 +109,7 @@ def first_step_warm_ups(opt: Q4Shampoo, layout: Layout) -> list[WarmUp]:
     return list(todo.items())
 
 
-def run_first_step_warm_ups(opt: Q4Shampoo, layout: Layout) -> int:
+def run_first_step_warm_ups(opt: Any, layout: Layout) -> int:
     """Run the warm-ups ``layout`` needs (module docstring); returns how many ran."""
     todo = first_step_warm_ups(opt, layout)
     if not todo:

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_q4shampoo"
 #: docs/ARCHITECTURE.md, "Layers": a module imports only modules of lower layers.
 LAYERS = {
     "options": -1,  # the option machinery every optimizer's options share
+    "capture_guard": -0.5,  # what a CUDA graph capture refuses (caches of host copies call it)
     "config": 0,
     "quant": 0,
     "linalg": 0,
@@ -23,6 +24,8 @@ LAYERS = {
     "triton_adamw": 0.5,
     "triton_roots": 0.5,
     "triton_factor": 0.5,
+    "triton_precompile": 0.5,  # compiles the Triton kernels a dry run would launch, in parallel
+    "step_graph": 0.5,  # the steady step captured as a CUDA graph: when to capture, replay or run eagerly
     "triton_kernels": 1,  # re-exports the three kernel modules above
     "layout": 1,
     "sparse_mfac_config": 1,
@@ -37,6 +40,7 @@ LAYERS = {
     "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
     "refresh": 2.7,  # Q4Shampoo's statistics / root refresh stages (a mixin)
     "direction": 2.7,  # Q4Shampoo's per-step update: L^ G R^, grafting, first-order step (a mixin)
+    "warmup": 2.8,  # the first step's warm-ups (copies), run as a dry run for triton_precompile
     "optimizer": 3,
     "sparse_mfac": 3,
     "q4adamw": 3,

@@ -1,0 +1,118 @@
+"""The steady step as one CUDA graph: capture it once, replay it every step that looks the same.
+
+Why: a step without statistics or root refreshes is ~600 small kernel launches (decode the roots, ``L^ G R^``,
+grafting, the 4-bit AdamW kernels, per shape group). On a model whose forward/backward is short the host
+cannot issue them as fast as the GPU runs them: on the time-to-target model the step cost ~24 ms of host
+time against a ~37 ms AdamW step (docs/perf_notes.md v14/v16). A replayed graph is one launch.
+
+What makes a step replayable (``Q4Shampoo._steady_graph_key`` builds the key; None means run eagerly):
+
+* nothing host-dependent is baked in: the learning rate and the step's bias corrections are read from
+  device scalars that :func:`first_order.fill_scalars` refills before each replay, so the step may ask for
+  only one value of each (one learning rate and one step count for all its batches); the other
+  hyper-parameters are part of the key;
+* every tensor the step reads or writes has the address it had at capture: parameters, state buffers
+  (updated in place, also by the eager statistics and refresh steps in between) and the gradients, whose
+  addresses are part of the key (with ``zero_grad(set_to_none=True)`` the allocator hands a training loop the
+  same blocks every step; when it does not, the step runs eagerly);
+* nothing in it is copied from host memory: those caches refuse a miss during a capture
+  (``capture_guard.py``); an eager run of the same step just before the capture fills them.
+
+A key is captured the second time in a row it is seen (the first run is eager and warms every cache); a key
+whose capture was refused runs eagerly from then on. Only one graph is kept: its private memory pool holds
+the step's transient tensors for as long as it lives.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .capture_guard import NotCapturable
+
+__all__ = ["StepGraph", "GraphCounts"]
+
+
+@dataclass
+class GraphCounts:
+    """How the steps ran (for benchmarks and tests)."""
+
+    eager: int = 0
+    captures: int = 0
+    replays: int = 0
+    refused: int = 0
+
+
+class StepGraph:
+    """One captured step and the rule that decides when to capture, replay or run eagerly."""
+
+    def __init__(self) -> None:
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._key: tuple | None = None
+        self._pinned: list = []
+        self._seen: tuple | None = None  # the previous step's key
+        self._refused: set[tuple] = set()
+        self.disabled = False  # set by a capture that failed unexpectedly
+        self.counts = GraphCounts()
+
+    def _refuse(self, key: tuple) -> None:
+        if len(self._refused) > 64:
+            self._refused.clear()
+        self._refused.add(key)
+        self.counts.refused += 1
+
+    def release(self) -> None:
+        """Drop the captured graph (and with it its memory pool)."""
+        self._graph = None
+        self._key = None
+        self._pinned: list = []
+
+    def run(
+        self,
+        key: tuple | None,
+        work: Callable[[], None],
+        prepare: Callable[[], None],
+        pins: Callable[[], list] = list,
+    ) -> None:
+        """Do this step's ``work``: replayed if ``key`` is the captured one, captured if it was also the previous
+        step's key, else eagerly. ``prepare`` brings the device scalars the work reads to this step's values
+        (before a capture or replay; the eager work fills them itself). ``pins`` returns what the graph must
+        keep alive besides its own pool: tensors made before the capture that it reads from caches that may
+        drop them."""
+        previous, self._seen = self._seen, key
+        if key is not None and key == self._key:
+            prepare()
+            self._graph.replay()
+            self.counts.replays += 1
+            return
+        if key is None or key != previous or key in self._refused or self.disabled:
+            self.counts.eager += 1
+            work()
+            return
+        self.release()  # one graph at a time: free the old pool before the new capture allocates its own
+        prepare()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                work()
+        except NotCapturable:  # expected: this step needs something from the host (module docstring)
+            self._refuse(key)
+            work()  # nothing of the failed capture ran; the host-side caches it touched are still valid
+            return
+        except RuntimeError as error:  # not expected (a synchronising op, memory): stop capturing, keep training
+            self.disabled = True
+            self._refuse(key)
+            warnings.warn(
+                f"Q4Shampoo: capturing the step as a CUDA graph failed ({error}); the steps run eagerly from now "
+                "on (set cuda_graph=False to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            work()
+            return
+        graph.replay()  # a capture records the work without running it
+        self._graph, self._key, self._pinned = graph, key, pins()
+        self.counts.captures += 1

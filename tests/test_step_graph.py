@@ -1,0 +1,85 @@
+"""step_graph's rule (capture a key seen twice in a row, replay it, refuse what cannot be captured), checked with
+a stand-in for torch's CUDA graph so that it runs anywhere; tests/test_cuda_graph.py runs the real thing."""
+
+import contextlib
+
+import pytest
+import torch
+
+from hf_q4shampoo import step_graph
+from hf_q4shampoo.capture_guard import NotCapturable
+
+
+class _Graph:
+    replayed = 0
+
+    def replay(self):
+        _Graph.replayed += 1
+
+
+@pytest.fixture
+def fake_cuda_graph(monkeypatch):
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode):
+        capturing.append(g)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    _Graph.replayed = 0
+    return capturing
+
+
+def test_a_key_is_captured_the_second_time_in_a_row_and_replayed_after(fake_cuda_graph):
+    runner, ran, prepared = step_graph.StepGraph(), [], []
+    for key in ["a", "a", "a", "a", "b", "a", "a"]:
+        runner.run(key, lambda k=key: ran.append(k), lambda k=key: prepared.append(k))
+    counts = runner.counts
+    # a: eager, capture (its work runs once while recorded, then the graph replays), replay, replay;
+    # b: eager (new key, not captured after one sighting); a: the graph kept for a replays at once
+    assert (counts.eager, counts.captures, counts.replays) == (2, 1, 4)
+    assert ran == ["a", "a", "b"]  # the eager runs and the recorded one
+    assert _Graph.replayed == 1 + 4
+    assert len(fake_cuda_graph) == 1
+    assert len(prepared) == 1 + 4  # before the capture and before every replay, never before an eager run
+
+
+def test_no_key_always_runs_eagerly(fake_cuda_graph):
+    runner, ran = step_graph.StepGraph(), []
+    for _ in range(4):
+        runner.run(None, lambda: ran.append(1), lambda: pytest.fail("prepared an eager step"))
+    assert len(ran) == 4 and runner.counts.eager == 4 and not fake_cuda_graph
+
+
+def test_a_refused_capture_runs_the_step_eagerly_and_is_not_tried_again(fake_cuda_graph):
+    runner, ran = step_graph.StepGraph(), []
+
+    def work():
+        if fake_cuda_graph and len(ran) == 1:  # inside the first capture: something needs the host
+            ran.append("refused")
+            raise NotCapturable("a new index")
+        ran.append("ran")
+
+    for _ in range(4):
+        runner.run("k", work, lambda: None)
+    assert ran == ["ran", "refused", "ran", "ran", "ran"]
+    assert (runner.counts.eager, runner.counts.captures, runner.counts.refused) == (3, 0, 1)
+    assert len(fake_cuda_graph) == 1
+
+
+def test_an_unexpected_capture_failure_warns_and_stops_capturing(fake_cuda_graph):
+    runner, ran = step_graph.StepGraph(), []
+
+    def work():
+        if len(fake_cuda_graph) == 1 and len(ran) == 1:
+            ran.append("failed")
+            raise RuntimeError("operation not permitted when stream is capturing")
+        ran.append("ran")
+
+    with pytest.warns(RuntimeWarning, match="eagerly from now on"):
+        for key in ["k", "k", "j", "j", "j"]:
+            runner.run(key, work, lambda: None)
+    assert ran == ["ran", "failed", "ran", "ran", "ran", "ran"] and runner.disabled
+    assert len(fake_cuda_graph) == 1
