@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | first_step | launches:OLD_TREE | graph | graph_ttt | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -25,6 +25,8 @@ bench_plain() {  # bench_plain TAG OPTIM_ARGS [bench args]: as bench, without st
 }
 for part in "$@"; do
   case $part in
+    tests_graph)  # the CUDA graph's checks alone
+      python -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda_graph.py 2>&1 | tail -30 > "$out/tests_graph.log" ;;
     tests)
       python -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda.py tests/test_cuda_warmup.py tests/test_cuda_graph.py 2>&1 | grep -v DEBUG | tail -120 > "$out/tests.log" ;;
     bench)

@@ -182,12 +182,13 @@ class Q4ShampooConfig(OptionsBase):
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
-        cuda_graph: on CUDA, capture a step without statistics or roots due as one CUDA graph and replay it in
-            the steps that look the same, instead of launching its ~600 kernels from the host each time
-            (``step_graph.py``). It applies where the step's first-order update reads the learning rate from the
-            device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused AdamW), ``grafting="norm"``,
+        cuda_graph: on CUDA, capture a step's update (``L^ G R^``, grafting, the first-order step: ~600 kernels)
+            as one CUDA graph and replay it in the steps that look the same, instead of launching its kernels
+            from the host each time; the statistics and root refreshes due in a step run eagerly before it
+            (``step_graph.py``). It applies where the first-order update reads the learning rate from the device
+            (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused AdamW), ``grafting="norm"``,
             one learning rate and one step count for all parameters, and no DDP work split; other steps run
-            eagerly. The graph's private memory pool keeps one steady step's transient tensors allocated between
+            eagerly. The graph's private memory pool keeps one update's transient tensors allocated between
             steps. False: every step eager.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by

@@ -431,11 +431,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
                 b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
         split = self._ddp_split()
         shared = keep_owned_work(batches, split.rank) if split is not None else []
-        if not shared and not any(b.stats_due or b.roots_due for b in batches):  # a steady step
-            key, prepare = self._steady_graph(layout, batches)
-            self._graph_runner().run(key, lambda: self._steady_work(batches), prepare, triton_kernels.pointer_tables)
-            return loss
-        _flag_finite(batches)
+        refreshing = any(b.stats_due or b.roots_due for b in batches)
+        if refreshing or shared:
+            _flag_finite(batches)
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -448,13 +446,20 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
         if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots
             with self._stage("roots_exchange"):
                 split.exchange_roots(shared)
-        for b in batches:
-            self._step_batch(b)
+        key, prepare = self._update_graph(layout, batches)
+        if key is None:  # eager
+            if not (refreshing or shared):
+                _flag_finite(batches)
+            for b in batches:
+                self._step_batch(b)
+        else:  # the refreshes above ran eagerly; the update is the same every step: captured once, replayed
+            self._graph_runner().run(key, lambda: self._update_work(batches), prepare, triton_kernels.pointer_tables)
         return loss
 
-    def _steady_work(self, batches: list[StepBatch]) -> None:
-        """A step without statistics or roots due: precondition, graft and step every batch (what
-        ``step_graph.py`` captures)."""
+    def _update_work(self, batches: list[StepBatch]) -> None:
+        """The update of every batch (precondition, graft, first-order step) with its gradients' finite flags:
+        what ``step_graph.py`` captures (the flags are made again inside, so the graph reads no tensor
+        that the eager refreshes before it allocated)."""
         _flag_finite(batches)
         for b in batches:
             self._step_batch(b)
@@ -465,9 +470,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
             runner = self._step_graph = StepGraph()
         return runner
 
-    def _steady_graph(self, layout: Layout, batches: list[StepBatch]) -> tuple[tuple | None, Callable[[], None]]:
-        """This steady step's CUDA graph key (None: run it eagerly) and what to do before its replay; the
-        conditions are ``step_graph.py``'s."""
+    def _update_graph(self, layout: Layout, batches: list[StepBatch]) -> tuple[tuple | None, Callable[[], None]]:
+        """The CUDA graph key of this step's update (None: run it eagerly) and what to do before its replay;
+        the conditions are ``step_graph.py``'s."""
         cfg = self.config
         device = batches[0].grads[0].device
         eager = (None, lambda: None)

@@ -1,26 +1,29 @@
-"""The steady step as one CUDA graph: capture it once, replay it every step that looks the same.
+"""A step's update as one CUDA graph: capture it once, replay it every step that looks the same.
 
-Why: a step without statistics or root refreshes is ~600 small kernel launches (decode the roots, ``L^ G R^``,
-grafting, the 4-bit AdamW kernels, per shape group). On a model whose forward/backward is short the host
-cannot issue them as fast as the GPU runs them: on the time-to-target model the step cost ~24 ms of host
-time against a ~37 ms AdamW step (docs/perf_notes.md v14/v16). A replayed graph is one launch.
+Why: the update of a step (decode the roots, ``L^ G R^``, grafting, the 4-bit AdamW kernels, per shape group)
+is ~600 small kernel launches, the same ones every step. On a model whose forward/backward is short the host
+cannot issue them as fast as the GPU runs them: on the time-to-target model they cost ~24 ms of host time
+against a ~37 ms AdamW step (docs/perf_notes.md v14/v16). A replayed graph is one launch. The statistics
+updates and root refreshes that fall on a step (a few factors on most steps, spread by ``refresh_spread``)
+run eagerly before it: they change from step to step, and they update the state in place, where the graph
+reads it.
 
-What makes a step replayable (``Q4Shampoo._steady_graph_key`` builds the key; None means run eagerly):
+What makes an update replayable (``Q4Shampoo._update_graph`` builds the key; None means run eagerly):
 
 * nothing host-dependent is baked in: the learning rate and the step's bias corrections are read from
   device scalars that :func:`first_order.fill_scalars` refills before each replay, so the step may ask for
   only one value of each (one learning rate and one step count for all its batches); the other
   hyper-parameters are part of the key;
-* every tensor the step reads or writes has the address it had at capture: parameters, state buffers
-  (updated in place, also by the eager statistics and refresh steps in between) and the gradients, whose
-  addresses are part of the key (with ``zero_grad(set_to_none=True)`` the allocator hands a training loop the
-  same blocks every step; when it does not, the step runs eagerly);
+* every tensor the update reads or writes has the address it had at capture: parameters, state buffers
+  (updated in place, also by the eager refreshes) and the gradients, whose addresses are part of the key
+  (with ``zero_grad(set_to_none=True)`` the allocator hands a training loop the same blocks every step; when
+  it does not, the step runs eagerly);
 * nothing in it is copied from host memory: those caches refuse a miss during a capture
-  (``capture_guard.py``); an eager run of the same step just before the capture fills them.
+  (``capture_guard.py``); an eager run of the same update just before the capture fills them.
 
 A key is captured the second time in a row it is seen (the first run is eager and warms every cache); a key
 whose capture was refused runs eagerly from then on. Only one graph is kept: its private memory pool holds
-the step's transient tensors for as long as it lives.
+the update's transient tensors for as long as it lives.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The steady step captured as a CUDA graph (``cuda_graph=True``, the default) against the eager step
+"""The step's update captured as a CUDA graph (``cuda_graph=True``, the default) against the eager step
 (``cuda_graph=False``): the same parameters and state bit for bit, through a changing learning rate, statistics and
 root steps in between, gradients that move, a NaN gradient in a replayed step, and groups with two learning rates.
 Skipped without a GPU."""
@@ -68,7 +68,8 @@ def test_captured_steps_equal_eager_steps_bit_for_bit(case):
     elif case.get("move_grads"):
         assert counts.eager > 2  # a new address set is run eagerly first
     else:
-        # 14 steps at update_freq=3: 9 steady ones; the first is eager, the second captured, the rest replayed
+        # the first update of a key is eager, the second captured, the rest replayed (the keys change while the
+        # factors get their first roots, one offset at a time)
         assert counts.captures >= 1 and counts.replays >= 4, counts
     if case.get("nan_at", -1) >= 0:
         assert g_opt.skipped_updates() == e_opt.skipped_updates() == 1
