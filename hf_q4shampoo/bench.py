@@ -161,7 +161,7 @@ def bench_one(
             if stage_timer is not None:
                 stage_timer.next_step()
         with clock("step"):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not args.keep_grads)
             with autocast:
                 loss = model(x, labels=x).loss
             loss.backward()

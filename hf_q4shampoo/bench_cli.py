@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the full results (incl. every step time) here")
     p.add_argument("--raise_errors", action="store_true", help="do not turn an optimizer's failure into 'skipped'")
     p.add_argument(
+        "--keep_grads",
+        action="store_true",
+        help="zero the gradients in place (set_to_none=False): they keep their addresses from step to step",
+    )
+    p.add_argument(
         "--phases",
         action="store_true",
         help="also time the stages of Q4Shampoo's step (statistics, roots, apply, grafting, first_order)",
