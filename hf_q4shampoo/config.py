@@ -189,7 +189,10 @@ class Q4ShampooConfig(OptionsBase):
             (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused AdamW), ``grafting="norm"``,
             one learning rate and one step count for all parameters, and no DDP work split; other steps run
             eagerly. The graph's private memory pool keeps one update's transient tensors allocated between
-            steps. False: every step eager.
+            steps (590 MiB on the 91.7M time-to-target model: over AdamW's peak there), and gradients reallocated
+            at other addresses every step (``zero_grad(set_to_none=True)``) or roots still arriving keep it from
+            replaying: off by default until both are solved (docs/perf_notes.md v16). False (default): every
+            step eager.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);
@@ -256,7 +259,7 @@ class Q4ShampooConfig(OptionsBase):
     fused_statistics: bool = True
     refresh_spread: int = 25
     shard_preconditioners: bool = True
-    cuda_graph: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)

@@ -1,4 +1,4 @@
-"""The step's update captured as a CUDA graph (``cuda_graph=True``, the default) against the eager step
+"""The step's update captured as a CUDA graph (``cuda_graph=True``) against the eager step
 (``cuda_graph=False``): the same parameters and state bit for bit, through a changing learning rate, statistics and
 root steps in between, gradients that move, a NaN gradient in a replayed step, and groups with two learning rates.
 Skipped without a GPU."""
