@@ -48,11 +48,12 @@ def _flat(
 class DirectionMixin:
     """Preconditioning, grafting and the first-order step of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`."""
 
-    def _step_batch(self, batch: StepBatch) -> None:
+    def _step_batch(self, batch: StepBatch, g: torch.Tensor | None = None) -> None:
         """Precondition, graft and take the first-order step for one batch; members with a non-finite
-        gradient or direction keep their parameter and moments and count a skipped update."""
+        gradient or direction keep their parameter and moments and count a skipped update. ``g``: the
+        gradients already stacked in fp32 (the graphed update gathers them by address)."""
         grads = batch.grads
-        g = stacked_fp32(grads)
+        g = stacked_fp32(grads) if g is None else g
         directions = g
         keep = batch.finite
         if self.config.grafting == "adam" and batch.group.plan is not None:

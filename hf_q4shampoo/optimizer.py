@@ -31,7 +31,6 @@ across all parameters so every stage is a handful of batched tensor ops.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -41,14 +40,15 @@ from typing import Any
 
 import torch
 
-from . import linalg, triton_kernels
+from . import linalg
 from .blocking import BlockPlan, plan_blocks
 from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
 from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
-from .first_order import adam_scalars, fill_scalars, replayable_adamw, total_skipped
+from .first_order import total_skipped
+from .graphed_update import GraphedUpdateMixin, flag_finite
 from .layout import (
     IndexCache,
     Layout,
@@ -66,7 +66,6 @@ from .refresh import RefreshMixin
 from .schedule import first_due as _first_due
 from .schedule import is_due as _is_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
-from .step_graph import StepGraph
 from .warmup import run_first_step_warm_ups
 
 __all__ = ["Q4Shampoo"]
@@ -74,13 +73,6 @@ __all__ = ["Q4Shampoo"]
 #: Attributes DeepSpeed ZeRO-3 sets on the parameters it partitions (ZeRO-1/2 hand the optimizer flat
 #: partitions without markers: the Trainer integration refuses those setups from its arguments).
 _DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
-
-
-def _flag_finite(batches: list[StepBatch]) -> None:
-    """One multi-tensor max-abs per batch; the flags stay on the device (no sync)."""
-    for b in batches:
-        b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
-        b.finite = torch.isfinite(b.amax)
 
 
 def _as_config(config: Any) -> Q4ShampooConfig:
@@ -97,7 +89,7 @@ def _as_config(config: Any) -> Q4ShampooConfig:
     )
 
 
-class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optimizer):
+class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixin, torch.optim.Optimizer):
     """Shampoo with 4-bit preconditioners (a refined 4-bit Cholesky factor by default, paper 1's layout).
 
     Args:
@@ -160,6 +152,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
             "_owner_by_id",
             "_consolidated",
             "_step_graph",
+            "_grad_addresses",
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
@@ -433,7 +426,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
         shared = keep_owned_work(batches, split.rank) if split is not None else []
         refreshing = any(b.stats_due or b.roots_due for b in batches)
         if refreshing or shared:
-            _flag_finite(batches)
+            flag_finite(batches)
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -446,58 +439,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, torch.optim.Optim
         if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots
             with self._stage("roots_exchange"):
                 split.exchange_roots(shared)
-        key, prepare = self._update_graph(layout, batches)
-        if key is None:  # eager
-            if not (refreshing or shared):
-                _flag_finite(batches)
-            for b in batches:
-                self._step_batch(b)
-        else:  # the refreshes above ran eagerly; the update is the same every step: captured once, replayed
-            self._graph_runner().run(key, lambda: self._update_work(batches), prepare, triton_kernels.pointer_tables)
+        self._run_update(layout, batches, flagged=refreshing or shared)
         return loss
-
-    def _update_work(self, batches: list[StepBatch]) -> None:
-        """The update of every batch (precondition, graft, first-order step) with its gradients' finite flags:
-        what ``step_graph.py`` captures (the flags are made again inside, so the graph reads no tensor
-        that the eager refreshes before it allocated)."""
-        _flag_finite(batches)
-        for b in batches:
-            self._step_batch(b)
-
-    def _graph_runner(self) -> StepGraph:
-        runner = self.__dict__.get("_step_graph")
-        if runner is None:
-            runner = self._step_graph = StepGraph()
-        return runner
-
-    def _update_graph(self, layout: Layout, batches: list[StepBatch]) -> tuple[tuple | None, Callable[[], None]]:
-        """The CUDA graph key of this step's update (None: run it eagerly) and what to do before its replay;
-        the conditions are ``step_graph.py``'s."""
-        cfg = self.config
-        device = batches[0].grads[0].device
-        eager = (None, lambda: None)
-        if not cfg.cuda_graph or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
-            return eager
-        if not cfg.use_compile or cfg.first_order != "adamw" or cfg.grafting != "norm":
-            return eager
-        groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
-        if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
-            return eager
-        lrs, betas, steps = {g["lr"] for g in groups}, {tuple(g["betas"]) for g in groups}, {b.step for b in batches}
-        if len(lrs) != 1 or len(betas) != 1 or len(steps) != 1:  # one value per device scalar (step_graph.py)
-            return eager
-        if not all(b.grads[0].device == device and replayable_adamw(b.group.params, b.group.moments) for b in batches):
-            return eager
-        key = (
-            layout.key,
-            tuple((g["weight_decay"], g["eps"]) for g in groups),
-            betas.pop(),
-            tuple((id(b.group), tuple(b.members), tuple(b.ready)) for b in batches),
-            tuple(x.data_ptr() for b in batches for x in b.grads),
-            tuple(p.data_ptr() for b in batches for p in b.group.params),
-        )
-        values = adam_scalars(lrs.pop(), steps.pop(), key[2])
-        return key, lambda: fill_scalars(device, values)
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""

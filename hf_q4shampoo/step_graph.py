@@ -36,7 +36,7 @@ import torch
 
 from .capture_guard import NotCapturable
 
-__all__ = ["StepGraph", "GraphCounts"]
+__all__ = ["StepGraph", "GraphCounts", "AddressTable"]
 
 
 @dataclass
@@ -81,13 +81,14 @@ class StepGraph:
         pins: Callable[[], list] = list,
     ) -> None:
         """Do this step's ``work``: replayed if ``key`` is the captured one, captured if it was also the previous
-        step's key, else eagerly. ``prepare`` brings the device scalars the work reads to this step's values
-        (before a capture or replay; the eager work fills them itself). ``pins`` returns what the graph must
-        keep alive besides its own pool: tensors made before the capture that it reads from caches that may
-        drop them."""
+        step's key, else eagerly. ``prepare`` brings what the work reads from the device (scalars, the address
+        table) to this step's values; it runs before every run with a key, eager ones included. ``pins``
+        returns what the graph must keep alive besides its own pool: tensors made before the capture that it
+        reads from caches that may drop them."""
         previous, self._seen = self._seen, key
-        if key is not None and key == self._key:
+        if key is not None:
             prepare()
+        if key is not None and key == self._key:
             self._graph.replay()
             self.counts.replays += 1
             return
@@ -96,7 +97,6 @@ class StepGraph:
             work()
             return
         self.release()  # one graph at a time: free the old pool before the new capture allocates its own
-        prepare()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -119,3 +119,31 @@ class StepGraph:
         graph.replay()  # a capture records the work without running it
         self._graph, self._key, self._pinned = graph, key, pins()
         self.counts.captures += 1
+
+
+class AddressTable:
+    """A device table of tensor addresses (int64) that the host refills without waiting for the GPU.
+
+    A graph reads the table at replay, so the table's own address never changes; each refill writes one of two
+    pinned host buffers, in turn, and copies it to the table on the current stream. A buffer is written again
+    only after the copy that last read it has run (an event), which makes the host wait only if it is two whole
+    steps ahead of the GPU.
+    """
+
+    def __init__(self, size: int, device: torch.device, owner: object = None) -> None:
+        self.owner = owner  # what the table was made for (the optimizer's layout key)
+        self.device_table = torch.zeros(size, dtype=torch.int64, device=device)
+        self._host = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def fill(self, addresses: list[int]) -> None:
+        """Make the first ``len(addresses)`` entries of :attr:`device_table` these addresses (stream-ordered)."""
+        i, self._turn = self._turn, self._turn ^ 1
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()
+        host = self._host[i]
+        host[: len(addresses)] = torch.tensor(addresses, dtype=torch.int64)
+        self.device_table.copy_(host, non_blocking=True)
+        event = self._copied[i] = self._copied[i] or torch.cuda.Event()
+        event.record()

@@ -4,7 +4,8 @@ when the optimizer's layout is built, so that none of it stalls training later.
 * the root decoder of each factor order (compiled when preconditioning starts: a 1.5 s stall mid-run, v7);
 * one statistics update and one root refresh of a copy of one factor per order (cuSOLVER's Cholesky and the
   root iteration's products load at their first launch: ~150-200 ms at the first refresh, v9);
-* one first-order step of a copy of one member per shape group that takes the Triton 4-bit AdamW kernels.
+* one first-order step of a copy of one member per shape group that takes the Triton 4-bit AdamW kernels;
+* with ``cuda_graph=True``, the gradient gather of the graphed update per shape group (it only reads).
 
 All of them work on copies, so the first pass is a dry run (``triton_precompile``): the Triton kernels they
 would compile are recorded, skipped, and compiled in parallel; cuSOLVER and cuBLAS load as they run. Where that
@@ -26,6 +27,7 @@ from . import triton_kernels
 from .distributed import is_root_key
 from .layout import FactorBucket, Layout, ShapeGroup, StepBatch
 from .moments import _is_quantized
+from .triton_gather import SOURCE_DTYPES, stack_by_address
 from .triton_precompile import compile_in_parallel
 
 __all__ = ["run_first_step_warm_ups", "first_step_warm_ups"]
@@ -98,10 +100,22 @@ def _first_order(opt: Any, group: ShapeGroup) -> WarmUp | None:
     return ("first_order", p.device, tuple(p.shape), p.dtype, repr(cfg)), run
 
 
+def _gather(opt: Any, group: ShapeGroup) -> WarmUp | None:
+    """The graphed update's gradient gather (``cuda_graph=True``) for this group's shape and dtype."""
+    p = group.params[0]
+    if p.device.type != "cuda" or not opt.config.cuda_graph or p.dtype not in SOURCE_DTYPES:
+        return None
+
+    def run() -> None:
+        stack_by_address(torch.tensor([p.data_ptr()], dtype=torch.int64, device=p.device), tuple(p.shape), p.dtype)
+
+    return ("gather", p.device, tuple(p.shape), p.dtype), run
+
+
 def first_step_warm_ups(opt: Any, layout: Layout) -> list[WarmUp]:
     """The warm-ups ``layout`` needs that this process has not done yet (one per key)."""
     found = [_decoder(opt, b) for b in layout.buckets] + [_refresh(opt, b) for b in layout.buckets]
-    found += [_first_order(opt, g) for g in layout.groups]
+    found += [_first_order(opt, g) for g in layout.groups] + [_gather(opt, g) for g in layout.groups]
     todo: dict[tuple, Callable[[], None]] = {}
     for item in found:
         if item is not None and item[0] not in _DONE:

@@ -25,7 +25,8 @@ LAYERS = {
     "triton_roots": 0.5,
     "triton_factor": 0.5,
     "triton_precompile": 0.5,  # compiles the Triton kernels a dry run would launch, in parallel
-    "step_graph": 0.5,  # the steady step captured as a CUDA graph: when to capture, replay or run eagerly
+    "triton_gather": 0.5,  # stacks tensors given by their addresses (the graphed update's gradients)
+    "step_graph": 0.5,  # a step's update as a CUDA graph: when to capture, replay or run eagerly
     "triton_kernels": 1,  # re-exports the three kernel modules above
     "layout": 1,
     "sparse_mfac_config": 1,
@@ -41,6 +42,7 @@ LAYERS = {
     "refresh": 2.7,  # Q4Shampoo's statistics / root refresh stages (a mixin)
     "direction": 2.7,  # Q4Shampoo's per-step update: L^ G R^, grafting, first-order step (a mixin)
     "warmup": 2.8,  # the first step's warm-ups (copies), run as a dry run for triton_precompile
+    "graphed_update": 2.8,  # Q4Shampoo's update as a replayed CUDA graph (a mixin): coverage, key, address table
     "optimizer": 3,
     "sparse_mfac": 3,
     "q4adamw": 3,

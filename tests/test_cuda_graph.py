@@ -1,32 +1,35 @@
-"""The step's update captured as a CUDA graph (``cuda_graph=True``) against the eager step
-(``cuda_graph=False``): the same parameters and state bit for bit, through a changing learning rate, statistics and
-root steps in between, gradients that move, a NaN gradient in a replayed step, and groups with two learning rates.
-Skipped without a GPU."""
+"""The step's update as a replayed CUDA graph (``cuda_graph=True``): bit for bit what the same update gives run
+eagerly, through a changing learning rate, refreshes in between, gradients that move (``set_to_none=True``), a NaN
+gradient in a replayed step, chunked shape groups and matrices left outside the graph; and, where the chunks are
+whole groups, bit for bit ``cuda_graph=False``. Skipped without a GPU."""
 
 import pytest
 import torch
 
-from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo import Q4Shampoo, graphed_update, step_graph
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+CASES = [{}, {"move_grads": True}, {"nan_at": 18}, {"two_lrs": True}, {"keep_grads": True}]
+IDS = ["plain", "moving", "nan", "two_lrs", "kept"]
 
-def _train(cuda_graph: bool, steps: int = 24, two_lrs: bool = False, move_grads: bool = False, nan_at: int = -1):
+
+def _train(cuda_graph: bool, steps=24, two_lrs=False, move_grads=False, nan_at=-1, keep_grads=False):
     torch.manual_seed(0)
-    # 160x96 and 70x160 weights take the Triton 4-bit AdamW (min_quant_numel=1024), the biases torch's fused AdamW
-    model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 70)).cuda()
+    # three 96x96 matrices in one shape group, a 70x96 one: the Triton 4-bit AdamW (min_quant_numel=1024);
+    # the biases: torch's fused AdamW
+    layers = [torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 96), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 70)).cuda()
     params = list(model.parameters())
-    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 5e-3 if two_lrs else 1e-2}]
+    groups = [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3 if two_lrs else 1e-2}]
     opt = Q4Shampoo(groups, lr=1e-2, update_freq=2, root_freq=4, min_quant_numel=1024, cuda_graph=cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))  # a new lr every step
     g = torch.Generator().manual_seed(1)
     junk = []
     for i in range(steps):
         x, y = torch.randn(64, 96, generator=g).cuda(), torch.randn(64, 70, generator=g).cuda()
-        # in place, the gradients keep their addresses; set to None, with another allocation pattern every step,
-        # they land elsewhere
-        opt.zero_grad(set_to_none=move_grads)
-        if move_grads:
+        opt.zero_grad(set_to_none=not keep_grads)
+        if move_grads:  # another allocation pattern every step: the gradients land at other addresses
             junk.append(torch.empty(4096 * (i % 3 + 1), device="cuda"))
         ((model(x) - y) ** 2).mean().backward()
         if i == nan_at:
@@ -35,13 +38,6 @@ def _train(cuda_graph: bool, steps: int = 24, two_lrs: bool = False, move_grads:
         sched.step()
     torch.cuda.synchronize()
     return [p.detach().clone() for p in params], opt
-
-
-def _same_state(a: Q4Shampoo, b: Q4Shampoo) -> None:
-    for (ka, va), (kb, vb) in zip(sorted(_flat(a.state_dict()).items()), sorted(_flat(b.state_dict()).items())):
-        assert ka == kb
-        if isinstance(va, torch.Tensor):
-            assert torch.equal(va, vb), ka
 
 
 def _flat(tree, prefix=""):
@@ -55,23 +51,52 @@ def _flat(tree, prefix=""):
     return out
 
 
-@pytest.mark.parametrize(
-    "case", [{}, {"move_grads": True}, {"nan_at": 18}, {"two_lrs": True}], ids=["plain", "moving", "nan", "two_lrs"]
-)
-def test_captured_steps_equal_eager_steps_bit_for_bit(case):
-    graphed, g_opt = _train(True, **case)
-    eager, e_opt = _train(False, **case)
-    for a, b in zip(graphed, eager):
-        assert torch.equal(a, b)
-    _same_state(g_opt, e_opt)
-    counts = g_opt._graph_runner().counts
+def _assert_same(a, b) -> None:
+    (pa, oa), (pb, ob) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    fa, fb = _flat(oa.state_dict()), _flat(ob.state_dict())
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        if isinstance(fa[k], torch.Tensor):
+            assert torch.equal(fa[k], fb[k]), k
+
+
+def _never_captured(monkeypatch) -> None:
+    """StepGraph.run that always runs the work eagerly (the same work and device tables, no graph)."""
+
+    def run(self, key, work, prepare, pins=list):
+        if key is not None:
+            prepare()
+        work()
+
+    monkeypatch.setattr(step_graph.StepGraph, "run", run)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_replays_equal_the_same_update_run_eagerly(case, monkeypatch):
+    monkeypatch.setattr(graphed_update, "CHUNK_NUMEL", 96 * 96)  # the 96x96 group in chunks of one member
+    graphed = _train(True, **case)
+    counts = graphed[1]._graph_runner().counts
     if case.get("two_lrs"):  # two values of the lr scalar in one step: never captured
         assert counts.captures == 0 and counts.replays == 0
-    elif case.get("move_grads"):
-        assert counts.eager > 2  # a new address set is run eagerly first
     else:
-        # the first update of a key is eager, the second captured, the rest replayed (the keys change while the
-        # factors get their first roots, one offset at a time)
-        assert counts.captures >= 1 and counts.replays >= 4, counts
+        # the first update of a key runs eagerly, the second is captured, the rest replay (the key changes while
+        # the factors get their first roots); moving gradients are read through the address table
+        assert counts.captures >= 1 and counts.replays >= 10, counts
+    _never_captured(monkeypatch)
+    _assert_same(graphed, _train(True, **case))
     if case.get("nan_at", -1) >= 0:
-        assert g_opt.skipped_updates() == e_opt.skipped_updates() == 1
+        assert graphed[1].skipped_updates() == 1
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_with_whole_groups_the_graph_equals_the_eager_optimizer(case):
+    _assert_same(_train(True, **case), _train(False, **case))
+
+
+def test_matrices_over_the_size_limit_are_updated_eagerly_beside_the_graph(monkeypatch):
+    monkeypatch.setattr(graphed_update, "MAX_MEMBER_NUMEL", 96 * 96 - 1)  # the 96x96 group stays out
+    graphed = _train(True)
+    assert graphed[1]._graph_runner().counts.replays >= 10
+    _assert_same(graphed, _train(False))

@@ -30,6 +30,14 @@ SCRIPT = textwrap.dedent("""
         ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32)
         assert torch.equal(ref, tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32))
 
+    # gathering tensors by address: torch.stack(...).float(), fp32 and bf16 sources, a partial last block
+    from hf_q4shampoo import triton_gather
+    for dtype in (torch.float32, torch.bfloat16):
+        src = [torch.randn(37, 61, generator=g).to(dtype) for _ in range(3)]
+        table = torch.tensor([t.data_ptr() for t in src], dtype=torch.int64)
+        got = triton_gather.stack_by_address(table, (37, 61), dtype)
+        assert torch.equal(got, torch.stack(src).float()), dtype
+
     # 4-bit AdamW: the same codes and parameters as the torch math, two steps, 200 columns (partial blocks),
     # for both codes of m
     K, R, C = 3, 40, 200

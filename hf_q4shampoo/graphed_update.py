@@ -1,0 +1,160 @@
+"""A step's update run as a replayed CUDA graph (``cuda_graph=True``): which batches it covers, its key, and
+what is refreshed before each replay (:class:`GraphedUpdateMixin`). ``step_graph.py`` decides when to capture.
+
+What the graph reads that changes from step to step, and how:
+
+* the gradients: through a device table of their addresses (``triton_gather``), refilled before each replay
+  (:class:`~hf_q4shampoo.step_graph.AddressTable`), so ``zero_grad(set_to_none=True)`` handing out new tensors
+  every step does not invalidate it;
+* the learning rate and the bias corrections: device scalars (``first_order.fill_scalars``).
+
+Its memory: the graph's private pool keeps the update's transient tensors between steps, so the graphed update
+works through each shape group in chunks of at most :data:`CHUNK_NUMEL` entries (about eight fp32 copies of a
+chunk are alive at once), and matrices larger than :data:`MAX_MEMBER_NUMEL` (GPT-2's 50,257-word embedding) are
+updated eagerly after the replay. Chunks round differently from the whole group's batched products and norms
+in the last bits, so a graphed run equals its own eager runs bit for bit, not ``cuda_graph=False``'s.
+
+A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config``, ``param_groups``, ``stage_timer``
+and calls ``_ddp_split`` and ``_step_batch``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import triton_kernels
+from .first_order import adam_scalars, fill_scalars, replayable_adamw
+from .layout import Layout, StepBatch
+from .step_graph import AddressTable, StepGraph
+from .triton_gather import SOURCE_DTYPES, stack_by_address
+
+__all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL"]
+
+#: entries per chunk of a shape group inside the graph (4M: ~16 MiB per fp32 copy)
+CHUNK_NUMEL = 1 << 22
+#: matrices with more entries than this are updated eagerly, outside the graph
+MAX_MEMBER_NUMEL = 1 << 23
+
+
+def flag_finite(batches: list[StepBatch]) -> None:
+    """One multi-tensor max-abs per batch; the flags stay on the device (no sync)."""
+    for b in batches:
+        b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
+        b.finite = torch.isfinite(b.amax)
+
+
+def _chunks(batch: StepBatch) -> list[tuple[int, StepBatch]]:
+    """``(first member position, sub-batch)`` pieces of at most :data:`CHUNK_NUMEL` entries (one member at least)."""
+    per = max(1, CHUNK_NUMEL // batch.grads[0].numel())
+    if len(batch.members) <= per:
+        return [(0, batch)]
+    out = []
+    for a in range(0, len(batch.members), per):
+        z = min(a + per, len(batch.members))
+        sub = StepBatch(batch.group, batch.members[a:z], batch.step, batch.grads[a:z])
+        sub.ready = [i - a for i in batch.ready if a <= i < z]
+        out.append((a, sub))
+    return out
+
+
+def _graphable_grads(batch: StepBatch) -> bool:
+    first = batch.grads[0]
+    return (
+        first.dtype in SOURCE_DTYPES
+        and first.numel() <= MAX_MEMBER_NUMEL
+        and all(g.dtype == first.dtype and g.is_contiguous() for g in batch.grads)
+    )
+
+
+class GraphedUpdateMixin:
+    """The update of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`'s step, graphed where it can be (module docstring)."""
+
+    def _run_update(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
+        """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
+        (``flagged``: the batches' finite flags were already made for the refreshes)."""
+        graphed, key, prepare = self._update_graph(layout, batches)
+        eager = [b for b in batches if all(b is not g for g, _ in graphed)]
+        if graphed:
+            table = self._grad_addresses.device_table
+            work = lambda: self._graphed_work(graphed, table)  # noqa: E731
+            self._graph_runner().run(key, work, prepare, triton_kernels.pointer_tables)
+        if eager and not flagged:
+            flag_finite(eager)
+        for b in eager:
+            self._step_batch(b)
+
+    def _graphed_work(self, graphed: list[tuple[StepBatch, int]], table: torch.Tensor) -> None:
+        """What the graph holds: for each batch, chunk by chunk, gather the gradients by address, flag the
+        non-finite ones and take the update."""
+        for batch, offset in graphed:
+            shape, dtype = tuple(batch.grads[0].shape), batch.grads[0].dtype
+            for a, sub in _chunks(batch):
+                g = stack_by_address(table[offset + a : offset + a + len(sub.members)], shape, dtype)
+                sub.amax = torch.linalg.vector_norm(g, ord=math.inf, dim=tuple(range(1, g.dim())))
+                sub.finite = torch.isfinite(sub.amax)
+                self._step_batch(sub, g)
+
+    def _graph_runner(self) -> StepGraph:
+        runner = self.__dict__.get("_step_graph")
+        if runner is None:
+            runner = self._step_graph = StepGraph()
+        return runner
+
+    def _address_table(self, layout: Layout, device: torch.device) -> AddressTable:
+        """The gradients' address table of this layout (a new one drops the graph that read the old)."""
+        table = self.__dict__.get("_grad_addresses")
+        size = sum(g.size for g in layout.groups)
+        if table is None or table.owner != layout.key or table.device_table.device != device:
+            self._graph_runner().release()
+            table = self._grad_addresses = AddressTable(size, device, owner=layout.key)
+        return table
+
+    def _update_graph(
+        self, layout: Layout, batches: list[StepBatch]
+    ) -> tuple[list[tuple[StepBatch, int]], tuple | None, Callable[[], None]]:
+        """The batches the graph covers with their offsets into the address table, its key and what to do before
+        it runs; nothing when the step cannot be graphed (the conditions are ``step_graph.py``'s)."""
+        cfg: Any = self.config
+        device = batches[0].grads[0].device
+        nothing = ([], None, lambda: None)
+        if not cfg.cuda_graph or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
+            return nothing
+        if not cfg.use_compile or cfg.first_order != "adamw" or cfg.grafting != "norm":
+            return nothing
+        groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
+        if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
+            return nothing
+        lrs, betas, steps = {g["lr"] for g in groups}, {tuple(g["betas"]) for g in groups}, {b.step for b in batches}
+        if len(lrs) != 1 or len(betas) != 1 or len(steps) != 1:  # one value per device scalar (step_graph.py)
+            return nothing
+        if not all(b.grads[0].device == device and replayable_adamw(b.group.params, b.group.moments) for b in batches):
+            return nothing
+        chosen = [b for b in batches if _graphable_grads(b)]
+        if not chosen:
+            return nothing
+        table = self._address_table(layout, device)
+        graphed, offset = [], 0
+        for b in chosen:
+            graphed.append((b, offset))
+            offset += len(b.grads)
+        beta_pair = betas.pop()
+        key = (
+            layout.key,
+            id(table),
+            tuple((g["weight_decay"], g["eps"]) for g in groups),
+            beta_pair,
+            tuple((id(b.group), tuple(b.members), tuple(b.ready), b.grads[0].dtype) for b in chosen),
+            tuple(p.data_ptr() for b in chosen for p in b.group.params),
+        )
+        values = adam_scalars(lrs.pop(), steps.pop(), beta_pair)
+        addresses = [g.data_ptr() for b in chosen for g in b.grads]
+
+        def prepare() -> None:
+            fill_scalars(device, values)
+            table.fill(addresses)
+
+        return graphed, key, prepare
