@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | graph_ttt_on | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -65,6 +65,8 @@ for part in "$@"; do
       for g in true false; do
         bench_plain "ttt_graph_$g" "update_freq=8,root_freq=80,cuda_graph=$g" --vocab 8192 --batch 16 --seq 512
       done ;;
+    graph_ttt_on)  # graph_ttt's captured run alone
+      bench_plain ttt_graph_true update_freq=8,root_freq=80,cuda_graph=true --vocab 8192 --batch 16 --seq 512 ;;
     graph_small)  # GPT-2 small at 10/100 with the graphed update
       bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true ;;
     graph_kept)  # the same with gradients zeroed in place (fixed addresses), 400 steps: replays after ~step 160
