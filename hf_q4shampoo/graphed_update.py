@@ -77,19 +77,11 @@ class GraphedUpdateMixin:
         """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
         (``flagged``: the batches' finite flags were already made for the refreshes)."""
         graphed, key, prepare = self._update_graph(layout, batches)
-        in_graph = [b for b, _ in graphed]
-        eager = [b for b in batches if all(b is not g for g in in_graph)]
-
-        def plain() -> None:  # the ordinary eager update of the batches the graph would cover
-            if not flagged:
-                flag_finite(in_graph)
-            for b in in_graph:
-                self._step_batch(b)
-
+        eager = [b for b in batches if all(b is not g for g, _ in graphed)]
         if graphed:
             table = self._grad_addresses.device_table
             work = lambda: self._graphed_work(graphed, table)  # noqa: E731
-            self._graph_runner().run(key, work, prepare, plain, triton_kernels.pointer_tables)
+            self._graph_runner().run(key, work, prepare, triton_kernels.pointer_tables)
         if eager and not flagged:
             flag_finite(eager)
         for b in eager:

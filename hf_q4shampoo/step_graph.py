@@ -14,17 +14,16 @@ What makes an update replayable (``Q4Shampoo._update_graph`` builds the key; Non
   device scalars that :func:`first_order.fill_scalars` refills before each replay, so the step may ask for
   only one value of each (one learning rate and one step count for all its batches); the other
   hyper-parameters are part of the key;
-* every tensor the update reads or writes has the address it had at capture: parameters and state buffers
-  (updated in place, also by the eager refreshes). The gradients, which a loop zeroing them with
-  ``set_to_none=True`` gets anew every step, are read through a device table of their addresses refilled
-  before each run (:class:`AddressTable`, ``graphed_update.py``);
+* every tensor the update reads or writes has the address it had at capture: parameters, state buffers
+  (updated in place, also by the eager refreshes) and the gradients, whose addresses are part of the key
+  (with ``zero_grad(set_to_none=True)`` the allocator hands a training loop the same blocks every step; when
+  it does not, the step runs eagerly);
 * nothing in it is copied from host memory: those caches refuse a miss during a capture
-  (``capture_guard.py``); the eager run of the same update just before the capture fills them.
+  (``capture_guard.py``); an eager run of the same update just before the capture fills them.
 
-A key seen for the first time runs the ordinary eager update. The second time in a row, the update runs eagerly
-in the graph's form (chunked, gathering gradients by address: it fills every cache the capture needs) and is
-then captured; from the third time on it is replayed. A key whose capture was refused runs eagerly from then on.
-Only one graph is kept: its private memory pool holds the update's transient tensors for as long as it lives.
+A key is captured the second time in a row it is seen (the first run is eager and warms every cache); a key
+whose capture was refused runs eagerly from then on. Only one graph is kept: its private memory pool holds
+the update's transient tensors for as long as it lives.
 """
 
 from __future__ import annotations
@@ -79,40 +78,32 @@ class StepGraph:
         key: tuple | None,
         work: Callable[[], None],
         prepare: Callable[[], None],
-        plain: Callable[[], None],
         pins: Callable[[], list] = list,
     ) -> None:
-        """Do this step's update: ``work`` replayed if ``key`` is the captured one; ``work`` run eagerly and then
-        captured if ``key`` was also the previous step's key; else ``plain`` (the same update in its ordinary
-        eager form, which may launch fewer kernels than ``work``'s graph-friendly one). ``prepare`` brings what
-        ``work`` reads from the device (scalars, the address table) to this step's values. ``pins`` returns what
-        the graph must keep alive besides its own pool: tensors made before the capture that it reads from
-        caches that may drop them."""
+        """Do this step's ``work``: replayed if ``key`` is the captured one, captured if it was also the previous
+        step's key, else eagerly. ``prepare`` brings what the work reads from the device (scalars, the address
+        table) to this step's values; it runs before every run with a key, eager ones included. ``pins``
+        returns what the graph must keep alive besides its own pool: tensors made before the capture that it
+        reads from caches that may drop them."""
         previous, self._seen = self._seen, key
-        if key is None:
-            self.counts.eager += 1
-            plain()
-            return
-        prepare()
-        if key == self._key:
+        if key is not None:
+            prepare()
+        if key is not None and key == self._key:
             self._graph.replay()
             self.counts.replays += 1
             return
-        if key != previous or key in self._refused or self.disabled:
+        if key is None or key != previous or key in self._refused or self.disabled:
             self.counts.eager += 1
-            plain()
+            work()
             return
-        # seen twice in a row: this step's update runs eagerly in the graph's form (which also fills every cache
-        # a capture must not miss), then is recorded (a capture runs nothing) for the next steps to replay
         self.release()  # one graph at a time: free the old pool before the new capture allocates its own
-        work()
-        self.counts.eager += 1
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 work()
-        except NotCapturable:  # expected: this update needs something from the host (module docstring)
+        except NotCapturable:  # expected: this step needs something from the host (module docstring)
             self._refuse(key)
+            work()  # nothing of the failed capture ran; the host-side caches it touched are still valid
             return
         except RuntimeError as error:  # not expected (a synchronising op, memory): stop capturing, keep training
             self.disabled = True
@@ -123,7 +114,9 @@ class StepGraph:
                 RuntimeWarning,
                 stacklevel=3,
             )
+            work()
             return
+        graph.replay()  # a capture records the work without running it
         self._graph, self._key, self._pinned = graph, key, pins()
         self.counts.captures += 1
 

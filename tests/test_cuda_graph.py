@@ -63,19 +63,12 @@ def _assert_same(a, b) -> None:
 
 
 def _never_captured(monkeypatch) -> None:
-    """StepGraph.run with the same rule, where a replay runs the recorded update eagerly instead."""
+    """StepGraph.run that always runs the work eagerly (the same work and device tables, no graph)."""
 
-    def run(self, key, work, prepare, plain, pins=list):
-        previous, self._seen = self._seen, key
-        if key is None:
-            plain()
-            return
-        prepare()
-        if key == self._key or key == previous:  # replayed, or run eagerly and captured
-            self._key = key
-            work()
-        else:
-            plain()
+    def run(self, key, work, prepare, pins=list):
+        if key is not None:
+            prepare()
+        work()
 
     monkeypatch.setattr(step_graph.StepGraph, "run", run)
 
