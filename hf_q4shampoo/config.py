@@ -184,14 +184,15 @@ class Q4ShampooConfig(OptionsBase):
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
         cuda_graph: on CUDA, capture a step's update (``L^ G R^``, grafting, the first-order step: ~600 kernels)
             as one CUDA graph and replay it in the steps that look the same, instead of launching its kernels
-            from the host each time; the statistics and root refreshes due in a step run eagerly before it
-            (``step_graph.py``). It applies where the first-order update reads the learning rate from the device
-            (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused AdamW), ``grafting="norm"``,
-            one learning rate and one step count for all parameters, and no DDP work split; other steps run
-            eagerly. The graph's private memory pool keeps one update's transient tensors allocated between
-            steps (590 MiB on the 91.7M time-to-target model: over AdamW's peak there), and gradients reallocated
-            at other addresses every step (``zero_grad(set_to_none=True)``) or roots still arriving keep it from
-            replaying: off by default until both are solved (docs/perf_notes.md v16). False (default): every
+            from the host each time; the statistics and root refreshes due in a step run eagerly before it, and
+            the gradients are read through a table of their addresses, so ``zero_grad(set_to_none=True)`` is
+            fine (``step_graph.py``, ``graphed_update.py``). It applies where the first-order update reads the
+            learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
+            AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
+            split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
+            (shape groups are taken in chunks to bound it: 120-194 MiB measured). Measured (docs/perf_notes.md
+            v17): faster where the host is the bound (median step -11% on a 91.7M model), slower where the GPU
+            is (GPT-2 small: +5%), and a key's first runs are slow: off by default. False (default): every
             step eager.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
