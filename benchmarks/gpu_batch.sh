@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | graph_ttt_on | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -22,6 +22,12 @@ bench_plain() {  # bench_plain TAG OPTIM_ARGS [bench args]: as bench, without st
   python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --steps 200 --warmup 20 --optim_args "$args" "$@" \
     --json "$out/bench_$tag.json" > "$out/bench_$tag.log" 2>&1
   tail -3 "$out/bench_$tag.log"
+}
+graph_pair() {  # graph_pair TAG [bench args]: the time-to-target shape at 8/80, cuda_graph true then false
+  local tag=$1; shift
+  for g in true false; do
+    bench_plain "${tag}_$g" "update_freq=8,root_freq=80,cuda_graph=$g" --vocab 8192 --batch 16 --seq 512 "$@"
+  done
 }
 for part in "$@"; do
   case $part in
@@ -62,18 +68,11 @@ for part in "$@"; do
       bench_plain g10 update_freq=10,root_freq=100
       bench_plain g1 update_freq=1,root_freq=100 ;;
     graph_ttt)  # the time-to-target model's shape, captured and eager updates
-      for g in true false; do
-        bench_plain "ttt_graph_$g" "update_freq=8,root_freq=80,cuda_graph=$g" --vocab 8192 --batch 16 --seq 512
-      done ;;
-    graph_ttt_on)  # graph_ttt's captured run alone
-      bench_plain ttt_graph_true update_freq=8,root_freq=80,cuda_graph=true --vocab 8192 --batch 16 --seq 512 ;;
+      graph_pair ttt_graph ;;
+    graph_kept)  # the same with gradients zeroed in place (fixed addresses), 400 steps
+      graph_pair kept_graph --keep_grads --steps 400 ;;
     graph_small)  # GPT-2 small at 10/100 with the graphed update
       bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true ;;
-    graph_kept)  # the same with gradients zeroed in place (fixed addresses), 400 steps: replays after ~step 160
-      for g in true false; do
-        bench_plain "kept_graph_$g" "update_freq=8,root_freq=80,cuda_graph=$g" --vocab 8192 --batch 16 --seq 512 \
-          --keep_grads --steps 400
-      done ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive

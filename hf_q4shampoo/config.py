@@ -190,10 +190,10 @@ class Q4ShampooConfig(OptionsBase):
             learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
             AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
             split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
-            (shape groups are taken in chunks to bound it: 120-194 MiB measured). Measured (docs/perf_notes.md
-            v17): faster where the host is the bound (median step -11% on a 91.7M model), slower where the GPU
-            is (GPT-2 small: +5%), and a key's first runs are slow: off by default. False (default): every
-            step eager.
+            (shape groups are taken in chunks to bound it). Measured on one H200, 2026-11-30 (docs/perf_notes.md
+            v17b, with the commands): pool 120-194 MiB; faster where the host is the bound (median step -11% on a
+            91.7M model), slower where the GPU is (GPT-2 small: +5%), and a key's first runs are slow: off by
+            default. False (default): every step eager.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);

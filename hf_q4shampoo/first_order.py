@@ -49,7 +49,7 @@ __all__ = [
     "adam_graft_batch_step",
     "adam_scalars",
     "fill_scalars",
-    "replayable_adamw",
+    "adamw_kernel",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -275,16 +275,19 @@ def _fused_adamw(
         torch._foreach_copy_(params, list(torch.where(mask, torch.stack(params), old_p).unbind(0)))
 
 
-def replayable_adamw(params: list[torch.Tensor], moments: State) -> bool:
-    """Whether :func:`adamw_batch_step` of these tensors reads every step-dependent value from the device
-    scalars (the Triton 4-bit kernels, or torch's fused AdamW for fp32 moments of fp32 tensors), so that a
-    CUDA graph of it replays correctly after :func:`fill_scalars` (``step_graph.py``)."""
+def adamw_kernel(params: list[torch.Tensor], moments: State, compile_: bool) -> str:
+    """Which implementation :func:`adamw_batch_step` takes for these same-shape tensors: ``"fused"`` (torch's
+    fused AdamW: fp32 moments of fp32 tensors), ``"triton"`` (the 4-bit kernels: CUDA, ``compile_``, 2-D tensors
+    with rank-1 4-bit v) or ``"torch"`` (the compiled or eager torch math). The first two read every
+    step-dependent value from device scalars, so a CUDA graph of them replays after :func:`fill_scalars`."""
     p = params[0]
-    if p.device.type != "cuda":
-        return False
-    if _is_quantized(moments):
-        return p.dim() == 2 and triton_kernels.supports(params, p.unsqueeze(0), moments)
-    return set(moments) == {"exp_avg", "exp_avg_sq"} and p.dtype == torch.float32
+    quantized = _is_quantized(moments)
+    if not quantized and "exp_avg_sq_row" not in moments and p.dtype == torch.float32:
+        return "fused"
+    if quantized and p.device.type == "cuda" and compile_ and p.dim() == 2:
+        if triton_kernels.supports(params, p.unsqueeze(0), moments):  # a 2-D tensor's directions are (K, r, c)
+            return "triton"
+    return "torch"
 
 
 def adamw_batch_step(
@@ -311,19 +314,18 @@ def adamw_batch_step(
     del bits  # the stored state says how it is stored
     beta1, beta2 = betas
     device = directions.device
-    quantized = _is_quantized(moments)
-    factored = "exp_avg_sq_row" in moments  # the state says which second moment it holds
-    if not quantized and not factored and params[0].dtype == torch.float32:
+    kernel = adamw_kernel(params, moments, compile_)  # the state says which moments it holds
+    if kernel == "fused":
         _fused_adamw(params, directions, moments, step, lr, betas, eps, weight_decay, keep)
         return
     values = adam_scalars(lr, step, betas)
     scalars = tuple(_scalars(device, name, values[name]) for name in ("lr", "bias1", "bias2_sqrt"))
-    # the kernels implement the rank-1 4-bit v only; supports() refuses other states (a factored v's keys)
-    if quantized and device.type == "cuda" and compile_ and triton_kernels.supports(params, directions, moments):
+    if kernel == "triton":
         triton_kernels.adamw4_step(
             params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map, keep=keep
         )
         return
+    quantized = _is_quantized(moments)
     if weight_decay:
         _decay(params, lr, weight_decay, keep)
     fn = maybe_compiled(_adamw_math, device, compile_)

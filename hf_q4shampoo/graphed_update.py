@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import triton_kernels
-from .first_order import adam_scalars, fill_scalars, replayable_adamw
+from .first_order import adam_scalars, adamw_kernel, fill_scalars
 from .layout import Layout, StepBatch
 from .step_graph import AddressTable, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
@@ -77,7 +77,8 @@ class GraphedUpdateMixin:
         """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
         (``flagged``: the batches' finite flags were already made for the refreshes)."""
         graphed, key, prepare = self._update_graph(layout, batches)
-        eager = [b for b in batches if all(b is not g for g, _ in graphed)]
+        in_graph = {id(b) for b, _ in graphed}
+        eager = [b for b in batches if id(b) not in in_graph]
         if graphed:
             table = self._grad_addresses.device_table
             work = lambda: self._graphed_work(graphed, table)  # noqa: E731
@@ -131,7 +132,11 @@ class GraphedUpdateMixin:
         lrs, betas, steps = {g["lr"] for g in groups}, {tuple(g["betas"]) for g in groups}, {b.step for b in batches}
         if len(lrs) != 1 or len(betas) != 1 or len(steps) != 1:  # one value per device scalar (step_graph.py)
             return nothing
-        if not all(b.grads[0].device == device and replayable_adamw(b.group.params, b.group.moments) for b in batches):
+        # the fused and Triton AdamW read the lr and bias corrections from device scalars; the torch math does not
+        if not all(
+            b.grads[0].device == device and adamw_kernel(b.group.params, b.group.moments, True) != "torch"
+            for b in batches
+        ):
             return nothing
         chosen = [b for b in batches if _graphable_grads(b)]
         if not chosen:

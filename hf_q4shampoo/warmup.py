@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from . import triton_kernels
 from .distributed import is_root_key
+from .first_order import adamw_kernel
 from .layout import FactorBucket, Layout, ShapeGroup, StepBatch
-from .moments import _is_quantized
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 from .triton_precompile import compile_in_parallel
 
@@ -73,17 +72,9 @@ def _first_order(opt: Any, group: ShapeGroup) -> WarmUp | None:
     never uses."""
     cfg = opt.config
     p = group.params[0]
-    if (
-        p.device.type != "cuda"
-        or not cfg.use_compile
-        or cfg.first_order != "adamw"
-        or cfg.grafting != "norm"
-        or not _is_quantized(group.moments)
-    ):
+    if cfg.first_order != "adamw" or cfg.grafting != "norm":
         return None
-    direction = p.detach().float().unsqueeze(0).clone()  # any finite values: only the kernels' compilation matters
-    moments = {k: v[:1] for k, v in group.moments.items()}
-    if not triton_kernels.supports([p], direction, moments):
+    if p.device.type != "cuda" or adamw_kernel(group.params[:1], group.moments, cfg.use_compile) != "triton":
         return None
 
     def run() -> None:
@@ -93,9 +84,10 @@ def _first_order(opt: Any, group: ShapeGroup) -> WarmUp | None:
             [p.detach().clone()],
             [{}],
             group.plan,
-            moments={k: v.clone() for k, v in moments.items()},
+            moments={k: v[:1].clone() for k, v in group.moments.items()},
         )
-        opt._first_order_step(StepBatch(copy, [0], 1, []), direction.clone())
+        direction = p.detach().float().unsqueeze(0)  # any finite values: only the kernels' compilation matters
+        opt._first_order_step(StepBatch(copy, [0], 1, []), direction)
 
     return ("first_order", p.device, tuple(p.shape), p.dtype, repr(cfg)), run
 

@@ -170,3 +170,21 @@ def test_device_scalars_refill_only_on_a_new_value():
         out = scalars(device, "lr", value)
         assert out is first and float(out) == pytest.approx(value)
     assert float(scalars(device, "bias1", 0.1)) == pytest.approx(0.1) and float(first) == pytest.approx(2.5)
+
+
+def test_adamw_kernel_names_the_path_adamw_batch_step_takes():
+    """fp32 moments of fp32 tensors: torch's fused AdamW; 4-bit or factored moments off CUDA: the torch math (the
+    Triton kernels need CUDA, checked in tests/test_cuda_graph.py); bf16 tensors with fp32 moments: the torch math."""
+    from hf_q4shampoo.first_order import adamw_kernel
+
+    def stacked(p, **kw):
+        state = init_first_order_state(p, "adamw", **kw)
+        return {k: state[k].unsqueeze(0) for k in first_order_keys(state)}
+
+    small, big = torch.randn(SHAPE_FP32), torch.randn(SHAPE_4BIT)
+    assert adamw_kernel([small], stacked(small, bits=4), True) == "fused"  # under the 4-bit threshold
+    assert adamw_kernel([big], stacked(big, bits=32), True) == "fused"
+    assert adamw_kernel([big], stacked(big, bits=4), True) == "torch"
+    assert adamw_kernel([big], stacked(big, bits=32, v="factored"), True) == "torch"
+    half = big.bfloat16()
+    assert adamw_kernel([half], stacked(half, bits=32), True) == "torch"
