@@ -101,6 +101,11 @@ class Q4ShampooConfig(OptionsBase):
         total_steps: the run's length in optimizer steps, if known (the Trainer integration fills it
             from ``max_steps``); only the ``"auto"`` schedule reads it.
         start_precond_step: no statistics or roots before this step.
+        first_root_step: 0 (default) or a step before ``root_freq`` at which every matrix gets an extra, early
+            first inverse root (at this step plus its root offset, spread as the later ones), so that a short
+            run is preconditioned from near its start instead of from ``root_freq`` on; later roots keep the
+            ``root_freq`` grid. Choose it at least ``update_freq + refresh_spread`` so every factor has
+            statistics by then (docs/perf_notes.md v18 measures it).
         refresh_spread: spread the refreshes over this many consecutive steps, so no single step pays
             for every statistics update and root: each matrix gets a statistics offset in
             [0, min(refresh_spread, update_freq)) and a root offset in [0, min(refresh_spread, root_freq)),
@@ -235,6 +240,7 @@ class Q4ShampooConfig(OptionsBase):
     root_freq: int | str = "auto"
     total_steps: int | None = None
     start_precond_step: int = 1
+    first_root_step: int = 0
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
     max_precond_dim: int = _state_field(1024)
@@ -336,6 +342,7 @@ _CHOICES: dict[str, tuple] = {
 _AUTO_INT = ("update_freq", "root_freq")  # a positive integer or "auto"
 _INT_MIN = {
     "start_precond_step": 0,
+    "first_root_step": 0,
     "max_precond_dim": 1,
     "min_precond_numel": 0,
     "min_quant_numel": 0,

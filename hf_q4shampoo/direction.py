@@ -37,6 +37,14 @@ def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tenso
     return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
 
 
+def _member_range(members: list[int]) -> slice | None:
+    """``members`` as a slice when they are consecutive (a chunk of a shape group): its moments are then views,
+    updated in place, instead of copies gathered and scattered back."""
+    if members == list(range(members[0], members[0] + len(members))):
+        return slice(members[0], members[0] + len(members))
+    return None
+
+
 def _flat(
     grafted: tuple[torch.Tensor, torch.Tensor | None], shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,8 +86,9 @@ class DirectionMixin:
     def _count_skips(self, batch: StepBatch, keep: torch.Tensor) -> None:
         """Add this step's skips to the members' ``skipped_updates`` counters (on the device)."""
         counts = batch.group.skipped
-        if batch.members == list(range(batch.group.size)):
-            counts.add_(~keep)
+        span = _member_range(batch.members)
+        if span is not None:
+            counts[span].add_(~keep)
         else:
             counts.index_add_(0, self._index(batch.members, counts.device), (~keep).to(counts.dtype))
 
@@ -194,9 +203,12 @@ class DirectionMixin:
             directions = directions.neg()  # not in place: for a single fp32 gradient it is p.grad itself
         params = [batch.group.params[m] for m in batch.members]
         stacked = batch.group.moments
-        whole = batch.members == list(range(batch.group.size))
-        index = None if whole else self._index(batch.members, directions.device)
-        moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
+        span = _member_range(batch.members)
+        index = None if span is not None else self._index(batch.members, directions.device)
+        if span is None:
+            moments = {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
+        else:
+            moments = stacked if span == slice(0, batch.group.size) else {k: v[span] for k, v in stacked.items()}
         # what the three first-order steps share
         common = dict(lr=group["lr"], weight_decay=group["weight_decay"], compile_=cfg.use_compile, keep=keep)
         common["m_map"] = cfg.first_order_m_map
@@ -213,7 +225,7 @@ class DirectionMixin:
         else:
             sgd = dict(momentum=group["momentum"], nesterov=group["nesterov"], bits=cfg.first_order_bits)
             sgd_batch_step(params, directions, moments, **sgd, **common)
-        if not whole:
+        if span is None:
             for k, v in stacked.items():
                 v.index_copy_(0, index.to(v.device), moments[k])
         return keep

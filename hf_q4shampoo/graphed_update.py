@@ -82,10 +82,15 @@ class GraphedUpdateMixin:
         if graphed:
             table = self._grad_addresses.device_table
             work = lambda: self._graphed_work(graphed, table)  # noqa: E731
-            self._graph_runner().run(key, work, prepare, triton_kernels.pointer_tables)
-        if eager and not flagged:
-            flag_finite(eager)
-        for b in eager:
+            ordinary = lambda: self._eager_update([b for b, _ in graphed], flagged)  # noqa: E731
+            self._graph_runner().run(key, work, prepare, triton_kernels.pointer_tables, ordinary)
+        self._eager_update(eager, flagged)
+
+    def _eager_update(self, batches: list[StepBatch], flagged: bool) -> None:
+        """The ordinary update of ``batches``, one whole batch at a time."""
+        if batches and not flagged:
+            flag_finite(batches)
+        for b in batches:
             self._step_batch(b)
 
     def _graphed_work(self, graphed: list[tuple[StepBatch, int]], table: torch.Tensor) -> None:

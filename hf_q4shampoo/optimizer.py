@@ -63,8 +63,9 @@ from .moments import first_order_keys, init_first_order_state, moment_bytes_by_k
 from .options import lr_number, plain_value
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .refresh import RefreshMixin
-from .schedule import first_due as _first_due
+from .schedule import first_root as _first_root
 from .schedule import is_due as _is_due
+from .schedule import root_due as _root_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
 from .warmup import run_first_step_warm_ups
 
@@ -202,7 +203,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
     def _warn_if_no_root(self) -> None:
         total = self.config.total_steps
         update_freq, root_freq = self.config.schedule()
-        first = max(root_freq, self.config.start_precond_step)
+        first = _first_root(root_freq, self.config.start_precond_step, 0, self.config.first_root_step)
         if total is not None and first > total:
             warnings.warn(
                 f"Q4Shampoo: root_freq={root_freq} but the run has {total} steps: no inverse root will be computed, "
@@ -413,15 +414,17 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         batches = step_batches(layout, grads, steps)
         cfg = self.config
         update_freq, root_freq = cfg.schedule()
-        start = cfg.start_precond_step
+        start, early = cfg.start_precond_step, cfg.first_root_step
         for b in batches:
             if b.group.plan is not None:
                 states = [b.group.states[m] for m in b.members]
                 b.stats_due = [
                     i for i, s in enumerate(states) if _is_due(b.step, update_freq, start, s["refresh_offset"])
                 ]
-                b.roots_due = [i for i, s in enumerate(states) if _is_due(b.step, root_freq, start, s["root_offset"])]
-                b.ready = [i for i, s in enumerate(states) if b.step >= _first_due(root_freq, start, s["root_offset"])]
+                b.roots_due = [
+                    i for i, s in enumerate(states) if _root_due(b.step, root_freq, start, s["root_offset"], early)
+                ]
+                b.ready = [i for i, s in enumerate(states) if b.step >= _first_root(root_freq, start, s["root_offset"], early)]
         split = self._ddp_split()
         shared = keep_owned_work(batches, split.rank) if split is not None else []
         refreshing = any(b.stats_due or b.roots_due for b in batches)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .blocking import BlockPlan
 
-__all__ = ["is_due", "first_due", "refresh_cost", "refresh_offsets"]
+__all__ = ["is_due", "first_due", "root_due", "first_root", "refresh_cost", "refresh_offsets"]
 
 
 def is_due(step: int, freq: int, start: int, offset: int) -> bool:
@@ -22,6 +22,27 @@ def is_due(step: int, freq: int, start: int, offset: int) -> bool:
 
 def first_due(freq: int, start: int, offset: int) -> int:
     return offset + freq * max(1, math.ceil((start - offset) / freq))
+
+
+def _early_root(root_freq: int, start: int, offset: int, first_root_step: int) -> int | None:
+    """The step of an extra first root (``first_root_step``), or None when it would not come before the regular one."""
+    if first_root_step <= 0:
+        return None
+    early = max(first_root_step, start) + offset
+    return early if early < first_due(root_freq, start, offset) else None
+
+
+def root_due(step: int, root_freq: int, start: int, offset: int, first_root_step: int = 0) -> bool:
+    """Whether a factor's inverse root is recomputed at ``step``: on the ``root_freq`` grid (:func:`is_due`), and
+    once at ``first_root_step + offset`` when that comes before the grid's first root."""
+    return is_due(step, root_freq, start, offset) or step == _early_root(root_freq, start, offset, first_root_step)
+
+
+def first_root(root_freq: int, start: int, offset: int, first_root_step: int = 0) -> int:
+    """The step of a factor's first inverse root (:func:`root_due`); before it the factor's direction is the
+    first-order one."""
+    early = _early_root(root_freq, start, offset, first_root_step)
+    return first_due(root_freq, start, offset) if early is None else early
 
 
 def refresh_cost(plan: BlockPlan) -> int:

@@ -21,9 +21,11 @@ What makes an update replayable (``Q4Shampoo._update_graph`` builds the key; Non
 * nothing in it is copied from host memory: those caches refuse a miss during a capture
   (``capture_guard.py``); an eager run of the same update just before the capture fills them.
 
-A key is captured the second time in a row it is seen (the first run is eager and warms every cache); a key
-whose capture was refused runs eagerly from then on. Only one graph is kept: its private memory pool holds
-the update's transient tensors for as long as it lives.
+A key seen for the first time runs the ordinary eager update (``ordinary``: while roots of new factors keep
+changing the key, most keys are seen once, and the graph's own form of the work, in chunks, costs more launches);
+the second time in a row it runs the graph's form eagerly (which warms every cache the capture will read); the
+third time it is captured, and replayed after. A key whose capture was refused runs eagerly from then on. Only
+one graph is kept: its private memory pool holds the update's transient tensors for as long as it lives.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ __all__ = ["StepGraph", "GraphCounts", "AddressTable"]
 class GraphCounts:
     """How the steps ran (for benchmarks and tests)."""
 
-    eager: int = 0
+    eager: int = 0  # the graph's form run eagerly
+    ordinary: int = 0  # a key's first sighting, run as the ordinary eager update
     captures: int = 0
     replays: int = 0
     refused: int = 0
@@ -57,6 +60,7 @@ class StepGraph:
         self._key: tuple | None = None
         self._pinned: list = []
         self._seen: tuple | None = None  # the previous step's key
+        self._streak = 0  # how many steps in a row have had that key
         self._refused: set[tuple] = set()
         self.disabled = False  # set by a capture that failed unexpectedly
         self.counts = GraphCounts()
@@ -79,20 +83,32 @@ class StepGraph:
         work: Callable[[], None],
         prepare: Callable[[], None],
         pins: Callable[[], list] = list,
+        ordinary: Callable[[], None] | None = None,
     ) -> None:
-        """Do this step's ``work``: replayed if ``key`` is the captured one, captured if it was also the previous
-        step's key, else eagerly. ``prepare`` brings what the work reads from the device (scalars, the address
-        table) to this step's values; it runs before every run with a key, eager ones included. ``pins``
-        returns what the graph must keep alive besides its own pool: tensors made before the capture that it
-        reads from caches that may drop them."""
+        """Do this step's ``work``: replayed if ``key`` is the captured one, captured if the two previous steps had
+        it too, else eagerly (as ``ordinary`` when given and the key is new, module docstring). ``prepare`` brings
+        what the work reads from the device (scalars, the address table) to this step's values; it runs before
+        every run of ``work`` with a key, eager ones included. ``pins`` returns what the graph must keep alive
+        besides its own pool: tensors made before the capture that it reads from caches that may drop them."""
         previous, self._seen = self._seen, key
-        if key is not None:
-            prepare()
+        self._streak = self._streak + 1 if key is not None and key == previous else 1
         if key is not None and key == self._key:
+            prepare()
             self._graph.replay()
             self.counts.replays += 1
             return
-        if key is None or key != previous or key in self._refused or self.disabled:
+        if key is None or key in self._refused or self.disabled:
+            if ordinary is not None:
+                self.counts.ordinary += 1
+                ordinary()
+                return
+        elif ordinary is not None and self._streak == 1:
+            self.counts.ordinary += 1
+            ordinary()
+            return
+        if key is not None:
+            prepare()
+        if key is None or key in self._refused or self.disabled or self._streak < (2 if ordinary is None else 3):
             self.counts.eager += 1
             work()
             return

@@ -332,6 +332,36 @@ def test_refresh_spread_balances_and_shifts_the_schedule():
     assert [again.state[p]["refresh_offset"] for p in params] == stats
 
 
+def test_first_root_step_adds_one_early_root_then_keeps_the_grid():
+    # first_root_step=6 with root_freq=10, spread 3: each matrix's first root at 6 + its offset, then 10 + offset,
+    # 20 + offset (the grid); a value past the grid's first root changes nothing
+    from hf_q4shampoo.schedule import first_root, root_due
+
+    assert [t for t in range(1, 31) if root_due(t, 10, 1, 2, 6)] == [8, 12, 22]
+    assert first_root(10, 1, 2, 6) == 8 and first_root(10, 1, 2, 0) == 12 and first_root(10, 1, 2, 10) == 12
+    assert [t for t in range(1, 31) if root_due(t, 10, 1, 2, 10)] == [12, 22]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(48, 40)) for _ in range(4)]
+    opt = Q4Shampoo(params, lr=1e-3, update_freq=2, root_freq=10, refresh_spread=3, first_root_step=6)
+    form = opt._form(torch.device("cpu"))
+    changes: dict[int, list[int]] = {k: [] for k in range(4)}
+    previous = [None] * 4
+    for step in range(1, 25):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for k, p in enumerate(params):
+            root = form.root(opt.state[p]["regions"][0]["L"])[0].clone()
+            if previous[k] is not None and not torch.equal(root, previous[k]):
+                changes[k].append(step)
+            previous[k] = root
+    for k, p in enumerate(params):
+        offset = opt.state[p]["root_offset"]
+        assert changes[k] == [6 + offset, 10 + offset, 20 + offset]
+    with pytest.raises(ConfigError, match="first_root_step"):
+        Q4Shampoo(params, lr=1e-3, first_root_step=-1)
+
+
 def test_equal_frequencies_put_statistics_and_roots_on_different_steps():
     # update_freq = root_freq = 8, spread 3: statistics on residues 0-2, roots moved to 3-5 (schedule.root_shift);
     # no step then pays for both, and every factor still refreshes every 8 steps

@@ -1,4 +1,4 @@
-"""step_graph's rule (capture a key seen twice in a row, replay it, refuse what cannot be captured), checked with
+"""step_graph's rule (capture a key seen twice in a row, or three times when a new key has an ordinary form, replay it, refuse what cannot be captured), checked with
 a stand-in for torch's CUDA graph so that it runs anywhere; tests/test_cuda_graph.py runs the real thing."""
 
 import contextlib
@@ -44,6 +44,35 @@ def test_a_key_is_captured_the_second_time_in_a_row_and_replayed_after(fake_cuda
     assert _Graph.replayed == 1 + 4
     assert len(fake_cuda_graph) == 1
     assert len(prepared) == 7  # before every run with a key: the eager ones read the same device tables
+
+
+def test_with_an_ordinary_form_a_new_key_runs_it_and_the_third_sighting_is_captured(fake_cuda_graph):
+    runner, ran = step_graph.StepGraph(), []
+    keys = ["a", "b", "c", "c", "c", "c", "d", "c", "c"]
+    for key in keys:
+        runner.run(key, lambda k=key: ran.append(("graph form", k)), lambda: None, ordinary=lambda k=key: ran.append(k))
+    counts = runner.counts
+    # a, b, c: new keys run the ordinary update; c again: the graph's form eagerly (warms its caches); c a third
+    # time: captured; then replayed; d: ordinary; c: the kept graph replays at once
+    assert ran == ["a", "b", "c", ("graph form", "c"), ("graph form", "c"), "d"]
+    assert (counts.ordinary, counts.eager, counts.captures, counts.replays) == (4, 1, 1, 3)
+    assert _Graph.replayed == 1 + 3
+
+
+def test_a_refused_key_runs_its_ordinary_form(fake_cuda_graph):
+    runner, ran = step_graph.StepGraph(), []
+
+    def work():
+        if fake_cuda_graph:
+            ran.append("refused")
+            fake_cuda_graph.clear()
+            raise NotCapturable("a new index")
+        ran.append("graph form")
+
+    for _ in range(5):
+        runner.run("k", work, lambda: None, ordinary=lambda: ran.append("ordinary"))
+    assert ran == ["ordinary", "graph form", "refused", "graph form", "ordinary", "ordinary"]
+    assert (runner.counts.ordinary, runner.counts.eager, runner.counts.refused) == (3, 1, 1)  # as refused: not counted eager
 
 
 def test_no_key_always_runs_eagerly(fake_cuda_graph):
