@@ -71,8 +71,9 @@ for part in "$@"; do
       graph_pair ttt_graph ;;
     graph_kept)  # the same with gradients zeroed in place (fixed addresses), 400 steps
       graph_pair kept_graph --keep_grads --steps 400 ;;
-    graph_small)  # GPT-2 small at 10/100 with the graphed update
-      bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true ;;
+    graph_small)  # GPT-2 small at 10/100 with the graphed update, then the eager one
+      bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true
+      bench_plain g10_eager update_freq=10,root_freq=100,cuda_graph=false ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
