@@ -65,8 +65,8 @@ from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor
 from .refresh import RefreshMixin
 from .schedule import first_root as _first_root
 from .schedule import is_due as _is_due
-from .schedule import root_due as _root_due
 from .schedule import refresh_cost, refresh_offsets, root_shift
+from .schedule import root_due as _root_due
 from .warmup import run_first_step_warm_ups
 
 __all__ = ["Q4Shampoo"]
@@ -424,7 +424,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 b.roots_due = [
                     i for i, s in enumerate(states) if _root_due(b.step, root_freq, start, s["root_offset"], early)
                 ]
-                b.ready = [i for i, s in enumerate(states) if b.step >= _first_root(root_freq, start, s["root_offset"], early)]
+                b.ready = [
+                    i for i, s in enumerate(states) if b.step >= _first_root(root_freq, start, s["root_offset"], early)
+                ]
         split = self._ddp_split()
         shared = keep_owned_work(batches, split.rank) if split is not None else []
         refreshing = any(b.stats_due or b.roots_due for b in batches)

@@ -1,5 +1,6 @@
-"""step_graph's rule (capture a key seen twice in a row, or three times when a new key has an ordinary form, replay it, refuse what cannot be captured), checked with
-a stand-in for torch's CUDA graph so that it runs anywhere; tests/test_cuda_graph.py runs the real thing."""
+"""step_graph's rule (capture a key seen twice in a row, or three times when a new key has an ordinary form;
+replay it; refuse what cannot be captured), checked with a stand-in for torch's CUDA graph so that it runs
+anywhere; tests/test_cuda_graph.py runs the real thing."""
 
 import contextlib
 
@@ -72,7 +73,11 @@ def test_a_refused_key_runs_its_ordinary_form(fake_cuda_graph):
     for _ in range(5):
         runner.run("k", work, lambda: None, ordinary=lambda: ran.append("ordinary"))
     assert ran == ["ordinary", "graph form", "refused", "graph form", "ordinary", "ordinary"]
-    assert (runner.counts.ordinary, runner.counts.eager, runner.counts.refused) == (3, 1, 1)  # as refused: not counted eager
+    assert (runner.counts.ordinary, runner.counts.eager, runner.counts.refused) == (
+        3,
+        1,
+        1,
+    )  # as refused: not counted eager
 
 
 def test_no_key_always_runs_eagerly(fake_cuda_graph):
