@@ -1,0 +1,92 @@
+"""Where the host's time goes in a steady training step (issue 11: the time-to-target model is host-bound).
+
+    python benchmarks/host_profile.py [--optim_args update_freq=8,root_freq=80] [--steps 120] [--profile 80]
+
+The time-to-target model's shape (GPT-2 12 x 768, vocabulary 8192, batch 16 x 512, bf16 autocast) with random
+tokens. After ``--steps`` steps (past the first round of roots), ``--profile`` more steps run with the host time
+of the forward, the backward and ``optimizer.step()`` measured apart (no synchronisation inside a step, as in
+training) and ``optimizer.step()`` under cProfile; prints the three host times per step, the wall time per step
+and the functions with the largest own and cumulative time inside ``step()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo.config import parse_optim_args
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--optim_args", default="update_freq=8,root_freq=80")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--profile", type=int, default=80)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plain", action="store_true", help="no cProfile: the host times without its overhead")
+    args = p.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=8192, n_positions=512, loss_type="ForCausalLMLoss")
+    model = GPT2LMHeadModel(config).cuda().train()
+    opt = Q4Shampoo(model.parameters(), lr=3e-4, weight_decay=0.1, **parse_optim_args(args.optim_args))
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 8192, (16, 512), generator=gen).cuda() for _ in range(8)]
+    host = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    profiler = cProfile.Profile()
+
+    def one(i: int, measure: bool) -> None:
+        x = data[i % len(data)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, labels=x).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if measure and not args.plain:
+            profiler.enable()
+        opt.step()
+        if measure:
+            if not args.plain:
+                profiler.disable()
+            t3 = time.perf_counter()
+            host["forward"] += t1 - t0
+            host["backward"] += t2 - t1
+            host["step"] += t3 - t2
+
+    for i in range(args.steps):
+        one(i, False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(args.profile):
+        one(args.steps + i, True)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / args.profile
+    # cProfile's own overhead inflates the step's host time; the split is what matters
+    result = {k + "_host_ms": 1e3 * v / args.profile for k, v in host.items()}
+    result["wall_ms_per_step"] = 1e3 * wall
+    result["optim_args"] = args.optim_args
+    counts = getattr(opt, "_step_graph", None)
+    result["step_graph"] = None if counts is None else vars(counts.counts)
+    print(json.dumps(result))
+    for key in () if args.plain else ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(args.top)
+        print(text.getvalue())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
