@@ -16,6 +16,7 @@ __all__ = [
     "Q4ShampooConfig",
     "parse_optim_args",
     "auto_schedule",
+    "auto_first_root",
     "allowed_values",
     "ConfigError",
     "GROUP_KEYS",
@@ -101,11 +102,12 @@ class Q4ShampooConfig(OptionsBase):
         total_steps: the run's length in optimizer steps, if known (the Trainer integration fills it
             from ``max_steps``); only the ``"auto"`` schedule reads it.
         start_precond_step: no statistics or roots before this step.
-        first_root_step: 0 (default) or a step before ``root_freq`` at which every matrix gets an extra, early
-            first inverse root (at this step plus its root offset, spread as the later ones), so that a short
-            run is preconditioned from near its start instead of from ``root_freq`` on; later roots keep the
-            ``root_freq`` grid. Choose it at least ``update_freq + refresh_spread`` so every factor has
-            statistics by then (docs/perf_notes.md v18 measures it).
+        first_root_step: ``"auto"`` (default), 0, or a step before ``root_freq`` at which every matrix gets an
+            extra, early first inverse root (at this step plus its root offset, spread as the later ones), so that
+            a run is preconditioned from near its start instead of from ``root_freq`` on; later roots keep the
+            ``root_freq`` grid. 0: the first root at ``root_freq`` (paper 2). ``"auto"``: ``max(2 update_freq,
+            root_freq // 5)`` when that is before ``root_freq``, else 0 (:func:`auto_first_root`). A value should
+            leave every factor a statistics update before it (at least ``update_freq + refresh_spread``).
         refresh_spread: spread the refreshes over this many consecutive steps, so no single step pays
             for every statistics update and root: each matrix gets a statistics offset in
             [0, min(refresh_spread, update_freq)) and a root offset in [0, min(refresh_spread, root_freq)),
@@ -195,10 +197,13 @@ class Q4ShampooConfig(OptionsBase):
             learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
             AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
             split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
-            (shape groups are taken in chunks to bound it). Measured on one H200, 2026-11-30 (docs/perf_notes.md
-            v17b, with the commands): pool 120-194 MiB; faster where the host is the bound (median step -11% on a
-            91.7M model), slower where the GPU is (GPT-2 small: +5%), and a key's first runs are slow: off by
-            default. False (default): every step eager.
+            (shape groups are taken in chunks to bound it). ``"auto"`` (default) decides once, from the first
+            eager steps: the graph where the host is the bound (the GPU had finished the previous step's work by
+            the time the host entered the next ``step()`` in most of them: ``step_graph.HostBoundProbe``), else
+            eager. True: always where it applies; False: every step eager. Measured on one H200, 2026-11-30
+            (docs/perf_notes.md v17b and v18, with the commands): pool 120-194 MiB; where the host is the bound
+            (a 91.7M model) the mean step -8-16% and time to target 1.05x -> 0.96x AdamW's; where the GPU is
+            (GPT-2 small) +2-5%.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);
@@ -240,7 +245,7 @@ class Q4ShampooConfig(OptionsBase):
     root_freq: int | str = "auto"
     total_steps: int | None = None
     start_precond_step: int = 1
-    first_root_step: int = 0
+    first_root_step: int | str = "auto"
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
     max_precond_dim: int = _state_field(1024)
@@ -266,7 +271,7 @@ class Q4ShampooConfig(OptionsBase):
     fused_statistics: bool = True
     refresh_spread: int = 25
     shard_preconditioners: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)
@@ -295,6 +300,12 @@ class Q4ShampooConfig(OptionsBase):
             update = auto_update if self.root_freq == "auto" else max(1, root // 10)
         return update, root
 
+    def first_root(self) -> int:
+        """``first_root_step`` with ``"auto"`` resolved (see :func:`auto_first_root`); 0: no early root."""
+        if self.first_root_step != "auto":
+            return self.first_root_step
+        return auto_first_root(*self.schedule())
+
 
 #: Fields that decide the layout and decoding of the saved state (flagged ``_state_field`` above); a
 #: checkpoint made with other values of these cannot be loaded (the error names the differing fields).
@@ -320,6 +331,15 @@ def auto_schedule(total_steps: int | None) -> tuple[int, int]:
     return max(1, root // 10), root
 
 
+def auto_first_root(update_freq: int, root_freq: int) -> int:
+    """The ``"auto"`` ``first_root_step``: ``max(2 update_freq, root_freq // 5)``, or 0 (none) when that is not
+    before ``root_freq``. Two statistics periods, so that every factor (statistics offsets lie in one period)
+    has been updated at least once before its early root, and a fifth of the root period at least. Measured on
+    the time-to-target model (8/80, docs/perf_notes.md v18): AdamW's final loss at step 461 instead of 492."""
+    early = max(2 * update_freq, root_freq // 5)
+    return early if early < root_freq else 0
+
+
 # --------------------------------------------------------------------------------------------
 # Validation rules: (kind, constraint, human description)
 # --------------------------------------------------------------------------------------------
@@ -340,9 +360,10 @@ _CHOICES: dict[str, tuple] = {
     "root_bits": (4, 32),
 }
 _AUTO_INT = ("update_freq", "root_freq")  # a positive integer or "auto"
+_AUTO_STEP = ("first_root_step",)  # an integer >= 0 or "auto"
+_AUTO_BOOL = ("cuda_graph",)  # true, false or "auto"
 _INT_MIN = {
     "start_precond_step": 0,
-    "first_root_step": 0,
     "max_precond_dim": 1,
     "min_precond_numel": 0,
     "min_quant_numel": 0,
@@ -374,7 +395,6 @@ _BOOLS = (
     "use_compile",
     "fused_statistics",
     "shard_preconditioners",
-    "cuda_graph",
 )
 
 
@@ -388,6 +408,10 @@ def allowed_values(name: str) -> str:
     """What ``name`` accepts, in words (used by every error message about its value)."""
     if name in _AUTO_INT:
         return '"auto" or an integer >= 1'
+    if name in _AUTO_STEP:
+        return '"auto" or an integer >= 0'
+    if name in _AUTO_BOOL:
+        return 'true, false or "auto"'
     if name == "total_steps":
         return "None (unknown) or an integer >= 1"
     if name in _CHOICES:
@@ -426,6 +450,10 @@ def _in_range(name: str, value: Any) -> bool:
 def _valid(name: str, value: Any) -> bool:
     if name in _AUTO_INT:
         return value == "auto" or (_is_int(value) and value >= 1)
+    if name in _AUTO_STEP:
+        return value == "auto" or (_is_int(value) and value >= 0)
+    if name in _AUTO_BOOL:
+        return value == "auto" or isinstance(value, bool)
     if name == "total_steps":
         return value is None or (_is_int(value) and value >= 1)
     if name in _CHOICES:
@@ -462,11 +490,11 @@ def _validate(name: str, value: Any) -> None:
 
 def _cast(name: str, text: str) -> Any:
     default = getattr(Q4ShampooConfig, name)
-    if name in _AUTO_INT and text.strip().lower() == "auto":
+    if name in _AUTO_INT + _AUTO_STEP + _AUTO_BOOL and text.strip().lower() == "auto":
         return "auto"
-    if name in _AUTO_INT or name == "total_steps":
+    if name in _AUTO_INT + _AUTO_STEP or name == "total_steps":
         default = 0  # an integer field whose default is not an int
-    if name in _BOOLS:
+    if name in _BOOLS + _AUTO_BOOL:
         return parse_bool(name, text, "Q4Shampoo")
     try:
         if name in _CHOICES and isinstance(_CHOICES[name][0], str):

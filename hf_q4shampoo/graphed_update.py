@@ -1,5 +1,6 @@
-"""A step's update run as a replayed CUDA graph (``cuda_graph=True``): which batches it covers, its key, and
-what is refreshed before each replay (:class:`GraphedUpdateMixin`). ``step_graph.py`` decides when to capture.
+"""A step's update run as a replayed CUDA graph (``cuda_graph=True``, or ``"auto"`` where the host is the bound):
+which batches it covers, its key, and what is refreshed before each replay (:class:`GraphedUpdateMixin`).
+``step_graph.py`` decides when to capture.
 
 What the graph reads that changes from step to step, and how:
 
@@ -29,7 +30,7 @@ import torch
 from . import triton_kernels
 from .first_order import adam_scalars, adamw_kernel, fill_scalars
 from .layout import Layout, StepBatch
-from .step_graph import AddressTable, StepGraph
+from .step_graph import AddressTable, HostBoundProbe, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 
 __all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL"]
@@ -73,9 +74,39 @@ def _graphable_grads(batch: StepBatch) -> bool:
 class GraphedUpdateMixin:
     """The update of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`'s step, graphed where it can be (module docstring)."""
 
+    def _probe_host(self) -> None:
+        """At the start of ``step()``: ``cuda_graph="auto"`` watches the first steps to decide (HostBoundProbe)."""
+        if self.config.cuda_graph != "auto" or "_host_probe_done" in self.__dict__:
+            return
+        probe = self.__dict__.get("_host_probe")
+        if probe is None:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            if first is None or first.device.type != "cuda":
+                self._host_probe_done = True  # nothing to decide off CUDA
+                return
+            probe = self._host_probe = HostBoundProbe()
+        decision = probe.enter()
+        if decision is not None:
+            self._graph_runner().counts.host_bound = decision
+            self._host_probe_done = True
+
+    def _graph_wanted(self) -> bool:
+        """``cuda_graph`` True, or "auto" once the probe found the host to be the bound."""
+        setting = self.config.cuda_graph
+        if setting == "auto":
+            probe = self.__dict__.get("_host_probe")
+            return probe is not None and probe.decision is True
+        return setting is True
+
     def _run_update(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
         """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
         (``flagged``: the batches' finite flags were already made for the refreshes)."""
+        self._run_update_parts(layout, batches, flagged)
+        probe = self.__dict__.get("_host_probe")
+        if probe is not None and probe.decision is None:
+            probe.leave()
+
+    def _run_update_parts(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
         graphed, key, prepare = self._update_graph(layout, batches)
         in_graph = {id(b) for b, _ in graphed}
         eager = [b for b in batches if id(b) not in in_graph]
@@ -127,7 +158,7 @@ class GraphedUpdateMixin:
         cfg: Any = self.config
         device = batches[0].grads[0].device
         nothing = ([], None, lambda: None)
-        if not cfg.cuda_graph or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
+        if not self._graph_wanted() or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
             return nothing
         if not cfg.use_compile or cfg.first_order != "adamw" or cfg.grafting != "norm":
             return nothing

@@ -154,6 +154,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             "_consolidated",
             "_step_graph",
             "_grad_addresses",
+            "_host_probe",
+            "_host_probe_done",
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
@@ -203,7 +205,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
     def _warn_if_no_root(self) -> None:
         total = self.config.total_steps
         update_freq, root_freq = self.config.schedule()
-        first = _first_root(root_freq, self.config.start_precond_step, 0, self.config.first_root_step)
+        first = _first_root(root_freq, self.config.start_precond_step, 0, self.config.first_root())
         if total is not None and first > total:
             warnings.warn(
                 f"Q4Shampoo: root_freq={root_freq} but the run has {total} steps: no inverse root will be computed, "
@@ -406,6 +408,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._probe_host()  # cuda_graph="auto": is the host the bound? (graphed_update.py)
 
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
         if not grads:
@@ -414,7 +417,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         batches = step_batches(layout, grads, steps)
         cfg = self.config
         update_freq, root_freq = cfg.schedule()
-        start, early = cfg.start_precond_step, cfg.first_root_step
+        start, early = cfg.start_precond_step, cfg.first_root()
         for b in batches:
             if b.group.plan is not None:
                 states = [b.group.states[m] for m in b.members]

@@ -38,7 +38,7 @@ import torch
 
 from .capture_guard import NotCapturable
 
-__all__ = ["StepGraph", "GraphCounts", "AddressTable"]
+__all__ = ["StepGraph", "GraphCounts", "AddressTable", "HostBoundProbe"]
 
 
 @dataclass
@@ -50,6 +50,46 @@ class GraphCounts:
     captures: int = 0
     replays: int = 0
     refused: int = 0
+    host_bound: bool | None = None  # the decision of ``cuda_graph="auto"`` (HostBoundProbe), once made
+
+
+class HostBoundProbe:
+    """Whether the training loop is bound by the host, judged from its first eager steps (``cuda_graph="auto"``).
+
+    Why: the graph saves host time (launches) and costs a little GPU time (chunked products, the gather). It pays
+    where the GPU waits for the host, and only there. How: at the end of each observed step an event is recorded
+    after the step's work; when the host enters the next ``step()`` (having launched the forward and backward in
+    between) the event is queried, without waiting. Done means the GPU had drained the previous step before the
+    host came back with more work: the host is the bound. After :attr:`SKIP` steps (compilation, first loads),
+    :attr:`PROBES` observations decide: host-bound when at least :attr:`SHARE` of them found the event done.
+    """
+
+    SKIP = 5
+    PROBES = 20
+    SHARE = 0.75
+
+    def __init__(self) -> None:
+        self._event: torch.cuda.Event | None = None
+        self._entered = 0
+        self._probes = 0
+        self._done = 0
+        self.decision: bool | None = None
+
+    def enter(self) -> bool | None:
+        """Call at the start of every ``step()``; returns the decision (None while still observing)."""
+        if self.decision is None and self._event is not None and self._entered > self.SKIP:
+            self._probes += 1
+            self._done += bool(self._event.query())
+            if self._probes >= self.PROBES:
+                self.decision = self._done >= self.SHARE * self._probes
+        self._entered += 1
+        return self.decision
+
+    def leave(self) -> None:
+        """Call after the step's work was launched (until decided)."""
+        if self.decision is None:
+            self._event = self._event or torch.cuda.Event()
+            self._event.record()
 
 
 class StepGraph:

@@ -84,6 +84,23 @@ def test_auto_schedule_follows_the_run_length():
         Q4ShampooConfig(total_steps=0)
 
 
+def test_first_root_step_and_cuda_graph_take_auto():
+    from hf_q4shampoo.config import auto_first_root
+
+    c = Q4ShampooConfig(total_steps=800)
+    assert c.first_root_step == "auto" and c.cuda_graph == "auto"
+    assert c.first_root() == 16 == auto_first_root(8, 80)  # two statistics periods, a fifth of the root period
+    assert auto_first_root(1, 100) == 20 and auto_first_root(10, 100) == 20
+    assert auto_first_root(100, 100) == 0  # not before the grid's first root: none
+    assert Q4ShampooConfig(first_root_step=0).first_root() == 0
+    assert Q4ShampooConfig(first_root_step=30).first_root() == 30
+    parsed = parse_optim_args("first_root_step=AUTO,cuda_graph=auto")
+    assert parsed == {"first_root_step": "auto", "cuda_graph": "auto"}
+    assert parse_optim_args("first_root_step=24,cuda_graph=false") == {"first_root_step": 24, "cuda_graph": False}
+    with pytest.raises(ConfigError, match='cuda_graph must be true, false or "auto"'):
+        Q4ShampooConfig(cuda_graph="yes")
+
+
 # ---- SparseMFAC (issue 17) ---------------------------------------------------------------------
 
 
@@ -219,6 +236,8 @@ def test_state_keys_come_from_field_metadata():
         ("precond=", ["precond=''", "'cholesky_ef'"]),
         ("grafting=rmsprop", ["grafting='rmsprop' is not valid", "'norm', 'adam'", "optim_args grafting=rmsprop"]),
         ("grafting=adam,first_order=sgd", ["grafting='adam' needs first_order='adamw'", "first_order='sgd'"]),
+        ("cuda_graph=maybe", ["cuda_graph", "maybe"]),
+        ("first_root_step=-1", ["first_root_step must be", '"auto" or an integer >= 0', "-1"]),
     ],
 )
 def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fragments):

@@ -438,7 +438,9 @@ def test_auto_schedule_follows_the_trainers_run_length(tmp_path):
 def test_a_run_that_ends_before_its_first_root_warns():
     p = torch.nn.Parameter(torch.randn(80, 80))
     with pytest.warns(UserWarning, match="no inverse root will be computed"):
-        Q4Shampoo([p], root_freq=500, total_steps=100)
+        Q4Shampoo([p], root_freq=500, first_root_step=0, total_steps=100)
+    with pytest.warns(UserWarning, match="no inverse root will be computed"):
+        Q4Shampoo([p], root_freq=1000, total_steps=100)  # the "auto" early root (at 200) is past the end too
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Q4Shampoo([p], total_steps=100)  # "auto": roots every 10 steps

@@ -870,6 +870,7 @@ def test_adam_grafted_update_has_the_adam_steps_norm(precond):
         first_order_bits=32,
         update_freq=1,
         root_freq=4,
+        first_root_step=0,  # first roots at 4 + offset, as the check below expects
         refresh_spread=4,
         max_precond_dim=32,
     )

@@ -117,3 +117,38 @@ def test_an_unexpected_capture_failure_warns_and_stops_capturing(fake_cuda_graph
             runner.run(key, work, lambda: None)
     assert ran == ["ran", "failed", "ran", "ran", "ran", "ran"] and runner.disabled
     assert len(fake_cuda_graph) == 1
+
+
+class _Event:
+    done = True
+
+    def record(self):
+        pass
+
+    def query(self):
+        return _Event.done
+
+
+@pytest.mark.parametrize("done, decision", [(True, True), (False, False)])
+def test_the_host_bound_probe_decides_after_its_observations(monkeypatch, done, decision):
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    _Event.done = done
+    probe = step_graph.HostBoundProbe()
+    steps = probe.SKIP + probe.PROBES + 1
+    decisions = []
+    for _ in range(steps + 3):
+        decisions.append(probe.enter())
+        probe.leave()
+    # undecided through the skipped steps and the observations, then fixed
+    assert decisions[: steps - 1] == [None] * (steps - 1)
+    assert decisions[steps - 1 :] == [decision] * 4
+
+
+def test_the_host_bound_probe_needs_most_observations_done(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    probe = step_graph.HostBoundProbe()
+    for i in range(probe.SKIP + probe.PROBES + 1):
+        _Event.done = i % 2 == 0  # half of the steps found the GPU idle: not enough
+        probe.enter()
+        probe.leave()
+    assert probe.decision is False
