@@ -197,13 +197,12 @@ class Q4ShampooConfig(OptionsBase):
             learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
             AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
             split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
-            (shape groups are taken in chunks to bound it). ``"auto"`` (default) decides once, from the first
-            eager steps: the graph where the host is the bound (the GPU had finished the previous step's work by
-            the time the host entered the next ``step()`` in most of them: ``step_graph.HostBoundProbe``), else
-            eager. True: always where it applies; False: every step eager. Measured on one H200, 2026-11-30
-            (docs/perf_notes.md v17b and v18, with the commands): pool 120-194 MiB; where the host is the bound
-            (a 91.7M model) the mean step -8-16% and time to target 1.05x -> 0.96x AdamW's; where the GPU is
-            (GPT-2 small) +2-5%.
+            (shape groups are taken in chunks to bound it). ``"auto"`` (default) tries it: the time between
+            ``step()`` calls over 15 eager steps (after the first 5) against 15 replayed ones; the graph is kept
+            if it is 3% faster, else dropped with its pool (``step_graph.GraphTrial``). True: always where it
+            applies; False: every step eager. Measured on one H200, 2026-11-30 (docs/perf_notes.md v17b and
+            v18, with the commands): pool 120-194 MiB; where the host is the bound (a 91.7M model) the mean step
+            -8-16%; where the GPU is the bound (GPT-2 small) +2-5%.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);

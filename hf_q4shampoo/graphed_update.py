@@ -1,4 +1,4 @@
-"""A step's update run as a replayed CUDA graph (``cuda_graph=True``, or ``"auto"`` where the host is the bound):
+"""A step's update run as a replayed CUDA graph (``cuda_graph=True``, or ``"auto"`` where a trial finds it faster):
 which batches it covers, its key, and what is refreshed before each replay (:class:`GraphedUpdateMixin`).
 ``step_graph.py`` decides when to capture.
 
@@ -22,6 +22,8 @@ and calls ``_ddp_split`` and ``_step_batch``.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +32,7 @@ import torch
 from . import triton_kernels
 from .first_order import adam_scalars, adamw_kernel, fill_scalars
 from .layout import Layout, StepBatch
-from .step_graph import AddressTable, HostBoundProbe, StepGraph
+from .step_graph import AddressTable, GraphTrial, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 
 __all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL"]
@@ -75,38 +77,39 @@ class GraphedUpdateMixin:
     """The update of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`'s step, graphed where it can be (module docstring)."""
 
     def _probe_host(self) -> None:
-        """At the start of ``step()``: ``cuda_graph="auto"`` watches the first steps to decide (HostBoundProbe)."""
-        if self.config.cuda_graph != "auto" or "_host_probe_done" in self.__dict__:
+        """At the start of ``step()``: ``cuda_graph="auto"`` tries the graph in the first steps (GraphTrial)."""
+        if self.config.cuda_graph != "auto" or "_graph_trial_done" in self.__dict__:
             return
-        probe = self.__dict__.get("_host_probe")
-        if probe is None:
+        trial = self.__dict__.get("_graph_trial")
+        if trial is None:
             first = next((p for g in self.param_groups for p in g["params"]), None)
             if first is None or first.device.type != "cuda":
-                self._host_probe_done = True  # nothing to decide off CUDA
+                self._graph_trial_done = True  # nothing to try off CUDA
                 return
-            probe = self._host_probe = HostBoundProbe()
-        decision = probe.enter()
+            trial = self._graph_trial = GraphTrial()
+            self._replays_seen = 0
+        counts = self._graph_runner().counts
+        replayed, self._replays_seen = counts.replays > self._replays_seen, counts.replays
+        decision = trial.enter(time.perf_counter(), replayed)
         if decision is not None:
-            self._graph_runner().counts.host_bound = decision
-            self._host_probe_done = True
+            counts.kept = decision
+            counts.eager_ms = 1e3 * statistics.median(trial.eager_periods)
+            counts.graph_ms = 1e3 * statistics.median(trial.graph_periods) if trial.graph_periods else None
+            if not decision:
+                self._graph_runner().release()  # its pool too
+            self._graph_trial_done = True
 
     def _graph_wanted(self) -> bool:
-        """``cuda_graph`` True, or "auto" once the probe found the host to be the bound."""
+        """``cuda_graph`` True, or "auto" while the trial tries the graph and once it chose to keep it."""
         setting = self.config.cuda_graph
         if setting == "auto":
-            probe = self.__dict__.get("_host_probe")
-            return probe is not None and probe.decision is True
+            trial = self.__dict__.get("_graph_trial")
+            return trial is not None and trial.trying
         return setting is True
 
     def _run_update(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
         """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
         (``flagged``: the batches' finite flags were already made for the refreshes)."""
-        self._run_update_parts(layout, batches, flagged)
-        probe = self.__dict__.get("_host_probe")
-        if probe is not None and probe.decision is None:
-            probe.leave()
-
-    def _run_update_parts(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
         graphed, key, prepare = self._update_graph(layout, batches)
         in_graph = {id(b) for b, _ in graphed}
         eager = [b for b in batches if id(b) not in in_graph]

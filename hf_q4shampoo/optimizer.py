@@ -154,8 +154,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             "_consolidated",
             "_step_graph",
             "_grad_addresses",
-            "_host_probe",
-            "_host_probe_done",
+            "_graph_trial",
+            "_graph_trial_done",
+            "_replays_seen",
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a
@@ -408,7 +409,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._probe_host()  # cuda_graph="auto": is the host the bound? (graphed_update.py)
+        self._probe_host()  # cuda_graph="auto": does the graphed update make this loop faster? (graphed_update.py)
 
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
         if not grads:

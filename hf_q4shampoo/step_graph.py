@@ -30,6 +30,7 @@ one graph is kept: its private memory pool holds the update's transient tensors 
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 
 from .capture_guard import NotCapturable
 
-__all__ = ["StepGraph", "GraphCounts", "AddressTable", "HostBoundProbe"]
+__all__ = ["StepGraph", "GraphCounts", "AddressTable", "GraphTrial"]
 
 
 @dataclass
@@ -50,46 +51,60 @@ class GraphCounts:
     captures: int = 0
     replays: int = 0
     refused: int = 0
-    host_bound: bool | None = None  # the decision of ``cuda_graph="auto"`` (HostBoundProbe), once made
+    kept: bool | None = None  # the decision of ``cuda_graph="auto"`` (GraphTrial), once made
+    eager_ms: float | None = None  # the trial's median step periods, eager and replayed
+    graph_ms: float | None = None
 
 
-class HostBoundProbe:
-    """Whether the training loop is bound by the host, judged from its first eager steps (``cuda_graph="auto"``).
+class GraphTrial:
+    """Whether a graphed update makes *this* training loop faster, found by trying it (``cuda_graph="auto"``).
 
     Why: the graph saves host time (launches) and costs a little GPU time (chunked products, the gather). It pays
-    where the GPU waits for the host, and only there. How: at the end of each observed step an event is recorded
-    after the step's work; when the host enters the next ``step()`` (having launched the forward and backward in
-    between) the event is queried, without waiting. Done means the GPU had drained the previous step before the
-    host came back with more work: the host is the bound. After :attr:`SKIP` steps (compilation, first loads),
-    :attr:`PROBES` observations decide: host-bound when at least :attr:`SHARE` of them found the event done.
+    where the GPU waits for the host and loses where the GPU is the bound (measured both ways, docs/perf_notes.md
+    v18), and which one a loop is depends on the model, the batch and the host. How: the time between successive
+    ``step()`` entries (forward, backward and update, as the host sees them; in a steady loop the GPU's pace too)
+    is taken over :attr:`WINDOW` eager steps after :attr:`SKIP` (compilation, first loads), then over
+    :attr:`WINDOW` steps whose update was replayed; the graph is kept when the median of the second is below
+    :attr:`MARGIN` times the first's. If the update is not replayed within :attr:`PATIENCE` steps of trying, eager.
     """
 
     SKIP = 5
-    PROBES = 20
-    SHARE = 0.75
+    WINDOW = 15
+    PATIENCE = 60
+    MARGIN = 0.97
 
     def __init__(self) -> None:
-        self._event: torch.cuda.Event | None = None
+        self._last: float | None = None
         self._entered = 0
-        self._probes = 0
-        self._done = 0
+        self._tried_at = 0
+        self.eager_periods: list[float] = []
+        self.graph_periods: list[float] = []
         self.decision: bool | None = None
 
-    def enter(self) -> bool | None:
-        """Call at the start of every ``step()``; returns the decision (None while still observing)."""
-        if self.decision is None and self._event is not None and self._entered > self.SKIP:
-            self._probes += 1
-            self._done += bool(self._event.query())
-            if self._probes >= self.PROBES:
-                self.decision = self._done >= self.SHARE * self._probes
-        self._entered += 1
-        return self.decision
+    @property
+    def trying(self) -> bool:
+        """Whether the update should be graphed now (during the trial's second window, or after it chose so)."""
+        return self.decision if self.decision is not None else len(self.eager_periods) >= self.WINDOW
 
-    def leave(self) -> None:
-        """Call after the step's work was launched (until decided)."""
-        if self.decision is None:
-            self._event = self._event or torch.cuda.Event()
-            self._event.record()
+    def enter(self, now: float, replayed: bool) -> bool | None:
+        """Call at the start of every ``step()`` with the host clock and whether the previous step's update was a
+        replay; returns the decision (None while trying)."""
+        period = None if self._last is None else now - self._last
+        self._last, self._entered = now, self._entered + 1
+        if self.decision is not None or period is None or self._entered <= self.SKIP + 1:
+            return self.decision
+        if len(self.eager_periods) < self.WINDOW:
+            self.eager_periods.append(period)
+            self._tried_at = self._entered
+            return None
+        if replayed:
+            self.graph_periods.append(period)
+        if len(self.graph_periods) >= self.WINDOW:
+            eager, graph = statistics.median(self.eager_periods), statistics.median(self.graph_periods)
+            self.decision = graph < self.MARGIN * eager
+        elif self._entered - self._tried_at > self.PATIENCE:
+            self.decision = False
+        return self.decision
 
 
 class StepGraph:

@@ -119,36 +119,37 @@ def test_an_unexpected_capture_failure_warns_and_stops_capturing(fake_cuda_graph
     assert len(fake_cuda_graph) == 1
 
 
-class _Event:
-    done = True
-
-    def record(self):
-        pass
-
-    def query(self):
-        return _Event.done
-
-
-@pytest.mark.parametrize("done, decision", [(True, True), (False, False)])
-def test_the_host_bound_probe_decides_after_its_observations(monkeypatch, done, decision):
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    _Event.done = done
-    probe = step_graph.HostBoundProbe()
-    steps = probe.SKIP + probe.PROBES + 1
-    decisions = []
-    for _ in range(steps + 3):
-        decisions.append(probe.enter())
-        probe.leave()
-    # undecided through the skipped steps and the observations, then fixed
-    assert decisions[: steps - 1] == [None] * (steps - 1)
-    assert decisions[steps - 1 :] == [decision] * 4
+def _trial(eager_ms: float, graph_ms: float, replay_from: int = 0, steps: int = 120):
+    """Feed a GraphTrial step periods: ``eager_ms`` while it runs eagerly, ``graph_ms`` once it tries the graph
+    and the update replays (from ``replay_from`` steps after it started trying)."""
+    trial, now, decisions, tried = step_graph.GraphTrial(), 0.0, [], 0
+    replayed = False
+    for _ in range(steps):
+        decisions.append(trial.enter(now, replayed))
+        tried = tried + 1 if trial.trying else tried
+        replayed = trial.trying and tried > replay_from
+        now += (graph_ms if replayed else eager_ms) / 1e3
+    return trial, decisions
 
 
-def test_the_host_bound_probe_needs_most_observations_done(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    probe = step_graph.HostBoundProbe()
-    for i in range(probe.SKIP + probe.PROBES + 1):
-        _Event.done = i % 2 == 0  # half of the steps found the GPU idle: not enough
-        probe.enter()
-        probe.leave()
-    assert probe.decision is False
+def test_the_graph_trial_keeps_the_graph_only_when_it_is_faster():
+    kept, decisions = _trial(eager_ms=60.0, graph_ms=52.0)
+    window = step_graph.GraphTrial.WINDOW
+    assert kept.decision is True and kept.trying
+    assert len(kept.eager_periods) == window == len(kept.graph_periods)
+    first = decisions.index(True)
+    assert decisions[:first] == [None] * first and set(decisions[first:]) == {True}
+    dropped, _ = _trial(eager_ms=60.0, graph_ms=59.0)  # within the 3% margin: not worth a graph's pool
+    assert dropped.decision is False and not dropped.trying
+    slower, _ = _trial(eager_ms=60.0, graph_ms=63.0)
+    assert slower.decision is False
+
+
+def test_the_graph_trial_counts_only_replayed_steps_and_gives_up_without_replays():
+    late, _ = _trial(eager_ms=60.0, graph_ms=40.0, replay_from=30)  # keys changing: replays start late
+    assert late.decision is True and len(late.graph_periods) == step_graph.GraphTrial.WINDOW
+    never, decisions = _trial(eager_ms=60.0, graph_ms=40.0, replay_from=10**6)
+    assert never.decision is False and never.graph_periods == []
+    assert decisions.count(None) <= step_graph.GraphTrial.SKIP + 2 + step_graph.GraphTrial.WINDOW + (
+        step_graph.GraphTrial.PATIENCE
+    )
