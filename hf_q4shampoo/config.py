@@ -198,11 +198,11 @@ class Q4ShampooConfig(OptionsBase):
             AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
             split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
             (shape groups are taken in chunks to bound it). ``"auto"`` (default) tries it: the time between
-            ``step()`` calls over 15 eager steps (after the first 5) against 15 replayed ones; the graph is kept
-            if it is 3% faster, else dropped with its pool (``step_graph.GraphTrial``). True: always where it
-            applies; False: every step eager. Measured on one H200, 2026-11-30 (docs/perf_notes.md v17b and
-            v18, with the commands): pool 120-194 MiB; where the host is the bound (a 91.7M model) the mean step
-            -8-16%; where the GPU is the bound (GPT-2 small) +2-5%.
+            ``step()`` calls on the GPU's timeline over 15 eager steps (after the first 5) against 15 replayed
+            ones; the graph is kept if it is 3% faster, else dropped with its pool (``step_graph.GraphTrial``).
+            True: always where it applies; False: every step eager. Measured on one H200, 2026-11-30
+            (docs/perf_notes.md v17b and v18, with the commands): pool 120-194 MiB; where the host is the bound
+            (a 91.7M model) the mean step -8-16%; where the GPU is the bound (GPT-2 small) +2-5%.
         apply_dtype: dtype of the per-step products ``L^ G R^``: ``"float32"``, ``"bfloat16"`` or
             ``"auto"`` (bf16 on accelerators, fp32 on CPU). bf16 changes the preconditioned direction by
             ~0.4% (measured, tests/test_optimizer.py), far below the 4-bit roots' own error (~10%);

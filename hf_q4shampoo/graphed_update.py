@@ -22,8 +22,6 @@ and calls ``_ddp_split`` and ``_step_batch``.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -90,11 +88,11 @@ class GraphedUpdateMixin:
             self._replays_seen = 0
         counts = self._graph_runner().counts
         replayed, self._replays_seen = counts.replays > self._replays_seen, counts.replays
-        decision = trial.enter(time.perf_counter(), replayed)
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record()
+        decision = trial.enter(mark, replayed)
         if decision is not None:
-            counts.kept = decision
-            counts.eager_ms = 1e3 * statistics.median(trial.eager_periods)
-            counts.graph_ms = 1e3 * statistics.median(trial.graph_periods) if trial.graph_periods else None
+            counts.kept, counts.eager_ms, counts.graph_ms = decision, trial.eager_ms, trial.graph_ms
             if not decision:
                 self._graph_runner().release()  # its pool too
             self._graph_trial_done = True

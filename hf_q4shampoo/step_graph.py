@@ -34,6 +34,7 @@ import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,11 +62,15 @@ class GraphTrial:
 
     Why: the graph saves host time (launches) and costs a little GPU time (chunked products, the gather). It pays
     where the GPU waits for the host and loses where the GPU is the bound (measured both ways, docs/perf_notes.md
-    v18), and which one a loop is depends on the model, the batch and the host. How: the time between successive
-    ``step()`` entries (forward, backward and update, as the host sees them; in a steady loop the GPU's pace too)
-    is taken over :attr:`WINDOW` eager steps after :attr:`SKIP` (compilation, first loads), then over
-    :attr:`WINDOW` steps whose update was replayed; the graph is kept when the median of the second is below
-    :attr:`MARGIN` times the first's. If the update is not replayed within :attr:`PATIENCE` steps of trying, eager.
+    v18), and which one a loop is depends on the model, the batch and the host. How: a timing event is recorded
+    on the GPU's stream at every ``step()`` entry; the time between successive ones is the loop's pace on the
+    GPU's own timeline (the host's pace where the GPU waits for it, the GPU's where it does not). It is taken over
+    :attr:`WINDOW` eager steps after :attr:`SKIP` (compilation, first loads), then over :attr:`WINDOW` steps whose
+    update was replayed; the graph is kept when the second median is below :attr:`MARGIN` times the first. If the
+    update is not replayed within :attr:`PATIENCE` steps of trying, eager. The host clock would not do: with a
+    replayed update a step queues ~20 launches instead of ~600, so a host that runs ahead of a busy GPU fills the
+    launch queue with many more steps and looks faster than the GPU is (seen on an H200 with a GPU-bound loop).
+    Reading the events waits for the GPU once, when the trial decides.
     """
 
     SKIP = 5
@@ -74,36 +79,43 @@ class GraphTrial:
     MARGIN = 0.97
 
     def __init__(self) -> None:
-        self._last: float | None = None
+        self._last: Any = None
         self._entered = 0
         self._tried_at = 0
-        self.eager_periods: list[float] = []
-        self.graph_periods: list[float] = []
+        self._eager_pairs: list[tuple[Any, Any]] = []
+        self._graph_pairs: list[tuple[Any, Any]] = []
+        self.eager_ms: float | None = None
+        self.graph_ms: float | None = None
         self.decision: bool | None = None
 
     @property
     def trying(self) -> bool:
         """Whether the update should be graphed now (during the trial's second window, or after it chose so)."""
-        return self.decision if self.decision is not None else len(self.eager_periods) >= self.WINDOW
+        return self.decision if self.decision is not None else len(self._eager_pairs) >= self.WINDOW
 
-    def enter(self, now: float, replayed: bool) -> bool | None:
-        """Call at the start of every ``step()`` with the host clock and whether the previous step's update was a
-        replay; returns the decision (None while trying)."""
-        period = None if self._last is None else now - self._last
-        self._last, self._entered = now, self._entered + 1
-        if self.decision is not None or period is None or self._entered <= self.SKIP + 1:
+    def enter(self, mark: Any, replayed: bool) -> bool | None:
+        """Call at the start of every ``step()`` with a timing event recorded there (anything with
+        ``synchronize()`` and ``elapsed_time(later)`` in ms) and whether the previous step's update was a replay;
+        returns the decision (None while trying)."""
+        previous, self._last = self._last, mark
+        self._entered += 1
+        if self.decision is not None or previous is None or self._entered <= self.SKIP + 1:
             return self.decision
-        if len(self.eager_periods) < self.WINDOW:
-            self.eager_periods.append(period)
+        if len(self._eager_pairs) < self.WINDOW:
+            self._eager_pairs.append((previous, mark))
             self._tried_at = self._entered
             return None
         if replayed:
-            self.graph_periods.append(period)
-        if len(self.graph_periods) >= self.WINDOW:
-            eager, graph = statistics.median(self.eager_periods), statistics.median(self.graph_periods)
-            self.decision = graph < self.MARGIN * eager
+            self._graph_pairs.append((previous, mark))
+        if len(self._graph_pairs) >= self.WINDOW:
+            mark.synchronize()  # the one wait: every event of both windows has run
+            self.eager_ms = statistics.median(a.elapsed_time(b) for a, b in self._eager_pairs)
+            self.graph_ms = statistics.median(a.elapsed_time(b) for a, b in self._graph_pairs)
+            self.decision = self.graph_ms < self.MARGIN * self.eager_ms
         elif self._entered - self._tried_at > self.PATIENCE:
             self.decision = False
+        if self.decision is not None:
+            self._eager_pairs, self._graph_pairs, self._last = [], [], None  # the events are not needed any more
         return self.decision
 
 

@@ -119,26 +119,40 @@ def test_an_unexpected_capture_failure_warns_and_stops_capturing(fake_cuda_graph
     assert len(fake_cuda_graph) == 1
 
 
+class _Mark:
+    """A stand-in for a timing event: recorded at a known time (ms)."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, later: "_Mark") -> float:
+        return later.ms - self.ms
+
+
 def _trial(eager_ms: float, graph_ms: float, replay_from: int = 0, steps: int = 120):
     """Feed a GraphTrial step periods: ``eager_ms`` while it runs eagerly, ``graph_ms`` once it tries the graph
     and the update replays (from ``replay_from`` steps after it started trying)."""
     trial, now, decisions, tried = step_graph.GraphTrial(), 0.0, [], 0
     replayed = False
     for _ in range(steps):
-        decisions.append(trial.enter(now, replayed))
+        decisions.append(trial.enter(_Mark(now), replayed))
         tried = tried + 1 if trial.trying else tried
         replayed = trial.trying and tried > replay_from
-        now += (graph_ms if replayed else eager_ms) / 1e3
+        now += graph_ms if replayed else eager_ms
     return trial, decisions
 
 
 def test_the_graph_trial_keeps_the_graph_only_when_it_is_faster():
     kept, decisions = _trial(eager_ms=60.0, graph_ms=52.0)
-    window = step_graph.GraphTrial.WINDOW
     assert kept.decision is True and kept.trying
-    assert len(kept.eager_periods) == window == len(kept.graph_periods)
+    assert (kept.eager_ms, kept.graph_ms) == (60.0, 52.0)
     first = decisions.index(True)
     assert decisions[:first] == [None] * first and set(decisions[first:]) == {True}
+    # entries 1..SKIP+1 give no period; the next WINDOW are eager, the WINDOW after them replayed
+    assert first + 1 == step_graph.GraphTrial.SKIP + 1 + 2 * step_graph.GraphTrial.WINDOW
     dropped, _ = _trial(eager_ms=60.0, graph_ms=59.0)  # within the 3% margin: not worth a graph's pool
     assert dropped.decision is False and not dropped.trying
     slower, _ = _trial(eager_ms=60.0, graph_ms=63.0)
@@ -147,9 +161,8 @@ def test_the_graph_trial_keeps_the_graph_only_when_it_is_faster():
 
 def test_the_graph_trial_counts_only_replayed_steps_and_gives_up_without_replays():
     late, _ = _trial(eager_ms=60.0, graph_ms=40.0, replay_from=30)  # keys changing: replays start late
-    assert late.decision is True and len(late.graph_periods) == step_graph.GraphTrial.WINDOW
+    assert late.decision is True and late.graph_ms == 40.0
     never, decisions = _trial(eager_ms=60.0, graph_ms=40.0, replay_from=10**6)
-    assert never.decision is False and never.graph_periods == []
-    assert decisions.count(None) <= step_graph.GraphTrial.SKIP + 2 + step_graph.GraphTrial.WINDOW + (
-        step_graph.GraphTrial.PATIENCE
-    )
+    assert never.decision is False and never.graph_ms is None
+    trial = step_graph.GraphTrial
+    assert decisions.count(None) == trial.SKIP + 1 + trial.WINDOW + trial.PATIENCE
