@@ -63,7 +63,7 @@ for part in "$@"; do
           --batch 16 --seq 512 --steps 200 --warmup 20 --optim_args update_freq=8,root_freq=80 \
           --json "$out/launches_$tag.json" > "$out/launches_$tag.log" 2>&1; tail -3 "$out/launches_$tag.log"
       done ;;
-    graph)  # the issue-11 targets' three schedules on GPT-2 small with the captured steady step (the default)
+    graph)  # the issue-11 targets' three schedules on GPT-2 small at the defaults (cuda_graph="auto": the trial decides)
       bench_plain g100 update_freq=100,root_freq=100
       bench_plain g10 update_freq=10,root_freq=100
       bench_plain g1 update_freq=1,root_freq=100 ;;
