@@ -81,8 +81,11 @@ class GraphedUpdateMixin:
         trial = self.__dict__.get("_graph_trial")
         if trial is None:
             first = next((p for g in self.param_groups for p in g["params"]), None)
-            if first is None or first.device.type != "cuda":
-                self._graph_trial_done = True  # nothing to try off CUDA
+            cfg: Any = self.config
+            # nothing to try off CUDA, or where _update_graph never graphs (the same conditions)
+            graphable = cfg.use_compile and cfg.first_order == "adamw" and cfg.grafting == "norm"
+            if first is None or first.device.type != "cuda" or not graphable or self._ddp_split() is not None:
+                self._graph_trial_done = True
                 return
             trial = self._graph_trial = GraphTrial()
             self._replays_seen = 0
