@@ -62,6 +62,12 @@ def _chunks(batch: StepBatch) -> list[tuple[int, StepBatch]]:
     return out
 
 
+def _graphable_config(cfg: Any) -> bool:
+    """The options under which an update can be graphed: the first-order step reads its lr from the device
+    (AdamW, compiled / fused) and the direction is norm-grafted."""
+    return bool(cfg.use_compile) and cfg.first_order == "adamw" and cfg.grafting == "norm"
+
+
 def _graphable_grads(batch: StepBatch) -> bool:
     first = batch.grads[0]
     return (
@@ -81,10 +87,9 @@ class GraphedUpdateMixin:
         trial = self.__dict__.get("_graph_trial")
         if trial is None:
             first = next((p for g in self.param_groups for p in g["params"]), None)
-            cfg: Any = self.config
-            # nothing to try off CUDA, or where _update_graph never graphs (the same conditions)
-            graphable = cfg.use_compile and cfg.first_order == "adamw" and cfg.grafting == "norm"
-            if first is None or first.device.type != "cuda" or not graphable or self._ddp_split() is not None:
+            # nothing to try off CUDA, or where _update_graph never graphs
+            graphable = _graphable_config(self.config) and self._ddp_split() is None
+            if first is None or first.device.type != "cuda" or not graphable:
                 self._graph_trial_done = True
                 return
             trial = self._graph_trial = GraphTrial()
@@ -164,7 +169,7 @@ class GraphedUpdateMixin:
         nothing = ([], None, lambda: None)
         if not self._graph_wanted() or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
             return nothing
-        if not cfg.use_compile or cfg.first_order != "adamw" or cfg.grafting != "norm":
+        if not _graphable_config(cfg):
             return nothing
         groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
         if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
