@@ -14,7 +14,8 @@ first-order step; those stay replicated, as do the first-order moments (the step
 parameter, and splitting them would mean all-gathering the updated parameters every step, as ZeRO-1 does).
 
 What stays exact: the owner runs the single-process code on the same gradient, the roots travel bit for bit,
-and every rank forms the same shape groups (split by owner, ``layout.py``), so replicas stay bitwise equal. Against
+and every rank forms the same shape groups as one process (not split by owner: the update takes the same
+batched calls; ``layout.py``), so replicas stay bitwise equal. Against
 one process the statistics are bitwise equal; a root computed in another batch of factors than one process would
 use can differ in its last bits (seen on CPU, in a few roots; tests/test_distributed.py compares with a tolerance
 far below what a wrong or missing root changes).
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch
+from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch, is_root_key
 
 __all__ = [
     "DdpSplit",
@@ -51,11 +52,6 @@ __all__ = [
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
 _ALIGN = 8
-
-
-def is_root_key(key: str) -> bool:
-    """Whether a side-state key belongs to the stored inverse root (kept and applied by every rank)."""
-    return key.startswith("root")
 
 
 def strip_statistics(state: dict[str, Any]) -> None:
@@ -157,10 +153,11 @@ class DdpSplit:
         out: dict[int, dict[int, _Section]] = defaultdict(dict)
         for group, members in due:
             for slot in group.slots:
-                section = out[group.owner].setdefault(slot.bucket.order, _Section(slot.bucket))
-                if section.bucket is not slot.bucket:  # pragma: no cover - buckets are keyed by order and keys
-                    raise RuntimeError("Q4Shampoo: one owner's factors of one order lie in two buckets")
-                section.rows.extend(r for m in members for r in slot.member_rows(m))
+                for m in members:
+                    section = out[group.owners[m]].setdefault(slot.bucket.order, _Section(slot.bucket))
+                    if section.bucket is not slot.bucket:  # pragma: no cover - buckets are keyed by order and keys
+                        raise RuntimeError("Q4Shampoo: one owner's roots of one order lie in two buckets")
+                    section.rows.extend(slot.member_rows(m))
         return {owner: dict(sorted(by_order.items())) for owner, by_order in out.items()}
 
     @staticmethod
@@ -247,10 +244,11 @@ def keep_owned_work(batches: list[StepBatch], rank: int) -> list[tuple[ShapeGrou
     owners then all-gather."""
     shared = []
     for b in batches:
-        if b.group.owner is None:
+        owners = b.group.owners
+        if b.group.plan is None or not owners or owners[0] is None:
             continue
         if b.roots_due:
             shared.append((b.group, [b.members[i] for i in b.roots_due]))
-        if b.group.owner != rank:
-            b.stats_due, b.roots_due = [], []
+        b.stats_due = [i for i in b.stats_due if owners[b.members[i]] == rank]
+        b.roots_due = [i for i in b.roots_due if owners[b.members[i]] == rank]
     return shared

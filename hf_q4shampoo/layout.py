@@ -15,10 +15,13 @@ into those buffers. So:
 Row order inside a bucket: shape group, then region of the block plan, then side (L, R), then member
 parameter, then block; so the rows of one (group, region, side) form one contiguous range, member-major.
 
-Under DDP with the work split among ranks (``distributed.py``), every parameter has an *owner* rank: shape
-groups are also split by owner (so every rank forms the same groups and batches, and replicas stay bitwise
-equal), and a bucket holds only factors whose side states have the same keys, so the factors this rank owns
-(statistics, error feedback and root) and the others (root only) live in separate buckets.
+Each factor's state is in two buckets of its order: its inverse root (``root*`` keys, what every step reads) in a
+*roots* bucket and its statistics (and error feedback) in a *statistics* bucket; a root refresh reads the second and
+writes the first. Under DDP with the work split among ranks (``distributed.py``), every matrix parameter has an
+*owner* rank that alone keeps the statistics: shape groups are *not* split by owner (every rank forms the same
+groups and batches as one process, so the update takes the same batched calls and replicas stay bitwise equal);
+a group's roots occupy contiguous rows of its roots bucket for every member, and its statistics rows exist only
+for the members this rank owns.
 """
 
 from __future__ import annotations
@@ -45,19 +48,27 @@ __all__ = [
     "step_batches",
     "stacked_fp32",
     "check_dense_real",
+    "is_root_key",
 ]
 
 State = dict[str, torch.Tensor]
 
 
+def is_root_key(key: str) -> bool:
+    """Whether a side-state key belongs to the stored inverse root (kept and applied by every rank)."""
+    return key.startswith("root")
+
+
 @dataclass(eq=False)
 class FactorBucket:
-    """All factors of order ``order`` on ``device``: one stacked buffer per state key."""
+    """Factors of order ``order`` on ``device``: one stacked buffer per state key; ``kind`` says which part of
+    their state it holds, ``"roots"`` (the ``root*`` keys) or ``"statistics"`` (the others)."""
 
     order: int
     device: torch.device
     storage: State = field(default_factory=dict)
     rows: int = 0
+    kind: str = "roots"
 
 
 @dataclass(eq=False)
@@ -66,12 +77,23 @@ class SideSlot:
 
     region_index: int
     side: str
-    bucket: FactorBucket
+    bucket: FactorBucket  # the roots bucket: every member's roots
     start: int  # first bucket row of member 0
     blocks: int  # blocks per member in this region (rows per member)
+    #: the statistics bucket, its first row, and which members hold statistics there (all of them in one
+    #: process; under DDP the ones this rank owns), in member order
+    stats_bucket: FactorBucket | None = None
+    stats_start: int = 0
+    stats_members: dict[int, int] = field(default_factory=dict)  # member -> position among the holders
 
     def member_rows(self, member: int) -> range:
+        """The member's rows in the roots bucket."""
         first = self.start + member * self.blocks
+        return range(first, first + self.blocks)
+
+    def member_stats_rows(self, member: int) -> range:
+        """The member's rows in the statistics bucket (it must hold statistics on this rank)."""
+        first = self.stats_start + self.stats_members[member] * self.blocks
         return range(first, first + self.blocks)
 
 
@@ -89,8 +111,8 @@ class ShapeGroup:
     moments: State = field(default_factory=dict)
     #: the members' ``skipped_updates`` counters stacked, ``(K,)`` (the per-parameter entries are views)
     skipped: torch.Tensor | None = None
-    #: the rank that keeps the members' statistics and computes their roots (None: not split among ranks)
-    owner: int | None = None
+    #: per member, the rank that keeps its statistics and computes its roots (None: not split among ranks)
+    owners: list[int | None] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -121,21 +143,20 @@ def build_layout(
     """Group ``(param group index, local param, state)`` triples and move their factor states into buckets.
 
     ``plan_of(shape)`` gives the block plan, ``moment_keys(state)`` the first-order state keys, which are
-    stacked per shape group. ``owners`` (one per member, under DDP with the work split) puts members of
-    different owner ranks into different shape groups. The per-parameter side states are replaced by views
-    of the bucket buffers (their values are copied over first), so a layout can be rebuilt at any time, e.g.
-    after ``load_state_dict`` or when a parameter gets its first gradient late.
+    stacked per shape group. ``owners`` (one per member, under DDP with the work split) records each matrix's
+    owner rank; a member whose side states hold only roots (owned by another rank) gets no statistics rows.
+    The per-parameter side states are replaced by views of the bucket buffers (their values are copied over
+    first), so a layout can be rebuilt at any time, e.g. after ``load_state_dict`` or when a parameter gets its
+    first gradient late.
     """
     by_key: dict[tuple, ShapeGroup] = {}
     for i, (gi, p, state) in enumerate(members):
-        owner = owners[i] if owners is not None and "regions" in state else None
-        k = (gi, tuple(p.shape), p.dtype, p.device, owner)
+        k = (gi, tuple(p.shape), p.dtype, p.device)
         if k not in by_key:
-            by_key[k] = ShapeGroup(
-                gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None, owner=owner
-            )
+            by_key[k] = ShapeGroup(gi, tuple(p.shape), [], [], plan_of(p.shape) if "regions" in state else None)
         by_key[k].params.append(p)
         by_key[k].states.append(state)
+        by_key[k].owners.append(owners[i] if owners is not None and "regions" in state else None)
     groups = list(by_key.values())
     for group in groups:
         for k in moment_keys(group.states[0]):
@@ -148,25 +169,36 @@ def build_layout(
                 s["skipped_updates"] = group.skipped[i]
     buckets: dict[tuple, FactorBucket] = {}
     pieces: dict[int, list[State]] = {}  # id(bucket) -> side states in row order
+
+    def bucket_for(device: torch.device, order: int, kind: str, keys: tuple[str, ...]) -> FactorBucket:
+        return buckets.setdefault((device, order, kind, keys), FactorBucket(order, device, kind=kind))
+
     for group in groups:
         if group.plan is None:
             continue
+        device = group.params[0].device
         for ri, region in enumerate(group.plan.regions):
             for side in ("L", "R"):
                 if side not in group.states[0]["regions"][ri]:
                     continue
-                device = group.params[0].device
-                # the keys too: a factor owned by another rank keeps only its root (distributed.py)
-                keys = tuple(sorted(group.states[0]["regions"][ri][side]))
-                bucket = buckets.setdefault(
-                    (device, _side_order(region, side), keys), FactorBucket(_side_order(region, side), device)
-                )
-                group.slots.append(SideSlot(ri, side, bucket, bucket.rows, region.num_blocks))
-                bucket.rows += region.num_blocks * group.size
-                pieces.setdefault(id(bucket), []).extend(s["regions"][ri][side] for s in group.states)
+                order, sides = _side_order(region, side), [s["regions"][ri][side] for s in group.states]
+                roots = bucket_for(device, order, "roots", tuple(sorted(k for k in sides[0] if is_root_key(k))))
+                slot = SideSlot(ri, side, roots, roots.rows, region.num_blocks)
+                roots.rows += region.num_blocks * group.size
+                pieces.setdefault(id(roots), []).extend(sides)
+                # the statistics of the members that hold them here (another rank's keep only their roots)
+                holders = [m for m, st in enumerate(sides) if any(not is_root_key(k) for k in st)]
+                if holders:
+                    stat_keys = tuple(sorted(k for k in sides[holders[0]] if not is_root_key(k)))
+                    stats = bucket_for(device, order, "statistics", stat_keys)
+                    slot.stats_bucket, slot.stats_start = stats, stats.rows
+                    slot.stats_members = {m: i for i, m in enumerate(holders)}
+                    stats.rows += region.num_blocks * len(holders)
+                    pieces.setdefault(id(stats), []).extend(sides[m] for m in holders)
+                group.slots.append(slot)
     for bucket in buckets.values():
         sides = pieces[id(bucket)]
-        keys = list(sides[0])
+        keys = [k for k in sides[0] if is_root_key(k) == (bucket.kind == "roots")]
         bucket.storage = {k: torch.cat([s[k] for s in sides]) for k in keys}
         start = 0
         for s in sides:

@@ -24,32 +24,42 @@ class RefreshMixin:
     """Statistics updates and root refreshes of :class:`~hf_q4shampoo.optimizer.Q4Shampoo` (module docstring)."""
 
     def _bucket_update(
-        self, bucket: FactorBucket, rows: list[int], update: Callable[[dict], None], keep: torch.Tensor | None = None
+        self,
+        parts: list[tuple[FactorBucket, list[int]]],
+        update: Callable[[dict], None],
+        keep: torch.Tensor | None = None,
     ) -> None:
-        """Run ``update`` on the stored state of some rows of a bucket and write the result back in place.
+        """Run ``update`` on the stored state of some rows and write the result back in place.
 
-        ``keep`` (one flag per row, on the device) selects the rows that take the new values; the others
-        keep their stored ones exactly. This relies on the forms' contract of replacing state entries with
-        new tensors, never writing into them (``preconditioners.py``), so ``old`` below is still intact.
+        ``parts``: ``(bucket, rows)`` pairs with the same number of rows, whose keys together make the factors'
+        state (a statistics update reads and writes the statistics bucket; a root refresh reads it and writes
+        the roots bucket). ``keep`` (one flag per row, on the device) selects the rows that take the new
+        values; the others keep their stored ones exactly. This relies on the forms' contract of replacing
+        state entries with new tensors, never writing into them (``preconditioners.py``), so ``old`` below is
+        still intact.
         """
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        if contiguous:
-            window = slice(rows[0], rows[0] + len(rows))
-            sub = {k: v[window] for k, v in bucket.storage.items()}
-        else:
-            index = self._index(rows, bucket.device)
-            sub = {k: v.index_select(0, index) for k, v in bucket.storage.items()}
+        sub: dict[str, torch.Tensor] = {}
+        places = []  # (bucket, key, window or index)
+        for bucket, rows in parts:
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                where: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows))
+                sub.update({k: v[where] for k, v in bucket.storage.items()})
+            else:
+                where = self._index(rows, bucket.device)
+                sub.update({k: v.index_select(0, where) for k, v in bucket.storage.items()})
+            places.extend((bucket, k, where) for k in bucket.storage)
         old = dict(sub)
         update(sub)
-        for k, v in bucket.storage.items():
+        for bucket, k, where in places:
             new = sub[k]
-            if keep is not None and new is not old[k]:
+            if new is old[k]:
+                continue  # untouched: a window is already in place, a copy needs no write
+            if keep is not None:
                 new = torch.where(keep.reshape(-1, *([1] * (new.dim() - 1))), new, old[k])
-            if contiguous:
-                if new is not old[k]:
-                    v[window].copy_(new)
+            if isinstance(where, slice):
+                bucket.storage[k][where].copy_(new)
             else:
-                v.index_copy_(0, index, new)
+                bucket.storage[k].index_copy_(0, where, new)
 
     def _chunks(self, positions: list[int], slot: SideSlot) -> list[list[int]]:
         """Split member positions so one call handles at most ~2^26 factor entries (bounded transients)."""
@@ -69,20 +79,22 @@ class RefreshMixin:
                 blocks = extract_blocks(sub, region)
                 with linalg.tf32_matmul(tf32):
                     gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
-                rows = [r for i in chunk for r in slot.member_rows(batch.members[positions[i]])]
+                rows = [r for i in chunk for r in slot.member_stats_rows(batch.members[positions[i]])]
                 # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks
                 # whose own gram is non-finite, which the forms' blend already keeps)
                 flags = [positions[i] for i in chunk for _ in range(slot.blocks)]
                 keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
-                self._bucket_update(slot.bucket, rows, lambda st, gram=gram: form.update_statistics(st, gram), keep)
+                update = lambda st, gram=gram: form.update_statistics(st, gram)  # noqa: E731
+                self._bucket_update([(slot.stats_bucket, rows)], update, keep)
 
     def _refresh_roots(self, batches: list[StepBatch]) -> None:
         """Recompute the stored inverse roots of every due factor, one batched call per factor order.
 
         Factors of a member whose gradient is not finite this step keep their root (the whole update of
         that parameter is skipped)."""
-        rows: dict[int, list[tuple[int, int]]] = defaultdict(list)  # bucket -> (row, index into its flags)
-        buckets: dict[int, FactorBucket] = {}
+        # statistics bucket -> (its row, the roots bucket's row, index into the flags) of every due factor
+        rows: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        pairs: dict[int, tuple[FactorBucket, FactorBucket]] = {}
         flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         offsets: dict[torch.device, int] = defaultdict(int)
         for b in batches:
@@ -93,14 +105,21 @@ class RefreshMixin:
             flags[device].append(b.finite)
             offsets[device] += len(b.members)
             for slot in b.group.slots:
-                buckets[id(slot.bucket)] = slot.bucket
-                rows[id(slot.bucket)].extend((r, base + i) for i in b.roots_due for r in slot.member_rows(b.members[i]))
+                stats = slot.stats_bucket
+                pairs.setdefault(id(stats), (stats, slot.bucket))
+                if pairs[id(stats)][1] is not slot.bucket:  # pragma: no cover - both are keyed by order and keys
+                    raise RuntimeError("Q4Shampoo: the factors of one statistics bucket have roots in two buckets")
+                for i in b.roots_due:
+                    member = b.members[i]
+                    found = zip(slot.member_stats_rows(member), slot.member_rows(member))
+                    rows[id(stats)].extend((s, r, base + i) for s, r in found)
         finite = {device: torch.cat(parts) for device, parts in flags.items()}
-        for bid, bucket in buckets.items():
-            form = self._form(bucket.device)
-            due = sorted(rows[bid])
-            per = max(1, (1 << 26) // bucket.order**2)
+        for sid, (stats, roots) in pairs.items():
+            form = self._form(stats.device)
+            due = sorted(rows[sid])
+            per = max(1, (1 << 26) // stats.order**2)
             for i in range(0, len(due), per):
                 part = due[i : i + per]
-                keep = finite[bucket.device].index_select(0, self._index([f for _, f in part], bucket.device))
-                self._bucket_update(bucket, [r for r, _ in part], form.refresh_root, keep)
+                keep = finite[stats.device].index_select(0, self._index([f for _, _, f in part], stats.device))
+                parts = [(stats, [s for s, _, _ in part]), (roots, [r for _, r, _ in part])]
+                self._bucket_update(parts, form.refresh_root, keep)

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from .distributed import is_root_key
 from .first_order import adamw_kernel
 from .layout import FactorBucket, Layout, ShapeGroup, StepBatch
 from .triton_gather import SOURCE_DTYPES, stack_by_address
@@ -39,9 +38,9 @@ _DONE: set[tuple] = set()
 
 def _decoder(opt: Any, bucket: FactorBucket) -> WarmUp | None:
     """Decode a copy of a stack of one and of two roots (the compiled torch decoder specialises a stack of one)."""
-    if not opt.config.use_compile or bucket.device.type in ("cpu", "meta"):
+    if not opt.config.use_compile or bucket.device.type in ("cpu", "meta") or bucket.kind != "roots":
         return None
-    roots = {k: v for k, v in bucket.storage.items() if k.startswith("root")}
+    roots = dict(bucket.storage)
     form, dtype = opt._form(bucket.device), opt._apply_dtype(bucket.device)
 
     def run() -> None:
@@ -51,18 +50,19 @@ def _decoder(opt: Any, bucket: FactorBucket) -> WarmUp | None:
     return ("decoder", bucket.device, bucket.order, dtype, repr(opt.config)), run
 
 
-def _refresh(opt: Any, bucket: FactorBucket) -> WarmUp | None:
-    """One statistics update and one root refresh of a copy of the bucket's first factor."""
-    if bucket.device.type != "cuda" or all(is_root_key(k) for k in bucket.storage):
+def _refresh(opt: Any, stats: FactorBucket, roots: FactorBucket) -> WarmUp | None:
+    """One statistics update and one root refresh of a copy of the first factor of a statistics bucket (with the
+    matching roots bucket's first root)."""
+    if stats.device.type != "cuda":
         return None
-    form = opt._form(bucket.device)
+    form = opt._form(stats.device)
 
     def run() -> None:
-        sample = {k: v[:1].clone() for k, v in bucket.storage.items()}
-        form.update_statistics(sample, torch.eye(bucket.order, device=bucket.device).unsqueeze(0))
+        sample = {k: v[:1].clone() for k, v in {**stats.storage, **roots.storage}.items()}
+        form.update_statistics(sample, torch.eye(stats.order, device=stats.device).unsqueeze(0))
         form.refresh_root(sample)
 
-    return ("refresh", bucket.device, bucket.order, repr(opt.config)), run
+    return ("refresh", stats.device, stats.order, repr(opt.config)), run
 
 
 def _first_order(opt: Any, group: ShapeGroup) -> WarmUp | None:
@@ -106,7 +106,8 @@ def _gather(opt: Any, group: ShapeGroup) -> WarmUp | None:
 
 def first_step_warm_ups(opt: Any, layout: Layout) -> list[WarmUp]:
     """The warm-ups ``layout`` needs that this process has not done yet (one per key)."""
-    found = [_decoder(opt, b) for b in layout.buckets] + [_refresh(opt, b) for b in layout.buckets]
+    pairs = {id(s.stats_bucket): (s.stats_bucket, s.bucket) for g in layout.groups for s in g.slots if s.stats_bucket}
+    found = [_decoder(opt, b) for b in layout.buckets] + [_refresh(opt, *pair) for pair in pairs.values()]
     found += [_first_order(opt, g) for g in layout.groups] + [_gather(opt, g) for g in layout.groups]
     todo: dict[tuple, Callable[[], None]] = {}
     for item in found:

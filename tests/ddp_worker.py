@@ -124,7 +124,8 @@ def main() -> None:
         torch.save([p.detach() for p in params], os.path.join(out, f"{form}-final-rank{rank}.pt"))
         if rank == 0 and grads:
             torch.save(grads, os.path.join(out, f"{form}-grads.pt"))
-        report[form] = {"bytes": [opt.state_bytes(p) for p in params], "info": opt.distributed_info()}
+        groups = [[list(g.shape), g.size] for g in opt._current_layout().groups]
+        report[form] = {"bytes": [opt.state_bytes(p) for p in params], "info": opt.distributed_info(), "groups": groups}
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

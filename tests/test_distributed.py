@@ -12,7 +12,7 @@ import sys
 import ddp_worker
 import pytest
 import torch
-from ddp_worker import FORMS, HALF, OPTIONS, make_params
+from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
@@ -176,6 +176,9 @@ def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
         }
     )
     assert 0 < info["exchanges"] <= refresh_steps
+    # the shape groups, hence the update's batched calls, are one process's: not split by owner
+    assert reports[0][form]["groups"] == [[list(g.shape), g.size] for g in opt._current_layout().groups]
+    assert len(reports[0][form]["groups"]) < len(SHAPES)  # same-shape matrices of both owners share a group
 
 
 @pytest.mark.parametrize("form", FORMS)
