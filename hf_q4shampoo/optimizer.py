@@ -439,9 +439,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
-                for b in batches:
-                    if b.stats_due:
-                        self._update_statistics(b)
+                self._update_statistics(batches)
         if any(b.roots_due for b in batches):
             with self._stage("roots"):
                 self._refresh_roots(batches)

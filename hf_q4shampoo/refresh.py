@@ -15,9 +15,14 @@ import torch
 
 from . import linalg
 from .blocking import extract_blocks
-from .layout import FactorBucket, SideSlot, StepBatch, stacked_fp32
+from .layout import FactorBucket, StepBatch, stacked_fp32
 
 __all__ = ["RefreshMixin"]
+
+#: factor entries per batched statistics update: bounds its transients (about six fp32 copies of these, 64 MiB each)
+#: while merging a step's due factors of one order into one call on models like GPT-2 (10.6M entries per step at
+#: the time-to-target model's 8/80)
+_STATS_CALL_ENTRIES = 1 << 24
 
 
 class RefreshMixin:
@@ -61,31 +66,50 @@ class RefreshMixin:
             else:
                 bucket.storage[k].index_copy_(0, where, new)
 
-    def _chunks(self, positions: list[int], slot: SideSlot) -> list[list[int]]:
-        """Split member positions so one call handles at most ~2^26 factor entries (bounded transients)."""
-        per = max(1, (1 << 26) // max(1, slot.blocks * slot.bucket.order**2))
-        return [positions[i : i + per] for i in range(0, len(positions), per)]
+    def _update_statistics(self, batches: list[StepBatch]) -> None:
+        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of every batch's due members: the Gram
+        matrices per side slot, then one batched update per statistics bucket (all due factors of one order,
+        whatever their shape group) of at most :data:`_STATS_CALL_ENTRIES` factor entries, so a step pays one
+        factorization call per order rather than one per group and side (host launches, docs/perf_notes.md v18)."""
+        pending: dict[int, list] = defaultdict(list)  # statistics bucket -> [(rows, gram, keep)]
+        buckets: dict[int, FactorBucket] = {}
+        for batch in batches:
+            if not batch.stats_due:
+                continue
+            group, positions = batch.group, batch.stats_due
+            g2 = stacked_fp32([batch.grads[i] for i in positions]).reshape(len(positions), *group.plan.matrix_shape)
+            tf32 = self._gram_tf32(g2.device)
+            # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks whose own
+            # gram is non-finite, which the forms' blend already keeps)
+            for slot in group.slots:
+                region = group.plan.regions[slot.region_index]
+                per = max(1, _STATS_CALL_ENTRIES // max(1, slot.blocks * slot.stats_bucket.order**2))
+                for a in range(0, len(positions), per):  # members in pieces: bounded Gram transients
+                    chunk = positions[a : a + per]
+                    sub = g2 if len(chunk) == g2.shape[0] else g2[a : a + len(chunk)]
+                    blocks = extract_blocks(sub, region)
+                    with linalg.tf32_matmul(tf32):
+                        gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
+                    rows = [r for i in chunk for r in slot.member_stats_rows(batch.members[i])]
+                    flags = [i for i in chunk for _ in range(slot.blocks)]
+                    keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
+                    buckets[id(slot.stats_bucket)] = slot.stats_bucket
+                    pending[id(slot.stats_bucket)].append((rows, gram, keep))
+                    self._flush_statistics(slot.stats_bucket, pending[id(slot.stats_bucket)], full=False)
+        for bid, parts in pending.items():
+            self._flush_statistics(buckets[bid], parts, full=True)
 
-    def _update_statistics(self, batch: StepBatch) -> None:
-        """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of the batch's due members."""
-        group, positions = batch.group, batch.stats_due
-        g2 = stacked_fp32([batch.grads[i] for i in positions]).reshape(len(positions), *group.plan.matrix_shape)
-        form = self._form(g2.device)
-        tf32 = self._gram_tf32(g2.device)
-        for slot in group.slots:
-            region = group.plan.regions[slot.region_index]
-            for chunk in self._chunks(list(range(len(positions))), slot):
-                sub = g2 if len(chunk) == g2.shape[0] else g2[chunk[0] : chunk[-1] + 1]
-                blocks = extract_blocks(sub, region)
-                with linalg.tf32_matmul(tf32):
-                    gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
-                rows = [r for i in chunk for r in slot.member_stats_rows(batch.members[positions[i]])]
-                # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks
-                # whose own gram is non-finite, which the forms' blend already keeps)
-                flags = [positions[i] for i in chunk for _ in range(slot.blocks)]
-                keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
-                update = lambda st, gram=gram: form.update_statistics(st, gram)  # noqa: E731
-                self._bucket_update([(slot.stats_bucket, rows)], update, keep)
+    def _flush_statistics(self, bucket: FactorBucket, parts: list, full: bool) -> None:
+        """Update the statistics of the factors gathered in ``parts`` (emptied) in one call, once they hold
+        :data:`_STATS_CALL_ENTRIES` factor entries or when ``full``."""
+        if not parts or (not full and sum(g.numel() for _, g, _ in parts) < _STATS_CALL_ENTRIES):
+            return
+        rows = [r for part_rows, _, _ in parts for r in part_rows]
+        gram = parts[0][1] if len(parts) == 1 else torch.cat([g for _, g, _ in parts])
+        keep = parts[0][2] if len(parts) == 1 else torch.cat([k for _, _, k in parts])
+        parts.clear()
+        form = self._form(bucket.device)
+        self._bucket_update([(bucket, rows)], lambda st: form.update_statistics(st, gram), keep)
 
     def _refresh_roots(self, batches: list[StepBatch]) -> None:
         """Recompute the stored inverse roots of every due factor, one batched call per factor order.

@@ -362,6 +362,37 @@ def test_first_root_step_adds_one_early_root_then_keeps_the_grid():
         Q4Shampoo(params, lr=1e-3, first_root_step=-1)
 
 
+def test_statistics_of_one_order_are_updated_in_one_call_and_as_one_at_a_time(monkeypatch):
+    # two shape groups whose factors share orders (48: L of both, 40: R of the first, 24: R of the second): a step
+    # with all statistics due takes one batched update per order; pieces of one member each give the same bits
+    from hf_q4shampoo import refresh
+
+    def run(entries):
+        monkeypatch.setattr(refresh, "_STATS_CALL_ENTRIES", entries)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(48, 40)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(48, 24))]
+        opt = Q4Shampoo(params, lr=1e-2, update_freq=1, root_freq=3, refresh_spread=1)
+        form = type(opt._form(torch.device("cpu")))
+        calls = []
+        original = form.update_statistics
+        monkeypatch.setattr(
+            form, "update_statistics", lambda self, st, gram: calls.append(len(gram)) or original(self, st, gram)
+        )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        monkeypatch.setattr(form, "update_statistics", original)
+        return [p.detach().clone() for p in params], calls
+
+    merged, merged_calls = run(1 << 24)
+    single, single_calls = run(1)
+    assert len(merged_calls) == 7 * 3 and sorted(set(merged_calls)) == [1, 3, 4]  # orders 24, 40, 48 per step
+    assert len(single_calls) == 7 * 8 and set(single_calls) == {1}  # 4 members x 2 sides, one factor each
+    assert all(torch.equal(a, b) for a, b in zip(merged, single))
+
+
 def test_equal_frequencies_put_statistics_and_roots_on_different_steps():
     # update_freq = root_freq = 8, spread 3: statistics on residues 0-2, roots moved to 3-5 (schedule.root_shift);
     # no step then pays for both, and every factor still refreshes every 8 steps
