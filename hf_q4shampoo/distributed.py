@@ -48,6 +48,7 @@ __all__ = [
     "strip_statistics",
     "ExchangeCounters",
     "keep_owned_work",
+    "is_dtensor",
 ]
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
@@ -229,12 +230,12 @@ def split_for(enabled: bool, params: Sequence[torch.Tensor]) -> DdpSplit | None:
     parameters themselves; each rank then preconditions its own shard)."""
     if not enabled or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
-    if any(_is_dtensor(p) for p in params):
+    if any(is_dtensor(p) for p in params):
         return None
     return DdpSplit()
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import triton_kernels
+from .distributed import is_dtensor
 from .first_order import adam_scalars, adamw_kernel, fill_scalars
 from .layout import Layout, StepBatch
 from .step_graph import AddressTable, GraphTrial, StepGraph
@@ -86,10 +87,11 @@ class GraphedUpdateMixin:
             return
         trial = self.__dict__.get("_graph_trial")
         if trial is None:
-            first = next((p for g in self.param_groups for p in g["params"]), None)
-            # nothing to try off CUDA, or where _update_graph never graphs
+            # nothing to try off CUDA, where _update_graph never graphs, or under FSDP2 (DTensor parameters: the
+            # graphed update is not tested there)
+            params = [p for g in self.param_groups for p in g["params"]]
             graphable = _graphable_config(self.config) and self._ddp_split() is None
-            if first is None or first.device.type != "cuda" or not graphable:
+            if not params or params[0].device.type != "cuda" or not graphable or any(map(is_dtensor, params)):
                 self._graph_trial_done = True
                 return
             trial = self._graph_trial = GraphTrial()
