@@ -200,6 +200,7 @@ class Q4ShampooConfig(OptionsBase):
             (shape groups are taken in chunks to bound it). ``"auto"`` (default) tries it: the time between
             ``step()`` calls on the GPU's timeline over 15 eager steps (after the first 5) against 15 replayed
             ones; the graph is kept if it is 3% faster, else dropped with its pool (``step_graph.GraphTrial``).
+            "auto" does not try it under FSDP2 (DTensor parameters, untested there) nor where it never applies.
             True: always where it applies; False: every step eager. Measured on one H200, 2026-11-30
             (docs/perf_notes.md v17b and v18, with the commands): pool 120-194 MiB; where the host is the bound
             (a 91.7M model) the mean step -8-16%; where the GPU is the bound (GPT-2 small) +2-5%.
