@@ -115,23 +115,24 @@ class GraphedUpdateMixin:
             return trial is not None and trial.trying
         return setting is True
 
-    def _run_update(self, layout: Layout, batches: list[StepBatch], flagged: bool) -> None:
-        """Precondition, graft and step every batch: the graphed ones through the CUDA graph, the rest eagerly
-        (``flagged``: the batches' finite flags were already made for the refreshes)."""
+    def _run_update(self, layout: Layout, batches: list[StepBatch]) -> None:
+        """Precondition, graft and step every batch: the graphed ones through the CUDA graph (which makes its own
+        finite flags), the rest eagerly."""
         graphed, key, prepare = self._update_graph(layout, batches)
         in_graph = {id(b) for b, _ in graphed}
         eager = [b for b in batches if id(b) not in in_graph]
         if graphed:
             table = self._grad_addresses.device_table
             work = lambda: self._graphed_work(graphed, table)  # noqa: E731
-            ordinary = lambda: self._eager_update([b for b, _ in graphed], flagged)  # noqa: E731
+            ordinary = lambda: self._eager_update([b for b, _ in graphed])  # noqa: E731
             self._graph_runner().run(key, work, prepare, triton_kernels.pointer_tables, ordinary)
-        self._eager_update(eager, flagged)
+        self._eager_update(eager)
 
-    def _eager_update(self, batches: list[StepBatch], flagged: bool) -> None:
-        """The ordinary update of ``batches``, one whole batch at a time."""
-        if batches and not flagged:
-            flag_finite(batches)
+    def _eager_update(self, batches: list[StepBatch]) -> None:
+        """The ordinary update of ``batches``, one whole batch at a time (flagging those the refreshes did not)."""
+        unflagged = [b for b in batches if b.finite is None]
+        if unflagged:
+            flag_finite(unflagged)
         for b in batches:
             self._step_batch(b)
 

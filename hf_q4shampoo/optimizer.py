@@ -433,9 +433,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 ]
         split = self._ddp_split()
         shared = keep_owned_work(batches, split.rank) if split is not None else []
-        refreshing = any(b.stats_due or b.roots_due for b in batches)
-        if refreshing or shared:
-            flag_finite(batches)
+        refreshing = [b for b in batches if b.stats_due or b.roots_due]
+        if refreshing:  # the refreshes skip non-finite members; the update flags the other batches itself
+            flag_finite(refreshing)
         # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
@@ -446,7 +446,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots
             with self._stage("roots_exchange"):
                 split.exchange_roots(shared)
-        self._run_update(layout, batches, flagged=refreshing or shared)
+        self._run_update(layout, batches)
         return loss
 
     def _current_layout(self) -> Layout:
