@@ -81,7 +81,7 @@ def _graphable_grads(batch: StepBatch) -> bool:
 class GraphedUpdateMixin:
     """The update of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`'s step, graphed where it can be (module docstring)."""
 
-    def _probe_host(self) -> None:
+    def _graph_trial_step(self) -> None:
         """At the start of ``step()``: ``cuda_graph="auto"`` tries the graph in the first steps (GraphTrial)."""
         if self.config.cuda_graph != "auto" or "_graph_trial_done" in self.__dict__:
             return

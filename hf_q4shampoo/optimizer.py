@@ -409,7 +409,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._probe_host()  # cuda_graph="auto": does the graphed update make this loop faster? (graphed_update.py)
+        self._graph_trial_step()  # cuda_graph="auto": is the graphed update faster here? (graphed_update.py)
 
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
         if not grads:
