@@ -76,8 +76,7 @@ def main() -> None:
     result = {k + "_host_ms": 1e3 * v / args.profile for k, v in host.items()}
     result["wall_ms_per_step"] = 1e3 * wall
     result["optim_args"] = args.optim_args
-    counts = getattr(opt, "_step_graph", None)
-    result["step_graph"] = None if counts is None else vars(counts.counts)
+    result["step_graph"] = opt.graph_info()
     print(json.dumps(result))
     for key in () if args.plain else ("tottime", "cumulative"):
         text = io.StringIO()

@@ -29,7 +29,6 @@ summary), ``curves.png`` (validation loss against step and against training seco
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -437,7 +436,7 @@ def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
         "peak_cuda_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "state_bytes_per_param": _state_bytes_per_param(opt),
         # how the steps' updates ran with cuda_graph=true (step_graph.GraphCounts), else None
-        "step_graph": dataclasses.asdict(opt._step_graph.counts) if hasattr(opt, "_step_graph") else None,
+        "step_graph": opt.graph_info() if hasattr(opt, "graph_info") else None,
         "num_params": sum(p.numel() for p in model.parameters()),
         "setup": comparable_setup(args, meta, n_eval, warmup),
         **_environment(device),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import json
 import platform
@@ -194,7 +193,7 @@ def bench_one(
         "peak_MiB": peak / 2**20 if device.type == "cuda" else None,
         "graph_pool_MiB": graph_pool / 2**20 if device.type == "cuda" else None,
         "peak_with_graph_pool_MiB": (peak + graph_pool) / 2**20 if device.type == "cuda" else None,
-        "step_graph": dataclasses.asdict(opt._step_graph.counts) if hasattr(opt, "_step_graph") else None,
+        "step_graph": opt.graph_info() if hasattr(opt, "graph_info") else None,
         "median_step_ms": statistics.median(timed),
         "mean_step_ms": statistics.fmean(timed),
         "worst_step_ms": timed[worst_at],

@@ -21,6 +21,8 @@ and calls ``_ddp_split`` and ``_step_batch``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,8 @@ from .step_graph import AddressTable, GraphTrial, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 
 __all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL"]
+
+_logger = logging.getLogger(__name__)
 
 #: entries per chunk of a shape group inside the graph (4M: ~16 MiB per fp32 copy)
 CHUNK_NUMEL = 1 << 22
@@ -61,6 +65,14 @@ def _chunks(batch: StepBatch) -> list[tuple[int, StepBatch]]:
         sub.ready = [i - a for i in batch.ready if a <= i < z]
         out.append((a, sub))
     return out
+
+
+def _trial_words(trial: GraphTrial) -> tuple[str, str]:
+    """The trial's decision in words, for the log."""
+    if trial.graph_ms is None:
+        return "dropped", "no replayed steps to time"
+    verb = "kept" if trial.decision else "dropped"
+    return verb, f"median step {trial.eager_ms:.1f} ms eager, {trial.graph_ms:.1f} ms replayed"
 
 
 def _graphable_config(cfg: Any) -> bool:
@@ -106,6 +118,14 @@ class GraphedUpdateMixin:
             if not decision:
                 self._graph_runner().release()  # its pool too
             self._graph_trial_done = True
+            _logger.info("Q4Shampoo: cuda_graph=auto %s the graphed update (%s)", *_trial_words(trial))
+
+    def graph_info(self) -> dict[str, Any] | None:
+        """How the updates ran with the CUDA graph (``cuda_graph`` true or "auto"; None before any graphed
+        step or off CUDA): eager / ordinary / captured / replayed step counts, refused captures, and for
+        "auto" the trial's decision (``kept``) with its median step periods (``eager_ms``, ``graph_ms``)."""
+        runner = self.__dict__.get("_step_graph")
+        return None if runner is None else dataclasses.asdict(runner.counts)
 
     def _graph_wanted(self) -> bool:
         """``cuda_graph`` True, or "auto" while the trial tries the graph and once it chose to keep it."""

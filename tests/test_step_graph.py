@@ -166,3 +166,18 @@ def test_the_graph_trial_counts_only_replayed_steps_and_gives_up_without_replays
     assert never.decision is False and never.graph_ms is None
     trial = step_graph.GraphTrial
     assert decisions.count(None) == trial.SKIP + 1 + trial.WINDOW + trial.PATIENCE
+
+
+def test_graph_info_is_none_off_cuda_and_the_trial_is_logged_in_words():
+    from hf_q4shampoo import Q4Shampoo
+    from hf_q4shampoo.graphed_update import _trial_words
+
+    p = torch.nn.Parameter(torch.randn(16, 12))
+    opt = Q4Shampoo([p], lr=1e-3)
+    p.grad = torch.randn(16, 12)
+    opt.step()
+    assert opt.config.cuda_graph == "auto" and opt.graph_info() is None  # no trial off CUDA
+    kept, _ = _trial(eager_ms=60.0, graph_ms=52.0)
+    assert _trial_words(kept) == ("kept", "median step 60.0 ms eager, 52.0 ms replayed")
+    never, _ = _trial(eager_ms=60.0, graph_ms=40.0, replay_from=10**6)
+    assert _trial_words(never) == ("dropped", "no replayed steps to time")
