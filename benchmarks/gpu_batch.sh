@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
+#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
@@ -79,6 +79,8 @@ for part in "$@"; do
         python benchmarks/host_profile.py --plain --optim_args update_freq=8,root_freq=80,cuda_graph=$g \
           --json "$out/host_plain_$g.json" > "$out/host_plain_$g.log" 2>&1; tail -1 "$out/host_plain_$g.log"
       done ;;
+    spread)  # GPT-2 small at 10/100 with fewer, larger refresh batches (refresh_spread 5 and 10 against 25)
+      for sp in 5 10 25; do bench_plain spread$sp update_freq=10,root_freq=100,refresh_spread=$sp; done ;;
     graph_small)  # GPT-2 small at 10/100 with the graphed update, then the eager one
       bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true
       bench_plain g10_eager update_freq=10,root_freq=100,cuda_graph=false ;;
