@@ -15,7 +15,7 @@ import torch
 
 from .blocking import extract_blocks, insert_blocks
 from .first_order import adam_graft_batch_step, adamw_batch_step, sgd_batch_step
-from .layout import SideSlot, StepBatch, stacked_fp32
+from .layout import SideSlot, StepBatch, as_slice, stacked_fp32
 
 __all__ = ["DirectionMixin"]
 
@@ -35,14 +35,6 @@ def _frobenius(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tenso
     # an all-zero member: norm 0 whatever the divisor; one launch where ``where(amax > 0, amax, 1)`` took two
     safe = amax.float().clamp_min(torch.finfo(torch.float32).tiny)
     return torch.linalg.vector_norm(x / safe[:, None, None], dim=(-2, -1)) * safe
-
-
-def _member_range(members: list[int]) -> slice | None:
-    """``members`` as a slice when they are consecutive (a chunk of a shape group): its moments are then views,
-    updated in place, instead of copies gathered and scattered back."""
-    if members == list(range(members[0], members[0] + len(members))):
-        return slice(members[0], members[0] + len(members))
-    return None
 
 
 def _flat(
@@ -86,7 +78,7 @@ class DirectionMixin:
     def _count_skips(self, batch: StepBatch, keep: torch.Tensor) -> None:
         """Add this step's skips to the members' ``skipped_updates`` counters (on the device)."""
         counts = batch.group.skipped
-        span = _member_range(batch.members)
+        span = as_slice(batch.members)
         if span is not None:
             counts[span].add_(~keep)
         else:
@@ -95,12 +87,13 @@ class DirectionMixin:
     def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
         rows = [r for m in members for r in slot.member_rows(m)]
-        storage = slot.bucket.storage
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            sub = {k: v[rows[0] : rows[0] + len(rows)] for k, v in storage.items() if k.startswith("root")}
+        storage = slot.bucket.storage  # the roots bucket: every key is a root's
+        span = as_slice(rows)
+        if span is not None:
+            sub = {k: v[span] for k, v in storage.items()}
         else:
             index = self._index(rows, slot.bucket.device)
-            sub = {k: v.index_select(0, index) for k, v in storage.items() if k.startswith("root")}
+            sub = {k: v.index_select(0, index) for k, v in storage.items()}
         return self._form(slot.bucket.device).root(sub, dtype)
 
     def _precondition(self, batch: StepBatch, g2: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -203,12 +196,12 @@ class DirectionMixin:
             directions = directions.neg()  # not in place: for a single fp32 gradient it is p.grad itself
         params = [batch.group.params[m] for m in batch.members]
         stacked = batch.group.moments
-        span = _member_range(batch.members)
+        span = as_slice(batch.members)
         index = None if span is not None else self._index(batch.members, directions.device)
         if span is None:
             moments = {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
-        else:
-            moments = stacked if span == slice(0, batch.group.size) else {k: v[span] for k, v in stacked.items()}
+        else:  # views: the steps update them in place
+            moments = {k: v[span] for k, v in stacked.items()}
         # what the three first-order steps share
         common = dict(lr=group["lr"], weight_decay=group["weight_decay"], compile_=cfg.use_compile, keep=keep)
         common["m_map"] = cfg.first_order_m_map

@@ -114,7 +114,6 @@ class GraphedUpdateMixin:
         mark.record()
         decision = trial.enter(mark, replayed)
         if decision is not None:
-            counts.kept, counts.eager_ms, counts.graph_ms = decision, trial.eager_ms, trial.graph_ms
             if not decision:
                 self._graph_runner().release()  # its pool too
             self._graph_trial_done = True
@@ -125,7 +124,13 @@ class GraphedUpdateMixin:
         step or off CUDA): eager / ordinary / captured / replayed step counts, refused captures, and for
         "auto" the trial's decision (``kept``) with its median step periods (``eager_ms``, ``graph_ms``)."""
         runner = self.__dict__.get("_step_graph")
-        return None if runner is None else dataclasses.asdict(runner.counts)
+        if runner is None:
+            return None
+        info: dict[str, Any] = dataclasses.asdict(runner.counts)
+        trial = self.__dict__.get("_graph_trial")
+        if trial is not None:
+            info.update(kept=trial.decision, eager_ms=trial.eager_ms, graph_ms=trial.graph_ms)
+        return info
 
     def _graph_wanted(self) -> bool:
         """``cuda_graph`` True, or "auto" while the trial tries the graph and once it chose to keep it."""

@@ -49,6 +49,7 @@ __all__ = [
     "stacked_fp32",
     "check_dense_real",
     "is_root_key",
+    "as_slice",
 ]
 
 State = dict[str, torch.Tensor]
@@ -57,6 +58,14 @@ State = dict[str, torch.Tensor]
 def is_root_key(key: str) -> bool:
     """Whether a side-state key belongs to the stored inverse root (kept and applied by every rank)."""
     return key.startswith("root")
+
+
+def as_slice(rows: list[int]) -> slice | None:
+    """``rows`` as a slice when they are consecutive and ascending (then a view reads them, and writes go in place,
+    instead of a gather and a scatter), else None."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
 
 
 @dataclass(eq=False)

@@ -15,7 +15,7 @@ import torch
 
 from . import linalg
 from .blocking import extract_blocks
-from .layout import FactorBucket, StepBatch, stacked_fp32
+from .layout import FactorBucket, StepBatch, as_slice, stacked_fp32
 
 __all__ = ["RefreshMixin"]
 
@@ -46,8 +46,8 @@ class RefreshMixin:
         sub: dict[str, torch.Tensor] = {}
         places = []  # (bucket, key, window or index)
         for bucket, rows in parts:
-            if rows == list(range(rows[0], rows[0] + len(rows))):
-                where: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows))
+            where: slice | torch.Tensor | None = as_slice(rows)
+            if where is not None:
                 sub.update({k: v[where] for k, v in bucket.storage.items()})
             else:
                 where = self._index(rows, bucket.device)
@@ -71,8 +71,7 @@ class RefreshMixin:
         matrices per side slot, then one batched update per statistics bucket (all due factors of one order,
         whatever their shape group) of at most :data:`_STATS_CALL_ENTRIES` factor entries, so a step pays one
         factorization call per order rather than one per group and side (host launches, docs/perf_notes.md v18)."""
-        pending: dict[int, list] = defaultdict(list)  # statistics bucket -> [(rows, gram, keep)]
-        buckets: dict[int, FactorBucket] = {}
+        pending: dict[int, tuple[FactorBucket, list]] = {}  # id(statistics bucket) -> (it, [(rows, gram, keep)])
         for batch in batches:
             if not batch.stats_due:
                 continue
@@ -93,11 +92,11 @@ class RefreshMixin:
                     rows = [r for i in chunk for r in slot.member_stats_rows(batch.members[i])]
                     flags = [i for i in chunk for _ in range(slot.blocks)]
                     keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
-                    buckets[id(slot.stats_bucket)] = slot.stats_bucket
-                    pending[id(slot.stats_bucket)].append((rows, gram, keep))
-                    self._flush_statistics(slot.stats_bucket, pending[id(slot.stats_bucket)], full=False)
-        for bid, parts in pending.items():
-            self._flush_statistics(buckets[bid], parts, full=True)
+                    bucket, parts = pending.setdefault(id(slot.stats_bucket), (slot.stats_bucket, []))
+                    parts.append((rows, gram, keep))
+                    self._flush_statistics(bucket, parts, full=False)
+        for bucket, parts in pending.values():
+            self._flush_statistics(bucket, parts, full=True)
 
     def _flush_statistics(self, bucket: FactorBucket, parts: list, full: bool) -> None:
         """Update the statistics of the factors gathered in ``parts`` (emptied) in one call, once they hold

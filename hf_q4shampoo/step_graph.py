@@ -52,9 +52,6 @@ class GraphCounts:
     captures: int = 0
     replays: int = 0
     refused: int = 0
-    kept: bool | None = None  # the decision of ``cuda_graph="auto"`` (GraphTrial), once made
-    eager_ms: float | None = None  # the trial's median step periods, eager and replayed
-    graph_ms: float | None = None
 
 
 class GraphTrial:
@@ -164,18 +161,14 @@ class StepGraph:
             self._graph.replay()
             self.counts.replays += 1
             return
-        if key is None or key in self._refused or self.disabled:
-            if ordinary is not None:
-                self.counts.ordinary += 1
-                ordinary()
-                return
-        elif ordinary is not None and self._streak == 1:
+        blocked = key is None or key in self._refused or self.disabled
+        if ordinary is not None and (blocked or self._streak == 1):
             self.counts.ordinary += 1
             ordinary()
             return
         if key is not None:
             prepare()
-        if key is None or key in self._refused or self.disabled or self._streak < (2 if ordinary is None else 3):
+        if blocked or self._streak < (2 if ordinary is None else 3):
             self.counts.eager += 1
             work()
             return

@@ -1007,3 +1007,10 @@ def test_adam_grafting_skips_a_member_whose_direction_is_not_finite():
     assert [k for k in _changed(before[0], _state_tensors(opt, params[0])) if k in kept] == kept
     assert torch.isfinite(params[1]).all()
     assert [int(opt.state[p]["skipped_updates"]) for p in params] == [0, 1]
+
+
+def test_as_slice_takes_consecutive_rows_only():
+    from hf_q4shampoo.layout import as_slice
+
+    assert as_slice([3, 4, 5]) == slice(3, 6) and as_slice([0]) == slice(0, 1)
+    assert as_slice([3, 5]) is None and as_slice([5, 4]) is None
