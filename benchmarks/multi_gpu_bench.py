@@ -32,6 +32,7 @@ Rank 0 writes ``OUT_DIR/multi_gpu_<mode>_ws<world size>[_data<data_world>].json`
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -52,7 +53,7 @@ from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
 
-OPTIMIZERS = ("adamw", "q4shampoo", "q4shampoo_replicated")
+OPTIMIZERS = ("adamw", "q4shampoo", "q4shampoo_replicated", "q4shampoo_zero")
 
 
 class Timer:
@@ -129,8 +130,22 @@ def _make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
     options = parse_optim_args(args.optim_args)
+    if name == "q4shampoo_zero":
+        # the other design (Distributed Shampoo's, ZeRO-1's): each rank steps whole parameters of its own (every
+        # stage, first-order moments included) and the updated parameters are broadcast from their owners
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        options["shard_preconditioners"] = False
+        # whole-optimizer options go to the constructor: ZeRO copies its defaults into every group it hands on
+        local = functools.partial(Q4Shampoo, **options)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=local, lr=args.lr)
     options["shard_preconditioners"] = name == "q4shampoo"
     return Q4Shampoo(groups, lr=args.lr, **options)
+
+
+def _local(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state (ZeroRedundancyOptimizer wraps one)."""
+    return getattr(opt, "optim", opt)
 
 
 def _params_sha256(model: torch.nn.Module) -> str:
@@ -142,6 +157,7 @@ def _params_sha256(model: torch.nn.Module) -> str:
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
+    opt = _local(opt)
     if isinstance(opt, Q4Shampoo):
         out: dict[str, int] = defaultdict(int)
         for group in opt.param_groups:
@@ -175,8 +191,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _make_optimizer(name, model, args, device)
     timer = Timer(device)
-    if isinstance(opt, Q4Shampoo):
-        opt.stage_timer = timer
+    if isinstance(_local(opt), Q4Shampoo):
+        _local(opt).stage_timer = timer
     total = args.warmup + args.steps
     losses, before = [], None
     for step in range(total):
@@ -275,12 +291,20 @@ def run_fsdp2_ckpt(args: argparse.Namespace, device: torch.device, rank: int, wo
     set_optimizer_state_dict(model, opt, template["optim"])
     train(model, opt, range(half, args.ckpt_steps))
     resumed = _params_sha256(model)
+    del model, opt
+    # the control: a second uninterrupted run; if it differs from the first, the GPU's own run-to-run
+    # non-determinism (atomics in backward kernels) and not the checkpoint explains a resumed run that differs
+    model, opt = build()
+    train(model, opt, range(args.ckpt_steps))
+    control = _params_sha256(model)
     return {
         "steps": args.ckpt_steps,
         "checkpoint_step": half,
         "uninterrupted_sha256": uninterrupted,
         "resumed_sha256": resumed,
         "resumed_bitwise_equal": uninterrupted == resumed,
+        "control_sha256": control,
+        "uninterrupted_runs_bitwise_equal": uninterrupted == control,
         "checkpoint": path,
     }
 
@@ -323,10 +347,11 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
 
     if multi and single:
         one = by_name(single)
-        for name in ("q4shampoo", "q4shampoo_replicated"):
+        designs = ("q4shampoo", "q4shampoo_replicated", "q4shampoo_zero")
+        for name in designs:
             if name not in one and "q4shampoo" in one:
                 one[name] = one["q4shampoo"]  # one GPU: the split never applies
-        for name in ("q4shampoo", "q4shampoo_replicated"):
+        for name in designs:
             ranks = [by_name(multi, k).get(name) for k in range(world)]
             if None in ranks or name not in one:
                 continue
@@ -334,6 +359,8 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
                 "stats_ef_bytes_per_rank": [split(r) for r in ranks],
                 "stats_ef_bytes_one_gpu": split(one[name]),
                 "stats_ef_ratio_max_rank": max(split(r) for r in ranks) / max(1, split(one[name])),
+                "state_bytes_per_rank": [r["state_bytes"]["total"] for r in ranks],
+                "state_bytes_one_gpu": one[name]["state_bytes"]["total"],
                 "optimizer_ms_per_rank": [r["optimizer_step"]["mean_ms"] for r in ranks],
                 "optimizer_ms_one_gpu": one[name]["optimizer_step"]["mean_ms"],
                 "optimizer_time_ratio_max_rank": max(r["optimizer_step"]["mean_ms"] for r in ranks)
@@ -354,6 +381,9 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
         }
     if fsdp:
         out["fsdp2_dcp_resume_bitwise_equal"] = all(r[0]["resumed_bitwise_equal"] for r in fsdp["ranks"])
+        out["fsdp2_uninterrupted_runs_bitwise_equal"] = all(
+            r[0].get("uninterrupted_runs_bitwise_equal") for r in fsdp["ranks"]
+        )
     return out
 
 
@@ -384,6 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ckpt_steps", type=int, default=40, help="fsdp2_ckpt: steps, with the checkpoint at half")
     p.add_argument("--keep_checkpoint", action="store_true", help="fsdp2_ckpt: write the checkpoint under --out")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace: GPU runs repeat bitwise",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -412,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(summary, f, indent=1)
         print(json.dumps(summary, indent=1))
         return 0
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True, warn_only=True)
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
