@@ -93,9 +93,11 @@ def _summary(times: list[float]) -> dict[str, float]:
 def _model_config(args: argparse.Namespace):
     from transformers import GPT2Config
 
+    # --deterministic: the eager attention, since cuDNN's attention backward has no deterministic algorithm
+    attention = {"attn_implementation": "eager"} if args.deterministic else {}
     if args.tiny:
-        return GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=args.seq)
-    return GPT2Config()  # GPT-2 small: 12 layers, width 768, vocabulary 50257, 1024 positions
+        return GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=args.seq, **attention)
+    return GPT2Config(**attention)  # GPT-2 small: 12 layers, width 768, vocabulary 50257, 1024 positions
 
 
 def _build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
