@@ -32,7 +32,6 @@ Rank 0 writes ``OUT_DIR/multi_gpu_<mode>_ws<world size>[_data<data_world>].json`
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -53,7 +52,7 @@ from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
 
-OPTIMIZERS = ("adamw", "q4shampoo", "q4shampoo_replicated", "q4shampoo_zero")
+OPTIMIZERS = ("adamw", "q4shampoo", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
 
 
 class Timer:
@@ -132,15 +131,14 @@ def _make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
     options = parse_optim_args(args.optim_args)
-    if name == "q4shampoo_zero":
-        # the other design (Distributed Shampoo's, ZeRO-1's): each rank steps whole parameters of its own (every
-        # stage, first-order moments included) and the updated parameters are broadcast from their owners
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    if name.startswith("q4shampoo_zero"):
+        # the other design (Distributed Shampoo's, ZeRO-1's): each rank steps whole parameters of its own and the
+        # updated parameters are broadcast (benchmarks/zero_design.py); "_balanced": partition by modelled cost
+        # and one bucketed broadcast per rank instead of ZeRO's count partition and per-parameter broadcasts
+        from zero_design import make_zero
 
-        options["shard_preconditioners"] = False
-        # whole-optimizer options go to the constructor: ZeRO copies its defaults into every group it hands on
-        local = functools.partial(Q4Shampoo, **options)
-        return ZeroRedundancyOptimizer(groups, optimizer_class=local, lr=args.lr)
+        balanced = name == "q4shampoo_zero_balanced"
+        return make_zero(groups, args.lr, options, balanced=balanced, bucket_view=balanced)
     options["shard_preconditioners"] = name == "q4shampoo"
     return Q4Shampoo(groups, lr=args.lr, **options)
 
@@ -349,7 +347,7 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
 
     if multi and single:
         one = by_name(single)
-        designs = ("q4shampoo", "q4shampoo_replicated", "q4shampoo_zero")
+        designs = ("q4shampoo", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
         for name in designs:
             if name not in one and "q4shampoo" in one:
                 one[name] = one["q4shampoo"]  # one GPU: the split never applies

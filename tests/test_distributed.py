@@ -336,15 +336,20 @@ def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
         "--out",
         str(tmp_path),
         "--optimizers",
-        "adamw,q4shampoo",
+        "adamw,q4shampoo,q4shampoo_zero_balanced",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads((tmp_path / "multi_gpu_ddp_ws2.json").read_text())
-    assert ddp["replicas_bitwise_equal"] == {"adamw": True, "q4shampoo": True}
+    assert ddp["replicas_bitwise_equal"] == {"adamw": True, "q4shampoo": True, "q4shampoo_zero_balanced": True}
+    # the other design (benchmarks/zero_design.py): each rank holds the state of its own parameters only
+    zero = [next(r for r in rank if r["optimizer"] == "q4shampoo_zero_balanced") for rank in ddp["ranks"]]
+    zero_bytes = [r["state_bytes"]["total"] for r in zero]
+    assert all(0 < b < 0.75 * sum(zero_bytes) for b in zero_bytes), zero_bytes
     q4 = [next(r for r in rank if r["optimizer"] == "q4shampoo") for rank in ddp["ranks"]]
     comm = q4[0]["communication"]
     assert comm["exchanges"] > 0 and comm["received_bytes_per_step"] > 0 and "roots_exchange" in q4[0]["stages"]
     assert all(r["state_bytes"]["statistics"] > 0 for r in q4)
     fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
     assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])
+    assert all(rank[0]["uninterrupted_runs_bitwise_equal"] for rank in fsdp["ranks"])  # the control pair

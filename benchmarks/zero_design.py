@@ -1,0 +1,81 @@
+"""Issue 16's other design, for measurement only: owners step whole parameters, updated parameters go to all ranks.
+
+torch's ``ZeroRedundancyOptimizer`` over Q4Shampoo: each rank runs every stage of the step (statistics, roots,
+``L^ G R^``, grafting, first-order moments) for the parameters it owns and broadcasts them afterwards, as ZeRO-1
+and Distributed Shampoo do. Two things of ZeRO's own measured badly for Q4Shampoo on two H200s
+(docs/perf_notes.md v19): it balances parameter counts, while a Shampoo step's cost is dominated by the cubic
+refresh of a few factors, and it broadcasts each parameter on its own. :func:`make_zero` can replace the first
+with a partition by modelled cost and the second with ZeRO's bucketed parameters (one broadcast per rank).
+
+The cost model: per step, ``per_param_ms`` spread over the parameters by their element count (apply, grafting,
+first-order step) plus ``refresh_ms`` spread over the matrices by ``schedule.refresh_cost`` (statistics and
+roots, cubic in the block sizes). The defaults are GPT-2 small's stage means at ``update_freq=10,root_freq=100`` on
+one H200 (v19: apply + grafting + first-order 6.3 ms, statistics + roots 10.8 ms).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo.schedule import refresh_cost
+
+
+def modelled_costs(
+    params: Sequence[torch.Tensor], options: dict[str, Any], per_param_ms: float = 6.3, refresh_ms: float = 10.8
+) -> dict[int, float]:
+    """Modelled milliseconds per step of each parameter's share of the step, by ``id``."""
+    planner = Q4Shampoo([torch.nn.Parameter(torch.zeros(1))], **options)  # block plans only: no state is built
+    refresh = {id(p): 0 for p in params}
+    for p in params:
+        plan = planner.block_plan(p.shape) if p.ndim >= 2 else None
+        if plan is not None:
+            refresh[id(p)] = refresh_cost(plan)
+    numel = sum(p.numel() for p in params) or 1
+    total_refresh = sum(refresh.values()) or 1
+    return {id(p): per_param_ms * p.numel() / numel + refresh_ms * refresh[id(p)] / total_refresh for p in params}
+
+
+class _CostBalancedZero(ZeroRedundancyOptimizer):
+    """ZeRO with its parameter partition replaced: greedy by modelled cost, most expensive first, least loaded rank.
+
+    Overrides a private method of torch's ZeRO (``_partition_parameters``; it calls ``_partition_param_group``
+    as torch's own does): this is a benchmark's probe of the design, not a supported integration.
+    """
+
+    def __init__(self, params: Any, costs: dict[int, float], **kwargs: Any) -> None:
+        self._modelled_costs = costs
+        super().__init__(params, **kwargs)
+
+    def _partition_parameters(self, params_per_rank: list[list[torch.Tensor]] | None = None) -> list[list[dict]]:
+        if params_per_rank is not None or len(self._partition_parameters_cache) != 0:
+            return super()._partition_parameters(params_per_rank)
+        self._partition_parameters_cache = [[] for _ in range(self.world_size)]
+        load = [0.0] * self.world_size
+        for group in self.param_groups:
+            per_rank: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
+            for p in sorted(group["params"], key=lambda t: -self._modelled_costs.get(id(t), 0.0)):
+                rank = min(range(self.world_size), key=lambda r: (load[r], r))
+                per_rank[rank].append(p)
+                load[rank] += self._modelled_costs.get(id(p), 0.0)
+            self._partition_param_group(group, per_rank)
+        return self._partition_parameters_cache
+
+
+def make_zero(
+    groups: list[dict[str, Any]], lr: float, options: dict[str, Any], balanced: bool, bucket_view: bool
+) -> ZeroRedundancyOptimizer:
+    """Q4Shampoo under ZeRO: ``balanced`` partitions by modelled cost; ``bucket_view``: one broadcast per rank."""
+    options = {**options, "shard_preconditioners": False}
+    # whole-optimizer options go to the constructor: ZeRO copies its defaults into every group it hands on
+    local = functools.partial(Q4Shampoo, **options)
+    kwargs: dict[str, Any] = {"optimizer_class": local, "lr": lr, "parameters_as_bucket_view": bucket_view}
+    if not balanced:
+        return ZeroRedundancyOptimizer(groups, **kwargs)
+    params = [p for g in groups for p in g["params"]]
+    return _CostBalancedZero(groups, costs=modelled_costs(params, options), **kwargs)
