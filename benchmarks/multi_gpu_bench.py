@@ -52,7 +52,14 @@ from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
 
-OPTIMIZERS = ("adamw", "q4shampoo", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
+OPTIMIZERS = (
+    "adamw",
+    "q4shampoo",
+    "q4shampoo_whole",
+    "q4shampoo_replicated",
+    "q4shampoo_zero",
+    "q4shampoo_zero_balanced",
+)
 
 
 class Timer:
@@ -139,7 +146,8 @@ def _make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace,
 
         balanced = name == "q4shampoo_zero_balanced"
         return make_zero(groups, args.lr, options, balanced=balanced, bucket_view=balanced)
-    options["shard_preconditioners"] = name == "q4shampoo"
+    options["shard_preconditioners"] = name in ("q4shampoo", "q4shampoo_whole")
+    options["shard_parameters"] = name == "q4shampoo_whole"  # owners update whole matrices, parameters all-gathered
     return Q4Shampoo(groups, lr=args.lr, **options)
 
 
@@ -222,13 +230,14 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         "params_sha256": _params_sha256(model),
     }
     stages = {}
-    for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order"):
+    for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order", "parameters_exchange"):
         if stage in timer.records:
             stages[stage] = _summary(timer.per_step(stage, total)[args.warmup :])
     result["stages"] = stages
     info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
     if info is not None and before is not None:
-        moved = {k: info[k] - before.get(k, 0) for k in ("exchanges", "payload_bytes", "received_bytes")}
+        counted = ("exchanges", "payload_bytes", "received_bytes", "parameter_exchanges", "parameter_bytes_received")
+        moved = {k: info[k] - before.get(k, 0) for k in counted}
         result["communication"] = {
             "matrices_per_rank": info["matrices_per_rank"],
             "timed_steps": args.steps,
@@ -237,6 +246,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
             "received_bytes_per_exchange": moved["received_bytes"] / max(1, moved["exchanges"]),
             "payload_bytes_per_exchange": moved["payload_bytes"] / max(1, moved["exchanges"]),
             "exchange_ms_per_step_mean": stages.get("roots_exchange", {}).get("mean_ms", 0.0),
+            "parameter_bytes_received_per_step": moved["parameter_bytes_received"] / args.steps,
+            "parameter_exchange_ms_per_step_mean": stages.get("parameters_exchange", {}).get("mean_ms", 0.0),
         }
     del opt, wrapped, model
     if device.type == "cuda":
@@ -347,7 +358,7 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
 
     if multi and single:
         one = by_name(single)
-        designs = ("q4shampoo", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
+        designs = ("q4shampoo", "q4shampoo_whole", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
         for name in designs:
             if name not in one and "q4shampoo" in one:
                 one[name] = one["q4shampoo"]  # one GPU: the split never applies

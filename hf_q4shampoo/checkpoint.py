@@ -137,8 +137,11 @@ class CheckpointMixin:
         super().load_state_dict(inner)
         params = [p for group in self.param_groups for p in group["params"]]
         owners = self._owners() if split is not None else {}
+        foreign = self._foreign_ids()
         for index, p in enumerate(params):
-            if index in saved_state:
+            if id(p) in foreign:  # shard_parameters: another rank updates this matrix and holds all its state
+                self.state.pop(p, None)
+            elif index in saved_state:
                 device = _local(p).device
                 self.state[p] = _restore(saved_state[index], device)
                 _add_missing_keys(self.state[p], device)
@@ -210,7 +213,11 @@ class CheckpointMixin:
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
-                if share_of is not None and self._owners().get(id(p), share_of.rank) != share_of.rank:
+                if (
+                    share_of is not None
+                    and not self._shards_parameters()
+                    and self._owners().get(id(p), share_of.rank) != share_of.rank
+                ):
                     strip_statistics(expected)
                 saved = dict(saved_state[saved_id])
                 _add_missing_keys(saved, torch.device("meta"))

@@ -185,6 +185,13 @@ class Q4ShampooConfig(OptionsBase):
             every root and keeps the first-order moments, so the result equals the single-process algorithm on
             the same (all-reduced) gradients, bitwise on every replica. False: every rank keeps and computes
             everything (no optimizer communication). Ignored in a single process and under FSDP2.
+        shard_parameters: with ``shard_preconditioners`` under DDP, split the whole step instead: each owner
+            rank updates its matrices completely (statistics, roots, ``L^ G R^``, grafting, first-order moments:
+            all their state lives on the owner alone) and the ranks all-gather the updated matrices after every
+            step (4 bytes per fp32 parameter x (N-1)/N per step; ZeRO-1's and Distributed Shampoo's way). Vectors
+            and other parameters without a preconditioner stay on every rank. Replicas stay bitwise equal; the
+            owners are chosen by modelled per-step cost. Off by default until measured faster on GPUs
+            (docs/perf_notes.md v19).
 
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
@@ -271,6 +278,7 @@ class Q4ShampooConfig(OptionsBase):
     fused_statistics: bool = True
     refresh_spread: int = 25
     shard_preconditioners: bool = True
+    shard_parameters: bool = False
     cuda_graph: bool | str = "auto"
 
     def __post_init__(self) -> None:
@@ -395,6 +403,7 @@ _BOOLS = (
     "use_compile",
     "fused_statistics",
     "shard_preconditioners",
+    "shard_parameters",
 )
 
 

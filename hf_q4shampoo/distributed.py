@@ -23,8 +23,15 @@ The refresh schedule and its offsets are the single-process ones, so a state sav
 the single-process state (:meth:`DdpSplit.gather_states` assembles it for a checkpoint) and loads on any
 world size.
 
+``shard_parameters`` (opt-in) splits the whole step instead: an owner (balanced by :func:`step_share_cost`)
+updates its matrices completely and holds all their state, and :meth:`DdpSplit.share_parameters` all-gathers the
+updated matrices after every step (ZeRO-1's and Distributed Shampoo's way: 4 bytes per fp32 parameter per step
+instead of the roots' ~0.5 byte per factor entry per refresh, in exchange for splitting the apply, grafting and
+first-order work that the root design replicates).
+
 Collectives: one ``all_gather`` of a uint8 buffer on steps where some root is refreshed (never on other
-steps), and object gathers when a checkpoint is consolidated. Nothing here reads a device value on the host:
+steps), or under ``shard_parameters`` one of the updated matrices every step; object gathers when a checkpoint is
+consolidated. Nothing here reads a device value on the host:
 every size is known from shapes.
 """
 
@@ -49,6 +56,7 @@ __all__ = [
     "ExchangeCounters",
     "keep_owned_work",
     "is_dtensor",
+    "step_share_cost",
 ]
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
@@ -100,6 +108,9 @@ class ExchangeCounters:
     received_bytes: int = 0
     #: consolidations of a checkpoint (``consolidate_state_dict``) and the bytes they gathered
     consolidations: int = 0
+    #: ``shard_parameters``: all-gathers of the updated parameters (one per step) and the bytes each rank received
+    parameter_exchanges: int = 0
+    parameter_bytes_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -206,6 +217,42 @@ class DdpSplit:
                 target.index_copy_(0, index, values.reshape(len(section.rows), *target.shape[1:]))
                 offset += nbytes
 
+    # ---- parameters (shard_parameters) ----------------------------------------------------------
+    def share_parameters(self, by_owner: Sequence[Sequence[torch.Tensor]]) -> None:
+        """All-gather the parameters their owners have just updated, into every rank's parameters (in place).
+
+        ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank. Each travels as its raw
+        bytes (8-byte aligned, the buffer padded to the largest owner's share), so every replica holds exactly
+        the owner's values. One collective per step.
+        """
+        sizes = [sum(_aligned(_nbytes(p)) for p in params) for params in by_owner]
+        largest = max(sizes, default=0)
+        if largest == 0:
+            return
+        mine = by_owner[self.rank]
+        device = next(p.device for params in by_owner for p in params)
+        parts = []
+        for p in mine:
+            raw = p.detach().contiguous().reshape(-1).view(torch.uint8)
+            parts.append(raw)
+            if _aligned(raw.numel()) > raw.numel():
+                parts.append(torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device))
+        if largest > sizes[self.rank]:
+            parts.append(torch.zeros(largest - sizes[self.rank], dtype=torch.uint8, device=device))
+        send = torch.cat(parts) if len(parts) > 1 else parts[0]
+        received = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        dist.all_gather(received, send, group=self.group)
+        for owner, buffer in enumerate(received):
+            if owner == self.rank:
+                continue
+            offset = 0
+            for p in by_owner[owner]:
+                count = _nbytes(p)
+                p.detach().copy_(buffer[offset : offset + count].view(p.dtype).view(p.shape))
+                offset += _aligned(count)
+        self.counters.parameter_exchanges += 1
+        self.counters.parameter_bytes_received += largest * (self.world_size - 1)
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def gather_states(self, owned: dict[int, Any], to: int | None) -> list[dict[int, Any]] | None:
         """Every rank's ``owned`` states (CPU tensors; keyed by parameter position), on rank ``to`` (None: on
@@ -222,6 +269,29 @@ class DdpSplit:
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+#: modelled milliseconds of one step's work, from GPT-2 small's stage means on one H200 at update_freq=10,
+#: root_freq=100 (docs/perf_notes.md v19): apply + grafting + first-order 6.3 ms for 124.4M parameters, a statistics
+#: round 55 ms and a root round 530 ms for a total ``refresh_cost`` of 1.65e11. Only the ratios matter: they
+#: balance whole-parameter shares (``shard_parameters``), whose every-step work the refresh cost alone ignores.
+_MS_PER_ELEMENT = 5.06e-8
+_MS_PER_STATISTICS_UNIT = 3.33e-10
+_MS_PER_ROOT_UNIT = 3.21e-9
+
+
+def step_share_cost(refresh: int, numel: int, update_freq: int, root_freq: int) -> float:
+    """Modelled milliseconds per step that owning a whole parameter costs (``shard_parameters``): its every-step
+    update (``numel``) plus its statistics and roots (``refresh``, ``schedule.refresh_cost``) amortised."""
+    return (
+        numel * _MS_PER_ELEMENT
+        + refresh * _MS_PER_STATISTICS_UNIT / update_freq
+        + refresh * _MS_PER_ROOT_UNIT / root_freq
+    )
 
 
 def split_for(enabled: bool, params: Sequence[torch.Tensor]) -> DdpSplit | None:

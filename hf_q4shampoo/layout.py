@@ -252,11 +252,13 @@ def layout_members(param_groups: Sequence[dict], state: dict) -> list[tuple[int,
 
 
 def step_gradients(
-    param_groups: Sequence[dict], state: dict, init_state, check_param
+    param_groups: Sequence[dict], state: dict, init_state, check_param, skip: frozenset[int] = frozenset()
 ) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """The step's bookkeeping shared by the optimizers built on a layout: every parameter with a non-empty
     (local) gradient gets its state (``init_state(p, state)`` the first time, after ``check_param(p)``) and
-    its CPU step counter advanced. Returns ``{id(state): local gradient}`` and ``{id(state): new step}``.
+    its CPU step counter advanced; parameters whose ``id`` is in ``skip`` are left alone (under
+    ``shard_parameters``, those another rank updates). Returns ``{id(state): local gradient}`` and
+    ``{id(state): new step}``.
 
     The counters are CPU tensors advanced in one multi-tensor op and read back in one ``tolist``: no device
     synchronisation.
@@ -265,7 +267,7 @@ def step_gradients(
     counters = []
     for group in param_groups:
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or id(p) in skip:
                 continue
             check_param(p)
             st = state[p]

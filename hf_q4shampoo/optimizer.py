@@ -46,7 +46,7 @@ from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
-from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, strip_statistics
+from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, step_share_cost, strip_statistics
 from .first_order import total_skipped
 from .graphed_update import GraphedUpdateMixin, flag_finite
 from .layout import (
@@ -309,9 +309,10 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         Works on parameters on the ``meta`` device, which is how ``estimate_memory`` sizes the state of a
         model without allocating it: the layout is the one the first step would create.
         """
+        foreign = self._foreign_ids()
         for group in self.param_groups:
             for p in group["params"]:
-                if not self.state[p]:
+                if not self.state[p] and id(p) not in foreign:
                     self._init_state(p, self.state[p])
 
     def _refresh_offsets(self) -> dict[int, tuple[int, int]]:
@@ -347,10 +348,32 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         if self.__dict__.get("_owner_key") != key:
             offsets = self._refresh_offsets()
             matrices = [p for p in params if id(p) in offsets]
-            units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in matrices]
-            owners = assign_owners(units, self._ddp_split().world_size)
+            refresh = [refresh_cost(self.block_plan(_local(p).shape)) for p in matrices]
+            if self._shards_parameters():  # an owner does the whole step of its matrices: weigh every stage
+                update_freq, root_freq = self.config.schedule()
+                costs = [step_share_cost(r, p.numel(), update_freq, root_freq) for r, p in zip(refresh, matrices)]
+            else:
+                costs = refresh
+            units = [(c, *offsets[id(p)]) for c, p in zip(costs, matrices)]
+            split = self._ddp_split()
+            owners = assign_owners(units, split.world_size)
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(matrices, owners)}
+            self._foreign = frozenset(
+                id(p) for p, o in zip(matrices, owners) if o != split.rank and self._shards_parameters()
+            )
+            self._matrices_by_owner = [[p for p, o in zip(matrices, owners) if o == r] for r in range(split.world_size)]
         return self._owner_by_id
+
+    def _shards_parameters(self) -> bool:
+        """``shard_parameters`` in effect: DDP with the work split, each owner updating its matrices whole."""
+        return self.config.shard_parameters and self._ddp_split() is not None
+
+    def _foreign_ids(self) -> frozenset[int]:
+        """Ids of the parameters other ranks update whole (``shard_parameters``); empty otherwise."""
+        if not self._shards_parameters():
+            return frozenset()
+        self._owners()
+        return self._foreign
 
     def distributed_info(self) -> dict[str, Any] | None:
         """Under DDP with the work split (``shard_preconditioners``): this rank, the world size, how many
@@ -397,8 +420,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             state["regions"] = regions
             state["refresh_offset"], state["root_offset"] = self._refresh_offsets().get(id(p), (0, 0))
             split = self._ddp_split()
-            if split is not None and self._owners().get(id(p), split.rank) != split.rank:
-                strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
+            if split is not None and not self._shards_parameters():
+                if self._owners().get(id(p), split.rank) != split.rank:
+                    strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -411,9 +435,19 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 loss = closure()
         self._graph_trial_step()  # cuda_graph="auto": is the graphed update faster here? (graphed_update.py)
 
-        grads, steps = step_gradients(self.param_groups, self.state, self._init_state, self._check_param)
-        if not grads:
-            return loss
+        sharding = self._shards_parameters()  # the same on every rank: so is joining the exchange below
+        grads, steps = step_gradients(
+            self.param_groups, self.state, self._init_state, self._check_param, self._foreign_ids()
+        )
+        if grads:
+            self._update(grads, steps, sharding)
+        if sharding:  # every rank joins, also one that owns nothing with a gradient this step
+            with self._stage("parameters_exchange"):
+                self._ddp_split().share_parameters(self._matrices_by_owner)
+        return loss
+
+    def _update(self, grads: dict[int, torch.Tensor], steps: dict[int, int], sharding: bool) -> None:
+        """The step of the parameters with gradients this rank updates (all of them but under ``shard_parameters``)."""
         layout = self._current_layout()
         batches = step_batches(layout, grads, steps)
         cfg = self.config
@@ -432,7 +466,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                     i for i, s in enumerate(states) if b.step >= _first_root(root_freq, start, s["root_offset"], early)
                 ]
         split = self._ddp_split()
-        shared = keep_owned_work(batches, split.rank) if split is not None else []
+        # shard_parameters: this rank's batches hold only its own matrices (and the replicated vectors): no filter
+        shared = keep_owned_work(batches, split.rank) if split is not None and not sharding else []
         refreshing = [b for b in batches if b.stats_due or b.roots_due]
         if refreshing:  # the refreshes skip non-finite members; the update flags the other batches itself
             flag_finite(refreshing)
@@ -447,7 +482,6 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             with self._stage("roots_exchange"):
                 split.exchange_roots(shared)
         self._run_update(layout, batches)
-        return loss
 
     def _current_layout(self) -> Layout:
         """The persistent layout of every parameter that has state (rebuilt when that set changes)."""
@@ -456,7 +490,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         layout = self.__dict__.get("_layout")
         if layout is None or layout.key != key:
             owners = None
-            if self._ddp_split() is not None:
+            if self._ddp_split() is not None and not self._shards_parameters():
                 by_id = self._owners()
                 owners = [by_id.get(id(p)) for _, p, _ in members]
             layout = self._layout = build_layout(members, self.block_plan, first_order_keys, key, owners)

@@ -7,7 +7,8 @@ all-reduces (the mean), as DDP does, with the preconditioner work split among th
 compares: the all-reduced gradients (rank 0), the final parameters, the state bytes, this rank's share of the
 state at ``HALF`` and the whole (consolidated) state at ``HALF`` (rank 0). ``RESUME_FROM``: a folder of an earlier
 run, whose consolidated state at ``HALF`` this run loads (on its own world size) and continues from, and whose
-rank-1 share it then tries to load (which must fail when the world size differs).
+rank-1 share it then tries to load (which must fail when the world size differs). ``Q4_WORKER_OPTIONS`` (JSON)
+adds options to every optimizer (e.g. ``{"shard_parameters": true}``).
 """
 
 import json
@@ -36,6 +37,8 @@ OPTIONS = dict(
 )
 SHAPES = [(48, 40)] * 6 + [(96, 40)] * 2 + [(40, 24), (12, 20), (40,)]
 FORMS = ("cholesky_ef", "eigen")
+#: more options for every optimizer of a run, as JSON (the tests run the worker once with shard_parameters on)
+OPTIONS.update(json.loads(os.environ.get("Q4_WORKER_OPTIONS", "{}")))
 
 
 def make_params() -> list[torch.Tensor]:

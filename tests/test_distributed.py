@@ -16,7 +16,7 @@ from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
-from hf_q4shampoo.distributed import assign_owners, is_root_key, strip_statistics
+from hf_q4shampoo.distributed import assign_owners, is_root_key, step_share_cost, strip_statistics
 
 from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
 
@@ -85,8 +85,9 @@ def test_single_process_is_not_split(tmp_path):
 # ---- several processes ---------------------------------------------------------------------------
 
 
-def _launch(out, world, resume=None, worker=WORKER, report="report"):
+def _launch(out, world, resume=None, worker=WORKER, report="report", options=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_Q4SHAMPOO_AUTO_REGISTER": "0"}
+    env["Q4_WORKER_OPTIONS"] = json.dumps(options or {})
     extra = [str(resume)] if resume else []
     procs = [
         subprocess.Popen(
@@ -233,6 +234,92 @@ def test_a_missing_root_exchange_would_be_caught(two_ranks):
     params, _ = _single_process("cholesky_ef", grads, len(grads))
     stale, _ = _single_process("cholesky_ef", grads, len(grads), root_freq=1000)
     assert not _close(params, stale)
+
+
+# ---- shard_parameters: owners update their matrices whole, the ranks all-gather the parameters -------------
+
+WHOLE = {"shard_parameters": True}
+
+
+@pytest.fixture(scope="module")
+def two_ranks_whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp2_whole")
+    return out, _launch(out, 2, options=WHOLE)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole, form):
+    out, reports = two_ranks_whole
+    finals = [_load(out / f"{form}-final-rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*finals))  # the all-gather makes the replicas bitwise equal
+    grads = _load(out / f"{form}-grads.pt")
+    params, opt = _single_process(form, grads, len(grads))
+    assert _close(finals[0], params)
+    # the consolidated state is the single-process state: same keys, the same statistics
+    _, opt_half = _single_process(form, grads, HALF)
+    whole = dict(_flat(_load(out / f"{form}-half-whole.pt")["state"]))
+    single = dict(_flat(opt_half.state_dict()["state"]))
+    assert whole.keys() == single.keys()
+    statistics = [k for k in whole if not is_root_key(k.rsplit(".", 1)[1]) and ".regions." in k]
+    assert statistics and all(torch.equal(whole[k], single[k]) for k in statistics)
+    # one parameter all-gather per step and no root exchange (an owner applies its own roots)
+    info = reports[0][form]["info"]
+    assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
+    assert info["parameter_bytes_received"] > 0 and min(info["matrices_per_rank"]) >= 3
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_whole_parameter_shards_hold_each_matrix_state_once(two_ranks_whole, form):
+    out, reports = two_ranks_whole
+    grads = _load(out / f"{form}-grads.pt")
+    params, opt = _single_process(form, grads, 2)
+    matrices = [i for i, shape in enumerate(SHAPES) if len(shape) == 2]
+    vector = [i for i, shape in enumerate(SHAPES) if len(shape) == 1]
+    single = [sum(opt.state_bytes(params[i]).values()) for i in range(len(SHAPES))]
+    per_rank = [[sum(d.values()) for d in r[form]["bytes"]] for r in reports]
+    for i in matrices:  # every matrix's whole state (moments and roots included) lives on exactly one rank
+        held = [b[i] for b in per_rank]
+        assert sorted(held) == [0, single[i]], (i, held)
+    for i in vector:  # parameters without a preconditioner are updated on every rank
+        assert all(b[i] == single[i] for b in per_rank)
+    assert max(sum(b) for b in per_rank) <= 0.65 * sum(single), (per_rank, single)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_whole_parameter_shards_resume_exactly(two_ranks_whole, form):
+    out, _ = two_ranks_whole
+    final = _load(out / f"{form}-final-rank0.pt")
+    for source in ("share", "whole"):
+        for rank in (0, 1):
+            resumed = _load(out / f"{form}-resumed-{source}-rank{rank}.pt")
+            assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
+
+
+def test_whole_parameter_shards_reshard_onto_four_ranks(two_ranks_whole, tmp_path):
+    out2, _ = two_ranks_whole
+    reports = _launch(tmp_path, 4, resume=out2, options=WHOLE)
+    for form in FORMS:
+        finals = [_load(tmp_path / f"{form}-final-rank{r}.pt") for r in range(4)]
+        assert all(torch.equal(a, b) for f in finals[1:] for a, b in zip(finals[0], f))
+        grads = _load(out2 / f"{form}-grads.pt")[:HALF] + _load(tmp_path / f"{form}-grads.pt")
+        params, _ = _single_process(form, grads, len(grads))
+        assert _close(finals[0], params)
+        assert reports[0][form]["info"]["world_size"] == 4
+
+
+def test_step_share_cost_weighs_every_stage():
+    # a large matrix refreshed rarely can cost less per step than a smaller one updated every step in full
+    cheap_refresh = step_share_cost(refresh=10**9, numel=10**7, update_freq=10, root_freq=100)
+    assert cheap_refresh > step_share_cost(refresh=10**9, numel=10**6, update_freq=10, root_freq=100)
+    assert step_share_cost(10**9, 10**6, 1, 100) > step_share_cost(10**9, 10**6, 10, 100)
+    assert step_share_cost(10**9, 10**6, 10, 10) > step_share_cost(10**9, 10**6, 10, 100)
+
+
+def test_shard_parameters_option_is_validated():
+    assert Q4ShampooConfig().shard_parameters is False
+    assert parse_optim_args("shard_parameters=true") == {"shard_parameters": True}
+    with pytest.raises(ConfigError, match="shard_parameters must be true or false"):
+        Q4ShampooConfig(shard_parameters="all of them")
 
 
 # ---- FSDP2: distributed checkpoints -----------------------------------------------------------------
