@@ -367,14 +367,15 @@ def _torchrun(args, log):
 
 
 @pytest.mark.heavy
-def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("design", ["", ",shard_parameters=true"], ids=["split_preconditioners", "shard_parameters"])
+def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path, design):
     # the stock Trainer (an unmodified script through the launcher): registration makes it gather the ranks'
     # shares into optimizer.pt; the resumed run ends where the uninterrupted one did, on both ranks
     common = [
         "--optim",
         "q4shampoo",
         "--optim_args",
-        "update_freq=1,root_freq=2,min_quant_numel=256",
+        "update_freq=1,root_freq=2,min_quant_numel=256" + design,
         "--use_cpu",
         "true",
         "--report_to",
@@ -403,6 +404,8 @@ def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path):
     results = [json.loads((run / f"result-rank{r}.json").read_text()) for run in (a, b) for r in (0, 1)]
     assert len({r["param_checksum"] for r in results}) == 1
     assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
+    info = results[0]["optimizer_info"]  # the design that ran: matrices all-gathered every step, or roots exchanged
+    assert info["world_size"] == 2 and (info["parameter_exchanges"] > 0) == bool(design), info
 
 
 @pytest.mark.heavy
