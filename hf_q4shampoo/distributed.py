@@ -108,8 +108,10 @@ class ExchangeCounters:
     received_bytes: int = 0
     #: consolidations of a checkpoint (``consolidate_state_dict``) and the bytes they gathered
     consolidations: int = 0
-    #: ``shard_parameters``: all-gathers of the updated parameters (one per step) and the bytes each rank received
+    #: ``shard_parameters``: exchanges of the updated parameters (one per step), their all-gather rounds (bounded
+    #: in size) and the bytes each rank received
     parameter_exchanges: int = 0
+    parameter_rounds: int = 0
     parameter_bytes_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -222,36 +224,36 @@ class DdpSplit:
         """All-gather the parameters their owners have just updated, into every rank's parameters (in place).
 
         ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank. Each travels as its raw
-        bytes (8-byte aligned, the buffer padded to the largest owner's share), so every replica holds exactly
-        the owner's values. One collective per step.
+        bytes (8-byte aligned), so every replica holds exactly the owner's values. In rounds of at most
+        ``_SHARE_ROUND_BYTES`` over all ranks (one ``all_gather_into_tensor`` each, the owner packing straight into
+        its slice of the output): the transient buffer stays bounded whatever the model size.
         """
-        sizes = [sum(_aligned(_nbytes(p)) for p in params) for params in by_owner]
-        largest = max(sizes, default=0)
-        if largest == 0:
-            return
-        mine = by_owner[self.rank]
-        device = next(p.device for params in by_owner for p in params)
-        parts = []
-        for p in mine:
-            raw = p.detach().contiguous().reshape(-1).view(torch.uint8)
-            parts.append(raw)
-            if _aligned(raw.numel()) > raw.numel():
-                parts.append(torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device))
-        if largest > sizes[self.rank]:
-            parts.append(torch.zeros(largest - sizes[self.rank], dtype=torch.uint8, device=device))
-        send = torch.cat(parts) if len(parts) > 1 else parts[0]
-        received = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
-        dist.all_gather(received, send, group=self.group)
-        for owner, buffer in enumerate(received):
-            if owner == self.rank:
-                continue
+        chunks = [_chunks(params, max(_SHARE_ROUND_BYTES // self.world_size, _ALIGN)) for params in by_owner]
+        rounds = max((len(c) for c in chunks), default=0)
+        for i in range(rounds):
+            pieces = [c[i] if i < len(c) else [] for c in chunks]
+            sizes = [sum(_aligned(_nbytes(p)) for p in params) for params in pieces]
+            largest = max(sizes)
+            device = next(p.device for params in pieces for p in params)
+            output = torch.empty(largest * self.world_size, dtype=torch.uint8, device=device)
+            mine = output[self.rank * largest : (self.rank + 1) * largest]
             offset = 0
-            for p in by_owner[owner]:
+            for p in pieces[self.rank]:  # padding bytes are left as they are: nobody reads them
                 count = _nbytes(p)
-                p.detach().copy_(buffer[offset : offset + count].view(p.dtype).view(p.shape))
+                mine[offset : offset + count].copy_(p.detach().reshape(-1).view(torch.uint8))
                 offset += _aligned(count)
+            dist.all_gather_into_tensor(output, mine, group=self.group)
+            for owner, params in enumerate(pieces):
+                if owner == self.rank:
+                    continue
+                offset = owner * largest
+                for p in params:
+                    count = _nbytes(p)
+                    p.detach().copy_(output[offset : offset + count].view(p.dtype).view(p.shape))
+                    offset += _aligned(count)
+            self.counters.parameter_bytes_received += largest * (self.world_size - 1)
+            self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
-        self.counters.parameter_bytes_received += largest * (self.world_size - 1)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def gather_states(self, owned: dict[int, Any], to: int | None) -> list[dict[int, Any]] | None:
@@ -273,6 +275,24 @@ def _aligned(nbytes: int) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+#: the most bytes one round of ``DdpSplit.share_parameters`` gathers (all ranks together): its transient buffer
+_SHARE_ROUND_BYTES = 256 * 2**20
+
+
+def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of ``params`` of at most ``limit`` aligned bytes (a larger parameter is a run of its own)."""
+    out: list[list[torch.Tensor]] = []
+    size = limit
+    for p in params:
+        n = _aligned(_nbytes(p))
+        if size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out
 
 
 #: modelled milliseconds of one step's work, from GPT-2 small's stage means on one H200 at update_freq=10,

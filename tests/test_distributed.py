@@ -16,7 +16,7 @@ from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 
 from hf_q4shampoo import Q4Shampoo
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
-from hf_q4shampoo.distributed import assign_owners, is_root_key, step_share_cost, strip_statistics
+from hf_q4shampoo.distributed import _chunks, assign_owners, is_root_key, step_share_cost, strip_statistics
 
 from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
 
@@ -266,6 +266,8 @@ def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole
     info = reports[0][form]["info"]
     assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
     assert info["parameter_bytes_received"] > 0 and min(info["matrices_per_rank"]) >= 3
+    # the worker's 16 KiB rounds: more than one all-gather per step, and the replicas are still bitwise equal
+    assert info["parameter_rounds"] >= 3 * info["parameter_exchanges"]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -313,6 +315,14 @@ def test_step_share_cost_weighs_every_stage():
     assert cheap_refresh > step_share_cost(refresh=10**9, numel=10**6, update_freq=10, root_freq=100)
     assert step_share_cost(10**9, 10**6, 1, 100) > step_share_cost(10**9, 10**6, 10, 100)
     assert step_share_cost(10**9, 10**6, 10, 10) > step_share_cost(10**9, 10**6, 10, 100)
+
+
+def test_parameter_rounds_are_consecutive_runs_under_the_limit():
+    params = [torch.zeros(n) for n in (10, 100, 3, 50, 200, 1)]  # 40, 400, 12 (16 aligned), 200, 800, 4 (8) bytes
+    chunks = _chunks(params, 400)
+    assert [[p.numel() for p in c] for c in chunks] == [[10], [100], [3, 50], [200], [1]]
+    assert [p for c in chunks for p in c] == params  # every parameter once, in order
+    assert _chunks([], 400) == []
 
 
 def test_shard_parameters_option_is_validated():
