@@ -278,7 +278,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 #: the most bytes one round of ``DdpSplit.share_parameters`` gathers (all ranks together): its transient buffer
-_SHARE_ROUND_BYTES = 256 * 2**20
+_SHARE_ROUND_BYTES = 64 * 2**20
 
 
 def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
