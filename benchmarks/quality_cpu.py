@@ -149,9 +149,40 @@ TASKS = {
 }
 
 
+def _distributed_shampoo(params, lr: float, schedule: dict, beta2: float):
+    """Distributed Shampoo (facebookresearch/optimizers, fp32, Adam grafting) on the Q4Shampoo runs' root schedule:
+    roots every ``root_freq`` steps from step ``root_freq`` on, statistics at every step (its only choice: give the
+    Q4Shampoo runs ``update_freq=1`` to compare like with like). Not a dependency: its ``distributed_shampoo``
+    package must be importable (e.g. on PYTHONPATH)."""
+    try:
+        import distributed_shampoo as ds
+    except ImportError as err:
+        raise SystemExit(
+            "dshampoo: Distributed Shampoo is not importable; put the distributed_shampoo package of "
+            "github.com/facebookresearch/optimizers on PYTHONPATH"
+        ) from err
+    root_freq = schedule.get("root_freq")
+    if not isinstance(root_freq, int) or schedule.get("update_freq") != 1:
+        raise SystemExit("dshampoo: give --schedule with update_freq=1 and an integer root_freq (its schedule)")
+    return ds.DistributedShampoo(
+        params,
+        lr=lr,
+        betas=(0.9, beta2),
+        epsilon=1e-12,
+        weight_decay=0.0,
+        max_preconditioner_dim=1024,
+        precondition_frequency=root_freq,
+        start_preconditioning_step=root_freq,
+        grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+    )
+
+
 def maker(spec: str, lr: float, schedule: dict):
     if spec == "adamw":
         return lambda params, steps: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if spec.startswith("dshampoo"):  # "dshampoo" or "dshampoo;beta2=0.95" (its factor EMA; default 0.999)
+        beta2 = float(spec.split("beta2=", 1)[1]) if "beta2=" in spec else 0.999
+        return lambda params, steps: _distributed_shampoo(params, lr, schedule, beta2)
     options = parse_optim_args(spec.replace(";", ","))
     return lambda params, steps: Q4Shampoo(params, lr=lr, **{"total_steps": steps, **schedule, **options})
 
