@@ -349,7 +349,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             offsets = self._refresh_offsets()
             matrices = [p for p in params if id(p) in offsets]
             refresh = [refresh_cost(self.block_plan(_local(p).shape)) for p in matrices]
-            if self._shards_parameters():  # an owner does the whole step of its matrices: weigh every stage
+            whole = self._shards_parameters()
+            if whole:  # an owner does the whole step of its matrices: weigh every stage
                 update_freq, root_freq = self.config.schedule()
                 costs = [step_share_cost(r, p.numel(), update_freq, root_freq) for r, p in zip(refresh, matrices)]
             else:
@@ -358,9 +359,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             split = self._ddp_split()
             owners = assign_owners(units, split.world_size)
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(matrices, owners)}
-            self._foreign = frozenset(
-                id(p) for p, o in zip(matrices, owners) if o != split.rank and self._shards_parameters()
-            )
+            # shard_parameters: what this rank leaves to others, and what each rank sends after the update
+            self._foreign = frozenset(id(p) for p, o in zip(matrices, owners) if whole and o != split.rank)
             self._matrices_by_owner = [[p for p, o in zip(matrices, owners) if o == r] for r in range(split.world_size)]
         return self._owner_by_id
 
