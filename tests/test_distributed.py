@@ -151,21 +151,38 @@ def _close(a, b):
     return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(a, b)) <= 1e-6
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
-    out, reports = two_ranks
+def _check_like_one_process(out, form):
+    """Bitwise equal replicas, the single process within ``_close`` on the same gradients, and the whole state
+    gathered from both ranks equal to the single-process state (same keys, bitwise the same statistics).
+    Returns the gradients and the single-process optimizer after all of them."""
     finals = [_load(out / f"{form}-final-rank{r}.pt") for r in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*finals))  # bitwise equal replicas
     grads = _load(out / f"{form}-grads.pt")
     params, opt = _single_process(form, grads, len(grads))
     assert _close(finals[0], params)
-    # the whole state gathered from both ranks is the single-process state: same keys, same statistics
-    params_half, opt_half = _single_process(form, grads, HALF)
+    _, opt_half = _single_process(form, grads, HALF)
     whole = dict(_flat(_load(out / f"{form}-half-whole.pt")["state"]))
     single = dict(_flat(opt_half.state_dict()["state"]))
     assert whole.keys() == single.keys()
     statistics = [k for k in whole if not is_root_key(k.rsplit(".", 1)[1]) and ".regions." in k]
     assert statistics and all(torch.equal(whole[k], single[k]) for k in statistics)
+    return grads, opt
+
+
+def _check_resumes_exactly(out, form):
+    """Runs resumed at the half-way step from each rank's share and from the whole state end where the
+    uninterrupted run did, bitwise, on both ranks."""
+    final = _load(out / f"{form}-final-rank0.pt")
+    for source in ("share", "whole"):
+        for rank in (0, 1):
+            resumed = _load(out / f"{form}-resumed-{source}-rank{rank}.pt")
+            assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
+    out, reports = two_ranks
+    grads, opt = _check_like_one_process(out, form)
     # the work was split: both ranks own matrices and exchanged roots on refresh steps only
     info = reports[0][form]["info"]
     assert info["world_size"] == 2 and min(info["matrices_per_rank"]) >= 3
@@ -201,12 +218,7 @@ def test_statistics_bytes_per_rank_are_about_half(two_ranks, form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_resume_at_the_same_world_size_is_exact(two_ranks, form):
-    out, _ = two_ranks
-    final = _load(out / f"{form}-final-rank0.pt")
-    for source in ("share", "whole"):
-        for rank in (0, 1):
-            resumed = _load(out / f"{form}-resumed-{source}-rank{rank}.pt")
-            assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
+    _check_resumes_exactly(two_ranks[0], form)
 
 
 def test_resume_on_four_ranks_reshards_the_whole_state(two_ranks, tmp_path):
@@ -250,18 +262,7 @@ def two_ranks_whole(tmp_path_factory):
 @pytest.mark.parametrize("form", FORMS)
 def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole, form):
     out, reports = two_ranks_whole
-    finals = [_load(out / f"{form}-final-rank{r}.pt") for r in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*finals))  # the all-gather makes the replicas bitwise equal
-    grads = _load(out / f"{form}-grads.pt")
-    params, opt = _single_process(form, grads, len(grads))
-    assert _close(finals[0], params)
-    # the consolidated state is the single-process state: same keys, the same statistics
-    _, opt_half = _single_process(form, grads, HALF)
-    whole = dict(_flat(_load(out / f"{form}-half-whole.pt")["state"]))
-    single = dict(_flat(opt_half.state_dict()["state"]))
-    assert whole.keys() == single.keys()
-    statistics = [k for k in whole if not is_root_key(k.rsplit(".", 1)[1]) and ".regions." in k]
-    assert statistics and all(torch.equal(whole[k], single[k]) for k in statistics)
+    _check_like_one_process(out, form)  # the all-gather makes the replicas bitwise equal
     # one parameter all-gather per step and no root exchange (an owner applies its own roots)
     info = reports[0][form]["info"]
     assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
@@ -289,12 +290,7 @@ def test_whole_parameter_shards_hold_each_matrix_state_once(two_ranks_whole, for
 
 @pytest.mark.parametrize("form", FORMS)
 def test_whole_parameter_shards_resume_exactly(two_ranks_whole, form):
-    out, _ = two_ranks_whole
-    final = _load(out / f"{form}-final-rank0.pt")
-    for source in ("share", "whole"):
-        for rank in (0, 1):
-            resumed = _load(out / f"{form}-resumed-{source}-rank{rank}.pt")
-            assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
+    _check_resumes_exactly(two_ranks_whole[0], form)
 
 
 def test_whole_parameter_shards_reshard_onto_four_ranks(two_ranks_whole, tmp_path):
