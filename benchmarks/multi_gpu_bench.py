@@ -358,7 +358,7 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
 
     if multi and single:
         one = by_name(single)
-        designs = ("q4shampoo", "q4shampoo_whole", "q4shampoo_replicated", "q4shampoo_zero", "q4shampoo_zero_balanced")
+        designs = [name for name in OPTIMIZERS if name.startswith("q4shampoo")]
         for name in designs:
             if name not in one and "q4shampoo" in one:
                 one[name] = one["q4shampoo"]  # one GPU: the split never applies

@@ -7,10 +7,8 @@ and Distributed Shampoo do. Two things of ZeRO's own measured badly for Q4Shampo
 refresh of a few factors, and it broadcasts each parameter on its own. :func:`make_zero` can replace the first
 with a partition by modelled cost and the second with ZeRO's bucketed parameters (one broadcast per rank).
 
-The cost model: per step, ``per_param_ms`` spread over the parameters by their element count (apply, grafting,
-first-order step) plus ``refresh_ms`` spread over the matrices by ``schedule.refresh_cost`` (statistics and
-roots, cubic in the block sizes). The defaults are GPT-2 small's stage means at ``update_freq=10,root_freq=100`` on
-one H200 (v19: apply + grafting + first-order 6.3 ms, statistics + roots 10.8 ms).
+The cost model is the package's: ``distributed.step_share_cost`` (every stage's modelled per-step cost, from GPT-2
+small's stage means on one H200), the same one ``shard_parameters`` balances its owners by.
 """
 
 from __future__ import annotations
@@ -23,22 +21,21 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo.distributed import step_share_cost
 from hf_q4shampoo.schedule import refresh_cost
 
 
-def modelled_costs(
-    params: Sequence[torch.Tensor], options: dict[str, Any], per_param_ms: float = 6.3, refresh_ms: float = 10.8
-) -> dict[int, float]:
-    """Modelled milliseconds per step of each parameter's share of the step, by ``id``."""
+def modelled_costs(params: Sequence[torch.Tensor], options: dict[str, Any]) -> dict[int, float]:
+    """Modelled milliseconds per step of each parameter's share of the step, by ``id``: the package's own model
+    (``distributed.step_share_cost``, which ``shard_parameters`` balances its owners by) on Q4Shampoo's block plans."""
     planner = Q4Shampoo([torch.nn.Parameter(torch.zeros(1))], **options)  # block plans only: no state is built
-    refresh = {id(p): 0 for p in params}
+    update_freq, root_freq = planner.config.schedule()
+    costs = {}
     for p in params:
         plan = planner.block_plan(p.shape) if p.ndim >= 2 else None
-        if plan is not None:
-            refresh[id(p)] = refresh_cost(plan)
-    numel = sum(p.numel() for p in params) or 1
-    total_refresh = sum(refresh.values()) or 1
-    return {id(p): per_param_ms * p.numel() / numel + refresh_ms * refresh[id(p)] / total_refresh for p in params}
+        refresh = refresh_cost(plan) if plan is not None else 0
+        costs[id(p)] = step_share_cost(refresh, p.numel(), update_freq, root_freq)
+    return costs
 
 
 class _CostBalancedZero(ZeroRedundancyOptimizer):

@@ -132,11 +132,10 @@ class CheckpointMixin:
         if share is not None:
             _check_share(share, split)
         saved_state = state_dict["state"]
-        self._check_saved_shapes(state_dict, split if share is not None else None)
+        self._check_saved_shapes(state_dict, is_share=share is not None)
         inner = {k: v for k, v in state_dict.items() if k not in ("q4shampoo_config", "q4shampoo_shard")}
         super().load_state_dict(inner)
         params = [p for group in self.param_groups for p in group["params"]]
-        owners = self._owners() if split is not None else {}
         foreign = self._foreign_ids()
         for index, p in enumerate(params):
             if id(p) in foreign:  # shard_parameters: another rank updates this matrix and holds all its state
@@ -145,7 +144,7 @@ class CheckpointMixin:
                 device = _local(p).device
                 self.state[p] = _restore(saved_state[index], device)
                 _add_missing_keys(self.state[p], device)
-                if split is not None and owners.get(id(p), split.rank) != split.rank:
+                if self._statistics_elsewhere(p):
                     strip_statistics(self.state[p])  # the whole state: keep this rank's share (re-sharding)
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
@@ -195,10 +194,10 @@ class CheckpointMixin:
                 f"({detail}); construct the optimizer with the saved values to resume."
             )
 
-    def _check_saved_shapes(self, state_dict: Mapping[str, Any], share_of: DdpSplit | None = None) -> None:
+    def _check_saved_shapes(self, state_dict: Mapping[str, Any], is_share: bool = False) -> None:
         """Compare each saved parameter state with the state this optimizer would create for the parameter
         it will be loaded into (built on the meta device: no memory), naming the first that does not fit.
-        ``share_of``: the state is this rank's share (parameters owned elsewhere have roots only)."""
+        ``is_share``: the state is this rank's share (parameters whose statistics live elsewhere have roots only)."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
@@ -213,11 +212,7 @@ class CheckpointMixin:
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
-                if (
-                    share_of is not None
-                    and not self._shards_parameters()
-                    and self._owners().get(id(p), share_of.rank) != share_of.rank
-                ):
+                if is_share and self._statistics_elsewhere(p):
                     strip_statistics(expected)
                 saved = dict(saved_state[saved_id])
                 _add_missing_keys(saved, torch.device("meta"))

@@ -181,7 +181,7 @@ class DdpSplit:
         out = []
         for key in sorted(k for k in storage if is_root_key(k)):
             row = storage[key][0]
-            out.append((key, _aligned(len(section.rows) * row.numel() * row.element_size())))
+            out.append((key, _aligned(len(section.rows) * row.nbytes)))
         return out
 
     def _payload_bytes(self, sections: dict[int, _Section]) -> int:
@@ -214,7 +214,7 @@ class DdpSplit:
             index = self._index(section.rows, buffer.device)
             for key, nbytes in self._pieces(section):
                 target = storage[key]
-                count = len(section.rows) * target[0].numel() * target.element_size()
+                count = len(section.rows) * target[0].nbytes
                 values = buffer[offset : offset + count].view(target.dtype)
                 target.index_copy_(0, index, values.reshape(len(section.rows), *target.shape[1:]))
                 offset += nbytes
@@ -223,34 +223,39 @@ class DdpSplit:
     def share_parameters(self, by_owner: Sequence[Sequence[torch.Tensor]]) -> None:
         """All-gather the parameters their owners have just updated, into every rank's parameters (in place).
 
-        ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank. Each travels as its raw
+        ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank (the same list object
+        from step to step: its round plan, which depends on shapes only, is made once). Each travels as its raw
         bytes (8-byte aligned), so every replica holds exactly the owner's values. In rounds of at most
-        ``_SHARE_ROUND_BYTES`` over all ranks (one ``all_gather_into_tensor`` each, the owner packing straight into
-        its slice of the output): the transient buffer stays bounded whatever the model size.
+        ``_SHARE_ROUND_BYTES`` over all ranks, one ``all_gather_into_tensor`` each, the owner packing straight into
+        its slice of the output; packing and unpacking are one multi-tensor copy per round, not one per parameter.
         """
-        chunks = [_chunks(params, max(_SHARE_ROUND_BYTES // self.world_size, _ALIGN)) for params in by_owner]
-        rounds = max((len(c) for c in chunks), default=0)
-        for i in range(rounds):
-            pieces = [c[i] if i < len(c) else [] for c in chunks]
-            sizes = [sum(_aligned(_nbytes(p)) for p in params) for params in pieces]
-            largest = max(sizes)
-            device = next(p.device for params in pieces for p in params)
+        plan = self.__dict__.get("_share_plan")
+        if plan is None or plan[0] is not by_owner:
+            plan = self._share_plan = (by_owner, _share_rounds(by_owner, self.world_size))
+        for largest, placed in plan[1]:
+            device = next(p.device for params in placed for p, _ in params)
             output = torch.empty(largest * self.world_size, dtype=torch.uint8, device=device)
-            mine = output[self.rank * largest : (self.rank + 1) * largest]
-            offset = 0
-            for p in pieces[self.rank]:  # padding bytes are left as they are: nobody reads them
-                count = _nbytes(p)
-                mine[offset : offset + count].copy_(p.detach().reshape(-1).view(torch.uint8))
-                offset += _aligned(count)
-            dist.all_gather_into_tensor(output, mine, group=self.group)
-            for owner, params in enumerate(pieces):
-                if owner == self.rank:
-                    continue
-                offset = owner * largest
-                for p in params:
-                    count = _nbytes(p)
-                    p.detach().copy_(output[offset : offset + count].view(p.dtype).view(p.shape))
-                    offset += _aligned(count)
+            mine = placed[self.rank]
+            if mine:  # padding bytes are left as they are: nobody reads them
+                base = self.rank * largest
+                torch._foreach_copy_(
+                    [output[base + at : base + at + p.nbytes] for p, at in mine],
+                    [p.detach().reshape(-1).view(torch.uint8) for p, _ in mine],
+                )
+            dist.all_gather_into_tensor(
+                output, output[self.rank * largest : (self.rank + 1) * largest], group=self.group
+            )
+            theirs = [
+                (p, owner * largest + at)
+                for owner, params in enumerate(placed)
+                if owner != self.rank
+                for p, at in params
+            ]
+            if theirs:
+                torch._foreach_copy_(
+                    [p.detach() for p, _ in theirs],
+                    [output[at : at + p.nbytes].view(p.dtype).view(p.shape) for p, at in theirs],
+                )
             self.counters.parameter_bytes_received += largest * (self.world_size - 1)
             self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
@@ -273,10 +278,6 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 #: the most bytes one round of ``DdpSplit.share_parameters`` gathers (all ranks together): its transient buffer
 _SHARE_ROUND_BYTES = 64 * 2**20
 
@@ -286,13 +287,33 @@ def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tenso
     out: list[list[torch.Tensor]] = []
     size = limit
     for p in params:
-        n = _aligned(_nbytes(p))
+        n = _aligned(p.nbytes)
         if size + n > limit:
             out.append([])
             size = 0
         out[-1].append(p)
         size += n
     return out
+
+
+def _share_rounds(
+    by_owner: Sequence[Sequence[torch.Tensor]], world_size: int
+) -> list[tuple[int, list[list[tuple[torch.Tensor, int]]]]]:
+    """The rounds of :meth:`DdpSplit.share_parameters`: per round, the largest owner's bytes and, per owner, its
+    parameters with their byte offsets in its slice (from shapes only: the same on every rank)."""
+    chunks = [_chunks(params, max(_SHARE_ROUND_BYTES // world_size, _ALIGN)) for params in by_owner]
+    rounds = []
+    for i in range(max((len(c) for c in chunks), default=0)):
+        placed = []
+        for c in chunks:
+            at, params = 0, []
+            for p in c[i] if i < len(c) else []:
+                params.append((p, at))
+                at += _aligned(p.nbytes)
+            placed.append(params)
+        largest = max(sum(_aligned(p.nbytes) for p, _ in params) for params in placed)
+        rounds.append((largest, placed))
+    return rounds
 
 
 #: modelled milliseconds of one step's work, from GPT-2 small's stage means on one H200 at update_freq=10,

@@ -368,6 +368,14 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         """``shard_parameters`` in effect: DDP with the work split, each owner updating its matrices whole."""
         return self.config.shard_parameters and self._ddp_split() is not None
 
+    def _statistics_elsewhere(self, p: torch.Tensor) -> bool:
+        """Under the preconditioner split (not ``shard_parameters``): another rank keeps ``p``'s statistics and
+        error feedback, this one only its roots (``strip_statistics``)."""
+        split = self._ddp_split()
+        if split is None or self._shards_parameters():
+            return False
+        return self._owners().get(id(p), split.rank) != split.rank
+
     def _foreign_ids(self) -> frozenset[int]:
         """Ids of the parameters other ranks update whole (``shard_parameters``); empty otherwise."""
         if not self._shards_parameters():
@@ -419,10 +427,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 regions.append(sides)
             state["regions"] = regions
             state["refresh_offset"], state["root_offset"] = self._refresh_offsets().get(id(p), (0, 0))
-            split = self._ddp_split()
-            if split is not None and not self._shards_parameters():
-                if self._owners().get(id(p), split.rank) != split.rank:
-                    strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
+            if self._statistics_elsewhere(p):
+                strip_statistics(state)  # another rank keeps this parameter's statistics (distributed.py)
 
     # ------------------------------------------------------------------------------------------
     # step

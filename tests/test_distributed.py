@@ -306,7 +306,7 @@ def test_whole_parameter_shards_reshard_onto_four_ranks(two_ranks_whole, tmp_pat
 
 
 def test_step_share_cost_weighs_every_stage():
-    # a large matrix refreshed rarely can cost less per step than a smaller one updated every step in full
+    # more entries, more frequent statistics or more frequent roots: each makes owning the matrix cost more per step
     cheap_refresh = step_share_cost(refresh=10**9, numel=10**7, update_freq=10, root_freq=100)
     assert cheap_refresh > step_share_cost(refresh=10**9, numel=10**6, update_freq=10, root_freq=100)
     assert step_share_cost(10**9, 10**6, 1, 100) > step_share_cost(10**9, 10**6, 10, 100)
