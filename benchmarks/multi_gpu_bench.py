@@ -192,6 +192,9 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     """One optimizer under DDP (a plain model in a single process): timings, bytes, losses, final hash."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = _build_model(args, device)
     vocab = model.config.vocab_size
     wrapped = model
@@ -228,6 +231,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         "losses": losses,
         "final_loss": float(loss.detach()),
         "params_sha256": _params_sha256(model),
+        # model, gradients, optimizer state and activations of this optimizer's run, allocated by torch
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     stages = {}
     for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order", "parameters_exchange"):
@@ -377,6 +382,8 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
                 "optimizer_time_ratio_max_rank": max(r["optimizer_step"]["mean_ms"] for r in ranks)
                 / one[name]["optimizer_step"]["mean_ms"],
                 "step_ms_rank0": ranks[0]["step"]["mean_ms"],
+                "peak_allocated_bytes_per_rank": [r.get("peak_allocated_bytes") for r in ranks],
+                "peak_allocated_bytes_one_gpu": one[name].get("peak_allocated_bytes"),
                 "communication_rank0": ranks[0].get("communication"),
                 "replicas_bitwise_equal": multi["replicas_bitwise_equal"].get(name),
             }
@@ -385,10 +392,15 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
                 out[name]["step_ratio_to_fused_adamw"] = ranks[0]["step"]["mean_ms"] / adamw["step"]["mean_ms"]
     if multi and same_global:
         ranks0 = by_name(multi)
+        one_process = by_name(same_global)
+        # every Q4Shampoo design is the single-process optimizer at the same global batch: one reference for all
         out["final_loss"] = {
-            name: {"ranks": ranks0[name]["final_loss"], "one_gpu_same_global_batch": r["final_loss"]}
-            for name, r in by_name(same_global).items()
-            if name in ranks0
+            name: {
+                "ranks": ranks0[name]["final_loss"],
+                "one_gpu_same_global_batch": one_process.get(name, one_process.get("q4shampoo", {})).get("final_loss"),
+            }
+            for name in ranks0
+            if name in one_process or name.startswith("q4shampoo")
         }
     if fsdp:
         out["fsdp2_dcp_resume_bitwise_equal"] = all(r[0]["resumed_bitwise_equal"] for r in fsdp["ranks"])

@@ -13,7 +13,8 @@
 #   ddp_ws1_data{N}      one GPU at the same global batch (N x 8 sequences: the loss reference)
 #   fsdp2_ckpt_ws{N}     FSDP2, DCP checkpoint at step 20 of 40, resumed in a fresh process state: bitwise? With
 #                        deterministic algorithms (--deterministic), and a control pair of uninterrupted runs
-# then prints the comparison (OUT_DIR/summary_ws{N}.json). EXTRA_ARGS is appended to every run.
+# then prints the comparison (OUT_DIR/summary_ws{N}.json). EXTRA_ARGS is appended to every run; FSDP2=0 skips the
+# FSDP2 check (when only the DDP designs are compared).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: bash benchmarks/multi_gpu_bench.sh OUT_DIR [N]}"
@@ -31,7 +32,7 @@ run ddp_ws1           torchrun --standalone --nproc_per_node 1 $bench --out "$ou
                         --optimizers adamw,q4shampoo "${extra[@]}"
 run "ddp_ws1_data$n"  torchrun --standalone --nproc_per_node 1 $bench --out "$out" --modes ddp --data_world "$n" \
                         --optimizers q4shampoo "${extra[@]}"
-run "fsdp2_ckpt_ws$n" torchrun --standalone --nproc_per_node "$n" $bench --out "$out" --modes fsdp2_ckpt \
+[ "${FSDP2:-1}" = 0 ] || run "fsdp2_ckpt_ws$n" torchrun --standalone --nproc_per_node "$n" $bench --out "$out" --modes fsdp2_ckpt \
                         --deterministic "${extra[@]}"
 python $bench --out "$out" --summarize "$n" || status=1
 exit $status
