@@ -244,7 +244,7 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         counted = ("exchanges", "payload_bytes", "received_bytes", "parameter_exchanges", "parameter_bytes_received")
         moved = {k: info[k] - before.get(k, 0) for k in counted}
         result["communication"] = {
-            "matrices_per_rank": info["matrices_per_rank"],
+            "owned_per_rank": info["owned_per_rank"],
             "timed_steps": args.steps,
             **moved,
             "received_bytes_per_step": moved["received_bytes"] / args.steps,

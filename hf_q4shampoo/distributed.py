@@ -50,6 +50,7 @@ from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch, is_root_key
 __all__ = [
     "DdpSplit",
     "assign_owners",
+    "balance_by_cost",
     "split_for",
     "is_root_key",
     "strip_statistics",
@@ -93,6 +94,21 @@ def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> lis
         total[rank] += cost
         at_step[rank, "s", stats_offset] += cost
         at_step[rank, "r", root_offset] += cost
+    return owners
+
+
+def balance_by_cost(costs: Sequence[float], world_size: int) -> list[int]:
+    """The owner rank of each parameter under ``shard_parameters``: greedy, most expensive first, to the rank
+    with the least modelled cost so far (then the lowest rank). ``costs``: ``step_share_cost`` per parameter.
+    Unlike :func:`assign_owners` it ignores refresh steps: an owner's every-step update (``L^ G R^``, grafting,
+    first-order moments) dominates its mean, and on two H200s this plain balance left the ranks' stage sums
+    within 6% of each other (docs/perf_notes.md v20). Depends only on ``costs``: every rank computes the same."""
+    load = [0.0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += costs[i]
     return owners
 
 
@@ -224,39 +240,39 @@ class DdpSplit:
         """All-gather the parameters their owners have just updated, into every rank's parameters (in place).
 
         ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank (the same list object
-        from step to step: its round plan, which depends on shapes only, is made once). Each travels as its raw
-        bytes (8-byte aligned), so every replica holds exactly the owner's values. In rounds of at most
-        ``_SHARE_ROUND_BYTES`` over all ranks, one ``all_gather_into_tensor`` each, the owner packing straight into
-        its slice of the output; packing and unpacking are one multi-tensor copy per round, not one per parameter.
+        from step to step: its round plan, which depends on shapes only, is made once). Each owner's parameters
+        travel as one stream of their raw bytes (each 8-byte aligned), so every replica holds exactly the owner's
+        values; round ``i`` carries bytes ``[i c, (i + 1) c)`` of every owner's stream (``c`` =
+        ``_SHARE_ROUND_BYTES`` / world size), one ``all_gather_into_tensor`` each, the owner packing straight into
+        its slice of the output. A parameter larger than a round is cut across rounds, so no round pads a small
+        share up to a large parameter; packing and unpacking are one multi-tensor copy per round.
         """
         plan = self.__dict__.get("_share_plan")
         if plan is None or plan[0] is not by_owner:
             plan = self._share_plan = (by_owner, _share_rounds(by_owner, self.world_size))
-        for largest, placed in plan[1]:
-            device = next(p.device for params in placed for p, _ in params)
-            output = torch.empty(largest * self.world_size, dtype=torch.uint8, device=device)
+        for size, placed in plan[1]:
+            device = next(p.device for pieces in placed for p, _, _, _ in pieces)
+            output = torch.empty(size * self.world_size, dtype=torch.uint8, device=device)
             mine = placed[self.rank]
             if mine:  # padding bytes are left as they are: nobody reads them
-                base = self.rank * largest
+                base = self.rank * size
                 torch._foreach_copy_(
-                    [output[base + at : base + at + p.nbytes] for p, at in mine],
-                    [p.detach().reshape(-1).view(torch.uint8) for p, _ in mine],
+                    [output[base + at : base + at + n] for _, _, n, at in mine],
+                    [_memory_bytes(p)[start : start + n] for p, start, n, _ in mine],
                 )
-            dist.all_gather_into_tensor(
-                output, output[self.rank * largest : (self.rank + 1) * largest], group=self.group
-            )
+            dist.all_gather_into_tensor(output, output[self.rank * size : (self.rank + 1) * size], group=self.group)
             theirs = [
-                (p, owner * largest + at)
-                for owner, params in enumerate(placed)
+                (p, start, n, owner * size + at)
+                for owner, pieces in enumerate(placed)
                 if owner != self.rank
-                for p, at in params
+                for p, start, n, at in pieces
             ]
             if theirs:
                 torch._foreach_copy_(
-                    [p.detach() for p, _ in theirs],
-                    [output[at : at + p.nbytes].view(p.dtype).view(p.shape) for p, at in theirs],
+                    [_memory_bytes(p)[start : start + n] for p, start, n, _ in theirs],
+                    [output[at : at + n] for _, _, n, at in theirs],
                 )
-            self.counters.parameter_bytes_received += largest * (self.world_size - 1)
+            self.counters.parameter_bytes_received += size * (self.world_size - 1)
             self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
 
@@ -282,37 +298,55 @@ def _aligned(nbytes: int) -> int:
 _SHARE_ROUND_BYTES = 64 * 2**20
 
 
-def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of ``params`` of at most ``limit`` aligned bytes (a larger parameter is a run of its own)."""
-    out: list[list[torch.Tensor]] = []
-    size = limit
-    for p in params:
-        n = _aligned(p.nbytes)
-        if size + n > limit:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += n
-    return out
+def _memory_bytes(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s elements as raw bytes in memory order (a view: writing it writes ``p``). Every rank's replica has
+    the same strides, so memory order is a common order; a dense parameter in another layout (channels_last)
+    is read as it lies. Overlapping or gapped parameters cannot be, and are refused."""
+    t = p.detach()
+    if not t.is_contiguous():
+        strides = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+        expected = 1
+        for st, sz in strides:
+            if st != expected:
+                raise ValueError(
+                    f"Q4Shampoo shard_parameters: a parameter of shape {tuple(t.shape)} and strides {t.stride()} "
+                    "is not dense in memory, so its bytes cannot travel as one run; make it contiguous "
+                    "(param.data = param.data.contiguous()) or set shard_parameters=false"
+                )
+            expected *= sz
+        t = t.as_strided((t.numel(),), (1,))
+    return t.reshape(-1).view(torch.uint8)
 
 
 def _share_rounds(
     by_owner: Sequence[Sequence[torch.Tensor]], world_size: int
-) -> list[tuple[int, list[list[tuple[torch.Tensor, int]]]]]:
-    """The rounds of :meth:`DdpSplit.share_parameters`: per round, the largest owner's bytes and, per owner, its
-    parameters with their byte offsets in its slice (from shapes only: the same on every rank)."""
-    chunks = [_chunks(params, max(_SHARE_ROUND_BYTES // world_size, _ALIGN)) for params in by_owner]
+) -> list[tuple[int, list[list[tuple[torch.Tensor, int, int, int]]]]]:
+    """The rounds of :meth:`DdpSplit.share_parameters`: per round, the bytes of each rank's slice and, per owner,
+    its pieces ``(parameter, first byte in it, bytes, offset in the slice)``. From shapes only: the same on every
+    rank. Each owner's stream lays its parameters at 8-byte aligned offsets; a round takes the next ``c`` bytes of
+    every stream, cutting a parameter where the round ends."""
+    per_round = max(_SHARE_ROUND_BYTES // world_size // _ALIGN * _ALIGN, _ALIGN)
+    streams = []
+    for params in by_owner:
+        at, laid = 0, []
+        for p in params:
+            laid.append((p, at))
+            at += _aligned(p.nbytes)
+        streams.append((laid, at))
+    longest = max((length for _, length in streams), default=0)
     rounds = []
-    for i in range(max((len(c) for c in chunks), default=0)):
+    for begin in range(0, longest, per_round):
+        end = begin + per_round
         placed = []
-        for c in chunks:
-            at, params = 0, []
-            for p in c[i] if i < len(c) else []:
-                params.append((p, at))
-                at += _aligned(p.nbytes)
-            placed.append(params)
-        largest = max(sum(_aligned(p.nbytes) for p, _ in params) for params in placed)
-        rounds.append((largest, placed))
+        for laid, _ in streams:
+            pieces = []
+            for p, at in laid:
+                lo, hi = max(at, begin), min(at + p.nbytes, end)
+                if lo < hi:
+                    pieces.append((p, lo - at, hi - lo, lo - begin))
+            placed.append(pieces)
+        size = max((pieces[-1][3] + pieces[-1][2] for pieces in placed if pieces), default=0)
+        rounds.append((_aligned(size), placed))
     return rounds
 
 

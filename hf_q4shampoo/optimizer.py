@@ -46,7 +46,15 @@ from .blocking import local_tensor as _local
 from .checkpoint import CheckpointMixin
 from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
-from .distributed import DdpSplit, assign_owners, keep_owned_work, split_for, step_share_cost, strip_statistics
+from .distributed import (
+    DdpSplit,
+    assign_owners,
+    balance_by_cost,
+    keep_owned_work,
+    split_for,
+    step_share_cost,
+    strip_statistics,
+)
 from .first_order import total_skipped
 from .graphed_update import GraphedUpdateMixin, flag_finite
 from .layout import (
@@ -341,27 +349,37 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         return self._split
 
     def _owners(self) -> dict[int, int]:
-        """The owner rank of every matrix parameter, by id (``distributed.assign_owners``; the same on every
-        rank: it depends only on the parameters' shapes and order)."""
+        """The owner rank of every parameter some rank owns, by id; the same on every rank (it depends only on
+        the parameters' shapes and order). The preconditioner split owns matrix parameters, balanced by refresh
+        cost and refresh step (``distributed.assign_owners``); ``shard_parameters`` owns every parameter that
+        requires a gradient, balanced by its modelled share of the whole step (``distributed.balance_by_cost``)."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = tuple(id(p) for p in params)
         if self.__dict__.get("_owner_key") != key:
             offsets = self._refresh_offsets()
-            matrices = [p for p in params if id(p) in offsets]
-            refresh = [refresh_cost(self.block_plan(_local(p).shape)) for p in matrices]
-            whole = self._shards_parameters()
-            if whole:  # an owner does the whole step of its matrices: weigh every stage
-                update_freq, root_freq = self.config.schedule()
-                costs = [step_share_cost(r, p.numel(), update_freq, root_freq) for r, p in zip(refresh, matrices)]
-            else:
-                costs = refresh
-            units = [(c, *offsets[id(p)]) for c, p in zip(costs, matrices)]
             split = self._ddp_split()
-            owners = assign_owners(units, split.world_size)
-            self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(matrices, owners)}
+            whole = self._shards_parameters()
+            if whole:  # an owner does the whole step of its parameters: weigh every stage
+                update_freq, root_freq = self.config.schedule()
+                owned = [p for p in params if p.requires_grad]
+                costs = [
+                    step_share_cost(
+                        refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0,
+                        p.numel(),
+                        update_freq,
+                        root_freq,
+                    )
+                    for p in owned
+                ]
+                owners = balance_by_cost(costs, split.world_size)
+            else:
+                owned = [p for p in params if id(p) in offsets]
+                units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in owned]
+                owners = assign_owners(units, split.world_size)
+            self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(owned, owners)}
             # shard_parameters: what this rank leaves to others, and what each rank sends after the update
-            self._foreign = frozenset(id(p) for p, o in zip(matrices, owners) if whole and o != split.rank)
-            self._matrices_by_owner = [[p for p, o in zip(matrices, owners) if o == r] for r in range(split.world_size)]
+            self._foreign = frozenset(id(p) for p, o in zip(owned, owners) if whole and o != split.rank)
+            self._params_by_owner = [[p for p, o in zip(owned, owners) if o == r] for r in range(split.world_size)]
         return self._owner_by_id
 
     def _shards_parameters(self) -> bool:
@@ -385,7 +403,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
 
     def distributed_info(self) -> dict[str, Any] | None:
         """Under DDP with the work split (``shard_preconditioners``): this rank, the world size, how many
-        matrices each rank owns and what the root exchanges moved so far (``ExchangeCounters``); else None."""
+        parameters each rank owns (``owned_per_rank``: matrices under the preconditioner split, every trainable
+        parameter under ``shard_parameters``) and what the exchanges moved so far (``ExchangeCounters``); else
+        None."""
         split = self._ddp_split()
         if split is None:
             return None
@@ -395,7 +415,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         return {
             "rank": split.rank,
             "world_size": split.world_size,
-            "matrices_per_rank": owned,
+            "owned_per_rank": owned,
             **split.counters.as_dict(),
         }
 
@@ -449,7 +469,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             self._update(grads, steps, sharding)
         if sharding:  # every rank joins, also one that owns nothing with a gradient this step
             with self._stage("parameters_exchange"):
-                self._ddp_split().share_parameters(self._matrices_by_owner)
+                self._ddp_split().share_parameters(self._params_by_owner)
         return loss
 
     def _update(self, grads: dict[int, torch.Tensor], steps: dict[int, int], sharding: bool) -> None:

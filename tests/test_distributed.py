@@ -14,9 +14,9 @@ import pytest
 import torch
 from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 
-from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo import Q4Shampoo, distributed
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
-from hf_q4shampoo.distributed import _chunks, assign_owners, is_root_key, step_share_cost, strip_statistics
+from hf_q4shampoo.distributed import assign_owners, is_root_key, step_share_cost, strip_statistics
 
 from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
 
@@ -185,7 +185,7 @@ def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
     grads, opt = _check_like_one_process(out, form)
     # the work was split: both ranks own matrices and exchanged roots on refresh steps only
     info = reports[0][form]["info"]
-    assert info["world_size"] == 2 and min(info["matrices_per_rank"]) >= 3
+    assert info["world_size"] == 2 and min(info["owned_per_rank"]) >= 3
     refresh_steps = len(
         {
             s
@@ -266,7 +266,7 @@ def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole
     # one parameter all-gather per step and no root exchange (an owner applies its own roots)
     info = reports[0][form]["info"]
     assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
-    assert info["parameter_bytes_received"] > 0 and min(info["matrices_per_rank"]) >= 3
+    assert info["parameter_bytes_received"] > 0 and min(info["owned_per_rank"]) >= 3
     # the worker's 16 KiB rounds: more than one all-gather per step, and the replicas are still bitwise equal
     assert info["parameter_rounds"] >= 3 * info["parameter_exchanges"]
 
@@ -283,8 +283,8 @@ def test_whole_parameter_shards_hold_each_matrix_state_once(two_ranks_whole, for
     for i in matrices:  # every matrix's whole state (moments and roots included) lives on exactly one rank
         held = [b[i] for b in per_rank]
         assert sorted(held) == [0, single[i]], (i, held)
-    for i in vector:  # parameters without a preconditioner are updated on every rank
-        assert all(b[i] == single[i] for b in per_rank)
+    for i in vector:  # so does a vector's (its first-order moments): an owner updates every parameter
+        assert sorted(b[i] for b in per_rank) == [0, single[i]], i
     assert max(sum(b) for b in per_rank) <= 0.65 * sum(single), (per_rank, single)
 
 
@@ -313,12 +313,36 @@ def test_step_share_cost_weighs_every_stage():
     assert step_share_cost(10**9, 10**6, 10, 10) > step_share_cost(10**9, 10**6, 10, 100)
 
 
-def test_parameter_rounds_are_consecutive_runs_under_the_limit():
-    params = [torch.zeros(n) for n in (10, 100, 3, 50, 200, 1)]  # 40, 400, 12 (16 aligned), 200, 800, 4 (8) bytes
-    chunks = _chunks(params, 400)
-    assert [[p.numel() for p in c] for c in chunks] == [[10], [100], [3, 50], [200], [1]]
-    assert [p for c in chunks for p in c] == params  # every parameter once, in order
-    assert _chunks([], 400) == []
+def test_parameter_rounds_cut_each_owner_stream_without_padding(monkeypatch):
+    monkeypatch.setattr(distributed, "_SHARE_ROUND_BYTES", 2 * 400)  # 400 bytes per rank and round
+    mine = [torch.randn(n) for n in (10, 100, 3, 50)]  # 40, 400, 12 (16 aligned), 200 bytes
+    theirs = [torch.randn(n) for n in (200, 1)]  # 800, 4 bytes
+    rounds = distributed._share_rounds([mine, theirs], 2)
+    assert [size for size, _ in rounds] == [400, 400, 8]  # the longer stream (808 bytes) sets the rounds
+    for owner, params in enumerate((mine, theirs)):
+        # every byte of every parameter travels once, in order, at its offset in the owner's stream
+        covered = {id(p): [] for p in params}
+        for size, placed in rounds:
+            for p, start, n, at in placed[owner]:
+                assert 0 < n and at + n <= size and start + n <= p.nbytes
+                covered[id(p)].append((start, n))
+        for p in params:
+            runs = covered[id(p)]
+            assert runs[0][0] == 0 and sum(n for _, n in runs) == p.nbytes
+            assert all(a + n == b for (a, n), (b, _) in zip(runs, runs[1:]))
+    assert rounds[0][1][0][1][1:] == (0, 360, 40)  # the 400-byte parameter is cut at the round's end
+    assert distributed._share_rounds([[], []], 2) == []
+
+
+def test_parameter_bytes_follow_memory_order_and_refuse_gapped_parameters():
+    weight = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)  # dense, not contiguous
+    doubled = (weight * 2).contiguous(memory_format=torch.channels_last)
+    raw = distributed._memory_bytes(weight)
+    assert raw.numel() == weight.nbytes
+    raw.copy_(distributed._memory_bytes(doubled))  # a replica of the same layout receives the owner's bytes
+    assert torch.equal(weight, doubled)  # written through the view, element for element
+    with pytest.raises(ValueError, match="not dense in memory"):
+        distributed._memory_bytes(torch.randn(6, 8)[:, ::2])
 
 
 def test_shard_parameters_option_is_validated():
