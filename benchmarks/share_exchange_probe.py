@@ -91,15 +91,17 @@ def main() -> None:
         for size, placed in plan:
             output = torch.empty(size * world, dtype=torch.uint8, device=device)
             mine = placed[rank]
-            torch._foreach_copy_(
-                [output[rank * size + at : rank * size + at + n] for _, _, n, at in mine],
-                [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in mine],
-            )
+            if mine:
+                torch._foreach_copy_(
+                    [output[rank * size + at : rank * size + at + n] for _, _, n, at in mine],
+                    [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in mine],
+                )
             theirs = [(p, s, n, o * size + at) for o, ps in enumerate(placed) if o != rank for p, s, n, at in ps]
-            torch._foreach_copy_(
-                [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in theirs],
-                [output[at : at + n] for _, _, n, at in theirs],
-            )
+            if theirs:
+                torch._foreach_copy_(
+                    [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in theirs],
+                    [output[at : at + n] for _, _, n, at in theirs],
+                )
 
     results["pack_unpack_only"] = _timed(pack_unpack, args.reps, device)
 
