@@ -245,7 +245,8 @@ class DdpSplit:
         values; round ``i`` carries bytes ``[i c, (i + 1) c)`` of every owner's stream (``c`` =
         ``_SHARE_ROUND_BYTES`` / world size), one ``all_gather_into_tensor`` each, the owner packing straight into
         its slice of the output. A parameter larger than a round is cut across rounds, so no round pads a small
-        share up to a large parameter; packing and unpacking are one multi-tensor copy per round.
+        share up to a large parameter; packing and unpacking are one multi-tensor copy per round, of 8-byte words
+        where the offsets allow (byte-wise copies took 3.1 ms of a 4.5 ms exchange on GPT-2 small, perf_notes v20).
         """
         plan = self.__dict__.get("_share_plan")
         if plan is None or plan[0] is not by_owner:
@@ -256,10 +257,7 @@ class DdpSplit:
             mine = placed[self.rank]
             if mine:  # padding bytes are left as they are: nobody reads them
                 base = self.rank * size
-                torch._foreach_copy_(
-                    [output[base + at : base + at + n] for _, _, n, at in mine],
-                    [_memory_bytes(p)[start : start + n] for p, start, n, _ in mine],
-                )
+                torch._foreach_copy_(*_word_views([(output, base + at, p, start, n) for p, start, n, at in mine]))
             dist.all_gather_into_tensor(output, output[self.rank * size : (self.rank + 1) * size], group=self.group)
             theirs = [
                 (p, start, n, owner * size + at)
@@ -268,10 +266,8 @@ class DdpSplit:
                 for p, start, n, at in pieces
             ]
             if theirs:
-                torch._foreach_copy_(
-                    [_memory_bytes(p)[start : start + n] for p, start, n, _ in theirs],
-                    [output[at : at + n] for _, _, n, at in theirs],
-                )
+                received, parameters = _word_views([(output, at, p, start, n) for p, start, n, at in theirs])
+                torch._foreach_copy_(parameters, received)
             self.counters.parameter_bytes_received += size * (self.world_size - 1)
             self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
@@ -295,7 +291,7 @@ def _aligned(nbytes: int) -> int:
 
 
 #: the most bytes one round of ``DdpSplit.share_parameters`` gathers (all ranks together): its transient buffer
-_SHARE_ROUND_BYTES = 64 * 2**20
+_SHARE_ROUND_BYTES = 256 * 2**20
 
 
 def _memory_bytes(p: torch.Tensor) -> torch.Tensor:
@@ -316,6 +312,26 @@ def _memory_bytes(p: torch.Tensor) -> torch.Tensor:
             expected *= sz
         t = t.as_strided((t.numel(),), (1,))
     return t.reshape(-1).view(torch.uint8)
+
+
+def _word_views(
+    pieces: Sequence[tuple[torch.Tensor, int, torch.Tensor, int, int]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For pieces ``(buffer, offset in it, parameter, first byte in it, bytes)``: the buffer's and the parameter's
+    bytes as two lists of views, each pair of the widest integer type (8, 4, 2 or 1 bytes) that both start
+    addresses and the length allow. The same bytes either way; a copy of 8-byte words moves them ~8x faster than
+    one of bytes, whose element count bounds the copy kernel."""
+    buffers, params = [], []
+    for buffer, at, p, start, n in pieces:
+        raw = _memory_bytes(p)[start : start + n]
+        ours = buffer[at : at + n]
+        for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            size = dtype.itemsize
+            if n % size == 0 and raw.data_ptr() % size == 0 and ours.data_ptr() % size == 0:
+                break
+        buffers.append(ours.view(dtype))
+        params.append(raw.view(dtype))
+    return buffers, params
 
 
 def _share_rounds(

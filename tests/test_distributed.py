@@ -473,3 +473,19 @@ def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
     fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
     assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])
     assert all(rank[0]["uninterrupted_runs_bitwise_equal"] for rank in fsdp["ranks"])  # the control pair
+
+
+def test_word_views_pick_the_widest_type_the_addresses_allow():
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    p = torch.randn(6)  # 24 bytes
+    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 8, p, 0, 24)]))
+    assert ours.dtype == theirs.dtype == torch.int64
+    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 4, p, 4, 12)]))  # 4-byte offsets and length
+    assert ours.dtype == torch.int32
+    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 3, p, 1, 5)]))  # odd bytes
+    assert ours.dtype == torch.uint8
+    for at, start, n in ((8, 0, 24), (4, 4, 12), (3, 1, 5)):  # whatever the type, the same bytes arrive
+        buffer.zero_()
+        (ours,), (theirs,) = distributed._word_views([(buffer, at, p, start, n)])
+        ours.copy_(theirs)
+        assert torch.equal(buffer[at : at + n], distributed._memory_bytes(p)[start : start + n])
