@@ -240,36 +240,18 @@ class DdpSplit:
         """All-gather the parameters their owners have just updated, into every rank's parameters (in place).
 
         ``by_owner[r]``: the parameters rank ``r`` owns, in the same order on every rank (the same list object
-        from step to step: its round plan, which depends on shapes only, is made once). Each owner's parameters
-        travel as one stream of their raw bytes (each 8-byte aligned), so every replica holds exactly the owner's
-        values; round ``i`` carries bytes ``[i c, (i + 1) c)`` of every owner's stream (``c`` =
-        ``_SHARE_ROUND_BYTES`` / world size), one ``all_gather_into_tensor`` each, the owner packing straight into
-        its slice of the output. A parameter larger than a round is cut across rounds, so no round pads a small
-        share up to a large parameter; packing and unpacking are one multi-tensor copy per round, of 8-byte words
-        where the offsets allow (byte-wise copies took 3.1 ms of a 4.5 ms exchange on GPT-2 small, perf_notes v20).
+        from step to step). At the first call the parameters move into one flat buffer per rank
+        (:class:`SharedParameters`: each owner's parameters side by side in its slice, every replica with the
+        same layout), so every later exchange is one in-place ``all_gather_into_tensor`` of that buffer: no
+        packing, no copies, and every replica holds exactly the owner's bytes. Packing into rounds instead cost
+        two to three times the all-gather itself on two H200s (docs/perf_notes.md v20).
         """
-        plan = self.__dict__.get("_share_plan")
-        if plan is None or plan[0] is not by_owner:
-            plan = self._share_plan = (by_owner, _share_rounds(by_owner, self.world_size))
-        for size, placed in plan[1]:
-            device = next(p.device for pieces in placed for p, _, _, _ in pieces)
-            output = torch.empty(size * self.world_size, dtype=torch.uint8, device=device)
-            mine = placed[self.rank]
-            if mine:  # padding bytes are left as they are: nobody reads them
-                base = self.rank * size
-                torch._foreach_copy_(*_word_views([(output, base + at, p, start, n) for p, start, n, at in mine]))
-            dist.all_gather_into_tensor(output, output[self.rank * size : (self.rank + 1) * size], group=self.group)
-            theirs = [
-                (p, start, n, owner * size + at)
-                for owner, pieces in enumerate(placed)
-                if owner != self.rank
-                for p, start, n, at in pieces
-            ]
-            if theirs:
-                received, parameters = _word_views([(output, at, p, start, n) for p, start, n, at in theirs])
-                torch._foreach_copy_(parameters, received)
-            self.counters.parameter_bytes_received += size * (self.world_size - 1)
-            self.counters.parameter_rounds += 1
+        shared = self.__dict__.get("_shared")
+        if shared is None or not shared.still_holds(by_owner):
+            shared = self._shared = SharedParameters(by_owner, self.world_size)
+        dist.all_gather_into_tensor(shared.flat, shared.slice(self.rank), group=self.group)
+        self.counters.parameter_bytes_received += shared.slice_bytes * (self.world_size - 1)
+        self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -290,80 +272,81 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-#: the most bytes one round of ``DdpSplit.share_parameters`` gathers (all ranks together): its transient buffer
-_SHARE_ROUND_BYTES = 256 * 2**20
+class SharedParameters:
+    """The parameters of ``shard_parameters`` rehoused in one flat byte buffer, laid out for an in-place
+    all-gather: rank ``r``'s slice holds the parameters ``r`` owns, each at an 8-byte aligned offset, and every
+    rank's slice is as long as the longest (the padding is what an all-gather of unequal shares costs).
 
+    Each parameter's ``.data`` becomes a view of its place in the buffer, with its own shape and strides, after
+    its values are copied there: the Parameter objects (what DDP, the model and this optimizer hold) stay the
+    same. The buffer replaces the parameters' own storage, so memory grows only by the padding. Parameters that
+    share storage with another (views of one tensor), lie on different devices, or are not dense in memory
+    cannot move and are refused with a message.
+    """
 
-def _memory_bytes(p: torch.Tensor) -> torch.Tensor:
-    """``p``'s elements as raw bytes in memory order (a view: writing it writes ``p``). Every rank's replica has
-    the same strides, so memory order is a common order; a dense parameter in another layout (channels_last)
-    is read as it lies. Overlapping or gapped parameters cannot be, and are refused."""
-    t = p.detach()
-    if not t.is_contiguous():
-        strides = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
-        expected = 1
-        for st, sz in strides:
-            if st != expected:
-                raise ValueError(
-                    f"Q4Shampoo shard_parameters: a parameter of shape {tuple(t.shape)} and strides {t.stride()} "
-                    "is not dense in memory, so its bytes cannot travel as one run; make it contiguous "
-                    "(param.data = param.data.contiguous()) or set shard_parameters=false"
-                )
-            expected *= sz
-        t = t.as_strided((t.numel(),), (1,))
-    return t.reshape(-1).view(torch.uint8)
-
-
-def _word_views(
-    pieces: Sequence[tuple[torch.Tensor, int, torch.Tensor, int, int]],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """For pieces ``(buffer, offset in it, parameter, first byte in it, bytes)``: the buffer's and the parameter's
-    bytes as two lists of views, each pair of the widest integer type (8, 4, 2 or 1 bytes) that both start
-    addresses and the length allow. The same bytes either way; a copy of 8-byte words moves them ~8x faster than
-    one of bytes, whose element count bounds the copy kernel."""
-    buffers, params = [], []
-    for buffer, at, p, start, n in pieces:
-        raw = _memory_bytes(p)[start : start + n]
-        ours = buffer[at : at + n]
-        for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            size = dtype.itemsize
-            if n % size == 0 and raw.data_ptr() % size == 0 and ours.data_ptr() % size == 0:
-                break
-        buffers.append(ours.view(dtype))
-        params.append(raw.view(dtype))
-    return buffers, params
-
-
-def _share_rounds(
-    by_owner: Sequence[Sequence[torch.Tensor]], world_size: int
-) -> list[tuple[int, list[list[tuple[torch.Tensor, int, int, int]]]]]:
-    """The rounds of :meth:`DdpSplit.share_parameters`: per round, the bytes of each rank's slice and, per owner,
-    its pieces ``(parameter, first byte in it, bytes, offset in the slice)``. From shapes only: the same on every
-    rank. Each owner's stream lays its parameters at 8-byte aligned offsets; a round takes the next ``c`` bytes of
-    every stream, cutting a parameter where the round ends."""
-    per_round = max(_SHARE_ROUND_BYTES // world_size // _ALIGN * _ALIGN, _ALIGN)
-    streams = []
-    for params in by_owner:
-        at, laid = 0, []
+    def __init__(self, by_owner: Sequence[Sequence[torch.Tensor]], world_size: int) -> None:
+        params = [p for owned in by_owner for p in owned]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                "Q4Shampoo shard_parameters: this rank's parameters lie on several devices "
+                f"({sorted(map(str, devices))}); the parameter exchange needs them on one. Set shard_parameters=false."
+            )
+        storages: dict[int, torch.Tensor] = {}
         for p in params:
-            laid.append((p, at))
-            at += _aligned(p.nbytes)
-        streams.append((laid, at))
-    longest = max((length for _, length in streams), default=0)
-    rounds = []
-    for begin in range(0, longest, per_round):
-        end = begin + per_round
-        placed = []
-        for laid, _ in streams:
-            pieces = []
+            key = p.untyped_storage().data_ptr()
+            if key in storages and storages[key] is not p:
+                raise ValueError(
+                    "Q4Shampoo shard_parameters: two parameters share one storage (views of one tensor), so they "
+                    "cannot move into the exchange buffer apart. Set shard_parameters=false."
+                )
+            storages[key] = p
+            _check_dense(p)
+        streams = []
+        for owned in by_owner:
+            at, laid = 0, []
+            for p in owned:
+                laid.append((p, at))
+                at += _aligned(p.nbytes)
+            streams.append((laid, at))
+        self.by_owner = by_owner
+        self.slice_bytes = max((length for _, length in streams), default=0)
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        self.flat = torch.empty(self.slice_bytes * world_size, dtype=torch.uint8, device=device)
+        self._pointers = []
+        for owner, (laid, _) in enumerate(streams):
+            base = owner * self.slice_bytes
             for p, at in laid:
-                lo, hi = max(at, begin), min(at + p.nbytes, end)
-                if lo < hi:
-                    pieces.append((p, lo - at, hi - lo, lo - begin))
-            placed.append(pieces)
-        size = max((pieces[-1][3] + pieces[-1][2] for pieces in placed if pieces), default=0)
-        rounds.append((_aligned(size), placed))
-    return rounds
+                place = self.flat[base + at : base + at + p.nbytes].view(p.dtype)
+                place = place.as_strided(p.shape, p.stride(), place.storage_offset())
+                place.copy_(p.detach())
+                p.data = place
+                self._pointers.append(p.data_ptr())
+
+    def slice(self, rank: int) -> torch.Tensor:
+        return self.flat[rank * self.slice_bytes : (rank + 1) * self.slice_bytes]
+
+    def still_holds(self, by_owner: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Whether the same parameters still live in this buffer (not if a parameter's ``.data`` was replaced
+        since, e.g. by ``model.to(...)``: then the buffer is laid out again)."""
+        if by_owner is not self.by_owner:
+            return False
+        return [p.data_ptr() for owned in by_owner for p in owned] == self._pointers
+
+
+def _check_dense(p: torch.Tensor) -> None:
+    """Refuse a parameter whose elements do not fill one run of memory (overlapping or gapped strides): its
+    bytes could not be one piece of the exchange buffer. Dense layouts other than contiguous (channels_last)
+    are fine: the buffer keeps each parameter's strides."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(p.stride(), p.shape) if sz > 1):
+        if stride != expected:
+            raise ValueError(
+                f"Q4Shampoo shard_parameters: a parameter of shape {tuple(p.shape)} and strides {p.stride()} is "
+                "not dense in memory, so it cannot move into the exchange buffer; make it contiguous "
+                "(param.data = param.data.contiguous()) or set shard_parameters=false"
+            )
+        expected *= size
 
 
 #: modelled milliseconds of one step's work, from GPT-2 small's stage means on one H200 at update_freq=10,

@@ -39,11 +39,6 @@ SHAPES = [(48, 40)] * 6 + [(96, 40)] * 2 + [(40, 24), (12, 20), (40,)]
 FORMS = ("cholesky_ef", "eigen")
 #: more options for every optimizer of a run, as JSON (the tests run the worker once with shard_parameters on)
 OPTIONS.update(json.loads(os.environ.get("Q4_WORKER_OPTIONS", "{}")))
-if OPTIONS.get("shard_parameters"):
-    import hf_q4shampoo.distributed  # noqa: E402
-
-    # rounds of 16 KiB: these small matrices then cross the all-gather's round boundaries (several per step)
-    hf_q4shampoo.distributed._SHARE_ROUND_BYTES = 16 * 1024
 
 
 def make_params() -> list[torch.Tensor]:

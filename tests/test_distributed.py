@@ -267,8 +267,7 @@ def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole
     info = reports[0][form]["info"]
     assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
     assert info["parameter_bytes_received"] > 0 and min(info["owned_per_rank"]) >= 3
-    # the worker's 16 KiB rounds: more than one all-gather per step, and the replicas are still bitwise equal
-    assert info["parameter_rounds"] >= 3 * info["parameter_exchanges"]
+    assert info["parameter_rounds"] == info["parameter_exchanges"]  # one in-place all-gather of the flat buffer
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -313,36 +312,38 @@ def test_step_share_cost_weighs_every_stage():
     assert step_share_cost(10**9, 10**6, 10, 10) > step_share_cost(10**9, 10**6, 10, 100)
 
 
-def test_parameter_rounds_cut_each_owner_stream_without_padding(monkeypatch):
-    monkeypatch.setattr(distributed, "_SHARE_ROUND_BYTES", 2 * 400)  # 400 bytes per rank and round
-    mine = [torch.randn(n) for n in (10, 100, 3, 50)]  # 40, 400, 12 (16 aligned), 200 bytes
-    theirs = [torch.randn(n) for n in (200, 1)]  # 800, 4 bytes
-    rounds = distributed._share_rounds([mine, theirs], 2)
-    assert [size for size, _ in rounds] == [400, 400, 8]  # the longer stream (808 bytes) sets the rounds
-    for owner, params in enumerate((mine, theirs)):
-        # every byte of every parameter travels once, in order, at its offset in the owner's stream
-        covered = {id(p): [] for p in params}
-        for size, placed in rounds:
-            for p, start, n, at in placed[owner]:
-                assert 0 < n and at + n <= size and start + n <= p.nbytes
-                covered[id(p)].append((start, n))
-        for p in params:
-            runs = covered[id(p)]
-            assert runs[0][0] == 0 and sum(n for _, n in runs) == p.nbytes
-            assert all(a + n == b for (a, n), (b, _) in zip(runs, runs[1:]))
-    assert rounds[0][1][0][1][1:] == (0, 360, 40)  # the 400-byte parameter is cut at the round's end
-    assert distributed._share_rounds([[], []], 2) == []
+def test_shared_parameters_move_into_one_flat_buffer_by_owner():
+    g = torch.Generator().manual_seed(3)
+    mine = [torch.nn.Parameter(torch.randn(5, 7, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    conv = torch.randn(4, 3, 2, 2, generator=g).to(memory_format=torch.channels_last)
+    theirs = [torch.nn.Parameter(conv), torch.nn.Parameter(torch.randn(2, 2, generator=g).to(torch.bfloat16))]
+    before = [p.detach().clone() for p in mine + theirs]
+    ids = [id(p) for p in mine + theirs]
+    shared = distributed.SharedParameters([mine, theirs], world_size=2)
+    # the same Parameter objects, the same values, shapes, strides and dtypes; their bytes now in the buffer
+    assert [id(p) for p in mine + theirs] == ids
+    for p, old in zip(mine + theirs, before):
+        assert torch.equal(p, old) and p.stride() == old.stride() and p.dtype == old.dtype
+    assert theirs[0].is_contiguous(memory_format=torch.channels_last)
+    assert shared.slice_bytes == 48 * 4 + 4 * 2  # the longer share: 192 + 8 bytes (the other: 144 + 16, aligned)
+    flat = shared.flat
+    for owner, params in enumerate([mine, theirs]):
+        lo = flat.data_ptr() + owner * shared.slice_bytes
+        assert all(lo <= p.data_ptr() < lo + shared.slice_bytes for p in params)
+    # a write into the buffer is a write into the parameter: what an in-place all-gather relies on
+    shared.slice(1).zero_()
+    assert not theirs[0].any() and not theirs[1].any() and torch.equal(mine[0], before[0])
+    assert shared.still_holds(shared.by_owner)
+    mine[0].data = mine[0].data.clone()  # e.g. model.to(...): the buffer is laid out again at the next exchange
+    assert not shared.still_holds(shared.by_owner)
 
 
-def test_parameter_bytes_follow_memory_order_and_refuse_gapped_parameters():
-    weight = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)  # dense, not contiguous
-    doubled = (weight * 2).contiguous(memory_format=torch.channels_last)
-    raw = distributed._memory_bytes(weight)
-    assert raw.numel() == weight.nbytes
-    raw.copy_(distributed._memory_bytes(doubled))  # a replica of the same layout receives the owner's bytes
-    assert torch.equal(weight, doubled)  # written through the view, element for element
+def test_shared_parameters_refuse_what_cannot_move():
+    base = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="share one storage"):
+        distributed.SharedParameters([[torch.nn.Parameter(base[:3])], [torch.nn.Parameter(base[3:])]], 2)
     with pytest.raises(ValueError, match="not dense in memory"):
-        distributed._memory_bytes(torch.randn(6, 8)[:, ::2])
+        distributed.SharedParameters([[torch.nn.Parameter(torch.randn(6, 8)[:, ::2])], []], 2)
 
 
 def test_shard_parameters_option_is_validated():
@@ -473,19 +474,3 @@ def test_multi_gpu_bench_runs_on_cpu_processes(tmp_path):
     fsdp = json.loads((tmp_path / "multi_gpu_fsdp2_ckpt_ws2.json").read_text())
     assert all(rank[0]["resumed_bitwise_equal"] for rank in fsdp["ranks"])
     assert all(rank[0]["uninterrupted_runs_bitwise_equal"] for rank in fsdp["ranks"])  # the control pair
-
-
-def test_word_views_pick_the_widest_type_the_addresses_allow():
-    buffer = torch.zeros(64, dtype=torch.uint8)
-    p = torch.randn(6)  # 24 bytes
-    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 8, p, 0, 24)]))
-    assert ours.dtype == theirs.dtype == torch.int64
-    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 4, p, 4, 12)]))  # 4-byte offsets and length
-    assert ours.dtype == torch.int32
-    ((ours, theirs),) = zip(*distributed._word_views([(buffer, 3, p, 1, 5)]))  # odd bytes
-    assert ours.dtype == torch.uint8
-    for at, start, n in ((8, 0, 24), (4, 4, 12), (3, 1, 5)):  # whatever the type, the same bytes arrive
-        buffer.zero_()
-        (ours,), (theirs,) = distributed._word_views([(buffer, at, p, start, n)])
-        ours.copy_(theirs)
-        assert torch.equal(buffer[at : at + n], distributed._memory_bytes(p)[start : start + n])
