@@ -6,15 +6,13 @@ GPT-2 small's parameters on each GPU, owned as ``shard_parameters`` owns them (`
 variant sends every owner's parameters to the other ranks, timed with CUDA events after a barrier (median of
 ``--reps``). Variants:
 
-- ``rounds_64mib``: ``DdpSplit.share_parameters`` as shipped (rounds of 64 MiB over all ranks: pack, all-gather,
-  unpack);
-- ``rounds_1gib``: the same in one round (how much the round count costs);
-- ``allgather_only``: one ``all_gather_into_tensor`` of the longest owner stream, nothing packed (the
-  communication floor of an all-gather);
-- ``pack_unpack_only``: the copies of ``rounds_64mib`` without the all-gather;
-- ``broadcast_per_owner``: each owner's stream packed and broadcast from it (no padding to the longest);
-- ``p2p_per_parameter``: ``batch_isend_irecv``, each parameter sent by its owner straight into the others'
-  parameters (no copies, one grouped launch).
+- ``shipped_inplace_allgather``: ``DdpSplit.share_parameters`` as shipped (the parameters live in one flat
+  buffer by owner; one in-place all-gather), with its host time per call;
+- ``allgather_only``: one ``all_gather_into_tensor`` of the longest owner's bytes into a fresh buffer (the
+  communication floor).
+
+The round-packed exchange it replaced (pack into rounds, all-gather, unpack), a per-owner broadcast and P2P sends
+per parameter were measured by this script at commits 9ec9d2c and f20b0a3 (docs/bench/multi_gpu_h200x2_v20/c3_*, c4_*).
 
 Rank 0 writes ``OUT_DIR/share_exchange_probe_ws<N>.json``.
 """
@@ -72,11 +70,7 @@ def main() -> None:
     stream = [sum(distributed._aligned(p.nbytes) for p in ps) for ps in by_owner]
     results: dict[str, dict[str, float]] = {}
 
-    results["rounds_64mib"] = _timed(lambda: split.share_parameters(by_owner), args.reps, device)
-    distributed._SHARE_ROUND_BYTES = 2**30 * world
-    split.__dict__.pop("_share_plan", None)
-    results["rounds_1gib"] = _timed(lambda: split.share_parameters(by_owner), args.reps, device)
-
+    results["shipped_inplace_allgather"] = _timed(lambda: split.share_parameters(by_owner), args.reps, device)
     longest = max(stream)
     gathered = torch.empty(longest * world, dtype=torch.uint8, device=device)
     results["allgather_only"] = _timed(
@@ -84,60 +78,10 @@ def main() -> None:
         args.reps,
         device,
     )
-    distributed._SHARE_ROUND_BYTES = 64 * 2**20
-    plan = distributed._share_rounds(by_owner, world)
-
-    def pack_unpack() -> None:
-        for size, placed in plan:
-            output = torch.empty(size * world, dtype=torch.uint8, device=device)
-            mine = placed[rank]
-            if mine:
-                torch._foreach_copy_(
-                    [output[rank * size + at : rank * size + at + n] for _, _, n, at in mine],
-                    [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in mine],
-                )
-            theirs = [(p, s, n, o * size + at) for o, ps in enumerate(placed) if o != rank for p, s, n, at in ps]
-            if theirs:
-                torch._foreach_copy_(
-                    [distributed._memory_bytes(p)[s : s + n] for p, s, n, _ in theirs],
-                    [output[at : at + n] for _, _, n, at in theirs],
-                )
-
-    results["pack_unpack_only"] = _timed(pack_unpack, args.reps, device)
-
-    buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in stream]
-
-    def broadcast_per_owner() -> None:
-        for owner, ps in enumerate(by_owner):
-            views, at = [], 0
-            for p in ps:
-                views.append(buffers[owner][at : at + p.nbytes])
-                at += distributed._aligned(p.nbytes)
-            raw = [distributed._memory_bytes(p) for p in ps]
-            if owner == rank:
-                torch._foreach_copy_(views, raw)
-            dist.broadcast(buffers[owner], src=owner)
-            if owner != rank:
-                torch._foreach_copy_(raw, views)
-
-    results["broadcast_per_owner"] = _timed(broadcast_per_owner, args.reps, device)
-
-    def p2p() -> None:
-        ops = []
-        for owner, ps in enumerate(by_owner):
-            for p in ps:
-                raw = distributed._memory_bytes(p)
-                if owner == rank:
-                    ops += [dist.P2POp(dist.isend, raw, r) for r in range(world) if r != rank]
-                else:
-                    ops.append(dist.P2POp(dist.irecv, raw, owner))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-    results["p2p_per_parameter"] = _timed(p2p, args.reps, device)
     host = time.perf_counter()
-    p2p()
-    results["p2p_per_parameter"]["host_ms_one_call"] = (time.perf_counter() - host) * 1e3
+    for _ in range(10):
+        split.share_parameters(by_owner)
+    results["shipped_inplace_allgather"]["host_ms_per_call"] = (time.perf_counter() - host) * 1e2
 
     report = {
         "world_size": world,
