@@ -206,8 +206,20 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         _local(opt).stage_timer = timer
     total = args.warmup + args.steps
     losses, before = [], None
+    profiler = None
     for step in range(total):
         timer.step = step
+        if args.profile_steps and step == args.warmup:  # the first timed steps, as a trace per rank
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
+            profiler.start()
+        if profiler is not None and step == args.warmup + args.profile_steps:
+            profiler.stop()
+            path = os.path.join(args.out, f"trace_{name}_rank{rank}.json")
+            profiler.export_chrome_trace(path)
+            profiler = None
         if step == args.warmup:
             _sync(device)
             info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
@@ -436,6 +448,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with N takes the global batch of N ranks",
     )
     p.add_argument("--ckpt_steps", type=int, default=40, help="fsdp2_ckpt: steps, with the checkpoint at half")
+    p.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help="mode ddp: a torch.profiler chrome trace of this many steps after the warm-up, per optimizer and rank",
+    )
     p.add_argument("--keep_checkpoint", action="store_true", help="fsdp2_ckpt: write the checkpoint under --out")
     p.add_argument(
         "--deterministic",
