@@ -205,7 +205,7 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     if isinstance(_local(opt), Q4Shampoo):
         _local(opt).stage_timer = timer
     total = args.warmup + args.steps
-    losses, before = [], None
+    losses, before, host_ms = [], None, []
     profiler = None
     for step in range(total):
         timer.step = step
@@ -231,7 +231,9 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
                 loss = wrapped(x, labels=x).loss
             loss.backward()
             with timer("optimizer"):
+                host = time.perf_counter()
                 opt.step()
+                host_ms.append((time.perf_counter() - host) * 1e3)
         if step >= args.warmup and (step - args.warmup) % args.log_every == 0:
             losses.append(float(loss.detach()))
     _sync(device)
@@ -240,6 +242,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         "state_bytes": _state_bytes(opt),
         "step": _summary(timer.per_step("step", total)[args.warmup :]),
         "optimizer_step": _summary(timer.per_step("optimizer", total)[args.warmup :]),
+        # host time of the step() call (launches, Python; no device sync): above the device time, the host bounds it
+        "optimizer_step_host_ms_median": statistics.median(host_ms[args.warmup :]),
         "losses": losses,
         "final_loss": float(loss.detach()),
         "params_sha256": _params_sha256(model),
