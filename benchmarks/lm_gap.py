@@ -38,14 +38,39 @@ import quality_cpu as q  # noqa: E402
 
 
 class Mini(torch.optim.Optimizer):
-    def __init__(self, params, lr, graft="ds", sbeta=0.999, sbc=1, init=0, eps=1e-12, erel=0, vec=1,
-                 betas=(0.9, 0.999), adam_eps=1e-8, root_freq=20, root_dtype="float32", spread=0):
+    def __init__(
+        self,
+        params,
+        lr,
+        graft="ds",
+        sbeta=0.999,
+        sbc=1,
+        init=0,
+        eps=1e-12,
+        erel=0,
+        vec=1,
+        betas=(0.9, 0.999),
+        adam_eps=1e-8,
+        root_freq=20,
+        root_dtype="float32",
+        spread=0,
+    ):
         super().__init__(params, dict(lr=lr))
         # spread=1: our refresh_spread's root offsets on this model (matrices in order), roots at t - k = 20 j
         self.offsets = iter([6, 8, 4, 7, 0, 2, 5, 7, 1, 3] if int(spread) else [])
-        self.o = dict(graft=graft, sbeta=float(sbeta), sbc=int(sbc), init=int(init), eps=float(eps),
-                      erel=int(erel), vec=int(vec), betas=betas, adam_eps=adam_eps, root_freq=int(root_freq),
-                      root_dtype=getattr(torch, root_dtype))
+        self.o = dict(
+            graft=graft,
+            sbeta=float(sbeta),
+            sbc=int(sbc),
+            init=int(init),
+            eps=float(eps),
+            erel=int(erel),
+            vec=int(vec),
+            betas=betas,
+            adam_eps=adam_eps,
+            root_freq=int(root_freq),
+            root_dtype=getattr(torch, root_dtype),
+        )
 
     def _root(self, f, t, exponent):
         o = self.o
@@ -98,10 +123,8 @@ class Mini(torch.optim.Optimizer):
                 s["v"].mul_(b2).addcmul_(g2, g2, value=1 - b2)
                 vhat_sqrt = (s["v"] / (1 - b2**t)).sqrt().add_(o["adam_eps"])
 
-                def shampoo(x):
-                    if x.dim() == 2:
-                        return s["r"][0] @ x @ s["r"][1]
-                    return s["r"][0] @ x
+                def shampoo(x, roots):
+                    return roots[0] @ x @ roots[1] if x.dim() == 2 else roots[0] @ x
 
                 graft = o["graft"] if ready else ("norm" if o["graft"] == "norm" else "ds")
                 if graft == "ds" or not pre:
@@ -111,13 +134,13 @@ class Mini(torch.optim.Optimizer):
                     a = mhat / vhat_sqrt
                     d = a
                     if ready:
-                        ps = shampoo(mhat)
+                        ps = shampoo(mhat, s["r"])
                         d = ps * (a.norm() / (ps.norm() + 1e-16))
                 elif graft == "norm":
                     # ours: G~ = Shampoo(G) at ||G||, then AdamW on G~ (v of G~, not of G)
                     gt = g2
                     if ready:
-                        ps = shampoo(g2)
+                        ps = shampoo(g2, s["r"])
                         gt = ps * (g2.norm() / (ps.norm() + 1e-12))
                     if "vn" not in s:
                         s["vn"] = torch.zeros_like(g2)
@@ -126,7 +149,7 @@ class Mini(torch.optim.Optimizer):
                     d = (s["m"] / (1 - b1**t)) / ((s["vn"] / (1 - b2**t)).sqrt() + o["adam_eps"])
                 elif graft == "adam":
                     a = g2 / vhat_sqrt
-                    ps = shampoo(g2)
+                    ps = shampoo(g2, s["r"])
                     gt = ps * (a.norm() / (ps.norm() + 1e-12))
                     s["m"].mul_(b1).add_(gt, alpha=1 - b1)
                     d = s["m"] / (1 - b1**t)
@@ -141,8 +164,16 @@ def lm_traced(make_opt, seed, steps=400, batch=16, ctx=64):
 
     train, val = q._text()
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=256, n_positions=ctx, n_embd=128, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=256,
+        n_positions=ctx,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     opt = make_opt(model.parameters(), steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -186,9 +217,16 @@ def maker(spec, lr, schedule):
         beta2 = kw.pop("beta2", 0.999)
 
         def make(params, steps):
-            args = dict(lr=lr, betas=(0.9, beta2), epsilon=1e-12, weight_decay=0.0, max_preconditioner_dim=1024,
-                        precondition_frequency=schedule["root_freq"], start_preconditioning_step=schedule["root_freq"],
-                        grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8))
+            args = dict(
+                lr=lr,
+                betas=(0.9, beta2),
+                epsilon=1e-12,
+                weight_decay=0.0,
+                max_preconditioner_dim=1024,
+                precondition_frequency=schedule["root_freq"],
+                start_preconditioning_step=schedule["root_freq"],
+                grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+            )
             args.update(kw)
             return ds.DistributedShampoo(params, **args)
 
