@@ -12,6 +12,7 @@ switch (defaults: Distributed Shampoo's algorithm as quality_cpu.py configures i
     init    initial factors: 0 (DS) or the ridge (ours: matrix_eps I)
     eps     ridge; erel 0: absolute eps (DS 1e-12); erel 1: eps * lambda_max (ours, 1e-6)
     vec     1: precondition 1-D tensors with one full factor, exponent -1/2 (DS); 0: plain Adam(W) (ours)
+    vreset  1 (graft=norm): restart AdamW's v (and its bias correction) at a matrix's first root
     spread  1: each matrix's roots at t = 20 j + k with our refresh_spread's offsets k (0-8 here); 0: k = 0 (DS)
     pre0    before the first root: 'adam' (Adam step of M, DS) (ours' norm mode is AdamW of G: the same)
 
@@ -54,6 +55,7 @@ class Mini(torch.optim.Optimizer):
         root_freq=20,
         root_dtype="float32",
         spread=0,
+        vreset=0,
     ):
         super().__init__(params, dict(lr=lr))
         # spread=1: our refresh_spread's root offsets on this model (matrices in order), roots at t - k = 20 j
@@ -69,6 +71,7 @@ class Mini(torch.optim.Optimizer):
             betas=betas,
             adam_eps=adam_eps,
             root_freq=int(root_freq),
+            vreset=int(vreset),
             root_dtype=getattr(torch, root_dtype),
         )
 
@@ -142,11 +145,12 @@ class Mini(torch.optim.Optimizer):
                     if ready:
                         ps = shampoo(g2, s["r"])
                         gt = ps * (g2.norm() / (ps.norm() + 1e-12))
-                    if "vn" not in s:
-                        s["vn"] = torch.zeros_like(g2)
+                    if "vn" not in s or (o["vreset"] and pre and t == o["root_freq"] + s["k"]):
+                        s["vn"], s["tv"] = torch.zeros_like(g2), 0  # vreset: v of G~ anew at the first root
+                    s["tv"] += 1
                     s["m"].mul_(b1).add_(gt, alpha=1 - b1)
                     s["vn"].mul_(b2).addcmul_(gt, gt, value=1 - b2)
-                    d = (s["m"] / (1 - b1**t)) / ((s["vn"] / (1 - b2**t)).sqrt() + o["adam_eps"])
+                    d = (s["m"] / (1 - b1**t)) / ((s["vn"] / (1 - b2 ** s["tv"])).sqrt() + o["adam_eps"])
                 elif graft == "adam":
                     a = g2 / vhat_sqrt
                     ps = shampoo(g2, s["r"])
