@@ -29,7 +29,7 @@ ROOT_METHODS = ("auto", "eigh", "newton")
 QUANT_MAPS = ("linear2", "dynamic")
 FACTOR_SCALINGS = ("column", "row")
 FACTOR_UPPERS = ("refine", "feedback")
-GRAFTINGS = ("norm", "adam")
+GRAFTINGS = ("norm", "adam", "adam_filtered")
 
 #: Hyper-parameters that may differ between parameter groups (torch's ``defaults`` convention).
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "maximize")
@@ -89,6 +89,15 @@ class Q4ShampooConfig(OptionsBase):
             itself. Same state keys and bytes as AdamW (``exp_avg`` holds m of ``G~``, ``exp_avg_sq`` v of ``G``),
             other meaning: a state field. Needs ``first_order="adamw"`` (SGD has no second moment to graft
             to). Parameters without a preconditioner take plain AdamW either way.
+            ``"adam_filtered"`` (Distributed Shampoo's algorithm as it runs with Adam grafting and beta1 > 0:
+            the momentum is taken first and Shampoo preconditions it): ``m <- beta1 m + (1 - beta1) G``,
+            ``M = m / (1 - beta1^t)``, ``v`` as for ``"adam"``; per block ``D = M^ ||A||_F / ||M^||_F`` with
+            ``M^ = L^ M R^`` and ``A = M / (sqrt(v / (1 - beta2^t)) + eps)`` (the AdamW step itself, which is
+            ``D`` before the first root); ``W <- (1 - lr wd) W - lr D``. The step's size per block is exactly
+            AdamW's, its direction Shampoo's; m and v are moments of the raw gradient (a state field, as
+            ``"adam"``; needs ``first_order="adamw"``). On the CPU byte-level LM task of
+            ``benchmarks/quality_cpu.py`` it removes the slow early descent of ``"norm"`` on some seeds
+            (docs/results.md §4.3b).
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
@@ -285,11 +294,11 @@ class Q4ShampooConfig(OptionsBase):
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)
-        if self.grafting == "adam" and self.first_order != "adamw":
+        if self.grafting != "norm" and self.first_order != "adamw":
             raise ConfigError(
-                f"Q4Shampoo: grafting='adam' needs first_order='adamw' (got first_order={self.first_order!r}): it "
-                "rescales Shampoo's direction to the norm of the Adam step, from Adam's second moment, and applies "
-                "Adam's momentum to the result. With first_order='sgd' use grafting='norm'."
+                f"Q4Shampoo: grafting={self.grafting!r} needs first_order='adamw' (got first_order="
+                f"{self.first_order!r}): it rescales Shampoo's direction to the norm of the Adam step, from Adam's "
+                "first and second moments. With first_order='sgd' use grafting='norm'."
             )
         if self.first_order == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError(

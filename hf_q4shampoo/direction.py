@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .blocking import extract_blocks, insert_blocks
-from .first_order import adam_graft_batch_step, adamw_batch_step, sgd_batch_step
+from .first_order import adam_filtered_batch_step, adam_graft_batch_step, adamw_batch_step, sgd_batch_step
 from .layout import SideSlot, StepBatch, as_slice, stacked_fp32
 
 __all__ = ["DirectionMixin"]
@@ -58,6 +58,9 @@ class DirectionMixin:
         keep = batch.finite
         if self.config.grafting == "adam" and batch.group.plan is not None:
             self._adam_graft_step(batch, g)
+            return
+        if self.config.grafting == "adam_filtered" and batch.group.plan is not None:
+            self._filtered_graft_step(batch, g)
             return
         if batch.ready:
             g2 = g.reshape(len(grads), *batch.group.plan.matrix_shape)
@@ -159,6 +162,25 @@ class DirectionMixin:
             keep = self._first_order_step(batch, g, batch.finite, graft=graft)
         self._count_skips(batch, keep)
 
+    def _filtered_graft_step(self, batch: StepBatch, g: torch.Tensor) -> None:
+        """``grafting="adam_filtered"`` for one batch of preconditioned members: Shampoo preconditions the
+        bias-corrected momentum M of the gradient, each block at the norm of the same block of the AdamW step
+        ``M / (sqrt(v^) + eps)``; members before their first root take the AdamW step itself. Skips as in
+        :meth:`_step_batch`. (Under ``maximize`` the moments are of the negated gradient: M^ is linear in it.)"""
+        shape = (len(batch.grads), *batch.group.plan.matrix_shape)
+
+        def graft(filtered: torch.Tensor, adam_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not batch.ready:
+                return adam_step, None
+            with self._stage("apply"):
+                pre = self._precondition(batch, filtered.reshape(shape), batch.ready)
+            with self._stage("grafting"):
+                return self._graft_blocks(adam_step.reshape(shape), pre, batch)
+
+        with self._stage("first_order"):
+            keep = self._first_order_step(batch, g, batch.finite, graft=graft, filtered=True)
+        self._count_skips(batch, keep)
+
     def _graft_blocks(self, a2: torch.Tensor, pre: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale each block of the preconditioned directions ``pre`` (members ``batch.ready``) to the Frobenius
         norm of the same block of the Adam steps ``a2`` (every member, ``(K, rows, cols)``); members not ready
@@ -185,11 +207,14 @@ class DirectionMixin:
         directions: torch.Tensor,
         keep: torch.Tensor | None = None,
         graft: Callable | None = None,
+        filtered: bool = False,
     ) -> torch.Tensor | None:
         """The AdamW / SGD step for the members of one batch (same group, shape and step), in place;
         members whose ``keep`` flag is false stay as they are. With ``graft`` (``grafting="adam"``),
         ``directions`` is the raw gradient and ``graft`` maps its Adam step to the step's directions
-        (:func:`~hf_q4shampoo.first_order.adam_graft_batch_step`). Returns the flags the step used."""
+        (:func:`~hf_q4shampoo.first_order.adam_graft_batch_step`); with ``filtered`` too
+        (``grafting="adam_filtered"``), ``graft`` maps the bias-corrected momentum and the AdamW step to the
+        directions (:func:`~hf_q4shampoo.first_order.adam_filtered_batch_step`). Returns the flags the step used."""
         cfg = self.config
         group = self.param_groups[batch.group.group_index]
         if group.get("maximize", False):
@@ -209,10 +234,11 @@ class DirectionMixin:
         if graft is not None:
             shape = directions.shape
 
-            def graft_flat(adam_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-                return _flat(graft(adam_step), shape)
+            def graft_flat(*steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return _flat(graft(*steps), shape)
 
-            keep = adam_graft_batch_step(params, directions, moments, graft_flat, **adam, **common)
+            batch_step = adam_filtered_batch_step if filtered else adam_graft_batch_step
+            keep = batch_step(params, directions, moments, graft_flat, **adam, **common)
         elif cfg.first_order == "adamw":
             adamw_batch_step(params, directions, moments, **adam, bits=cfg.first_order_bits, **common)
         else:

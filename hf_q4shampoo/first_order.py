@@ -14,7 +14,10 @@ single tensors of a batch, restored from a copy taken before the call).
 Adam grafting (``adam_graft_batch_step``, Distributed Shampoo's rule) keeps the AdamW state with other
 contents: v is the second moment of the raw gradient G, whose Adam step ``A = G / (sqrt(v^) + eps)`` only
 sets the size of Shampoo's direction, and m is the momentum of the grafted direction, which is the step itself
-(no division by sqrt(v)).
+(no division by sqrt(v)). Filtered Adam grafting (``adam_filtered_batch_step``, Distributed Shampoo's algorithm
+with beta1 > 0) keeps AdamW's moments of the raw gradient and hands the grafting both the bias-corrected momentum M
+(which Shampoo preconditions) and the AdamW step ``M / (sqrt(v^) + eps)`` (whose norm it takes); the step is the
+grafted direction itself.
 
 The update formulas are those of paper 2's ``ShampooAdamW`` / ``ShampooSGD`` (papers.md §1.2):
 AdamW decays weights first (decoupled) and then takes a bias-corrected Adam step; SGD adds the
@@ -47,6 +50,7 @@ __all__ = [
     "adamw_batch_step",
     "sgd_batch_step",
     "adam_graft_batch_step",
+    "adam_filtered_batch_step",
     "adam_scalars",
     "fill_scalars",
     "adamw_kernel",
@@ -136,6 +140,31 @@ def _momentum_math(
     """Adam grafting's momentum: ``m <- beta1 m + (1 - beta1) d`` and the update ``lr m / (1 - beta1^t)``."""
     m_new = codes.decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
     return codes.encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
+
+
+def _filtered_adam_math(
+    m: Moments,
+    v: Moments,
+    g: torch.Tensor,
+    bias1: torch.Tensor,
+    bias2_sqrt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    quantized: bool,
+    m_map: str = "dynamic",
+):
+    """Filtered Adam grafting's moments: the new m and v of the raw gradient, the bias-corrected momentum
+    ``M = m / (1 - beta1^t)`` and the AdamW step ``M / (sqrt(v / (1 - beta2^t)) + eps)``."""
+    shape = tuple(g.shape)
+    m_new = codes.decode_signed(m, shape, m_map).lerp(g, 1.0 - beta1)
+    if "_row" in v:
+        v_state, v_new = _factored_v(v, g, beta2)
+    else:
+        v_new = codes.decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * g * g
+        v_state = codes.encode_nonneg(v_new, quantized)
+    filtered = m_new / bias1
+    return codes.encode_signed(m_new, quantized, m_map), v_state, filtered, filtered / (v_new.sqrt() / bias2_sqrt + eps)
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -435,6 +464,60 @@ def adam_graft_batch_step(
     if weight_decay:
         _decay(params, lr, weight_decay, keep)
     _apply_update(params, update)
+    return keep
+
+
+def adam_filtered_batch_step(
+    params: list[torch.Tensor],
+    grads: torch.Tensor,
+    moments: State,
+    graft: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    step: int,
+    lr: float | torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    compile_: bool = False,
+    m_map: str = "dynamic",
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One step of filtered Adam grafting (Distributed Shampoo's order) for K same-shape tensors, moments
+    (AdamW's keys, moments of the raw gradient) updated in place::
+
+        m <- beta1 m + (1 - beta1) G ;  v <- beta2 v + (1 - beta2) G^2
+        M = m / (1 - beta1^t) ;  A = M / (sqrt(v / (1 - beta2^t)) + eps)      (the AdamW step)
+        D = graft(M, A)                 (Shampoo's direction of M at A's norm, per block; A before a root)
+        W <- (1 - lr wd) W - lr D
+
+    ``grads`` is the raw fp32 ``(K, *shape)`` gradient; ``graft`` maps (M, A) to the directions and per-member
+    flags of whether they are finite (None: all are). A member whose ``keep`` or ``graft`` flag is false keeps
+    its parameter, m and v as they were. Returns the combined flags (for the skip counters).
+    """
+    beta1, beta2 = betas
+    device = grads.device
+    quantized = _is_quantized(moments)
+    fn = maybe_compiled(_filtered_adam_math, device, compile_)
+    m, v, filtered, adam_step = fn(
+        _batched(moments, "exp_avg"),
+        _batched(moments, "exp_avg_sq"),
+        grads,
+        _scalars(device, "bias1", 1.0 - beta1**step),
+        _scalars(device, "bias2_sqrt", math.sqrt(1.0 - beta2**step)),
+        beta1,
+        beta2,
+        eps,
+        quantized,
+        m_map,
+    )
+    directions, ok = graft(filtered, adam_step)
+    if ok is not None:
+        keep = ok if keep is None else keep & ok
+    _write_back(moments, "exp_avg_sq", v, keep)
+    _write_back(moments, "exp_avg", m, keep)
+    if weight_decay:
+        _decay(params, lr, weight_decay, keep)
+    _apply_update(params, _kept(directions * _scalars(device, "lr", lr), keep))
     return keep
 
 

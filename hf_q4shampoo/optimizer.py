@@ -12,6 +12,11 @@ One step, for every matrix parameter W with gradient G (paper 2 Algorithm 4; pap
         v  <- beta2 v + (1-beta2) G^2 ;  A = G / (sqrt(v / (1-beta2^t)) + eps)     (Adam step of G)
         G~ = G^ * ||A||_F / ||G^||_F              (per block; G~ = A before the first root)
         m  <- beta1 m + (1-beta1) G~ ;  W <- (1 - lr wd) W - lr m / (1-beta1^t)
+    grafting="adam_filtered" (Distributed Shampoo's order; first_order.adam_filtered_batch_step):
+        m  <- beta1 m + (1-beta1) G ;  v <- beta2 v + (1-beta2) G^2 ;  M = m / (1-beta1^t)
+        A  = M / (sqrt(v / (1-beta2^t)) + eps)   (the AdamW step) ;  M^ = L^ M R^   (per block)
+        G~ = M^ * ||A||_F / ||M^||_F              (per block; G~ = A before the first root)
+        W  <- (1 - lr wd) W - lr G~
 
 Parameters without a preconditioner (1-D, small) take the plain AdamW / SGD step in both modes.
 

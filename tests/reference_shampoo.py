@@ -98,6 +98,9 @@ class ReferenceShampoo:
             if self.blocks[i] is not None and h["grafting"] == "adam":
                 self._adam_grafted_step(i, p, g)
                 continue
+            if self.blocks[i] is not None and h["grafting"] == "adam_filtered":
+                self._filtered_grafted_step(i, p, g)
+                continue
             if self.blocks[i] is not None:
                 m, n, blocks = self.blocks[i]
                 g2 = g.reshape(m, n)
@@ -162,3 +165,36 @@ class ReferenceShampoo:
         self.m[i] = b1 * self.m[i] + (1 - b1) * out.reshape(g.shape)
         p.mul_(1 - h["lr"] * h["wd"])
         p.sub_(h["lr"] / (1 - b1**t) * self.m[i])
+
+    def _filtered_grafted_step(self, i, p, g):
+        """Distributed Shampoo's order, written out: momentum m and second moment v of the raw gradient, each
+        block's Shampoo direction of the bias-corrected momentum M at the norm of that block's AdamW step
+        M / (sqrt(v^) + eps) (the AdamW step itself before the first root), decoupled decay, no second momentum."""
+        h, t = self.h, self.t
+        b1, b2 = h["betas"]
+        m, n, blocks = self.blocks[i]
+        g2 = g.reshape(m, n)
+        self.m[i] = b1 * self.m[i] + (1 - b1) * g
+        self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+        filtered = (self.m[i] / (1 - b1**t)).reshape(m, n)
+        adam = filtered / ((self.v[i] / (1 - b2**t)).sqrt() + h["eps"]).reshape(m, n)
+        out = adam.clone()
+        for blk in blocks:
+            (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
+            gb = g2[r0:r1, c0:c1]
+            if t % h["t1"] == 0:
+                if blk["L"] is not None:
+                    blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
+                if blk["R"] is not None:
+                    blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
+            if t % h["t2"] == 0:
+                if blk["L"] is not None:
+                    blk["Lr"] = _root(blk["L"], h["meps"])
+                if blk["R"] is not None:
+                    blk["Rr"] = _root(blk["R"], h["meps"])
+            if t >= h["t2"]:  # a root exists
+                pre = blk["Lr"] @ filtered[r0:r1, c0:c1] @ blk["Rr"]
+                out[r0:r1, c0:c1] = pre * (adam[r0:r1, c0:c1].norm() / pre.norm())
+        self.last_direction[i] = out.reshape(g.shape)
+        p.mul_(1 - h["lr"] * h["wd"])
+        p.sub_(h["lr"] * out.reshape(g.shape))

@@ -254,6 +254,10 @@ def test_grafting_is_documented_and_parsed():
     assert "grafting: " in doc and '``"norm"`` (default)' in doc and '``"adam"``' in doc
     assert "first_order_m_map, grafting," in doc  # listed among the state fields
     assert parse_optim_args("grafting=ADAM") == {"grafting": "adam"}
+    assert '``"adam_filtered"``' in doc
+    assert parse_optim_args("grafting=adam_filtered") == {"grafting": "adam_filtered"}
+    with pytest.raises(ConfigError, match="grafting='adam_filtered' needs first_order='adamw'"):
+        Q4ShampooConfig(grafting="adam_filtered", first_order="sgd")
     from hf_q4shampoo.config import LEGACY_STATE_LAYOUT
 
     assert LEGACY_STATE_LAYOUT["grafting"] == "norm"  # checkpoints saved before the option were norm-grafted

@@ -881,6 +881,177 @@ def test_adam_grafting_matches_fp64_reference():
     assert float((other[0].detach().double() - ref.params[0]).norm() / (ref.params[0] - start[0]).norm()) > 0.05
 
 
+def test_filtered_adam_grafting_matches_fp64_reference():
+    # grafting="adam_filtered" (Distributed Shampoo's order: Shampoo preconditions the momentum, each block at the
+    # norm of the AdamW step) against the fp64 reference, on the shapes and schedule of the "adam" test above
+    hyper = dict(
+        lr=0.01,
+        betas=(0.8, 0.99),
+        eps=1e-8,
+        weight_decay=0.1,
+        stat_decay=0.9,
+        matrix_eps=1e-4,
+        update_freq=2,
+        root_freq=4,
+        max_precond_dim=32,
+    )
+    params, grads = _fresh(GRAFT_SHAPES, seed=int(torch.randint(0, 10**6, ())))
+    start = [p.detach().double().clone() for p in params]
+    ref = ReferenceShampoo(params, grafting="adam_filtered", **hyper)
+    opt = Q4Shampoo(
+        params,
+        precond="fp32",
+        grafting="adam_filtered",
+        first_order_bits=32,
+        root_method="eigh",
+        refresh_spread=1,
+        **hyper,
+    )
+    worst = 0.0
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(step_grads)
+        for p, r, p0 in zip(params, ref.params, start):
+            worst = max(worst, float((p.detach().double() - r).norm() / (r - p0).norm()))
+    print(f"filtered adam grafting: worst relative error of the displacement vs fp64, 13 steps: {worst:.2e}")
+    assert worst < 2e-4
+    # "adam" grafting (momentum after grafting) moves the matrices elsewhere: the option is not silently "adam"
+    other = [torch.nn.Parameter(p0.float()) for p0 in start]
+    _train(
+        lambda ps: Q4Shampoo(
+            ps, precond="fp32", grafting="adam", first_order_bits=32, root_method="eigh", refresh_spread=1, **hyper
+        ),
+        other,
+        grads,
+    )
+    assert float((other[0].detach().double() - ref.params[0]).norm() / (ref.params[0] - start[0]).norm()) > 0.05
+
+
+@pytest.mark.parametrize("precond", ["fp32", "cholesky_ef"])
+def test_filtered_adam_grafted_update_has_the_adamw_steps_norm(precond):
+    # no decay: the update is lr * the grafted direction. Per block, its norm must be that of the AdamW step
+    # M / (sqrt(v^) + eps) computed here in fp64; before a member's first root it is that step itself. Four
+    # same-shape matrices with spread root offsets: their batch mixes ready and not-ready members.
+    shapes = [(40, 70)] * 4 + [(30,)]
+    params, grads = _fresh(shapes, seed=int(torch.randint(0, 10**6, ())))
+    for p in params:
+        p.data.zero_()
+    lr, b1, b2, eps = 0.01, 0.9, 0.99, 1e-8
+    opt = Q4Shampoo(
+        params,
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        precond=precond,
+        grafting="adam_filtered",
+        first_order_bits=32,
+        update_freq=1,
+        root_freq=4,
+        first_root_step=0,
+        refresh_spread=4,
+        max_precond_dim=32,
+    )
+    m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    mixed = False
+    for t, step_grads in enumerate(grads, 1):
+        before = [p.detach().double().clone() for p in params]
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        ready = []
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            m[i] = b1 * m[i] + (1 - b1) * g.double()
+            v[i] = b2 * v[i] + (1 - b2) * g.double() ** 2
+            adam = m[i] / (1 - b1**t) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+            direction = (before[i] - p.detach().double()) / lr
+            if len(shapes[i]) == 1:
+                torch.testing.assert_close(direction, adam, rtol=1e-4, atol=1e-5)  # plain AdamW
+                continue
+            offset = int(opt.state[p]["root_offset"])
+            ready.append(t >= offset + 4)
+            if not ready[-1]:
+                torch.testing.assert_close(direction, adam, rtol=1e-4, atol=1e-5)
+                continue
+            for r0 in range(0, 40, 32):
+                for c0 in range(0, 70, 32):
+                    blk = (slice(r0, r0 + 32), slice(c0, c0 + 32))
+                    ratio = float(direction[blk].norm() / adam[blk].norm())
+                    assert abs(ratio - 1) < 1e-4, (t, i, r0, c0, ratio)
+            assert not torch.allclose(direction, adam, rtol=1e-2)
+        mixed |= any(ready) and not all(ready)
+    assert mixed
+
+
+@pytest.mark.parametrize("precond,bits", [("cholesky_ef", 4), ("fp32", 32)])
+def test_filtered_adam_grafting_exact_resume_and_refusal(precond, bits):
+    kw = dict(
+        lr=0.01,
+        weight_decay=0.05,
+        precond=precond,
+        grafting="adam_filtered",
+        first_order_bits=bits,
+        update_freq=2,
+        root_freq=3,
+        max_precond_dim=64,
+        min_quant_numel=256,
+        first_order_min_quant_numel=256,
+    )
+    params, grads = _fresh(GRAFT_SHAPES, seed=5)
+    start = [p.detach().clone() for p in params]
+    straight = [torch.nn.Parameter(x.clone()) for x in start]
+    _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
+    first = [torch.nn.Parameter(x.clone()) for x in start]
+    saved = _roundtrip(_train(lambda p: Q4Shampoo(p, **kw), first, grads[:5]))
+    assert saved["q4shampoo_config"]["grafting"] == "adam_filtered"
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt = Q4Shampoo(resumed, **kw)
+    opt.load_state_dict(saved)
+    for step_grads in grads[5:]:
+        for p, g in zip(resumed, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b), "resumed run must be bitwise identical on CPU"
+    for other in ("norm", "adam"):  # same keys, other meaning: refused
+        with pytest.raises(ConfigError, match=f"grafting: saved 'adam_filtered', now '{other}'"):
+            Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **{**kw, "grafting": other}).load_state_dict(
+                saved
+            )
+
+
+def test_filtered_adam_grafting_maximize_and_nan_skip():
+    params, grads = _fresh([(40, 70), (70,)], seed=9)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=0.01, precond="fp32", grafting="adam_filtered", update_freq=1, root_freq=2)
+    up, down = Q4Shampoo(params, maximize=True, **kw), Q4Shampoo(twin, **kw)
+    for step_grads in grads[:6]:
+        for p, q, g in zip(params, twin, step_grads):
+            p.grad, q.grad = g.clone(), -g
+        up.step()
+        down.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # a NaN root (a bad preconditioned direction) skips that member's m, v and value only
+    params, grads = _fresh([(40, 70)] * 2, seed=4)
+    opt = Q4Shampoo(params, **{**kw, "refresh_spread": 1})
+    _train(lambda p: opt, params, grads[:2])
+    bucket = opt._current_layout().groups[0].slots[0].bucket
+    rows = opt._current_layout().groups[0].slots[0].member_rows(1)
+    root_key = next(k for k in bucket.storage if k.startswith("root"))
+    bucket.storage[root_key][rows.start].fill_(float("nan"))
+    before = [_state_tensors(opt, p) for p in params]
+    for p, g in zip(params, grads[2]):
+        p.grad = g.clone()
+    opt.step()
+    kept = ["param", "state.exp_avg", "state.exp_avg_sq"]
+    assert [k for k in _changed(before[1], _state_tensors(opt, params[1])) if k in kept] == []
+    assert [k for k in _changed(before[0], _state_tensors(opt, params[0])) if k in kept] == kept
+    assert [int(opt.state[p]["skipped_updates"]) for p in params] == [0, 1]
+
+
 @pytest.mark.parametrize("precond", ["fp32", "cholesky_ef"])
 def test_adam_grafted_update_has_the_adam_steps_norm(precond):
     # beta1 = 0, no decay: the update is lr * the grafted direction. Per block, its norm must be that of the
