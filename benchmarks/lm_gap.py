@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -164,46 +163,8 @@ class Mini(torch.optim.Optimizer):
 
 def lm_traced(make_opt, seed, steps=400, batch=16, ctx=64):
     """quality_cpu.lm with the training loss recorded (same data, model and schedule)."""
-    import transformers
-
-    train, val = q._text()
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        vocab_size=256,
-        n_positions=ctx,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = transformers.GPT2LMHeadModel(cfg)
-    opt = make_opt(model.parameters(), steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
-    )
-    g = torch.Generator().manual_seed(100 + seed)
-    trace, acc = [], []
-    for _ in range(steps):
-        starts = torch.randint(0, train.numel() - ctx - 1, (batch,), generator=g)
-        ids = torch.stack([train[s : s + ctx] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        acc.append(float(loss))
-        if len(acc) == 10:
-            trace.append(round(sum(acc) / 10, 3))
-            acc = []
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        n = (val.numel() - 1) // ctx
-        ids = val[: n * ctx].reshape(n, ctx)
-        losses = [float(model(input_ids=ids[i : i + 64], labels=ids[i : i + 64]).loss) for i in range(0, n, 64)]
-    return sum(losses) / len(losses), trace
+    trace: list[float] = []
+    return q.lm(make_opt, seed, steps, batch, ctx, trace=trace), trace
 
 
 def maker(spec, lr, schedule):

@@ -985,43 +985,6 @@ def test_filtered_adam_grafted_update_has_the_adamw_steps_norm(precond):
     assert mixed
 
 
-@pytest.mark.parametrize("precond,bits", [("cholesky_ef", 4), ("fp32", 32)])
-def test_filtered_adam_grafting_exact_resume_and_refusal(precond, bits):
-    kw = dict(
-        lr=0.01,
-        weight_decay=0.05,
-        precond=precond,
-        grafting="adam_filtered",
-        first_order_bits=bits,
-        update_freq=2,
-        root_freq=3,
-        max_precond_dim=64,
-        min_quant_numel=256,
-        first_order_min_quant_numel=256,
-    )
-    params, grads = _fresh(GRAFT_SHAPES, seed=5)
-    start = [p.detach().clone() for p in params]
-    straight = [torch.nn.Parameter(x.clone()) for x in start]
-    _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
-    first = [torch.nn.Parameter(x.clone()) for x in start]
-    saved = _roundtrip(_train(lambda p: Q4Shampoo(p, **kw), first, grads[:5]))
-    assert saved["q4shampoo_config"]["grafting"] == "adam_filtered"
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    opt = Q4Shampoo(resumed, **kw)
-    opt.load_state_dict(saved)
-    for step_grads in grads[5:]:
-        for p, g in zip(resumed, step_grads):
-            p.grad = g.clone()
-        opt.step()
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b), "resumed run must be bitwise identical on CPU"
-    for other in ("norm", "adam"):  # same keys, other meaning: refused
-        with pytest.raises(ConfigError, match=f"grafting: saved 'adam_filtered', now '{other}'"):
-            Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **{**kw, "grafting": other}).load_state_dict(
-                saved
-            )
-
-
 def test_filtered_adam_grafting_maximize_and_nan_skip():
     params, grads = _fresh([(40, 70), (70,)], seed=9)
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -1105,13 +1068,17 @@ def test_adam_grafted_update_has_the_adam_steps_norm(precond):
     assert mixed  # the partial-batch path ran
 
 
-@pytest.mark.parametrize("precond,bits", [("cholesky_ef", 4), ("fp32", 32), ("eigen", 4)])
-def test_adam_grafting_exact_resume(precond, bits):
+@pytest.mark.parametrize(
+    "grafting,precond,bits",
+    [("adam", "cholesky_ef", 4), ("adam", "fp32", 32), ("adam", "eigen", 4)]
+    + [("adam_filtered", "cholesky_ef", 4), ("adam_filtered", "fp32", 32)],
+)
+def test_adam_grafting_exact_resume(grafting, precond, bits):
     kw = dict(
         lr=0.01,
         weight_decay=0.05,
         precond=precond,
-        grafting="adam",
+        grafting=grafting,
         first_order_bits=bits,
         update_freq=2,
         root_freq=3,
@@ -1119,13 +1086,13 @@ def test_adam_grafting_exact_resume(precond, bits):
         min_quant_numel=256,
         first_order_min_quant_numel=256,
     )
-    params, grads = _fresh(GRAFT_SHAPES, seed=3)
+    params, grads = _fresh(GRAFT_SHAPES, seed=3 if grafting == "adam" else 5)
     start = [p.detach().clone() for p in params]
     straight = [torch.nn.Parameter(x.clone()) for x in start]
     _train(lambda p: Q4Shampoo(p, **kw), straight, grads)
     first = [torch.nn.Parameter(x.clone()) for x in start]
     saved = _roundtrip(_train(lambda p: Q4Shampoo(p, **kw), first, grads[:5]))
-    assert saved["q4shampoo_config"]["grafting"] == "adam"
+    assert saved["q4shampoo_config"]["grafting"] == grafting
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
     opt = Q4Shampoo(resumed, **kw)
     opt.load_state_dict(saved)
@@ -1137,12 +1104,14 @@ def test_adam_grafting_exact_resume(precond, bits):
         opt.step()
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b), "resumed run must be bitwise identical on CPU"
-    # the state has AdamW's keys and shapes but another meaning: a checkpoint of the other grafting is refused
-    norm = Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **{**kw, "grafting": "norm"})
-    with pytest.raises(ConfigError, match="grafting: saved 'adam', now 'norm'"):
-        norm.load_state_dict(saved)
+    # the state has AdamW's keys and shapes but another meaning: a checkpoint of another grafting is refused
+    for other in sorted({"norm", "adam", "adam_filtered"} - {grafting}):
+        with pytest.raises(ConfigError, match=f"grafting: saved '{grafting}', now '{other}'"):
+            Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **{**kw, "grafting": other}).load_state_dict(
+                saved
+            )
     legacy = dict(saved, q4shampoo_config={k: v for k, v in saved["q4shampoo_config"].items() if k != "grafting"})
-    with pytest.raises(ConfigError, match="grafting: saved 'norm', now 'adam'"):  # saved before the option: norm
+    with pytest.raises(ConfigError, match=f"grafting: saved 'norm', now '{grafting}'"):  # saved before the option
         Q4Shampoo([torch.nn.Parameter(x.clone()) for x in start], **kw).load_state_dict(legacy)
 
 
