@@ -96,8 +96,9 @@ class Q4ShampooConfig(OptionsBase):
             ``D`` before the first root); ``W <- (1 - lr wd) W - lr D``. The step's size per block is exactly
             AdamW's, its direction Shampoo's; m and v are moments of the raw gradient (a state field, as
             ``"adam"``; needs ``first_order="adamw"``). On the CPU byte-level LM task of
-            ``benchmarks/quality_cpu.py`` it removes the slow early descent of ``"norm"`` on some seeds
-            (docs/results.md §4.3b).
+            ``benchmarks/quality_cpu.py`` it removes the slow early descent of ``"norm"`` on some seeds, but
+            with 4-bit moments it loses badly on ill-conditioned problems: the quantized momentum is
+            preconditioned afterwards (docs/results.md §4.3b).
 
     Shampoo schedule (paper 2 Algorithm 4):
         update_freq: T1. The statistics are updated on steps t with t % T1 == 0, from that step's
