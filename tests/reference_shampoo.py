@@ -108,16 +108,7 @@ class ReferenceShampoo:
                 for blk in blocks:
                     (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
                     gb = g2[r0:r1, c0:c1]
-                    if t % h["t1"] == 0:
-                        if blk["L"] is not None:
-                            blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
-                        if blk["R"] is not None:
-                            blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
-                    if t % h["t2"] == 0:
-                        if blk["L"] is not None:
-                            blk["Lr"] = _root(blk["L"], h["meps"])
-                        if blk["R"] is not None:
-                            blk["Rr"] = _root(blk["R"], h["meps"])
+                    self._refresh(blk, gb)
                     out[r0:r1, c0:c1] = blk["Lr"] @ gb @ blk["Rr"]
                 out = out * (g2.norm() / (out.norm() + 1e-12))  # norm grafting per tensor
                 d = out.reshape(g.shape)
@@ -134,6 +125,33 @@ class ReferenceShampoo:
                 step_dir = d + h["momentum"] * self.m[i] if h["nesterov"] else self.m[i]
                 p.sub_(h["lr"] * step_dir)
 
+    def _refresh(self, blk, gb):
+        """A block's statistics (every ``t1`` steps) and inverse 4th roots (every ``t2``) from its gradient ``gb``."""
+        h, t = self.h, self.t
+        if t % h["t1"] == 0:
+            if blk["L"] is not None:
+                blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
+            if blk["R"] is not None:
+                blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
+        if t % h["t2"] == 0:
+            if blk["L"] is not None:
+                blk["Lr"] = _root(blk["L"], h["meps"])
+            if blk["R"] is not None:
+                blk["Rr"] = _root(blk["R"], h["meps"])
+
+    def _grafted(self, blocks, g2, source, adam):
+        """Per block: refresh from the gradient ``g2``, then Shampoo's direction of ``source`` (the gradient, or the
+        momentum in Distributed Shampoo's order) at the norm of that block of ``adam``; ``adam`` itself before the
+        first root."""
+        out = adam.clone()
+        for blk in blocks:
+            (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
+            self._refresh(blk, g2[r0:r1, c0:c1])
+            if self.t >= self.h["t2"]:  # a root exists
+                pre = blk["Lr"] @ source[r0:r1, c0:c1] @ blk["Rr"]
+                out[r0:r1, c0:c1] = pre * (adam[r0:r1, c0:c1].norm() / pre.norm())
+        return out
+
     def _adam_grafted_step(self, i, p, g):
         """Distributed Shampoo's Adam grafting, written out: v of the raw gradient, each block's Shampoo
         direction at the norm of that block's Adam step (the Adam step itself before the first root), momentum
@@ -144,23 +162,7 @@ class ReferenceShampoo:
         g2 = g.reshape(m, n)
         self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
         adam = (g / ((self.v[i] / (1 - b2**t)).sqrt() + h["eps"])).reshape(m, n)
-        out = adam.clone()
-        for blk in blocks:
-            (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
-            gb = g2[r0:r1, c0:c1]
-            if t % h["t1"] == 0:
-                if blk["L"] is not None:
-                    blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
-                if blk["R"] is not None:
-                    blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
-            if t % h["t2"] == 0:
-                if blk["L"] is not None:
-                    blk["Lr"] = _root(blk["L"], h["meps"])
-                if blk["R"] is not None:
-                    blk["Rr"] = _root(blk["R"], h["meps"])
-            if t >= h["t2"]:  # a root exists
-                pre = blk["Lr"] @ gb @ blk["Rr"]
-                out[r0:r1, c0:c1] = pre * (adam[r0:r1, c0:c1].norm() / pre.norm())
+        out = self._grafted(blocks, g2, g2, adam)
         self.last_direction[i] = out.reshape(g.shape)
         self.m[i] = b1 * self.m[i] + (1 - b1) * out.reshape(g.shape)
         p.mul_(1 - h["lr"] * h["wd"])
@@ -178,23 +180,7 @@ class ReferenceShampoo:
         self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
         filtered = (self.m[i] / (1 - b1**t)).reshape(m, n)
         adam = filtered / ((self.v[i] / (1 - b2**t)).sqrt() + h["eps"]).reshape(m, n)
-        out = adam.clone()
-        for blk in blocks:
-            (r0, r1), (c0, c1) = blk["rows"], blk["cols"]
-            gb = g2[r0:r1, c0:c1]
-            if t % h["t1"] == 0:
-                if blk["L"] is not None:
-                    blk["L"] = h["beta"] * blk["L"] + (1 - h["beta"]) * gb @ gb.T
-                if blk["R"] is not None:
-                    blk["R"] = h["beta"] * blk["R"] + (1 - h["beta"]) * gb.T @ gb
-            if t % h["t2"] == 0:
-                if blk["L"] is not None:
-                    blk["Lr"] = _root(blk["L"], h["meps"])
-                if blk["R"] is not None:
-                    blk["Rr"] = _root(blk["R"], h["meps"])
-            if t >= h["t2"]:  # a root exists
-                pre = blk["Lr"] @ filtered[r0:r1, c0:c1] @ blk["Rr"]
-                out[r0:r1, c0:c1] = pre * (adam[r0:r1, c0:c1].norm() / pre.norm())
+        out = self._grafted(blocks, g2, filtered, adam)
         self.last_direction[i] = out.reshape(g.shape)
         p.mul_(1 - h["lr"] * h["wd"])
         p.sub_(h["lr"] * out.reshape(g.shape))
