@@ -180,22 +180,7 @@ def maker(spec, lr, schedule):
                 k, v = kv.split("=", 1)
                 kw[k] = eval(v, {"ds": ds})  # noqa: S307 (an experiment's own command line)
         beta2 = kw.pop("beta2", 0.999)
-
-        def make(params, steps):
-            args = dict(
-                lr=lr,
-                betas=(0.9, beta2),
-                epsilon=1e-12,
-                weight_decay=0.0,
-                max_preconditioner_dim=1024,
-                precondition_frequency=schedule["root_freq"],
-                start_preconditioning_step=schedule["root_freq"],
-                grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
-            )
-            args.update(kw)
-            return ds.DistributedShampoo(params, **args)
-
-        return make
+        return lambda params, steps: q._distributed_shampoo(params, lr, schedule, beta2, **kw)
     return q.maker(spec.split(":", 1)[1] if spec.startswith("ours:") else spec, lr, schedule)
 
 

@@ -137,7 +137,7 @@ def lm(make_opt, seed, steps=400, batch=16, ctx=64, trace: list | None = None) -
         ids = torch.stack([train[s : s + ctx] for s in starts.tolist()])
         loss = model(input_ids=ids, labels=ids).loss
         if trace is not None:
-            window.append(float(loss))
+            window.append(loss.item())
             if len(window) == 10:
                 trace.append(round(sum(window) / 10, 3))
                 window = []
@@ -160,7 +160,7 @@ TASKS = {
 }
 
 
-def _distributed_shampoo(params, lr: float, schedule: dict, beta2: float):
+def _distributed_shampoo(params, lr: float, schedule: dict, beta2: float, **overrides):
     """Distributed Shampoo (facebookresearch/optimizers, fp32, Adam grafting) on the Q4Shampoo runs' root schedule:
     roots every ``root_freq`` steps from step ``root_freq`` on, statistics at every step (its only choice: give the
     Q4Shampoo runs ``update_freq=1`` to compare like with like). Not a dependency: its ``distributed_shampoo``
@@ -175,8 +175,7 @@ def _distributed_shampoo(params, lr: float, schedule: dict, beta2: float):
     root_freq = schedule.get("root_freq")
     if not isinstance(root_freq, int) or schedule.get("update_freq") != 1:
         raise SystemExit("dshampoo: give --schedule with update_freq=1 and an integer root_freq (its schedule)")
-    return ds.DistributedShampoo(
-        params,
+    options = dict(
         lr=lr,
         betas=(0.9, beta2),
         epsilon=1e-12,
@@ -186,6 +185,7 @@ def _distributed_shampoo(params, lr: float, schedule: dict, beta2: float):
         start_preconditioning_step=root_freq,
         grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
     )
+    return ds.DistributedShampoo(params, **{**options, **overrides})  # overrides: its keywords (lm_gap.py's switches)
 
 
 def maker(spec: str, lr: float, schedule: dict):

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hf_q4shampoo import Q4Shampoo
-from hf_q4shampoo.distributed import balance_by_cost, step_share_cost
+from hf_q4shampoo.distributed import assign_owners, step_share_cost
 from hf_q4shampoo.schedule import refresh_cost
 
 
@@ -39,7 +39,7 @@ def modelled_costs(params: Sequence[torch.Tensor], options: dict[str, Any]) -> d
 
 
 class _CostBalancedZero(ZeroRedundancyOptimizer):
-    """ZeRO with its parameter partition replaced by ``shard_parameters``' (``distributed.balance_by_cost``).
+    """ZeRO with its parameter partition replaced by ``shard_parameters``' (``distributed.assign_owners`` by cost).
 
     Overrides a private method of torch's ZeRO (``_partition_parameters``; it calls ``_partition_param_group``
     as torch's own does): this is a benchmark's probe of the design, not a supported integration.
@@ -55,7 +55,7 @@ class _CostBalancedZero(ZeroRedundancyOptimizer):
         self._partition_parameters_cache = [[] for _ in range(self.world_size)]
         params = [p for group in self.param_groups for p in group["params"]]
         # the package's own balance (shard_parameters'), over all groups at once
-        owners = balance_by_cost([self._modelled_costs.get(id(p), 0.0) for p in params], self.world_size)
+        owners = assign_owners([(self._modelled_costs.get(id(p), 0.0), 0, 0) for p in params], self.world_size)
         owner_of = {id(p): o for p, o in zip(params, owners)}
         for group in self.param_groups:
             per_rank: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]

@@ -138,7 +138,7 @@ class CheckpointMixin:
         params = [p for group in self.param_groups for p in group["params"]]
         foreign = self._foreign_ids()
         for index, p in enumerate(params):
-            if id(p) in foreign:  # shard_parameters: another rank updates this matrix and holds all its state
+            if id(p) in foreign:  # shard_parameters: another rank updates this parameter and holds all its state
                 self.state.pop(p, None)
             elif index in saved_state:
                 device = _local(p).device

@@ -24,13 +24,13 @@ the single-process state (:meth:`DdpSplit.gather_states` assembles it for a chec
 world size.
 
 ``shard_parameters`` (opt-in) splits the whole step instead: an owner (balanced by :func:`step_share_cost`)
-updates its matrices completely and holds all their state, and :meth:`DdpSplit.share_parameters` all-gathers the
-updated matrices after every step (ZeRO-1's and Distributed Shampoo's way: 4 bytes per fp32 parameter per step
+updates its parameters completely and holds all their state, and :meth:`DdpSplit.share_parameters` all-gathers the
+updated parameters after every step (ZeRO-1's and Distributed Shampoo's way: 4 bytes per fp32 parameter per step
 instead of the roots' ~0.5 byte per factor entry per refresh, in exchange for splitting the apply, grafting and
 first-order work that the root design replicates).
 
 Collectives: one ``all_gather`` of a uint8 buffer on steps where some root is refreshed (never on other
-steps), or under ``shard_parameters`` one of the updated matrices every step; object gathers when a checkpoint is
+steps), or under ``shard_parameters`` one of the updated parameters every step; object gathers when a checkpoint is
 consolidated. Nothing here reads a device value on the host:
 every size is known from shapes.
 """
@@ -50,7 +50,6 @@ from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch, is_root_key
 __all__ = [
     "DdpSplit",
     "assign_owners",
-    "balance_by_cost",
     "split_for",
     "is_root_key",
     "strip_statistics",
@@ -71,7 +70,7 @@ def strip_statistics(state: dict[str, Any]) -> None:
             sides[name] = {k: v for k, v in side.items() if is_root_key(k)}
 
 
-def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> list[int]:
+def assign_owners(units: Sequence[tuple[float, int, int]], world_size: int) -> list[int]:
     """The owner rank of each matrix parameter.
 
     ``units``: ``(refresh cost, statistics offset, root offset)`` per matrix parameter, in the optimizer's
@@ -97,21 +96,6 @@ def assign_owners(units: Sequence[tuple[int, int, int]], world_size: int) -> lis
     return owners
 
 
-def balance_by_cost(costs: Sequence[float], world_size: int) -> list[int]:
-    """The owner rank of each parameter under ``shard_parameters``: greedy, most expensive first, to the rank
-    with the least modelled cost so far (then the lowest rank). ``costs``: ``step_share_cost`` per parameter.
-    Unlike :func:`assign_owners` it ignores refresh steps: an owner's every-step update (``L^ G R^``, grafting,
-    first-order moments) dominates its mean, and on two H200s this plain balance left the ranks' stage sums
-    within 6% of each other (docs/perf_notes.md v20). Depends only on ``costs``: every rank computes the same."""
-    load = [0.0] * world_size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[i] = rank
-        load[rank] += costs[i]
-    return owners
-
-
 @dataclass
 class ExchangeCounters:
     """What the root exchanges moved so far (host numbers, known from shapes: no device sync)."""
@@ -124,10 +108,9 @@ class ExchangeCounters:
     received_bytes: int = 0
     #: consolidations of a checkpoint (``consolidate_state_dict``) and the bytes they gathered
     consolidations: int = 0
-    #: ``shard_parameters``: exchanges of the updated parameters (one per step), their all-gather rounds (bounded
-    #: in size) and the bytes each rank received
+    #: ``shard_parameters``: exchanges of the updated parameters (one all-gather per step) and the bytes each rank
+    #: received
     parameter_exchanges: int = 0
-    parameter_rounds: int = 0
     parameter_bytes_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -251,7 +234,6 @@ class DdpSplit:
             shared = self._shared = SharedParameters(by_owner, self.world_size)
         dist.all_gather_into_tensor(shared.flat, shared.slice(self.rank), group=self.group)
         self.counters.parameter_bytes_received += shared.slice_bytes * (self.world_size - 1)
-        self.counters.parameter_rounds += 1
         self.counters.parameter_exchanges += 1
 
     # ---- checkpoints ---------------------------------------------------------------------------

@@ -71,6 +71,15 @@ def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, tor
     return {"_row": row, "_col": col}, full.reshape(d.shape)
 
 
+def _second_moment(v: Moments, d: torch.Tensor, beta2: float, quantized: bool) -> tuple[Moments, torch.Tensor]:
+    """Adam's ``v <- beta2 v + (1 - beta2) d^2``: the state to store (factored, 4-bit or fp32, as ``v`` is) and
+    the new ``v`` in full (shape of ``d``), for every AdamW-shaped step of this module."""
+    if "_row" in v:
+        return _factored_v(v, d, beta2)
+    v_new = codes.decode_nonneg(v, tuple(d.shape)) * beta2 + (1.0 - beta2) * d * d
+    return codes.encode_nonneg(v_new, quantized), v_new
+
+
 def _kept(update: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``update`` with the skipped members' rows zeroed (``where``, so a NaN there does not leak through)."""
     return update if keep is None else torch.where(_member_mask(keep, update), update, 0.0)
@@ -92,11 +101,7 @@ def _adamw_math(
 ):
     shape = tuple(d.shape)
     m_new = codes.decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
-    if "_row" in v:
-        v_state, v_new = _factored_v(v, d, beta2)
-    else:
-        v_new = codes.decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * d * d
-        v_state = codes.encode_nonneg(v_new, quantized)
+    v_state, v_new = _second_moment(v, d, beta2, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
     return codes.encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
 
@@ -119,11 +124,7 @@ def _sgd_math(
 def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float, quantized: bool):
     """Adam grafting's source of norms: the new second moment of the raw gradient and its Adam step
     ``A = g / (sqrt(v / (1 - beta2^t)) + eps)``."""
-    if "_row" in v:
-        v_state, v_new = _factored_v(v, g, beta2)
-    else:
-        v_new = codes.decode_nonneg(v, tuple(g.shape)) * beta2 + (1.0 - beta2) * g * g
-        v_state = codes.encode_nonneg(v_new, quantized)
+    v_state, v_new = _second_moment(v, g, beta2, quantized)
     return v_state, g / (v_new.sqrt() / bias2_sqrt + eps)
 
 
@@ -158,11 +159,7 @@ def _filtered_adam_math(
     ``M = m / (1 - beta1^t)`` and the AdamW step ``M / (sqrt(v / (1 - beta2^t)) + eps)``."""
     shape = tuple(g.shape)
     m_new = codes.decode_signed(m, shape, m_map).lerp(g, 1.0 - beta1)
-    if "_row" in v:
-        v_state, v_new = _factored_v(v, g, beta2)
-    else:
-        v_new = codes.decode_nonneg(v, shape) * beta2 + (1.0 - beta2) * g * g
-        v_state = codes.encode_nonneg(v_new, quantized)
+    v_state, v_new = _second_moment(v, g, beta2, quantized)
     filtered = m_new / bias1
     return codes.encode_signed(m_new, quantized, m_map), v_state, filtered, filtered / (v_new.sqrt() / bias2_sqrt + eps)
 
@@ -446,8 +443,7 @@ def adam_graft_batch_step(
     v_fn = maybe_compiled(_adam_step_math, device, compile_)
     v, adam_step = v_fn(_batched(moments, "exp_avg_sq"), grads, bias2_sqrt, beta2, eps, quantized)
     directions, ok = graft(adam_step)
-    if ok is not None:
-        keep = ok if keep is None else keep & ok
+    keep = _with_flags(keep, ok)
     m_fn = maybe_compiled(_momentum_math, device, compile_)
     m, update = m_fn(
         _batched(moments, "exp_avg"),
@@ -459,11 +455,7 @@ def adam_graft_batch_step(
         m_map,
         keep,
     )
-    _write_back(moments, "exp_avg_sq", v, keep)
-    _write_back(moments, "exp_avg", m, keep)
-    if weight_decay:
-        _decay(params, lr, weight_decay, keep)
-    _apply_update(params, update)
+    _commit_grafted(params, moments, m, v, update, lr, weight_decay, keep)
     return keep
 
 
@@ -511,14 +503,35 @@ def adam_filtered_batch_step(
         m_map,
     )
     directions, ok = graft(filtered, adam_step)
-    if ok is not None:
-        keep = ok if keep is None else keep & ok
+    keep = _with_flags(keep, ok)
+    update = _kept(directions * _scalars(device, "lr", lr), keep)
+    _commit_grafted(params, moments, m, v, update, lr, weight_decay, keep)
+    return keep
+
+
+def _with_flags(keep: torch.Tensor | None, ok: torch.Tensor | None) -> torch.Tensor | None:
+    """The members to step: those ``keep`` allows (None: all) whose grafted direction is finite (``ok``)."""
+    if ok is None:
+        return keep
+    return ok if keep is None else keep & ok
+
+
+def _commit_grafted(
+    params: list[torch.Tensor],
+    moments: State,
+    m: Moments,
+    v: Moments,
+    update: torch.Tensor,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    keep: torch.Tensor | None,
+) -> None:
+    """The end of a grafted Adam step: the kept members' new m and v stored, decoupled decay, the update."""
     _write_back(moments, "exp_avg_sq", v, keep)
     _write_back(moments, "exp_avg", m, keep)
     if weight_decay:
         _decay(params, lr, weight_decay, keep)
-    _apply_update(params, _kept(directions * _scalars(device, "lr", lr), keep))
-    return keep
+    _apply_update(params, update)
 
 
 def total_skipped(states: Iterable[dict]) -> int:

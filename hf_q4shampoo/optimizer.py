@@ -54,7 +54,6 @@ from .direction import DirectionMixin
 from .distributed import (
     DdpSplit,
     assign_owners,
-    balance_by_cost,
     keep_owned_work,
     split_for,
     step_share_cost,
@@ -357,7 +356,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         """The owner rank of every parameter some rank owns, by id; the same on every rank (it depends only on
         the parameters' shapes and order). The preconditioner split owns matrix parameters, balanced by refresh
         cost and refresh step (``distributed.assign_owners``); ``shard_parameters`` owns every parameter that
-        requires a gradient, balanced by its modelled share of the whole step (``distributed.balance_by_cost``)."""
+        requires a gradient, balanced by its modelled share of the whole step (``distributed.step_share_cost``)."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = tuple(id(p) for p in params)
         if self.__dict__.get("_owner_key") != key:
@@ -367,20 +366,14 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             if whole:  # an owner does the whole step of its parameters: weigh every stage
                 update_freq, root_freq = self.config.schedule()
                 owned = [p for p in params if p.requires_grad]
-                costs = [
-                    step_share_cost(
-                        refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0,
-                        p.numel(),
-                        update_freq,
-                        root_freq,
-                    )
-                    for p in owned
-                ]
-                owners = balance_by_cost(costs, split.world_size)
+                refresh = [refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0 for p in owned]
+                # one refresh step for all: the every-step update dominates an owner's mean, so the balance is by
+                # total cost alone (on two H200s it left the ranks' stage sums within 6%, perf_notes v20)
+                units = [(step_share_cost(r, p.numel(), update_freq, root_freq), 0, 0) for r, p in zip(refresh, owned)]
             else:
                 owned = [p for p in params if id(p) in offsets]
                 units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in owned]
-                owners = assign_owners(units, split.world_size)
+            owners = assign_owners(units, split.world_size)
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(owned, owners)}
             # shard_parameters: what this rank leaves to others, and what each rank sends after the update
             self._foreign = frozenset(id(p) for p, o in zip(owned, owners) if whole and o != split.rank)
@@ -388,7 +381,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         return self._owner_by_id
 
     def _shards_parameters(self) -> bool:
-        """``shard_parameters`` in effect: DDP with the work split, each owner updating its matrices whole."""
+        """``shard_parameters`` in effect: DDP with the work split, each owner updating its parameters whole."""
         return self.config.shard_parameters and self._ddp_split() is not None
 
     def _statistics_elsewhere(self, p: torch.Tensor) -> bool:
@@ -497,7 +490,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                     i for i, s in enumerate(states) if b.step >= _first_root(root_freq, start, s["root_offset"], early)
                 ]
         split = self._ddp_split()
-        # shard_parameters: this rank's batches hold only its own matrices (and the replicated vectors): no filter
+        # shard_parameters: this rank's batches hold only the parameters it owns: nothing to filter
         shared = keep_owned_work(batches, split.rank) if split is not None and not sharding else []
         refreshing = [b for b in batches if b.stats_due or b.roots_due]
         if refreshing:  # the refreshes skip non-finite members; the update flags the other batches itself
