@@ -56,6 +56,8 @@ OPTIMIZERS = (
     "adamw",
     "q4shampoo",
     "q4shampoo_whole",
+    "q4shampoo_whole_graph",
+    "q4shampoo_graph",
     "q4shampoo_replicated",
     "q4shampoo_zero",
     "q4shampoo_zero_balanced",
@@ -64,10 +66,13 @@ OPTIMIZERS = (
 
 class Timer:
     """Named intervals per step: CUDA events on CUDA (read once at the end), wall clock on CPU. Q4Shampoo calls
-    it around the stages of its step (``stage_timer``); a stage may run several times in one step."""
+    it around the stages of its step (``stage_timer``); a stage may run several times in one step. The host's
+    own time in each interval is kept too (``host_per_step``): where it exceeds the device's, the host bounds
+    the stage (a rank that launches slower reaches the next collective later)."""
 
     def __init__(self, device: torch.device):
         self.device, self.step, self.records = device, 0, defaultdict(list)
+        self.host_records: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     def _mark(self):
         if self.device.type != "cuda":
@@ -78,11 +83,19 @@ class Timer:
 
     @contextmanager
     def __call__(self, name: str):
-        start = self._mark()
+        start, host = self._mark(), time.perf_counter()
         try:
             yield
         finally:
             self.records[name].append((self.step, start, self._mark()))
+            self.host_records[name].append((self.step, (time.perf_counter() - host) * 1e3))
+
+    def host_per_step(self, name: str, steps: int) -> list[float]:
+        out = [0.0] * steps
+        for step, ms in self.host_records.get(name, []):
+            if step < steps:
+                out[step] += ms
+        return out
 
     def per_step(self, name: str, steps: int) -> list[float]:
         out = [0.0] * steps
@@ -92,8 +105,16 @@ class Timer:
         return out
 
 
-def _summary(times: list[float]) -> dict[str, float]:
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "worst_ms": max(times)}
+def _summary(times: list[float], first: int = 0) -> dict[str, float]:
+    """Median, mean and worst of per-step times; ``worst_step``: the step index of the worst (``first`` is the
+    index of ``times[0]``), to find one-off events (a compilation, an allocation) in the logs."""
+    worst = max(range(len(times)), key=times.__getitem__)
+    return {
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "worst_ms": times[worst],
+        "worst_step": first + worst,
+    }
 
 
 def _model_config(args: argparse.Namespace):
@@ -146,8 +167,11 @@ def _make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace,
 
         balanced = name == "q4shampoo_zero_balanced"
         return make_zero(groups, args.lr, options, balanced=balanced, bucket_view=balanced)
-    options["shard_preconditioners"] = name in ("q4shampoo", "q4shampoo_whole")
-    options["shard_parameters"] = name == "q4shampoo_whole"  # owners update whole matrices, parameters all-gathered
+    if name.endswith("_graph"):  # the update captured as a CUDA graph (no stage timer: it would keep it eager)
+        options["cuda_graph"] = True
+    options["shard_preconditioners"] = name != "q4shampoo_replicated"
+    # owners update whole parameters, which are all-gathered after the step
+    options["shard_parameters"] = name.startswith("q4shampoo_whole")
     return Q4Shampoo(groups, lr=args.lr, **options)
 
 
@@ -202,7 +226,7 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _make_optimizer(name, model, args, device)
     timer = Timer(device)
-    if isinstance(_local(opt), Q4Shampoo):
+    if isinstance(_local(opt), Q4Shampoo) and not name.endswith("_graph"):
         _local(opt).stage_timer = timer
     total = args.warmup + args.steps
     losses, before, host_ms = [], None, []
@@ -240,21 +264,26 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     result: dict[str, Any] = {
         "optimizer": name,
         "state_bytes": _state_bytes(opt),
-        "step": _summary(timer.per_step("step", total)[args.warmup :]),
-        "optimizer_step": _summary(timer.per_step("optimizer", total)[args.warmup :]),
+        "step": _summary(timer.per_step("step", total)[args.warmup :], args.warmup),
+        "optimizer_step": _summary(timer.per_step("optimizer", total)[args.warmup :], args.warmup),
         # host time of the step() call (launches, Python; no device sync): above the device time, the host bounds it
         "optimizer_step_host_ms_median": statistics.median(host_ms[args.warmup :]),
+        "optimizer_step_host_ms_mean": statistics.fmean(host_ms[args.warmup :]),
         "losses": losses,
         "final_loss": float(loss.detach()),
         "params_sha256": _params_sha256(model),
         # model, gradients, optimizer state and activations of this optimizer's run, allocated by torch
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
-    stages = {}
+    stages, stages_host = {}, {}
     for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order", "parameters_exchange"):
         if stage in timer.records:
-            stages[stage] = _summary(timer.per_step(stage, total)[args.warmup :])
+            stages[stage] = _summary(timer.per_step(stage, total)[args.warmup :], args.warmup)
+            stages_host[stage] = _summary(timer.host_per_step(stage, total)[args.warmup :], args.warmup)
     result["stages"] = stages
+    if isinstance(_local(opt), Q4Shampoo):
+        result["graph"] = _local(opt).graph_info()  # captures and replays of the graphed update (None: eager only)
+    result["stages_host"] = stages_host
     info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
     if info is not None and before is not None:
         counted = ("exchanges", "payload_bytes", "received_bytes", "parameter_exchanges", "parameter_bytes_received")
@@ -395,6 +424,11 @@ def summarize(folder: str, world: int) -> dict[str, Any]:
                 "state_bytes_one_gpu": one[name]["state_bytes"]["total"],
                 "optimizer_ms_per_rank": [r["optimizer_step"]["mean_ms"] for r in ranks],
                 "optimizer_ms_one_gpu": one[name]["optimizer_step"]["mean_ms"],
+                "optimizer_median_ms_per_rank": [r["optimizer_step"]["median_ms"] for r in ranks],
+                "optimizer_median_ms_one_gpu": one[name]["optimizer_step"]["median_ms"],
+                # host time of step() (no device sync): where it exceeds the device time, the host bounds the rank
+                "optimizer_host_ms_median_per_rank": [r.get("optimizer_step_host_ms_median") for r in ranks],
+                "optimizer_host_ms_median_one_gpu": one[name].get("optimizer_step_host_ms_median"),
                 "optimizer_time_ratio_max_rank": max(r["optimizer_step"]["mean_ms"] for r in ranks)
                 / one[name]["optimizer_step"]["mean_ms"],
                 "step_ms_rank0": ranks[0]["step"]["mean_ms"],

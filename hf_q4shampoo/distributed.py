@@ -70,29 +70,37 @@ def strip_statistics(state: dict[str, Any]) -> None:
             sides[name] = {k: v for k, v in side.items() if is_root_key(k)}
 
 
-def assign_owners(units: Sequence[tuple[float, int, int]], world_size: int) -> list[int]:
-    """The owner rank of each matrix parameter.
+def assign_owners(units: Sequence[tuple], world_size: int) -> list[int]:
+    """The owner rank of each unit (a parameter).
 
-    ``units``: ``(refresh cost, statistics offset, root offset)`` per matrix parameter, in the optimizer's
-    order (``schedule.refresh_cost`` and ``schedule.refresh_offsets``). Greedy, most expensive first: a
-    parameter goes to the rank with the least work in total plus at the steps where it is refreshed (its
-    statistics and root offsets), then the least in total, then the lowest rank. Ranks wait for each other
-    at every DDP step, so the work of each step is balanced too, not only the total (memory, mean time).
-    Depends only on ``units``: every rank computes the same owners.
+    ``units``: ``(cost, statistics offset, root offset)`` per parameter, in the optimizer's order
+    (``schedule.refresh_cost`` and ``schedule.refresh_offsets``), or ``(cost, statistics offset, root offset,
+    statistics cost, root cost)`` where the work due at the refresh steps differs from the cost that makes up a
+    rank's total (``shard_parameters``: the total is the whole per-step share, ``step_share_cost``; the steps
+    carry one statistics or root round of the parameter, ``refresh_round_ms``). Greedy, most expensive first: a
+    unit goes to the rank with the least work in total plus at the steps where it is refreshed (its statistics
+    and root offsets), then the least in total, then the lowest rank. Ranks wait for each other at every DDP
+    step, so the work of each step is balanced too, not only the total (memory, mean time). Depends only on
+    ``units``: every rank computes the same owners.
     """
-    total = [0] * world_size
-    at_step: dict[tuple[int, str, int], int] = defaultdict(int)
+    total = [0.0] * world_size
+    at_step: dict[tuple[int, str, int], float] = defaultdict(float)
     owners = [0] * len(units)
     for i in sorted(range(len(units)), key=lambda i: (-units[i][0], i)):
-        cost, stats_offset, root_offset = units[i]
+        cost, stats_offset, root_offset = units[i][:3]
+        stats_cost, root_cost = units[i][3:5] if len(units[i]) == 5 else (cost, cost)
         rank = min(
             range(world_size),
-            key=lambda r: (total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r),
+            key=lambda r: (
+                total[r] + at_step[r, "s", stats_offset] + stats_cost + at_step[r, "r", root_offset] + root_cost,
+                total[r],
+                r,
+            ),
         )
         owners[i] = rank
         total[rank] += cost
-        at_step[rank, "s", stats_offset] += cost
-        at_step[rank, "r", root_offset] += cost
+        at_step[rank, "s", stats_offset] += stats_cost
+        at_step[rank, "r", root_offset] += root_cost
     return owners
 
 
@@ -338,6 +346,12 @@ def _check_dense(p: torch.Tensor) -> None:
 _MS_PER_ELEMENT = 5.06e-8
 _MS_PER_STATISTICS_UNIT = 3.33e-10
 _MS_PER_ROOT_UNIT = 3.21e-9
+
+
+def refresh_round_ms(refresh: int) -> tuple[float, float]:
+    """Modelled milliseconds of one statistics update and of one root computation of a parameter (``refresh``,
+    ``schedule.refresh_cost``): the work its refresh steps carry (``shard_parameters``' per-step balance)."""
+    return refresh * _MS_PER_STATISTICS_UNIT, refresh * _MS_PER_ROOT_UNIT
 
 
 def step_share_cost(refresh: int, numel: int, update_freq: int, root_freq: int) -> float:

@@ -16,7 +16,7 @@ updated eagerly after the replay. Chunks round differently from the whole group'
 in the last bits, so a graphed run equals its own eager runs bit for bit, not ``cuda_graph=False``'s.
 
 A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config``, ``param_groups``, ``stage_timer``
-and calls ``_ddp_split`` and ``_step_batch``.
+and calls ``_ddp_split``, ``_shards_parameters`` and ``_step_batch``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class GraphedUpdateMixin:
             # nothing to try off CUDA, where _update_graph never graphs, or under FSDP2 (DTensor parameters: the
             # graphed update is not tested there)
             params = [p for g in self.param_groups for p in g["params"]]
-            graphable = _graphable_config(self.config) and self._ddp_split() is None
+            graphable = _graphable_config(self.config) and self._graph_allowed_under_ddp()
             if not params or params[0].device.type != "cuda" or not graphable or any(map(is_dtensor, params)):
                 self._graph_trial_done = True
                 return
@@ -131,6 +131,13 @@ class GraphedUpdateMixin:
         if trial is not None:
             info.update(kept=trial.decision, eager_ms=trial.eager_ms, graph_ms=trial.graph_ms)
         return info
+
+    def _graph_allowed_under_ddp(self) -> bool:
+        """One process, or ``shard_parameters``: each owner updates its parameters alone and all-gathers them, so
+        every replica holds the owner's bytes whether or not each rank's own trial kept the graph. Not under the
+        preconditioner split, where every rank updates every parameter itself: ranks that chose differently
+        (graphed chunks round differently in the last bits) would drift apart."""
+        return self._ddp_split() is None or self._shards_parameters()
 
     def _graph_wanted(self) -> bool:
         """``cuda_graph`` True, or "auto" while the trial tries the graph and once it chose to keep it."""
@@ -195,7 +202,9 @@ class GraphedUpdateMixin:
         cfg: Any = self.config
         device = batches[0].grads[0].device
         nothing = ([], None, lambda: None)
-        if not self._graph_wanted() or device.type != "cuda" or self.stage_timer is not None or self._ddp_split():
+        if not self._graph_wanted() or device.type != "cuda" or self.stage_timer is not None:
+            return nothing
+        if not self._graph_allowed_under_ddp():
             return nothing
         if not _graphable_config(cfg):
             return nothing

@@ -55,6 +55,7 @@ from .distributed import (
     DdpSplit,
     assign_owners,
     keep_owned_work,
+    refresh_round_ms,
     split_for,
     step_share_cost,
     strip_statistics,
@@ -331,7 +332,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         """``(statistics offset, root offset)`` of every matrix parameter, by id (``schedule.refresh_offsets``)."""
         c = self.config
         update_freq, root_freq = c.schedule()
-        spreads = (min(c.refresh_spread, update_freq), min(c.refresh_spread, root_freq))
+        stats_spread = min(c.statistics_spread, c.refresh_spread) if c.statistics_spread else c.refresh_spread
+        spreads = (min(stats_spread, update_freq), min(c.refresh_spread, root_freq))
         params = [(gi, _local(p).shape, id(p)) for gi, g in enumerate(self.param_groups) for p in g["params"]]
         key = (spreads, tuple(pid for _, _, pid in params))
         if getattr(self, "_offset_key", None) != key:
@@ -367,9 +369,18 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 update_freq, root_freq = self.config.schedule()
                 owned = [p for p in params if p.requires_grad]
                 refresh = [refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0 for p in owned]
-                # one refresh step for all: the every-step update dominates an owner's mean, so the balance is by
-                # total cost alone (on two H200s it left the ranks' stage sums within 6%, perf_notes v20)
-                units = [(step_share_cost(r, p.numel(), update_freq, root_freq), 0, 0) for r, p in zip(refresh, owned)]
+                # the total is the whole per-step share; the refresh steps carry one round of statistics or roots,
+                # balanced step by step too: the ranks meet at every step's all-gather, where the one with more
+                # refresh work that step keeps the other waiting (balanced by total alone, the all-gather stage
+                # averaged 2.9-3.6 ms against its 1.1 ms median on two H200s, perf_notes v21)
+                units = [
+                    (
+                        step_share_cost(r, p.numel(), update_freq, root_freq),
+                        *offsets.get(id(p), (0, 0)),
+                        *refresh_round_ms(r),
+                    )
+                    for r, p in zip(refresh, owned)
+                ]
             else:
                 owned = [p for p in params if id(p) in offsets]
                 units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in owned]

@@ -128,7 +128,12 @@ def main() -> None:
         if rank == 0 and grads:
             torch.save(grads, os.path.join(out, f"{form}-grads.pt"))
         groups = [[list(g.shape), g.size] for g in opt._current_layout().groups]
-        report[form] = {"bytes": [opt.state_bytes(p) for p in params], "info": opt.distributed_info(), "groups": groups}
+        report[form] = {
+            "bytes": [opt.state_bytes(p) for p in params],
+            "info": opt.distributed_info(),
+            "groups": groups,
+            "graph_allowed": opt._graph_allowed_under_ddp(),  # the CUDA-graphed update (CUDA only) may run here
+        }
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

@@ -47,6 +47,20 @@ def test_assign_owners_spreads_each_steps_refreshes():
         assert sorted(o for u, o in zip(units, owners) if u[2] == offset) == [0, 0, 1, 1]
 
 
+def test_assign_owners_balances_refresh_rounds_apart_from_the_total():
+    # shard_parameters' units: the total is the per-step share, a refresh step carries one whole round. One large
+    # and three small parameters; two rounds fall on root step 0, two on root step 1. By the totals alone the large
+    # one's rank would hold nothing else (3 against 1 + 1 + 1), both step-1 rounds on the other rank: that step it
+    # would work 16 ms while this one waits. Balanced step by step, each step's two rounds go to different ranks.
+    units = [(3.0, 0, 0, 0.1, 8.0), (1.0, 0, 0, 0.1, 8.0), (1.0, 0, 1, 0.1, 8.0), (1.0, 0, 1, 0.1, 8.0)]
+    by_total = assign_owners([(u[0], 0, 0) for u in units], 2)
+    assert by_total[2] == by_total[3]  # the imbalance the per-step terms remove
+    owners = assign_owners(units, 2)
+    for step in (0, 1):
+        assert sorted(o for u, o in zip(units, owners) if u[2] == step) == [0, 1], owners
+    assert owners == assign_owners(list(units), 2)
+
+
 def test_strip_statistics_keeps_roots_only():
     params = make_params()
     opt = Q4Shampoo(params, **OPTIONS)
@@ -187,6 +201,8 @@ def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
     # the work was split: both ranks own matrices and exchanged roots on refresh steps only
     info = reports[0][form]["info"]
     assert info["world_size"] == 2 and min(info["owned_per_rank"]) >= 3
+    # every rank updates every parameter itself: no CUDA graph, whose rounding a rank's own trial would choose
+    assert not any(r[form]["graph_allowed"] for r in reports)
     refresh_steps = len(
         {
             s
@@ -267,6 +283,8 @@ def test_whole_parameter_shards_match_each_other_and_one_process(two_ranks_whole
     # one parameter all-gather per step and no root exchange (an owner applies its own roots)
     info = reports[0][form]["info"]
     assert info["parameter_exchanges"] == ddp_worker.STEPS and info["exchanges"] == 0
+    # an owner's update may be CUDA-graphed: the all-gather gives every replica the owner's bytes either way
+    assert all(r[form]["graph_allowed"] for r in reports)
     assert info["parameter_bytes_received"] > 0 and min(info["owned_per_rank"]) >= 3
     # each step receives the other rank's slice of the flat buffer: the longer share, padded, of the fp32 parameters
     total = sum(4 * math.prod(shape) for shape in SHAPES)

@@ -414,6 +414,24 @@ def test_equal_frequencies_put_statistics_and_roots_on_different_steps():
     assert root_shift(2, 4, (1, 1)) == 0  # refresh_spread=1: paper 2's schedule, roots on the statistics' step
 
 
+def test_statistics_spread_narrows_the_statistics_offsets_only():
+    # statistics_spread=2: statistics of the six matrices on residues 0-1 (three per call instead of one or two),
+    # the roots still over refresh_spread=6 offsets; 0 follows refresh_spread
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(80, 80)) for _ in range(6)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    narrow = Q4Shampoo(params, lr=1e-3, update_freq=10, root_freq=100, refresh_spread=6, statistics_spread=2)
+    narrow.step()
+    assert {narrow.state[p]["refresh_offset"] for p in params} == {0, 1}
+    assert len({narrow.state[p]["root_offset"] for p in params}) == 6
+    wide = Q4Shampoo(params, lr=1e-3, update_freq=10, root_freq=100, refresh_spread=6, statistics_spread=0)
+    wide.step()
+    assert len({wide.state[p]["refresh_offset"] for p in params}) == 6
+    with pytest.raises(ConfigError, match="statistics_spread"):
+        Q4Shampoo(params, statistics_spread=-1)
+
+
 def test_bf16_application_is_close_to_fp32():
     torch.manual_seed(0)
     grads = [torch.randn(96, 130) * torch.linspace(0.1, 3, 130) for _ in range(4)]
