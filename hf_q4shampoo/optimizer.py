@@ -365,8 +365,8 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             offsets = self._refresh_offsets()
             split = self._ddp_split()
             whole = self._shards_parameters()
+            update_freq, root_freq = self.config.schedule()
             if whole:  # an owner does the whole step of its parameters: weigh every stage
-                update_freq, root_freq = self.config.schedule()
                 owned = [p for p in params if p.requires_grad]
                 refresh = [refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0 for p in owned]
                 # the total is the whole per-step share; the refresh steps carry one round of statistics or roots,
@@ -381,9 +381,16 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                     )
                     for r, p in zip(refresh, owned)
                 ]
-            else:
+            else:  # the split: an owner computes the statistics and roots of its matrices
                 owned = [p for p in params if id(p) in offsets]
-                units = [(refresh_cost(self.block_plan(_local(p).shape)), *offsets[id(p)]) for p in owned]
+                refresh = [refresh_cost(self.block_plan(_local(p).shape)) for p in owned]
+                # a step's work in milliseconds, statistics and roots apart: a root round costs ~10x a statistics
+                # round of the same matrix, so weighing both by one cost (as before) let the root steps drift
+                # apart once statistics_spread=5 packed the statistics (root exchange 0.86 -> 1.73 ms, v21)
+                units = [
+                    (step_share_cost(r, 0, update_freq, root_freq), *offsets[id(p)], *refresh_round_ms(r))
+                    for r, p in zip(refresh, owned)
+                ]
             owners = assign_owners(units, split.world_size)
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(owned, owners)}
             # shard_parameters: what this rank leaves to others, and what each rank sends after the update
