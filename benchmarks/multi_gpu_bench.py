@@ -32,6 +32,7 @@ Rank 0 writes ``OUT_DIR/multi_gpu_<mode>_ws<world size>[_data<data_world>].json`
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -103,6 +104,51 @@ class Timer:
             if step < steps:
                 out[step] += a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
         return out
+
+
+class HostEvents:
+    """One-off host events by step, to explain a step far slower than the others: Python garbage collections
+    (``gc.callbacks``: every generation-2 collection, and any other of 1 ms or more) and Triton kernel
+    specializations that were not in memory yet (``triton.knobs.runtime.jit_cache_hook``: a compilation or a
+    load from the disk cache). Installed around one optimizer's run."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.events: list[dict[str, Any]] = []
+        self._gc_start: float | None = None
+        self._knobs: Any = None
+        self._previous_hook: Any = None
+
+    def __enter__(self) -> HostEvents:
+        gc.callbacks.append(self._on_gc)
+        try:
+            import triton.knobs as knobs
+
+            self._knobs, self._previous_hook = knobs, knobs.runtime.jit_cache_hook
+            knobs.runtime.jit_cache_hook = self._on_triton
+        except (ImportError, AttributeError):  # no Triton, or one without the hook: collections only
+            self._knobs = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._on_gc)
+        if self._knobs is not None:
+            self._knobs.runtime.jit_cache_hook = self._previous_hook
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            ms = (time.perf_counter() - self._gc_start) * 1e3
+            if info["generation"] == 2 or ms >= 1.0:
+                self.events.append(
+                    {"step": self.step, "kind": f"gc{info['generation']}", "ms": ms, "collected": info["collected"]}
+                )
+
+    def _on_triton(self, *args: Any, **kwargs: Any) -> bool:
+        kernel = str(kwargs.get("repr"))[:160]
+        self.events.append({"step": self.step, "kind": "triton_specialization", "kernel": kernel})
+        return False  # False: go on compiling (True would skip the kernel)
 
 
 def _summary(times: list[float], first: int = 0) -> dict[str, float]:
@@ -231,36 +277,42 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     total = args.warmup + args.steps
     losses, before, host_ms = [], None, []
     profiler = None
-    for step in range(total):
-        timer.step = step
-        if args.profile_steps and step == args.warmup:  # the first timed steps, as a trace per rank
-            profiler = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]
-                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            )
-            profiler.start()
-        if profiler is not None and step == args.warmup + args.profile_steps:
-            profiler.stop()
-            path = os.path.join(args.out, f"trace_{name}_rank{rank}.json")
-            profiler.export_chrome_trace(path)
-            profiler = None
-        if step == args.warmup:
-            _sync(device)
-            info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
-            before = dict(info) if info else None
-        x = _batch(args, step, rank, world, vocab, device)
-        with timer("step"):
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device):
-                loss = wrapped(x, labels=x).loss
-            loss.backward()
-            with timer("optimizer"):
-                host = time.perf_counter()
-                opt.step()
-                host_ms.append((time.perf_counter() - host) * 1e3)
-        if step >= args.warmup and (step - args.warmup) % args.log_every == 0:
-            losses.append(float(loss.detach()))
-    _sync(device)
+    with HostEvents() as events:
+        for step in range(total):
+            timer.step = events.step = step
+            if args.profile_steps and step == args.warmup:  # the first timed steps, as a trace per rank
+                profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                )
+                profiler.start()
+            if profiler is not None and step == args.warmup + args.profile_steps:
+                profiler.stop()
+                path = os.path.join(args.out, f"trace_{name}_rank{rank}.json")
+                profiler.export_chrome_trace(path)
+                profiler = None
+            if step == args.warmup:
+                if args.gc_freeze:  # everything alive now is left out of later collections (gc.freeze)
+                    gc.collect()
+                    gc.freeze()
+                _sync(device)
+                info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
+                before = dict(info) if info else None
+            x = _batch(args, step, rank, world, vocab, device)
+            with timer("step"):
+                opt.zero_grad(set_to_none=True)
+                with _autocast(device):
+                    loss = wrapped(x, labels=x).loss
+                loss.backward()
+                with timer("optimizer"):
+                    host = time.perf_counter()
+                    opt.step()
+                    host_ms.append((time.perf_counter() - host) * 1e3)
+            if step >= args.warmup and (step - args.warmup) % args.log_every == 0:
+                losses.append(float(loss.detach()))
+        _sync(device)
+    if args.gc_freeze:
+        gc.unfreeze()  # the next optimizer's run freezes its own objects
     result: dict[str, Any] = {
         "optimizer": name,
         "state_bytes": _state_bytes(opt),
@@ -269,6 +321,8 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
         # host time of the step() call (launches, Python; no device sync): above the device time, the host bounds it
         "optimizer_step_host_ms_median": statistics.median(host_ms[args.warmup :]),
         "optimizer_step_host_ms_mean": statistics.fmean(host_ms[args.warmup :]),
+        # garbage collections and Triton specializations in the timed steps (to explain one-off slow steps)
+        "host_events": [e for e in events.events if e["step"] >= args.warmup],
         "losses": losses,
         "final_loss": float(loss.detach()),
         "params_sha256": _params_sha256(model),
@@ -501,6 +555,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gc_freeze",
+        action="store_true",
+        help="gc.collect() then gc.freeze() before the timed steps: long-lived objects leave Python's collections",
+    )
     p.add_argument("--tiny", action="store_true", help="a 2-layer, width-64 GPT-2 and short steps (CPU, gloo)")
     args = p.parse_args(argv)
     if args.tiny:

@@ -8,7 +8,8 @@ One step, for every parameter with gradient g (torch's AdamW, moments stored in 
                                   or fp32 row / column means of g^2 for matrices ("factor")
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-Tensors of at most ``min_quant_numel`` entries keep fp32 moments (paper 3 App. D.1).
+Tensors of at most ``min_quant_numel`` entries keep fp32 moments (paper 3 App. D.1), and so do thin ones
+(``min_quant_dim``: a side of at most 16 entries, e.g. LoRA's adapter factors).
 
 All the arithmetic is :func:`hf_q4shampoo.first_order.adamw_batch_step`, the first-order step Q4Shampoo
 runs after preconditioning (its Triton kernels on CUDA, compiled torch elsewhere on accelerators, torch's
@@ -50,6 +51,7 @@ from .options import ConfigError, lr_number
 from .q4adamw_config import (
     Q4ADAMW_GROUP_KEYS,
     Q4ADAMW_LAYOUT_KEYS,
+    Q4ADAMW_LEGACY_LAYOUT,
     Q4AdamWConfig,
     parse_q4adamw_optim_args,
 )
@@ -144,7 +146,9 @@ class Q4AdamW(torch.optim.Optimizer):
         c = self.config
         state["step"] = torch.tensor(0.0)  # CPU: reading it never waits for the device
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
-        state.update(init_first_order_state(local, "adamw", 4, c.min_quant_numel, c.first_order_v, c.m_map))
+        # a thin tensor (min_quant_dim: LoRA's adapter factors) keeps fp32 moments, as a small one does
+        threshold = max(c.min_quant_numel, local.numel()) if c.keeps_fp32(tuple(local.shape)) else c.min_quant_numel
+        state.update(init_first_order_state(local, "adamw", 4, threshold, c.first_order_v, c.m_map))
 
     def build_state(self) -> None:
         """Create every parameter's state now instead of at its first step (works on ``meta`` parameters,
@@ -249,14 +253,16 @@ class Q4AdamW(torch.optim.Optimizer):
         Refused before anything changes (:class:`~hf_q4shampoo.ConfigError`): a state dict Q4AdamW did not
         save (torch's AdamW, Q4Shampoo, ...: their moments are stored differently, and a silent conversion
         would hide a resume from the wrong checkpoint); one saved with other storage options
-        (``variant``, ``m_map``, ``min_quant_numel``); one whose state does not fit a parameter's shape.
+        (``variant``, ``m_map``, ``min_quant_numel``, ``min_quant_dim``; a checkpoint from before
+        ``min_quant_dim`` existed counts as 0); one whose state does not fit a parameter's shape.
         """
         saved_cfg = state_dict.get(CONFIG_KEY) if isinstance(state_dict, Mapping) else None
         if not isinstance(saved_cfg, Mapping):
             raise ConfigError(_foreign_state_message(state_dict))
-        diffs = [k for k in Q4ADAMW_LAYOUT_KEYS if saved_cfg.get(k) != getattr(self.config, k)]
+        saved = {k: saved_cfg.get(k, Q4ADAMW_LEGACY_LAYOUT.get(k)) for k in Q4ADAMW_LAYOUT_KEYS}
+        diffs = [k for k in Q4ADAMW_LAYOUT_KEYS if saved[k] != getattr(self.config, k)]
         if diffs:
-            detail = ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, now {getattr(self.config, k)!r}" for k in diffs)
+            detail = ", ".join(f"{k}: saved {saved[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
             raise ConfigError(
                 f"Q4AdamW: the checkpoint's optimizer state was made with other storage options ({detail}); "
                 "construct the optimizer with the saved values to resume."

@@ -16,6 +16,7 @@ __all__ = [
     "parse_q4adamw_optim_args",
     "Q4ADAMW_GROUP_KEYS",
     "Q4ADAMW_LAYOUT_KEYS",
+    "Q4ADAMW_LEGACY_LAYOUT",
     "VARIANTS",
     "M_MAPS",
 ]
@@ -29,7 +30,9 @@ M_MAPS = ("dynamic", "linear2")
 Q4ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
 
 #: Options that decide the saved state's layout; resuming with other values is refused.
-Q4ADAMW_LAYOUT_KEYS = ("variant", "m_map", "min_quant_numel")
+Q4ADAMW_LAYOUT_KEYS = ("variant", "m_map", "min_quant_numel", "min_quant_dim")
+#: The value a checkpoint saved before a layout key existed implies (the layout it was saved with).
+Q4ADAMW_LEGACY_LAYOUT = {"min_quant_dim": 0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,12 @@ class Q4AdamWConfig(OptionsBase):
         m_map: 4-bit code of m: ``"dynamic"`` (paper 3's dynamic exponent, the default) or ``"linear2"``
             (paper 2's Linear-2, which has both -1 and 1; Q4Shampoo's default).
         min_quant_numel: tensors with at most this many entries keep fp32 moments (paper 3 App. D.1: 4096).
+        min_quant_dim: tensors that are thin, a side of at most this many entries once viewed as a matrix (the
+            first dimension against the rest), keep fp32 moments too; 0 turns the rule off. Default 16: LoRA's
+            adapter factors (rank r by width, width by r) are such tensors. Their 4-bit moments cost 1.8-2.3% in
+            eval loss on the instruction-tuning recipe (SmolLM2-135M, LoRA r=8, four seeds, every seed worse)
+            and saved 5 MiB there (1.9 against 7.0 MiB for 0.92M adapter parameters); full models have no such
+            matrices (GPT-2 small: every side >= 768), so their state is unchanged.
 
     Speed:
         use_compile: on accelerators, run the step as compiled torch / Triton kernels (``first_order.py``);
@@ -65,6 +74,7 @@ class Q4AdamWConfig(OptionsBase):
     variant: str = "4bit"
     m_map: str = "dynamic"
     min_quant_numel: int = 4096
+    min_quant_dim: int = 16
     use_compile: bool = True
 
     def __post_init__(self) -> None:
@@ -72,6 +82,17 @@ class Q4AdamWConfig(OptionsBase):
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in Q4ADAMW_GROUP_KEYS}
+
+    def keeps_fp32(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of this shape keeps fp32 moments by ``min_quant_dim`` (thin once seen as a matrix:
+        the first dimension against the product of the rest); ``min_quant_numel`` is checked where the state
+        is made (``moments.quantized_moments``)."""
+        if self.min_quant_dim == 0 or len(shape) < 2:
+            return False
+        rest = 1
+        for n in shape[1:]:
+            rest *= n
+        return min(shape[0], rest) <= self.min_quant_dim
 
     @property
     def first_order_v(self) -> str:
@@ -91,6 +112,7 @@ _FLOAT_RANGE = {
     "weight_decay": (0.0, float("inf"), True, False),
 }
 _BOOLS = ("maximize", "use_compile")
+_INTS = ("min_quant_numel", "min_quant_dim")
 
 
 def _is_number(value: Any) -> bool:
@@ -102,9 +124,9 @@ def _validate(name: str, value: Any) -> None:
         if isinstance(value, bool) or value not in _CHOICES[name]:
             allowed = ", ".join(map(repr, _CHOICES[name]))
             raise ConfigError(f"Q4AdamW: {name}={value!r} is not valid; allowed values: {allowed}.")
-    elif name == "min_quant_numel":
+    elif name in _INTS:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"Q4AdamW: min_quant_numel must be an integer >= 0, got {value!r}.")
+            raise ConfigError(f"Q4AdamW: {name} must be an integer >= 0, got {value!r}.")
     elif name in _FLOAT_RANGE:
         low, high, lo_inc, hi_inc = _FLOAT_RANGE[name]
         ok = _is_number(value)
@@ -132,13 +154,13 @@ def _cast(name: str, text: str) -> Any:
     if name in _CHOICES:
         return low
     try:
-        if name == "min_quant_numel":
+        if name in _INTS:
             return int(text)
         if name == "betas":  # "b1:b2", as Q4Shampoo's optim_args write it
             return tuple(float(p) for p in text.replace(";", ":").split(":"))
         return float(text)
     except ValueError:
-        kind = {"min_quant_numel": "an integer", "betas": "two numbers written as b1:b2"}.get(name, "a number")
+        kind = "an integer" if name in _INTS else {"betas": "two numbers written as b1:b2"}.get(name, "a number")
         raise ConfigError(f"Q4AdamW: optim_args value {name}={text!r} is not {kind}.") from None
 
 

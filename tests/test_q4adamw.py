@@ -244,6 +244,7 @@ def test_load_state_dict_refuses_other_optimizers_and_storage_options():
         ({"variant": "factor"}, "variant: saved '4bit', now 'factor'"),
         ({"m_map": "linear2"}, "m_map: saved 'dynamic', now 'linear2'"),
         ({"min_quant_numel": 0}, "min_quant_numel: saved 4096, now 0"),
+        ({"min_quant_dim": 0}, "min_quant_dim: saved 16, now 0"),
     ]:
         fresh = Q4AdamW(params, **options)
         with pytest.raises(ConfigError, match=named):
@@ -252,6 +253,37 @@ def test_load_state_dict_refuses_other_optimizers_and_storage_options():
     swapped = [params[3], *params[:3], *params[4:]]  # another order: the first state does not fit (64, 80)
     with pytest.raises(ConfigError, match=r"parameter #0 of group 0 \(shape \(64, 80\)\)"):
         Q4AdamW(swapped).load_state_dict(sd)
+
+
+def test_thin_tensors_keep_fp32_moments_and_old_checkpoints_load_as_without_the_rule():
+    # LoRA's adapter factors (r x width, width x r) are thin: fp32 moments, as torch's AdamW keeps them, so their
+    # steps are exactly torch AdamW's; a matrix of the same size that is not thin is stored in 4 bit
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(8, 576), (576, 8), (4, 2, 6, 96), (64, 576)]  # (4, 2, 6, 96) is 4 x 1152 as a matrix
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Q4AdamW(params, lr=LR, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW(ref, lr=LR, weight_decay=0.1)
+    for step in range(5):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=gen) * (1 + step)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_adamw.step()
+    for p, q in zip(params[:3], ref[:3]):
+        assert "exp_avg" in opt.state[p] and "exp_avg_codes" not in opt.state[p]
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert "exp_avg_codes" in opt.state[params[3]]
+    assert not torch.allclose(params[3], ref[3], rtol=1e-6, atol=1e-6)  # 4-bit moments: another trajectory
+    off = Q4AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], min_quant_dim=0)
+    off.build_state()
+    assert all("exp_avg_codes" in s for s in off.state.values())
+    # a checkpoint from before the rule existed (no min_quant_dim saved) was made without it: loads with 0 only
+    sd = off.state_dict()
+    del sd["q4adamw_config"]["min_quant_dim"]
+    Q4AdamW(list(off.state.keys()), min_quant_dim=0).load_state_dict(sd)
+    with pytest.raises(ConfigError, match="min_quant_dim: saved 0, now 16"):
+        Q4AdamW(list(off.state.keys())).load_state_dict(sd)
 
 
 def test_non_finite_gradient_skips_only_that_parameter():
@@ -300,6 +332,7 @@ def test_maximize_lr_tensor_and_param_groups():
         ("m_map=nf4", "m_map='nf4' is not valid; allowed values: 'dynamic', 'linear2'"),
         ("min_quant_numel=-1", "min_quant_numel must be an integer >= 0, got -1"),
         ("min_quant_numel=1e3", "optim_args value min_quant_numel='1e3' is not an integer"),
+        ("min_quant_dim=-2", "min_quant_dim must be an integer >= 0, got -2"),
         ("update_freq=10", "unknown optim_args key 'update_freq'. Allowed keys: maximize, variant, m_map"),
         ("lr=0.1", "'lr' cannot be set in optim_args; use --learning_rate instead"),
         ("variant", "optim_args item 'variant' is not of the form key=value"),
