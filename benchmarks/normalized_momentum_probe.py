@@ -10,7 +10,8 @@ every update (a round trip, the same values a stored code would give back):
   divided by ``sqrt(v)``; a block's absmax scale is set by its large-m entries, and the coordinates with small v
   (rarely excited directions of an ill-conditioned problem) get the largest step errors. In w every coordinate's
   error is relative to the largest step in its block, which is what the update sees;
-* ``v4``: v rank-1 normalised with the zero-free linear code (Q4AdamW's), else fp32.
+* ``v4``: v rank-1 normalised with the zero-free linear code (Q4AdamW's); ``v4sqrt``: sqrt(v) through the same
+  code (half the dynamic range); else fp32.
 
     python benchmarks/normalized_momentum_probe.py [--seeds 0,1,2] [--lrs 0.01,0.03] [--code dynamic]
 """
@@ -45,8 +46,12 @@ class ProbeAdamW(torch.optim.Optimizer):
         self.m_mode, self.v_mode, self.code = m, v, code
 
     def _v_store(self, v: torch.Tensor) -> torch.Tensor:
-        if self.v_mode == "v4" and v.numel() > MIN_NUMEL and v.dim() == 2:
+        if v.numel() <= MIN_NUMEL or v.dim() != 2:
+            return v
+        if self.v_mode == "v4":
             return dequantize_rank1(quantize_rank1(v), v.shape)
+        if self.v_mode == "v4sqrt":  # sqrt(v) through the same code: half the dynamic range to cover
+            return dequantize_rank1(quantize_rank1(v.sqrt()), v.shape).square()
         return v
 
     def _m_store(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +95,10 @@ CONFIGS = {
     "adamw_fp32": dict(m="fp32", v="fp32"),
     "m4_vfp32": dict(m="m4", v="fp32"),
     "w4_vfp32": dict(m="w4", v="fp32"),
+    "mfp32_v4": dict(m="fp32", v="v4"),
     "m4_v4": dict(m="m4", v="v4"),
+    "mfp32_v4sqrt": dict(m="fp32", v="v4sqrt"),
+    "m4_v4sqrt": dict(m="m4", v="v4sqrt"),
     "w4_v4": dict(m="w4", v="v4"),
 }
 
