@@ -21,6 +21,14 @@ The global batch of step t is ``data_world x batch`` sequences drawn from seed t
 ranks takes rows ``r*batch`` to ``(r+1)*batch``, a single process with ``--data_world N`` takes them all (the
 same global batch as N ranks).
 
+The other designs: ``q4shampoo_whole`` (``shard_parameters=true``: owners update whole parameters, which are
+all-gathered), ``q4shampoo_zero`` / ``q4shampoo_zero_balanced`` (torch's ZeRO over Q4Shampoo,
+``zero_design.py``); a ``_graph`` suffix sets ``cuda_graph=true`` and drops the stage timers, which would keep
+the update eager (under the split the graph is refused, so ``q4shampoo_graph`` on several ranks is the split
+without timers). Also recorded: the host time of ``step()`` and of each stage, the step of every worst time,
+and ``host_events`` (Python garbage collections and Triton specializations by step, :class:`HostEvents`);
+``--gc_freeze`` freezes the objects alive before the timed steps out of later collections.
+
 Mode ``fsdp2_ckpt``: the same model under FSDP2 (``fully_shard`` per block and the root), Q4Shampoo for
 ``--ckpt_steps`` steps with a ``torch.distributed.checkpoint`` save of the model and
 ``get_optimizer_state_dict`` halfway; a fresh model and optimizer load it and run the second half. Records
@@ -68,12 +76,11 @@ OPTIMIZERS = (
 class Timer:
     """Named intervals per step: CUDA events on CUDA (read once at the end), wall clock on CPU. Q4Shampoo calls
     it around the stages of its step (``stage_timer``); a stage may run several times in one step. The host's
-    own time in each interval is kept too (``host_per_step``): where it exceeds the device's, the host bounds
+    own time in each interval is kept too (``per_step(..., host=True)``): where it exceeds the device's, the host bounds
     the stage (a rank that launches slower reaches the next collective later)."""
 
     def __init__(self, device: torch.device):
         self.device, self.step, self.records = device, 0, defaultdict(list)
-        self.host_records: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     def _mark(self):
         if self.device.type != "cuda":
@@ -88,21 +95,18 @@ class Timer:
         try:
             yield
         finally:
-            self.records[name].append((self.step, start, self._mark()))
-            self.host_records[name].append((self.step, (time.perf_counter() - host) * 1e3))
+            self.records[name].append((self.step, start, self._mark(), (time.perf_counter() - host) * 1e3))
 
-    def host_per_step(self, name: str, steps: int) -> list[float]:
+    def per_step(self, name: str, steps: int, host: bool = False) -> list[float]:
+        """Milliseconds of ``name`` per step: the device's (events; wall clock on CPU), or with ``host`` the
+        host's own time inside the intervals."""
         out = [0.0] * steps
-        for step, ms in self.host_records.get(name, []):
+        for step, a, b, host_ms in self.records.get(name, []):
             if step < steps:
-                out[step] += ms
-        return out
-
-    def per_step(self, name: str, steps: int) -> list[float]:
-        out = [0.0] * steps
-        for step, a, b in self.records.get(name, []):
-            if step < steps:
-                out[step] += a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
+                if host:
+                    out[step] += host_ms
+                else:
+                    out[step] += a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
         return out
 
 
@@ -333,7 +337,7 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
     for stage in ("statistics", "roots", "roots_exchange", "apply", "grafting", "first_order", "parameters_exchange"):
         if stage in timer.records:
             stages[stage] = _summary(timer.per_step(stage, total)[args.warmup :], args.warmup)
-            stages_host[stage] = _summary(timer.host_per_step(stage, total)[args.warmup :], args.warmup)
+            stages_host[stage] = _summary(timer.per_step(stage, total, host=True)[args.warmup :], args.warmup)
     result["stages"] = stages
     if isinstance(_local(opt), Q4Shampoo):
         result["graph"] = _local(opt).graph_info()  # captures and replays of the graphed update (None: eager only)

@@ -91,11 +91,7 @@ def assign_owners(units: Sequence[tuple], world_size: int) -> list[int]:
         stats_cost, root_cost = units[i][3:5] if len(units[i]) == 5 else (cost, cost)
         rank = min(
             range(world_size),
-            key=lambda r: (
-                total[r] + at_step[r, "s", stats_offset] + stats_cost + at_step[r, "r", root_offset] + root_cost,
-                total[r],
-                r,
-            ),
+            key=lambda r: (total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r),
         )
         owners[i] = rank
         total[rank] += cost

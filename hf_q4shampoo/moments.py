@@ -67,15 +67,28 @@ def _is_quantized(moments: State) -> bool:
     return any(key.endswith("_codes") for key in moments)
 
 
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(rows, cols)`` of a tensor seen as a matrix (the first dim against the product of the rest), or None
+    for fewer than two dims."""
+    if len(shape) < 2:
+        return None
+    return shape[0], math.prod(shape[1:])
+
+
+def is_thin(shape: tuple[int, ...], min_quant_dim: int) -> bool:
+    """Whether a tensor's matrix view has a side of at most ``min_quant_dim`` entries (0: never): such tensors
+    (LoRA's adapter factors) keep fp32 moments however many entries they have (Q4AdamW's ``min_quant_dim``)."""
+    view = matrix_view(shape)
+    return min_quant_dim > 0 and view is not None and min(view) <= min_quant_dim
+
+
 def factored_shape(shape: tuple[int, ...], v: str, min_numel: int = QUANT_MIN_NUMEL) -> tuple[int, int] | None:
     """``(rows, cols)`` of the factored second moment of a tensor of ``shape``, or None if it is not factored
     (``v != "factored"``, fewer than two dims, at most ``min_numel`` entries, or a dim of 1)."""
-    numel = math.prod(shape)
-    if v != "factored" or len(shape) < 2 or numel <= min_numel:
+    view = matrix_view(shape)
+    if v != "factored" or view is None or view[0] * view[1] <= min_numel:
         return None
-    rows = shape[0]
-    cols = numel // rows
-    return (rows, cols) if rows > 1 and cols > 1 else None
+    return view if min(view) > 1 else None
 
 
 def first_order_keys(state: State) -> list[str]:
@@ -154,18 +167,21 @@ def init_first_order_state(
     min_quant_numel: int = QUANT_MIN_NUMEL,
     v: str = "rank1",
     m_map: str = "dynamic",
+    min_quant_dim: int = 0,
 ) -> State:
-    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries;
-    Adam's v factored when ``v == "factored"`` and ``p`` is a large enough matrix (:func:`factored_shape`)."""
+    """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries
+    and is not thin (:func:`is_thin`); Adam's v factored when ``v == "factored"`` and ``p`` is a large enough
+    matrix (:func:`factored_shape`) that is not thin. A thin tensor's moments are plain fp32."""
 
     def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
         return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
 
-    quantized = quantized_moments(p.numel(), bits, min_quant_numel)
+    thin = is_thin(tuple(p.shape), min_quant_dim)
+    quantized = quantized_moments(p.numel(), bits, min_quant_numel) and not thin
     state: State = {}
     if kind == "adamw":
         _scatter([state], "exp_avg", encode_signed(zeros(), quantized, m_map))
-        factored = factored_shape(tuple(p.shape), v, min_quant_numel)
+        factored = None if thin else factored_shape(tuple(p.shape), v, min_quant_numel)
         if factored is not None:
             _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
         else:

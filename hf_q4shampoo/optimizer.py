@@ -356,9 +356,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
 
     def _owners(self) -> dict[int, int]:
         """The owner rank of every parameter some rank owns, by id; the same on every rank (it depends only on
-        the parameters' shapes and order). The preconditioner split owns matrix parameters, balanced by refresh
-        cost and refresh step (``distributed.assign_owners``); ``shard_parameters`` owns every parameter that
-        requires a gradient, balanced by its modelled share of the whole step (``distributed.step_share_cost``)."""
+        the parameters' shapes and order). The preconditioner split owns matrix parameters, ``shard_parameters``
+        every parameter that requires a gradient; both balanced by ``distributed.assign_owners`` over modelled
+        milliseconds (``distributed.step_share_cost`` per step, ``distributed.refresh_round_ms`` per refresh step)."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = tuple(id(p) for p in params)
         if self.__dict__.get("_owner_key") != key:
@@ -366,31 +366,24 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             split = self._ddp_split()
             whole = self._shards_parameters()
             update_freq, root_freq = self.config.schedule()
-            if whole:  # an owner does the whole step of its parameters: weigh every stage
-                owned = [p for p in params if p.requires_grad]
-                refresh = [refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0 for p in owned]
-                # the total is the whole per-step share; the refresh steps carry one round of statistics or roots,
-                # balanced step by step too: the ranks meet at every step's all-gather, where the one with more
-                # refresh work that step keeps the other waiting (balanced by total alone, the all-gather stage
-                # averaged 2.9-3.6 ms against its 1.1 ms median on two H200s, perf_notes v21)
-                units = [
-                    (
-                        step_share_cost(r, p.numel(), update_freq, root_freq),
-                        *offsets.get(id(p), (0, 0)),
-                        *refresh_round_ms(r),
-                    )
-                    for r, p in zip(refresh, owned)
-                ]
-            else:  # the split: an owner computes the statistics and roots of its matrices
-                owned = [p for p in params if id(p) in offsets]
-                refresh = [refresh_cost(self.block_plan(_local(p).shape)) for p in owned]
-                # a step's work in milliseconds, statistics and roots apart: a root round costs ~10x a statistics
-                # round of the same matrix, so weighing both by one cost (as before) let the root steps drift
-                # apart once statistics_spread=5 packed the statistics (root exchange 0.86 -> 1.73 ms, v21)
-                units = [
-                    (step_share_cost(r, 0, update_freq, root_freq), *offsets[id(p)], *refresh_round_ms(r))
-                    for r, p in zip(refresh, owned)
-                ]
+            # shard_parameters: an owner does the whole step of every trainable parameter it owns; the split: an
+            # owner computes the statistics and roots of its matrices, the update stays on every rank
+            owned = [p for p in params if (p.requires_grad if whole else id(p) in offsets)]
+            refresh = [refresh_cost(self.block_plan(_local(p).shape)) if id(p) in offsets else 0 for p in owned]
+            # In milliseconds: the total is the per-step share (shard_parameters adds the every-step update,
+            # ``numel``); each refresh step carries one statistics or root round, balanced step by step because
+            # the ranks meet at every step's collective. A root round costs ~10x a statistics round of the same
+            # matrix: weighed with one cost (before v21) the split's root steps drifted apart once
+            # statistics_spread=5 packed the statistics (root exchange 0.86 -> 1.73 ms), and balanced by the
+            # total alone shard_parameters' all-gather averaged 2.9-3.6 ms against its 1.1 ms median.
+            units = [
+                (
+                    step_share_cost(r, p.numel() if whole else 0, update_freq, root_freq),
+                    *offsets.get(id(p), (0, 0)),
+                    *refresh_round_ms(r),
+                )
+                for r, p in zip(refresh, owned)
+            ]
             owners = assign_owners(units, split.world_size)
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(owned, owners)}
             # shard_parameters: what this rank leaves to others, and what each rank sends after the update

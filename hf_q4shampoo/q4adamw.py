@@ -146,9 +146,9 @@ class Q4AdamW(torch.optim.Optimizer):
         c = self.config
         state["step"] = torch.tensor(0.0)  # CPU: reading it never waits for the device
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
-        # a thin tensor (min_quant_dim: LoRA's adapter factors) keeps fp32 moments, as a small one does
-        threshold = max(c.min_quant_numel, local.numel()) if c.keeps_fp32(tuple(local.shape)) else c.min_quant_numel
-        state.update(init_first_order_state(local, "adamw", 4, threshold, c.first_order_v, c.m_map))
+        state.update(
+            init_first_order_state(local, "adamw", 4, c.min_quant_numel, c.first_order_v, c.m_map, c.min_quant_dim)
+        )
 
     def build_state(self) -> None:
         """Create every parameter's state now instead of at its first step (works on ``meta`` parameters,

@@ -55,9 +55,10 @@ class Q4AdamWConfig(OptionsBase):
         min_quant_dim: tensors that are thin, a side of at most this many entries once viewed as a matrix (the
             first dimension against the rest), keep fp32 moments too; 0 turns the rule off. Default 16: LoRA's
             adapter factors (rank r by width, width by r) are such tensors. Their 4-bit moments cost 1.8-2.3% in
-            eval loss on the instruction-tuning recipe (SmolLM2-135M, LoRA r=8, four seeds, every seed worse)
-            and saved 5 MiB there (1.9 against 7.0 MiB for 0.92M adapter parameters); full models have no such
-            matrices (GPT-2 small: every side >= 768), so their state is unchanged.
+            eval loss on the instruction-tuning recipe (SmolLM2-135M, LoRA r=8, four seeds, every seed worse;
+            with the rule: AdamW's loss to 1e-6; README, 4-bit AdamW, with commands) and saved 5 MiB there (1.9
+            against 7.0 MiB for 0.92M adapter parameters); full models have no such matrices (GPT-2 small: every
+            side >= 768), so their state is unchanged (``moments.is_thin``).
 
     Speed:
         use_compile: on accelerators, run the step as compiled torch / Triton kernels (``first_order.py``);
@@ -82,17 +83,6 @@ class Q4AdamWConfig(OptionsBase):
 
     def group_defaults(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in Q4ADAMW_GROUP_KEYS}
-
-    def keeps_fp32(self, shape: tuple[int, ...]) -> bool:
-        """Whether a tensor of this shape keeps fp32 moments by ``min_quant_dim`` (thin once seen as a matrix:
-        the first dimension against the product of the rest); ``min_quant_numel`` is checked where the state
-        is made (``moments.quantized_moments``)."""
-        if self.min_quant_dim == 0 or len(shape) < 2:
-            return False
-        rest = 1
-        for n in shape[1:]:
-            rest *= n
-        return min(shape[0], rest) <= self.min_quant_dim
 
     @property
     def first_order_v(self) -> str:

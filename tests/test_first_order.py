@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from hf_q4shampoo.first_order import adamw_batch_step, sgd_batch_step
-from hf_q4shampoo.moments import QUANT_MIN_NUMEL, first_order_keys, init_first_order_state, quantized_moments
+from hf_q4shampoo.moments import (
+    QUANT_MIN_NUMEL,
+    first_order_keys,
+    init_first_order_state,
+    is_thin,
+    quantized_moments,
+)
 
 SHAPE_FP32 = (24, 16)  # 384 entries: moments stay fp32 whatever the bits
 SHAPE_4BIT = (96, 64)  # 6144 entries: 4-bit moments (m block-128 dynamic exponent, v rank-1)
@@ -64,6 +70,11 @@ def _relative(got, ref, start):
 
 def test_quantized_moments_threshold_and_state_keys():
     assert not quantized_moments(QUANT_MIN_NUMEL, 4) and quantized_moments(QUANT_MIN_NUMEL + 1, 4)
+    # thin: a side of the matrix view (first dim against the rest) at most min_quant_dim; 0 turns it off
+    assert is_thin((8, 576), 16) and is_thin((576, 8), 16) and is_thin((4, 2, 6, 96), 16)
+    assert not is_thin((64, 576), 16) and not is_thin((8, 576), 0) and not is_thin((5000,), 16)
+    thin = init_first_order_state(torch.zeros(8, 576), "adamw", 4, v="factored", min_quant_dim=16)
+    assert set(thin) == {"exp_avg", "exp_avg_sq"}  # plain fp32 m and v, not codes nor factors
     assert not quantized_moments(10**6, 32)
     small = init_first_order_state(torch.zeros(SHAPE_FP32), "adamw", 4)
     assert sorted(small) == ["exp_avg", "exp_avg_sq"] and small["exp_avg"].dtype == torch.float32
