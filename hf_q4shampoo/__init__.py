@@ -40,6 +40,7 @@ __all__ = [
     "MemoryReportCallback",
     "MemoryReportMixin",
     "attach_memory_report",
+    "GCFreezeCallback",
 ]
 
 #: Where each public name lives (relative module).
@@ -66,6 +67,7 @@ _SOURCES = {
     "MemoryReportCallback": ".integrations.callback",
     "MemoryReportMixin": ".integrations.callback",
     "attach_memory_report": ".integrations.callback",
+    "GCFreezeCallback": ".integrations.gc_freeze",
 }
 
 

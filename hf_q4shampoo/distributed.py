@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch, is_root_key
+from .owner_balance import assign_owners, refresh_round_ms, step_share_cost
 
 __all__ = [
     "DdpSplit",
@@ -57,6 +58,7 @@ __all__ = [
     "keep_owned_work",
     "is_dtensor",
     "step_share_cost",
+    "refresh_round_ms",
 ]
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.
@@ -68,36 +70,6 @@ def strip_statistics(state: dict[str, Any]) -> None:
     for sides in state.get("regions", []):
         for name, side in list(sides.items()):
             sides[name] = {k: v for k, v in side.items() if is_root_key(k)}
-
-
-def assign_owners(units: Sequence[tuple], world_size: int) -> list[int]:
-    """The owner rank of each unit (a parameter).
-
-    ``units``: ``(cost, statistics offset, root offset)`` per parameter, in the optimizer's order
-    (``schedule.refresh_cost`` and ``schedule.refresh_offsets``), or ``(cost, statistics offset, root offset,
-    statistics cost, root cost)`` where the work due at the refresh steps differs from the cost that makes up a
-    rank's total (``shard_parameters``: the total is the whole per-step share, ``step_share_cost``; the steps
-    carry one statistics or root round of the parameter, ``refresh_round_ms``). Greedy, most expensive first: a
-    unit goes to the rank with the least work in total plus at the steps where it is refreshed (its statistics
-    and root offsets), then the least in total, then the lowest rank. Ranks wait for each other at every DDP
-    step, so the work of each step is balanced too, not only the total (memory, mean time). Depends only on
-    ``units``: every rank computes the same owners.
-    """
-    total = [0.0] * world_size
-    at_step: dict[tuple[int, str, int], float] = defaultdict(float)
-    owners = [0] * len(units)
-    for i in sorted(range(len(units)), key=lambda i: (-units[i][0], i)):
-        cost, stats_offset, root_offset = units[i][:3]
-        stats_cost, root_cost = units[i][3:5] if len(units[i]) == 5 else (cost, cost)
-        rank = min(
-            range(world_size),
-            key=lambda r: (total[r] + at_step[r, "s", stats_offset] + at_step[r, "r", root_offset], total[r], r),
-        )
-        owners[i] = rank
-        total[rank] += cost
-        at_step[rank, "s", stats_offset] += stats_cost
-        at_step[rank, "r", root_offset] += root_cost
-    return owners
 
 
 @dataclass
@@ -333,31 +305,6 @@ def _check_dense(p: torch.Tensor) -> None:
                 "(param.data = param.data.contiguous()) or set shard_parameters=false"
             )
         expected *= size
-
-
-#: modelled milliseconds of one step's work, from GPT-2 small's stage means on one H200 at update_freq=10,
-#: root_freq=100 (docs/perf_notes.md v19): apply + grafting + first-order 6.3 ms for 124.4M parameters, a statistics
-#: round 55 ms and a root round 530 ms for a total ``refresh_cost`` of 1.65e11. Only the ratios matter: they
-#: balance whole-parameter shares (``shard_parameters``), whose every-step work the refresh cost alone ignores.
-_MS_PER_ELEMENT = 5.06e-8
-_MS_PER_STATISTICS_UNIT = 3.33e-10
-_MS_PER_ROOT_UNIT = 3.21e-9
-
-
-def refresh_round_ms(refresh: int) -> tuple[float, float]:
-    """Modelled milliseconds of one statistics update and of one root computation of a parameter (``refresh``,
-    ``schedule.refresh_cost``): the work its refresh steps carry (``shard_parameters``' per-step balance)."""
-    return refresh * _MS_PER_STATISTICS_UNIT, refresh * _MS_PER_ROOT_UNIT
-
-
-def step_share_cost(refresh: int, numel: int, update_freq: int, root_freq: int) -> float:
-    """Modelled milliseconds per step that owning a whole parameter costs (``shard_parameters``): its every-step
-    update (``numel``) plus its statistics and roots (``refresh``, ``schedule.refresh_cost``) amortised."""
-    return (
-        numel * _MS_PER_ELEMENT
-        + refresh * _MS_PER_STATISTICS_UNIT / update_freq
-        + refresh * _MS_PER_ROOT_UNIT / root_freq
-    )
 
 
 def split_for(enabled: bool, params: Sequence[torch.Tensor]) -> DdpSplit | None:

@@ -357,8 +357,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
     def _owners(self) -> dict[int, int]:
         """The owner rank of every parameter some rank owns, by id; the same on every rank (it depends only on
         the parameters' shapes and order). The preconditioner split owns matrix parameters, ``shard_parameters``
-        every parameter that requires a gradient; both balanced by ``distributed.assign_owners`` over modelled
-        milliseconds (``distributed.step_share_cost`` per step, ``distributed.refresh_round_ms`` per refresh step)."""
+        every parameter that requires a gradient; both balanced by
+        ``owner_balance.assign_owners`` over modelled milliseconds (``step_share_cost`` per step,
+        ``refresh_round_ms`` per refresh step), then refined against each step's busiest rank."""
         params = [p for g in self.param_groups for p in g["params"]]
         key = tuple(id(p) for p in params)
         if self.__dict__.get("_owner_key") != key:
@@ -384,7 +385,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 )
                 for r, p in zip(refresh, owned)
             ]
-            owners = assign_owners(units, split.world_size)
+            owners = assign_owners(units, split.world_size, (update_freq, root_freq))
             self._owner_key, self._owner_by_id = key, {id(p): o for p, o in zip(owned, owners)}
             # shard_parameters: what this rank leaves to others, and what each rank sends after the update
             self._foreign = frozenset(id(p) for p, o in zip(owned, owners) if whole and o != split.rank)

@@ -18,6 +18,7 @@ from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 from hf_q4shampoo import Q4Shampoo, distributed
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
 from hf_q4shampoo.distributed import assign_owners, is_root_key, step_share_cost, strip_statistics
+from hf_q4shampoo.owner_balance import busiest_rank_mean, refresh_round_ms, step_profiles
 
 from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
 
@@ -59,6 +60,46 @@ def test_assign_owners_balances_refresh_rounds_apart_from_the_total():
     for step in (0, 1):
         assert sorted(o for u, o in zip(units, owners) if u[2] == step) == [0, 1], owners
     assert owners == assign_owners(list(units), 2)
+
+
+def _random_units(gen, n):
+    # shard_parameters-like units: every-step work from numel, refresh rounds from a refresh cost, spread offsets
+    units = []
+    for _ in range(n):
+        refresh = int(torch.randint(10**8, 5 * 10**9, (), generator=gen))
+        numel = int(torch.randint(10**5, 4 * 10**7, (), generator=gen))
+        offsets = int(torch.randint(0, 5, (), generator=gen)), 5 + int(torch.randint(0, 25, (), generator=gen))
+        units.append((step_share_cost(refresh, numel, 10, 100), *offsets, *refresh_round_ms(refresh)))
+    return units
+
+
+def test_step_profiles_spread_each_units_cost_over_the_period():
+    units = _random_units(torch.Generator().manual_seed(1), 12)
+    profiles = step_profiles(units, (10, 100))
+    assert profiles.shape == (12, 100)
+    for u, row in zip(units, profiles):
+        assert row.sum() == pytest.approx(100 * u[0], rel=1e-9)  # the per-step total, amortised
+        assert row.max() - row.min() == pytest.approx(u[4] + (u[3] if u[1] % 10 == u[2] % 10 else 0), rel=1e-9)
+
+
+def test_refined_owners_lower_the_busiest_ranks_mean_to_a_local_optimum():
+    improved = 0
+    for seed in range(6):
+        units = _random_units(torch.Generator().manual_seed(seed), 40)
+        profiles = step_profiles(units, (10, 100))
+        for world in (2, 4):
+            greedy = assign_owners(units, world)
+            refined = assign_owners(units, world, (10, 100))
+            assert refined == assign_owners(list(units), world, (10, 100))  # the same on every rank
+            before, after = busiest_rank_mean(profiles, greedy, world), busiest_rank_mean(profiles, refined, world)
+            assert after <= before + 1e-9
+            improved += after < before - 1e-6
+            for i in range(len(units)):  # no single move lowers it further
+                for rank in range(world):
+                    moved = list(refined)
+                    moved[i] = rank
+                    assert busiest_rank_mean(profiles, moved, world) >= after - 1e-9
+    assert improved >= 6, improved  # the greedy's per-step terms leave room on most draws
 
 
 def test_strip_statistics_keeps_roots_only():

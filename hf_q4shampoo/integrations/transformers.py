@@ -30,6 +30,7 @@ from transformers import Trainer, TrainingArguments
 from ..memory import unwrap_optimizer
 from ..optimizer import Q4Shampoo
 from .callback import MemoryReportMixin
+from .gc_freeze import GCFreezeCallback, wants_gc_freeze
 from .optimizer_args import (
     OPTIM_NAME,
     Q4ADAMW_OPTIM_NAME,
@@ -47,6 +48,7 @@ from .registration import register
 
 __all__ = [
     "OPTIM_NAME",
+    "GCFreezeCallback",
     "Q4ShampooArgumentsMixin",
     "Q4ShampooTrainer",
     "Q4ShampooTrainerMixin",
@@ -134,10 +136,18 @@ class Q4ShampooTrainerMixin:
     ``optim_args`` and the distributed setup when the trainer is built, so mistakes surface before training,
     and, under DDP, gathers Q4Shampoo's state before a checkpoint (``_save_optimizer_and_scheduler``). Other
     mixins (e.g. the memory report) can sit beside it in the bases.
+
+    ``gc_freeze`` (keyword): attach a :class:`~hf_q4shampoo.integrations.gc_freeze.GCFreezeCallback`, which
+    keeps Python's full garbage collections (~250 ms each, one rank's stalling every rank) out of training
+    steps. ``None`` (default): when the run has several processes; ``True`` / ``False``: always / never.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, gc_freeze: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        world_size = int(getattr(self.args, "world_size", 1))  # type: ignore[attr-defined]
+        callbacks = self.callback_handler.callbacks  # type: ignore[attr-defined]
+        if wants_gc_freeze(gc_freeze, world_size) and not any(isinstance(c, GCFreezeCallback) for c in callbacks):
+            self.add_callback(GCFreezeCallback())  # type: ignore[attr-defined]
         ours = getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
         if ours and is_q4shampoo_optim(self.args.optim):  # type: ignore[attr-defined]
             make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
@@ -183,7 +193,8 @@ class Q4ShampooTrainer(Q4ShampooTrainerMixin, MemoryReportMixin, Trainer):
     It also reports optimizer memory (:class:`~hf_q4shampoo.integrations.callback.MemoryReportMixin`): a
     ``MemoryReportCallback`` is attached by default, its keys go into the Trainer's logs, the report files
     into ``output_dir`` and a section into the model card. ``memory_report=False`` opts out;
-    ``memory_report=MemoryReportCallback(...)`` sets its options.
+    ``memory_report=MemoryReportCallback(...)`` sets its options. With several processes it freezes Python's
+    garbage collector during training (``gc_freeze``, :class:`Q4ShampooTrainerMixin`).
     """
 
 
