@@ -37,6 +37,7 @@ LAYERS = {
     "cholesky_form": 1.75,
     "preconditioners": 2,  # the other forms, FORMS, make_form; re-exports the two modules above
     "first_order": 2,
+    "owner_balance": 1.5,
     "distributed": 2,
     "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
     "refresh": 2.7,  # Q4Shampoo's statistics / root refresh stages (a mixin)
@@ -57,6 +58,7 @@ LAYERS = {
     "bench": 6,
     "estimate_cli": 6,
     "integrations.callback": 7,
+    "integrations.gc_freeze": 7,
     "integrations.transformers": 8,
     "launcher": 9,
     "__init__": 10,
@@ -64,7 +66,7 @@ LAYERS = {
     "cli": 11,  # reads __version__ from the package
 }
 #: modules that may import transformers when they are imported (the rest only inside functions, if at all)
-TRANSFORMERS_AT_IMPORT = {"integrations.callback", "integrations.transformers"}
+TRANSFORMERS_AT_IMPORT = {"integrations.callback", "integrations.gc_freeze", "integrations.transformers"}
 #: what the installed package never imports when it is imported: extras, recipes and research tools
 NEVER_AT_IMPORT = {"datasets", "evaluate", "peft", "gguf", "sklearn", "matplotlib", "recipes_support", "benchmarks"}
 
