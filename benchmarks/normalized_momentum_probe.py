@@ -10,8 +10,12 @@ every update (a round trip, the same values a stored code would give back):
   divided by ``sqrt(v)``; a block's absmax scale is set by its large-m entries, and the coordinates with small v
   (rarely excited directions of an ill-conditioned problem) get the largest step errors. In w every coordinate's
   error is relative to the largest step in its block, which is what the update sees;
+* ``m4sr``: m as ``m4`` but rounded stochastically (unbiased): a small EMA increment that round-to-nearest would
+  drop every step (an entry stuck at a level) moves the stored m on average;
 * ``v4``: v rank-1 normalised with the zero-free linear code (Q4AdamW's); ``v4sqrt``: sqrt(v) through the same
-  code (half the dynamic range); else fp32.
+  code (half the dynamic range); ``v4b128`` / ``v4b32``: v normalised by block-wise absmax (blocks of 128 / 32)
+  with the same code; ``bf16``: m and v rounded to bfloat16 after every update (a control: how much any
+  rounding moves this task); else fp32.
 
     python benchmarks/normalized_momentum_probe.py [--seeds 0,1,2] [--lrs 0.01,0.03] [--code dynamic]
 """
@@ -31,19 +35,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_cpu import teacher  # noqa: E402
 
-from hf_q4shampoo.quant import dequantize_rank1, quantize_rank1, roundtrip_blockwise  # noqa: E402
+from hf_q4shampoo.quant import _blocked, dequantize_rank1, get_code, quantize_rank1, roundtrip_blockwise  # noqa: E402
 
 BLOCK = 128
 MIN_NUMEL = 4096  # Q4AdamW's threshold: smaller tensors keep fp32 moments
+
+
+def roundtrip_stochastic(x: torch.Tensor, code: str, block: int, gen: torch.Generator) -> torch.Tensor:
+    """Block-wise absmax and ``code`` as :func:`roundtrip_blockwise`, but each entry rounded to one of its two
+    neighbouring levels at random, with the probability that makes the rounding unbiased (E[D(Q(x))] = x)."""
+    n = x.numel()
+    table, _ = get_code(code, x.device)
+    blocks = _blocked(x.reshape(-1).float(), block)
+    absmax = blocks.abs().amax(dim=-1, keepdim=True)
+    normed = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    upper = torch.bucketize(normed, table).clamp(1, table.numel() - 1)  # first level >= the value
+    lo, hi = table[upper - 1], table[upper]
+    up = torch.rand(normed.shape, generator=gen) < (normed - lo) / (hi - lo)
+    return (torch.where(up, hi, lo).clamp(table[0], table[-1]) * absmax).reshape(-1)[:n].reshape(x.shape)
 
 
 class ProbeAdamW(torch.optim.Optimizer):
     """AdamW (weight decay 0) with the moments' storage chosen by ``m`` ("fp32", "m4", "w4") and ``v`` ("fp32",
     "v4"); tensors of at most 4,096 entries keep fp32 moments."""
 
-    def __init__(self, params, lr: float, m: str, v: str, code: str, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        m: str,
+        v: str,
+        code: str,
+        m_block: int = BLOCK,
+        decay_steps: int = 0,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        self.m_mode, self.v_mode, self.code = m, v, code
+        self.m_mode, self.v_mode, self.code, self.m_block = m, v, code, m_block
+        self.gen = torch.Generator().manual_seed(1234)
+        self.decay_steps = decay_steps  # > 0: lr falls linearly to 0 over this many steps (the Trainer's default)
 
     def _v_store(self, v: torch.Tensor) -> torch.Tensor:
         if v.numel() <= MIN_NUMEL or v.dim() != 2:
@@ -52,12 +83,17 @@ class ProbeAdamW(torch.optim.Optimizer):
             return dequantize_rank1(quantize_rank1(v), v.shape)
         if self.v_mode == "v4sqrt":  # sqrt(v) through the same code: half the dynamic range to cover
             return dequantize_rank1(quantize_rank1(v.sqrt()), v.shape).square()
+        if self.v_mode == "bf16":  # a control: 8 bits of mantissa, far finer than any 4-bit code
+            return v.bfloat16().float()
+        if self.v_mode.startswith("v4b"):  # block-wise absmax (paper 3's B128 normalisation), zero-free linear code
+            block = int(self.v_mode[3:])
+            return roundtrip_blockwise(v.reshape(-1), "zero_free_linear", block).reshape(v.shape)
         return v
 
     def _m_store(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= MIN_NUMEL:
             return x
-        return roundtrip_blockwise(x.reshape(-1), self.code, BLOCK).reshape(x.shape)
+        return roundtrip_blockwise(x.reshape(-1), self.code, self.m_block).reshape(x.shape)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -84,11 +120,16 @@ class ProbeAdamW(torch.optim.Optimizer):
                     st["m"] = w
                 elif self.m_mode == "m4":
                     m = st["m"] = self._m_store(m)
+                elif self.m_mode == "m4sr" and quantized:
+                    m = st["m"] = roundtrip_stochastic(m, self.code, self.m_block, self.gen)
+                elif self.m_mode == "bf16" and quantized:
+                    m = st["m"] = m.bfloat16().float()
                 else:
                     st["m"] = m
                 st["v"] = v
                 m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-                p.add_(m_hat / (v_hat.sqrt() + eps), alpha=-group["lr"])
+                lr = group["lr"] * (1.0 - (t - 1) / self.decay_steps if self.decay_steps else 1.0)
+                p.add_(m_hat / (v_hat.sqrt() + eps), alpha=-lr)
 
 
 CONFIGS = {
@@ -100,6 +141,13 @@ CONFIGS = {
     "mfp32_v4sqrt": dict(m="fp32", v="v4sqrt"),
     "m4_v4sqrt": dict(m="m4", v="v4sqrt"),
     "w4_v4": dict(m="w4", v="v4"),
+    "mbf16_vbf16": dict(m="bf16", v="bf16"),
+    "m4sr_vfp32": dict(m="m4sr", v="fp32"),
+    "m4sr_v4": dict(m="m4sr", v="v4"),
+    "mfp32_v4b128": dict(m="fp32", v="v4b128"),
+    "mfp32_v4b32": dict(m="fp32", v="v4b32"),
+    "m4_v4b128": dict(m="m4", v="v4b128"),
+    "m4_v4b32": dict(m="m4", v="v4b32"),
 }
 
 
@@ -108,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default="0.01,0.03")
     ap.add_argument("--code", default="dynamic", help="signed 4-bit code of m / w: dynamic or linear2")
+    ap.add_argument("--m_block", type=int, default=BLOCK, help="block size of the 4-bit m / w (Q4AdamW: 128)")
+    ap.add_argument("--decay", action="store_true", help="linear lr decay to 0 over the run (else constant lr)")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -115,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for lr in (float(x) for x in args.lrs.split(",")):
         rows = results[f"{lr:g}"] = {}
-        for name, cfg in CONFIGS.items():
+        names = args.configs.split(",") if args.configs else list(CONFIGS)
+        for name in names:
+            cfg = CONFIGS[name]
 
             def make(ps, steps, cfg=cfg, lr=lr):
-                return ProbeAdamW(ps, lr, code=args.code, **cfg)
+                decay = steps if args.decay else 0
+                return ProbeAdamW(ps, lr, code=args.code, m_block=args.m_block, decay_steps=decay, **cfg)
 
             runs = [teacher(make, s) for s in seeds]
             rows[name] = {"runs": runs, "mean": sum(runs) / len(runs)}

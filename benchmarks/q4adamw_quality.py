@@ -8,6 +8,7 @@ loss over the seeds and its relative difference to AdamW's at the same lr (issue
 
     python benchmarks/q4adamw_quality.py --json docs/results/q4adamw_quality_cpu.json
     python benchmarks/q4adamw_quality.py --tasks teacher --seeds 0,1,2 --optimizers adamw,q4adamw_4bit
+    python benchmarks/q4adamw_quality.py --tasks teacher --decay ...   (lr decayed linearly to 0, as the Trainer does)
 """
 
 from __future__ import annotations
@@ -39,12 +40,27 @@ OPTIMIZERS = {
 TASKS = {"teacher": (teacher, (1e-2, 3e-2)), "lm": (lm, (3e-3,))}
 
 
+def _make(name: str, params, lr: float, steps: int, decay: bool) -> torch.optim.Optimizer:
+    """The optimizer ``name``; with ``decay`` its lr falls linearly to 0 over ``steps`` (a LambdaLR stepped by a
+    post-step hook, since the tasks call ``step()`` only)."""
+    opt = OPTIMIZERS[name](params, lr)
+    if decay:
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / steps))
+        opt.register_step_post_hook(lambda *_: schedule.step())
+    return opt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="teacher,lm")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--lrs", default=None, help="comma-separated lrs for every task (default: the task's)")
+    ap.add_argument(
+        "--decay",
+        action="store_true",
+        help="lr falls linearly to 0 over the run (the Trainer's default schedule); default: constant lr",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -60,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         for lr in lrs:
             rows = results[task][f"{lr:g}"] = {}
             for name in names:
-                runs = [fn(lambda params, steps, name=name, lr=lr: OPTIMIZERS[name](params, lr), s) for s in seeds]
+                runs = [
+                    fn(lambda params, steps, name=name, lr=lr: _make(name, params, lr, steps, args.decay), s)
+                    for s in seeds
+                ]
                 rows[name] = {"runs": runs, "mean": sum(runs) / len(runs)}
                 print(
                     f"{task:8s} lr {lr:<6g} {name:22s} {rows[name]['mean']:.4f} {runs}  ({time.time() - t0:.0f} s)",
