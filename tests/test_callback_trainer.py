@@ -6,27 +6,17 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hf_q4shampoo import Q4ShampooTrainer, Q4ShampooTrainingArguments  # noqa: E402
 from hf_q4shampoo.integrations.callback import LOG_KEYS, MemoryReportCallback, memory_callback  # noqa: E402
 from hf_q4shampoo.integrations.report import REPORT_FILES, load_report  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
 
-from tiny_hf import FAST, lm_dataset, tiny_gpt2, training_args  # noqa: E402
+from tiny_hf import q4shampoo_trainer  # noqa: E402
 
 pytestmark = pytest.mark.heavy  # Trainer runs
 
 
 def _trainer(out, **kwargs):
-    args = training_args(
-        out,
-        cls=Q4ShampooTrainingArguments,
-        optim="q4shampoo",
-        optim_args=FAST,
-        max_steps=4,
-        logging_steps=2,
-        per_device_train_batch_size=4,
-    )
-    return Q4ShampooTrainer(model=tiny_gpt2(n_embd=64), args=args, train_dataset=lm_dataset(16), **kwargs)
+    return q4shampoo_trainer(out, n_embd=64, rows=16, max_steps=4, logging_steps=2, trainer_kwargs=kwargs)
 
 
 def test_q4shampoo_trainer_writes_the_reports_and_logs_the_keys(tmp_path):

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hf_q4shampoo import GCFreezeCallback, Q4ShampooTrainer, Q4ShampooTrainingArguments  # noqa: E402
+from hf_q4shampoo import GCFreezeCallback  # noqa: E402
 from hf_q4shampoo.integrations.gc_freeze import wants_gc_freeze  # noqa: E402
 
-from tiny_hf import FAST, lm_dataset, tiny_gpt2, training_args  # noqa: E402
+from tiny_hf import q4shampoo_trainer  # noqa: E402
 
 
 class _Cycle:
@@ -65,17 +65,7 @@ def test_default_is_on_with_several_processes_only():
 
 
 def _trainer(out, **kwargs):
-    args = training_args(
-        out,
-        cls=Q4ShampooTrainingArguments,
-        optim="q4shampoo",
-        optim_args=FAST,
-        max_steps=2,
-        per_device_train_batch_size=4,
-    )
-    return Q4ShampooTrainer(
-        model=tiny_gpt2(n_embd=32), args=args, train_dataset=lm_dataset(8), memory_report=False, **kwargs
-    )
+    return q4shampoo_trainer(out, max_steps=2, trainer_kwargs=dict(memory_report=False, **kwargs))
 
 
 def _freezers(trainer):

@@ -116,6 +116,18 @@ def training_args(output_dir, cls=None, **overrides):
     return cls(**values)
 
 
+def q4shampoo_trainer(output_dir, n_embd: int = 32, rows: int = 8, trainer_kwargs=None, **arg_overrides):
+    """``Q4ShampooTrainer`` on a tiny GPT-2 and ``rows`` LM rows, batch 4, Q4Shampoo on the FAST schedule;
+    ``arg_overrides`` go to :func:`training_args`, ``trainer_kwargs`` to the trainer (e.g. ``memory_report``)."""
+    from hf_q4shampoo import Q4ShampooTrainer, Q4ShampooTrainingArguments
+
+    values = dict(cls=Q4ShampooTrainingArguments, per_device_train_batch_size=4)
+    args = training_args(output_dir, **{**values, **arg_overrides})
+    return Q4ShampooTrainer(
+        model=tiny_gpt2(n_embd=n_embd), args=args, train_dataset=lm_dataset(rows), **(trainer_kwargs or {})
+    )
+
+
 def tiny_tokenizer():
     """A word-level fast tokenizer over ``t0 ... t{VOCAB-5}`` plus four special tokens (no files, no Hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
