@@ -16,6 +16,10 @@ script's folder first on ``sys.path``. Its exit status is returned (``sys.exit``
 included); an uncaught exception propagates with its traceback, as with ``python SCRIPT.py``, except a
 :class:`~hf_q4shampoo.config.ConfigError` (a bad ``--optim_args`` value, raised while the script builds its
 TrainingArguments): that is a usage error, printed as one line with exit status 2, as argparse does.
+
+Under a distributed launcher (``WORLD_SIZE`` > 1) a ``Trainer`` that selects one of this package's optimizers also
+freezes Python's garbage collector during training (:class:`~hf_q4shampoo.GCFreezeCallback`: one rank's full
+collection, ~250 ms, stalls every rank); ``HF_Q4SHAMPOO_GC_FREEZE=0`` turns that off.
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .integrations.registration import register
 
     register()
+    from .integrations.gc_freeze import attach_to_new_trainers, launcher_wants_gc_freeze
+
+    if launcher_wants_gc_freeze():  # one rank's full garbage collection stalls every rank (perf_notes v22)
+        attach_to_new_trainers()
     return _run(target, args, as_module)
 
 

@@ -500,6 +500,8 @@ def test_trainer_checkpoint_under_ddp_resumes_exactly(tmp_path, design):
     assert results[0]["losses"][-4:] == results[2]["losses"][-4:]
     info = results[0]["optimizer_info"]  # the design that ran: matrices all-gathered every step, or roots exchanged
     assert info["world_size"] == 2 and (info["parameter_exchanges"] > 0) == bool(design), info
+    # the launcher froze the garbage collector for the run (GCFreezeCallback) and unfroze it at the end
+    assert all(r["gc_freeze_callback"] and r["gc_frozen_after_training"] == 0 for r in results)
 
 
 @pytest.mark.heavy

@@ -82,3 +82,5 @@ def test_trainer_attaches_it_on_request_and_unfreezes_after_training(tmp_path, u
     assert gc.get_freeze_count() == 0
     with pytest.raises(TypeError, match="gc_freeze"):
         _trainer(tmp_path / "bad", gc_freeze=1)
+    # False means never, also against a callback attached before (the launcher's wrapper, or callbacks=[...])
+    assert _freezers(_trainer(tmp_path / "off", gc_freeze=False, callbacks=[GCFreezeCallback()])) == []

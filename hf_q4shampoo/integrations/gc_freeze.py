@@ -17,15 +17,17 @@ kernels, CUDA-graph pools): by default after steps 1, 10 and 100, where every ra
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["DEFAULT_REFREEZE_STEPS", "GCFreezeCallback", "wants_gc_freeze"]
+__all__ = ["DEFAULT_REFREEZE_STEPS", "GCFreezeCallback", "attach_to_new_trainers", "wants_gc_freeze"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,42 @@ class GCFreezeCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
         gc.unfreeze()
         self.frozen_objects = 0
+
+
+#: Marks the wrapped ``Trainer.__init__`` so that wrapping twice is a no-op.
+_WRAPPED = "_hf_q4shampoo_gc_freeze"
+
+
+def attach_to_new_trainers() -> None:
+    """Wrap ``Trainer.__init__`` once, in this process: a ``Trainer`` built afterwards that runs with several
+    processes and selects ``q4shampoo``, ``q4adamw`` or ``sparse_mfac`` gets a :class:`GCFreezeCallback` (unless
+    it has one). The launcher calls this when ``WORLD_SIZE`` > 1 and ``HF_Q4SHAMPOO_GC_FREEZE`` is not ``0``;
+    other optimizers' runs are left alone."""
+    from transformers import Trainer
+
+    from .optimizer_args import is_q4adamw_optim, is_q4shampoo_optim, is_sparse_mfac_optim
+
+    original = Trainer.__init__
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        optim = self.args.optim
+        ours = is_q4shampoo_optim(optim) or is_q4adamw_optim(optim) or is_sparse_mfac_optim(optim)
+        callbacks = self.callback_handler.callbacks
+        if ours and self.args.world_size > 1 and not any(isinstance(c, GCFreezeCallback) for c in callbacks):
+            self.add_callback(GCFreezeCallback())
+
+    setattr(init, _WRAPPED, True)
+    Trainer.__init__ = init
+
+
+def launcher_wants_gc_freeze() -> bool:
+    """Whether ``q4shampoo run`` wraps new Trainers (:func:`attach_to_new_trainers`): under a distributed launcher
+    (``WORLD_SIZE`` > 1), unless ``HF_Q4SHAMPOO_GC_FREEZE=0``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("HF_Q4SHAMPOO_GC_FREEZE", "1") != "0"
 
 
 def wants_gc_freeze(gc_freeze: Any, world_size: int) -> bool:

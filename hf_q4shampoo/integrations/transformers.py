@@ -146,7 +146,10 @@ class Q4ShampooTrainerMixin:
         super().__init__(*args, **kwargs)
         world_size = int(getattr(self.args, "world_size", 1))  # type: ignore[attr-defined]
         callbacks = self.callback_handler.callbacks  # type: ignore[attr-defined]
-        if wants_gc_freeze(gc_freeze, world_size) and not any(isinstance(c, GCFreezeCallback) for c in callbacks):
+        if not wants_gc_freeze(gc_freeze, world_size):  # also undoes the launcher's (attach_to_new_trainers)
+            for callback in [c for c in callbacks if isinstance(c, GCFreezeCallback)]:
+                self.remove_callback(callback)  # type: ignore[attr-defined]
+        elif not any(isinstance(c, GCFreezeCallback) for c in callbacks):
             self.add_callback(GCFreezeCallback())  # type: ignore[attr-defined]
         ours = getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
         if ours and is_q4shampoo_optim(self.args.optim):  # type: ignore[attr-defined]
