@@ -3,6 +3,7 @@ statistics stage's host time, docs/perf_notes.md v22). Host time is measured wit
 the device time of the same calls with CUDA events.
 
     python benchmarks/cholesky_host_cost.py [--orders 256,768,1024] [--batches 1,2,4,8,16,32] [--repeats 20]
+        [--queue_ms 20]
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ def main() -> None:
     p.add_argument("--orders", default="256,768,1024")
     p.add_argument("--batches", default="1,2,4,8,16,32")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--queue_ms",
+        type=float,
+        default=0.0,
+        help="GPU work queued before each timed call (torch.cuda._sleep): a host time near it means the call waits "
+        "for the device (a synchronisation), as it would behind a training step's queued kernels",
+    )
     args = p.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -33,6 +41,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
+                if args.queue_ms:
+                    torch.cuda._sleep(int(args.queue_ms * 1.5e6))  # ~1.5e6 cycles per ms (H200 ~1.5-2 GHz)
                 start.record()
                 t = time.perf_counter()
                 torch.linalg.cholesky_ex(a)
