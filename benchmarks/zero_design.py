@@ -7,7 +7,7 @@ and Distributed Shampoo do. Two things of ZeRO's own measured badly for Q4Shampo
 refresh of a few factors, and it broadcasts each parameter on its own. :func:`make_zero` can replace the first
 with a partition by modelled cost and the second with ZeRO's bucketed parameters (one broadcast per rank).
 
-The cost model is the package's: ``distributed.step_share_cost`` (every stage's modelled per-step cost, from GPT-2
+The cost model is the package's: ``owner_balance.step_share_cost`` (every stage's modelled per-step cost, from GPT-2
 small's stage means on one H200), the same one ``shard_parameters`` balances its owners by.
 """
 
@@ -21,13 +21,14 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hf_q4shampoo import Q4Shampoo
-from hf_q4shampoo.distributed import assign_owners, step_share_cost
+from hf_q4shampoo.owner_balance import assign_owners, step_share_cost
 from hf_q4shampoo.schedule import refresh_cost
 
 
 def modelled_costs(params: Sequence[torch.Tensor], options: dict[str, Any]) -> dict[int, float]:
     """Modelled milliseconds per step of each parameter's share of the step, by ``id``: the package's own model
-    (``distributed.step_share_cost``, which ``shard_parameters`` balances its owners by) on Q4Shampoo's block plans."""
+    (``owner_balance.step_share_cost``, which ``shard_parameters`` balances its owners by) on Q4Shampoo's block
+    plans."""
     planner = Q4Shampoo([torch.nn.Parameter(torch.zeros(1))], **options)  # block plans only: no state is built
     update_freq, root_freq = planner.config.schedule()
     costs = {}
@@ -39,7 +40,7 @@ def modelled_costs(params: Sequence[torch.Tensor], options: dict[str, Any]) -> d
 
 
 class _CostBalancedZero(ZeroRedundancyOptimizer):
-    """ZeRO with its parameter partition replaced by ``shard_parameters``' (``distributed.assign_owners`` by cost).
+    """ZeRO with its parameter partition replaced by ``shard_parameters``' (``owner_balance.assign_owners`` by cost).
 
     Overrides a private method of torch's ZeRO (``_partition_parameters``; it calls ``_partition_param_group``
     as torch's own does): this is a benchmark's probe of the design, not a supported integration.

@@ -2,7 +2,7 @@
 
 Under plain DDP every rank sees the same all-reduced gradient, so without this module every rank would keep
 every statistic and compute every root: more GPUs would add no optimizer throughput and save no optimizer
-memory. Here each matrix parameter gets one *owner* rank (:func:`assign_owners`, balanced by refresh cost and
+memory. Here each matrix parameter gets one *owner* rank (``owner_balance.assign_owners``, balanced by refresh cost and
 the same on every rank). Only the owner keeps the parameter's statistics and error feedback, updates them and
 computes its inverse roots; when roots are refreshed, the owners all-gather the new 4-bit root codes, block
 scales and fp32 diagonals (:meth:`DdpSplit.exchange_roots`), and every rank applies every root itself.
@@ -23,7 +23,7 @@ The refresh schedule and its offsets are the single-process ones, so a state sav
 the single-process state (:meth:`DdpSplit.gather_states` assembles it for a checkpoint) and loads on any
 world size.
 
-``shard_parameters`` (opt-in) splits the whole step instead: an owner (balanced by :func:`step_share_cost`)
+``shard_parameters`` (opt-in) splits the whole step instead: an owner (balanced by ``owner_balance.step_share_cost``)
 updates its parameters completely and holds all their state, and :meth:`DdpSplit.share_parameters` all-gathers the
 updated parameters after every step (ZeRO-1's and Distributed Shampoo's way: 4 bytes per fp32 parameter per step
 instead of the roots' ~0.5 byte per factor entry per refresh, in exchange for splitting the apply, grafting and
@@ -46,19 +46,15 @@ import torch
 import torch.distributed as dist
 
 from .layout import FactorBucket, IndexCache, ShapeGroup, StepBatch, is_root_key
-from .owner_balance import assign_owners, refresh_round_ms, step_share_cost
 
 __all__ = [
     "DdpSplit",
-    "assign_owners",
     "split_for",
     "is_root_key",
     "strip_statistics",
     "ExchangeCounters",
     "keep_owned_work",
     "is_dtensor",
-    "step_share_cost",
-    "refresh_round_ms",
 ]
 
 #: Alignment of each piece of a root payload, so that every piece can be viewed as its own dtype in place.

@@ -53,11 +53,8 @@ from .config import GROUP_KEYS, ConfigError, Q4ShampooConfig
 from .direction import DirectionMixin
 from .distributed import (
     DdpSplit,
-    assign_owners,
     keep_owned_work,
-    refresh_round_ms,
     split_for,
-    step_share_cost,
     strip_statistics,
 )
 from .first_order import total_skipped
@@ -74,6 +71,7 @@ from .layout import (
 )
 from .moments import first_order_keys, init_first_order_state, moment_bytes_by_kind
 from .options import lr_number, plain_value
+from .owner_balance import assign_owners, refresh_round_ms, step_share_cost
 from .preconditioners import FormSettings, PreconditionerForm, make_form, tensor_bytes
 from .refresh import RefreshMixin
 from .schedule import first_root as _first_root

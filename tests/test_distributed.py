@@ -17,8 +17,14 @@ from ddp_worker import FORMS, HALF, OPTIONS, SHAPES, make_params
 
 from hf_q4shampoo import Q4Shampoo, distributed
 from hf_q4shampoo.config import ConfigError, Q4ShampooConfig, parse_optim_args
-from hf_q4shampoo.distributed import assign_owners, is_root_key, step_share_cost, strip_statistics
-from hf_q4shampoo.owner_balance import busiest_rank_mean, refresh_round_ms, step_profiles
+from hf_q4shampoo.distributed import is_root_key, strip_statistics
+from hf_q4shampoo.owner_balance import (
+    assign_owners,
+    busiest_rank_mean,
+    refresh_round_ms,
+    step_profiles,
+    step_share_cost,
+)
 
 from tiny_hf import one_torch_thread  # noqa: F401 (autouse: the references run on one thread, as the ranks do)
 
