@@ -42,6 +42,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_result  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
@@ -398,18 +401,8 @@ def main(argv=None) -> int:
     print()
     print(_table(results, names, problems))
     if args.json:
-        payload = {
-            "command": " ".join(sys.argv),
-            "machine": "2-core CPU",
-            "date": time.strftime("%Y-%m-%d"),
-            "steps": args.steps,
-            "lrs": given or {"ls": LS_LRS, "mlp": MLP_LRS},
-            "schedule": schedule,
-            "specs": specs,
-            "results": results,
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+        lrs = given or {"ls": LS_LRS, "mlp": MLP_LRS}
+        write_result(args.json, steps=args.steps, lrs=lrs, schedule=schedule, specs=specs, results=results)
     return 0
 
 

@@ -23,9 +23,7 @@ every update (a round trip, the same values a stored code would give back):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from provenance import write_result  # noqa: E402
 from quality_cpu import teacher  # noqa: E402
 
 from hf_q4shampoo.quant import _blocked, dequantize_rank1, get_code, quantize_rank1, roundtrip_blockwise  # noqa: E402
@@ -181,17 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_fp32"] = row["mean"] / base - 1.0
             print(f"lr {lr:<5g} {name:11s} {row['mean']:.4f} {100 * row['vs_fp32']:+6.2f}%  {row['runs']}", flush=True)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "command": "python " + " ".join(sys.argv),
-                    "machine": f"CPU, 1 torch thread, torch {torch.__version__}",
-                    "date": time.strftime("%Y-%m-%d"),
-                    "results": results,
-                },
-                indent=1,
-            )
-        )
+        write_result(args.json, results=results)
     return 0
 
 

@@ -14,8 +14,6 @@ loss over the seeds and its relative difference to AdamW's at the same lr (issue
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from provenance import write_result  # noqa: E402
 from quality_cpu import lm, teacher  # noqa: E402
 
 from hf_q4shampoo import Q4AdamW  # noqa: E402
@@ -97,20 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {lr} | {r['mean']:.4f} | {rel} |")
         print()
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "command": "python " + " ".join(sys.argv),
-                    "machine": (
-                        f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread, torch {torch.__version__}"
-                    ),
-                    "date": time.strftime("%Y-%m-%d"),
-                    "seconds": round(time.time() - t0),
-                    "results": results,
-                },
-                indent=1,
-            )
-        )
+        write_result(args.json, seconds=round(time.time() - t0), results=results)
     return 0
 
 

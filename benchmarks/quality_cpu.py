@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_result  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
@@ -239,18 +242,7 @@ def main(argv=None) -> int:
             print(f"| {name} | {r['best_lr']:g} | {r['mean']:.4f} +- {r['sd']:.4f} |")
         print()
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "command": " ".join(sys.argv),
-                    "machine": "2-core CPU",
-                    "date": time.strftime("%Y-%m-%d"),
-                    "optimizers": optimizers,
-                    "results": results,
-                },
-                indent=1,
-            )
-        )
+        write_result(args.json, optimizers=optimizers, results=results)
     return 0
 
 

@@ -12,14 +12,15 @@ No training step is needed: the state's size does not change during training.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_result  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
@@ -64,17 +65,7 @@ def main(argv=None) -> int:
         kinds = " | ".join(f"{r['mib_by_kind'].get(k, 0.0):.1f}" for k in KINDS)
         print(f"| {name} | {r['bytes_per_param']:.3f} | {r['total_mib']:.1f} | {kinds} |")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "command": " ".join(sys.argv),
-                    "machine": "2-core CPU",
-                    "date": time.strftime("%Y-%m-%d"),
-                    "results": results,
-                },
-                indent=1,
-            )
-        )
+        write_result(args.json, results=results)
     return 0
 
 
