@@ -58,6 +58,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
+from hf_q4shampoo.bench import autocast_for, sync, timed_train_step  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
 from hf_q4shampoo.memory import optimizer_state_bytes  # noqa: E402
 
@@ -251,17 +252,6 @@ def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
     return {"total": optimizer_state_bytes(opt).total}
 
 
-def _autocast(device: torch.device):
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     """One optimizer under DDP (a plain model in a single process): timings, bytes, losses, final hash."""
     from torch.nn.parallel import DistributedDataParallel
@@ -299,22 +289,14 @@ def run_ddp(name: str, args: argparse.Namespace, device: torch.device, rank: int
                 if args.gc_freeze:  # everything alive now is left out of later collections (gc.freeze)
                     gc.collect()
                     gc.freeze()
-                _sync(device)
+                sync(device)
                 info = opt.distributed_info() if isinstance(opt, Q4Shampoo) else None
                 before = dict(info) if info else None
             x = _batch(args, step, rank, world, vocab, device)
-            with timer("step"):
-                opt.zero_grad(set_to_none=True)
-                with _autocast(device):
-                    loss = wrapped(x, labels=x).loss
-                loss.backward()
-                with timer("optimizer"):
-                    host = time.perf_counter()
-                    opt.step()
-                    host_ms.append((time.perf_counter() - host) * 1e3)
+            loss = timed_train_step(wrapped, opt, x, timer, autocast_for(device), host_ms)
             if step >= args.warmup and (step - args.warmup) % args.log_every == 0:
                 losses.append(float(loss.detach()))
-        _sync(device)
+        sync(device)
     if args.gc_freeze:
         gc.unfreeze()  # the next optimizer's run freezes its own objects
     result: dict[str, Any] = {
@@ -389,7 +371,7 @@ def run_fsdp2_ckpt(args: argparse.Namespace, device: torch.device, rank: int, wo
             torch.manual_seed(args.seed + 7919 * step + rank)  # dropout masks depend on the step, not the history
             x = _batch(args, step, rank, world, model.config.vocab_size, device)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device):
+            with autocast_for(device):
                 model(x, labels=x).loss.backward()
             opt.step()
 

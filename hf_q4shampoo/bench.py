@@ -112,7 +112,8 @@ def _batches(args: argparse.Namespace, device: torch.device, count: int) -> list
     return [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device) for _ in range(count)]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device`` (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -125,11 +126,29 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     """bf16 autocast on CUDA (fp32 weights), plain fp32 on CPU."""
     return (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
+
+
+def timed_train_step(
+    model: Any, opt: Any, x: torch.Tensor, clock: Any, autocast: Any, host_ms: list[float], set_to_none: bool = True
+) -> torch.Tensor:
+    """One language-model training step on tokens ``x``: the whole step under ``clock("step")``, ``opt.step()``
+    under ``clock("optimizer")`` with its host time appended to ``host_ms`` (how long the CPU is busy launching
+    it). ``clock``: a callable returning a context manager per stage name; returns the loss."""
+    with clock("step"):
+        opt.zero_grad(set_to_none=set_to_none)
+        with autocast:
+            loss = model(x, labels=x).loss
+        loss.backward()
+        with clock("optimizer"):
+            start = time.perf_counter()
+            opt.step()
+            host_ms.append((time.perf_counter() - start) * 1e3)
+    return loss
 
 
 def bench_one(
@@ -138,8 +157,8 @@ def bench_one(
     factory, _ = OPTIMIZERS[name]
     model = _build_model(args, device)
     model.train()
-    autocast = _autocast(device)
-    _sync(device)
+    autocast = autocast_for(device)
+    sync(device)
     before_opt = _allocated(device)
     opt = factory(_groups(model, args.weight_decay), args.lr, device, q4_options)
 
@@ -151,7 +170,7 @@ def bench_one(
     host_opt: list[float] = []  # host time of optimizer.step() (how long the CPU is busy launching it)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
-            _sync(device)
+            sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         x = batches[i % len(batches)]
@@ -159,18 +178,10 @@ def bench_one(
             clock.next_step()
             if stage_timer is not None:
                 stage_timer.next_step()
-        with clock("step"):
-            opt.zero_grad(set_to_none=not args.keep_grads)
-            with autocast:
-                loss = model(x, labels=x).loss
-            loss.backward()
-            with clock("optimizer"):
-                host_start = time.perf_counter()
-                opt.step()
-                host_opt.append((time.perf_counter() - host_start) * 1e3)
+        loss = timed_train_step(model, opt, x, clock, autocast, host_opt, set_to_none=not args.keep_grads)
         if i >= args.warmup and (i - args.warmup) % 20 == 0:
             losses.append(float(loss.detach()))
-    _sync(device)
+    sync(device)
     total_steps = args.warmup + args.steps
     timed, timed_opt = (
         clock.times("step", total_steps)[args.warmup :],
@@ -180,7 +191,7 @@ def bench_one(
     # a captured step's private pool is reserved, not allocated, between steps: counted apart (step_graph.py)
     graph_pool = _graph_pool_bytes() if device.type == "cuda" else 0
     opt.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     persistent = _allocated(device) - before_opt
     report = optimizer_state_bytes(opt)
     worst_at = max(range(len(timed)), key=timed.__getitem__)
@@ -229,7 +240,7 @@ def profile_steps(
     def one(i):
         x = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
-        with _autocast(device):
+        with autocast_for(device):
             model(x, labels=x).loss.backward()
 
     for i in range(3):
@@ -239,10 +250,10 @@ def profile_steps(
     with profile(activities=activities) as prof:
         for i in range(args.profile):
             one(i)
-            _sync(device)
+            sync(device)
             with torch.profiler.record_function("optimizer.step"):
                 opt.step()
-            _sync(device)
+            sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by=sort, row_limit=25)
     text += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
