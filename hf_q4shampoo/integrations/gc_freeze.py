@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["DEFAULT_REFREEZE_STEPS", "GCFreezeCallback", "attach_to_new_trainers", "wants_gc_freeze"]
+__all__ = ["DEFAULT_REFREEZE_STEPS", "GCFreezeCallback", "attach_to_new_trainers", "set_gc_freeze", "wants_gc_freeze"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,16 @@ class GCFreezeCallback(TrainerCallback):
         self.frozen_objects = 0
 
 
+def set_gc_freeze(trainer: Any, wanted: bool) -> None:
+    """Give ``trainer`` exactly one :class:`GCFreezeCallback` if ``wanted``, none otherwise."""
+    present = [c for c in trainer.callback_handler.callbacks if isinstance(c, GCFreezeCallback)]
+    if wanted and not present:
+        trainer.add_callback(GCFreezeCallback())
+    elif not wanted:
+        for callback in present:
+            trainer.remove_callback(callback)
+
+
 #: Marks the wrapped ``Trainer.__init__`` so that wrapping twice is a no-op.
 _WRAPPED = "_hf_q4shampoo_gc_freeze"
 
@@ -99,9 +109,8 @@ def attach_to_new_trainers() -> None:
         original(self, *args, **kwargs)
         optim = self.args.optim
         ours = is_q4shampoo_optim(optim) or is_q4adamw_optim(optim) or is_sparse_mfac_optim(optim)
-        callbacks = self.callback_handler.callbacks
-        if ours and self.args.world_size > 1 and not any(isinstance(c, GCFreezeCallback) for c in callbacks):
-            self.add_callback(GCFreezeCallback())
+        if ours and self.args.world_size > 1:
+            set_gc_freeze(self, True)
 
     setattr(init, _WRAPPED, True)
     Trainer.__init__ = init

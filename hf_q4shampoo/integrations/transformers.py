@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 from ..memory import unwrap_optimizer
 from ..optimizer import Q4Shampoo
 from .callback import MemoryReportMixin
-from .gc_freeze import GCFreezeCallback, wants_gc_freeze
+from .gc_freeze import GCFreezeCallback, set_gc_freeze, wants_gc_freeze
 from .optimizer_args import (
     OPTIM_NAME,
     Q4ADAMW_OPTIM_NAME,
@@ -145,12 +145,8 @@ class Q4ShampooTrainerMixin:
     def __init__(self, *args: Any, gc_freeze: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         world_size = int(getattr(self.args, "world_size", 1))  # type: ignore[attr-defined]
-        callbacks = self.callback_handler.callbacks  # type: ignore[attr-defined]
-        if not wants_gc_freeze(gc_freeze, world_size):  # also undoes the launcher's (attach_to_new_trainers)
-            for callback in [c for c in callbacks if isinstance(c, GCFreezeCallback)]:
-                self.remove_callback(callback)  # type: ignore[attr-defined]
-        elif not any(isinstance(c, GCFreezeCallback) for c in callbacks):
-            self.add_callback(GCFreezeCallback())  # type: ignore[attr-defined]
+        # False also undoes the launcher's callback (attach_to_new_trainers)
+        set_gc_freeze(self, wants_gc_freeze(gc_freeze, world_size))
         ours = getattr(self, "optimizer", None) is None and getattr(self, "optimizer_cls_and_kwargs", None) is None
         if ours and is_q4shampoo_optim(self.args.optim):  # type: ignore[attr-defined]
             make_optimizer_cls_and_kwargs(self.args)  # type: ignore[attr-defined]
