@@ -87,11 +87,12 @@ for part in "$@"; do
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
-      fresh_caches
+      # TTT_SEED (optional): initial weights and batch order (time_to_target.py --seed); its runs go to ttt_sSEED
+      fresh_caches; dir=ttt${TTT_SEED:+_s$TTT_SEED}
       q4=(); for spec in ${TTT_Q4:-}; do q4+=(--q4 "$spec"); done
-      python benchmarks/time_to_target.py --data .ttt_data --out "$out/ttt" --only "${part#ttt:}" "${q4[@]}" \
-        ${TTT_ADAMW+--adamw_lrs "$TTT_ADAMW"} \
-        > "$out/ttt_${part#ttt:}.log" 2>&1; tail -8 "$out/ttt_${part#ttt:}.log"
-      tar -czf "$out/ttt_runs.tgz" -C "$out/ttt" runs ;;
+      python benchmarks/time_to_target.py --data .ttt_data --out "$out/$dir" --only "${part#ttt:}" "${q4[@]}" \
+        ${TTT_ADAMW+--adamw_lrs "$TTT_ADAMW"} ${TTT_SEED:+--seed "$TTT_SEED"} \
+        > "$out/${dir}_${part#ttt:}.log" 2>&1; tail -8 "$out/${dir}_${part#ttt:}.log"
+      tar -czf "$out/${dir}_runs.tgz" -C "$out/$dir" runs ;;
   esac
 done

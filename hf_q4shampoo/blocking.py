@@ -65,6 +65,12 @@ class BlockPlan:
     matrix_shape: tuple[int, int]
     regions: tuple[Region, ...]
 
+    @property
+    def one_sided(self) -> bool:
+        """Whether only one side has factors (rule 2: the other is more than ``max_aspect_ratio`` times longer)."""
+        first = self.regions[0]
+        return first.precond_rows != first.precond_cols
+
 
 def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
     """The 2-D shape a parameter is preconditioned as, or None if it has rank <= 1 after squeezing."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .blocking import local_tensor as _local
-from .config import LEGACY_STATE_LAYOUT, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
+from .config import LEGACY_STATE_LAYOUT, SHAPE_DECIDED_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .distributed import DdpSplit, strip_statistics
 from .sharded_state import is_dtensor, unwrap, wrap
 
@@ -126,13 +126,13 @@ class CheckpointMixin:
         saved_cfg = state_dict.get("q4shampoo_config")
         if not isinstance(saved_cfg, Mapping):
             raise ConfigError(_foreign_state_message(state_dict))
-        self._check_saved_options(saved_cfg)
+        shape_decided = self._check_saved_options(saved_cfg)
         split = self._ddp_split()
         share = state_dict.get("q4shampoo_shard")
         if share is not None:
             _check_share(share, split)
         saved_state = state_dict["state"]
-        self._check_saved_shapes(state_dict, is_share=share is not None)
+        self._check_saved_shapes(state_dict, is_share=share is not None, saved_options=shape_decided)
         inner = {k: v for k, v in state_dict.items() if k not in ("q4shampoo_config", "q4shampoo_shard")}
         super().load_state_dict(inner)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -181,23 +181,35 @@ class CheckpointMixin:
             }
         return out
 
-    def _check_saved_options(self, saved: Mapping[str, Any]) -> None:
+    def _check_saved_options(self, saved: Mapping[str, Any]) -> str:
         """Refuse a checkpoint made with other values of the options that decide how state is read (a key
-        missing from an older checkpoint had the layout it implies, ``LEGACY_STATE_LAYOUT``, or its default then)."""
+        missing from an older checkpoint had the layout it implies, ``LEGACY_STATE_LAYOUT``, or its default then).
+
+        Options in ``SHAPE_DECIDED_KEYS`` are the exception: another value of them only changes the state's keys
+        or shapes, and only of some parameters, so where every saved state fits (:meth:`_check_saved_shapes`)
+        the state means the same under both. Returns their differences for that check's message ("" if none)."""
         defaults = Q4ShampooConfig()
         saved_values = {k: saved.get(k, LEGACY_STATE_LAYOUT.get(k, getattr(defaults, k))) for k in STATE_LAYOUT_KEYS}
         diffs = [k for k, v in saved_values.items() if v != getattr(self.config, k)]
-        if diffs:
-            detail = ", ".join(f"{k}: saved {saved_values[k]!r}, now {getattr(self.config, k)!r}" for k in diffs)
+
+        def detail(keys: list[str]) -> str:
+            return ", ".join(f"{k}: saved {saved_values[k]!r}, now {getattr(self.config, k)!r}" for k in keys)
+
+        hard = [k for k in diffs if k not in SHAPE_DECIDED_KEYS]
+        if hard:
             raise ConfigError(
                 "Q4Shampoo: the checkpoint's optimizer state was made with other storage options "
-                f"({detail}); construct the optimizer with the saved values to resume."
+                f"({detail(hard)}); construct the optimizer with the saved values to resume."
             )
+        return detail(diffs)
 
-    def _check_saved_shapes(self, state_dict: Mapping[str, Any], is_share: bool = False) -> None:
+    def _check_saved_shapes(
+        self, state_dict: Mapping[str, Any], is_share: bool = False, saved_options: str = ""
+    ) -> None:
         """Compare each saved parameter state with the state this optimizer would create for the parameter
         it will be loaded into (built on the meta device: no memory), naming the first that does not fit.
-        ``is_share``: the state is this rank's share (parameters whose statistics live elsewhere have roots only)."""
+        ``is_share``: the state is this rank's share (parameters whose statistics live elsewhere have roots only).
+        ``saved_options``: differing ``SHAPE_DECIDED_KEYS`` options, named as the likely cause of a mismatch."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
@@ -219,6 +231,12 @@ class CheckpointMixin:
                 problem = state_mismatch(saved, expected, "")
                 if problem:
                     name = repr(names[position]) if names else f"#{position} of group {gi}"
+                    if saved_options:
+                        raise ConfigError(
+                            f"Q4Shampoo: the saved state of parameter {name} (shape {tuple(local.shape)}) does not "
+                            f"fit it ({problem}): the checkpoint's optimizer state was made with other storage "
+                            f"options ({saved_options}); construct the optimizer with the saved values to resume."
+                        )
                     raise ConfigError(
                         f"Q4Shampoo: the saved state of parameter {name} (shape {tuple(local.shape)}) does not fit "
                         f"it: {problem}. The checkpoint's parameters are in another order or have other shapes; "

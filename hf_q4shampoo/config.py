@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "GROUP_KEYS",
     "STATE_LAYOUT_KEYS",
+    "SHAPE_DECIDED_KEYS",
     "LEGACY_STATE_LAYOUT",
 ]
 
@@ -75,7 +76,9 @@ class Q4ShampooConfig(OptionsBase):
         first_order_v: Adam's second moment of matrices: ``"rank1"`` (as ``first_order_bits`` says) or
             ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
             factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
-            trailing ones; about 0.5 byte per parameter less at 4 bits).
+            trailing ones; about 0.5 byte per parameter less at 4 bits) or ``"one_sided"`` (factored for the
+            matrices Shampoo preconditions on one side only, ``max_aspect_ratio``: embeddings, LM heads,
+            adapters; rank-1 elsewhere).
         first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
             (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
             block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
@@ -341,6 +344,12 @@ class Q4ShampooConfig(OptionsBase):
 #: checkpoint made with other values of these cannot be loaded (the error names the differing fields).
 STATE_LAYOUT_KEYS = tuple(f.name for f in fields(Q4ShampooConfig) if f.metadata.get("state"))
 
+#: Layout options whose other values change only the keys or shapes of some parameters' state, never what a
+#: state of the same keys and shapes means: a checkpoint made with another value loads where every parameter's
+#: saved state fits (``checkpoint.py``), e.g. a ``"rank1"`` checkpoint of a model without one-sided matrices
+#: under ``first_order_v="one_sided"``.
+SHAPE_DECIDED_KEYS = ("first_order_v",)
+
 
 #: (update_freq, root_freq) of the "auto" schedule when the run's length is unknown.
 UNKNOWN_LENGTH_SCHEDULE = (10, 100)
@@ -376,7 +385,7 @@ def auto_first_root(update_freq: int, root_freq: int) -> int:
 
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
-    "first_order_v": ("rank1", "factored"),
+    "first_order_v": ("rank1", "factored", "one_sided"),
     "first_order_m_map": ("linear2", "dynamic"),
     "grafting": GRAFTINGS,
     "precond": PRECOND_FORMS,

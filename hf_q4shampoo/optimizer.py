@@ -87,6 +87,15 @@ __all__ = ["Q4Shampoo"]
 _DEEPSPEED_MARKERS = ("ds_id", "ds_numel", "ds_tensor", "ds_status")
 
 
+def second_moment_mode(first_order_v: str, plan: BlockPlan | None) -> str:
+    """How Adam's v of one parameter is stored: ``first_order_v`` itself, except ``"one_sided"``, which is
+    ``"factored"`` for a matrix Shampoo preconditions on one side only (``plan.one_sided``) and ``"rank1"``
+    otherwise."""
+    if first_order_v != "one_sided":
+        return first_order_v
+    return "factored" if plan is not None and plan.one_sided else "rank1"
+
+
 def _as_config(config: Any) -> Q4ShampooConfig:
     """``config=`` as given: a :class:`Q4ShampooConfig`, a dict of its fields, or None (the defaults)."""
     if config is None:
@@ -432,17 +441,17 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         cfg = self.config
         state["step"] = torch.tensor(0.0)
         state["skipped_updates"] = torch.zeros((), dtype=torch.int64, device=local.device)
+        plan = self.block_plan(local.shape)
         state.update(
             init_first_order_state(
                 local,
                 cfg.first_order,
                 cfg.first_order_bits,
                 cfg.first_order_min_quant_numel,
-                cfg.first_order_v,
+                second_moment_mode(cfg.first_order_v, plan),
                 cfg.first_order_m_map,
             )
         )
-        plan = self.block_plan(local.shape)
         if plan is not None:
             form = self._form(local.device)
             regions = []

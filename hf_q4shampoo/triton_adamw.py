@@ -1,4 +1,4 @@
-"""4-bit AdamW of matrices in two Triton kernels (``adamw4_step``; oracle: ``first_order._adamw_math``).
+"""4-bit AdamW of matrices in Triton kernels (``adamw4_step``; oracle: ``first_order._adamw_math``).
 
 Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, v rank-1 zero-free):
 
@@ -7,6 +7,10 @@ Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, 
   program) and write the new v to a scratch buffer;
 * between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales);
 * pass B re-encodes v with those scales.
+
+With a factored v (paper 3's "4-bit Factor", Adafactor's row and column EMAs of ``d^2``) torch first updates
+the row and column EMAs (two reductions of ``d^2``, as the oracle ``first_order._factored_v``) and pass A reads
+``v = (row / mean(row)) * col`` from them; there is no scratch buffer and no pass B.
 
 A member whose ``keep`` flag is 0 (a skipped update, see ``first_order``) stores nothing in either pass
 and keeps its v maxima, so its parameter and moments stay exactly as they were.
@@ -60,8 +64,10 @@ if HAS_TRITON:
         R,
         C,
         PARAM_BF16: tl.constexpr,
+        FACTORED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # FACTORED: max0 / max1 hold the new normalised row EMA and column EMA of v (v_codes, v_new unused)
         k = tl.program_id(0)
         pid = tl.program_id(1)
         HALF: tl.constexpr = BLOCK // 2
@@ -88,23 +94,22 @@ if HAS_TRITON:
         m_scale = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0.0)
         m_e = tl.load(m_table_ptr + (mbyte & 15)) * m_scale
         m_o = tl.load(m_table_ptr + (mbyte >> 4)) * m_scale
-        # decode v (rank-1 zero-free linear): scale min(row max, column max)
-        vbyte = tl.load(v_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
-        s_e = tl.minimum(
-            tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0),
-            tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0),
-        )
-        s_o = tl.minimum(
-            tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0),
-            tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0),
-        )
-        v_e = tl.load(v_table_ptr + (vbyte & 15)) * s_e
-        v_o = tl.load(v_table_ptr + (vbyte >> 4)) * s_o
+        row_e = tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0)
+        col_e = tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0)
+        row_o = tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0)
+        col_o = tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0)
+        if FACTORED:  # the new v itself, from the already updated row and column EMAs
+            v_e = row_e * col_e
+            v_o = row_o * col_o
+        else:  # decode v (rank-1 zero-free linear, scale min(row max, column max)), then its EMA
+            vbyte = tl.load(v_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
+            v_e = tl.load(v_table_ptr + (vbyte & 15)) * tl.minimum(row_e, col_e)
+            v_o = tl.load(v_table_ptr + (vbyte >> 4)) * tl.minimum(row_o, col_o)
+            v_e = v_e * beta2 + (1.0 - beta2) * d_e * d_e
+            v_o = v_o * beta2 + (1.0 - beta2) * d_o * d_o
         # the AdamW step (lerp with weight < 0.5 is start + w (end - start), as torch computes it)
         m_e = m_e + (1.0 - beta1) * (d_e - m_e)
         m_o = m_o + (1.0 - beta1) * (d_o - m_o)
-        v_e = v_e * beta2 + (1.0 - beta2) * d_e * d_e
-        v_o = v_o * beta2 + (1.0 - beta2) * d_o * d_o
         u_e = (m_e / bias1) / (tl.sqrt_rn(v_e) / bias2 + eps) * lr
         u_o = (m_o / bias1) / (tl.sqrt_rn(v_o) / bias2 + eps) * lr
         decay = 1.0 - lr * weight_decay
@@ -120,8 +125,9 @@ if HAS_TRITON:
             p_o = p_o * decay - u_o
         tl.store(p_ptr + even, p_e, mask=in_e & keep)
         tl.store(p_ptr + odd, p_o, mask=in_o & keep)
-        tl.store(v_new_ptr + row_base + even, v_e, mask=in_e)
-        tl.store(v_new_ptr + row_base + odd, v_o, mask=in_o)
+        if not FACTORED:
+            tl.store(v_new_ptr + row_base + even, v_e, mask=in_e)
+            tl.store(v_new_ptr + row_base + odd, v_o, mask=in_o)
         # re-encode m: 64 pairs per 128-block; absmax over the block, nearest code of m / absmax
         NB: tl.constexpr = HALF // 64
         a_e = tl.reshape(tl.where(in_e, tl.abs(m_e), 0.0), (NB, 64))
@@ -183,6 +189,23 @@ def pointer_tables() -> list[torch.Tensor]:
     return list(_POINTERS.values())
 
 
+def _factored_v_rows_cols(
+    moments: dict[str, torch.Tensor], d: torch.Tensor, beta2: float, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update a factored v's row and column EMAs of ``d^2`` in place (members whose ``keep`` is false keep
+    theirs) and return what pass A reads: the new rows divided by their mean, and the new columns. The same
+    operations as the oracle ``first_order._factored_v``."""
+    row_ema, col_ema = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
+    d2 = d * d
+    row = row_ema * beta2 + (1.0 - beta2) * d2.mean(-1)
+    col = col_ema * beta2 + (1.0 - beta2) * d2.mean(-2)
+    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    kept = keep.reshape(-1, 1)
+    row_ema.copy_(torch.where(kept, row, row_ema))
+    col_ema.copy_(torch.where(kept, col, col_ema))
+    return (row / scale).contiguous(), col.contiguous()
+
+
 def adamw4_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
@@ -198,7 +221,8 @@ def adamw4_step(
     keep: torch.Tensor | None = None,
 ) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
-    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``m_map`` is the
+    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state (v rank-1 4-bit or
+    factored: ``exp_avg_sq_row`` / ``exp_avg_sq_col``); ``m_map`` is the
     code of m (any 16-entry table: the kernel reads it from memory); ``keep`` (K,) bool flags, false for
     members that must stay as they are (None: all are updated)."""
     k = len(params)
@@ -208,21 +232,27 @@ def adamw4_step(
     m_table, m_mids = get_code(m_map, device)
     v_table, v_mids = get_code("zero_free_linear", device)
     m_codes, m_scales = moments["exp_avg_codes"], moments["exp_avg_scales"]
-    v_codes = moments["exp_avg_sq_codes"]
-    max0, max1 = moments["exp_avg_sq_max0"], moments["exp_avg_sq_max1"]
+    directions = directions.contiguous()
     if keep is None:
         keep = torch.ones(k, dtype=torch.bool, device=device)
     keep_bytes = keep.contiguous().view(torch.uint8)
-    v_new = torch.empty((k, rows, cols), dtype=torch.float32, device=device)
+    factored = "exp_avg_sq_row" in moments
+    if factored:
+        row, col = _factored_v_rows_cols(moments, directions.view(k, rows, cols), beta2, keep)
+        v_codes = v_new = m_codes  # not read: pass A takes v from the row and column EMAs
+    else:
+        v_codes = moments["exp_avg_sq_codes"]
+        row, col = moments["exp_avg_sq_max0"], moments["exp_avg_sq_max1"]
+        v_new = torch.empty((k, rows, cols), dtype=torch.float32, device=device)
     grid = (k, triton.cdiv(n, BLOCK))
     _pass_a[grid](
         _pointer_table(params),
-        directions.contiguous(),
+        directions,
         m_codes,
         m_scales,
         v_codes,
-        max0,
-        max1,
+        row,
+        col,
         v_new,
         m_table,
         m_mids,
@@ -241,8 +271,12 @@ def adamw4_step(
         rows,
         cols,
         PARAM_BF16=params[0].dtype == torch.bfloat16,
+        FACTORED=factored,
         BLOCK=BLOCK,
     )
+    if factored:
+        return
+    max0, max1 = row, col
     rows_kept = keep.reshape(k, 1)
     max0.copy_(torch.where(rows_kept, v_new.amax(dim=2), max0))
     max1.copy_(torch.where(rows_kept, v_new.amax(dim=1), max1))

@@ -35,12 +35,14 @@ __all__ = [
     "requantize_factor",
 ]
 
-_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_max0", "exp_avg_sq_max1")
+_M_KEYS = {"exp_avg_codes", "exp_avg_scales"}
+_V_KEYS = ({"exp_avg_sq_codes", "exp_avg_sq_max0", "exp_avg_sq_max1"}, {"exp_avg_sq_row", "exp_avg_sq_col"})
 
 
 def supports(params: list[torch.Tensor], directions: torch.Tensor, moments: dict[str, torch.Tensor]) -> bool:
-    """Whether this batch fits the kernels: 2-D contiguous fp32/bf16 matrices with rank-1 4-bit v."""
-    if not HAS_TRITON or directions.dim() != 3 or set(moments) != set(_KEYS):
+    """Whether this batch fits the kernels: 2-D contiguous fp32/bf16 matrices with 4-bit m and a rank-1 4-bit
+    or a factored v."""
+    if not HAS_TRITON or directions.dim() != 3 or not any(set(moments) == _M_KEYS | v for v in _V_KEYS):
         return False
     p = params[0]
     return p.dim() == 2 and p.dtype in (torch.float32, torch.bfloat16) and all(q.is_contiguous() for q in params)

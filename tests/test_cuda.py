@@ -98,13 +98,14 @@ def test_fast_paths_match_reference_on_cuda(precond):
         assert rel < 2e-2
 
 
-def _moments(shape, dtype=torch.float32, steps=1):
-    """Stacked 4-bit AdamW state of K = shape[0] matrices after ``steps`` eager steps, on CUDA."""
+def _moments(shape, dtype=torch.float32, steps=1, v="rank1"):
+    """Stacked 4-bit AdamW state (v rank-1 4-bit or factored) of K = shape[0] matrices after ``steps`` eager
+    steps, on CUDA."""
     from hf_q4shampoo import first_order as fo
     from hf_q4shampoo import moments as fm
 
     params = [torch.randn(shape[1:], device="cuda").to(dtype) for _ in range(shape[0])]
-    states = [fm.init_first_order_state(p, "adamw", 4) for p in params]
+    states = [fm.init_first_order_state(p, "adamw", 4, v=v) for p in params]
     moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
     for step in range(1, steps + 1):
         fo.adamw_batch_step(
@@ -142,8 +143,9 @@ def test_compiled_first_order_matches_eager():
     torch.testing.assert_close(u1, u2, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("v", ["rank1", "factored"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_adamw_matches_torch_math(dtype):
+def test_triton_adamw_matches_torch_math(dtype, v):
     # the Triton kernels (compile_=True on CUDA) against the eager torch math on identical inputs, 3 steps
     from hf_q4shampoo import first_order as fo
     from hf_q4shampoo import triton_kernels
@@ -152,9 +154,11 @@ def test_triton_adamw_matches_torch_math(dtype):
         pytest.skip("no Triton")
     shape = (3, 96, 328)  # 328 columns: rows are not a whole number of 128-blocks, last program partial
     torch.manual_seed(0)
-    params, moments = _moments(shape, dtype, steps=2)
+    params, moments = _moments(shape, dtype, steps=2, v=v)
+    assert ("exp_avg_sq_row" in moments) == (v == "factored")
     fast = ([p.clone() for p in params], {k: v.clone() for k, v in moments.items()})
     assert triton_kernels.supports(fast[0], torch.empty(shape, device="cuda"), fast[1])
+    assert fo.adamw_kernel(fast[0], fast[1], True) == "triton"
     for step in (3, 4, 5):
         d = torch.randn(shape, device="cuda") * torch.linspace(0.1, 3, shape[-1], device="cuda")
         kw = dict(step=step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4)

@@ -1,6 +1,7 @@
 """The factored second moment (``first_order_v="factored"``, paper 3's 4-bit Factor) and the signed moments' code
 (``first_order_m_map``) against an fp64 oracle."""
 
+import copy
 import io
 
 import pytest
@@ -140,15 +141,48 @@ def test_factored_state_bytes_and_checkpoint():
         Q4Shampoo(model.parameters(), update_freq=1, root_freq=2).load_state_dict(saved)
 
 
-def test_triton_kernels_refuse_a_factored_state(monkeypatch):
-    # CUDA routes 4-bit matrices to the Triton kernels when supports() says so; they implement only the rank-1 v
+def test_triton_kernels_take_both_v_layouts_of_4bit_moments(monkeypatch):
+    # CUDA routes 4-bit matrices to the Triton kernels when supports() says so: rank-1 4-bit or factored v
+    # (the kernels against the torch math: test_triton_interpret.py, test_cuda.py); fp32 moments go to torch
     monkeypatch.setattr(triton_kernels, "HAS_TRITON", True)
     p = torch.nn.Parameter(torch.randn(96, 70))
-    for v, expected in (("rank1", True), ("factored", False)):
-        opt = Q4Shampoo([p], first_order_v=v, min_precond_numel=10**9)
+    for v, bits, expected in (("rank1", 4, True), ("factored", 4, True), ("factored", 32, False)):
+        opt = Q4Shampoo([p], first_order_v=v, first_order_bits=bits, min_precond_numel=10**9)
         opt.build_state()
         moments = {k: t.unsqueeze(0) for k, t in opt.state[p].items() if k.startswith("exp_avg")}
-        assert triton_kernels.supports([p], torch.randn(1, 96, 70), moments) is expected
+        assert triton_kernels.supports([p], torch.randn(1, 96, 70), moments) is expected, (v, bits)
+
+
+def test_one_sided_factors_v_only_where_shampoo_preconditions_one_side():
+    # an embedding 5000 x 64 (aspect ratio 78 > max_aspect_ratio 16: only its 64 side has a factor) gets the
+    # factored v; a 64 x 256 matrix (both sides preconditioned) keeps the rank-1 4-bit v; a vector plain fp32
+    torch.manual_seed(0)
+    emb, lin, bias = (torch.nn.Parameter(torch.randn(*s)) for s in ((5000, 64), (64, 256), (256,)))
+    opt = Q4Shampoo([emb, lin, bias], first_order_v="one_sided", update_freq=1, root_freq=2)
+    assert opt.block_plan(emb.shape).one_sided and not opt.block_plan(lin.shape).one_sided
+    for _ in range(3):
+        for p in (emb, lin, bias):
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.state[emb]["exp_avg_sq_row"].shape == (5000,) and opt.state[emb]["exp_avg_sq_col"].shape == (64,)
+    assert "exp_avg_sq_codes" in opt.state[lin] and "exp_avg_sq_row" not in opt.state[lin]
+    assert "exp_avg_sq" in opt.state[bias]
+    assert float(opt.state[emb]["exp_avg_sq_row"].min()) > 0  # updated, from fresh gradients
+    # the same as first_order_v="factored" on the embedding and "rank1" on the matrix, to the last bit
+    runs = {}
+    for v in ("one_sided", "factored", "rank1"):
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in ((5000, 64), (64, 256))]
+        o = Q4Shampoo(params, first_order_v=v, update_freq=1, root_freq=2)
+        for _ in range(3):
+            for q in params:
+                q.grad = torch.randn_like(q)
+            o.step()
+        runs[v] = [q.detach().clone() for q in params]
+    assert torch.equal(runs["one_sided"][0], runs["factored"][0]) and torch.equal(
+        runs["one_sided"][1], runs["rank1"][1]
+    )
+    assert not torch.equal(runs["one_sided"][0], runs["rank1"][0])
 
 
 def test_invalid_first_order_v():
@@ -172,3 +206,30 @@ def test_linear2_momentum_buffer_of_sgd():
             {"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]}, (1, 128, 40), m_map
         )[0]
         torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))
+
+
+def test_checkpoint_of_another_first_order_v_loads_where_every_state_fits():
+    # first_order_v only changes the state of some parameters: a rank-1 checkpoint of a model without one-sided
+    # matrices resumes under "one_sided" to the last bit; with an embedding it is refused, naming the option
+    def run(v, shapes, saved=None, steps=2):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        opt = Q4Shampoo(params, first_order_v=v, update_freq=1, root_freq=2)
+        if saved is not None:
+            opt.load_state_dict(copy.deepcopy(saved))  # the loaded state takes the saved tensors, as torch's does
+        for step in range(steps):
+            torch.manual_seed(100 + step)
+            for q in params:
+                q.grad = torch.randn_like(q)
+            opt.step()
+        return params, opt
+
+    square = [(64, 256), (128, 64)]
+    _, opt = run("rank1", square)
+    saved = opt.state_dict()
+    resumed, _ = run("one_sided", square, saved)
+    again, _ = run("rank1", square, saved)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, again))
+    _, opt = run("rank1", [(5000, 64)])
+    with pytest.raises(ConfigError, match="first_order_v: saved 'rank1', now 'one_sided'"):
+        run("one_sided", [(5000, 64)], opt.state_dict())

@@ -79,6 +79,34 @@ SCRIPT = textwrap.dedent("""
     for i in (0, 2):
         torch.testing.assert_close(fast_p[i], params[i], rtol=1e-5, atol=1e-6)
         assert not torch.equal(fast_p[i], before_p[i])
+    # a factored v (paper 3's 4-bit Factor): the row and column EMAs and the parameters as the torch math, with
+    # one member skipped (its parameter and moments stay exactly as they were)
+    params = [torch.randn(R, C, generator=g) for _ in range(K)]
+    states = [fm.init_first_order_state(p, "adamw", 4, v="factored", m_map="linear2") for p in params]
+    moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
+    assert {"exp_avg_sq_row", "exp_avg_sq_col"} <= set(moments) and tk.supports(params, torch.empty(K, R, C), moments)
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4, m_map="linear2")
+    fo.adamw_batch_step(params, torch.randn(K, R, C, generator=g), moments, step=1, **kw)
+    fast_p, fast_m = [p.clone() for p in params], {k: v.clone() for k, v in moments.items()}
+    for step, keep in ((2, None), (3, torch.tensor([True, False, True]))):
+        d = torch.randn(K, R, C, generator=g) * torch.linspace(0.1, 3, C)
+        if keep is not None:
+            d[1, 3, 5] = float("nan")
+            before_p, before_m = fast_p[1].clone(), {k: v[1].clone() for k, v in fast_m.items()}
+        fo.adamw_batch_step(params, d, moments, step=step, keep=keep, **kw)
+        tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**step), scalar(math.sqrt(1 - 0.999**step)),
+                       0.9, 0.999, 1e-8, 0.1, "linear2", keep=keep)
+        for key, ref in moments.items():
+            if ref.dtype == torch.uint8:
+                assert float((ref != fast_m[key]).float().mean()) < 1e-3, key
+            else:
+                torch.testing.assert_close(fast_m[key], ref, rtol=1e-5, atol=1e-8)
+        for i, (p, q) in enumerate(zip(params, fast_p)):
+            if keep is not None and i == 1:
+                assert torch.equal(q, before_p) and all(torch.equal(fast_m[k][1], before_m[k]) for k in fast_m)
+            else:
+                torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
     # the Cholesky form's storage: dequantization, and re-quantization with error feedback, bit-identical
     table, mids = quant.get_code("linear2", torch.device("cpu"))
     for n in (64, 100, 130):  # one block, a partial block, an odd order
