@@ -10,8 +10,12 @@ Rules (paper 2's ``BlockPartitioner`` and reshaping, papers.md §1.2, plus two m
    the short side gets a factor. Its factor would cost (long/short) times the block's own size in
    memory while carrying little curvature information per entry. Set ``max_aspect_ratio=0`` to
    always precondition both sides.
-3. A preconditioned dimension longer than ``max_precond_dim`` is cut into chunks of that size, the
-   last chunk holding the remainder. An unpreconditioned dimension is never cut.
+3. A preconditioned dimension longer than ``max_precond_dim`` is cut into chunks: with
+   ``split="even"`` (the default) into the fewest chunks of at most that size, as equal as they can be
+   (sizes differ by at most one: 2304 -> 3 x 768); with ``split="fixed"`` (Distributed Shampoo's) into
+   chunks of exactly that size and one remainder (2304 -> 2 x 1024 + 256). Even chunks cost less memory
+   (a factor's size grows with the square of its order: 3 x 768^2 is 82% of 2 x 1024^2 + 256^2) and give
+   fewer distinct orders to batch. An unpreconditioned dimension is never cut.
 
 The blocks of a matrix therefore form at most four *regions* (full x full, full x rest,
 rest x full, rest x rest); within a region all blocks have one shape and are extracted with a
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Region", "BlockPlan", "local_tensor", "matrix_view_shape", "plan_blocks", "extract_blocks", "insert_blocks"]
+__all__ = ["SPLITS", "Region", "BlockPlan", "local_tensor", "matrix_view_shape", "plan_blocks", "extract_blocks", "insert_blocks"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -80,10 +84,20 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | 
     return dims[0], math.prod(dims[1:])
 
 
-def _segments(length: int, precond: bool, max_dim: int) -> list[tuple[int, int, int]]:
-    """(start, chunk size, number of chunks) runs covering ``length``."""
+SPLITS = ("even", "fixed")
+
+
+def _segments(length: int, precond: bool, max_dim: int, split: str = "even") -> list[tuple[int, int, int]]:
+    """(start, chunk size, number of chunks) runs covering ``length`` (rule 3 of the module docstring)."""
     if not precond or length <= max_dim:
         return [(0, length, 1)]
+    if split == "even":
+        chunks = -(-length // max_dim)
+        size, larger = divmod(length, chunks)  # ``larger`` chunks of size + 1 first, then the others
+        segs = [(0, size + 1, larger)] if larger else []
+        return segs + [(larger * (size + 1), size, chunks - larger)]
+    if split != "fixed":
+        raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     full, rest = divmod(length, max_dim)
     segs = [(0, max_dim, full)]
     if rest:
@@ -96,6 +110,7 @@ def plan_blocks(
     max_precond_dim: int = 1024,
     max_aspect_ratio: float = 16.0,
     min_precond_numel: int = 64,
+    split: str = "even",
 ) -> BlockPlan | None:
     """Block plan for a parameter of ``shape``, or None if it bypasses Shampoo (see module doc)."""
     view = matrix_view_shape(shape)
@@ -109,8 +124,8 @@ def plan_blocks(
         elif cols > max_aspect_ratio * rows:
             precond_cols = False
     regions = []
-    for r0, a, nr in _segments(rows, precond_rows, max_precond_dim):
-        for c0, b, nc in _segments(cols, precond_cols, max_precond_dim):
+    for r0, a, nr in _segments(rows, precond_rows, max_precond_dim, split):
+        for c0, b, nc in _segments(cols, precond_cols, max_precond_dim, split):
             regions.append(Region(r0, c0, a, b, nr, nc, precond_rows, precond_cols))
     return BlockPlan((rows, cols), tuple(regions))
 

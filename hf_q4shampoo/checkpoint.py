@@ -17,9 +17,10 @@ import torch
 from .blocking import local_tensor as _local
 from .config import LEGACY_STATE_LAYOUT, SHAPE_DECIDED_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .distributed import DdpSplit, strip_statistics
+from .quant import SCALE_DTYPE
 from .sharded_state import is_dtensor, unwrap, wrap
 
-__all__ = ["CheckpointMixin", "detach_views", "state_mismatch", "step_tensor"]
+__all__ = ["CheckpointMixin", "detach_views", "restore_state", "state_mismatch", "step_tensor"]
 
 _SHARE_WARNING = (
     "Q4Shampoo: under DDP each rank keeps the statistics of its share of the matrices (shard_preconditioners), so "
@@ -142,7 +143,7 @@ class CheckpointMixin:
                 self.state.pop(p, None)
             elif index in saved_state:
                 device = _local(p).device
-                self.state[p] = _restore(saved_state[index], device)
+                self.state[p] = restore_state(saved_state[index], device)
                 _add_missing_keys(self.state[p], device)
                 if self._statistics_elsewhere(p):
                     strip_statistics(self.state[p])  # the whole state: keep this rank's share (re-sharding)
@@ -352,19 +353,27 @@ def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
                 side["jitter"] = torch.ones_like(side["ridge"])
 
 
-def _restore(value: Any, device: torch.device) -> Any:
-    """A saved state value with its tensors on ``device`` and their saved dtypes.
+def restore_state(value: Any, device: torch.device) -> Any:
+    """A saved state value with its tensors on ``device`` and their saved dtypes, but block scales in bf16.
 
     The step counter stays a CPU fp32 tensor so reading it never waits for the accelerator (a plain
-    number, torch's older format, becomes one).
+    number, torch's older format, becomes one). Block scales (``*_scales``) saved in fp32, before they were
+    stored in bf16 (2026-12-01), are rounded to bf16: each decoded entry moves by at most 2^-8 of its block's
+    largest one until its next re-encoding, and the state has the layout every later step writes.
     """
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
-        return {k: step_tensor(v) if k == "step" else _restore(v, device) for k, v in value.items()}
+        return {k: step_tensor(v) if k == "step" else _restore_entry(k, v, device) for k, v in value.items()}
     if isinstance(value, list):
-        return [_restore(v, device) for v in value]
+        return [restore_state(v, device) for v in value]
     return value
+
+
+def _restore_entry(key: str, value: Any, device: torch.device) -> Any:
+    if key.endswith("_scales") and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(device, SCALE_DTYPE)
+    return restore_state(value, device)
 
 
 def step_tensor(step: Any) -> torch.Tensor:

@@ -18,7 +18,7 @@ class CholeskyForm(PreconditionerForm):
 
     Storage per side: ``factor_codes`` (one n x n 4-bit buffer: strictly-lower = off-diagonal of
     the factor C, strictly-upper = a second strictly-lower matrix, transposed), ``factor_scales`` +
-    ``factor_diag_block_upper_scale`` (fp32 block scales, separate for the two triangles; see
+    ``factor_diag_block_upper_scale`` (bf16 block scales and an fp32 one per row, separate for the two triangles; see
     :func:`~hf_q4shampoo.quant.quantize_lower_upper`), ``diag`` (fp32 diagonal of C) and ``ridge``
     (fp32 scalar per factor: the jitter r of the last factorisation, ``C C^T ~ L + r I``).
     Small sides (``n*n < min_quant_numel``) keep C in fp32 as ``factor`` and have no upper triangle.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .blocking import SPLITS
 from .options import ConfigError, OptionsBase, parse_bool, parse_key_values
 
 __all__ = [
@@ -54,6 +55,7 @@ LEGACY_STATE_LAYOUT = {
     "factor_scaling": "row",
     "factor_upper": "feedback",
     "grafting": "norm",
+    "block_split": "fixed",
 }
 
 
@@ -150,6 +152,9 @@ class Q4ShampooConfig(OptionsBase):
     Blocking (see ``blocking.py``):
         max_precond_dim: dimensions longer than this are cut into blocks (paper 2: 1200; we use
             1024, which suits GPU matrix units and Distributed Shampoo's default).
+        block_split: how: ``"even"`` (default: the fewest blocks of at most ``max_precond_dim``, equal to
+            within one; GPT-2's 2304 -> 3 x 768) or ``"fixed"`` (Distributed Shampoo's: blocks of exactly
+            ``max_precond_dim`` and a remainder; 2304 -> 2 x 1024 + 256, 4% more state on GPT-2 small).
         max_aspect_ratio: a dimension more than this many times longer than the other is not
             preconditioned (only the short side is); 0 disables the rule. Otherwise at least 1 (below 1
             even a square matrix would lose a factor).
@@ -194,10 +199,11 @@ class Q4ShampooConfig(OptionsBase):
             and before a root (paper 2: 1 and 4).
 
     Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
-    first_order_min_quant_numel, first_order_v, first_order_m_map, grafting, max_precond_dim, max_aspect_ratio,
-    min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling, factor_upper) decide how
-    the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a checkpoint made with
-    other values of any of them.
+    first_order_min_quant_numel, first_order_v, first_order_m_map, grafting, max_precond_dim, block_split,
+    max_aspect_ratio, min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling,
+    factor_upper) decide how the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a
+    checkpoint made with other values of any of them, except where another value of ``first_order_v`` or
+    ``block_split`` leaves every parameter's state as it was (``SHAPE_DECIDED_KEYS``).
 
     Several GPUs (no effect on the math):
         shard_preconditioners: under DDP (``torch.distributed`` initialised with more than one rank and parameters
@@ -280,6 +286,7 @@ class Q4ShampooConfig(OptionsBase):
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
     max_precond_dim: int = _state_field(1024)
+    block_split: str = _state_field("even")
     max_aspect_ratio: float = _state_field(16.0)
     min_precond_numel: int = _state_field(64)
     min_quant_numel: int = _state_field(4096)
@@ -347,8 +354,9 @@ STATE_LAYOUT_KEYS = tuple(f.name for f in fields(Q4ShampooConfig) if f.metadata.
 #: Layout options whose other values change only the keys or shapes of some parameters' state, never what a
 #: state of the same keys and shapes means: a checkpoint made with another value loads where every parameter's
 #: saved state fits (``checkpoint.py``), e.g. a ``"rank1"`` checkpoint of a model without one-sided matrices
-#: under ``first_order_v="one_sided"``.
-SHAPE_DECIDED_KEYS = ("first_order_v",)
+#: under ``first_order_v="one_sided"``, or a ``"fixed"`` one whose preconditioned dimensions are all multiples
+#: of ``max_precond_dim`` (or shorter) under ``block_split="even"``: the same blocks.
+SHAPE_DECIDED_KEYS = ("first_order_v", "block_split")
 
 
 #: (update_freq, root_freq) of the "auto" schedule when the run's length is unknown.
@@ -386,6 +394,7 @@ def auto_first_root(update_freq: int, root_freq: int) -> int:
 _CHOICES: dict[str, tuple] = {
     "first_order": ("adamw", "sgd"),
     "first_order_v": ("rank1", "factored", "one_sided"),
+    "block_split": SPLITS,
     "first_order_m_map": ("linear2", "dynamic"),
     "grafting": GRAFTINGS,
     "precond": PRECOND_FORMS,

@@ -114,7 +114,7 @@ class DdpSplit:
 
         ``due``: ``(shape group, members)`` whose roots were due this step, for every owner, in the layout's
         order (the same list on every rank). The owners have already refreshed their rows; each piece travels
-        as raw bytes (4-bit codes, fp32 scales and diagonals), so receivers hold exactly the owner's values.
+        as raw bytes (4-bit codes, bf16 scales, fp32 diagonals), so receivers hold exactly the owner's values.
         """
         sections = self._sections(due)
         sizes = [self._payload_bytes(sections.get(r, {})) for r in range(self.world_size)]

@@ -7,7 +7,7 @@ Memory kinds (``MemoryReport.by_kind``):
 ``roots``             stored inverse roots (4-bit codes, or fp32)
 ``error_feedback``    the error-feedback state of ``cholesky_ef`` (half of the shared code buffer)
 ``first_order``       first-order moments (4-bit codes or fp32 tensors)
-``scales_diagonals``  fp32 block scales, exact diagonals, eigenvalues, ridges, rank-1 maxima
+``scales_diagonals``  bf16 block scales, exact diagonals, eigenvalues, ridges, rank-1 maxima
 ``other``             step counters
 ``indices``           integer positions of sparse stored entries (SparseMFAC's top-k window)
 ``gram``              m x m inner-product matrices (SparseMFAC's ``D = G G^T``, fp64)
@@ -114,7 +114,9 @@ def factor_numel(plan: BlockPlan | None) -> int:
 def config_block_plan(config: Q4ShampooConfig | None = None) -> PlanFn:
     """The block plan of a Q4Shampoo with ``config`` (default: the default config), as a function of the shape."""
     c = config or Q4ShampooConfig()
-    return lambda shape: plan_blocks(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel)
+    return lambda shape: plan_blocks(
+        tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel, c.block_split
+    )
 
 
 def adamw_equivalent(shape: Iterable[int]) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .blocking import local_tensor as _local
-from .checkpoint import detach_views, state_mismatch, step_tensor
+from .checkpoint import detach_views, restore_state, state_mismatch
 from .first_order import adamw_batch_step, total_skipped
 from .layout import (
     IndexCache,
@@ -274,9 +274,7 @@ class Q4AdamW(torch.optim.Optimizer):
         for index, p in enumerate(params):
             if index in saved_state:
                 device = _local(p).device
-                self.state[p] = {
-                    k: step_tensor(v) if k == "step" else v.to(device) for k, v in saved_state[index].items()
-                }
+                self.state[p] = restore_state(saved_state[index], device)
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
 

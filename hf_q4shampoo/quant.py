@@ -11,6 +11,12 @@ Conventions (papers.md §3.1, §3.4, §4.2, §6.1):
   ``block_size`` contiguous entries (the last block of a row may be shorter), and every block is
   divided by its largest absolute value. Blocks never span two rows, so eigenvector rows and matrix
   rows are normalised on their own (paper 2 requires blocks inside one eigenvector).
+* Block scales are stored in **bf16** (2 bytes instead of 4: 3.7% of GPT-2 small's state). Each is the block's
+  absmax rounded to the nearest bf16 value (:func:`bf16_round`) *before* the block is divided by it, so the
+  stored scale is exactly the one the codes were made with. A normalised value may then exceed 1 by up to
+  2^-8, and takes the end code; so the block's largest entry decodes within 2^-8 of itself instead of
+  exactly, with no bias (round to nearest: rounding up instead would inflate a momentum's largest entry at
+  every re-encoding). Every other entry's error is the code's own (a code step is 1/7 at best).
 * Two 4-bit codes share a byte, the even element in the low nibble. Rows are packed separately and
   padded to an even length, so odd row lengths never share a byte between rows (the "odd-order
   hazard" of paper 2's CUDA kernels cannot happen here).
@@ -33,6 +39,8 @@ __all__ = [
     "zero_free_linear_code",
     "pack_nibbles",
     "unpack_nibbles",
+    "bf16_round",
+    "SCALE_DTYPE",
     "encode_blockwise",
     "decode_blockwise",
     "roundtrip_blockwise",
@@ -178,16 +186,28 @@ def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], nb, block_size)
 
 
-def encode_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-code indices (unpacked, int32) and fp32 per-block absmax of ``x`` along its last dim.
+#: dtype of every stored block scale (module docstring)
+SCALE_DTYPE = torch.bfloat16
 
-    Returns ``(indices, absmax)`` with shapes ``x.shape`` and ``(..., ceil(n / block_size))``.
-    An all-zero block gets absmax 0 and decodes to exact zeros.
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32, finite, non-negative) rounded to the nearest bf16 value (ties to even), still as fp32.
+    Integer arithmetic on the bit pattern, so the Triton kernels (``triton_common._bf16_round``) give the same
+    bits as this and as ``x.to(torch.bfloat16)``."""
+    bits = x.view(torch.int32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).view(torch.float32)
+
+
+def encode_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code indices (unpacked, int32) and per-block absmax of ``x`` along its last dim.
+
+    Returns ``(indices, absmax)`` with shapes ``x.shape`` and ``(..., ceil(n / block_size))``; ``absmax`` is fp32
+    holding bf16 values (module docstring). An all-zero block gets absmax 0 and decodes to exact zeros.
     """
     n = x.shape[-1]
     table, mids = get_code(code, x.device)
     blocks = _blocked(x.float(), block_size)
-    absmax = blocks.abs().amax(dim=-1)
+    absmax = bf16_round(blocks.abs().amax(dim=-1))
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = blocks / safe.unsqueeze(-1)
     idx = torch.bucketize(normed, mids, out_int32=True)
@@ -218,9 +238,9 @@ def roundtrip_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int 
 def quantize_blockwise(
     x: torch.Tensor, code: str = "linear2", block_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` to packed 4-bit codes (uint8, ``(..., ceil(n/2))``) and fp32 block scales."""
+    """Quantize ``x`` to packed 4-bit codes (uint8, ``(..., ceil(n/2))``) and bf16 block scales."""
     idx, absmax = encode_blockwise(x, code, block_size)
-    return pack_nibbles(idx), absmax
+    return pack_nibbles(idx), absmax.to(SCALE_DTYPE)
 
 
 def dequantize_blockwise(
@@ -310,7 +330,7 @@ def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int =
     if n < 2:
         return {
             "codes": x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8),
-            "scales": x.new_zeros((*x.shape[:-2], 0, 0)),
+            "scales": x.new_zeros((*x.shape[:-2], 0, 0), dtype=SCALE_DTYPE),
             "diag": x.float().diagonal(dim1=-2, dim2=-1).clone(),
         }
     source, valid, _ = _symmetric_layout(n, x.device)
@@ -386,8 +406,8 @@ def quantize_lower_upper(
     col = torch.arange(n, device=lower.device).unsqueeze(0)
     idx = torch.where(col < row, lo_idx, up_idx)
     left, at = _diag_block_masks(n, block_size, lower.device)
-    scales = torch.where(left | at, lo_max, up_max)
-    diag_upper = (up_max * at).sum(-1)
+    scales = torch.where(left | at, lo_max, up_max).to(SCALE_DTYPE)
+    diag_upper = (up_max * at).sum(-1)  # fp32 (holding a bf16 value): one per row
     return {"codes": pack_nibbles(idx), "scales": scales, "diag_block_upper_scale": diag_upper}
 
 

@@ -35,7 +35,7 @@ M_BLOCK = 128
 
 
 if HAS_TRITON:
-    from .triton_common import _codes_of  # defined only where Triton is installed
+    from .triton_common import _bf16_round, _codes_of  # defined only where Triton is installed
 
     @triton.jit
     def _pass_a(
@@ -91,7 +91,7 @@ if HAS_TRITON:
         d_o = tl.load(d_ptr + row_base + odd, mask=in_o, other=0.0)
         # decode m (block-128, the m_map table)
         mbyte = tl.load(m_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
-        m_scale = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0.0)
+        m_scale = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0.0).to(tl.float32)
         m_e = tl.load(m_table_ptr + (mbyte & 15)) * m_scale
         m_o = tl.load(m_table_ptr + (mbyte >> 4)) * m_scale
         row_e = tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0)
@@ -132,14 +132,14 @@ if HAS_TRITON:
         NB: tl.constexpr = HALF // 64
         a_e = tl.reshape(tl.where(in_e, tl.abs(m_e), 0.0), (NB, 64))
         a_o = tl.reshape(tl.where(in_o, tl.abs(m_o), 0.0), (NB, 64))
-        absmax = tl.maximum(tl.max(a_e, axis=1), tl.max(a_o, axis=1))
+        absmax = _bf16_round(tl.maximum(tl.max(a_e, axis=1), tl.max(a_o, axis=1)))  # the stored bf16 scale
         safe = tl.where(absmax > 0, absmax, 1.0)
         c_e = _codes_of(tl.reshape(m_e, (NB, 64)) / safe[:, None], m_mids_ptr)
         c_o = _codes_of(tl.reshape(m_o, (NB, 64)) / safe[:, None], m_mids_ptr)
         packed = tl.reshape(c_e | (c_o << 4), (HALF,)).to(tl.uint8)
         tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair & keep)
         blk = pid * NB + tl.arange(0, NB)
-        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax, mask=(blk < NBLK) & keep)
+        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax.to(tl.bfloat16), mask=(blk < NBLK) & keep)
 
     @triton.jit
     def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C, BLOCK: tl.constexpr):

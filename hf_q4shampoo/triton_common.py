@@ -1,5 +1,6 @@
-"""What the Triton kernel modules share: the optional ``triton`` import (``HAS_TRITON``) and the nearest-code
-search of a 4-bit table (``_codes_of``), used by the 4-bit AdamW and the Cholesky factor kernels."""
+"""What the Triton kernel modules share: the optional ``triton`` import (``HAS_TRITON``), the nearest-code
+search of a 4-bit table (``_codes_of``) and the rounding of a block scale to bf16 (``_bf16_round``), used by the
+4-bit AdamW and the Cholesky factor kernels."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ if HAS_TRITON:
         for i in tl.static_range(15):
             code += (x > tl.load(mids_ptr + i)).to(tl.int32)
         return code
+
+    @triton.jit
+    def _bf16_round(x):
+        """x (fp32, finite, non-negative) rounded to the nearest bf16 value, as fp32: ``quant.bf16_round``'s
+        integer arithmetic, bit for bit."""
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .quant import SCALE_DTYPE
 from .triton_common import HAS_TRITON, tl, triton
 
 __all__ = ["UPPER_MODES", "dequantize_factor", "requantize_factor"]
@@ -28,7 +29,7 @@ UPPER_MODES = {"none": 0, "feedback": 1, "refine": 2}
 _EXACT = {"enable_fp_fusion": False}  # see the module docstring (ignored by the interpreter)
 
 if HAS_TRITON:
-    from .triton_common import _codes_of  # defined only where Triton is installed
+    from .triton_common import _bf16_round, _codes_of  # defined only where Triton is installed
 
     @triton.jit
     def _div(x, y):
@@ -69,7 +70,7 @@ if HAS_TRITON:
         lower = inside & (j < i)
         code = _nibble(codes_ptr, (k * n + i) * NB2, j, inside)
         value = tl.load(table_ptr + code)
-        scale = tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0.0)
+        scale = tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0.0).to(tl.float32)
         dbus = tl.load(dbus_ptr + k * n + i, mask=row_ok, other=0.0)
         diag_block = i // QBLOCK
         lo_scale = tl.where(b <= diag_block, scale, 0.0)
@@ -81,7 +82,7 @@ if HAS_TRITON:
             t_block = i // QBLOCK
             t_scale = tl.load(
                 scales_ptr + (k * n + j) * NBLK + t_block, mask=lower & (t_block > j // QBLOCK), other=0.0
-            )
+            ).to(tl.float32)
             t_dbus = tl.load(dbus_ptr + k * n + j, mask=lower & (t_block == j // QBLOCK), other=0.0)
             lo = lo + tl.load(table_ptr + code_t) * (t_scale + t_dbus)
         if COLUMN:
@@ -132,11 +133,11 @@ if HAS_TRITON:
             e = tl.load(u_old_ptr + base + j * n + i, mask=lower, other=0.0)  # E = U^T, strictly lower
             x = x + e
         x_lower = tl.where(j < i, x, 0.0)
-        lo_max = tl.max(tl.abs(x_lower), axis=1)
+        lo_max = _bf16_round(tl.max(tl.abs(x_lower), axis=1))  # the stored (bf16) scale
         safe = tl.where(lo_max > 0, lo_max, 1.0)
         code = _codes_of(_div(x_lower, safe[:, None]), mids_ptr)
         tl.store(lo_codes_ptr + base + i * n + j, code.to(tl.uint8), mask=lower)
-        tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max, mask=row < n)
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max.to(tl.bfloat16), mask=row < n)
         tl.store(diag_ptr + k * n + i + 0 * j, c, mask=inside & (j == i))
         if UPPER != 0:
             residual = x_lower - tl.load(table_ptr + code) * lo_max[:, None]
@@ -178,7 +179,7 @@ if HAS_TRITON:
         else:
             u_e = tl.load(err_ptr + base + j_even * n + i, mask=in_e & (j_even > i), other=0.0)
             u_o = tl.load(err_ptr + base + j_odd * n + i, mask=in_o & (j_odd > i), other=0.0)
-        up_max = tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1))
+        up_max = _bf16_round(tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1)))
         safe = tl.where(up_max > 0, up_max, 1.0)[:, None]
         up_e = _codes_of(_div(u_e, safe), mids_ptr)
         up_o = _codes_of(_div(u_o, safe), mids_ptr)
@@ -189,7 +190,7 @@ if HAS_TRITON:
         pair = b * HALF + tl.arange(0, HALF)[None, :]
         tl.store(codes_ptr + (k * n + i) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=row_ok & (pair < NB2))
         diag_block = row // QBLOCK
-        tl.store(scales_ptr + (k * n + row) * NBLK + b, up_max, mask=(row < n) & (b > diag_block))
+        tl.store(scales_ptr + (k * n + row) * NBLK + b, up_max.to(tl.bfloat16), mask=(row < n) & (b > diag_block))
         tl.store(dbus_ptr + k * n + row, up_max, mask=(row < n) & (b == diag_block))
 
 
@@ -259,7 +260,7 @@ def requantize_factor(
     device = new_c.device
     nblk = triton.cdiv(n, block_size)
     codes = torch.empty((k, n, (n + 1) // 2), dtype=torch.uint8, device=device)
-    scales = torch.empty((k, n, nblk), dtype=torch.float32, device=device)
+    scales = torch.empty((k, n, nblk), dtype=SCALE_DTYPE, device=device)
     dbus = torch.zeros((k, n), dtype=torch.float32, device=device)
     diag = torch.empty((k, n), dtype=torch.float32, device=device)
     # scratch: unpacked lower codes, and the upper triangle's matrix before its transpose is quantized

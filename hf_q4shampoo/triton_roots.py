@@ -39,7 +39,7 @@ if HAS_TRITON:
         base = k.to(tl.int64) * half_rows
         byte = tl.load(codes_ptr + (base + r) * ((n + 1) // 2) + c // 2, mask=inside & off, other=0).to(tl.int32)
         code = tl.where(c % 2 == 0, byte & 15, byte >> 4)
-        scale = tl.load(scales_ptr + (base + r) * NBLK + c // QBLOCK, mask=inside & off, other=0.0)
+        scale = tl.load(scales_ptr + (base + r) * NBLK + c // QBLOCK, mask=inside & off, other=0.0).to(tl.float32)
         value = tl.load(table_ptr + code) * scale
         d = tl.load(diag_ptr + k.to(tl.int64) * n + i, mask=inside & (i == j), other=0.0)
         value = tl.where(off, value, d)

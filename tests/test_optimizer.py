@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import io
 from pathlib import Path
@@ -1043,3 +1044,45 @@ def test_as_slice_takes_consecutive_rows_only():
 
     assert as_slice([3, 4, 5]) == slice(3, 6) and as_slice([0]) == slice(0, 1)
     assert as_slice([3, 5]) is None and as_slice([5, 4]) is None
+
+
+def test_checkpoint_with_fp32_block_scales_loads_with_bf16_scales():
+    # checkpoints from before the block scales were stored in bf16 (2026-12-01) hold fp32 scales: they load with
+    # the scales rounded to bf16, the layout every later step writes, and training goes on
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 96))
+    opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=2)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    scale_keys = []
+
+    def to_fp32(tree, path=""):
+        for key, value in list(tree.items()) if isinstance(tree, dict) else enumerate(tree):
+            if isinstance(value, (dict, list)):
+                to_fp32(value, f"{path}.{key}")
+            elif isinstance(key, str) and key.endswith("_scales"):
+                assert value.dtype == torch.bfloat16, key
+                tree[key] = value.float() * (1 + 2**-12)  # an fp32 scale of the old format: not a bf16 value
+                scale_keys.append(f"{path}.{key}")
+
+    to_fp32(saved["state"])
+    assert any("root_scales" in k for k in scale_keys) and any("exp_avg_scales" in k for k in scale_keys)
+    again = Q4Shampoo(model.parameters(), update_freq=1, root_freq=2)
+    again.load_state_dict(saved)
+    for p in (model[0].weight, model[1].weight):
+        state = again.state[p]
+        assert state["exp_avg_scales"].dtype == torch.bfloat16
+        region = state["regions"][0]["R"]
+        assert region["root_scales"].dtype == torch.bfloat16 and region["factor_scales"].dtype == torch.bfloat16
+        torch.testing.assert_close(
+            region["root_scales"], opt.state[p]["regions"][0]["R"]["root_scales"], rtol=2**-8, atol=0
+        )
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        again.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert again.state[model[0].weight]["exp_avg_scales"].dtype == torch.bfloat16
