@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SPLITS", "Region", "BlockPlan", "local_tensor", "matrix_view_shape", "plan_blocks", "extract_blocks", "insert_blocks"]
+__all__ = [
+    "SPLITS",
+    "Region",
+    "BlockPlan",
+    "local_tensor",
+    "matrix_view_shape",
+    "plan_blocks",
+    "extract_blocks",
+    "insert_blocks",
+]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -279,7 +279,9 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
     def block_plan(self, shape: torch.Size | tuple[int, ...]) -> BlockPlan | None:
         """How a parameter of ``shape`` is cut into blocks (None: first-order step only)."""
         c = self.config
-        return self._plan_cached(tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel, c.block_split)
+        return self._plan_cached(
+            tuple(shape), c.max_precond_dim, c.max_aspect_ratio, c.min_precond_numel, c.block_split
+        )
 
     def state_bytes(self, p: torch.Tensor) -> dict[str, int]:
         """Bytes of the state held for parameter ``p``, by memory kind (``hf_q4shampoo.memory.KINDS``).
