@@ -11,11 +11,12 @@ Rules (paper 2's ``BlockPartitioner`` and reshaping, papers.md §1.2, plus two m
    memory while carrying little curvature information per entry. Set ``max_aspect_ratio=0`` to
    always precondition both sides.
 3. A preconditioned dimension longer than ``max_precond_dim`` is cut into chunks: with
-   ``split="even"`` (the default) into the fewest chunks of at most that size, as equal as they can be
-   (sizes differ by at most one: 2304 -> 3 x 768); with ``split="fixed"`` (Distributed Shampoo's) into
-   chunks of exactly that size and one remainder (2304 -> 2 x 1024 + 256). Even chunks cost less memory
+   ``split="fixed"`` (the default, Distributed Shampoo's) into chunks of exactly that size and one
+   remainder (2304 -> 2 x 1024 + 256); with ``split="even"`` into the fewest chunks of at most that size,
+   as equal as they can be (sizes differ by at most one: 2304 -> 3 x 768). Even chunks cost less memory
    (a factor's size grows with the square of its order: 3 x 768^2 is 82% of 2 x 1024^2 + 256^2) and give
-   fewer distinct orders to batch. An unpreconditioned dimension is never cut.
+   fewer distinct orders to batch, but trained GPT-2 worse (docs/results.md §4.5). An unpreconditioned
+   dimension is never cut.
 
 The blocks of a matrix therefore form at most four *regions* (full x full, full x rest,
 rest x full, rest x rest); within a region all blocks have one shape and are extracted with a
@@ -96,7 +97,7 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | 
 SPLITS = ("even", "fixed")
 
 
-def _segments(length: int, precond: bool, max_dim: int, split: str = "even") -> list[tuple[int, int, int]]:
+def _segments(length: int, precond: bool, max_dim: int, split: str = "fixed") -> list[tuple[int, int, int]]:
     """(start, chunk size, number of chunks) runs covering ``length`` (rule 3 of the module docstring)."""
     if not precond or length <= max_dim:
         return [(0, length, 1)]
@@ -119,7 +120,7 @@ def plan_blocks(
     max_precond_dim: int = 1024,
     max_aspect_ratio: float = 16.0,
     min_precond_numel: int = 64,
-    split: str = "even",
+    split: str = "fixed",
 ) -> BlockPlan | None:
     """Block plan for a parameter of ``shape``, or None if it bypasses Shampoo (see module doc)."""
     view = matrix_view_shape(shape)

@@ -75,12 +75,14 @@ class Q4ShampooConfig(OptionsBase):
         first_order_min_quant_numel: tensors with at most this many entries keep fp32 moments when
             ``first_order_bits=4`` (paper 3 App. D.1: 4096, the default; tests lower it to exercise the
             4-bit moments on small tensors).
-        first_order_v: Adam's second moment of matrices: ``"rank1"`` (as ``first_order_bits`` says) or
-            ``"factored"`` (paper 3's "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's
-            factorisation, for tensors of more than 4096 entries with two dims > 1 after flattening the
-            trailing ones; about 0.5 byte per parameter less at 4 bits) or ``"one_sided"`` (factored for the
-            matrices Shampoo preconditions on one side only, ``max_aspect_ratio``: embeddings, LM heads,
-            adapters; rank-1 elsewhere).
+        first_order_v: Adam's second moment of matrices: ``"one_sided"`` (default: factored for the matrices
+            Shampoo preconditions on one side only, ``max_aspect_ratio``: embeddings, LM heads, adapters;
+            ``"rank1"`` elsewhere), ``"rank1"`` (as ``first_order_bits`` says) or ``"factored"`` (paper 3's
+            "4-bit Factor": fp32 row and column means of ``g^2``, Adafactor's factorisation, for tensors of more
+            than 4096 entries with two dims > 1 after flattening the trailing ones; about 0.5 byte per
+            parameter less at 4 bits). GPT-2 small: 2.21 / 2.06 / 1.71 bytes/param for rank1 / one_sided /
+            factored; factored everywhere ended the GPU LM task 0.03-0.085 higher in loss, one_sided no worse
+            (docs/results.md §4.5).
         first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
             (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
             block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
@@ -152,9 +154,11 @@ class Q4ShampooConfig(OptionsBase):
     Blocking (see ``blocking.py``):
         max_precond_dim: dimensions longer than this are cut into blocks (paper 2: 1200; we use
             1024, which suits GPU matrix units and Distributed Shampoo's default).
-        block_split: how: ``"even"`` (default: the fewest blocks of at most ``max_precond_dim``, equal to
-            within one; GPT-2's 2304 -> 3 x 768) or ``"fixed"`` (Distributed Shampoo's: blocks of exactly
-            ``max_precond_dim`` and a remainder; 2304 -> 2 x 1024 + 256, 4% more state on GPT-2 small).
+        block_split: how: ``"fixed"`` (default, Distributed Shampoo's: blocks of exactly ``max_precond_dim``
+            and a remainder; GPT-2's 2304 -> 2 x 1024 + 256) or ``"even"`` (the fewest blocks of at most
+            ``max_precond_dim``, equal to within one; 2304 -> 3 x 768: 1.4% less state and 0.9 ms less optimizer
+            time per step on GPT-2 small, but 0.010-0.036 higher final loss on the GPU LM task in three of three
+            seeds, docs/results.md §4.5).
         max_aspect_ratio: a dimension more than this many times longer than the other is not
             preconditioned (only the short side is); 0 disables the rule. Otherwise at least 1 (below 1
             even a square matrix would lose a factor).
@@ -169,6 +173,8 @@ class Q4ShampooConfig(OptionsBase):
         quant_map: 4-bit code of preconditioners: ``"linear2"`` (paper 2 default) or ``"dynamic"``.
         quant_block_size: entries per absmax block inside a row (paper 2: 64); at most 4096 (a block
             never spans rows, and longer rows than that are cut into blocks by ``max_precond_dim`` anyway).
+            128 would save 4 MiB (0.03 byte/param) on GPT-2 small but cost 3.7% on the teacher-student task
+            and 3-6% on the hard-conditioning family (docs/results.md §4.5). Block scales are bf16 (quant.py).
         root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4) or 32.
         root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
             Schur-Newton of paper 2) or ``"auto"`` (eigh on CPU, newton on accelerators, where batched
@@ -274,7 +280,7 @@ class Q4ShampooConfig(OptionsBase):
     first_order: str = _state_field("adamw")
     first_order_bits: int = _state_field(4)
     first_order_min_quant_numel: int = _state_field(4096)
-    first_order_v: str = _state_field("rank1")
+    first_order_v: str = _state_field("one_sided")
     first_order_m_map: str = _state_field("linear2")
     grafting: str = _state_field("norm")
     precond: str = _state_field("cholesky_ef")
@@ -286,7 +292,7 @@ class Q4ShampooConfig(OptionsBase):
     stat_decay: float = 0.95
     matrix_eps: float = 1e-6
     max_precond_dim: int = _state_field(1024)
-    block_split: str = _state_field("even")
+    block_split: str = _state_field("fixed")
     max_aspect_ratio: float = _state_field(16.0)
     min_precond_numel: int = _state_field(64)
     min_quant_numel: int = _state_field(4096)

@@ -27,8 +27,8 @@ Speed: a step works on a *batch* of tensors with one shape (and one parameter gr
 stacked along a leading dimension in persistent buffers (``layout.py``; the per-tensor state that
 ``state_dict`` holds is views of them) and updated in place, so the number of kernels does not grow
 with the number of tensors and nothing is concatenated per step. On CUDA, 4-bit AdamW of matrices runs
-in two hand-written Triton kernels (``triton_kernels.py``, one compilation for every shape); fp32 moments
-use torch's fused AdamW; everything else is the pure-PyTorch math below (compiled with ``torch.compile``
+in hand-written Triton kernels (``triton_kernels.py``, one compilation for every shape; rank-1 or factored v);
+fp32 moments use torch's fused AdamW; everything else is the pure-PyTorch math below (compiled with ``torch.compile``
 on accelerators), which is also the tested oracle of the kernels.
 """
 
@@ -304,8 +304,8 @@ def _fused_adamw(
 def adamw_kernel(params: list[torch.Tensor], moments: State, compile_: bool) -> str:
     """Which implementation :func:`adamw_batch_step` takes for these same-shape tensors: ``"fused"`` (torch's
     fused AdamW: fp32 moments of fp32 tensors), ``"triton"`` (the 4-bit kernels: CUDA, ``compile_``, 2-D tensors
-    with rank-1 4-bit v) or ``"torch"`` (the compiled or eager torch math). The first two read every
-    step-dependent value from device scalars, so a CUDA graph of them replays after :func:`fill_scalars`."""
+    with 4-bit m and a rank-1 4-bit or factored v) or ``"torch"`` (the compiled or eager torch math). The first two
+    read every step-dependent value from device scalars, so a CUDA graph of them replays after :func:`fill_scalars`."""
     p = params[0]
     quantized = _is_quantized(moments)
     if not quantized and "exp_avg_sq_row" not in moments and p.dtype == torch.float32:

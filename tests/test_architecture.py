@@ -14,7 +14,7 @@ LAYERS = {
     "config": 0,
     "quant": 0,
     "linalg": 0,
-    "blocking": 0,
+    "blocking": -0.5,  # parameter -> blocks, pure torch: config reads its split rules
     "kernels": 0,
     "mfac_window": 0,
     "integrations.probe": 0,

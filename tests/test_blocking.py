@@ -47,7 +47,7 @@ def test_aspect_rule_and_bypass():
     assert (r.block_rows, r.block_cols, r.precond_rows, r.precond_cols) == (50257, 768, False, True)
     lora_a = plan_blocks((8, 4096), 1024, 16)  # LoRA A: only the r x r side
     assert all(not r.precond_cols and r.precond_rows and r.block_cols == 4096 for r in lora_a.regions)
-    both = plan_blocks((50257, 768), 1024, 0)  # rule disabled: cut into 50 blocks of 1005-1006 rows
+    both = plan_blocks((50257, 768), 1024, 0)  # rule disabled: cut into 49 blocks of 1024 rows and one of 81
     assert sum(r.num_blocks for r in both.regions) == 50
     assert plan_blocks((768,), 1024) is None
     assert plan_blocks((4, 4), 1024, 16, min_precond_numel=64) is None

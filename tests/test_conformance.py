@@ -129,14 +129,19 @@ def test_load_into_a_fresh_optimizer_keeps_dtypes_and_groups(options):
 
 
 def _tensors(value):
+    return (t for _, t in _named_tensors(value))
+
+
+def _named_tensors(value, key=""):
+    """(key, tensor) of every tensor in a state, the key being the dict key that holds it."""
     if isinstance(value, torch.Tensor):
-        yield value
+        yield key, value
     elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+        for k, v in value.items():
+            yield from _named_tensors(v, k)
     elif isinstance(value, list):
         for v in value:
-            yield from _tensors(v)
+            yield from _named_tensors(v, key)
 
 
 def test_named_parameters_round_trip(options):
@@ -308,8 +313,10 @@ def test_bf16_parameters_and_a_dtype_change_at_resume(options):
     opt = Q4Shampoo(model.parameters(), lr=1e-2, **options)
     losses = _train(model, opt, range(STEPS))
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
-    # statistics and moments stay fp32 / 4-bit whatever the parameters' dtype
-    assert {t.dtype for s in opt.state.values() for t in _tensors(s)} <= {torch.float32, torch.uint8, torch.int64}
+    # statistics and moments stay fp32 / 4-bit whatever the parameters' dtype; only block scales are bf16
+    dtypes = {(k.endswith("_scales"), t.dtype) for s in opt.state.values() for k, t in _named_tensors(s)}
+    assert {d for is_scale, d in dtypes if not is_scale} <= {torch.float32, torch.uint8, torch.int64}
+    assert {d for is_scale, d in dtypes if is_scale} <= {torch.bfloat16}
     # an fp32 run resumed with its parameters cast to bf16 (e.g. a model loaded in another dtype)
     fp32 = _model()
     opt32 = Q4Shampoo(fp32.parameters(), lr=1e-2, **options)

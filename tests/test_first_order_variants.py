@@ -138,7 +138,7 @@ def test_factored_state_bytes_and_checkpoint():
     again.load_state_dict(saved)
     torch.testing.assert_close(again.state[model.weight]["exp_avg_sq_row"], opt.state[model.weight]["exp_avg_sq_row"])
     with pytest.raises(ConfigError, match="first_order_v: saved 'factored', now 'rank1'"):
-        Q4Shampoo(model.parameters(), update_freq=1, root_freq=2).load_state_dict(saved)
+        Q4Shampoo(model.parameters(), first_order_v="rank1", update_freq=1, root_freq=2).load_state_dict(saved)
 
 
 def test_triton_kernels_take_both_v_layouts_of_4bit_moments(monkeypatch):
@@ -192,7 +192,8 @@ def test_invalid_first_order_v():
 
 def test_linear2_momentum_buffer_of_sgd():
     # SGD's momentum uses the same signed codec; with m_map=linear2 a block whose largest entry is negative
-    # keeps it exactly (-1 is in the table; the dynamic code's most negative entry is -0.8875)
+    # keeps it, to the bf16 rounding of its block scale (-1 is in the table; the dynamic code's most negative entry
+    # is -0.8875, so it loses 11%)
     from hf_q4shampoo.moments import decode_signed
 
     g = -torch.rand(128, 40, generator=torch.Generator().manual_seed(0)) - 0.5  # 40 blocks of 128, all negative
@@ -205,7 +206,9 @@ def test_linear2_momentum_buffer_of_sgd():
         buf = decode_signed(
             {"_codes": st["momentum_buffer_codes"], "_scales": st["momentum_buffer_scales"]}, (1, 128, 40), m_map
         )[0]
-        torch.testing.assert_close(buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1))
+        torch.testing.assert_close(
+            buf.reshape(-1, 128).amin(-1), shrink * g.reshape(-1, 128).amin(-1), rtol=2**-8, atol=0
+        )
 
 
 def test_checkpoint_of_another_first_order_v_loads_where_every_state_fits():

@@ -610,9 +610,10 @@ def test_huge_finite_gradients_give_finite_steps(precond, bits):
         moved[scale] = p.detach() - start
     rel = float((moved[1e18] - moved[1.0]).norm() / moved[1.0].norm())
     print(f"{precond}, {bits}-bit moments: gradients x1e18 vs x1, relative difference of the displacement {rel:.1e}")
-    # Shampoo with grafting and Adam is scale-invariant: fp32 statistics follow to rounding; the 4-bit forms
-    # to their quantization noise (a different rounding flips codes)
-    assert rel < (1e-4 if precond == "fp32" else 0.2)
+    # Shampoo with grafting and Adam is scale-invariant: fp32 statistics and moments follow to rounding; 4-bit
+    # storage to its quantization noise (a different rounding flips codes; the bf16 block scales of x and of 1e18 x
+    # round differently, 1e18 not being a power of two)
+    assert rel < (1e-4 if precond == "fp32" and bits == 32 else 0.2)
 
 
 def test_skip_counts_are_checkpointed():
@@ -665,8 +666,11 @@ def _other_value(name):
 
 @pytest.mark.parametrize("name", STATE_LAYOUT_KEYS)
 def test_every_state_option_is_checked_at_load(name):
-    # the list comes from the config's field metadata: a new option that shapes the state is covered here
-    params = [torch.nn.Parameter(torch.randn(70, 40)) for _ in range(2)]
+    # the list comes from the config's field metadata: a new option that shapes the state is covered here. The
+    # shape-decided ones are refused where a parameter's state differs: a one-sided matrix for first_order_v, a
+    # dimension that the two splits cut differently for block_split
+    shape = {"first_order_v": (40, 700), "block_split": (1100, 100)}.get(name, (70, 40))
+    params = [torch.nn.Parameter(torch.randn(*shape)) for _ in range(2)]
     saved = _roundtrip(_trained(params))
     other = Q4Shampoo(params, lr=1e-2, **{name: _other_value(name)})
     with pytest.raises(ConfigError, match=f"{name}: saved .*, now "):

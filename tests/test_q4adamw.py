@@ -154,15 +154,15 @@ GPT2_SMALL = [
 
 
 def _expected_bytes(shape, variant):
-    """Paper 3's layout, counted independently of the code: m codes + fp32 absmax per 128 entries, v rank-1
-    codes + fp32 row / column maxima (or block-128 scales for 1-D, or fp32 row / column means if factored);
+    """Paper 3's layout, counted independently of the code: m codes + a bf16 absmax per 128 entries, v rank-1
+    codes + fp32 row / column maxima (or block-128 bf16 scales for 1-D, or fp32 row / column means if factored);
     fp32 m and v up to 4096 entries; an fp32 step and an int64 skip counter per tensor."""
     n = math.prod(shape)
     if n <= 4096:
         return 8 * n + 12
-    m = n // 2 + 4 * math.ceil(n / 128)
+    m = n // 2 + 2 * math.ceil(n / 128)
     if len(shape) == 1:
-        v = n // 2 + 4 * math.ceil(n / 128)
+        v = n // 2 + 2 * math.ceil(n / 128)
     elif variant == "factor":
         v = 4 * (shape[0] + n // shape[0])
     else:
