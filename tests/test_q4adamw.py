@@ -225,6 +225,28 @@ def test_resume_is_bitwise_exact(variant):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_with_fp32_block_scales_loads_with_bf16_scales():
+    # Q4AdamW checkpoints from before the block scales were bf16 (2026-12-01): the scales load rounded to bf16
+    first = _params()
+    opt1 = Q4AdamW(first, lr=LR, weight_decay=WD)
+    _run(opt1, first, 3)
+    saved = _save_load(opt1.state_dict())
+    scale_keys = [(i, k) for i, st in saved["state"].items() for k in st if k.endswith("_scales")]
+    assert scale_keys
+    for i, k in scale_keys:
+        assert saved["state"][i][k].dtype == torch.bfloat16
+        saved["state"][i][k] = saved["state"][i][k].float() * (1 + 2**-12)  # an fp32 scale of the old format
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = Q4AdamW(resumed, lr=LR, weight_decay=WD)
+    opt2.load_state_dict(saved)
+    for i, k in scale_keys:
+        got = opt2.state[resumed[i]][k]
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, opt1.state[first[i]][k], rtol=2**-8, atol=0)
+    _run(opt2, resumed, 2, start=3)
+    assert all(torch.isfinite(p).all() for p in resumed)
+
+
 def test_load_state_dict_refuses_other_optimizers_and_storage_options():
     params = _params()
     opt = Q4AdamW(params)
