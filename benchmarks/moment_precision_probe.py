@@ -1,0 +1,41 @@
+"""Issue 14: which 4-bit moment loses the early first root's gain on the hard-conditioning family?
+
+Runs the all-4-bit default form (``cholesky_ef``) on two least-squares problems of ``hard_conditioning.py`` (its
+5-point lr grid, 200 steps, the ``"auto"`` schedule) with the early first root (``first_root_step="auto"``) and
+without it (0), keeping one of the two Adam moments in fp32 by routing its encoder to the fp32 path:
+
+    python benchmarks/moment_precision_probe.py m32    # m fp32, v 4-bit
+    python benchmarks/moment_precision_probe.py v32    # v fp32, m 4-bit
+    python benchmarks/moment_precision_probe.py none   # both 4-bit (the default)
+
+A probe, not an option: the patch swaps ``moments.encode_signed`` / ``encode_nonneg`` for the whole process.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hard_conditioning as hc  # noqa: E402
+
+from hf_q4shampoo import moments  # noqa: E402
+
+
+def main(which: str) -> None:
+    """``which``: "m32" keeps m fp32, "v32" keeps v fp32, "none" both 4-bit."""
+    orig_s, orig_n = moments.encode_signed, moments.encode_nonneg
+    if which == "m32":
+        moments.encode_signed = lambda x, quantized, m_map="dynamic": orig_s(x, False, m_map)  # noqa: E731
+    if which == "v32":
+        moments.encode_nonneg = lambda x, quantized: orig_n(x, False)  # noqa: E731
+    for prob in ("ls_k1e4_128x128", "ls_k1e6_256x128"):
+        problem = hc.Problem(prob)
+        for fr in ("auto", 0):
+            spec = {"precond": "cholesky_ef", "first_order_bits": 4, "total_steps": 200, "first_root_step": fr}
+            res = hc.grid(problem, spec, hc.LS_LRS, 200)
+            print(which, prob, "first_root_step", fr, "best", res.get("loss"), res.get("best_lr"), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
