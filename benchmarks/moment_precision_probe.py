@@ -7,10 +7,12 @@ without it (0), keeping one of the two Adam moments in fp32 by routing its encod
     python benchmarks/moment_precision_probe.py m32    # m fp32, v 4-bit
     python benchmarks/moment_precision_probe.py v32    # v fp32, m 4-bit
     python benchmarks/moment_precision_probe.py none   # both 4-bit (the default)
+    python benchmarks/moment_precision_probe.py none --beta2 0.99 --reference   # Adam's beta2, and the fp32 form
 
 A probe, not an option: the patch swaps ``moments.encode_signed`` / ``encode_nonneg`` for the whole process.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,20 +24,38 @@ import hard_conditioning as hc  # noqa: E402
 from hf_q4shampoo import moments  # noqa: E402
 
 
-def main(which: str) -> None:
-    """``which``: "m32" keeps m fp32, "v32" keeps v fp32, "none" both 4-bit."""
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=("m32", "v32", "none"), help="the moment kept in fp32 (none: both 4-bit)")
+    ap.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2 of every run")
+    ap.add_argument("--reference", action="store_true", help="also the all-fp32 reference (precond=fp32, 32-bit)")
+    args = ap.parse_args(argv)
     orig_s, orig_n = moments.encode_signed, moments.encode_nonneg
-    if which == "m32":
+    if args.which == "m32":
         moments.encode_signed = lambda x, quantized, m_map="dynamic": orig_s(x, False, m_map)  # noqa: E731
-    if which == "v32":
+    if args.which == "v32":
         moments.encode_nonneg = lambda x, quantized: orig_n(x, False)  # noqa: E731
+    forms = [("cholesky_ef", 4)] + ([("fp32", 32)] if args.reference else [])
     for prob in ("ls_k1e4_128x128", "ls_k1e6_256x128"):
         problem = hc.Problem(prob)
         for fr in ("auto", 0):
-            spec = {"precond": "cholesky_ef", "first_order_bits": 4, "total_steps": 200, "first_root_step": fr}
-            res = hc.grid(problem, spec, hc.LS_LRS, 200)
-            print(which, prob, "first_root_step", fr, "best", res.get("loss"), res.get("best_lr"), flush=True)
+            for precond, bits in forms:
+                spec = {"precond": precond, "first_order_bits": bits, "total_steps": 200, "first_root_step": fr}
+                spec["betas"] = (0.9, args.beta2)
+                res = hc.grid(problem, spec, hc.LS_LRS, 200)
+                print(
+                    args.which,
+                    args.beta2,
+                    prob,
+                    f"{precond}/{bits}",
+                    "first_root_step",
+                    fr,
+                    "best",
+                    res.get("loss"),
+                    res.get("best_lr"),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()
