@@ -232,16 +232,16 @@ class CheckpointMixin:
                 problem = state_mismatch(saved, expected, "")
                 if problem:
                     name = repr(names[position]) if names else f"#{position} of group {gi}"
-                    if saved_options:
-                        raise ConfigError(
-                            f"Q4Shampoo: the saved state of parameter {name} (shape {tuple(local.shape)}) does not "
-                            f"fit it ({problem}): the checkpoint's optimizer state was made with other storage "
-                            f"options ({saved_options}); construct the optimizer with the saved values to resume."
-                        )
+                    cause = (
+                        f"The checkpoint's optimizer state was made with other storage options ({saved_options}); "
+                        "construct the optimizer with the saved values to resume."
+                        if saved_options
+                        else "The checkpoint's parameters are in another order or have other shapes; load it into "
+                        "an optimizer over the same parameters, in the same order."
+                    )
                     raise ConfigError(
                         f"Q4Shampoo: the saved state of parameter {name} (shape {tuple(local.shape)}) does not fit "
-                        f"it: {problem}. The checkpoint's parameters are in another order or have other shapes; "
-                        "load it into an optimizer over the same parameters, in the same order."
+                        f"it: {problem}. {cause}"
                     )
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "adam_scalars",
     "fill_scalars",
     "adamw_kernel",
+    "factored_ema",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +62,22 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+def factored_ema(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, torch.Tensor, torch.Tensor]:
+    """Adafactor's second moment of ``d`` (``(K, ...)``, viewed as ``(K, rows, cols)``): the new row and column
+    EMAs of ``d^2`` (the state to store) and the two factors of the new ``v = (row / mean(row)) col^T``. The means of
+    ``d^2`` are squared norms over ``cols`` / ``rows``, so no ``d^2`` the size of ``d`` is made. One definition for
+    the torch math below and the Triton kernel (:func:`adamw_batch_step` hands it the factors)."""
+    d = d.reshape(d.shape[0], v["_row"].shape[-1], -1)
+    row = v["_row"] * beta2 + (1.0 - beta2) * torch.linalg.vector_norm(d, dim=-1).square() / d.shape[-1]
+    col = v["_col"] * beta2 + (1.0 - beta2) * torch.linalg.vector_norm(d, dim=-2).square() / d.shape[-2]
+    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return {"_row": row, "_col": col}, row / scale, col
+
+
 def _factored_v(v: Moments, d: torch.Tensor, beta2: float) -> tuple[Moments, torch.Tensor]:
     """Adafactor's second moment: new row / column EMAs of ``d^2`` and the full ``v`` they give (shape of d)."""
-    d2 = (d * d).reshape(d.shape[0], v["_row"].shape[-1], -1)
-    row = v["_row"] * beta2 + (1.0 - beta2) * d2.mean(-1)
-    col = v["_col"] * beta2 + (1.0 - beta2) * d2.mean(-2)
-    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    full = (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
-    return {"_row": row, "_col": col}, full.reshape(d.shape)
+    state, row, col = factored_ema(v, d, beta2)
+    return state, (row.unsqueeze(-1) * col.unsqueeze(-2)).reshape(d.shape)
 
 
 def _second_moment(v: Moments, d: torch.Tensor, beta2: float, quantized: bool) -> tuple[Moments, torch.Tensor]:
@@ -347,8 +356,23 @@ def adamw_batch_step(
     values = adam_scalars(lr, step, betas)
     scalars = tuple(_scalars(device, name, values[name]) for name in ("lr", "bias1", "bias2_sqrt"))
     if kernel == "triton":
+        v_factors = None
+        if "exp_avg_sq_row" in moments:  # factored v: its EMAs here, the kernel reads v from their factors
+            v_state, row, col = factored_ema(_batched(moments, "exp_avg_sq"), directions, beta2)
+            _write_back(moments, "exp_avg_sq", v_state, keep)
+            v_factors = (row.contiguous(), col.contiguous())
         triton_kernels.adamw4_step(
-            params, directions, moments, *scalars, beta1, beta2, eps, weight_decay, m_map, keep=keep
+            params,
+            directions,
+            moments,
+            *scalars,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            m_map,
+            keep=keep,
+            v_factors=v_factors,
         )
         return
     quantized = _is_quantized(moments)

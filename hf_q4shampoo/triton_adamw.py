@@ -8,9 +8,9 @@ Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, 
 * between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales);
 * pass B re-encodes v with those scales.
 
-With a factored v (paper 3's "4-bit Factor", Adafactor's row and column EMAs of ``d^2``) torch first updates
-the row and column EMAs (two reductions of ``d^2``, as the oracle ``first_order._factored_v``) and pass A reads
-``v = (row / mean(row)) * col`` from them; there is no scratch buffer and no pass B.
+With a factored v (paper 3's "4-bit Factor", Adafactor's row and column EMAs of ``d^2``) the caller has
+updated the EMAs (``first_order.factored_ema``) and passes the two factors of the new v (``v_factors``); pass A
+reads ``v = row_factor * col_factor`` from them, and there is no scratch buffer and no pass B.
 
 A member whose ``keep`` flag is 0 (a skipped update, see ``first_order``) stores nothing in either pass
 and keeps its v maxima, so its parameter and moments stay exactly as they were.
@@ -67,7 +67,7 @@ if HAS_TRITON:
         FACTORED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # FACTORED: max0 / max1 hold the new normalised row EMA and column EMA of v (v_codes, v_new unused)
+        # FACTORED: max0 / max1 hold the new v's row and column factors (v_codes, v_new unused)
         k = tl.program_id(0)
         pid = tl.program_id(1)
         HALF: tl.constexpr = BLOCK // 2
@@ -98,7 +98,7 @@ if HAS_TRITON:
         col_e = tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0)
         row_o = tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0)
         col_o = tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0)
-        if FACTORED:  # the new v itself, from the already updated row and column EMAs
+        if FACTORED:  # the new v itself, from its factors
             v_e = row_e * col_e
             v_o = row_o * col_o
         else:  # decode v (rank-1 zero-free linear, scale min(row max, column max)), then its EMA
@@ -189,23 +189,6 @@ def pointer_tables() -> list[torch.Tensor]:
     return list(_POINTERS.values())
 
 
-def _factored_v_rows_cols(
-    moments: dict[str, torch.Tensor], d: torch.Tensor, beta2: float, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update a factored v's row and column EMAs of ``d^2`` in place (members whose ``keep`` is false keep
-    theirs) and return what pass A reads: the new rows divided by their mean, and the new columns. The same
-    operations as the oracle ``first_order._factored_v``."""
-    row_ema, col_ema = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
-    d2 = d * d
-    row = row_ema * beta2 + (1.0 - beta2) * d2.mean(-1)
-    col = col_ema * beta2 + (1.0 - beta2) * d2.mean(-2)
-    scale = row.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    kept = keep.reshape(-1, 1)
-    row_ema.copy_(torch.where(kept, row, row_ema))
-    col_ema.copy_(torch.where(kept, col, col_ema))
-    return (row / scale).contiguous(), col.contiguous()
-
-
 def adamw4_step(
     params: list[torch.Tensor],
     directions: torch.Tensor,
@@ -219,12 +202,14 @@ def adamw4_step(
     weight_decay: float,
     m_map: str = "dynamic",
     keep: torch.Tensor | None = None,
+    v_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """One 4-bit AdamW step of K matrices in place (see the module docstring). ``lr``, ``bias1`` and
-    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state (v rank-1 4-bit or
-    factored: ``exp_avg_sq_row`` / ``exp_avg_sq_col``); ``m_map`` is the
+    ``bias2_sqrt`` are 0-dim fp32 device tensors; the moments are the batch's stacked state; ``m_map`` is the
     code of m (any 16-entry table: the kernel reads it from memory); ``keep`` (K,) bool flags, false for
-    members that must stay as they are (None: all are updated)."""
+    members that must stay as they are (None: all are updated). ``v_factors``: for a factored v, the new v's row
+    factor ``(K, R)`` and column factor ``(K, C)``, contiguous (``first_order.factored_ema``; its EMAs already
+    stored); None: v is the rank-1 4-bit codes in ``moments``."""
     k = len(params)
     rows, cols = params[0].shape
     n = rows * cols
@@ -236,10 +221,10 @@ def adamw4_step(
     if keep is None:
         keep = torch.ones(k, dtype=torch.bool, device=device)
     keep_bytes = keep.contiguous().view(torch.uint8)
-    factored = "exp_avg_sq_row" in moments
+    factored = v_factors is not None
     if factored:
-        row, col = _factored_v_rows_cols(moments, directions.view(k, rows, cols), beta2, keep)
-        v_codes = v_new = m_codes  # not read: pass A takes v from the row and column EMAs
+        row, col = v_factors
+        v_codes = v_new = m_codes  # not read: pass A takes v from its factors
     else:
         v_codes = moments["exp_avg_sq_codes"]
         row, col = moments["exp_avg_sq_max0"], moments["exp_avg_sq_max1"]

@@ -79,8 +79,14 @@ SCRIPT = textwrap.dedent("""
     for i in (0, 2):
         torch.testing.assert_close(fast_p[i], params[i], rtol=1e-5, atol=1e-6)
         assert not torch.equal(fast_p[i], before_p[i])
-    # a factored v (paper 3's 4-bit Factor): the row and column EMAs and the parameters as the torch math, with
-    # one member skipped (its parameter and moments stay exactly as they were)
+    # a factored v (paper 3's 4-bit Factor), through adamw_batch_step with its CUDA-only gate opened on the CPU
+    # (so the EMAs go through first_order.factored_ema and pass A reads the factors): the row and column EMAs and
+    # the parameters as the torch math, with one member skipped (its parameter and moments stay exactly as they were)
+    torch_kernel = fo.adamw_kernel
+    fo.adamw_kernel = lambda params, moments, compile_: "triton" if compile_ else torch_kernel(params, moments, False)
+    launches = []
+    adamw4 = tk.adamw4_step
+    tk.adamw4_step = lambda *a, **k: (launches.append(k["v_factors"] is not None), adamw4(*a, **k))[1]
     params = [torch.randn(R, C, generator=g) for _ in range(K)]
     states = [fm.init_first_order_state(p, "adamw", 4, v="factored", m_map="linear2") for p in params]
     moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
@@ -94,8 +100,7 @@ SCRIPT = textwrap.dedent("""
             d[1, 3, 5] = float("nan")
             before_p, before_m = fast_p[1].clone(), {k: v[1].clone() for k, v in fast_m.items()}
         fo.adamw_batch_step(params, d, moments, step=step, keep=keep, **kw)
-        tk.adamw4_step(fast_p, d, fast_m, scalar(1e-2), scalar(1 - 0.9**step), scalar(math.sqrt(1 - 0.999**step)),
-                       0.9, 0.999, 1e-8, 0.1, "linear2", keep=keep)
+        fo.adamw_batch_step(fast_p, d, fast_m, step=step, keep=keep, compile_=True, **kw)
         for key, ref in moments.items():
             if ref.dtype == torch.uint8:
                 assert float((ref != fast_m[key]).float().mean()) < 1e-3, key
@@ -106,6 +111,8 @@ SCRIPT = textwrap.dedent("""
                 assert torch.equal(q, before_p) and all(torch.equal(fast_m[k][1], before_m[k]) for k in fast_m)
             else:
                 torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert launches == [True, True], launches  # both steps ran the kernel, with v's factors
+    fo.adamw_kernel, tk.adamw4_step = torch_kernel, adamw4
 
     # the Cholesky form's storage: dequantization, and re-quantization with error feedback, bit-identical
     table, mids = quant.get_code("linear2", torch.device("cpu"))
