@@ -1,0 +1,96 @@
+"""Issue 14, memory levers: what would 3-bit codes cost in quality? (simulated, before building any storage)
+
+``root3``: every Q4Shampoo created in this process stores its quantized inverse roots with the 8-entry Linear-2
+table (``quant.linear2_code(3)``) instead of the 16-entry one. ``v3`` / ``v3sq`` / ``v3geo``: Adam's second moment
+uses an 8-entry zero-free table (``V_TABLES``: linear, squares of linear, powers of two), each entry repeated so
+the 16-entry 4-bit path (the Triton kernels included) runs it. The codes still take a nibble each: the quality is
+that of 3-bit storage, the memory is not. Then one of the repo's quality benchmarks runs with the other arguments:
+
+    python benchmarks/three_bit_probe.py root3 quality_cpu --tasks lm --seeds 0,1,2,3,4,5 --lrs 3e-3 --json out.json
+    python benchmarks/three_bit_probe.py v3geo hard_conditioning --forms cholesky_ef --bits 4 --no-adamw ...
+    python benchmarks/three_bit_probe.py none quality_cpu ...        # no patch: the same run with today's codes
+
+Benchmarks that train in child processes (``time_to_target.py``) get the patch through
+``benchmarks/probe_site/sitecustomize.py``: ``THREE_BIT_PROBE=v3geo PYTHONPATH=$PWD:$PWD/benchmarks/probe_site
+python benchmarks/time_to_target.py ...``.
+
+A probe, not an option: the patches swap ``PreconditionerForm._store_symmetric`` / ``.root`` and the code table
+for the whole process.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_q4shampoo import preconditioner_base as pb  # noqa: E402
+from hf_q4shampoo import quant  # noqa: E402
+
+CODE = "linear2_b3"
+
+
+def patch() -> None:
+    original = quant._code_cpu
+
+    def code_cpu(name: str, bits: int):
+        if name == CODE:
+            return quant.linear2_code(3)
+        return original(name, bits)
+
+    quant._code_cpu = code_cpu
+    store, root = pb.PreconditionerForm._store_symmetric, pb.PreconditionerForm.root
+
+    def store3(self, x, prefix, quantize, packed):
+        if prefix == "root" and quantize and packed:
+            q = quant.quantize_symmetric(x, CODE, self.s.quant_block_size)
+            return {f"root_{key}": v for key, v in q.items()}
+        return store(self, x, prefix, quantize, packed)
+
+    def root3(self, state, dtype=pb.torch.float32):
+        if "root" in state or state["root_diag"].shape[-1] < 2:
+            return root(self, state, dtype)
+        q = {key: state[f"root_{key}"] for key in ("codes", "scales", "diag")}
+        return quant.dequantize_symmetric(q, CODE, self.s.quant_block_size, dtype)
+
+    pb.PreconditionerForm._store_symmetric = store3
+    pb.PreconditionerForm.root = root3
+
+
+V_TABLES = {  # 8-entry zero-free tables for v, in (0, 1]
+    "v3": lambda: quant.zero_free_linear_code(3),  # (i + 1) / 8
+    "v3sq": lambda: quant.zero_free_linear_code(3) ** 2,  # ((i + 1) / 8)^2: sqrt(v) linear
+    "v3geo": lambda: 2.0 ** quant.torch.arange(-7.0, 1.0),  # 1/128 ... 1
+}
+
+
+def patch_v(which: str) -> None:
+    original = quant._code_cpu
+
+    def code_cpu(name: str, bits: int):
+        # each entry twice: a 16-entry table, so the 4-bit Triton kernels (which read 15 midpoints) run it as well
+        return V_TABLES[which]().repeat_interleave(2) if name == "zero_free_linear" else original(name, bits)
+
+    quant._code_cpu = code_cpu
+
+
+def apply(which: str) -> None:
+    """Install the patch named ``which`` (``none``: nothing)."""
+    if which not in ("root3", "none", *V_TABLES):
+        raise SystemExit(f"probe: root3 (3-bit roots), {', '.join(V_TABLES)} (3-bit v) or none (today's codes)")
+    if which == "root3":
+        patch()
+    if which in V_TABLES:
+        patch_v(which)
+
+
+def main() -> None:
+    which, module, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    apply(which)
+    print(f"{which}: running {module} {' '.join(rest)}", flush=True)
+    raise SystemExit(importlib.import_module(module).main(rest))
+
+
+if __name__ == "__main__":
+    main()
