@@ -222,7 +222,7 @@ def load_blocks(data: str | Path, split: str, seq: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
-    """One optimizer setting to train with: ``optimizer`` is "adamw" or "q4shampoo"."""
+    """One optimizer setting to train with: ``optimizer`` is "adamw", "q4shampoo" or one of ``FIRST_ORDER``."""
 
     name: str
     optimizer: str
@@ -241,9 +241,24 @@ def parse_q4_spec(text: str) -> RunSpec:
     return RunSpec(parts[0], "q4shampoo", float(parts[1]), parts[2])
 
 
+#: other first-order optimizers a run may use (``--first_order NAME:LR``): ``hf_q4shampoo.bench``'s factories of
+#: the same names (torchao and bitsandbytes only where installed), for issue 15's quality against fp32 AdamW
+FIRST_ORDER = ("q4adamw", "q4adamw_factor", "q4adamw_linear2", "adamw_4bit", "adamw_8bit", "adamw_8bit_ao")
+
+
+def parse_first_order_spec(text: str) -> RunSpec:
+    """``name:lr`` -> RunSpec named ``name@lr``."""
+    name, _, lr = text.partition(":")
+    if name not in FIRST_ORDER or not lr:
+        raise SystemExit(f"--first_order {text!r}: expected NAME:LR with NAME one of {', '.join(FIRST_ORDER)}")
+    return RunSpec(f"{name}@{lr}", name, float(lr))
+
+
 def run_specs(args: argparse.Namespace) -> list[RunSpec]:
-    """The AdamW lr grid and the Q4Shampoo specs, in order; names must be unique (they name the run files)."""
+    """The AdamW lr grid, the other first-order runs and the Q4Shampoo specs, in order; names must be unique
+    (they name the run files)."""
     specs = [RunSpec(f"adamw@{lr.strip()}", "adamw", float(lr)) for lr in args.adamw_lrs.split(",") if lr.strip()]
+    specs += [parse_first_order_spec(s) for s in args.first_order or ()]
     q4 = args.q4 if args.q4 is not None else (SMOKE_Q4_SPECS if args.smoke else DEFAULT_Q4_SPECS)
     specs += [parse_q4_spec(s) for s in q4]
     names = [s.name for s in specs]
@@ -268,9 +283,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(spec: RunSpec, groups: list[dict[str, Any]], device: torch.device, steps: int):
-    """Fused AdamW on CUDA, or Q4Shampoo told the run's length (so ``"auto"`` resolves for this run)."""
+    """Fused AdamW on CUDA, one of ``FIRST_ORDER`` (as ``hf_q4shampoo.bench`` builds it), or Q4Shampoo told the
+    run's length (so ``"auto"`` resolves for this run)."""
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr, fused=device.type == "cuda")
+    if spec.optimizer in FIRST_ORDER:
+        from hf_q4shampoo.bench import OPTIMIZERS  # noqa: PLC0415
+
+        return OPTIMIZERS[spec.optimizer][0](groups, spec.lr, device, {})
     from hf_q4shampoo import Q4Shampoo, parse_optim_args  # noqa: PLC0415
 
     return Q4Shampoo(groups, lr=spec.lr, total_steps=steps, **parse_optim_args(spec.optim_args))
@@ -427,7 +447,7 @@ def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     return {
         **asdict(spec),
         "optim_options": config.to_dict() if config is not None else None,
-        "schedule": list(config.schedule()) if config is not None else None,
+        "schedule": list(config.schedule()) if hasattr(config, "schedule") else None,  # Shampoo's only
         "evals": evals,
         "train_loss": [{"step": s, "loss": float(v)} for s, v in train_loss],
         "first_step_s": first_step_s,
@@ -708,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME:LR:OPTIM_ARGS",
         help=f"a Q4Shampoo run (repeatable; default: {' '.join(DEFAULT_Q4_SPECS)})",
+    )
+    o.add_argument(
+        "--first_order",
+        action="append",
+        metavar="NAME:LR",
+        help=f"a run of another first-order optimizer (repeatable): {', '.join(FIRST_ORDER)}",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p

