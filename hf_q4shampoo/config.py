@@ -175,7 +175,11 @@ class Q4ShampooConfig(OptionsBase):
             never spans rows, and longer rows than that are cut into blocks by ``max_precond_dim`` anyway).
             128 would save 4 MiB (0.03 byte/param) on GPT-2 small but cost 3.7% on the teacher-student task
             and 3-6% on the hard-conditioning family (docs/results.md §4.5). Block scales are bf16 (quant.py).
-        root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4) or 32.
+        root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4), 8 (the same plus a
+            second 4-bit code of the first one's residual: about 8-bit roots, twice the root codes: GPT-2 small
+            2.06 -> 2.42 bytes/param) or 32. With the early first root the 4-bit roots are what loses most on
+            the hard-conditioning family, and 8 recovers nearly all of fp32 roots' gain there (docs/results.md
+            §4.6); the default stays 4 for the memory.
         root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
             Schur-Newton of paper 2) or ``"auto"`` (eigh on CPU, newton on accelerators, where batched
             matrix products are far faster than eigendecompositions).
@@ -411,7 +415,7 @@ _CHOICES: dict[str, tuple] = {
     "apply_dtype": ("auto", "float32", "bfloat16"),
     "gram_precision": ("auto", "float32", "tf32"),
     "first_order_bits": (4, 32),
-    "root_bits": (4, 32),
+    "root_bits": (4, 8, 32),
 }
 _AUTO_INT = ("update_freq", "root_freq")  # a positive integer or "auto"
 _AUTO_STEP = ("first_root_step",)  # an integer >= 0 or "auto"

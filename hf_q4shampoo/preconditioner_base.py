@@ -110,7 +110,20 @@ class PreconditionerForm(ABC):
         return decode(q, self.s.quant_map, self.s.quant_block_size)
 
     def _root_quantized(self, n: int) -> bool:
-        return self.s.root_bits == 4 and self.quantized(n)
+        return self.s.root_bits in (4, 8) and self.quantized(n)
+
+    def _store_root(self, root: torch.Tensor, n: int) -> State:
+        """The inverse roots as ``root_bits`` says: fp32 (``root``), or an fp32 diagonal and the strict lower
+        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_diag``), with ``root_bits=8`` plus a second
+        4-bit code of what the first one left (``root_res_codes`` / ``root_res_scales``, decoded and added)."""
+        quantize = self._root_quantized(n)
+        out = self._store_symmetric(root, "root", quantize, packed=True)
+        if quantize and self.s.root_bits == 8:
+            first = {key: out[f"root_{key}"] for key in ("codes", "scales", "diag")}
+            residual = root.float() - dequantize_symmetric(first, self.s.quant_map, self.s.quant_block_size)
+            second = quantize_symmetric(residual, self.s.quant_map, self.s.quant_block_size)
+            out["root_res_codes"], out["root_res_scales"] = second["codes"], second["scales"]
+        return out
 
     def _inverse_root(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(root, ok)``; where not ok (a Newton root that did not converge) the caller keeps the old root."""
@@ -140,7 +153,7 @@ class PreconditionerForm(ABC):
     def init_state(self, n: int, k: int, device: torch.device) -> State:
         # Every factor starts equal (statistics eps I, root I): encode one and repeat it.
         one = self._init_statistics(n, 1, device)
-        one.update(self._store_symmetric(self._eye(n, 1, device), "root", self._root_quantized(n), packed=True))
+        one.update(self._store_root(self._eye(n, 1, device), n))
         return {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in one.items()}
 
     @abstractmethod
@@ -156,18 +169,29 @@ class PreconditionerForm(ABC):
     def refresh_root(self, state: State) -> None:
         n = state_order(state)
         root, ok = self._inverse_root(self.statistics(state))
-        _update_rows(state, self._store_symmetric(root, "root", self._root_quantized(n), packed=True), ok)
+        _update_rows(state, self._store_root(root, n), ok)
 
     def root(self, state: State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel)."""
+        """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel per code)."""
         if "root" in state:
             return state["root"].to(dtype)
         n = state["root_diag"].shape[-1]
         if n < 2:
             return self._load_symmetric(state, "root", packed=True).to(dtype)
-        device = state["root_diag"].device
+        diag = state["root_diag"]
+        if "root_res_codes" not in state:
+            return self._decode_root(state["root_codes"], state["root_scales"], diag, dtype)
+        # root_bits=8: the two codes' sum, added in fp32 before the cast (a bf16 first code would lose the second)
+        first = self._decode_root(state["root_codes"], state["root_scales"], diag, torch.float32)
+        second = self._decode_root(state["root_res_codes"], state["root_res_scales"], torch.zeros_like(diag))
+        return (first + second).to(dtype)
+
+    def _decode_root(
+        self, codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Full ``(K, n, n)`` matrices from one packed 4-bit code of the roots (``quant.decode_symmetric``)."""
+        n, device = diag.shape[-1], diag.device
         table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
-        codes, scales, diag = state["root_codes"], state["root_scales"], state["root_diag"]
         if device.type == "cuda" and self.s.use_compile and triton_kernels.HAS_TRITON:
             return triton_kernels.decode_symmetric(codes, scales, diag, table, self.s.quant_block_size, dtype)
         # the number of stacked roots changes as parameters join a bucket: keep that dimension dynamic,
@@ -185,7 +209,7 @@ class PreconditionerForm(ABC):
 
     def _kind_of(self, key: str) -> str:
         if key.startswith("root"):
-            return "roots" if key in ("root", "root_codes") else "scales_diagonals"
+            return "roots" if key in ("root", "root_codes", "root_res_codes") else "scales_diagonals"
         if key.endswith(("_scales", "_diag", "_upper_scale")) or key in ("eigenvalues", "ridge", "diag", "jitter"):
             return "scales_diagonals"
         return "statistics"

@@ -30,7 +30,8 @@ Forms (papers.md):
 
 Roots are stored with an fp32 diagonal and 4-bit off-diagonal entries when ``root_bits == 4``, as
 paper 2's ``QTensorDiagReal`` does, except that only the strict lower triangle is kept (a root is
-symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``). Sides
+symmetric): half the codes, and the decoded root is exactly symmetric (``quant.quantize_symmetric``).
+``root_bits == 8`` adds a second 4-bit code of the first one's residual (``root_res_*``; twice the root codes). Sides
 whose ``n * n`` is below ``min_quant_numel`` stay fp32 in every form (paper 2's ``min_lowbit_size``).
 
 This module holds the ``fp32``, ``naive`` and ``eigen`` forms and the registry (``FORMS``, ``make_form``); the
@@ -135,7 +136,7 @@ class EigenForm(PreconditionerForm):
         ridge = self.s.matrix_eps * s.amax(-1, keepdim=True)
         inv = (s + ridge).clamp_min(torch.finfo(torch.float32).tiny).pow(-0.25)
         root = (vt.mT * inv.unsqueeze(-2)) @ vt
-        state.update(self._store_symmetric(root, "root", self._root_quantized(s.shape[-1]), packed=True))
+        state.update(self._store_root(root, s.shape[-1]))
 
 
 #: The registry of preconditioner forms: ``precond=`` name -> constructor. A new form is a subclass of

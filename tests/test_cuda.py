@@ -191,6 +191,26 @@ def test_triton_root_decoder_matches_torch():
             assert torch.equal(ref, got), (n, dtype)
 
 
+def test_eight_bit_roots_decode_the_same_on_the_triton_path():
+    # root_bits=8: the two codes decoded by the Triton kernel (use_compile) and added in fp32, against the torch
+    # decoding of the same state (use_compile=False), for an fp32 and a bf16 result
+    from hf_q4shampoo import triton_kernels
+    from hf_q4shampoo.preconditioners import FormSettings, make_form
+
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("no Triton")
+    g = torch.Generator().manual_seed(4)
+    grads = (torch.randn(3, 300, 96, generator=g) * torch.linspace(0.1, 3.0, 96)).cuda()
+    fast = make_form("cholesky_ef", FormSettings.from_options(root_bits=8, use_compile=True))
+    plain = make_form("cholesky_ef", FormSettings.from_options(root_bits=8, use_compile=False))
+    state = plain.init_state(300, 3, torch.device("cuda"))
+    plain.update_statistics(state, grads @ grads.mT)
+    plain.refresh_root(state)
+    assert int(state["root_res_codes"].count_nonzero()) > 0
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(plain.root(state, dtype), fast.root(state, dtype)), dtype
+
+
 def test_sync_free_cholesky_keeps_failed_factors_and_raises_their_jitter():
     from hf_q4shampoo.preconditioners import FormSettings, make_form
 

@@ -1090,3 +1090,37 @@ def test_checkpoint_with_fp32_block_scales_loads_with_bf16_scales():
         again.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert again.state[model[0].weight]["exp_avg_scales"].dtype == torch.bfloat16
+
+
+def test_eight_bit_roots_skip_a_bad_step_and_resume_exactly():
+    # root_bits=8 adds the roots' second code (root_res_*): a non-finite gradient on a root step must leave it as
+    # it was, and a checkpoint must carry it (a resume without it would decode 4-bit roots)
+    g = torch.Generator().manual_seed(13)
+    start = torch.randn(96, 80, generator=g)
+    grads = [torch.randn(96, 80, generator=g) * torch.linspace(0.1, 3, 80) for _ in range(7)]
+    p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    kw = dict(lr=1e-2, update_freq=1, root_freq=2, root_bits=8)
+    opt = Q4Shampoo([p], **kw)
+    for t, grad in enumerate(grads[:4], 1):
+        p.grad = grad.clone()
+        if t == 4:  # a statistics + root step
+            before = _state_tensors(opt, p)
+            p.grad[2, 3] = float("nan")
+            opt.step()
+            assert _changed(before, _state_tensors(opt, p)) == []
+            continue
+        opt.step()
+    side = opt.state[p]["regions"][0]["L"]
+    assert {"root_res_codes", "root_res_scales"} <= set(side)
+    assert int(side["root_res_codes"].count_nonzero()) > 0  # the second code holds something after a refresh
+    with torch.no_grad():
+        q.copy_(p)
+    resumed = Q4Shampoo([q], **kw)
+    resumed.load_state_dict(_roundtrip(opt))
+    for grad in grads[4:]:
+        p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        resumed.step()
+    torch.testing.assert_close(q, p, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="root_bits: saved 8, now 4"):
+        Q4Shampoo([q], lr=1e-2).load_state_dict(_roundtrip(opt))

@@ -241,3 +241,38 @@ def test_checkpoint_without_the_factor_fields_is_read_as_paper_1_layout():
         again._form(w.device).statistics(again.state[w]["regions"][0]["L"]),
         opt._form(w.device).statistics(opt.state[w]["regions"][0]["L"]),
     )
+
+
+def _stored_root_error(name: str, root_bits: int, seed: int) -> float:
+    """Relative error (``fidelity.nre``) of the stored inverse root against the fp64 root of the form's own
+    statistics, after a few updates with ill-conditioned gradients: the storage of the root alone."""
+    form = make_form(name, FormSettings.from_options(root_bits=root_bits, matrix_eps=1e-6))
+    state = form.init_state(96, 2, torch.device("cpu"))
+    for gr in _ill_conditioned_gradients(96, 6, 1e5, seed=seed):
+        gram = (gr @ gr.T).float()
+        form.update_statistics(state, torch.stack([gram, 2.0 * gram]))
+    form.refresh_root(state)
+    exact = fidelity.reference_root(form.statistics(state).double(), 1e-6)
+    return fidelity.nre(exact, form.root(state).double())
+
+
+@pytest.mark.parametrize("name", ["cholesky_ef", "eigen"])
+def test_eight_bit_roots_are_two_codes_much_closer_to_the_exact_root(name):
+    # issue 14: with the early first root the 4-bit roots lose most of the hard family's gain; root_bits=8 adds a
+    # second 4-bit code of the residual (docs/results.md §4.6)
+    err4, err8 = _stored_root_error(name, 4, seed=21), _stored_root_error(name, 8, seed=21)
+    print(name, round(err4, 5), round(err8, 5))
+    assert err4 > 1e-3  # the 4-bit root is visibly off: the comparison below means something
+    assert err8 < 0.25 * err4  # measured 0.10 (cholesky_ef) and 0.17 (eigen: its root also has the rectified vectors)
+
+
+def test_eight_bit_roots_bytes_and_fresh_state():
+    form = make_form("cholesky_ef", FormSettings.from_options(root_bits=8))
+    state = form.init_state(256, 2, torch.device("cpu"))
+    torch.testing.assert_close(form.root(state), torch.eye(256).expand(2, 256, 256))
+    four = make_form("cholesky_ef", FormSettings.from_options()).init_state(256, 2, torch.device("cpu"))
+    kinds, kinds4 = form.bytes_by_kind(state), make_form("cholesky_ef", FormSettings.from_options()).bytes_by_kind(four)
+    assert kinds["roots"] == 2 * kinds4["roots"]  # the second code is as large as the first
+    assert kinds["statistics"] == kinds4["statistics"]
+    assert kinds["scales_diagonals"] == kinds4["scales_diagonals"] + state["root_res_scales"].numel() * 2
+    assert sum(kinds.values()) == sum(t.numel() * t.element_size() for t in state.values())
