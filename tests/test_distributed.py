@@ -241,6 +241,25 @@ def _check_resumes_exactly(out, form):
             assert all(torch.equal(a, b) for a, b in zip(resumed, final)), (source, rank)
 
 
+@pytest.fixture(scope="module")
+def two_ranks_root8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp2_root8")
+    return out, _launch(out, 2, options={"root_bits": 8})
+
+
+def test_eight_bit_roots_are_exchanged_whole(two_ranks_root8):
+    # root_bits=8's second code is a root key (``root_res_*``): the owners' all-gather must carry it, or the other
+    # rank would apply the first code alone (4-bit roots) and the replicas would part
+    out, _ = two_ranks_root8
+    finals = [_load(out / f"cholesky_ef-final-rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*finals))  # bitwise equal replicas
+    grads = _load(out / "cholesky_ef-grads.pt")
+    params, _ = _single_process("cholesky_ef", grads, len(grads), root_bits=8)
+    assert _close(finals[0], params)
+    params4, _ = _single_process("cholesky_ef", grads, len(grads))
+    assert not _close(finals[0], params4)  # 4-bit roots end elsewhere: the check above can tell them apart
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_two_ranks_match_each_other_and_one_process(two_ranks, form):
     out, reports = two_ranks
