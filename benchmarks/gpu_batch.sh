@@ -2,7 +2,8 @@
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
 #   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,...
-#   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid
+#   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid,
+#   TTT_FIRST_ORDER="NAME:LR ..." adds other first-order runs (time_to_target.py --first_order; named NAME@LR)
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
 set -u
 out=$1; shift
@@ -90,6 +91,7 @@ for part in "$@"; do
       # TTT_SEED (optional): initial weights and batch order (time_to_target.py --seed); its runs go to ttt_sSEED
       fresh_caches; dir=ttt${TTT_SEED:+_s$TTT_SEED}
       q4=(); for spec in ${TTT_Q4:-}; do q4+=(--q4 "$spec"); done
+      for spec in ${TTT_FIRST_ORDER:-}; do q4+=(--first_order "$spec"); done
       python benchmarks/time_to_target.py --data .ttt_data --out "$out/$dir" --only "${part#ttt:}" "${q4[@]}" \
         ${TTT_ADAMW+--adamw_lrs "$TTT_ADAMW"} ${TTT_SEED:+--seed "$TTT_SEED"} \
         > "$out/${dir}_${part#ttt:}.log" 2>&1; tail -8 "$out/${dir}_${part#ttt:}.log"
