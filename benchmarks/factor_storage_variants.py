@@ -71,7 +71,7 @@ class Prototype(CholeskyForm):
             "serr": torch.zeros(k, n, n),
             "b": torch.zeros(k, n),
         }
-        state.update(self._store_symmetric(torch.eye(n).expand(k, n, n).contiguous(), "root", False, packed=True))
+        state["root"] = torch.eye(n).expand(k, n, n).contiguous()  # fp32 roots: only the factor's storage varies
         return state
 
     def statistics(self, st):

@@ -5,8 +5,9 @@ table (``quant.linear2_code(3)``) instead of the 16-entry one. ``v3`` / ``v3sq``
 uses an 8-entry zero-free table (``V_TABLES``: linear, squares of linear, powers of two), each entry repeated so
 the 16-entry 4-bit path (the Triton kernels included) runs it. The codes still take a nibble each: the quality is
 that of 3-bit storage, the memory is not. ``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the
-fp32 diagonal restoring the scale; same bytes). ``root8``: roots with a second 4-bit code of the residual (twice the
-root codes). Then one of the repo's quality benchmarks runs with the other arguments:
+fp32 diagonal restoring the scale; same bytes). (Its first version also had ``root8``, roots with a second code of
+the residual: that is now the option ``root_bits=8``, which gives the same losses.) Then one of the repo's quality
+benchmarks runs with the other arguments:
 
     python benchmarks/three_bit_probe.py root3 quality_cpu --tasks lm --seeds 0,1,2,3,4,5 --lrs 3e-3 --json out.json
     python benchmarks/three_bit_probe.py v3geo hard_conditioning --forms cholesky_ef --bits 4 --no-adamw ...
@@ -16,7 +17,7 @@ Benchmarks that train in child processes (``time_to_target.py``) get the patch t
 ``benchmarks/probe_site/sitecustomize.py``: ``THREE_BIT_PROBE=v3geo PYTHONPATH=$PWD:$PWD/benchmarks/probe_site
 python benchmarks/time_to_target.py ...``.
 
-A probe, not an option: the patches swap ``PreconditionerForm._store_symmetric`` / ``.root`` and the code table
+A probe, not an option: the patches swap ``PreconditionerForm._store_root`` / ``.root`` and the code table
 for the whole process.
 """
 
@@ -44,21 +45,20 @@ def patch() -> None:
         return original(name, bits)
 
     quant._code_cpu = code_cpu
-    store, root = pb.PreconditionerForm._store_symmetric, pb.PreconditionerForm.root
+    store, root = pb.PreconditionerForm._store_root, pb.PreconditionerForm.root
 
-    def store3(self, x, prefix, quantize, packed):
-        if prefix == "root" and quantize and packed:
-            q = quant.quantize_symmetric(x, CODE, self.s.quant_block_size)
-            return {f"root_{key}": v for key, v in q.items()}
-        return store(self, x, prefix, quantize, packed)
+    def store3(self, x, n):
+        if not self._root_quantized(n):
+            return store(self, x, n)
+        return {f"root_{key}": v for key, v in quant.quantize_symmetric(x, CODE, self.s.quant_block_size).items()}
 
-    def root3(self, state, dtype=pb.torch.float32):
+    def root3(self, state, dtype=torch.float32):
         if "root" in state or state["root_diag"].shape[-1] < 2:
             return root(self, state, dtype)
         q = {key: state[f"root_{key}"] for key in ("codes", "scales", "diag")}
         return quant.dequantize_symmetric(q, CODE, self.s.quant_block_size, dtype)
 
-    pb.PreconditionerForm._store_symmetric = store3
+    pb.PreconditionerForm._store_root = store3
     pb.PreconditionerForm.root = root3
 
 
@@ -72,20 +72,20 @@ V_TABLES = {  # 8-entry zero-free tables for v, in (0, 1]
 def patch_root_correlation() -> None:
     """Roots stored in correlation form: ``C = D^-1/2 X D^-1/2`` (unit diagonal) is quantized instead of ``X``, and
     decoding multiplies back by ``sqrt(d_i d_j)`` from the fp32 diagonal (same bytes)."""
-    store, root = pb.PreconditionerForm._store_symmetric, pb.PreconditionerForm.root
+    store, root = pb.PreconditionerForm._store_root, pb.PreconditionerForm.root
 
     def scale_of(diag):
         s = diag.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
         return s.unsqueeze(-1) * s.unsqueeze(-2)
 
-    def store_c(self, x, prefix, quantize, packed):
-        if prefix == "root" and quantize and packed:
-            x = x.float()
-            diag = x.diagonal(dim1=-2, dim2=-1)
-            q = quant.quantize_symmetric(x / scale_of(diag), self.s.quant_map, self.s.quant_block_size)
-            q["diag"] = diag.clone()
-            return {f"root_{key}": v for key, v in q.items()}
-        return store(self, x, prefix, quantize, packed)
+    def store_c(self, x, n):
+        if not self._root_quantized(n):
+            return store(self, x, n)
+        x = x.float()
+        diag = x.diagonal(dim1=-2, dim2=-1)
+        q = quant.quantize_symmetric(x / scale_of(diag), self.s.quant_map, self.s.quant_block_size)
+        q["diag"] = diag.clone()
+        return {f"root_{key}": v for key, v in q.items()}
 
     def root_c(self, state, dtype=torch.float32):
         if "root" in state or state["root_diag"].shape[-1] < 2:
@@ -95,35 +95,8 @@ def patch_root_correlation() -> None:
         unit = quant.dequantize_symmetric(q, self.s.quant_map, self.s.quant_block_size)
         return (unit * scale_of(diag)).to(dtype)
 
-    pb.PreconditionerForm._store_symmetric = store_c
+    pb.PreconditionerForm._store_root = store_c
     pb.PreconditionerForm.root = root_c
-
-
-def patch_root_refined() -> None:
-    """Roots stored with a second 4-bit code of the first code's residual (as ``factor_upper="refine"`` does for the
-    factor): ~8-bit roots at twice the root codes' bytes."""
-    store, root = pb.PreconditionerForm._store_symmetric, pb.PreconditionerForm.root
-
-    def store_r(self, x, prefix, quantize, packed):
-        out = store(self, x, prefix, quantize, packed)
-        if prefix == "root" and quantize and packed:
-            first = quant.dequantize_symmetric(
-                {k: out[f"root_{k}"] for k in ("codes", "scales", "diag")}, self.s.quant_map, self.s.quant_block_size
-            )
-            q = quant.quantize_symmetric(x.float() - first, self.s.quant_map, self.s.quant_block_size)
-            out["rootres_codes"], out["rootres_scales"] = q["codes"], q["scales"]
-        return out
-
-    def root_r(self, state, dtype=torch.float32):
-        first = root(self, state, torch.float32)
-        if "rootres_codes" not in state:
-            return first.to(dtype)
-        diag = state["root_diag"]
-        q = {"codes": state["rootres_codes"], "scales": state["rootres_scales"], "diag": torch.zeros_like(diag)}
-        return (first + quant.dequantize_symmetric(q, self.s.quant_map, self.s.quant_block_size)).to(dtype)
-
-    pb.PreconditionerForm._store_symmetric = store_r
-    pb.PreconditionerForm.root = root_r
 
 
 def patch_v(which: str) -> None:
@@ -138,18 +111,15 @@ def patch_v(which: str) -> None:
 
 def apply(which: str) -> None:
     """Install the patch named ``which`` (``none``: nothing)."""
-    if which not in ("root3", "rootcorr", "root8", "none", *V_TABLES):
+    if which not in ("root3", "rootcorr", "none", *V_TABLES):
         raise SystemExit(
-            f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), root8 (refined roots), "
-            f"{', '.join(V_TABLES)} (3-bit v) "
+            f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), {', '.join(V_TABLES)} (3-bit v) "
             "or none (today's codes)"
         )
     if which == "root3":
         patch()
     if which == "rootcorr":
         patch_root_correlation()
-    if which == "root8":
-        patch_root_refined()
     if which in V_TABLES:
         patch_v(which)
 

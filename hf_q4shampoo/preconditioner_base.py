@@ -19,7 +19,6 @@ from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     decode_symmetric,
     dequantize_diagreal,
-    dequantize_symmetric,
     quantize_diagreal,
     quantize_symmetric,
     symmetric_decode_tables,
@@ -93,37 +92,31 @@ class PreconditionerForm(ABC):
     def _eye(self, n: int, k: int, device: torch.device) -> torch.Tensor:
         return torch.eye(n, device=device).expand(k, n, n).contiguous()
 
-    def _store_symmetric(self, x: torch.Tensor, prefix: str, quantize: bool, packed: bool) -> State:
-        """fp32, or fp32 diagonal + 4-bit off-diagonal: the full matrix (paper 2's DiagReal) or,
-        with ``packed``, only its strict lower triangle (half the codes; used for the roots)."""
+    def _store_symmetric(self, x: torch.Tensor, prefix: str, quantize: bool) -> State:
+        """fp32, or fp32 diagonal + 4-bit off-diagonal (paper 2's DiagReal; the naive form's statistics)."""
         if quantize:
-            encode = quantize_symmetric if packed else quantize_diagreal
-            q = encode(x, self.s.quant_map, self.s.quant_block_size)
+            q = quantize_diagreal(x, self.s.quant_map, self.s.quant_block_size)
             return {f"{prefix}_{key}": v for key, v in q.items()}
         return {prefix: x.float().contiguous()}
 
-    def _load_symmetric(self, state: State, prefix: str, packed: bool) -> torch.Tensor:
+    def _load_symmetric(self, state: State, prefix: str) -> torch.Tensor:
         if prefix in state:
             return state[prefix]
         q = {key: state[f"{prefix}_{key}"] for key in ("codes", "scales", "diag")}
-        decode = dequantize_symmetric if packed else dequantize_diagreal
-        return decode(q, self.s.quant_map, self.s.quant_block_size)
+        return dequantize_diagreal(q, self.s.quant_map, self.s.quant_block_size)
 
     def _root_quantized(self, n: int) -> bool:
         return self.s.root_bits in (4, 8) and self.quantized(n)
 
     def _store_root(self, root: torch.Tensor, n: int) -> State:
         """The inverse roots as ``root_bits`` says: fp32 (``root``), or an fp32 diagonal and the strict lower
-        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_diag``), with ``root_bits=8`` plus a second
-        4-bit code of what the first one left (``root_res_codes`` / ``root_res_scales``, decoded and added)."""
-        quantize = self._root_quantized(n)
-        out = self._store_symmetric(root, "root", quantize, packed=True)
-        if quantize and self.s.root_bits == 8:
-            first = {key: out[f"root_{key}"] for key in ("codes", "scales", "diag")}
-            residual = root.float() - dequantize_symmetric(first, self.s.quant_map, self.s.quant_block_size)
-            second = quantize_symmetric(residual, self.s.quant_map, self.s.quant_block_size)
-            out["root_res_codes"], out["root_res_scales"] = second["codes"], second["scales"]
-        return out
+        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_diag``; ``quant.quantize_symmetric``), with
+        ``root_bits=8`` plus a second 4-bit code of what the first one left (``root_res_codes`` /
+        ``root_res_scales``)."""
+        if not self._root_quantized(n):
+            return {"root": root.float().contiguous()}
+        q = quantize_symmetric(root, self.s.quant_map, self.s.quant_block_size, refine=self.s.root_bits == 8)
+        return {f"root_{key}": v for key, v in q.items()}
 
     def _inverse_root(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(root, ok)``; where not ok (a Newton root that did not converge) the caller keeps the old root."""
@@ -172,34 +165,26 @@ class PreconditionerForm(ABC):
         _update_rows(state, self._store_root(root, n), ok)
 
     def root(self, state: State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel per code)."""
+        """The stored inverse roots, decoded to ``dtype`` (on accelerators by one fused kernel, which also adds
+        ``root_bits=8``'s second code)."""
         if "root" in state:
             return state["root"].to(dtype)
-        n = state["root_diag"].shape[-1]
-        if n < 2:
-            return self._load_symmetric(state, "root", packed=True).to(dtype)
         diag = state["root_diag"]
-        if "root_res_codes" not in state:
-            return self._decode_root(state["root_codes"], state["root_scales"], diag, dtype)
-        # root_bits=8: the two codes' sum, added in fp32 before the cast (a bf16 first code would lose the second)
-        first = self._decode_root(state["root_codes"], state["root_scales"], diag, torch.float32)
-        second = self._decode_root(state["root_res_codes"], state["root_res_scales"], torch.zeros_like(diag))
-        return (first + second).to(dtype)
-
-    def _decode_root(
-        self, codes: torch.Tensor, scales: torch.Tensor, diag: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Full ``(K, n, n)`` matrices from one packed 4-bit code of the roots (``quant.decode_symmetric``)."""
         n, device = diag.shape[-1], diag.device
+        if n < 2:
+            return torch.diag_embed(diag).to(dtype)
+        codes, scales = state["root_codes"], state["root_scales"]
+        residual = [state["root_res_codes"], state["root_res_scales"]] if "root_res_codes" in state else []
         table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
+        block = self.s.quant_block_size
         if device.type == "cuda" and self.s.use_compile and triton_kernels.HAS_TRITON:
-            return triton_kernels.decode_symmetric(codes, scales, diag, table, self.s.quant_block_size, dtype)
+            return triton_kernels.decode_symmetric(codes, scales, diag, table, block, dtype, *residual)
         # the number of stacked roots changes as parameters join a bucket: keep that dimension dynamic,
         # the matrix order static (one compilation per order)
         decode = maybe_compiled(decode_symmetric, device, self.s.use_compile)
         if decode is not decode_symmetric:
-            mark_batch_dynamic(codes, scales, diag)
-        return decode(codes, scales, diag, table, gather, self.s.quant_block_size, dtype)
+            mark_batch_dynamic(codes, scales, diag, *residual)
+        return decode(codes, scales, diag, table, gather, block, dtype, *residual)
 
     def bytes_by_kind(self, state: State) -> dict[str, int]:
         out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}

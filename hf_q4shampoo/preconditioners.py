@@ -77,17 +77,15 @@ class NaiveForm(PreconditionerForm):
     name = "naive"
 
     def _init_statistics(self, n, k, device):
-        return self._store_symmetric(
-            self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n), packed=False
-        )
+        return self._store_symmetric(self.s.matrix_eps * self._eye(n, k, device), "stats", self.quantized(n))
 
     def statistics(self, state):
-        return self._load_symmetric(state, "stats", packed=False)
+        return self._load_symmetric(state, "stats")
 
     def update_statistics(self, state, gram):
         n = gram.shape[-1]
         new = self._blend(self.statistics(state), gram)
-        state.update(self._store_symmetric(new, "stats", self.quantized(n), packed=False))
+        state.update(self._store_symmetric(new, "stats", self.quantized(n)))
 
 
 class EigenForm(PreconditionerForm):

@@ -318,26 +318,34 @@ def _symmetric_layout(n: int, device: torch.device) -> tuple[torch.Tensor, torch
     return _LAYOUT_CACHE[key]
 
 
-def quantize_symmetric(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> dict[str, torch.Tensor]:
+def quantize_symmetric(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64, refine: bool = False
+) -> dict[str, torch.Tensor]:
     """4-bit storage of symmetric matrices ``(..., n, n)``: half the codes of :func:`quantize_diagreal`.
 
     Only the strict lower triangle is quantized, packed two rows per line (see
     ``_symmetric_layout_cpu``) in blocks of ``block_size`` along the packed rows; the diagonal is kept
     in fp32. Decoding mirrors the triangle, so the result is exactly symmetric. (The same idea as
-    Distributed Shampoo's lossless symmetric packing, applied to 4-bit codes.)
+    Distributed Shampoo's lossless symmetric packing, applied to 4-bit codes.) With ``refine``, a second 4-bit
+    code of what the first one left (``res_codes`` / ``res_scales``, same layout) is stored too, and decoding
+    adds it: about 8-bit entries at twice the codes (``root_bits=8``).
     """
     n = x.shape[-1]
+    diag = x.float().diagonal(dim1=-2, dim2=-1).clone()
     if n < 2:
-        return {
-            "codes": x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8),
-            "scales": x.new_zeros((*x.shape[:-2], 0, 0), dtype=SCALE_DTYPE),
-            "diag": x.float().diagonal(dim1=-2, dim2=-1).clone(),
-        }
+        codes = x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8)
+        scales = x.new_zeros((*x.shape[:-2], 0, 0), dtype=SCALE_DTYPE)
+        out = {"codes": codes, "scales": scales, "diag": diag}
+        return {**out, "res_codes": codes.clone(), "res_scales": scales.clone()} if refine else out
     source, valid, _ = _symmetric_layout(n, x.device)
     flat = x.float().flatten(-2)
-    packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device))
-    codes, scales = quantize_blockwise(packed.reshape(*x.shape[:-2], n // 2, n), code, block_size)
-    return {"codes": codes, "scales": scales, "diag": x.float().diagonal(dim1=-2, dim2=-1).clone()}
+    packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device)).reshape(*x.shape[:-2], n // 2, n)
+    codes, scales = quantize_blockwise(packed, code, block_size)
+    out = {"codes": codes, "scales": scales, "diag": diag}
+    if refine:
+        residual = packed - dequantize_blockwise(codes, scales, n, code, block_size)
+        out["res_codes"], out["res_scales"] = quantize_blockwise(residual, code, block_size)
+    return out
 
 
 def decode_symmetric(
@@ -348,11 +356,16 @@ def decode_symmetric(
     gather: torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
+    res_codes: torch.Tensor | None = None,
+    res_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable)."""
+    """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable). The second
+    code (``res_*``, if stored) is added to the first in fp32, before the cast and the mirroring."""
     n = diag.shape[-1]
-    packed = _decode_with_table(unpack_nibbles(codes, n), scales, table, block_size).flatten(-2)
-    flat = torch.cat([packed, diag], dim=-1)
+    packed = _decode_with_table(unpack_nibbles(codes, n), scales, table, block_size)
+    if res_codes is not None:
+        packed = packed + _decode_with_table(unpack_nibbles(res_codes, n), res_scales, table, block_size)
+    flat = torch.cat([packed.flatten(-2), diag], dim=-1)
     return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
 
 
@@ -368,7 +381,8 @@ def dequantize_symmetric(
     if n < 2:
         return torch.diag_embed(q["diag"]).to(dtype)
     table, gather = symmetric_decode_tables(n, code, q["diag"].device)
-    return decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, block_size, dtype)
+    residual = (q["res_codes"], q["res_scales"]) if "res_codes" in q else (None, None)
+    return decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, block_size, dtype, *residual)
 
 
 # --------------------------------------------------------------------------------------------

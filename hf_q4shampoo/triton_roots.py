@@ -1,5 +1,7 @@
 """Triton decoder of 4-bit symmetric roots (``quant.quantize_symmetric``'s packed lower triangle) to full
-matrices (``decode_symmetric``; oracle: ``quant.decode_symmetric``)."""
+matrices (``decode_symmetric``; oracle: ``quant.decode_symmetric``). With a second code of the residual
+(``root_bits=8``) the same launch adds it: one read of each code, one write of the matrix. Launched without
+fp-fusion, so ``a * s + b * t`` rounds as torch computes it (two products, then the sum)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ if HAS_TRITON:
     def _decode_symmetric(
         codes_ptr,
         scales_ptr,
+        res_codes_ptr,
+        res_scales_ptr,
         diag_ptr,
         table_ptr,
         out_ptr,
@@ -22,6 +26,7 @@ if HAS_TRITON:
         NBLK,
         QBLOCK: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        REFINE: tl.constexpr,
         TILE: tl.constexpr,
     ):
         k = tl.program_id(0)
@@ -37,10 +42,17 @@ if HAS_TRITON:
         off = i != j
         half_rows = n // 2
         base = k.to(tl.int64) * half_rows
-        byte = tl.load(codes_ptr + (base + r) * ((n + 1) // 2) + c // 2, mask=inside & off, other=0).to(tl.int32)
+        byte_at = (base + r) * ((n + 1) // 2) + c // 2
+        scale_at = (base + r) * NBLK + c // QBLOCK
+        byte = tl.load(codes_ptr + byte_at, mask=inside & off, other=0).to(tl.int32)
         code = tl.where(c % 2 == 0, byte & 15, byte >> 4)
-        scale = tl.load(scales_ptr + (base + r) * NBLK + c // QBLOCK, mask=inside & off, other=0.0).to(tl.float32)
+        scale = tl.load(scales_ptr + scale_at, mask=inside & off, other=0.0).to(tl.float32)
         value = tl.load(table_ptr + code) * scale
+        if REFINE:  # the residual's code, same layout (REFINE=False never reads the two pointers)
+            byte = tl.load(res_codes_ptr + byte_at, mask=inside & off, other=0).to(tl.int32)
+            code = tl.where(c % 2 == 0, byte & 15, byte >> 4)
+            scale = tl.load(res_scales_ptr + scale_at, mask=inside & off, other=0.0).to(tl.float32)
+            value = value + tl.load(table_ptr + code) * scale
         d = tl.load(diag_ptr + k.to(tl.int64) * n + i, mask=inside & (i == j), other=0.0)
         value = tl.where(off, value, d)
         dest = out_ptr + k.to(tl.int64) * n * n + i * n + j
@@ -57,15 +69,22 @@ def decode_symmetric(
     table: torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
+    res_codes: torch.Tensor | None = None,
+    res_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``quant.decode_symmetric``: ``(K, n, n)`` roots from their packed 4-bit storage."""
+    """Triton version of ``quant.decode_symmetric``: ``(K, n, n)`` roots from their packed 4-bit storage, with the
+    residual's second code added where given."""
     k, n = diag.shape
     out = torch.empty((k, n, n), dtype=dtype, device=diag.device)
     tile = 64
     grid = (k, triton.cdiv(n, tile), triton.cdiv(n, tile))
+    refine = res_codes is not None
+    codes, scales = codes.contiguous(), scales.contiguous()
     _decode_symmetric[grid](
-        codes.contiguous(),
-        scales.contiguous(),
+        codes,
+        scales,
+        res_codes.contiguous() if refine else codes,
+        res_scales.contiguous() if refine else scales,
         diag.contiguous(),
         table,
         out,
@@ -73,6 +92,8 @@ def decode_symmetric(
         scales.shape[-1],
         QBLOCK=block_size,
         OUT_BF16=dtype == torch.bfloat16,
+        REFINE=refine,
         TILE=tile,
+        enable_fp_fusion=False,
     )
     return out

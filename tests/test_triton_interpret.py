@@ -29,6 +29,12 @@ SCRIPT = textwrap.dedent("""
         table, gather = quant.symmetric_decode_tables(n, "linear2", torch.device("cpu"))
         ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32)
         assert torch.equal(ref, tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32))
+        # root_bits=8: the residual's second code added in the same launch, as the torch decoding adds it
+        q = quant.quantize_symmetric(x + x.mT, refine=True)
+        residual = (q["res_codes"], q["res_scales"])
+        ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32, *residual)
+        got = tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32, *residual)
+        assert torch.equal(ref, got) and not torch.equal(ref, quant.dequantize_symmetric({k: q[k] for k in ("codes", "scales", "diag")}))
 
     # gathering tensors by address: torch.stack(...).float(), fp32 and bf16 sources, a partial last block
     from hf_q4shampoo import triton_gather
@@ -191,13 +197,19 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from hf_q4shampoo import triton_factor as tk
+    from hf_q4shampoo import triton_roots as tr
 
-    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "ef_beta": "fp32", "one_minus_beta": "fp32"}
-    variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True)), (tk._dequant_factor, dict(UPPER=1, COLUMN=True)),
-                (tk._requant_lower, dict(UPPER=2, COLUMN=True)), (tk._requant_lower, dict(UPPER=1, COLUMN=True)),
-                (tk._requant_upper, dict(UPPER=2))]
+    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "res_codes_ptr": "*u8", "scales_ptr": "*bf16",
+             "res_scales_ptr": "*bf16", "ef_beta": "fp32", "one_minus_beta": "fp32"}
+    tiles = dict(TI=32)
+    variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True, **tiles)),
+                (tk._dequant_factor, dict(UPPER=1, COLUMN=True, **tiles)),
+                (tk._requant_lower, dict(UPPER=2, COLUMN=True, **tiles)),
+                (tk._requant_lower, dict(UPPER=1, COLUMN=True, **tiles)),
+                (tk._requant_upper, dict(UPPER=2, **tiles)),
+                (tr._decode_symmetric, dict(OUT_BF16=False, REFINE=True, TILE=64))]
     for fn, flags in variants:
-        constants = dict(QBLOCK=64, TI=32, **flags)
+        constants = dict(QBLOCK=64, **flags)
         signature = {a: "constexpr" if a in constants else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
                      for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=signature,
