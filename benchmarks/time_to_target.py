@@ -243,7 +243,15 @@ def parse_q4_spec(text: str) -> RunSpec:
 
 #: other first-order optimizers a run may use (``--first_order NAME:LR``): ``hf_q4shampoo.bench``'s factories of
 #: the same names (torchao and bitsandbytes only where installed), for issue 15's quality against fp32 AdamW
-FIRST_ORDER = ("q4adamw", "q4adamw_factor", "q4adamw_linear2", "adamw_4bit", "adamw_8bit", "adamw_8bit_ao")
+FIRST_ORDER = (
+    "q4adamw",
+    "q4adamw_eager",
+    "q4adamw_factor",
+    "q4adamw_linear2",
+    "adamw_4bit",
+    "adamw_8bit",
+    "adamw_8bit_ao",
+)
 
 
 def parse_first_order_spec(text: str) -> RunSpec:

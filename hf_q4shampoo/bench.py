@@ -89,6 +89,7 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
     "q4adamw": (_q4adamw(), "Q4AdamW 4bit (paper 3: m B128/DE, v rank-1 zero-free linear)"),
     "q4adamw_factor": (_q4adamw(variant="factor"), "Q4AdamW factor (paper 3's 4-bit Factor: factored v)"),
     "q4adamw_linear2": (_q4adamw(m_map="linear2"), "Q4AdamW 4bit with m in Linear-2"),
+    "q4adamw_eager": (_q4adamw(cuda_graph=False), "Q4AdamW 4bit, every step eager (no CUDA graph)"),
 }
 
 

@@ -15,8 +15,10 @@ chunk are alive at once), and matrices larger than :data:`MAX_MEMBER_NUMEL` (GPT
 updated eagerly after the replay. Chunks round differently from the whole group's batched products and norms
 in the last bits, so a graphed run equals its own eager runs bit for bit, not ``cuda_graph=False``'s.
 
-A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config``, ``param_groups``, ``stage_timer``
-and calls ``_ddp_split``, ``_shards_parameters`` and ``_step_batch``.
+A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo` and :class:`~hf_q4shampoo.q4adamw.Q4AdamW`: it reads
+``config`` (``cuda_graph``, ``use_compile``), ``param_groups`` and ``stage_timer`` when there is one, and calls two
+hooks of the optimizer: ``_graph_config_ok()`` (whether its options and process setup allow a graphed update at
+all) and ``_step_batch(batch, g)`` (one batch's update, ``g`` its gradients already gathered in fp32).
 """
 
 from __future__ import annotations
@@ -75,12 +77,6 @@ def _trial_words(trial: GraphTrial) -> tuple[str, str]:
     return verb, f"median step {trial.eager_ms:.1f} ms eager, {trial.graph_ms:.1f} ms replayed"
 
 
-def _graphable_config(cfg: Any) -> bool:
-    """The options under which an update can be graphed: the first-order step reads its lr from the device
-    (AdamW, compiled / fused) and the direction is norm-grafted."""
-    return bool(cfg.use_compile) and cfg.first_order == "adamw" and cfg.grafting == "norm"
-
-
 def _graphable_grads(batch: StepBatch) -> bool:
     first = batch.grads[0]
     return (
@@ -91,7 +87,14 @@ def _graphable_grads(batch: StepBatch) -> bool:
 
 
 class GraphedUpdateMixin:
-    """The update of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`'s step, graphed where it can be (module docstring)."""
+    """An optimizer's update, graphed where it can be (module docstring)."""
+
+    #: the optimizer's name in log lines and warnings
+    GRAPH_OWNER = "optimizer"
+
+    def _graph_config_ok(self) -> bool:
+        """Whether the optimizer's options and process setup allow a graphed update (the hook each one defines)."""
+        raise NotImplementedError
 
     def _graph_trial_step(self) -> None:
         """At the start of ``step()``: ``cuda_graph="auto"`` tries the graph in the first steps (GraphTrial)."""
@@ -102,7 +105,7 @@ class GraphedUpdateMixin:
             # nothing to try off CUDA, where _update_graph never graphs, or under FSDP2 (DTensor parameters: the
             # graphed update is not tested there)
             params = [p for g in self.param_groups for p in g["params"]]
-            graphable = _graphable_config(self.config) and self._graph_allowed_under_ddp()
+            graphable = self._graph_config_ok()
             if not params or params[0].device.type != "cuda" or not graphable or any(map(is_dtensor, params)):
                 self._graph_trial_done = True
                 return
@@ -117,7 +120,7 @@ class GraphedUpdateMixin:
             if not decision:
                 self._graph_runner().release()  # its pool too
             self._graph_trial_done = True
-            _logger.info("Q4Shampoo: cuda_graph=auto %s the graphed update (%s)", *_trial_words(trial))
+            _logger.info("%s: cuda_graph=auto %s the graphed update (%s)", self.GRAPH_OWNER, *_trial_words(trial))
 
     def graph_info(self) -> dict[str, Any] | None:
         """How the updates ran with the CUDA graph (``cuda_graph`` true or "auto"; None before any graphed
@@ -131,13 +134,6 @@ class GraphedUpdateMixin:
         if trial is not None:
             info.update(kept=trial.decision, eager_ms=trial.eager_ms, graph_ms=trial.graph_ms)
         return info
-
-    def _graph_allowed_under_ddp(self) -> bool:
-        """One process, or ``shard_parameters``: each owner updates its parameters alone and all-gathers them, so
-        every replica holds the owner's bytes whether or not each rank's own trial kept the graph. Not under the
-        preconditioner split, where every rank updates every parameter itself: ranks that chose differently
-        (graphed chunks round differently in the last bits) would drift apart."""
-        return self._ddp_split() is None or self._shards_parameters()
 
     def _graph_wanted(self) -> bool:
         """``cuda_graph`` True, or "auto" while the trial tries the graph and once it chose to keep it."""
@@ -182,7 +178,7 @@ class GraphedUpdateMixin:
     def _graph_runner(self) -> StepGraph:
         runner = self.__dict__.get("_step_graph")
         if runner is None:
-            runner = self._step_graph = StepGraph()
+            runner = self._step_graph = StepGraph(self.GRAPH_OWNER)
         return runner
 
     def _address_table(self, layout: Layout, device: torch.device) -> AddressTable:
@@ -202,11 +198,9 @@ class GraphedUpdateMixin:
         cfg: Any = self.config
         device = batches[0].grads[0].device
         nothing = ([], None, lambda: None)
-        if not self._graph_wanted() or device.type != "cuda" or self.stage_timer is not None:
+        if not self._graph_wanted() or device.type != "cuda" or getattr(self, "stage_timer", None) is not None:
             return nothing
-        if not self._graph_allowed_under_ddp():
-            return nothing
-        if not _graphable_config(cfg):
+        if not self._graph_config_ok():
             return nothing
         groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
         if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
@@ -214,13 +208,15 @@ class GraphedUpdateMixin:
         lrs, betas, steps = {g["lr"] for g in groups}, {tuple(g["betas"]) for g in groups}, {b.step for b in batches}
         if len(lrs) != 1 or len(betas) != 1 or len(steps) != 1:  # one value per device scalar (step_graph.py)
             return nothing
-        # the fused and Triton AdamW read the lr and bias corrections from device scalars; the torch math does not
-        if not all(
-            b.grads[0].device == device and adamw_kernel(b.group.params, b.group.moments, True) != "torch"
-            for b in batches
-        ):
+        if any(b.grads[0].device != device for b in batches):
             return nothing
-        chosen = [b for b in batches if _graphable_grads(b)]
+        # the fused and Triton AdamW read the lr and bias corrections from device scalars; the torch math (e.g. the
+        # fp32 moments of a bf16 model's small tensors) takes host values: those batches run eagerly beside the graph
+        chosen = [
+            b
+            for b in batches
+            if _graphable_grads(b) and adamw_kernel(b.group.params, b.group.moments, cfg.use_compile) != "torch"
+        ]
         if not chosen:
             return nothing
         table = self._address_table(layout, device)

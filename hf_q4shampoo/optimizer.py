@@ -546,6 +546,23 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             run_first_step_warm_ups(self, layout)  # compiles and loads now what later steps would (warmup.py)
         return layout
 
+    # ---- the graphed update's hooks (graphed_update.py) ----------------------------------------
+    GRAPH_OWNER = "Q4Shampoo"
+
+    def _graph_config_ok(self) -> bool:
+        """The options under which the update can be graphed: the first-order step reads its lr from the device
+        (AdamW, compiled / fused), the direction is norm-grafted, and the process setup allows it (below)."""
+        cfg = self.config
+        options = bool(cfg.use_compile) and cfg.first_order == "adamw" and cfg.grafting == "norm"
+        return options and self._graph_allowed_under_ddp()
+
+    def _graph_allowed_under_ddp(self) -> bool:
+        """One process, or ``shard_parameters``: each owner updates its parameters alone and all-gathers them, so
+        every replica holds the owner's bytes whether or not each rank's own trial kept the graph. Not under the
+        preconditioner split, where every rank updates every parameter itself: ranks that chose differently
+        (graphed chunks round differently in the last bits) would drift apart."""
+        return self._ddp_split() is None or self._shards_parameters()
+
     # ---- inspection and small helpers ---------------------------------------------------------
     def _direction(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The preconditioned, norm-grafted direction the current roots give ``grad`` for parameter ``p``

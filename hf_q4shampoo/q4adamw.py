@@ -35,10 +35,11 @@ import torch
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, restore_state, state_mismatch
 from .first_order import adamw_batch_step, total_skipped
+from .graphed_update import GraphedUpdateMixin
 from .layout import (
     IndexCache,
     Layout,
-    ShapeGroup,
+    StepBatch,
     build_layout,
     check_dense_real,
     layout_members,
@@ -58,11 +59,14 @@ from .q4adamw_config import (
 
 __all__ = ["Q4AdamW", "Q4AdamWConfig", "parse_q4adamw_optim_args", "Q4ADAMW_GROUP_KEYS", "Q4ADAMW_LAYOUT_KEYS"]
 
+#: What the graphed update keeps on the optimizer (graphed_update.py): device objects a copy does not share.
+_GRAPH_ATTRIBUTES = ("_step_graph", "_grad_addresses", "_graph_trial", "_graph_trial_done", "_replays_seen")
+
 #: Where a state dict records the config that saved it (and what :meth:`Q4AdamW.load_state_dict` looks for).
 CONFIG_KEY = "q4adamw_config"
 
 
-class Q4AdamW(torch.optim.Optimizer):
+class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
     """AdamW with 4-bit moments (paper 3's "4-bit AdamW", or its "4-bit Factor" with ``variant="factor"``).
 
     Args:
@@ -72,7 +76,7 @@ class Q4AdamW(torch.optim.Optimizer):
             may be a one-element tensor.
         config: a :class:`Q4AdamWConfig` (or a dict of its fields) to start from; keywords override it.
         **options: any other :class:`Q4AdamWConfig` field: ``variant``, ``m_map``, ``min_quant_numel``,
-            ``maximize``, ``use_compile``.
+            ``maximize``, ``use_compile``, ``cuda_graph``.
 
     State is created at a parameter's first step (or :meth:`build_state`) on its device. Sparse and complex
     gradients are refused. DTensor (FSDP2) parameters keep the state of their local shard.
@@ -113,8 +117,8 @@ class Q4AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.pop("_layout", None)
-        self.__dict__.pop("_index_cache", None)
+        for cached in ("_layout", "_index_cache", *_GRAPH_ATTRIBUTES):
+            self.__dict__.pop(cached, None)
         self.__dict__.setdefault("_layout_version", 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -193,30 +197,50 @@ class Q4AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._graph_trial_step()  # cuda_graph="auto": is the graphed update faster here? (graphed_update.py)
         grads, steps = step_gradients(self.param_groups, self.state, self._init_state, _check_q4adamw_param)
         if not grads:
             return loss
-        for batch in step_batches(self._current_layout(), grads, steps):
-            self._step_members(batch.group, batch.members, batch.step, batch.grads)
+        layout = self._current_layout()
+        self._run_update(layout, step_batches(layout, grads, steps))
         return loss
 
-    def _step_members(self, shape_group: ShapeGroup, members: list[int], step: int, grads: list[torch.Tensor]) -> None:
-        """One batched AdamW step of ``members`` (positions in ``shape_group``), which share a step count."""
+    # ---- the graphed update's hooks (graphed_update.py) ----------------------------------------
+    GRAPH_OWNER = "Q4AdamW"
+
+    def _graph_config_ok(self) -> bool:
+        """The Triton and fused AdamW kernels read the lr and bias corrections from device scalars; the eager torch
+        math (``use_compile=False``) does not. Under DDP every rank updates every parameter, and a graphed batch
+        computes exactly what the eager one does (chunks split members, not sums), so the ranks agree either way."""
+        return bool(self.config.use_compile)
+
+    def _step_batch(self, batch: StepBatch, g: torch.Tensor | None = None) -> None:
+        """One batched AdamW step of ``batch`` (members of one shape group sharing a step count). ``g``: their
+        gradients already stacked in fp32 (the graphed update gathers them by address); ``batch.finite``: their
+        finite flags when the caller made them."""
+        shape_group = batch.group
         group = self.param_groups[shape_group.group_index]
-        keep = torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf)))  # on the device: no sync
-        directions = stacked_fp32(grads)
+        keep = batch.finite
+        if keep is None:
+            keep = torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, ord=math.inf)))  # on the device
+        directions = stacked_fp32(batch.grads) if g is None else g
         if group["maximize"]:
             directions = directions.neg()  # not in place: for one fp32 gradient it is p.grad itself
+        members = batch.members
         params = [shape_group.params[m] for m in members]
-        stacked = shape_group.moments
-        whole = members == list(range(shape_group.size))
-        index = None if whole else self._index(members, directions.device)
-        moments = stacked if whole else {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
+        stacked, counts = shape_group.moments, shape_group.skipped
+        first, last = members[0], members[-1] + 1
+        if members == list(range(first, last)):  # a run of members (always, inside the graph): views, in place
+            moments = {k: v[first:last] for k, v in stacked.items()}
+            index = None
+        else:
+            index = self._index(members, directions.device)
+            moments = {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
         adamw_batch_step(
             params,
             directions,
             moments,
-            step=step,
+            step=batch.step,
             lr=group["lr"],
             betas=group["betas"],
             eps=group["eps"],
@@ -226,9 +250,8 @@ class Q4AdamW(torch.optim.Optimizer):
             m_map=self.config.m_map,
             keep=keep,
         )
-        counts = shape_group.skipped
-        if whole:  # adamw_batch_step updated the stacked buffers themselves, in place
-            counts.add_(~keep)
+        if index is None:  # adamw_batch_step updated the views of the stacked buffers in place
+            counts[first:last].add_(~keep)
         else:
             for k, v in stacked.items():
                 v.index_copy_(0, index.to(v.device), moments[k])

@@ -63,6 +63,15 @@ class Q4AdamWConfig(OptionsBase):
     Speed:
         use_compile: on accelerators, run the step as compiled torch / Triton kernels (``first_order.py``);
             eager on CPU whatever this says.
+        cuda_graph: on CUDA, replay the step's kernels (the finite checks, the gradients' gather, the 4-bit AdamW
+            kernels and torch's fused AdamW of the small tensors: ~15 launches per shape group) as one captured
+            CUDA graph: ``True``, ``False`` or ``"auto"`` (the default: the first ~40 steps time both ways on the
+            GPU's own clock and keep the faster, ``step_graph.GraphTrial``). It saves the host's launch time, which
+            is what a step costs in a loop whose GPU waits for its host (docs/perf_notes.md v25). A graphed step
+            computes exactly what the eager one does. Needs ``use_compile``; a tensor ``lr``, ``maximize``, more
+            than one lr or step count among the groups, or gradients other than contiguous fp32 / bf16 run eagerly;
+            matrices over 8M entries are stepped eagerly beside the graph. The graph's memory pool keeps the
+            transients of one chunk (4M entries: ~40 MiB) between steps.
     """
 
     OWNER = "Q4AdamW"
@@ -77,6 +86,7 @@ class Q4AdamWConfig(OptionsBase):
     min_quant_numel: int = 4096
     min_quant_dim: int = 16
     use_compile: bool = True
+    cuda_graph: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self._normalise_and_validate(_validate)
@@ -133,6 +143,9 @@ def _validate(name: str, value: Any) -> None:
     elif name in _BOOLS:
         if not isinstance(value, bool):
             raise ConfigError(f"Q4AdamW: {name} must be true or false, got {value!r}.")
+    elif name == "cuda_graph":
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f'Q4AdamW: cuda_graph must be true, false or "auto", got {value!r}.')
     else:  # pragma: no cover - every field must have a rule
         raise AssertionError(f"no validation rule for {name}")
 
@@ -141,6 +154,13 @@ def _cast(name: str, text: str) -> Any:
     low = text.strip().lower()
     if name in _BOOLS:
         return parse_bool(name, text, "Q4AdamW")
+    if name == "cuda_graph":
+        if low == "auto":
+            return "auto"
+        try:
+            return parse_bool(name, text, "Q4AdamW")
+        except ConfigError:
+            raise ConfigError(f'Q4AdamW: optim_args value cuda_graph={text!r} is not true, false or "auto".') from None
     if name in _CHOICES:
         return low
     try:

@@ -119,7 +119,8 @@ class GraphTrial:
 class StepGraph:
     """One captured step and the rule that decides when to capture, replay or run eagerly."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "optimizer") -> None:
+        self.owner = owner  # the optimizer's name, for the warning below
         self._graph: torch.cuda.CUDAGraph | None = None
         self._key: tuple | None = None
         self._pinned: list = []
@@ -185,7 +186,7 @@ class StepGraph:
             self.disabled = True
             self._refuse(key)
             warnings.warn(
-                f"Q4Shampoo: capturing the step as a CUDA graph failed ({error}); the steps run eagerly from now "
+                f"{self.owner}: capturing the step as a CUDA graph failed ({error}); the steps run eagerly from now "
                 "on (set cuda_graph=False to skip the attempt)",
                 RuntimeWarning,
                 stacklevel=3,

@@ -1,33 +1,49 @@
 """The step's update as a replayed CUDA graph (``cuda_graph=True``): bit for bit what the same update gives run
 eagerly, through a changing learning rate, refreshes in between, gradients that move (``set_to_none=True``), a NaN
 gradient in a replayed step, chunked shape groups and matrices left outside the graph; and, where the chunks are
-whole groups, bit for bit ``cuda_graph=False``. Skipped without a GPU."""
+whole groups, bit for bit ``cuda_graph=False``. Q4AdamW's graphed step (whose chunks split members, not sums) bit
+for bit ``cuda_graph=False`` in every case. Skipped without a GPU."""
 
 import pytest
 import torch
 
-from hf_q4shampoo import Q4Shampoo, graphed_update, step_graph
+from hf_q4shampoo import Q4AdamW, Q4Shampoo, graphed_update, step_graph
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-CASES = [{}, {"move_grads": True}, {"nan_at": 18}, {"two_lrs": True}, {"keep_grads": True}]
-IDS = ["plain", "moving", "nan", "two_lrs", "kept"]
+# bf16: the biases' fp32 moments of bf16 parameters take the torch math, which runs eagerly beside the graph
+CASES = [{}, {"move_grads": True}, {"nan_at": 18}, {"two_lrs": True}, {"keep_grads": True}, {"dtype": torch.bfloat16}]
+IDS = ["plain", "moving", "nan", "two_lrs", "kept", "bf16"]
 
 
-def _train(cuda_graph: bool, steps=24, two_lrs=False, move_grads=False, nan_at=-1, keep_grads=False):
+def _train(
+    cuda_graph: bool,
+    steps=24,
+    two_lrs=False,
+    move_grads=False,
+    nan_at=-1,
+    keep_grads=False,
+    optimizer="q4shampoo",
+    dtype=torch.float32,
+    variant="4bit",
+):
     torch.manual_seed(0)
     # three 96x96 matrices in one shape group, a 70x96 one: the Triton 4-bit AdamW (min_quant_numel=1024);
-    # the biases: torch's fused AdamW
+    # the biases: torch's fused AdamW (fp32 parameters) or the torch math (bf16: run eagerly beside the graph)
     layers = [torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 96), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 70)).cuda()
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 70))
+    model = model.to("cuda", dtype)
     params = list(model.parameters())
     groups = [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3 if two_lrs else 1e-2}]
-    opt = Q4Shampoo(groups, lr=1e-2, update_freq=2, root_freq=4, min_quant_numel=1024, cuda_graph=cuda_graph)
+    if optimizer == "q4adamw":
+        opt = Q4AdamW(groups, lr=1e-2, min_quant_numel=1024, cuda_graph=cuda_graph, variant=variant)
+    else:
+        opt = Q4Shampoo(groups, lr=1e-2, update_freq=2, root_freq=4, min_quant_numel=1024, cuda_graph=cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))  # a new lr every step
     g = torch.Generator().manual_seed(1)
     junk = []
     for i in range(steps):
-        x, y = torch.randn(64, 96, generator=g).cuda(), torch.randn(64, 70, generator=g).cuda()
+        x, y = torch.randn(64, 96, generator=g).to("cuda", dtype), torch.randn(64, 70, generator=g).to("cuda", dtype)
         opt.zero_grad(set_to_none=not keep_grads)
         if move_grads:  # another allocation pattern every step: the gradients land at other addresses
             junk.append(torch.empty(4096 * (i % 3 + 1), device="cuda"))
@@ -135,3 +151,40 @@ def test_auto_keeps_the_graph_only_where_it_makes_the_loop_faster(gpu_busy):
         assert opt._graph_runner()._graph is None  # dropped, with its pool
     else:
         assert info["graph_ms"] < info["eager_ms"] and info["replays"] >= 10, info
+
+
+ADAMW_CASES = CASES + [{"variant": "factor"}, {"nan_at": 18, "variant": "factor"}]
+ADAMW_IDS = IDS + ["factor", "factor_nan"]
+
+
+@pytest.mark.parametrize("case", ADAMW_CASES, ids=ADAMW_IDS)
+def test_q4adamw_graphed_step_equals_the_eager_optimizer(case, monkeypatch):
+    monkeypatch.setattr(graphed_update, "CHUNK_NUMEL", 96 * 96)  # the 96x96 group in chunks of one member
+    graphed = _train(True, optimizer="q4adamw", **case)
+    counts = graphed[1]._graph_runner().counts
+    if case.get("two_lrs"):  # two values of the lr scalar in one step: never captured
+        assert counts.captures == 0 and counts.replays == 0
+    else:
+        assert counts.captures >= 1 and counts.replays >= 15 and counts.refused == 0, counts
+    eager = _train(False, optimizer="q4adamw", **case)
+    assert "_step_graph" not in eager[1].__dict__  # cuda_graph=False never made a runner
+    _assert_same(graphed, eager)
+    if case.get("nan_at", -1) >= 0:
+        assert graphed[1].skipped_updates() == 1
+
+
+def test_q4adamw_auto_keeps_the_graph_in_a_host_bound_loop():
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(96, 96), torch.nn.Tanh(), torch.nn.Linear(96, 96), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(96, 70)).cuda()
+    opt = Q4AdamW(model.parameters(), lr=1e-2, min_quant_numel=1024)
+    assert opt.config.cuda_graph == "auto"
+    x, y = torch.randn(64, 96, device="cuda"), torch.randn(64, 70, device="cuda")
+    trial = step_graph.GraphTrial
+    for _ in range(trial.SKIP + 2 * trial.WINDOW + 20):
+        opt.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    info = opt.graph_info()
+    assert info["kept"] is True and info["graph_ms"] < info["eager_ms"] and info["replays"] >= 10, info

@@ -360,6 +360,7 @@ def test_maximize_lr_tensor_and_param_groups():
         ("variant", "optim_args item 'variant' is not of the form key=value"),
         ("variant=factor,variant=4bit", "optim_args key 'variant' is given twice"),
         ("use_compile=maybe", "optim_args value use_compile='maybe' is not true or false"),
+        ("cuda_graph=sometimes", "optim_args value cuda_graph='sometimes' is not true, false or \"auto\""),
     ],
 )
 def test_bad_optim_args_name_the_key_and_allowed_values(text, message):
@@ -374,8 +375,12 @@ def test_config_and_constructor_validation():
         "min_quant_numel": 0,
         "maximize": True,
     }
+    assert parse_q4adamw_optim_args("cuda_graph=AUTO") == {"cuda_graph": "auto"}
+    assert parse_q4adamw_optim_args("cuda_graph=off") == {"cuda_graph": False}
     c = Q4AdamWConfig(variant="factor")
-    assert Q4AdamWConfig(**c.to_dict()) == c and c.first_order_v == "factored"
+    assert Q4AdamWConfig(**c.to_dict()) == c and c.first_order_v == "factored" and c.cuda_graph == "auto"
+    with pytest.raises(ConfigError, match='cuda_graph must be true, false or "auto", got 2'):
+        Q4AdamWConfig(cuda_graph=2)
     p = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ConfigError, match="unknown option.*'precond'.*Allowed options: lr, betas"):
         Q4AdamW(p, precond="eigen")
