@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, restore_state, state_mismatch
@@ -210,9 +211,17 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
 
     def _graph_config_ok(self) -> bool:
         """The Triton and fused AdamW kernels read the lr and bias corrections from device scalars; the eager torch
-        math (``use_compile=False``) does not. Under DDP every rank updates every parameter, and a graphed batch
-        computes exactly what the eager one does (chunks split members, not sums), so the ranks agree either way."""
-        return bool(self.config.use_compile)
+        math (``use_compile=False``) does not.
+
+        Under several processes every rank updates every parameter, and each rank's trial decides alone, so the
+        graphed step must equal the eager one bit for bit. It does for ``variant="4bit"`` (the graph's chunks split
+        members; per member the step is elementwise, and its v maxima are exact). Not for ``"factor"``: its row and
+        column sums are reductions whose order can change with the batch size, so a chunked group can differ in the
+        last bits: eager there."""
+        if not self.config.use_compile:
+            return False
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return not (several and self.config.variant == "factor")
 
     def _step_batch(self, batch: StepBatch, g: torch.Tensor | None = None) -> None:
         """One batched AdamW step of ``batch`` (members of one shape group sharing a step count). ``g``: their

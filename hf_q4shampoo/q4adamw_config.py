@@ -68,7 +68,8 @@ class Q4AdamWConfig(OptionsBase):
             CUDA graph: ``True``, ``False`` or ``"auto"`` (the default: the first ~40 steps time both ways on the
             GPU's own clock and keep the faster, ``step_graph.GraphTrial``). It saves the host's launch time, which
             is what a step costs in a loop whose GPU waits for its host (docs/perf_notes.md v25). A graphed step
-            computes exactly what the eager one does. Needs ``use_compile``; a tensor ``lr``, ``maximize``, more
+            computes exactly what the eager one does (``variant="factor"``: where a shape group fits one chunk;
+            under several processes it runs eagerly). Needs ``use_compile``; a tensor ``lr``, ``maximize``, more
             than one lr or step count among the groups, or gradients other than contiguous fp32 / bf16 run eagerly;
             matrices over 8M entries are stepped eagerly beside the graph. The graph's memory pool keeps the
             transients of one chunk (4M entries: ~40 MiB) between steps.

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_q4shampoo import Q4Shampoo  # noqa: E402
+from hf_q4shampoo import Q4AdamW, Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import ConfigError  # noqa: E402
 
 STEPS, HALF = 12, 6
@@ -134,6 +134,11 @@ def main() -> None:
             "groups": groups,
             "graph_allowed": opt._graph_allowed_under_ddp(),  # the CUDA-graphed update (CUDA only) may run here
         }
+    # Q4AdamW's graphed step (CUDA only) under several processes: the 4bit variant's equals its eager step, the
+    # factored one's may not (graphed_update.py): whether each may run here
+    report["q4adamw_graph_allowed"] = {
+        variant: Q4AdamW(make_params(), variant=variant)._graph_config_ok() for variant in ("4bit", "factor")
+    }
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

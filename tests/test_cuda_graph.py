@@ -159,7 +159,8 @@ ADAMW_IDS = IDS + ["factor", "factor_nan"]
 
 @pytest.mark.parametrize("case", ADAMW_CASES, ids=ADAMW_IDS)
 def test_q4adamw_graphed_step_equals_the_eager_optimizer(case, monkeypatch):
-    monkeypatch.setattr(graphed_update, "CHUNK_NUMEL", 96 * 96)  # the 96x96 group in chunks of one member
+    if case.get("variant") != "factor":  # the factored v's row / column sums depend on the batch: whole groups
+        monkeypatch.setattr(graphed_update, "CHUNK_NUMEL", 96 * 96)  # the 96x96 group in chunks of one member
     graphed = _train(True, optimizer="q4adamw", **case)
     counts = graphed[1]._graph_runner().counts
     if case.get("two_lrs"):  # two values of the lr scalar in one step: never captured
