@@ -1,6 +1,7 @@
 """Where the host's time goes in a steady training step (issue 11: the time-to-target model is host-bound).
 
-    python benchmarks/host_profile.py [--optim_args update_freq=8,root_freq=80] [--steps 120] [--profile 80]
+    python benchmarks/host_profile.py [--optimizer q4shampoo|q4adamw|adamw] [--optim_args update_freq=8,root_freq=80]
+        [--steps 120] [--profile 80]
 
 The time-to-target model's shape (GPT-2 12 x 768, vocabulary 8192, batch 16 x 512, bf16 autocast) with random
 tokens. After ``--steps`` steps (past the first round of roots), ``--profile`` more steps run with the host time
@@ -20,25 +21,39 @@ import time
 
 import torch
 
-from hf_q4shampoo import Q4Shampoo
+from hf_q4shampoo import Q4AdamW, Q4Shampoo
 from hf_q4shampoo.config import parse_optim_args
+from hf_q4shampoo.q4adamw_config import parse_q4adamw_optim_args
+
+
+def build_optimizer(name: str, params, optim_args: str) -> torch.optim.Optimizer:
+    """The optimizer under test with the time-to-target task's lr and weight decay (``--optim_args`` in the
+    optimizer's own syntax; fused AdamW takes none)."""
+    if name == "q4adamw":
+        return Q4AdamW(params, lr=3e-4, weight_decay=0.1, **parse_q4adamw_optim_args(optim_args))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=True)
+    return Q4Shampoo(params, lr=3e-4, weight_decay=0.1, **parse_optim_args(optim_args))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--optim_args", default="update_freq=8,root_freq=80")
+    p.add_argument("--optimizer", choices=("q4shampoo", "q4adamw", "adamw"), default="q4shampoo")
+    p.add_argument("--optim_args", default=None, help="default: update_freq=8,root_freq=80 for q4shampoo, none else")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--profile", type=int, default=80)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--json", default=None)
     p.add_argument("--plain", action="store_true", help="no cProfile: the host times without its overhead")
     args = p.parse_args()
+    if args.optim_args is None:
+        args.optim_args = "update_freq=8,root_freq=80" if args.optimizer == "q4shampoo" else ""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=8192, n_positions=512, loss_type="ForCausalLMLoss")
     model = GPT2LMHeadModel(config).cuda().train()
-    opt = Q4Shampoo(model.parameters(), lr=3e-4, weight_decay=0.1, **parse_optim_args(args.optim_args))
+    opt = build_optimizer(args.optimizer, model.parameters(), args.optim_args)
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 8192, (16, 512), generator=gen).cuda() for _ in range(8)]
     host = {"forward": 0.0, "backward": 0.0, "step": 0.0}
@@ -75,8 +90,8 @@ def main() -> None:
     # cProfile's own overhead inflates the step's host time; the split is what matters
     result = {k + "_host_ms": 1e3 * v / args.profile for k, v in host.items()}
     result["wall_ms_per_step"] = 1e3 * wall
-    result["optim_args"] = args.optim_args
-    result["step_graph"] = opt.graph_info()
+    result["optimizer"], result["optim_args"] = args.optimizer, args.optim_args
+    result["step_graph"] = opt.graph_info() if hasattr(opt, "graph_info") else None
     print(json.dumps(result))
     for key in () if args.plain else ("tottime", "cumulative"):
         text = io.StringIO()
