@@ -177,8 +177,8 @@ class Q4ShampooConfig(OptionsBase):
             and 3-6% on the hard-conditioning family (docs/results.md §4.5). Block scales are bf16 (quant.py).
         root_bits: 4 (fp32 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4), 8 (the same plus a
             second 4-bit code of the first one's residual: about 8-bit roots, twice the root codes: GPT-2 small
-            2.06 -> 2.44 bytes/param; ~20% more time per step in a host-bound loop, measured before the two codes were
-            decoded in one launch) or 32. With the early
+            2.06 -> 2.44 bytes/param; since its two codes are decoded in one launch, training time on the
+            time-to-target task as the default's, 46.5 s against 46.8 s, docs/perf_notes.md v25) or 32. With the early
             first root the 4-bit roots are what loses most on the hard-conditioning family, and 8 recovers nearly
             all of fp32 roots' gain there (docs/results.md §4.7); the default stays 4 for memory and speed.
         root_method: ``"eigh"`` (fp32 eigendecomposition, fp64 retry), ``"newton"`` (coupled Newton /
