@@ -36,6 +36,23 @@ def build_optimizer(name: str, params, optim_args: str) -> torch.optim.Optimizer
     return Q4Shampoo(params, lr=3e-4, weight_decay=0.1, **parse_optim_args(optim_args))
 
 
+def _torch_profile(one, args: argparse.Namespace) -> list[dict]:
+    """Run ``args.torch_profile`` steps under torch.profiler; print and return the top ops by self host time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(args.torch_profile):
+            one(i)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    return [
+        {"name": e.key, "calls": e.count, "self_host_ms_per_step": e.self_cpu_time_total / 1e3 / args.torch_profile}
+        for e in rows
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--optimizer", choices=("q4shampoo", "q4adamw", "adamw"), default="q4shampoo")
@@ -45,6 +62,13 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--json", default=None)
     p.add_argument("--plain", action="store_true", help="no cProfile: the host times without its overhead")
+    p.add_argument(
+        "--torch_profile",
+        type=int,
+        default=0,
+        help="after the measured steps, this many more under torch.profiler: the ops and CUDA runtime calls with the "
+        "most host time inside step() (waits for the GPU show as cudaStreamSynchronize / cudaMemcpy time)",
+    )
     args = p.parse_args()
     if args.optim_args is None:
         args.optim_args = "update_freq=8,root_freq=80" if args.optimizer == "q4shampoo" else ""
@@ -90,6 +114,8 @@ def main() -> None:
     # cProfile's own overhead inflates the step's host time; the split is what matters
     result = {k + "_host_ms": 1e3 * v / args.profile for k, v in host.items()}
     result["wall_ms_per_step"] = 1e3 * wall
+    if args.torch_profile:
+        result["torch_profile"] = _torch_profile(lambda i: one(args.steps + args.profile + i, False), args)
     result["optimizer"], result["optim_args"] = args.optimizer, args.optim_args
     result["step_graph"] = opt.graph_info() if hasattr(opt, "graph_info") else None
     print(json.dumps(result))
