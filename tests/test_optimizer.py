@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_q4shampoo import ConfigError, Q4Shampoo, Q4ShampooConfig
+from hf_q4shampoo import ConfigError, Q4AdamW, Q4Shampoo, Q4ShampooConfig
 from hf_q4shampoo.config import STATE_LAYOUT_KEYS
 from hf_q4shampoo.schedule import root_shift
 
@@ -238,6 +238,16 @@ def test_clear_errors():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients.*SparseAdam"):
         opt.step()
+
+    # after a dense first step (state made, the parameter's checks done) a sparse gradient is still refused
+    dense = torch.nn.Parameter(torch.randn(10, 4))
+    for optimizer in (Q4Shampoo, Q4AdamW):
+        opt = optimizer([dense])
+        dense.grad = torch.randn(10, 4)
+        opt.step()
+        dense.grad = torch.randn(10, 4).to_sparse()
+        with pytest.raises(RuntimeError, match="sparse gradients.*SparseAdam"):
+            opt.step()
 
     c = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
     c.grad = torch.randn(3, 3, dtype=torch.complex64)
