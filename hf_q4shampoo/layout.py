@@ -274,7 +274,7 @@ def step_gradients(
             st = state[p]
             # the parameter's checks once, before its state is made; afterwards only a gradient that could fail
             # them is checked again (the full check, for its message): on a model of ~150 tensors the checks of
-            # every parameter at every step were ~0.5 ms of host time (docs/perf_notes.md v25)
+            # every parameter at every step were estimated at ~0.3-0.5 ms of host time (docs/perf_notes.md v25)
             if not st or g.is_sparse or g.is_complex():
                 check_param(p)
             if not st:
