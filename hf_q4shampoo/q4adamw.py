@@ -41,6 +41,7 @@ from .layout import (
     IndexCache,
     Layout,
     StepBatch,
+    as_slice,
     build_layout,
     check_dense_real,
     layout_members,
@@ -238,9 +239,9 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
         members = batch.members
         params = [shape_group.params[m] for m in members]
         stacked, counts = shape_group.moments, shape_group.skipped
-        first, last = members[0], members[-1] + 1
-        if members == list(range(first, last)):  # a run of members (always, inside the graph): views, in place
-            moments = {k: v[first:last] for k, v in stacked.items()}
+        span = as_slice(members)
+        if span is not None:  # a run of members (always, inside the graph): views, updated in place
+            moments = {k: v[span] for k, v in stacked.items()}
             index = None
         else:
             index = self._index(members, directions.device)
@@ -260,7 +261,7 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
             keep=keep,
         )
         if index is None:  # adamw_batch_step updated the views of the stacked buffers in place
-            counts[first:last].add_(~keep)
+            counts[span].add_(~keep)
         else:
             for k, v in stacked.items():
                 v.index_copy_(0, index.to(v.device), moments[k])
