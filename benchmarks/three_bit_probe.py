@@ -3,8 +3,10 @@
 ``root3``: every Q4Shampoo created in this process stores its quantized inverse roots with the 8-entry Linear-2
 table (``quant.linear2_code(3)``) instead of the 16-entry one. ``v3`` / ``v3sq`` / ``v3geo``: Adam's second moment
 uses an 8-entry zero-free table (``V_TABLES``: linear, squares of linear, powers of two), each entry repeated so
-the 16-entry 4-bit path (the Triton kernels included) runs it. The codes still take a nibble each: the quality is
-that of 3-bit storage, the memory is not. ``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the
+the 16-entry 4-bit path (the Triton kernels included) runs it. ``refine3``: the residual code of the default
+factor storage (the upper triangle of ``cholesky_ef``'s buffer, 43.3 MiB on GPT-2 small) with 8 of the 16 Linear-2
+entries (CPU path only: the Triton factor kernels are not patched). The codes still take a nibble each: the quality
+is that of 3-bit storage, the memory is not. ``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the
 fp32 diagonal restoring the scale; same bytes). (Its first version also had ``root8``, roots with a second code of
 the residual: that is now the option ``root_bits=8``, which gives the same losses.) Then one of the repo's quality
 benchmarks runs with the other arguments:
@@ -109,13 +111,46 @@ def patch_v(which: str) -> None:
     quant._code_cpu = code_cpu
 
 
+#: 8 of the 16 Linear-2 entries, every other one and no zero: a 3-bit table whose codes the 4-bit storage holds
+#: exactly (values snapped to it are re-encoded to the same entries), so a probe through it measures 3 bits, not
+#: the double rounding of a 3-bit table that is not a subset
+SUBSET_CODE = "linear2_every_other"
+SUBSET_ENTRIES = (0, 2, 4, 6, 9, 11, 13, 15)
+
+
+def patch_refine3() -> None:
+    """``cholesky_ef``'s default factor storage (``factor_upper="refine"``) with the residual's code (the upper
+    triangle of the factor's buffer) in 3 bits: the residual is snapped to :data:`SUBSET_CODE` with its own block
+    absmax before the 4-bit encoding, which then stores exactly those values. The factor's first code stays 4-bit."""
+    from hf_q4shampoo import cholesky_form  # noqa: PLC0415
+
+    original_code = quant._code_cpu
+
+    def code_cpu(name: str, bits: int):
+        if name == SUBSET_CODE:
+            return original_code("linear2", 4)[list(SUBSET_ENTRIES)]
+        return original_code(name, bits)
+
+    quant._code_cpu = code_cpu
+    original = quant.quantize_lower_upper
+
+    def quantize_lower_upper(lower, upper, code="linear2", block_size=64):
+        snapped = quant.roundtrip_blockwise(torch.triu(upper.float(), 1), SUBSET_CODE, block_size)
+        return original(lower, snapped, code, block_size)
+
+    quant.quantize_lower_upper = quantize_lower_upper
+    cholesky_form.quantize_lower_upper = quantize_lower_upper
+
+
 def apply(which: str) -> None:
     """Install the patch named ``which`` (``none``: nothing)."""
-    if which not in ("root3", "rootcorr", "none", *V_TABLES):
+    if which not in ("root3", "rootcorr", "refine3", "none", *V_TABLES):
         raise SystemExit(
-            f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), {', '.join(V_TABLES)} (3-bit v) "
-            "or none (today's codes)"
+            f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), refine3 (the factor's residual code "
+            f"in 3 bits), {', '.join(V_TABLES)} (3-bit v) or none (today's codes)"
         )
+    if which == "refine3":
+        patch_refine3()
     if which == "root3":
         patch()
     if which == "rootcorr":
