@@ -6,8 +6,10 @@ uses an 8-entry zero-free table (``V_TABLES``: linear, squares of linear, powers
 the 16-entry 4-bit path (the Triton kernels included) runs it. ``refine3``: the residual code of the default
 factor storage (the upper triangle of ``cholesky_ef``'s buffer, 43.3 MiB on GPT-2 small) with 8 of the 16 Linear-2
 entries (CPU path only: the Triton factor kernels are not patched). The codes still take a nibble each: the quality
-is that of 3-bit storage, the memory is not. ``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the
-fp32 diagonal restoring the scale; same bytes). (Its first version also had ``root8``, roots with a second code of
+is that of 3-bit storage, the memory is not. ``v4geo`` / ``v4geo_half``: v with a 16-entry log-spaced table
+(powers of 2, or of sqrt(2)) instead of the linear zero-free one: a 4-bit alternative, not a memory lever.
+``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the fp32 diagonal restoring the scale;
+same bytes). (Its first version also had ``root8``, roots with a second code of
 the residual: that is now the option ``root_bits=8``, which gives the same losses.) Then one of the repo's quality
 benchmarks runs with the other arguments:
 
@@ -101,14 +103,44 @@ def patch_root_correlation() -> None:
     pb.PreconditionerForm.root = root_c
 
 
+#: 16-entry (4-bit) zero-free tables for v, in (0, 1]: relative precision at every scale instead of the linear
+#: table's, whose lowest entry (1/16) stores anything below it at up to many times its value
+V4_TABLES = {
+    "v4geo": lambda: 2.0 ** quant.torch.arange(-15.0, 1.0),  # 2^-15 ... 1
+    "v4geo_half": lambda: 2.0 ** (quant.torch.arange(-15.0, 1.0) / 2),  # 2^-7.5 ... 1, steps of sqrt(2)
+}
+#: how a value between two entries is rounded (suffix of the probe's name; none: to the nearer one, as the codec
+#: does): ``_log`` to the nearer one in log space (equal relative error both ways), ``_up`` to the larger one
+#: (v never under-estimated, so no step is larger than fp32 v would make it)
+V4_ROUNDING = {
+    "log": lambda t: (t[1:] * t[:-1]).sqrt(),
+    "up": lambda t: t[:-1] * (1 + 1e-6),
+}
+V4_NAMES = [f"{t}{r}" for t in V4_TABLES for r in ("", *(f"_{k}" for k in V4_ROUNDING))]
+
+
 def patch_v(which: str) -> None:
     original = quant._code_cpu
+    rounding = next((r for r in V4_ROUNDING if which.endswith(f"_{r}")), "")
+    table_name = which[: -len(rounding) - 1] if rounding else which
 
     def code_cpu(name: str, bits: int):
+        if name != "zero_free_linear":
+            return original(name, bits)
+        if table_name in V4_TABLES:
+            return V4_TABLES[table_name]()
         # each entry twice: a 16-entry table, so the 4-bit Triton kernels (which read 15 midpoints) run it as well
-        return V_TABLES[which]().repeat_interleave(2) if name == "zero_free_linear" else original(name, bits)
+        return V_TABLES[which]().repeat_interleave(2)
 
     quant._code_cpu = code_cpu
+    if rounding:  # the CPU codec reads its midpoints from get_code's cache: put the other ones there
+        original_get = quant.get_code
+
+        def get_code(name, device="cpu", bits=4):
+            table, mids = original_get(name, device, bits)
+            return (table, V4_ROUNDING[rounding](table)) if name == "zero_free_linear" else (table, mids)
+
+        quant.get_code = get_code
 
 
 #: 8 of the 16 Linear-2 entries, every other one and no zero: a 3-bit table whose codes the 4-bit storage holds
@@ -144,10 +176,11 @@ def patch_refine3() -> None:
 
 def apply(which: str) -> None:
     """Install the patch named ``which`` (``none``: nothing)."""
-    if which not in ("root3", "rootcorr", "refine3", "none", *V_TABLES):
+    if which not in ("root3", "rootcorr", "refine3", "none", *V_TABLES, *V4_NAMES):
         raise SystemExit(
             f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), refine3 (the factor's residual code "
-            f"in 3 bits), {', '.join(V_TABLES)} (3-bit v) or none (today's codes)"
+            f"in 3 bits), {', '.join(V_TABLES)} (3-bit v), {', '.join(V4_NAMES)} (4-bit v, log-spaced) or none "
+            "(today's codes)"
         )
     if which == "refine3":
         patch_refine3()
@@ -155,7 +188,7 @@ def apply(which: str) -> None:
         patch()
     if which == "rootcorr":
         patch_root_correlation()
-    if which in V_TABLES:
+    if which in V_TABLES or which in V4_NAMES:
         patch_v(which)
 
 
