@@ -12,8 +12,11 @@ What the graph reads that changes from step to step, and how:
 Its memory: the graph's private pool keeps the update's transient tensors between steps, so the graphed update
 works through each shape group in chunks of at most :data:`CHUNK_NUMEL` entries (about eight fp32 copies of a
 chunk are alive at once), and matrices larger than :data:`MAX_MEMBER_NUMEL` (GPT-2's 50,257-word embedding) are
-updated eagerly after the replay. Chunks round differently from the whole group's batched products and norms
-in the last bits, so a graphed run equals its own eager runs bit for bit, not ``cuda_graph=False``'s.
+updated eagerly after the replay, as are the batches that take the torch math rather than the fused or Triton
+AdamW (the fp32 moments of a bf16 model's small tensors: that math takes host values). Q4Shampoo's chunks round
+differently from the whole group's batched products and norms in the last bits, so its graphed run equals its own
+eager runs bit for bit, not ``cuda_graph=False``'s; Q4AdamW's 4bit step is elementwise per member and equals
+``cuda_graph=False`` (its factored v's row and column sums do not, for chunked groups).
 
 A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo` and :class:`~hf_q4shampoo.q4adamw.Q4AdamW`: it reads
 ``config`` (``cuda_graph``, ``use_compile``), ``param_groups`` and ``stage_timer`` when there is one, and calls two
