@@ -1,6 +1,6 @@
 """Host time of ``optimizer.step()`` at an older commit against this tree, runs interleaved (GPU).
 
-    python benchmarks/ab_host.py --old REV [--pairs 2] [--out DIR] -- [host_profile.py arguments]
+    python benchmarks/ab_host.py --old REV|FOLDER [--pairs 2] [--out DIR] -- [host_profile.py arguments]
     python benchmarks/ab_host.py --summarize DIR
 
 Why: a change that saves a millisecond of host time per step is smaller than the drift between processes on a
@@ -10,7 +10,10 @@ linear drift, and each run's ``step()`` host time is also given as a share of it
 which the machine's pace moves but an optimizer change does not.
 
 Each run is ``benchmarks/host_profile.py --plain`` in a fresh process, the old tree's package taken from
-``git archive REV hf_q4shampoo`` into a temporary folder placed first on ``PYTHONPATH``. Writes ``DIR/RUN.json``
+``git archive REV hf_q4shampoo`` into a temporary folder placed first on ``PYTHONPATH``. Where the machine has no git
+history (the device tool copies the working tree only), ``--old`` names a folder that holds the old ``hf_q4shampoo/``
+instead: make it here with ``mkdir OLD && git archive REV hf_q4shampoo | tar -x -C OLD``, in a folder git ignores,
+and carry it. Writes ``DIR/RUN.json``
 per run and prints the summary (also ``DIR/summary.json``).
 """
 
@@ -66,12 +69,22 @@ def _old_tree(rev: str, folder: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
 
 
+def old_package_root(old: str, scratch: Path) -> Path:
+    """The folder to put first on ``PYTHONPATH`` for the old tree: ``old`` itself when it holds ``hf_q4shampoo/``,
+    else ``scratch`` filled from ``git archive old``."""
+    given = Path(old)
+    if (given / "hf_q4shampoo").is_dir():
+        return given.resolve()
+    _old_tree(old, scratch)
+    return scratch
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser()
-    p.add_argument("--old", help="the commit to compare this tree against")
+    p.add_argument("--old", help="the commit to compare this tree against, or a folder holding its hf_q4shampoo/")
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--out", default="ab_host_out")
     p.add_argument("--summarize", default=None, help="only summarize the runs already in this folder")
@@ -85,8 +98,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    with tempfile.TemporaryDirectory() as old_root:
-        _old_tree(args.old, Path(old_root))
+    with tempfile.TemporaryDirectory() as scratch:
+        old_root = str(old_package_root(args.old, Path(scratch)))
         for i, tree in enumerate(run_order(args.pairs)):
             path = out / f"run{i:02d}_{tree}.json"
             first = old_root if tree == "old" else str(ROOT)

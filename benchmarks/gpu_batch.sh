@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,... | ab_host:REV:OPTIMIZER[:OPTIM_ARGS]
+#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,... | ab_host:OLD:OPTIMIZER[:OPTIM_ARGS]
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid,
 #   TTT_FIRST_ORDER="NAME:LR ..." adds other first-order runs (time_to_target.py --first_order; named NAME@LR)
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
@@ -85,7 +85,8 @@ for part in "$@"; do
     graph_small)  # GPT-2 small at 10/100 with the graphed update, then the eager one
       bench_plain g10_graph update_freq=10,root_freq=100,cuda_graph=true
       bench_plain g10_eager update_freq=10,root_freq=100,cuda_graph=false ;;
-    ab_host:*)  # ab_host:REV:OPTIMIZER[:OPTIM_ARGS]: step() host time at REV against this tree, ABBA, 2 pairs
+    ab_host:*)  # ab_host:OLD:OPTIMIZER[:OPTIM_ARGS]: step() host time of OLD (a carried folder holding the old
+      # hf_q4shampoo/, made with git archive: benchmarks/ab_host.py) against this tree, ABBA order, 2 pairs
       IFS=: read -r _ rev opt args <<< "$part"
       python benchmarks/ab_host.py --old "$rev" --pairs 2 --out "$out/ab_host_${opt}" -- --optimizer "$opt" \
         ${args:+--optim_args "$args"} > "$out/ab_host_${opt}.log" 2>&1; tail -12 "$out/ab_host_${opt}.log" ;;

@@ -56,3 +56,13 @@ def test_the_old_tree_is_the_package_at_that_commit(tmp_path):
     assert (tmp_path / "hf_q4shampoo" / "layout.py").read_bytes() == subprocess.run(
         ["git", "show", "HEAD:hf_q4shampoo/layout.py"], cwd=SCRIPT.parent.parent, capture_output=True, check=True
     ).stdout
+
+
+def test_the_old_tree_may_be_a_folder_made_beforehand(tmp_path):
+    made = tmp_path / "old"
+    ab._old_tree("HEAD", made.mkdir() or made)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert ab.old_package_root(str(made), scratch) == made.resolve()
+    assert not any(scratch.iterdir())  # nothing archived: the folder was used as it is
+    assert ab.old_package_root("HEAD", scratch) == scratch and (scratch / "hf_q4shampoo").is_dir()
