@@ -10,10 +10,10 @@ linear drift, and each run's ``step()`` host time is also given as a share of it
 which the machine's pace moves but an optimizer change does not.
 
 Each run is ``benchmarks/host_profile.py --plain`` in a fresh process, the old tree's package taken from
-``git archive REV hf_q4shampoo`` into a temporary folder placed first on ``PYTHONPATH``. Where the machine has no git
-history (the device tool copies the working tree only), ``--old`` names a folder that holds the old ``hf_q4shampoo/``
-instead: make it here with ``mkdir OLD && git archive REV hf_q4shampoo | tar -x -C OLD``, in a folder git ignores,
-and carry it. Writes ``DIR/RUN.json``
+``git archive REV hf_q4shampoo`` into a temporary folder placed first on ``PYTHONPATH``. Where the machine has
+no git history (the device tool sends a copy of the working tree), ``--old`` names a folder that holds the old
+``hf_q4shampoo/`` instead: make it here with ``mkdir OLD && git archive REV hf_q4shampoo | tar -x -C OLD``, in a
+folder git ignores, and carry it. Writes ``DIR/RUN.json``
 per run and prints the summary (also ``DIR/summary.json``).
 """
 
