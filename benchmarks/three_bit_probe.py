@@ -40,15 +40,19 @@ from hf_q4shampoo import quant  # noqa: E402
 CODE = "linear2_b3"
 
 
-def patch() -> None:
+def use_table(name: str, make) -> None:
+    """From now on the code table ``name`` (a new name, or one of quant's) is ``make()``: every probe below swaps or
+    adds its table this way (before anything asks ``quant.get_code`` for it, which caches it)."""
     original = quant._code_cpu
 
-    def code_cpu(name: str, bits: int):
-        if name == CODE:
-            return quant.linear2_code(3)
-        return original(name, bits)
+    def code_cpu(asked: str, bits: int):
+        return make() if asked == name else original(asked, bits)
 
     quant._code_cpu = code_cpu
+
+
+def patch() -> None:
+    use_table(CODE, lambda: quant.linear2_code(3))
     store, root = pb.PreconditionerForm._store_root, pb.PreconditionerForm.root
 
     def store3(self, x, n):
@@ -120,19 +124,12 @@ V4_NAMES = [f"{t}{r}" for t in V4_TABLES for r in ("", *(f"_{k}" for k in V4_ROU
 
 
 def patch_v(which: str) -> None:
-    original = quant._code_cpu
     rounding = next((r for r in V4_ROUNDING if which.endswith(f"_{r}")), "")
     table_name = which[: -len(rounding) - 1] if rounding else which
-
-    def code_cpu(name: str, bits: int):
-        if name != "zero_free_linear":
-            return original(name, bits)
-        if table_name in V4_TABLES:
-            return V4_TABLES[table_name]()
-        # each entry twice: a 16-entry table, so the 4-bit Triton kernels (which read 15 midpoints) run it as well
-        return V_TABLES[which]().repeat_interleave(2)
-
-    quant._code_cpu = code_cpu
+    if table_name in V4_TABLES:
+        use_table("zero_free_linear", V4_TABLES[table_name])
+    else:  # each entry twice: a 16-entry table, so the 4-bit Triton kernels (which read 15 midpoints) run it as well
+        use_table("zero_free_linear", lambda: V_TABLES[which]().repeat_interleave(2))
     if rounding:  # the CPU codec reads its midpoints from get_code's cache: put the other ones there
         original_get = quant.get_code
 
@@ -156,14 +153,7 @@ def patch_refine3() -> None:
     absmax before the 4-bit encoding, which then stores exactly those values. The factor's first code stays 4-bit."""
     from hf_q4shampoo import cholesky_form  # noqa: PLC0415
 
-    original_code = quant._code_cpu
-
-    def code_cpu(name: str, bits: int):
-        if name == SUBSET_CODE:
-            return original_code("linear2", 4)[list(SUBSET_ENTRIES)]
-        return original_code(name, bits)
-
-    quant._code_cpu = code_cpu
+    use_table(SUBSET_CODE, lambda: quant.linear2_code(4)[list(SUBSET_ENTRIES)])
     original = quant.quantize_lower_upper
 
     def quantize_lower_upper(lower, upper, code="linear2", block_size=64):

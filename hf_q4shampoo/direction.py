@@ -15,7 +15,7 @@ import torch
 
 from .blocking import extract_blocks, insert_blocks
 from .first_order import adam_filtered_batch_step, adam_graft_batch_step, adamw_batch_step, sgd_batch_step
-from .layout import SideSlot, StepBatch, as_slice, stacked_fp32
+from .layout import MemberRows, SideSlot, StepBatch, as_slice, stacked_fp32
 
 __all__ = ["DirectionMixin"]
 
@@ -81,11 +81,7 @@ class DirectionMixin:
     def _count_skips(self, batch: StepBatch, keep: torch.Tensor) -> None:
         """Add this step's skips to the members' ``skipped_updates`` counters (on the device)."""
         counts = batch.group.skipped
-        span = as_slice(batch.members)
-        if span is not None:
-            counts[span].add_(~keep)
-        else:
-            counts.index_add_(0, self._index(batch.members, counts.device), (~keep).to(counts.dtype))
+        MemberRows(batch.members, self._index, counts.device).count_skips(counts, keep)
 
     def _roots(self, slot: SideSlot, members: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Decoded stored roots of ``members`` for one side slot, ``(len(members) * blocks, n, n)``."""
@@ -221,12 +217,8 @@ class DirectionMixin:
             directions = directions.neg()  # not in place: for a single fp32 gradient it is p.grad itself
         params = [batch.group.params[m] for m in batch.members]
         stacked = batch.group.moments
-        span = as_slice(batch.members)
-        index = None if span is not None else self._index(batch.members, directions.device)
-        if span is None:
-            moments = {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
-        else:  # views: the steps update them in place
-            moments = {k: v[span] for k, v in stacked.items()}
+        rows = MemberRows(batch.members, self._index, directions.device)
+        moments = rows.take(stacked)
         # what the three first-order steps share
         common = dict(lr=group["lr"], weight_decay=group["weight_decay"], compile_=cfg.use_compile, keep=keep)
         common["m_map"] = cfg.first_order_m_map
@@ -244,7 +236,5 @@ class DirectionMixin:
         else:
             sgd = dict(momentum=group["momentum"], nesterov=group["nesterov"], bits=cfg.first_order_bits)
             sgd_batch_step(params, directions, moments, **sgd, **common)
-        if span is None:
-            for k, v in stacked.items():
-                v.index_copy_(0, index.to(v.device), moments[k])
+        rows.write_back(stacked, moments)
         return keep

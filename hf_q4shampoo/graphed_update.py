@@ -41,7 +41,7 @@ from .layout import Layout, StepBatch
 from .step_graph import AddressTable, GraphTrial, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 
-__all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL"]
+__all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL", "GRAPH_ATTRIBUTES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ _logger = logging.getLogger(__name__)
 CHUNK_NUMEL = 1 << 22
 #: matrices with more entries than this are updated eagerly, outside the graph
 MAX_MEMBER_NUMEL = 1 << 23
+#: what the mixin keeps on the optimizer (device objects: a copy or an unpickled optimizer makes its own)
+GRAPH_ATTRIBUTES = ("_step_graph", "_grad_addresses", "_graph_trial", "_graph_trial_done", "_replays_seen")
 
 
 def flag_finite(batches: list[StepBatch]) -> None:

@@ -26,7 +26,7 @@ for the members this rank owns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +66,34 @@ def as_slice(rows: list[int]) -> slice | None:
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
     return None
+
+
+class MemberRows:
+    """The rows of some members (positions in a shape group) in the group's stacked buffers: views when the members
+    are a run (what a step writes into them lands in place), else copies gathered by an index, which
+    :meth:`write_back` scatters again. ``index_of(rows, device)`` makes that index (an optimizer's ``IndexCache``)."""
+
+    def __init__(self, members: list[int], index_of: Callable[[list[int], torch.device], torch.Tensor], device):
+        self.span = as_slice(members)
+        self.index = None if self.span is not None else index_of(members, device)
+
+    def take(self, stacked: State) -> State:
+        if self.span is not None:
+            return {k: v[self.span] for k, v in stacked.items()}
+        return {k: v.index_select(0, self.index.to(v.device)) for k, v in stacked.items()}
+
+    def write_back(self, stacked: State, rows: State) -> None:
+        """Put ``rows`` (from :meth:`take`, updated) back into ``stacked``; nothing to do for views."""
+        if self.span is None:
+            for k, v in stacked.items():
+                v.index_copy_(0, self.index.to(v.device), rows[k])
+
+    def count_skips(self, counts: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add the members whose ``keep`` flag is false to their ``skipped_updates`` counters (on the device)."""
+        if self.span is not None:
+            counts[self.span].add_(~keep)
+        else:
+            counts.index_add_(0, self.index.to(counts.device), (~keep).to(counts.dtype))
 
 
 @dataclass(eq=False)

@@ -58,7 +58,7 @@ from .distributed import (
     strip_statistics,
 )
 from .first_order import total_skipped
-from .graphed_update import GraphedUpdateMixin, flag_finite
+from .graphed_update import GRAPH_ATTRIBUTES, GraphedUpdateMixin, flag_finite
 from .layout import (
     IndexCache,
     Layout,
@@ -172,11 +172,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
             "_owner_key",
             "_owner_by_id",
             "_consolidated",
-            "_step_graph",
-            "_grad_addresses",
-            "_graph_trial",
-            "_graph_trial_done",
-            "_replays_seen",
+            *GRAPH_ATTRIBUTES,
         ):
             self.__dict__.pop(name, None)
         #: Optional ``name -> context manager`` factory that profiling tools set to time the stages of a

@@ -26,7 +26,6 @@ counter advances) and counts the skip in ``state[p]["skipped_updates"]`` (:meth:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,12 +35,12 @@ import torch.distributed as dist
 from .blocking import local_tensor as _local
 from .checkpoint import detach_views, restore_state, state_mismatch
 from .first_order import adamw_batch_step, total_skipped
-from .graphed_update import GraphedUpdateMixin
+from .graphed_update import GRAPH_ATTRIBUTES, GraphedUpdateMixin, flag_finite
 from .layout import (
     IndexCache,
     Layout,
+    MemberRows,
     StepBatch,
-    as_slice,
     build_layout,
     check_dense_real,
     layout_members,
@@ -60,9 +59,6 @@ from .q4adamw_config import (
 )
 
 __all__ = ["Q4AdamW", "Q4AdamWConfig", "parse_q4adamw_optim_args", "Q4ADAMW_GROUP_KEYS", "Q4ADAMW_LAYOUT_KEYS"]
-
-#: What the graphed update keeps on the optimizer (graphed_update.py): device objects a copy does not share.
-_GRAPH_ATTRIBUTES = ("_step_graph", "_grad_addresses", "_graph_trial", "_graph_trial_done", "_replays_seen")
 
 #: Where a state dict records the config that saved it (and what :meth:`Q4AdamW.load_state_dict` looks for).
 CONFIG_KEY = "q4adamw_config"
@@ -119,7 +115,7 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for cached in ("_layout", "_index_cache", *_GRAPH_ATTRIBUTES):
+        for cached in ("_layout", "_index_cache", *GRAPH_ATTRIBUTES):
             self.__dict__.pop(cached, None)
         self.__dict__.setdefault("_layout_version", 0)
 
@@ -230,22 +226,16 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
         finite flags when the caller made them."""
         shape_group = batch.group
         group = self.param_groups[shape_group.group_index]
+        if batch.finite is None:
+            flag_finite([batch])
         keep = batch.finite
-        if keep is None:
-            keep = torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, ord=math.inf)))  # on the device
         directions = stacked_fp32(batch.grads) if g is None else g
         if group["maximize"]:
             directions = directions.neg()  # not in place: for one fp32 gradient it is p.grad itself
-        members = batch.members
-        params = [shape_group.params[m] for m in members]
-        stacked, counts = shape_group.moments, shape_group.skipped
-        span = as_slice(members)
-        if span is not None:  # a run of members (always, inside the graph): views, updated in place
-            moments = {k: v[span] for k, v in stacked.items()}
-            index = None
-        else:
-            index = self._index(members, directions.device)
-            moments = {k: v.index_select(0, index.to(v.device)) for k, v in stacked.items()}
+        params = [shape_group.params[m] for m in batch.members]
+        # a run of members (always, inside the graph) as views of the stacked state, updated in place
+        rows = MemberRows(batch.members, self._index, directions.device)
+        moments = rows.take(shape_group.moments)
         adamw_batch_step(
             params,
             directions,
@@ -260,12 +250,8 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
             m_map=self.config.m_map,
             keep=keep,
         )
-        if index is None:  # adamw_batch_step updated the views of the stacked buffers in place
-            counts[span].add_(~keep)
-        else:
-            for k, v in stacked.items():
-                v.index_copy_(0, index.to(v.device), moments[k])
-            counts.index_add_(0, index.to(counts.device), (~keep).to(counts.dtype))
+        rows.write_back(shape_group.moments, moments)
+        rows.count_skips(shape_group.skipped, keep)
 
     # ------------------------------------------------------------------------------------------
     # state dict

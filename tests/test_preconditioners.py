@@ -259,7 +259,7 @@ def _stored_root_error(name: str, root_bits: int, seed: int) -> float:
 @pytest.mark.parametrize("name", ["cholesky_ef", "eigen"])
 def test_eight_bit_roots_are_two_codes_much_closer_to_the_exact_root(name):
     # issue 14: with the early first root the 4-bit roots lose most of the hard family's gain; root_bits=8 adds a
-    # second 4-bit code of the residual (docs/results.md §4.6)
+    # second 4-bit code of the residual (docs/results.md §4.7)
     err4, err8 = _stored_root_error(name, 4, seed=21), _stored_root_error(name, 8, seed=21)
     print(name, round(err4, 5), round(err8, 5))
     assert err4 > 1e-3  # the 4-bit root is visibly off: the comparison below means something
