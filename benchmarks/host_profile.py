@@ -7,7 +7,9 @@ The time-to-target model's shape (GPT-2 12 x 768, vocabulary 8192, batch 16 x 51
 tokens. After ``--steps`` steps (past the first round of roots), ``--profile`` more steps run with the host time
 of the forward, the backward and ``optimizer.step()`` measured apart (no synchronisation inside a step, as in
 training) and ``optimizer.step()`` under cProfile; prints the three host times per step, the wall time per step
-and the functions with the largest own and cumulative time inside ``step()``.
+and the functions with the largest own and cumulative time inside ``step()``. ``--stages`` also times the host
+time of each stage of ``step()`` (the gradients' bookkeeping, the layout, statistics, roots, the update) by
+wrapping those functions with a clock, so the stages a graph could take over can be weighed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,49 @@ def build_optimizer(name: str, params, optim_args: str) -> torch.optim.Optimizer
     return Q4Shampoo(params, lr=3e-4, weight_decay=0.1, **parse_optim_args(optim_args))
 
 
+#: the functions ``--stages`` times: (module or optimizer attribute, stage name)
+STAGES = {
+    "q4shampoo": (
+        ("optimizer", "step_gradients"),
+        ("self", "_current_layout"),
+        ("self", "_update_statistics"),
+        ("self", "_refresh_roots"),
+        ("self", "_run_update"),
+    ),
+    "q4adamw": (("q4adamw", "step_gradients"), ("self", "_current_layout"), ("self", "_run_update")),
+}
+
+
+def time_stages(opt: torch.optim.Optimizer, name: str) -> dict[str, list[float]]:
+    """Wrap the stages of ``opt.step()`` with a host clock; returns ``{stage: [seconds, calls]}``, filled as
+    they run (only while the ``measuring`` entry holds ``[1, 0]``)."""
+    import importlib  # noqa: PLC0415
+
+    totals: dict[str, list[float]] = {"measuring": [0, 0]}
+
+    def timed(fn, stage):
+        def wrapper(*a, **k):
+            if not totals["measuring"][0]:
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                entry = totals.setdefault(stage, [0.0, 0])
+                entry[0] += time.perf_counter() - t
+                entry[1] += 1
+
+        return wrapper
+
+    for owner, attr in STAGES.get(name, ()):
+        if owner == "self":
+            setattr(opt, attr, timed(getattr(opt, attr), attr))
+        else:
+            module = importlib.import_module(f"hf_q4shampoo.{owner}")
+            setattr(module, attr, timed(getattr(module, attr), attr))
+    return totals
+
+
 def _torch_profile(one, args: argparse.Namespace) -> list[dict]:
     """Run ``args.torch_profile`` steps under torch.profiler; print and return the top ops by self host time."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
@@ -62,6 +107,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--json", default=None)
     p.add_argument("--plain", action="store_true", help="no cProfile: the host times without its overhead")
+    p.add_argument("--stages", action="store_true", help="also the host time of each stage of step() per step")
     p.add_argument(
         "--torch_profile",
         type=int,
@@ -78,6 +124,7 @@ def main() -> None:
     config = GPT2Config(vocab_size=8192, n_positions=512, loss_type="ForCausalLMLoss")
     model = GPT2LMHeadModel(config).cuda().train()
     opt = build_optimizer(args.optimizer, model.parameters(), args.optim_args)
+    stages = time_stages(opt, args.optimizer) if args.stages else None
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 8192, (16, 512), generator=gen).cuda() for _ in range(8)]
     host = {"forward": 0.0, "backward": 0.0, "step": 0.0}
@@ -106,6 +153,8 @@ def main() -> None:
     for i in range(args.steps):
         one(i, False)
     torch.cuda.synchronize()
+    if stages is not None:
+        stages["measuring"][0] = 1
     start = time.perf_counter()
     for i in range(args.profile):
         one(args.steps + i, True)
@@ -114,6 +163,13 @@ def main() -> None:
     # cProfile's own overhead inflates the step's host time; the split is what matters
     result = {k + "_host_ms": 1e3 * v / args.profile for k, v in host.items()}
     result["wall_ms_per_step"] = 1e3 * wall
+    if stages is not None:
+        stages["measuring"][0] = 0
+        result["stage_host_ms_per_step"] = {
+            k: {"ms_per_step": 1e3 * t / args.profile, "calls": int(n)}
+            for k, (t, n) in stages.items()
+            if k != "measuring"
+        }
     if args.torch_profile:
         result["torch_profile"] = _torch_profile(lambda i: one(args.steps + args.profile + i, False), args)
     result["optimizer"], result["optim_args"] = args.optimizer, args.optim_args
