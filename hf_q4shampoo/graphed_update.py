@@ -41,7 +41,14 @@ from .layout import Layout, StepBatch
 from .step_graph import AddressTable, GraphTrial, StepGraph
 from .triton_gather import SOURCE_DTYPES, stack_by_address
 
-__all__ = ["GraphedUpdateMixin", "flag_finite", "CHUNK_NUMEL", "MAX_MEMBER_NUMEL", "GRAPH_ATTRIBUTES"]
+__all__ = [
+    "GraphedUpdateMixin",
+    "flag_finite",
+    "graphable_grads",
+    "CHUNK_NUMEL",
+    "MAX_MEMBER_NUMEL",
+    "GRAPH_ATTRIBUTES",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +57,16 @@ CHUNK_NUMEL = 1 << 22
 #: matrices with more entries than this are updated eagerly, outside the graph
 MAX_MEMBER_NUMEL = 1 << 23
 #: what the mixin keeps on the optimizer (device objects: a copy or an unpickled optimizer makes its own)
-GRAPH_ATTRIBUTES = ("_step_graph", "_grad_addresses", "_graph_trial", "_graph_trial_done", "_replays_seen")
+GRAPH_ATTRIBUTES = (
+    "_step_graph",
+    "_grad_addresses",
+    "_graph_trial",
+    "_graph_trial_done",
+    "_replays_seen",
+    "_refresh_graphs",
+    "_stats_addresses",
+    "_refresh_settled",
+)
 
 
 def flag_finite(batches: list[StepBatch]) -> None:
@@ -82,7 +98,9 @@ def _trial_words(trial: GraphTrial) -> tuple[str, str]:
     return verb, f"median step {trial.eager_ms:.1f} ms eager, {trial.graph_ms:.1f} ms replayed"
 
 
-def _graphable_grads(batch: StepBatch) -> bool:
+def graphable_grads(batch: StepBatch) -> bool:
+    """Whether a graph can gather the batch's gradients by address (``triton_gather``): contiguous, of one
+    source dtype, and no matrix so large that its transients would stay in the graph's pool."""
     first = batch.grads[0]
     return (
         first.dtype in SOURCE_DTYPES
@@ -118,6 +136,8 @@ class GraphedUpdateMixin:
             self._replays_seen = 0
         counts = self._graph_runner().counts
         replayed, self._replays_seen = counts.replays > self._replays_seen, counts.replays
+        # a step that captured a refresh graph is not a steady one: not a sample of the graphed pace
+        replayed = replayed and self.__dict__.get("_refresh_settled", True)
         mark = torch.cuda.Event(enable_timing=True)
         mark.record()
         decision = trial.enter(mark, replayed)
@@ -195,6 +215,14 @@ class GraphedUpdateMixin:
             table = self._grad_addresses = AddressTable(size, device, owner=layout.key)
         return table
 
+    def _graphs_enabled(self, batches: list[StepBatch]) -> bool:
+        """Whether this step's work may run as CUDA graphs at all: wanted (``cuda_graph``, the trial), on CUDA,
+        no stage timers (they time eager stages), and options and process setup that allow it."""
+        device = batches[0].grads[0].device
+        if not self._graph_wanted() or device.type != "cuda" or getattr(self, "stage_timer", None) is not None:
+            return False
+        return self._graph_config_ok()
+
     def _update_graph(
         self, layout: Layout, batches: list[StepBatch]
     ) -> tuple[list[tuple[StepBatch, int]], tuple | None, Callable[[], None]]:
@@ -203,9 +231,7 @@ class GraphedUpdateMixin:
         cfg: Any = self.config
         device = batches[0].grads[0].device
         nothing = ([], None, lambda: None)
-        if not self._graph_wanted() or device.type != "cuda" or getattr(self, "stage_timer", None) is not None:
-            return nothing
-        if not self._graph_config_ok():
+        if not self._graphs_enabled(batches):
             return nothing
         groups = [self.param_groups[gi] for gi in sorted({b.group.group_index for b in batches})]
         if any(isinstance(g["lr"], torch.Tensor) or g.get("maximize", False) for g in groups):
@@ -220,7 +246,7 @@ class GraphedUpdateMixin:
         chosen = [
             b
             for b in batches
-            if _graphable_grads(b) and adamw_kernel(b.group.params, b.group.moments, cfg.use_compile) != "torch"
+            if graphable_grads(b) and adamw_kernel(b.group.params, b.group.moments, cfg.use_compile) != "torch"
         ]
         if not chosen:
             return nothing

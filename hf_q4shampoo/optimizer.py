@@ -511,14 +511,15 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
         split = self._ddp_split()
         # shard_parameters: this rank's batches hold only the parameters it owns: nothing to filter
         shared = keep_owned_work(batches, split.rank) if split is not None and not sharding else []
-        refreshing = [b for b in batches if b.stats_due or b.roots_due]
-        if refreshing:  # the refreshes skip non-finite members; the update flags the other batches itself
-            flag_finite(refreshing)
-        # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step
+        # paper 2's order: statistics, roots, then L^ G R^, grafting and the first-order step; the refreshes skip
+        # non-finite members (the statistics flag theirs, eagerly or inside their graph), the update flags its own
+        self._refresh_settled = True
         if any(b.stats_due for b in batches):
             with self._stage("statistics"):
-                self._update_statistics(batches)
-        if any(b.roots_due for b in batches):
+                self._run_statistics(layout, batches)
+        rooting = [b for b in batches if b.roots_due]
+        if rooting:
+            flag_finite([b for b in rooting if b.finite is None])
             with self._stage("roots"):
                 self._refresh_roots(batches)
         if shared:  # the same list on every rank: all join the all-gather of the refreshed 4-bit roots

@@ -2,12 +2,16 @@
 of the factor buckets, in place and batched per stack of one order (the first step's warm-ups of these stages
 are in ``warmup.py``).
 
+Where CUDA graphs are enabled (``cuda_graph``, ``graphed_update.py``), a step's statistics updates run as one
+replayed graph per refresh slot (:meth:`RefreshMixin._run_statistics`).
+
 A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config`` and calls ``_form``, ``_index``,
-``_stage``, ``_gram_tf32`` and ``_apply_dtype`` of the optimizer.
+``_stage``, ``_gram_tf32``, ``_apply_dtype`` and ``_graphs_enabled`` of the optimizer.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -15,9 +19,15 @@ import torch
 
 from . import linalg
 from .blocking import extract_blocks
-from .layout import FactorBucket, StepBatch, as_slice, stacked_fp32
+from .graphed_update import flag_finite, graphable_grads
+from .layout import FactorBucket, Layout, StepBatch, as_slice, stacked_fp32
+from .step_graph import AddressTable, KeyedGraphs
+from .triton_gather import stack_by_address
 
-__all__ = ["RefreshMixin"]
+__all__ = ["RefreshMixin", "StatisticsSource"]
+
+#: ``batch -> (fp32 gradients of batch.stats_due, stacked; their finite flags)``
+StatisticsSource = Callable[[StepBatch], tuple[torch.Tensor, torch.Tensor]]
 
 #: factor entries per batched statistics update: bounds its transients (about six fp32 copies of these, 64 MiB each)
 #: while merging a step's due factors of one order into one call on models like GPT-2 (10.6M entries per step at
@@ -66,17 +76,25 @@ class RefreshMixin:
             else:
                 bucket.storage[k].index_copy_(0, where, new)
 
-    def _update_statistics(self, batches: list[StepBatch]) -> None:
+    def _update_statistics(self, batches: list[StepBatch], gradients: StatisticsSource | None = None) -> None:
         """``L <- beta L + (1 - beta) G G^T`` (and R) for the factors of every batch's due members: the Gram
         matrices per side slot, then one batched update per statistics bucket (all due factors of one order,
         whatever their shape group) of at most :data:`_STATS_CALL_ENTRIES` factor entries, so a step pays one
-        factorization call per order rather than one per group and side (host launches, docs/perf_notes.md v18)."""
+        factorization call per order rather than one per group and side (host launches, docs/perf_notes.md v18).
+
+        ``gradients(batch)``: the due members' gradients stacked in fp32 and their finite flags (the graphed form
+        gathers them by address, ``graphed_update.py``); by default the gradients are stacked here and the flags
+        are ``batch.finite``, indexed by member position."""
         pending: dict[int, tuple[FactorBucket, list]] = {}  # id(statistics bucket) -> (it, [(rows, gram, keep)])
         for batch in batches:
             if not batch.stats_due:
                 continue
             group, positions = batch.group, batch.stats_due
-            g2 = stacked_fp32([batch.grads[i] for i in positions]).reshape(len(positions), *group.plan.matrix_shape)
+            if gradients is None:
+                g2, finite, flag_of = stacked_fp32([batch.grads[i] for i in positions]), batch.finite, None
+            else:
+                (g2, finite), flag_of = gradients(batch), {i: j for j, i in enumerate(positions)}
+            g2 = g2.reshape(len(positions), *group.plan.matrix_shape)
             tf32 = self._gram_tf32(g2.device)
             # every block of a member with a NaN/inf gradient keeps its statistics (not only the blocks whose own
             # gram is non-finite, which the forms' blend already keeps)
@@ -90,8 +108,8 @@ class RefreshMixin:
                     with linalg.tf32_matmul(tf32):
                         gram = blocks @ blocks.mT if slot.side == "L" else blocks.mT @ blocks
                     rows = [r for i in chunk for r in slot.member_stats_rows(batch.members[i])]
-                    flags = [i for i in chunk for _ in range(slot.blocks)]
-                    keep = batch.finite.index_select(0, self._index(flags, batch.finite.device))
+                    flags = [i if flag_of is None else flag_of[i] for i in chunk for _ in range(slot.blocks)]
+                    keep = finite.index_select(0, self._index(flags, finite.device))
                     bucket, parts = pending.setdefault(id(slot.stats_bucket), (slot.stats_bucket, []))
                     parts.append((rows, gram, keep))
                     self._flush_statistics(bucket, parts, full=False)
@@ -146,3 +164,49 @@ class RefreshMixin:
                 keep = finite[stats.device].index_select(0, self._index([f for _, _, f in part], stats.device))
                 parts = [(stats, [s for s, _, _ in part]), (roots, [r for _, r, _ in part])]
                 self._bucket_update(parts, form.refresh_root, keep)
+
+    def _run_statistics(self, layout: Layout, batches: list[StepBatch]) -> None:
+        """The statistics updates due this step: one replayed CUDA graph per refresh slot where the graphs are
+        enabled (:class:`~hf_q4shampoo.step_graph.KeyedGraphs`; the due gradients are gathered by address and
+        flagged inside it), else eagerly. Both forms take the same batched calls, so they are bitwise equal."""
+        due = [b for b in batches if b.stats_due]
+        if not self._graphs_enabled(batches) or not all(map(graphable_grads, due)):
+            flag_finite([b for b in due if b.finite is None])
+            self._update_statistics(batches)
+            return
+        device = due[0].grads[0].device
+        table = self._stats_address_table(layout, device)
+        starts, offset = {}, 0
+        for b in due:
+            starts[id(b)], offset = offset, offset + len(b.stats_due)
+        key = (
+            layout.key,
+            id(table),
+            tuple((id(b.group), tuple(b.members), tuple(b.stats_due), b.grads[0].dtype) for b in due),
+        )
+        addresses = [b.grads[i].data_ptr() for b in due for i in b.stats_due]
+
+        def gathered(b: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+            a = starts[id(b)]
+            g = stack_by_address(
+                table.device_table[a : a + len(b.stats_due)], tuple(b.grads[0].shape), b.grads[0].dtype
+            )
+            return g, torch.isfinite(torch.linalg.vector_norm(g, ord=math.inf, dim=tuple(range(1, g.dim()))))
+
+        graphs = self.__dict__.get("_refresh_graphs")
+        if graphs is None:
+            graphs = self._refresh_graphs = KeyedGraphs(self.GRAPH_OWNER)
+        captures = graphs.counts.captures
+        graphs.run(key, lambda: self._update_statistics(due, gathered), lambda: table.fill(addresses))
+        self._refresh_settled = graphs.counts.captures == captures
+
+    def _stats_address_table(self, layout: Layout, device: torch.device) -> AddressTable:
+        """The statistics graphs' address table for this layout (a new one drops the graphs that read the old)."""
+        table = self.__dict__.get("_stats_addresses")
+        if table is None or table.owner != layout.key or table.device_table.device != device:
+            graphs = self.__dict__.get("_refresh_graphs")
+            if graphs is not None:
+                graphs.release()
+            size = sum(g.size for g in layout.groups)
+            table = self._stats_addresses = AddressTable(size, device, owner=layout.key)
+        return table

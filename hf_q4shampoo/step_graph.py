@@ -5,8 +5,9 @@ is ~600 small kernel launches, the same ones every step. On a model whose forwar
 cannot issue them as fast as the GPU runs them: on the time-to-target model they cost ~24 ms of host time
 against a ~37 ms AdamW step (docs/perf_notes.md v14/v16). A replayed graph is one launch. The statistics
 updates and root refreshes that fall on a step (a few factors on most steps, spread by ``refresh_spread``)
-run eagerly before it: they change from step to step, and they update the state in place, where the graph
-reads it.
+run before it and update the state in place, where the graph reads it. They change from step to step but come
+back every ``update_freq`` steps: the statistics of each refresh slot are a graph of their own
+(:class:`KeyedGraphs`, ``refresh.py``); the root refreshes run eagerly.
 
 What makes an update replayable (``Q4Shampoo._update_graph`` builds the key; None means run eagerly):
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import statistics
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,7 @@ import torch
 
 from .capture_guard import NotCapturable
 
-__all__ = ["StepGraph", "GraphCounts", "AddressTable", "GraphTrial"]
+__all__ = ["StepGraph", "KeyedGraphs", "GraphCounts", "AddressTable", "GraphTrial"]
 
 
 @dataclass
@@ -196,6 +198,87 @@ class StepGraph:
         graph.replay()  # a capture records the work without running it
         self._graph, self._key, self._pinned = graph, key, pins()
         self.counts.captures += 1
+
+
+class KeyedGraphs:
+    """Graphs of work that comes back with the same key every few steps, not on consecutive ones: the statistics
+    updates of one refresh slot (``refresh_spread`` gives each step of an ``update_freq`` period its own factors).
+
+    Why: a statistics step's eager update is ~10 ms of host time on the time-to-target model (dequantize, Gram,
+    Cholesky, requantize, the rows' gathers and scatters, for each factor order), where a replay is one launch
+    (docs/perf_notes.md v26). A key's first sighting runs the work eagerly (which fills every host-side cache the
+    work reads, ``capture_guard.py``); its second is captured and replayed; later ones replay. At most
+    :attr:`MAX_GRAPHS` are kept (the least recently used goes), all in one memory pool: the work's transient
+    tensors die inside each graph and the graphs run one at a time on one stream, so they can share it. A key
+    whose capture was refused runs eagerly from then on.
+    """
+
+    MAX_GRAPHS = 32
+
+    def __init__(self, owner: str = "optimizer") -> None:
+        self.owner = owner
+        self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        self._seen: set[tuple] = set()
+        self._refused: set[tuple] = set()
+        self._pool: Any = None
+        self.disabled = False
+        self.counts = GraphCounts()
+
+    def release(self) -> None:
+        """Drop every graph, the pool and the sightings."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def run(self, key: tuple | None, work: Callable[[], None], prepare: Callable[[], None]) -> bool:
+        """Do ``work`` for ``key`` (None: eagerly); ``prepare`` refills what it reads from the device before any
+        run with a key. Returns whether it was a replay."""
+        if key is None or self.disabled or key in self._refused:
+            self.counts.eager += 1
+            work()
+            return False
+        prepare()
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            graph.replay()
+            self.counts.replays += 1
+            return True
+        if key not in self._seen:
+            if len(self._seen) > 4 * self.MAX_GRAPHS:
+                self._seen.clear()
+            self._seen.add(key)
+            self.counts.eager += 1
+            work()
+            return False
+        if len(self._graphs) >= self.MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                work()
+        except NotCapturable:
+            self._refused.add(key)
+            self.counts.refused += 1
+            work()
+            return False
+        except RuntimeError as error:  # not expected: stop capturing, keep training
+            self.disabled = True
+            self.counts.refused += 1
+            warnings.warn(
+                f"{self.owner}: capturing a refresh as a CUDA graph failed ({error}); refreshes run eagerly from "
+                "now on (set cuda_graph=False to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            work()
+            return False
+        graph.replay()
+        self._graphs[key] = graph
+        self.counts.captures += 1
+        return False
 
 
 class AddressTable:

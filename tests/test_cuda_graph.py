@@ -1,8 +1,8 @@
-"""The step's update as a replayed CUDA graph (``cuda_graph=True``): bit for bit what the same update gives run
-eagerly, through a changing learning rate, refreshes in between, gradients that move (``set_to_none=True``), a NaN
-gradient in a replayed step, chunked shape groups and matrices left outside the graph; and, where the chunks are
-whole groups, bit for bit ``cuda_graph=False``. Q4AdamW's graphed step (whose chunks split members, not sums) bit
-for bit ``cuda_graph=False`` in every case. Skipped without a GPU."""
+"""The step's update and its statistics updates as replayed CUDA graphs (``cuda_graph=True``): bit for bit what
+the same update gives run eagerly, through a changing learning rate, refreshes in between, gradients that move
+(``set_to_none=True``), a NaN gradient in a replayed step, chunked shape groups and matrices left outside the graph;
+and, where the chunks are whole groups, bit for bit ``cuda_graph=False``. Q4AdamW's graphed step (whose chunks
+split members, not sums) bit for bit ``cuda_graph=False`` in every case. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -118,6 +118,20 @@ def test_replays_equal_the_same_update_run_eagerly(case, monkeypatch):
 @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
 def test_with_whole_groups_the_graph_equals_the_eager_optimizer(case):
     _assert_same(_train(True, **case), _train(False, **case))
+
+
+@pytest.mark.parametrize(
+    "case", [{}, {"move_grads": True}, {"nan_at": 18}, {"dtype": torch.bfloat16}], ids=IDS[:3] + ["bf16"]
+)
+def test_statistics_graphs_replay_each_refresh_slot_and_equal_the_eager_optimizer(case):
+    """update_freq=2 with refresh_spread: the four matrices' statistics fall on two alternating slots, each its own
+    graph (captured at its second sighting), gathering moving gradients by address and flagging a NaN inside."""
+    graphed = _train(True, steps=30, **case)
+    counts = graphed[1]._refresh_graphs.counts
+    assert counts.captures >= 2 and counts.replays >= 8 and counts.refused == 0, counts
+    _assert_same(graphed, _train(False, steps=30, **case))
+    if case.get("nan_at", -1) >= 0:
+        assert graphed[1].skipped_updates() == 1
 
 
 def test_matrices_over_the_size_limit_are_updated_eagerly_beside_the_graph(monkeypatch):

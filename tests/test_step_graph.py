@@ -23,12 +23,13 @@ def fake_cuda_graph(monkeypatch):
     capturing = []
 
     @contextlib.contextmanager
-    def graph(g, capture_error_mode):
+    def graph(g, capture_error_mode, pool=None):
         capturing.append(g)
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
     _Graph.replayed = 0
     return capturing
 
@@ -117,6 +118,45 @@ def test_an_unexpected_capture_failure_warns_and_stops_capturing(fake_cuda_graph
             runner.run(key, work, lambda: None)
     assert ran == ["ran", "failed", "ran", "ran", "ran", "ran"] and runner.disabled
     assert len(fake_cuda_graph) == 1
+
+
+def test_keyed_graphs_capture_a_recurring_key_at_its_second_sighting_and_replay_it_after(fake_cuda_graph):
+    """Refresh slots come back every few steps, not on consecutive ones: each key keeps its own graph."""
+    runner, ran, prepared = step_graph.KeyedGraphs(), [], []
+    replays = [runner.run(k, lambda k=k: ran.append(k), lambda k=k: prepared.append(k)) for k in "ababcab"]
+    # a, b: first sightings eager (they fill the host-side caches); a, b again: captured (the work runs once
+    # while recorded, then replays); c: eager; a, b: replayed
+    assert ran == ["a", "b", "a", "b", "c"]
+    assert replays == [False, False, False, False, False, True, True]
+    assert (runner.counts.eager, runner.counts.captures, runner.counts.replays) == (3, 2, 2)
+    assert _Graph.replayed == 2 + 2 and len(fake_cuda_graph) == 2
+    assert prepared == list("ababcab")  # before every keyed run, eager ones included
+    runner.run(None, lambda: ran.append("none"), lambda: pytest.fail("prepared an unkeyed run"))
+    assert ran[-1] == "none"
+    runner.release()  # the graphs and the sightings go: a is new again
+    runner.run("a", lambda: ran.append("a"), lambda: None)
+    assert ran[-1] == "a" and runner.counts.replays == 2
+
+
+def test_keyed_graphs_keep_the_most_recently_used_and_never_retry_a_refused_key(fake_cuda_graph, monkeypatch):
+    monkeypatch.setattr(step_graph.KeyedGraphs, "MAX_GRAPHS", 2)
+    runner, ran = step_graph.KeyedGraphs(), []
+    for k in "aabbacc":  # a and b captured; a replayed (most recent); c captured: b, the least recent, goes
+        runner.run(k, lambda k=k: ran.append(k), lambda: None)
+    assert (runner.counts.captures, runner.counts.replays) == (3, 1)
+    assert runner.run("a", lambda: ran.append("a"), lambda: None)  # kept
+    assert not runner.run("b", lambda: ran.append("b"), lambda: None) and ran[-1] == "b"  # evicted: captured again
+    assert runner.counts.captures == 4
+
+    def refuse():
+        if len(fake_cuda_graph) > 4:  # inside the capture of "r": something needs the host
+            fake_cuda_graph.clear()
+            raise NotCapturable("a new index")
+        ran.append("r")
+
+    for _ in range(4):
+        runner.run("r", refuse, lambda: None)
+    assert ran[-4:] == ["r"] * 4 and runner.counts.refused == 1 and runner.counts.captures == 4
 
 
 class _Mark:
