@@ -462,6 +462,8 @@ def train_run(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
         "optimizer_host_ms": 1e3 * host_opt_s / max(1, args.steps - 1),
         "train_s": evals[-1]["wall_s"],
         "peak_cuda_MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        # CUDA graphs' pools are reserved, not allocated: the peak above does not show them
+        "peak_reserved_MiB": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         "state_bytes_per_param": _state_bytes_per_param(opt),
         # how the steps' updates ran with cuda_graph=true (step_graph.GraphCounts), else None
         "step_graph": opt.graph_info() if hasattr(opt, "graph_info") else None,

@@ -150,7 +150,8 @@ class GraphedUpdateMixin:
     def graph_info(self) -> dict[str, Any] | None:
         """How the updates ran with the CUDA graph (``cuda_graph`` true or "auto"; None before any graphed
         step or off CUDA): eager / ordinary / captured / replayed step counts, refused captures, and for
-        "auto" the trial's decision (``kept``) with its median step periods (``eager_ms``, ``graph_ms``)."""
+        "auto" the trial's decision (``kept``) with its median step periods (``eager_ms``, ``graph_ms``); Q4Shampoo's
+        statistics graphs' counts under ``statistics_graphs`` once one ran."""
         runner = self.__dict__.get("_step_graph")
         if runner is None:
             return None
@@ -158,6 +159,9 @@ class GraphedUpdateMixin:
         trial = self.__dict__.get("_graph_trial")
         if trial is not None:
             info.update(kept=trial.decision, eager_ms=trial.eager_ms, graph_ms=trial.graph_ms)
+        refresh = self.__dict__.get("_refresh_graphs")
+        if refresh is not None:
+            info["statistics_graphs"] = dataclasses.asdict(refresh.counts)
         return info
 
     def _graph_wanted(self) -> bool:
