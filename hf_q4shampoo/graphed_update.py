@@ -142,8 +142,11 @@ class GraphedUpdateMixin:
         mark.record()
         decision = trial.enter(mark, replayed)
         if decision is not None:
-            if not decision:
-                self._graph_runner().release()  # its pool too
+            if not decision:  # the graphs and their pools go: the update's and the statistics' (refresh.py)
+                self._graph_runner().release()
+                refresh = self.__dict__.get("_refresh_graphs")
+                if refresh is not None:
+                    refresh.release()
             self._graph_trial_done = True
             _logger.info("%s: cuda_graph=auto %s the graphed update (%s)", self.GRAPH_OWNER, *_trial_words(trial))
 
