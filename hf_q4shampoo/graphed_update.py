@@ -136,7 +136,7 @@ class GraphedUpdateMixin:
             self._replays_seen = 0
         counts = self._graph_runner().counts
         replayed, self._replays_seen = counts.replays > self._replays_seen, counts.replays
-        # a step that captured a refresh graph is not a steady one: not a sample of the graphed pace
+        # a step whose statistics graph was seen for the first time or captured is not a sample of the graphed pace
         replayed = replayed and self.__dict__.get("_refresh_settled", True)
         mark = torch.cuda.Event(enable_timing=True)
         mark.record()

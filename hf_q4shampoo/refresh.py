@@ -196,9 +196,11 @@ class RefreshMixin:
         graphs = self.__dict__.get("_refresh_graphs")
         if graphs is None:
             graphs = self._refresh_graphs = KeyedGraphs(self.GRAPH_OWNER)
-        captures = graphs.counts.captures
-        graphs.run(key, lambda: self._update_statistics(due, gathered), lambda: table.fill(addresses))
-        self._refresh_settled = graphs.counts.captures == captures
+        # a step whose statistics were not replayed (a slot's first sighting or its capture) is not a steady one:
+        # the trial (graphed_update.py) does not take it as a sample of the graphed pace
+        self._refresh_settled = graphs.run(
+            key, lambda: self._update_statistics(due, gathered), lambda: table.fill(addresses)
+        )
 
     def _stats_address_table(self, layout: Layout, device: torch.device) -> AddressTable:
         """The statistics graphs' address table for this layout (a new one drops the graphs that read the old)."""
