@@ -237,17 +237,19 @@ class Q4ShampooConfig(OptionsBase):
     Speed (no effect on the math):
         use_compile: fuse the first-order step's elementwise work with ``torch.compile`` on accelerators
             (never on CPU). The first steps then pay a one-off compilation (about two per code path).
-        cuda_graph: on CUDA, capture a step's update (``L^ G R^``, grafting, the first-order step: ~600 kernels)
-            as one CUDA graph and replay it in the steps that look the same, instead of launching its kernels
-            from the host each time; the statistics and root refreshes due in a step run eagerly before it, and
-            the gradients are read through a table of their addresses, so ``zero_grad(set_to_none=True)`` is
-            fine (``step_graph.py``, ``graphed_update.py``). It applies where the first-order update reads the
-            learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
-            AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work
-            split; other steps run eagerly. The graph's private pool keeps the update's transients between steps
-            (shape groups are taken in chunks to bound it). ``"auto"`` (default) tries it: the time between
-            ``step()`` calls on the GPU's timeline over 15 eager steps (after the first 5) against 15 replayed
-            ones; the graph is kept if it is 3% faster, else dropped with its pool (``step_graph.GraphTrial``).
+        cuda_graph: on CUDA, capture a step's update (``L^ G R^``, grafting, the first-order step: ~600 kernels) as one
+            CUDA graph and replay it in the steps that look the same, instead of launching its kernels from the host
+            each time; the statistics updates due in a step run before it as graphs of their own, one per refresh slot
+            (captured at the slot's second sighting, ``step_graph.KeyedGraphs``), the root refreshes eagerly, and the
+            gradients are read through a table of their addresses, so ``zero_grad(set_to_none=True)`` is fine
+            (``step_graph.py``, ``graphed_update.py``, ``refresh.py``). It applies where the first-order update reads
+            the learning rate from the device (AdamW with ``use_compile``: the Triton 4-bit kernels or torch's fused
+            AdamW), ``grafting="norm"``, one learning rate and one step count for all parameters, and no DDP work split;
+            other steps run eagerly. The graphs' pools keep their transients between steps (shape groups are taken in
+            chunks to bound the update's; about 1 GB in all on a 92M-parameter GPT-2, perf_notes v26). ``"auto"``
+            (default) tries it: the time between ``step()`` calls on the GPU's timeline over 15 eager steps (after the
+            first 5) against 15 replayed ones; the graph is kept if it is 3% faster, else dropped with its pool
+            (``step_graph.GraphTrial``).
             "auto" does not try it under FSDP2 (DTensor parameters, untested there) nor where it never applies.
             True: always where it applies; False: every step eager. Measured on one H200, 2026-11-30
             (docs/perf_notes.md v17b and v18, with the commands): pool 120-194 MiB; where the host is the bound
