@@ -40,7 +40,7 @@ LAYERS = {
     "owner_balance": 1.5,
     "distributed": 2,
     "checkpoint": 2.5,  # Q4Shampoo's state_dict / load_state_dict (a mixin): below optimizer, above distributed
-    "refresh": 2.7,  # Q4Shampoo's statistics / root refresh stages (a mixin)
+    "refresh": 2.9,  # Q4Shampoo's statistics / root refresh stages (a mixin; the statistics' graphs use graphed_update)
     "direction": 2.7,  # Q4Shampoo's per-step update: L^ G R^, grafting, first-order step (a mixin)
     "warmup": 2.8,  # the first step's warm-ups (copies), run as a dry run for triton_precompile
     "graphed_update": 2.8,  # Q4Shampoo's update as a replayed CUDA graph (a mixin): coverage, key, address table
