@@ -90,10 +90,16 @@ def _torch_profile(one, args: argparse.Namespace) -> list[dict]:
             one(i)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top))
-    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    by = "self_cpu_time_total" if args.profile_sort == "host" else "self_device_time_total"
+    print(averages.table(sort_by=by, row_limit=args.top))
+    rows = sorted(averages, key=lambda e: getattr(e, by), reverse=True)[: args.top]
     return [
-        {"name": e.key, "calls": e.count, "self_host_ms_per_step": e.self_cpu_time_total / 1e3 / args.torch_profile}
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_host_ms_per_step": e.self_cpu_time_total / 1e3 / args.torch_profile,
+            "self_device_ms_per_step": e.self_device_time_total / 1e3 / args.torch_profile,
+        }
         for e in rows
     ]
 
@@ -114,6 +120,13 @@ def main() -> None:
         default=0,
         help="after the measured steps, this many more under torch.profiler: the ops and CUDA runtime calls with the "
         "most host time inside step() (waits for the GPU show as cudaStreamSynchronize / cudaMemcpy time)",
+    )
+    p.add_argument(
+        "--profile_sort",
+        choices=("host", "device"),
+        default="host",
+        help="--torch_profile's table: the ops with the most host time, or the kernels with the most GPU time (kernels "
+        "replayed inside CUDA graphs included)",
     )
     args = p.parse_args()
     if args.optim_args is None:
