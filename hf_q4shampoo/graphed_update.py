@@ -45,6 +45,7 @@ __all__ = [
     "GraphedUpdateMixin",
     "flag_finite",
     "graphable_grads",
+    "gather_with_amax",
     "CHUNK_NUMEL",
     "MAX_MEMBER_NUMEL",
     "GRAPH_ATTRIBUTES",
@@ -74,6 +75,14 @@ def flag_finite(batches: list[StepBatch]) -> None:
     for b in batches:
         b.amax = torch.stack(torch._foreach_norm(b.grads, ord=math.inf))
         b.finite = torch.isfinite(b.amax)
+
+
+def gather_with_amax(table: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients whose addresses ``table`` holds (shaped and typed as ``batch``'s), stacked in fp32, and each
+    one's max |entry| (what a graph flags non-finite gradients by)."""
+    first = batch.grads[0]
+    g = stack_by_address(table, tuple(first.shape), first.dtype)
+    return g, torch.linalg.vector_norm(g, ord=math.inf, dim=tuple(range(1, g.dim())))
 
 
 def _chunks(batch: StepBatch) -> list[tuple[int, StepBatch]]:
@@ -200,10 +209,8 @@ class GraphedUpdateMixin:
         """What the graph holds: for each batch, chunk by chunk, gather the gradients by address, flag the
         non-finite ones and take the update."""
         for batch, offset in graphed:
-            shape, dtype = tuple(batch.grads[0].shape), batch.grads[0].dtype
             for a, sub in _chunks(batch):
-                g = stack_by_address(table[offset + a : offset + a + len(sub.members)], shape, dtype)
-                sub.amax = torch.linalg.vector_norm(g, ord=math.inf, dim=tuple(range(1, g.dim())))
+                g, sub.amax = gather_with_amax(table[offset + a : offset + a + len(sub.members)], batch)
                 sub.finite = torch.isfinite(sub.amax)
                 self._step_batch(sub, g)
 

@@ -11,7 +11,6 @@ A mixin of :class:`~hf_q4shampoo.optimizer.Q4Shampoo`: it reads ``config`` and c
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -19,10 +18,9 @@ import torch
 
 from . import linalg
 from .blocking import extract_blocks
-from .graphed_update import flag_finite, graphable_grads
+from .graphed_update import flag_finite, gather_with_amax, graphable_grads
 from .layout import FactorBucket, Layout, StepBatch, as_slice, stacked_fp32
 from .step_graph import AddressTable, KeyedGraphs
-from .triton_gather import stack_by_address
 
 __all__ = ["RefreshMixin", "StatisticsSource"]
 
@@ -82,8 +80,8 @@ class RefreshMixin:
         whatever their shape group) of at most :data:`_STATS_CALL_ENTRIES` factor entries, so a step pays one
         factorization call per order rather than one per group and side (host launches, docs/perf_notes.md v18).
 
-        ``gradients(batch)``: the due members' gradients stacked in fp32 and their finite flags (the graphed form
-        gathers them by address, ``graphed_update.py``); by default the gradients are stacked here and the flags
+        ``gradients(batch)``: the due members' gradients stacked in fp32 and their finite flags (the graphed form,
+        :meth:`_run_statistics`, gathers them by address); by default the gradients are stacked here and the flags
         are ``batch.finite``, indexed by member position."""
         pending: dict[int, tuple[FactorBucket, list]] = {}  # id(statistics bucket) -> (it, [(rows, gram, keep)])
         for batch in batches:
@@ -187,11 +185,8 @@ class RefreshMixin:
         addresses = [b.grads[i].data_ptr() for b in due for i in b.stats_due]
 
         def gathered(b: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-            a = starts[id(b)]
-            g = stack_by_address(
-                table.device_table[a : a + len(b.stats_due)], tuple(b.grads[0].shape), b.grads[0].dtype
-            )
-            return g, torch.isfinite(torch.linalg.vector_norm(g, ord=math.inf, dim=tuple(range(1, g.dim()))))
+            g, amax = gather_with_amax(table.device_table[starts[id(b)] : starts[id(b)] + len(b.stats_due)], b)
+            return g, torch.isfinite(amax)
 
         graphs = self.__dict__.get("_refresh_graphs")
         if graphs is None:

@@ -44,6 +44,14 @@ SCRIPT = textwrap.dedent("""
         table = torch.tensor([t.data_ptr() for t in src], dtype=torch.int64)
         got = triton_gather.stack_by_address(table, (37, 61), dtype)
         assert torch.equal(got, torch.stack(src).float()), dtype
+        # what the graphs gather and flag by (the update's chunks, the statistics' slots), a NaN in one member
+        from hf_q4shampoo.graphed_update import gather_with_amax
+        from hf_q4shampoo.layout import StepBatch
+        src[1][4, 7] = float("nan")
+        stacked, amax = gather_with_amax(table, StepBatch(None, [0, 1, 2], 1, src))
+        assert torch.equal(stacked[[0, 2]], torch.stack([src[0], src[2]]).float()), dtype
+        assert torch.equal(torch.isfinite(amax), torch.tensor([True, False, True])), dtype
+        assert torch.equal(amax[[0, 2]], torch.stack([src[0].float().abs().max(), src[2].float().abs().max()]))
 
     # 4-bit AdamW: the same codes and parameters as the torch math, two steps, 200 columns (partial blocks),
     # for both codes of m
