@@ -2,6 +2,8 @@
 # Issue 15's recipe quality check on the CPU: AdamW (fp32, torch) against Q4AdamW ("4bit" defaults), two seeds,
 # each recipe at its offline default, two runs at a time with one thread each.
 #   bash benchmarks/q4adamw_recipes_cpu.sh OUT RECIPE...      RECIPE: image_classification | pretrain_clm | ...
+# OPTIMS (default "adamw_torch q4adamw") and SEEDS (default "0 1") choose the runs; the peers are
+# OPTIMS="adamw_torch_4bit adamw_bnb_8bit" with torchao / bitsandbytes importable (PYTHONPATH is passed on).
 # Writes OUT/RECIPE/{optim}_seed{s}/ (the recipe's own output) and OUT/RECIPE.json (eval metrics of every run).
 set -u
 out=$1; shift
@@ -9,7 +11,7 @@ export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 for recipe in "$@"; do
   mkdir -p "$out/$recipe"
   runs=()
-  for optim in adamw_torch q4adamw; do for seed in 0 1; do runs+=("$optim:$seed"); done; done
+  for optim in ${OPTIMS:-adamw_torch q4adamw}; do for seed in ${SEEDS:-0 1}; do runs+=("$optim:$seed"); done; done
   for ((i = 0; i < ${#runs[@]}; i += 2)); do
     for run in "${runs[@]:i:2}"; do
       optim=${run%%:*} seed=${run##*:}
