@@ -220,13 +220,17 @@ class GraphedUpdateMixin:
             runner = self._step_graph = StepGraph(self.GRAPH_OWNER)
         return runner
 
-    def _address_table(self, layout: Layout, device: torch.device) -> AddressTable:
-        """The gradients' address table of this layout (a new one drops the graph that read the old)."""
-        table = self.__dict__.get("_grad_addresses")
-        size = sum(g.size for g in layout.groups)
+    def _address_table(
+        self, layout: Layout, device: torch.device, name: str = "_grad_addresses", readers: Any = None
+    ) -> AddressTable:
+        """The gradients' address table ``name`` of this layout; a new one releases ``readers`` (the graphs that read
+        the old; by default the update's)."""
+        table = self.__dict__.get(name)
         if table is None or table.owner != layout.key or table.device_table.device != device:
-            self._graph_runner().release()
-            table = self._grad_addresses = AddressTable(size, device, owner=layout.key)
+            runner = self._graph_runner() if readers is None else readers
+            runner.release()
+            table = AddressTable(sum(g.size for g in layout.groups), device, owner=layout.key)
+            setattr(self, name, table)
         return table
 
     def _graphs_enabled(self, batches: list[StepBatch]) -> bool:

@@ -20,7 +20,7 @@ from . import linalg
 from .blocking import extract_blocks
 from .graphed_update import flag_finite, gather_with_amax, graphable_grads
 from .layout import FactorBucket, Layout, StepBatch, as_slice, stacked_fp32
-from .step_graph import AddressTable, KeyedGraphs
+from .step_graph import KeyedGraphs
 
 __all__ = ["RefreshMixin", "StatisticsSource"]
 
@@ -172,8 +172,10 @@ class RefreshMixin:
             flag_finite([b for b in due if b.finite is None])
             self._update_statistics(batches)
             return
-        device = due[0].grads[0].device
-        table = self._stats_address_table(layout, device)
+        graphs = self.__dict__.get("_refresh_graphs")
+        if graphs is None:
+            graphs = self._refresh_graphs = KeyedGraphs(self.GRAPH_OWNER)
+        table = self._address_table(layout, due[0].grads[0].device, "_stats_addresses", graphs)
         starts, offset = {}, 0
         for b in due:
             starts[id(b)], offset = offset, offset + len(b.stats_due)
@@ -188,22 +190,8 @@ class RefreshMixin:
             g, amax = gather_with_amax(table.device_table[starts[id(b)] : starts[id(b)] + len(b.stats_due)], b)
             return g, torch.isfinite(amax)
 
-        graphs = self.__dict__.get("_refresh_graphs")
-        if graphs is None:
-            graphs = self._refresh_graphs = KeyedGraphs(self.GRAPH_OWNER)
         # a step whose statistics were not replayed (a slot's first sighting or its capture) is not a steady one:
         # the trial (graphed_update.py) does not take it as a sample of the graphed pace
         self._refresh_settled = graphs.run(
             key, lambda: self._update_statistics(due, gathered), lambda: table.fill(addresses)
         )
-
-    def _stats_address_table(self, layout: Layout, device: torch.device) -> AddressTable:
-        """The statistics graphs' address table for this layout (a new one drops the graphs that read the old)."""
-        table = self.__dict__.get("_stats_addresses")
-        if table is None or table.owner != layout.key or table.device_table.device != device:
-            graphs = self.__dict__.get("_refresh_graphs")
-            if graphs is not None:
-                graphs.release()
-            size = sum(g.size for g in layout.groups)
-            table = self._stats_addresses = AddressTable(size, device, owner=layout.key)
-        return table

@@ -118,6 +118,32 @@ class GraphTrial:
         return self.decision
 
 
+def _capture(work: Callable[[], None], owner: str, what: str, whats: str, pool: Any = None):
+    """Capture ``work`` as a CUDA graph (in ``pool`` when given) and replay it once, since a capture records the
+    work without running it. Returns ``(graph, False)``; on failure the work runs eagerly and the result is
+    ``(None, failed)``: ``failed`` False for the expected refusal (the work needs something from the host,
+    ``capture_guard.py``), True for an unexpected error (a synchronising op, memory), after a warning: the caller
+    stops capturing and training goes on."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            work()
+    except NotCapturable:
+        work()  # nothing of the failed capture ran; the host-side caches it touched are still valid
+        return None, False
+    except RuntimeError as error:
+        warnings.warn(
+            f"{owner}: capturing {what} as a CUDA graph failed ({error}); {whats} run eagerly from now on (set "
+            "cuda_graph=False to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        work()
+        return None, True
+    graph.replay()
+    return graph, False
+
+
 class StepGraph:
     """One captured step and the rule that decides when to capture, replay or run eagerly."""
 
@@ -176,26 +202,11 @@ class StepGraph:
             work()
             return
         self.release()  # one graph at a time: free the old pool before the new capture allocates its own
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                work()
-        except NotCapturable:  # expected: this step needs something from the host (module docstring)
+        graph, failed = _capture(work, self.owner, "the step", "the steps")
+        if graph is None:
+            self.disabled = self.disabled or failed
             self._refuse(key)
-            work()  # nothing of the failed capture ran; the host-side caches it touched are still valid
             return
-        except RuntimeError as error:  # not expected (a synchronising op, memory): stop capturing, keep training
-            self.disabled = True
-            self._refuse(key)
-            warnings.warn(
-                f"{self.owner}: capturing the step as a CUDA graph failed ({error}); the steps run eagerly from now "
-                "on (set cuda_graph=False to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            work()
-            return
-        graph.replay()  # a capture records the work without running it
         self._graph, self._key, self._pinned = graph, key, pins()
         self.counts.captures += 1
 
@@ -255,27 +266,12 @@ class KeyedGraphs:
             self._graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                work()
-        except NotCapturable:
+        graph, failed = _capture(work, self.owner, "a refresh", "refreshes", self._pool)
+        if graph is None:
+            self.disabled = self.disabled or failed
             self._refused.add(key)
             self.counts.refused += 1
-            work()
             return False
-        except RuntimeError as error:  # not expected: stop capturing, keep training
-            self.disabled = True
-            self.counts.refused += 1
-            warnings.warn(
-                f"{self.owner}: capturing a refresh as a CUDA graph failed ({error}); refreshes run eagerly from "
-                "now on (set cuda_graph=False to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            work()
-            return False
-        graph.replay()
         self._graphs[key] = graph
         self.counts.captures += 1
         return False

@@ -169,8 +169,10 @@ def test_auto_keeps_the_graph_only_where_it_makes_the_loop_faster(optimizer, gpu
     assert info["kept"] is (not gpu_busy), info
     if gpu_busy:
         assert opt._graph_runner()._graph is None  # dropped, with its pool
-        refresh = opt.__dict__.get("_refresh_graphs")  # and the statistics graphs with theirs
-        assert refresh is None or (not refresh._graphs and refresh._pool is None)
+        if optimizer == "q4shampoo":  # and the statistics graphs, which ran while the trial tried, with theirs
+            refresh = opt._refresh_graphs
+            assert refresh.counts.eager + refresh.counts.captures > 0, refresh.counts
+            assert not refresh._graphs and refresh._pool is None
     else:
         assert info["graph_ms"] < info["eager_ms"] and info["replays"] >= 10, info
 
