@@ -28,12 +28,29 @@ from quality_cpu import lm, teacher  # noqa: E402
 
 from hf_q4shampoo import Q4AdamW  # noqa: E402
 
-#: name -> factory(params, lr)
+
+def _torchao_4bit(params, lr: float) -> torch.optim.Optimizer:
+    """torchao's 4-bit AdamW (``--optim adamw_torch_4bit``), imported only when asked for."""
+    from torchao.optim import AdamW4bit
+
+    return AdamW4bit(params, lr=lr, weight_decay=0.0)
+
+
+def _bnb_8bit(params, lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (``--optim adamw_bnb_8bit``), imported only when asked for."""
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+
+
+#: name -> factory(params, lr); the peers need torchao / bitsandbytes importable (e.g. PYTHONPATH=<peer wheels>)
 OPTIMIZERS = {
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
     "q4adamw_4bit": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0),
     "q4adamw_factor": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0, variant="factor"),
     "q4adamw_4bit_linear2": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0, m_map="linear2"),
+    "torchao_4bit": _torchao_4bit,
+    "bnb_8bit": _bnb_8bit,
 }
 #: task -> (function, default lrs): AdamW's best lrs in docs/results/quality_cpu_{teacher,lm}.json
 TASKS = {"teacher": (teacher, (1e-2, 3e-2)), "lm": (lm, (3e-3,))}
@@ -53,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="teacher,lm")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--optimizers", default="adamw,q4adamw_4bit,q4adamw_factor,q4adamw_4bit_linear2")
     ap.add_argument("--lrs", default=None, help="comma-separated lrs for every task (default: the task's)")
     ap.add_argument(
         "--decay",
@@ -65,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.optimizers.split(",")
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        ap.error(f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}")
     results: dict = {}
     t0 = time.time()
     for task in args.tasks.split(","):

@@ -11,6 +11,8 @@
 #   MFAC_LR=5e-3 SEEDS="0 1" OPTIMS="adamw_torch q4shampoo sparse_mfac dense_mfac" bash ... (the defaults)
 #   MFAC_M=64 sets the window length m of both M-FAC runs (default: SparseMFAC's 10); with it, MFAC_DAMP=2e-5 their
 #   damping (default: SparseMFAC's 5e-5).
+#   MFAC_SPARSE_ARGS="k_fraction=0.05" or "variant=lowrank" adds options to the SparseMFAC runs only (the density
+#   and low-rank levers).
 #   MFAC_LR_image_classification=2e-2 overrides MFAC_LR for one recipe. 5e-3: best of a SparseMFAC grid on the
 #   classification recipe; 2e-2 on the image recipe (docs/results.md, "SparseMFAC on the recipes").
 # Writes OUT/RECIPE/{optim}_seed{s}/ (the recipe's own output, memory_report.json included), OUT/RECIPE/*.log and
@@ -29,8 +31,9 @@ for recipe in "$@"; do
       dir="$out/$recipe/${optim}_seed$seed"
       [ -f "$dir/all_results.json" ] && continue
       case $optim in
-        sparse_mfac) extra=(--optim sparse_mfac ${MFAC_M:+--optim_args m=$MFAC_M${MFAC_DAMP:+,damp=$MFAC_DAMP}}
-                            --learning_rate "$mfac_lr") ;;
+        sparse_mfac) sargs=${MFAC_M:+m=$MFAC_M${MFAC_DAMP:+,damp=$MFAC_DAMP}}
+                     [ -n "${MFAC_SPARSE_ARGS:-}" ] && sargs=${sargs:+$sargs,}$MFAC_SPARSE_ARGS
+                     extra=(--optim sparse_mfac ${sargs:+--optim_args "$sargs"} --learning_rate "$mfac_lr") ;;
         dense_mfac) extra=(--optim sparse_mfac --optim_args "k_fraction=1${MFAC_M:+,m=$MFAC_M}${MFAC_DAMP:+,damp=$MFAC_DAMP}"
                            --learning_rate "$mfac_lr") ;;
         *) extra=(--optim "$optim") ;;
