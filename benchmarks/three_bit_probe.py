@@ -8,8 +8,10 @@ factor storage (the upper triangle of ``cholesky_ef``'s buffer, 43.3 MiB on GPT-
 entries (CPU path only: the Triton factor kernels are not patched). The codes still take a nibble each: the quality
 is that of 3-bit storage, the memory is not. ``v4geo`` / ``v4geo_half``: v with a 16-entry log-spaced table
 (powers of 2, or of sqrt(2)) instead of the linear zero-free one: a 4-bit alternative, not a memory lever.
-``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the fp32 diagonal restoring the scale;
-same bytes). (Its first version also had ``root8``, roots with a second code of
+``scale8`` / ``scale8n``: every block scale on an 8-bit log grid (16 steps
+per octave) instead of bf16, rounded up / to the nearer point (issue 14's last memory lever, ~5 MiB on GPT-2 small;
+CPU path only). ``rootcorr``: roots quantized in correlation form (``D^-1/2 X D^-1/2``, the fp32 diagonal restoring
+the scale; same bytes). (Its first version also had ``root8``, roots with a second code of
 the residual: that is now the option ``root_bits=8``, which gives the same losses.) Then one of the repo's quality
 benchmarks runs with the other arguments:
 
@@ -26,6 +28,7 @@ for the whole process.
 """
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -164,16 +167,43 @@ def patch_refine3() -> None:
     cholesky_form.quantize_lower_upper = quantize_lower_upper
 
 
+#: steps per octave of the simulated 8-bit log-scale block scales (256 codes: 16 octaves below a per-tensor maximum);
+#: ``SCALE_PROBE_STEPS=128`` (bf16's resolution, rounded up) is the control: how much the tasks move for a change of
+#: the scales that costs no precision
+SCALE_STEPS = int(os.environ.get("SCALE_PROBE_STEPS", "16"))
+
+
+def patch_scale8(up: bool) -> None:
+    """Block scales on an 8-bit log grid, ``2^(k / 16)``, instead of bf16 (CPU path only: the Triton kernels keep their
+    own bf16 rounding). Every block absmax of the factor, root and m codes passes through ``quant.bf16_round``; here it
+    is first snapped to the grid, rounded up (``up``: no entry is clipped, the block's codes are up to 4.4% coarser)
+    or to the nearer point in log space (clips an entry by up to 2.2%), then to bf16 as before so that the stored
+    scale is the one the codes were divided by. The grid is unbounded: a stored 8-bit code would also need a
+    per-tensor exponent and covers 16 octaves below it."""
+    original = quant.bf16_round
+
+    def log_grid(x: torch.Tensor) -> torch.Tensor:
+        pos = x > 0
+        e = torch.log2(torch.where(pos, x, torch.ones_like(x))) * SCALE_STEPS
+        e = torch.ceil(e - 1e-4) if up else torch.round(e)
+        return original(torch.where(pos, torch.exp2(e / SCALE_STEPS), x))
+
+    quant.bf16_round = log_grid
+
+
 def apply(which: str) -> None:
     """Install the patch named ``which`` (``none``: nothing)."""
-    if which not in ("root3", "rootcorr", "refine3", "none", *V_TABLES, *V4_NAMES):
+    if which not in ("root3", "rootcorr", "refine3", "scale8", "scale8n", "none", *V_TABLES, *V4_NAMES):
         raise SystemExit(
             f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), refine3 (the factor's residual code "
-            f"in 3 bits), {', '.join(V_TABLES)} (3-bit v), {', '.join(V4_NAMES)} (4-bit v, log-spaced) or none "
+            f"in 3 bits), scale8 / scale8n (8-bit log block scales, rounded up / to nearest), "
+            f"{', '.join(V_TABLES)} (3-bit v), {', '.join(V4_NAMES)} (4-bit v, log-spaced) or none "
             "(today's codes)"
         )
     if which == "refine3":
         patch_refine3()
+    if which in ("scale8", "scale8n"):
+        patch_scale8(up=which == "scale8")
     if which == "root3":
         patch()
     if which == "rootcorr":
