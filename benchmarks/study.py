@@ -14,7 +14,9 @@ Tasks (offline data of the recipes; models from scratch, as in the papers' from-
             sentences, split by movie as in ``recipes/finetune_classification.py``; validation accuracy. A
             fine-tune wants smaller learning rates than the from-scratch tasks: pass ``--lrs`` (e.g. 3e-5,1e-4).
 
-Optimizers: ``adamw`` (torch, fp32 states), ``adamw_4bit`` (torchao AdamW4bit, skipped if absent),
+Optimizers: ``adamw`` (torch, fp32 states), ``q4adamw`` / ``q4adamw_factor`` (ours, paper 3's 4-bit AdamW and
+4-bit Factor), ``adamw_4bit`` (torchao AdamW4bit) and ``adamw_8bit`` (bitsandbytes AdamW8bit; the peers are skipped
+if absent),
 ``shampoo_fp32`` (our 32-bit Shampoo: fp32 factors, roots and Adam moments), and the Q4Shampoo forms
 ``naive``, ``cholesky``, ``cholesky_ef``, ``eigen`` (4-bit preconditioners and 4-bit Adam moments). Every
 Shampoo variant uses ``--shampoo_args`` (default ``update_freq=10,root_freq=50``, suited to a few
@@ -39,7 +41,7 @@ from typing import Any
 
 import torch
 
-from hf_q4shampoo import Q4Shampoo, parse_optim_args
+from hf_q4shampoo import Q4AdamW, Q4Shampoo, parse_optim_args
 from hf_q4shampoo.memory import optimizer_state_bytes
 
 #: the tasks read the recipes' offline data through their helpers (``recipes/recipes_support``)
@@ -54,7 +56,9 @@ FORMS = {
     "eigen": {"precond": "eigen"},
     "shampoo_fp32": {"precond": "fp32", "first_order_bits": 32},
 }
-OPTIMIZERS = ("adamw", "adamw_4bit", *FORMS)
+#: first-order optimizers beside torch's AdamW: ours (issue 15) and the peers (skipped if absent)
+FIRST_ORDER = ("q4adamw", "q4adamw_factor", "adamw_4bit", "adamw_8bit")
+OPTIMIZERS = ("adamw", *FIRST_ORDER, *FORMS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +271,12 @@ def make_optimizer(name: str, params, lr: float, shampoo_args: dict[str, Any], v
         from torchao.optim import AdamW4bit  # noqa: PLC0415 - optional peer
 
         return AdamW4bit(params, lr=lr)
+    if name == "adamw_8bit":
+        import bitsandbytes  # noqa: PLC0415 - optional peer
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
+    if name in ("q4adamw", "q4adamw_factor"):
+        return Q4AdamW(params, lr=lr, variant="factor" if name == "q4adamw_factor" else "4bit")
     options = {**shampoo_args, **(FORMS.get(name) or variants[name])}
     return Q4Shampoo(params, lr=lr, **options)
 
@@ -427,7 +437,11 @@ def _variants(specs: list[str]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="clm,vit,resnet")
-    p.add_argument("--optimizers", default=",".join(o for o in OPTIMIZERS if o != "cholesky"))
+    p.add_argument(
+        "--optimizers",
+        default="adamw,adamw_4bit,naive,cholesky_ef,eigen,shampoo_fp32",
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)}",
+    )
     p.add_argument("--extra", action="append", default=[], help="NAME:key=v;key=v adds a Q4Shampoo variant")
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--seeds", default="0")
