@@ -27,20 +27,15 @@ from provenance import write_result  # noqa: E402
 from quality_cpu import lm, teacher  # noqa: E402
 
 from hf_q4shampoo import Q4AdamW  # noqa: E402
+from hf_q4shampoo.bench import OPTIMIZERS as BENCH_OPTIMIZERS  # noqa: E402
 
 
-def _torchao_4bit(params, lr: float) -> torch.optim.Optimizer:
-    """torchao's 4-bit AdamW (``--optim adamw_torch_4bit``), imported only when asked for."""
-    from torchao.optim import AdamW4bit
-
-    return AdamW4bit(params, lr=lr, weight_decay=0.0)
-
-
-def _bnb_8bit(params, lr: float) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW (``--optim adamw_bnb_8bit``), imported only when asked for."""
-    import bitsandbytes
-
-    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+def _bench(name: str):
+    """The benchmark's factory for ``name`` (``hf_q4shampoo.bench``: the peers are imported only when asked for),
+    with weight decay 0 as every optimizer here."""
+    return lambda params, lr: BENCH_OPTIMIZERS[name][0](
+        [{"params": list(params), "weight_decay": 0.0}], lr, torch.device("cpu"), {}
+    )
 
 
 #: name -> factory(params, lr); the peers need torchao / bitsandbytes importable (e.g. PYTHONPATH=<peer wheels>)
@@ -49,8 +44,8 @@ OPTIMIZERS = {
     "q4adamw_4bit": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0),
     "q4adamw_factor": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0, variant="factor"),
     "q4adamw_4bit_linear2": lambda params, lr: Q4AdamW(params, lr=lr, weight_decay=0.0, m_map="linear2"),
-    "torchao_4bit": _torchao_4bit,
-    "bnb_8bit": _bnb_8bit,
+    "torchao_4bit": _bench("adamw_4bit"),
+    "bnb_8bit": _bench("adamw_8bit"),
 }
 #: task -> (function, default lrs): AdamW's best lrs in docs/results/quality_cpu_{teacher,lm}.json
 TASKS = {"teacher": (teacher, (1e-2, 3e-2)), "lm": (lm, (3e-3,))}

@@ -7,6 +7,7 @@ No training step is needed: the state's size does not change during training.
 
     python benchmarks/state_memory.py                                   # default vs first_order_v=factored
     python benchmarks/state_memory.py --variant "refine:factor_upper=refine" --json out.json
+    python benchmarks/state_memory.py --by_name      # also every state tensor's MiB by name, per setting
 """
 
 from __future__ import annotations
@@ -24,9 +25,23 @@ from provenance import write_result  # noqa: E402
 
 from hf_q4shampoo import Q4Shampoo  # noqa: E402
 from hf_q4shampoo.config import parse_optim_args  # noqa: E402
-from hf_q4shampoo.memory import KINDS, optimizer_state_bytes  # noqa: E402
+from hf_q4shampoo.memory import KINDS, optimizer_state_bytes, tensor_bytes  # noqa: E402
 
 MIB = 2**20
+
+
+def mib_by_name(opt: Q4Shampoo) -> dict[str, float]:
+    """MiB of every state key summed over the parameters, largest first; a preconditioner region's tensors as
+    ``SIDE.key`` (``L.factor_codes``, ``R.root_scales``, ...): which tensors a memory lever would shrink."""
+    out: dict[str, int] = {}
+    for state in opt.state.values():
+        named = [(key, value) for key, value in state.items() if key != "regions"]
+        for sides in state.get("regions") or ():
+            named += [(f"{side}.{key}", t) for side, tensors in sides.items() for key, t in tensors.items()]
+        for name, t in named:
+            if isinstance(t, torch.Tensor):
+                out[name] = out.get(name, 0) + tensor_bytes(t)
+    return {name: b / MIB for name, b in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def measure(model: torch.nn.Module, options: dict) -> dict:
@@ -37,6 +52,7 @@ def measure(model: torch.nn.Module, options: dict) -> dict:
         "bytes_per_param": report.bytes_per_param,
         "total_mib": report.total / MIB,
         "mib_by_kind": {k: report.by_kind[k] / MIB for k in KINDS if report.by_kind[k]},
+        "mib_by_name": mib_by_name(opt),
     }
     del opt
     return out
@@ -46,6 +62,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value;key=value (Q4Shampoo options)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--by_name", action="store_true", help="print each setting's MiB per state key too")
     args = ap.parse_args(argv)
     import transformers
 
@@ -64,6 +81,9 @@ def main(argv=None) -> int:
         r = results[name] = measure(model, options)
         kinds = " | ".join(f"{r['mib_by_kind'].get(k, 0.0):.1f}" for k in KINDS)
         print(f"| {name} | {r['bytes_per_param']:.3f} | {r['total_mib']:.1f} | {kinds} |")
+    if args.by_name:
+        for name, r in results.items():
+            print(f"\n{name}: " + ", ".join(f"{key} {mib:.2f}" for key, mib in r["mib_by_name"].items()))
     if args.json:
         write_result(args.json, results=results)
     return 0

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from hf_q4shampoo import Q4AdamW, Q4Shampoo, parse_optim_args
+from hf_q4shampoo import Q4Shampoo, parse_optim_args
+from hf_q4shampoo.bench import OPTIMIZERS as BENCH_OPTIMIZERS
 from hf_q4shampoo.memory import optimizer_state_bytes
 
 #: the tasks read the recipes' offline data through their helpers (``recipes/recipes_support``)
@@ -267,16 +268,8 @@ def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def make_optimizer(name: str, params, lr: float, shampoo_args: dict[str, Any], variants: dict[str, dict]):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
-    if name == "adamw_4bit":
-        from torchao.optim import AdamW4bit  # noqa: PLC0415 - optional peer
-
-        return AdamW4bit(params, lr=lr)
-    if name == "adamw_8bit":
-        import bitsandbytes  # noqa: PLC0415 - optional peer
-
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
-    if name in ("q4adamw", "q4adamw_factor"):
-        return Q4AdamW(params, lr=lr, variant="factor" if name == "q4adamw_factor" else "4bit")
+    if name in FIRST_ORDER:  # the benchmark's factories: the same constructors as the speed table's rows
+        return BENCH_OPTIMIZERS[name][0](params, lr, torch.device("cpu"), {})
     options = {**shampoo_args, **(FORMS.get(name) or variants[name])}
     return Q4Shampoo(params, lr=lr, **options)
 

@@ -121,3 +121,24 @@ def test_q4shampoo_reports_its_own_state_bytes_without_a_cpu_form():
     assert kinds["other"] == 4 + 8  # the fp32 step counter and the int64 skipped-updates counter
     assert param_state_bytes(opt, model[0].weight) == {**dict.fromkeys(KINDS, 0), **kinds}
     assert opt._forms == forms  # measuring adds no form (it used to build a CPU form for a CUDA optimizer)
+
+
+def test_state_by_name_counts_every_state_byte():
+    """``benchmarks/state_memory.py``'s per-key breakdown (the bytes a memory lever would remove, docs/results.md
+    §4.8) adds up to every state byte and names the preconditioner's tensors by side."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "state_memory", Path(__file__).resolve().parents[1] / "benchmarks" / "state_memory.py"
+    )
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 10), torch.nn.Embedding(5000, 32))
+    opt = Q4Shampoo(model.parameters())
+    opt.build_state()
+    by_name = sm.mib_by_name(opt)
+    assert sum(by_name.values()) * sm.MIB == pytest.approx(_state_tensor_bytes(opt), rel=1e-12)
+    assert {"L.factor_codes", "R.factor_codes", "L.root_scales", "exp_avg_codes"} <= set(by_name)
+    assert list(by_name.values()) == sorted(by_name.values(), reverse=True)
