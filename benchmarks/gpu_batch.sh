@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU measurements (docs/perf_notes.md says which call ran which part).
 #   bash benchmarks/gpu_batch.sh OUT PART...
-#   PART: tests | tests_graph | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,... | ab_host:OLD:OPTIMIZER[:OPTIM_ARGS]
+#   PART: tests | tests_graph | ttt_tree:DIR:RUN,... | first_step | launches:OLD_TREE | graph | graph_ttt | graph_kept | graph_small | cholesky | host_profile | spread | bench | bench_fused | bench_fused_paper1 | bench:TAG:OPTIM_ARGS | q4adamw | ttt:RUN,RUN,... | ab_host:OLD:OPTIMIZER[:OPTIM_ARGS]
 #   TTT_Q4="NAME:LR:ARGS ..." (optional) replaces time_to_target.py's Q4Shampoo runs, TTT_ADAMW its AdamW lr grid,
 #   TTT_FIRST_ORDER="NAME:LR ..." adds other first-order runs (time_to_target.py --first_order; named NAME@LR)
 # Every part runs in its own processes; a failing part does not stop the others. Logs go to OUT/*.log.
@@ -92,6 +92,14 @@ for part in "$@"; do
         ${args:+--optim_args "$args"} > "$out/ab_host_${opt}.log" 2>&1; tail -12 "$out/ab_host_${opt}.log" ;;
     bench:*)  # bench:TAG:OPTIM_ARGS (OPTIM_ARGS comma-separated, as --optim_args takes them)
       spec=${part#bench:}; bench "${spec%%:*}" "${spec#*:}" ;;
+    ttt_tree:*)  # ttt_tree:DIR:RUN,...: as ttt:, run by the code of DIR, an older commit's tree carried along
+      # (git archive COMMIT hf_q4shampoo benchmarks recipes | tar -x -C DIR), for a same-call comparison
+      IFS=: read -r _ tree runs <<< "$part"
+      fresh_caches; dir=ttt_$(basename "$tree")${TTT_SEED:+_s$TTT_SEED}
+      q4=(); for spec in ${TTT_Q4:-}; do q4+=(--q4 "$spec"); done
+      PYTHONPATH=$(realpath "$tree") python "$tree/benchmarks/time_to_target.py" --data .ttt_data --out "$out/$dir" \
+        --only "$runs" "${q4[@]}" ${TTT_SEED:+--seed "$TTT_SEED"} > "$out/${dir}_$runs.log" 2>&1
+      tail -8 "$out/${dir}_$runs.log"; tar -czf "$out/${dir}_runs.tgz" -C "$out/$dir" runs ;;
     ttt:*)  # ttt:RUN,RUN,... (names as in time_to_target.py --only); run files packed into one archive
       # TTT_SEED (optional): initial weights and batch order (time_to_target.py --seed); its runs go to ttt_sSEED
       fresh_caches; dir=ttt${TTT_SEED:+_s$TTT_SEED}

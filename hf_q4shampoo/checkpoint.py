@@ -14,13 +14,21 @@ from typing import Any
 
 import torch
 
+from . import log_scales
 from .blocking import local_tensor as _local
 from .config import LEGACY_STATE_LAYOUT, SHAPE_DECIDED_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .distributed import DdpSplit, strip_statistics
 from .quant import SCALE_DTYPE
 from .sharded_state import is_dtensor, unwrap, wrap
 
-__all__ = ["CheckpointMixin", "detach_views", "restore_state", "state_mismatch", "step_tensor"]
+__all__ = [
+    "CheckpointMixin",
+    "detach_views",
+    "restore_state",
+    "state_mismatch",
+    "step_tensor",
+    "upgrade_moment_scales",
+]
 
 _SHARE_WARNING = (
     "Q4Shampoo: under DDP each rank keeps the statistics of its share of the matrices (shard_preconditioners), so "
@@ -342,7 +350,8 @@ def detach_views(value: Any) -> Any:
 
 def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
     """Fill state keys that checkpoints of earlier versions lack (the Cholesky forms' ``jitter``: 1; the
-    root offset: the statistics offset, which earlier versions used for both; the skip counter: 0)."""
+    root offset: the statistics offset, which earlier versions used for both; the skip counter: 0; the scale
+    exponent of the factor's and the roots' block scales, which are then stored in their one-byte form)."""
     if "refresh_offset" in state and "root_offset" not in state:
         state["root_offset"] = state["refresh_offset"]
     if "skipped_updates" not in state:
@@ -351,6 +360,63 @@ def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
         for side in sides.values():
             if "ridge" in side and "jitter" not in side:
                 side["jitter"] = torch.ones_like(side["ridge"])
+            _scales_to_bytes(side, _SIDE_LOG_SCALED, dims=2)
+            _to_bf16(side, ("root_diag",))
+    upgrade_moment_scales(state)
+
+
+def _to_bf16(state: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Entries saved in fp32 before they were stored in bf16 (2026-12-02: the roots' diagonals, v's rank-1
+    maxima), rounded to nearest: a root's diagonal until its next refresh, a maximum until the next step."""
+    for key in keys:
+        value = state.get(key)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            state[key] = value.to(torch.bfloat16)
+
+
+def upgrade_moment_scales(state: dict[str, Any]) -> None:
+    """A parameter's first-order moments saved with bf16 block scales (and fp32 rank-1 maxima), in today's form
+    (in place; see ``_scales_to_bytes``): for every optimizer that stores :mod:`hf_q4shampoo.moments`."""
+    _scales_to_bytes(state, _MOMENT_LOG_SCALED, dims=2)  # (1, blocks) per parameter: a 0-dim exponent
+    _to_bf16(state, tuple(k for k in state if isinstance(k, str) and k.startswith("exp_avg_sq_max")))
+
+
+#: the block scales stored as one log-grid byte since 2026-12-02: (scales, a second scale tensor sharing their
+#: exponent (the factor's per-row scale of the straddling block) or None, the exponent's key); the side states'
+#: exponents are one per matrix of a stacked side, the moments' one per parameter (a 0-dim tensor)
+_SIDE_LOG_SCALED = (
+    ("factor_scales", "factor_diag_block_upper_scale", "factor_scale_exp"),
+    ("root_scales", None, "root_scale_exp"),
+    ("root_res_scales", None, "root_res_scale_exp"),
+)
+_MOMENT_LOG_SCALED = tuple(
+    (f"{m}_scales", None, f"{m}_scale_exp") for m in ("exp_avg", "exp_avg_sq", "momentum_buffer")
+)
+
+
+def _scales_to_bytes(state: dict[str, Any], entries: tuple[tuple[str, str | None, str], ...], dims: int) -> None:
+    """Block scales saved in bf16 (or fp32) before they took one byte each (``log_scales``), turned into the
+    bytes and exponent of the scale grid's nearest points: each decoded entry moves by at most 2.2% of its
+    block's largest one until its next re-encoding (the same one-off rounding as the fp32 -> bf16 change of
+    2026-12-01). ``dims``: the scales' trailing dimensions one exponent covers. On the meta device (shape
+    checks) only the layout is made."""
+    for key, row_key, exp_key in entries:
+        scales = state.get(key)
+        if not isinstance(scales, torch.Tensor) or scales.dtype == torch.uint8:
+            continue
+        names = (key, row_key) if row_key else (key,)
+        if scales.device.type == "meta":
+            state[exp_key] = torch.empty(scales.shape[:-dims], dtype=torch.int32, device="meta")
+            for name in names:
+                state[name] = torch.empty(state[name].shape, dtype=torch.uint8, device="meta")
+            continue
+        grid = [log_scales.grid_index(state[name].float()) for name in names]
+        exponent = log_scales.matrix_exponent(grid[0], dims)
+        if row_key:
+            exponent = torch.maximum(exponent, log_scales.matrix_exponent(grid[1], dims=1))
+        state[exp_key] = exponent
+        for name, j in zip(names, grid):
+            state[name] = log_scales.encode_scales(j, exponent)
 
 
 def restore_state(value: Any, device: torch.device) -> Any:

@@ -8,7 +8,7 @@ import torch
 
 from . import linalg, triton_kernels
 from .preconditioner_base import FormSettings, PreconditionerForm, State, _update_rows, tensor_bytes
-from .quant import dequantize_lower_upper, get_code, quantize_lower_upper, roundtrip_blockwise
+from .quant import dequantize_lower_upper, get_code, quantize_lower_upper, roundtrip_log_blockwise
 
 __all__ = ["CholeskyForm"]
 
@@ -18,7 +18,8 @@ class CholeskyForm(PreconditionerForm):
 
     Storage per side: ``factor_codes`` (one n x n 4-bit buffer: strictly-lower = off-diagonal of
     the factor C, strictly-upper = a second strictly-lower matrix, transposed), ``factor_scales`` +
-    ``factor_diag_block_upper_scale`` (bf16 block scales and an fp32 one per row, separate for the two triangles; see
+    ``factor_diag_block_upper_scale`` (one-byte log-grid block scales, and one per row for the straddling block,
+    separate for the two triangles) + ``factor_scale_exp`` (the scales' exponent, int32 per factor; see
     :func:`~hf_q4shampoo.quant.quantize_lower_upper`), ``diag`` (fp32 diagonal of C) and ``ridge``
     (fp32 scalar per factor: the jitter r of the last factorisation, ``C C^T ~ L + r I``).
     Small sides (``n*n < min_quant_numel``) keep C in fp32 as ``factor`` and have no upper triangle.
@@ -74,7 +75,9 @@ class CholeskyForm(PreconditionerForm):
             return {"factor": torch.tril(x).contiguous()}
         off = self._scaled_offdiag(x)
         if self.refine:
-            error_upper = (off - torch.tril(roundtrip_blockwise(off, self.s.quant_map, self.s.quant_block_size), -1)).mT
+            error_upper = (
+                off - torch.tril(roundtrip_log_blockwise(off, self.s.quant_map, self.s.quant_block_size), -1)
+            ).mT
         return self._store_factor_offdiag(off, x.diagonal(dim1=-2, dim2=-1), error_upper)
 
     def _fused(self, device: torch.device) -> bool:
@@ -96,6 +99,7 @@ class CholeskyForm(PreconditionerForm):
                 state["factor_codes"],
                 state["factor_scales"],
                 state["factor_diag_block_upper_scale"],
+                state["factor_scale_exp"],
                 state["diag"],
                 table,
                 self.s.quant_block_size,
@@ -107,6 +111,7 @@ class CholeskyForm(PreconditionerForm):
             "codes": state["factor_codes"],
             "scales": state["factor_scales"],
             "diag_block_upper_scale": state["factor_diag_block_upper_scale"],
+            "scale_exp": state["factor_scale_exp"],
         }
         lower, upper = dequantize_lower_upper(q, n, self.s.quant_map, self.s.quant_block_size)
         err = upper.mT
@@ -166,7 +171,7 @@ class CholeskyForm(PreconditionerForm):
             new = self._store_factor(new_c, torch.zeros_like(new_c))
         else:
             x = self._scaled_offdiag(new_c) + err
-            residual = x - roundtrip_blockwise(x, self.s.quant_map, self.s.quant_block_size)
+            residual = x - roundtrip_log_blockwise(x, self.s.quant_map, self.s.quant_block_size)
             beta_e = self.s.ef_beta
             new_err = beta_e * err + (1.0 - beta_e) * residual
             new = self._store_factor_offdiag(x, new_c.diagonal(dim1=-2, dim2=-1), new_err.mT)

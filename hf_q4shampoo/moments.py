@@ -3,7 +3,8 @@
 Their states are 4-bit by default (paper 3, papers.md §4.1):
 
 * signed moments (Adam's m, SGD's momentum): block-wise absmax over the flattened tensor in blocks
-  of 128, dynamic-exponent code ("B128/DE");
+  of 128, dynamic-exponent code ("B128/DE"); each block's scale one byte of ``log_scales``' grid, with one
+  exponent per tensor (``*_scale_exp``);
 * Adam's second moment v: rank-1 normalisation with the zero-free linear code ("Rank-1/Linear");
   1-D tensors fall back to blocks of 128 with the same code;
 * tensors with at most 4096 entries stay fp32 (paper 3 App. D.1).
@@ -31,7 +32,7 @@ import re
 
 import torch
 
-from .quant import dequantize_blockwise, dequantize_rank1, quantize_blockwise, quantize_rank1
+from .quant import dequantize_log_blockwise, dequantize_rank1, quantize_log_blockwise, quantize_rank1
 
 __all__ = [
     "QUANT_MIN_NUMEL",
@@ -117,18 +118,28 @@ def moment_bytes_by_kind(state: State, numel: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _encode_blocks(x: torch.Tensor, code: str) -> Moments:
+    """Blocks of 128 over each flattened member of ``x`` (K, ...): packed codes, one-byte log-grid scales and one
+    exponent per member (``log_scales``)."""
+    q = quantize_log_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK, exponent_dims=1)
+    return {f"_{key}": value for key, value in q.items()}
+
+
+def _decode_blocks(m: Moments, shape: tuple[int, ...], code: str) -> torch.Tensor:
+    q = {key[1:]: m[key] for key in ("_codes", "_scales", "_scale_exp")}
+    return dequantize_log_blockwise(q, math.prod(shape[1:]), code, SIGNED_BLOCK).reshape(shape)
+
+
 def encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
     if not quantized:
         return {"": x}
-    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK)
-    return {"_codes": codes, "_scales": scales}
+    return _encode_blocks(x, code)
 
 
 def decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
     if "" in m:
         return m[""]
-    numel = math.prod(shape[1:])
-    return dequantize_blockwise(m["_codes"], m["_scales"], numel, code, SIGNED_BLOCK).reshape(shape)
+    return _decode_blocks(m, shape, code)
 
 
 def encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
@@ -136,20 +147,18 @@ def encode_nonneg(x: torch.Tensor, quantized: bool) -> Moments:
         return {"": x}
     if x.ndim >= 3:  # batch dim + a tensor of >= 2 dims: rank-1 normalisation
         return {f"_{k}": v for k, v in quantize_rank1(x, batch_dims=1).items()}
-    codes, scales = quantize_blockwise(x.reshape(x.shape[0], -1), "zero_free_linear", SIGNED_BLOCK)
-    return {"_codes": codes, "_scales": scales}
+    return _encode_blocks(x, "zero_free_linear")
 
 
 def decode_nonneg(m: Moments, shape: tuple[int, ...]) -> torch.Tensor:
     if "" in m:
         return m[""]
     if "_scales" in m:
-        numel = math.prod(shape[1:])
-        return dequantize_blockwise(m["_codes"], m["_scales"], numel, "zero_free_linear", SIGNED_BLOCK).reshape(shape)
+        return _decode_blocks(m, shape, "zero_free_linear")
     return dequantize_rank1({k[1:]: v for k, v in m.items()}, shape, batch_dims=1)
 
 
-_SUFFIX = re.compile(r"(|_codes|_scales|_max\d+|_row|_col)")
+_SUFFIX = re.compile(r"(|_codes|_scales|_scale_exp|_max\d+|_row|_col)")
 
 
 def _scatter(states: list[State], name: str, batched: Moments) -> None:

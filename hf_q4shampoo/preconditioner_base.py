@@ -17,6 +17,7 @@ from . import linalg, triton_kernels
 from .config import Q4ShampooConfig
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
+    RESIDUAL_KEYS,
     decode_symmetric,
     dequantize_diagreal,
     quantize_diagreal,
@@ -110,9 +111,9 @@ class PreconditionerForm(ABC):
 
     def _store_root(self, root: torch.Tensor, n: int) -> State:
         """The inverse roots as ``root_bits`` says: fp32 (``root``), or an fp32 diagonal and the strict lower
-        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_diag``; ``quant.quantize_symmetric``), with
-        ``root_bits=8`` plus a second 4-bit code of what the first one left (``root_res_codes`` /
-        ``root_res_scales``)."""
+        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_scale_exp`` / ``root_diag``;
+        ``quant.quantize_symmetric``), with ``root_bits=8`` plus a second 4-bit code of what the first one left
+        (``root_res_codes`` / ``root_res_scales`` / ``root_res_scale_exp``)."""
         if not self._root_quantized(n):
             return {"root": root.float().contiguous()}
         q = quantize_symmetric(root, self.s.quant_map, self.s.quant_block_size, refine=self.s.root_bits == 8)
@@ -172,19 +173,19 @@ class PreconditionerForm(ABC):
         diag = state["root_diag"]
         n, device = diag.shape[-1], diag.device
         if n < 2:
-            return torch.diag_embed(diag).to(dtype)
-        codes, scales = state["root_codes"], state["root_scales"]
-        residual = [state["root_res_codes"], state["root_res_scales"]] if "root_res_codes" in state else []
-        table, gather = symmetric_decode_tables(n, self.s.quant_map, device)
+            return torch.diag_embed(diag.float()).to(dtype)
+        stored = [state["root_codes"], state["root_scales"], state["root_scale_exp"], diag]
+        residual = [state[f"root_{key}"] for key in RESIDUAL_KEYS] if "root_res_codes" in state else []
+        table, fractions, gather = symmetric_decode_tables(n, self.s.quant_map, device)
         block = self.s.quant_block_size
         if device.type == "cuda" and self.s.use_compile and triton_kernels.HAS_TRITON:
-            return triton_kernels.decode_symmetric(codes, scales, diag, table, block, dtype, *residual)
+            return triton_kernels.decode_symmetric(*stored, table, fractions, block, dtype, *residual)
         # the number of stacked roots changes as parameters join a bucket: keep that dimension dynamic,
         # the matrix order static (one compilation per order)
         decode = maybe_compiled(decode_symmetric, device, self.s.use_compile)
         if decode is not decode_symmetric:
-            mark_batch_dynamic(codes, scales, diag, *residual)
-        return decode(codes, scales, diag, table, gather, block, dtype, *residual)
+            mark_batch_dynamic(*stored, *residual)
+        return decode(*stored, table, fractions, gather, block, dtype, *residual)
 
     def bytes_by_kind(self, state: State) -> dict[str, int]:
         out = {"roots": 0, "statistics": 0, "error_feedback": 0, "scales_diagonals": 0}
@@ -195,7 +196,8 @@ class PreconditionerForm(ABC):
     def _kind_of(self, key: str) -> str:
         if key.startswith("root"):
             return "roots" if key in ("root", "root_codes", "root_res_codes") else "scales_diagonals"
-        if key.endswith(("_scales", "_diag", "_upper_scale")) or key in ("eigenvalues", "ridge", "diag", "jitter"):
+        decoders = ("_scales", "_diag", "_upper_scale", "_scale_exp")
+        if key.endswith(decoders) or key in ("eigenvalues", "ridge", "diag", "jitter"):
             return "scales_diagonals"
         return "statistics"
 

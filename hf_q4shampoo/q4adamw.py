@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .blocking import local_tensor as _local
-from .checkpoint import detach_views, restore_state, state_mismatch
+from .checkpoint import detach_views, restore_state, state_mismatch, upgrade_moment_scales
 from .first_order import adamw_batch_step, total_skipped
 from .graphed_update import GRAPH_ATTRIBUTES, GraphedUpdateMixin, flag_finite
 from .layout import (
@@ -294,6 +294,7 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
             if index in saved_state:
                 device = _local(p).device
                 self.state[p] = restore_state(saved_state[index], device)
+                upgrade_moment_scales(self.state[p])
         self._layout_version += 1
         self.__dict__.pop("_layout", None)
 
@@ -309,6 +310,8 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
                 saved = state_dict["state"].get(saved_id)
                 if saved is None:
                     continue
+                saved = dict(saved)
+                upgrade_moment_scales(saved)  # bf16 block scales of older checkpoints
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)

@@ -11,12 +11,17 @@ Conventions (papers.md §3.1, §3.4, §4.2, §6.1):
   ``block_size`` contiguous entries (the last block of a row may be shorter), and every block is
   divided by its largest absolute value. Blocks never span two rows, so eigenvector rows and matrix
   rows are normalised on their own (paper 2 requires blocks inside one eigenvector).
-* Block scales are stored in **bf16** (2 bytes instead of 4: 3.7% of GPT-2 small's state). Each is the block's
-  absmax rounded to the nearest bf16 value (:func:`bf16_round`) *before* the block is divided by it, so the
-  stored scale is exactly the one the codes were made with. A normalised value may then exceed 1 by up to
-  2^-8, and takes the end code; so the block's largest entry decodes within 2^-8 of itself instead of
-  exactly, with no bias (round to nearest: rounding up instead would inflate a momentum's largest entry at
-  every re-encoding). Every other entry's error is the code's own (a code step is 1/7 at best).
+* Block scales of the Cholesky factor and of the inverse roots (:func:`quantize_lower_upper`,
+  :func:`quantize_symmetric`) take **one byte** each: a point of a log2 grid with 16 points per octave,
+  relative to an exponent per matrix (``scale_exp``), the block's absmax rounded to the nearest point before
+  the block is divided by it (:mod:`hf_q4shampoo.log_scales`; :func:`encode_log_blockwise`).
+* The other block scales (first moment, eigenvectors, the naive form's statistics) are stored in **bf16**.
+  Each is the block's absmax rounded to the nearest bf16 value (:func:`bf16_round`) *before* the block is
+  divided by it, so the stored scale is exactly the one the codes were made with. A normalised value may
+  then exceed 1 by up to 2^-8 (2.2% on the log grid), and takes the end code; so the block's largest entry
+  decodes within that of itself instead of exactly, with no bias (round to nearest: rounding up instead
+  would inflate a momentum's largest entry at every re-encoding). Every other entry's error is the code's
+  own (a code step is 1/7 at best).
 * Two 4-bit codes share a byte, the even element in the low nibble. Rows are packed separately and
   padded to an even length, so odd row lengths never share a byte between rows (the "odd-order
   hazard" of paper 2's CUDA kernels cannot happen here).
@@ -29,6 +34,7 @@ from functools import cache, lru_cache
 
 import torch
 
+from . import log_scales
 from .capture_guard import refuse_in_capture
 
 __all__ = [
@@ -42,6 +48,11 @@ __all__ = [
     "bf16_round",
     "SCALE_DTYPE",
     "encode_blockwise",
+    "encode_log_blockwise",
+    "quantize_log_blockwise",
+    "dequantize_log_blockwise",
+    "RESIDUAL_KEYS",
+    "roundtrip_log_blockwise",
     "decode_blockwise",
     "roundtrip_blockwise",
     "quantize_blockwise",
@@ -235,6 +246,29 @@ def roundtrip_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int 
     return decode_blockwise(idx, absmax, code, block_size)
 
 
+def encode_log_blockwise(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`encode_blockwise` with the block absmax on the log grid of :mod:`~hf_q4shampoo.log_scales`:
+    returns ``(indices, grid index j)`` (int32 each); the codes are made with the grid scale ``g(j)`` itself
+    (whether or not the stored byte later flushes the block to zero)."""
+    n = x.shape[-1]
+    table, mids = get_code(code, x.device)
+    blocks = _blocked(x.float(), block_size)
+    j = log_scales.grid_index(blocks.abs().amax(dim=-1))
+    scale = log_scales.grid_value(j)
+    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    idx = torch.bucketize(normed, mids, out_int32=True)
+    return idx.reshape(*x.shape[:-1], -1)[..., :n], j
+
+
+def roundtrip_log_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> torch.Tensor:
+    """``D(Q(x))`` with log-grid block scales, before any flush (what the factor's refinement and error
+    feedback subtract, here and in the Triton kernels)."""
+    idx, j = encode_log_blockwise(x, code, block_size)
+    return decode_blockwise(idx, log_scales.grid_value(j), code, block_size)
+
+
 def quantize_blockwise(
     x: torch.Tensor, code: str = "linear2", block_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,6 +352,31 @@ def _symmetric_layout(n: int, device: torch.device) -> tuple[torch.Tensor, torch
     return _LAYOUT_CACHE[key]
 
 
+def _log_store(idx: torch.Tensor, j: torch.Tensor, exponent_dims: int = 2) -> dict[str, torch.Tensor]:
+    """Packed codes, stored scale bytes and the exponent of a log-grid encoding (one per ``exponent_dims``
+    trailing dimensions of the scales: a matrix's rows and blocks, or a flattened tensor's blocks)."""
+    exponent = log_scales.matrix_exponent(j, exponent_dims)
+    return {"codes": pack_nibbles(idx), "scales": log_scales.encode_scales(j, exponent), "scale_exp": exponent}
+
+
+def quantize_log_blockwise(
+    x: torch.Tensor, code: str = "linear2", block_size: int = 64, exponent_dims: int = 2
+) -> dict[str, torch.Tensor]:
+    """Packed 4-bit codes of ``x`` along its last dim with one-byte log-grid block scales (``codes``, ``scales``,
+    ``scale_exp``: one exponent per ``exponent_dims`` trailing dims of the scales, e.g. 1 for ``(K, numel)``
+    flattened tensors, 2 for ``(..., rows, n)`` matrices)."""
+    return _log_store(*encode_log_blockwise(x, code, block_size), exponent_dims)
+
+
+def dequantize_log_blockwise(
+    q: dict[str, torch.Tensor], length: int, code: str = "linear2", block_size: int = 64
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_log_blockwise` (fp32); ``length`` is the original last dim."""
+    return _decode_log(
+        q["codes"], q["scales"], q["scale_exp"], get_code(code, q["codes"].device)[0], block_size, length
+    )
+
+
 def quantize_symmetric(
     x: torch.Tensor, code: str = "linear2", block_size: int = 64, refine: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -325,53 +384,80 @@ def quantize_symmetric(
 
     Only the strict lower triangle is quantized, packed two rows per line (see
     ``_symmetric_layout_cpu``) in blocks of ``block_size`` along the packed rows; the diagonal is kept
-    in fp32. Decoding mirrors the triangle, so the result is exactly symmetric. (The same idea as
+    in bf16 (these are inverse roots: recomputed at every refresh, so no sum accumulates its rounding); block
+    scales are one byte on the log grid (``scales``, ``scale_exp``: module docstring). Decoding
+    mirrors the triangle, so the result is exactly symmetric. (The same idea as
     Distributed Shampoo's lossless symmetric packing, applied to 4-bit codes.) With ``refine``, a second 4-bit
-    code of what the first one left (``res_codes`` / ``res_scales``, same layout) is stored too, and decoding
-    adds it: about 8-bit entries at twice the codes (``root_bits=8``).
+    code of what the stored first one leaves (``res_codes`` / ``res_scales`` / ``res_scale_exp``, same layout)
+    is stored too, and decoding adds it: about 8-bit entries at twice the codes (``root_bits=8``).
     """
     n = x.shape[-1]
-    diag = x.float().diagonal(dim1=-2, dim2=-1).clone()
+    diag = x.float().diagonal(dim1=-2, dim2=-1).to(SCALE_DTYPE)  # bf16: an inverse root is recomputed, never summed
     if n < 2:
         codes = x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8)
-        scales = x.new_zeros((*x.shape[:-2], 0, 0), dtype=SCALE_DTYPE)
-        out = {"codes": codes, "scales": scales, "diag": diag}
-        return {**out, "res_codes": codes.clone(), "res_scales": scales.clone()} if refine else out
+        exponent = torch.full(x.shape[:-2], log_scales.ZERO_INDEX, dtype=torch.int32, device=x.device)
+        out = {"codes": codes, "scales": codes.clone(), "scale_exp": exponent, "diag": diag}
+        if refine:
+            out.update(res_codes=codes.clone(), res_scales=codes.clone(), res_scale_exp=exponent.clone())
+        return out
     source, valid, _ = _symmetric_layout(n, x.device)
     flat = x.float().flatten(-2)
     packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device)).reshape(*x.shape[:-2], n // 2, n)
-    codes, scales = quantize_blockwise(packed, code, block_size)
-    out = {"codes": codes, "scales": scales, "diag": diag}
+    out = {**_log_store(*encode_log_blockwise(packed, code, block_size)), "diag": diag}
     if refine:
-        residual = packed - dequantize_blockwise(codes, scales, n, code, block_size)
-        out["res_codes"], out["res_scales"] = quantize_blockwise(residual, code, block_size)
+        table = get_code(code, x.device)[0]
+        residual = packed - _decode_log(out["codes"], out["scales"], out["scale_exp"], table, block_size, n)
+        res = _log_store(*encode_log_blockwise(residual, code, block_size))
+        out.update({f"res_{key}": value for key, value in res.items()})
     return out
+
+
+def _decode_log(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    exponent: torch.Tensor,
+    table: torch.Tensor,
+    block_size: int,
+    n: int,
+    fractions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp32 ``(..., rows, n)`` of packed codes with log-grid scale bytes."""
+    return _decode_with_table(
+        unpack_nibbles(codes, n), log_scales.decode_scales(scales, exponent, fractions), table, block_size
+    )
 
 
 def decode_symmetric(
     codes: torch.Tensor,
     scales: torch.Tensor,
+    scale_exp: torch.Tensor,
     diag: torch.Tensor,
     table: torch.Tensor,
+    fractions: torch.Tensor,
     gather: torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
     res_codes: torch.Tensor | None = None,
     res_scales: torch.Tensor | None = None,
+    res_scale_exp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The arithmetic of :func:`dequantize_symmetric`, with its lookup tables passed in (compilable). The second
     code (``res_*``, if stored) is added to the first in fp32, before the cast and the mirroring."""
     n = diag.shape[-1]
-    packed = _decode_with_table(unpack_nibbles(codes, n), scales, table, block_size)
+    packed = _decode_log(codes, scales, scale_exp, table, block_size, n, fractions)
     if res_codes is not None:
-        packed = packed + _decode_with_table(unpack_nibbles(res_codes, n), res_scales, table, block_size)
-    flat = torch.cat([packed.flatten(-2), diag], dim=-1)
+        packed = packed + _decode_log(res_codes, res_scales, res_scale_exp, table, block_size, n, fractions)
+    flat = torch.cat([packed.flatten(-2), diag.float()], dim=-1)
     return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
 
 
-def symmetric_decode_tables(n: int, code: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(code table, gather index)`` that :func:`decode_symmetric` needs for order ``n``."""
-    return get_code(code, device)[0], _symmetric_layout(n, device)[2]
+def symmetric_decode_tables(n: int, code: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(code table, scale-grid fractions, gather index)`` that :func:`decode_symmetric` needs for order ``n``."""
+    return get_code(code, device)[0], log_scales.fraction_table(device), _symmetric_layout(n, device)[2]
+
+
+#: the keys of :func:`quantize_symmetric`'s second code, in :func:`decode_symmetric`'s argument order
+RESIDUAL_KEYS = ("res_codes", "res_scales", "res_scale_exp")
 
 
 def dequantize_symmetric(
@@ -379,10 +465,12 @@ def dequantize_symmetric(
 ) -> torch.Tensor:
     n = q["diag"].shape[-1]
     if n < 2:
-        return torch.diag_embed(q["diag"]).to(dtype)
-    table, gather = symmetric_decode_tables(n, code, q["diag"].device)
-    residual = (q["res_codes"], q["res_scales"]) if "res_codes" in q else (None, None)
-    return decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, block_size, dtype, *residual)
+        return torch.diag_embed(q["diag"].float()).to(dtype)
+    table, fractions, gather = symmetric_decode_tables(n, code, q["diag"].device)
+    residual = [q[key] for key in RESIDUAL_KEYS] if "res_codes" in q else []
+    return decode_symmetric(
+        q["codes"], q["scales"], q["scale_exp"], q["diag"], table, fractions, gather, block_size, dtype, *residual
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,19 +498,26 @@ def quantize_lower_upper(
     entries of a row; blocks left of the diagonal belong to ``lower``, blocks right of it to
     ``upper``, and only the one block per row that straddles the diagonal needs both scales, so the
     layout is: ``scales`` (n x nb: lower's scale for blocks up to the diagonal block, upper's after
-    it) plus ``diag_block_upper_scale`` (n,) for upper's part of the straddling block. Memory is
-    that of one quantized matrix plus 4n bytes.
+    it) plus ``diag_block_upper_scale`` (n,) for upper's part of the straddling block. Every scale is one
+    byte of the log grid, relative to one exponent per matrix (``scale_exp``, the largest grid index of both
+    triangles; module docstring). Memory is that of one quantized matrix plus n bytes.
     """
     n = lower.shape[-1]
-    lo_idx, lo_max = encode_blockwise(torch.tril(lower.float(), -1), code, block_size)
-    up_idx, up_max = encode_blockwise(torch.triu(upper.float(), 1), code, block_size)
+    lo_idx, lo_j = encode_log_blockwise(torch.tril(lower.float(), -1), code, block_size)
+    up_idx, up_j = encode_log_blockwise(torch.triu(upper.float(), 1), code, block_size)
     row = torch.arange(n, device=lower.device).unsqueeze(-1)
     col = torch.arange(n, device=lower.device).unsqueeze(0)
     idx = torch.where(col < row, lo_idx, up_idx)
     left, at = _diag_block_masks(n, block_size, lower.device)
-    scales = torch.where(left | at, lo_max, up_max).to(SCALE_DTYPE)
-    diag_upper = (up_max * at).sum(-1)  # fp32 (holding a bf16 value): one per row
-    return {"codes": pack_nibbles(idx), "scales": scales, "diag_block_upper_scale": diag_upper}
+    j = torch.where(left | at, lo_j, up_j)
+    diag_j = torch.where(at, up_j, torch.full_like(up_j, log_scales.ZERO_INDEX)).amax(-1)  # one per row
+    exponent = torch.maximum(log_scales.matrix_exponent(j), log_scales.matrix_exponent(diag_j, dims=1))
+    return {
+        "codes": pack_nibbles(idx),
+        "scales": log_scales.encode_scales(j, exponent),
+        "diag_block_upper_scale": log_scales.encode_scales(diag_j, exponent),
+        "scale_exp": exponent,
+    }
 
 
 def dequantize_lower_upper(
@@ -431,9 +526,10 @@ def dequantize_lower_upper(
     """Inverse of :func:`quantize_lower_upper`: returns ``(strict lower, strict upper)`` in fp32."""
     idx = unpack_nibbles(q["codes"], n)
     left, at = _diag_block_masks(n, block_size, idx.device)
-    scales = q["scales"]
+    scales = log_scales.decode_scales(q["scales"], q["scale_exp"])
+    diag_upper = log_scales.decode_scales(q["diag_block_upper_scale"], q["scale_exp"])
     lo_scale = torch.where(left | at, scales, torch.zeros_like(scales))
-    up_scale = torch.where(left | at, torch.zeros_like(scales), scales) + at * q["diag_block_upper_scale"].unsqueeze(-1)
+    up_scale = torch.where(left | at, torch.zeros_like(scales), scales) + at * diag_upper.unsqueeze(-1)
     lower = torch.tril(decode_blockwise(idx, lo_scale, code, block_size), -1)
     upper = torch.triu(decode_blockwise(idx, up_scale, code, block_size), 1)
     return lower, upper
@@ -461,14 +557,16 @@ def quantize_rank1(x: torch.Tensor, code: str = "zero_free_linear", batch_dims: 
 
     Every (non-batch) dimension d keeps the maxima over all other dimensions; an entry is normalised
     by the smallest of its maxima (``min(r_i, c_j)`` for a matrix), so it lies in [0, 1]. Returns
-    ``codes`` (``(*batch, ceil(numel / 2))``, packed) and ``max0, max1, ...`` (fp32, ``(*batch, size_d)``).
+    ``codes`` (``(*batch, ceil(numel / 2))``, packed) and ``max0, max1, ...`` (bf16, ``(*batch, size_d)``).
     The first ``batch_dims`` dimensions index independent tensors quantized in one go.
     """
     if x.ndim - batch_dims < 2:
         raise ValueError("rank-1 normalisation needs a tensor with at least 2 dims; use block-wise for 1-D")
     x = x.float()
     dims = range(batch_dims, x.ndim)
-    maxima = [x.amax(dim=tuple(d for d in dims if d != dim)) for dim in dims]
+    # each maximum rounded to bf16 before the entries are divided by it (as the block scales: the stored
+    # normaliser is the one the codes were made with; an entry up to 2^-8 above it takes the end code)
+    maxima = [bf16_round(x.amax(dim=tuple(d for d in dims if d != dim))) for dim in dims]
     scale = _rank1_scale(maxima, tuple(x.shape), batch_dims)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     _, mids = get_code(code, x.device)
@@ -476,7 +574,7 @@ def quantize_rank1(x: torch.Tensor, code: str = "zero_free_linear", batch_dims: 
     batch = tuple(x.shape[:batch_dims])
     out = {"codes": pack_nibbles(idx.reshape(*batch, -1) if batch else idx.reshape(1, -1))}
     for i, m in enumerate(maxima):
-        out[f"max{i}"] = m
+        out[f"max{i}"] = m.to(SCALE_DTYPE)
     return out
 
 
@@ -487,5 +585,5 @@ def dequantize_rank1(
     numel = math.prod(shape[batch_dims:])
     table, _ = get_code(code, q["codes"].device)
     values = table[unpack_nibbles(q["codes"], numel)].reshape(shape)
-    maxima = [q[f"max{d}"] for d in range(len(shape) - batch_dims)]
+    maxima = [q[f"max{d}"].float() for d in range(len(shape) - batch_dims)]
     return values * _rank1_scale(maxima, tuple(shape), batch_dims)

@@ -4,8 +4,11 @@ Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, 
 
 * pass A, one program per 1024 consecutive entries of one matrix: decode m and v, take the AdamW step
   (decoupled decay, bias corrections), write the parameter, re-encode m (its 128-blocks lie inside the
-  program) and write the new v to a scratch buffer;
-* between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales);
+  program; each block's log-grid scale index goes to a scratch buffer) and write the new v to a scratch buffer;
+* ``triton_common._scale_bytes`` turns m's grid indices into its one-byte scales under each matrix's new
+  exponent (``log_scales``);
+* between the passes, torch reduces the scratch buffer to v's new row and column maxima (rank-1 scales, stored in
+  bf16: the copy rounds them to nearest, as ``quant.quantize_rank1`` does);
 * pass B re-encodes v with those scales.
 
 With a factored v (paper 3's "4-bit Factor", Adafactor's row and column EMAs of ``d^2``) the caller has
@@ -25,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .capture_guard import refuse_in_capture
+from .log_scales import grid_table
 from .quant import get_code
 from .triton_common import HAS_TRITON, tl, triton
 
@@ -35,7 +39,13 @@ M_BLOCK = 128
 
 
 if HAS_TRITON:
-    from .triton_common import _bf16_round, _codes_of  # defined only where Triton is installed
+    from .triton_common import (  # defined only where Triton is installed
+        _codes_of,
+        _grid_index,
+        _grid_value,
+        _scale_bytes,
+        _scale_of,
+    )
 
     @triton.jit
     def _pass_a(
@@ -43,12 +53,15 @@ if HAS_TRITON:
         d_ptr,
         m_codes_ptr,
         m_scales_ptr,
+        m_exp_ptr,
+        m_grid_j_ptr,
         v_codes_ptr,
         max0_ptr,
         max1_ptr,
         v_new_ptr,
         m_table_ptr,
         m_mids_ptr,
+        grid_ptr,
         v_table_ptr,
         lr_ptr,
         bias1_ptr,
@@ -91,13 +104,15 @@ if HAS_TRITON:
         d_o = tl.load(d_ptr + row_base + odd, mask=in_o, other=0.0)
         # decode m (block-128, the m_map table)
         mbyte = tl.load(m_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
-        m_scale = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0.0).to(tl.float32)
+        m_byte = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0)
+        m_scale = _scale_of(m_byte, tl.load(m_exp_ptr + k), grid_ptr)
         m_e = tl.load(m_table_ptr + (mbyte & 15)) * m_scale
         m_o = tl.load(m_table_ptr + (mbyte >> 4)) * m_scale
-        row_e = tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0)
-        col_e = tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0)
-        row_o = tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0)
-        col_o = tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0)
+        # v's rank-1 maxima (bf16) or a factored v's row and column factors (fp32)
+        row_e = tl.load(max0_ptr + k * R + even // C, mask=in_e, other=0.0).to(tl.float32)
+        col_e = tl.load(max1_ptr + k * C + even % C, mask=in_e, other=0.0).to(tl.float32)
+        row_o = tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=0.0).to(tl.float32)
+        col_o = tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=0.0).to(tl.float32)
         if FACTORED:  # the new v itself, from its factors
             v_e = row_e * col_e
             v_o = row_o * col_o
@@ -132,14 +147,15 @@ if HAS_TRITON:
         NB: tl.constexpr = HALF // 64
         a_e = tl.reshape(tl.where(in_e, tl.abs(m_e), 0.0), (NB, 64))
         a_o = tl.reshape(tl.where(in_o, tl.abs(m_o), 0.0), (NB, 64))
-        absmax = _bf16_round(tl.maximum(tl.max(a_e, axis=1), tl.max(a_o, axis=1)))  # the stored bf16 scale
+        grid_j = _grid_index(tl.maximum(tl.max(a_e, axis=1), tl.max(a_o, axis=1)), grid_ptr)
+        absmax = _grid_value(grid_j, grid_ptr)  # the block's scale (its stored byte: _scale_bytes, after this pass)
         safe = tl.where(absmax > 0, absmax, 1.0)
         c_e = _codes_of(tl.reshape(m_e, (NB, 64)) / safe[:, None], m_mids_ptr)
         c_o = _codes_of(tl.reshape(m_o, (NB, 64)) / safe[:, None], m_mids_ptr)
         packed = tl.reshape(c_e | (c_o << 4), (HALF,)).to(tl.uint8)
         tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair & keep)
         blk = pid * NB + tl.arange(0, NB)
-        tl.store(m_scales_ptr + k.to(tl.int64) * NBLK + blk, absmax.to(tl.bfloat16), mask=(blk < NBLK) & keep)
+        tl.store(m_grid_j_ptr + k.to(tl.int64) * NBLK + blk, grid_j, mask=blk < NBLK)
 
     @triton.jit
     def _pass_b(v_new_ptr, v_codes_ptr, max0_ptr, max1_ptr, v_mids_ptr, keep_ptr, N, NB2, R, C, BLOCK: tl.constexpr):
@@ -156,12 +172,12 @@ if HAS_TRITON:
         v_e = tl.load(v_new_ptr + row_base + even, mask=in_e, other=0.0)
         v_o = tl.load(v_new_ptr + row_base + odd, mask=in_o, other=0.0)
         s_e = tl.minimum(
-            tl.load(max0_ptr + k * R + even // C, mask=in_e, other=1.0),
-            tl.load(max1_ptr + k * C + even % C, mask=in_e, other=1.0),
+            tl.load(max0_ptr + k * R + even // C, mask=in_e, other=1.0).to(tl.float32),
+            tl.load(max1_ptr + k * C + even % C, mask=in_e, other=1.0).to(tl.float32),
         )
         s_o = tl.minimum(
-            tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=1.0),
-            tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0),
+            tl.load(max0_ptr + k * R + odd // C, mask=in_o, other=1.0).to(tl.float32),
+            tl.load(max1_ptr + k * C + odd % C, mask=in_o, other=1.0).to(tl.float32),
         )
         c_e = _codes_of(v_e / tl.where(s_e > 0, s_e, 1.0), v_mids_ptr)
         c_o = _codes_of(v_o / tl.where(s_o > 0, s_o, 1.0), v_mids_ptr)
@@ -216,7 +232,8 @@ def adamw4_step(
     device = directions.device
     m_table, m_mids = get_code(m_map, device)
     v_table, v_mids = get_code("zero_free_linear", device)
-    m_codes, m_scales = moments["exp_avg_codes"], moments["exp_avg_scales"]
+    m_codes, m_scales, m_exp = moments["exp_avg_codes"], moments["exp_avg_scales"], moments["exp_avg_scale_exp"]
+    m_grid_j = torch.empty(m_scales.shape, dtype=torch.int32, device=device)  # the new m's grid indices
     directions = directions.contiguous()
     if keep is None:
         keep = torch.ones(k, dtype=torch.bool, device=device)
@@ -235,12 +252,15 @@ def adamw4_step(
         directions,
         m_codes,
         m_scales,
+        m_exp,
+        m_grid_j,
         v_codes,
         row,
         col,
         v_new,
         m_table,
         m_mids,
+        grid_table(device),
         v_table,
         lr,
         bias1,
@@ -259,6 +279,8 @@ def adamw4_step(
         FACTORED=factored,
         BLOCK=BLOCK,
     )
+    nblk = m_scales.shape[-1]
+    _scale_bytes[(k,)](m_grid_j, m_grid_j, m_scales, m_scales, m_exp, keep_bytes, nblk, 0, KEEP=True, CHUNK=1024)
     if factored:
         return
     max0, max1 = row, col

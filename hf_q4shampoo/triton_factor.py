@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import SCALE_DTYPE
+from .log_scales import ZERO_INDEX, grid_table
 from .triton_common import HAS_TRITON, tl, triton
 
 __all__ = ["UPPER_MODES", "dequantize_factor", "requantize_factor"]
@@ -29,7 +29,13 @@ UPPER_MODES = {"none": 0, "feedback": 1, "refine": 2}
 _EXACT = {"enable_fp_fusion": False}  # see the module docstring (ignored by the interpreter)
 
 if HAS_TRITON:
-    from .triton_common import _bf16_round, _codes_of  # defined only where Triton is installed
+    from .triton_common import (  # defined only where Triton is installed
+        _codes_of,
+        _grid_index,
+        _grid_value,
+        _scale_bytes,
+        _scale_of,
+    )
 
     @triton.jit
     def _div(x, y):
@@ -47,8 +53,10 @@ if HAS_TRITON:
         codes_ptr,
         scales_ptr,
         dbus_ptr,
+        exp_ptr,
         diag_ptr,
         table_ptr,
+        grid_ptr,
         c_ptr,
         u_ptr,
         n,
@@ -70,8 +78,9 @@ if HAS_TRITON:
         lower = inside & (j < i)
         code = _nibble(codes_ptr, (k * n + i) * NB2, j, inside)
         value = tl.load(table_ptr + code)
-        scale = tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0.0).to(tl.float32)
-        dbus = tl.load(dbus_ptr + k * n + i, mask=row_ok, other=0.0)
+        exponent = tl.load(exp_ptr + k)
+        scale = _scale_of(tl.load(scales_ptr + (k * n + i) * NBLK + b, mask=row_ok, other=0), exponent, grid_ptr)
+        dbus = _scale_of(tl.load(dbus_ptr + k * n + i, mask=row_ok, other=0), exponent, grid_ptr)
         diag_block = i // QBLOCK
         lo_scale = tl.where(b <= diag_block, scale, 0.0)
         lo = value * lo_scale
@@ -80,10 +89,11 @@ if HAS_TRITON:
             # i // QBLOCK is row j's diagonal block (own scale dbus[j]) or one right of it (scales[j, .])
             code_t = _nibble(codes_ptr, (k * n + j) * NB2, i, lower)
             t_block = i // QBLOCK
-            t_scale = tl.load(
-                scales_ptr + (k * n + j) * NBLK + t_block, mask=lower & (t_block > j // QBLOCK), other=0.0
-            ).to(tl.float32)
-            t_dbus = tl.load(dbus_ptr + k * n + j, mask=lower & (t_block == j // QBLOCK), other=0.0)
+            t_byte = tl.load(scales_ptr + (k * n + j) * NBLK + t_block, mask=lower & (t_block > j // QBLOCK), other=0)
+            t_scale = _scale_of(t_byte, exponent, grid_ptr)
+            t_dbus = _scale_of(
+                tl.load(dbus_ptr + k * n + j, mask=lower & (t_block == j // QBLOCK), other=0), exponent, grid_ptr
+            )
             lo = lo + tl.load(table_ptr + code_t) * (t_scale + t_dbus)
         if COLUMN:
             lo = lo * tl.load(diag_ptr + k * n + j, mask=j < n, other=0.0)
@@ -101,10 +111,11 @@ if HAS_TRITON:
         u_old_ptr,
         lo_codes_ptr,
         err_ptr,
-        scales_ptr,
+        grid_j_ptr,
         diag_ptr,
         table_ptr,
         mids_ptr,
+        grid_ptr,
         ef_beta,
         one_minus_beta,
         n,
@@ -133,11 +144,12 @@ if HAS_TRITON:
             e = tl.load(u_old_ptr + base + j * n + i, mask=lower, other=0.0)  # E = U^T, strictly lower
             x = x + e
         x_lower = tl.where(j < i, x, 0.0)
-        lo_max = _bf16_round(tl.max(tl.abs(x_lower), axis=1))  # the stored (bf16) scale
+        lo_j = _grid_index(tl.max(tl.abs(x_lower), axis=1), grid_ptr)
+        lo_max = _grid_value(lo_j, grid_ptr)  # the block's scale (its stored byte: _scale_bytes)
         safe = tl.where(lo_max > 0, lo_max, 1.0)
         code = _codes_of(_div(x_lower, safe[:, None]), mids_ptr)
         tl.store(lo_codes_ptr + base + i * n + j, code.to(tl.uint8), mask=lower)
-        tl.store(scales_ptr + (k * n + row) * NBLK + b, lo_max.to(tl.bfloat16), mask=row < n)
+        tl.store(grid_j_ptr + (k * n + row) * NBLK + b, lo_j, mask=row < n)
         tl.store(diag_ptr + k * n + i + 0 * j, c, mask=inside & (j == i))
         if UPPER != 0:
             residual = x_lower - tl.load(table_ptr + code) * lo_max[:, None]
@@ -150,9 +162,10 @@ if HAS_TRITON:
         err_ptr,
         lo_codes_ptr,
         codes_ptr,
-        scales_ptr,
-        dbus_ptr,
+        grid_j_ptr,
+        dbus_j_ptr,
         mids_ptr,
+        grid_ptr,
         n,
         NB2,
         NBLK,
@@ -179,7 +192,8 @@ if HAS_TRITON:
         else:
             u_e = tl.load(err_ptr + base + j_even * n + i, mask=in_e & (j_even > i), other=0.0)
             u_o = tl.load(err_ptr + base + j_odd * n + i, mask=in_o & (j_odd > i), other=0.0)
-        up_max = _bf16_round(tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1)))
+        up_j = _grid_index(tl.maximum(tl.max(tl.abs(u_e), axis=1), tl.max(tl.abs(u_o), axis=1)), grid_ptr)
+        up_max = _grid_value(up_j, grid_ptr)
         safe = tl.where(up_max > 0, up_max, 1.0)[:, None]
         up_e = _codes_of(_div(u_e, safe), mids_ptr)
         up_o = _codes_of(_div(u_o, safe), mids_ptr)
@@ -190,8 +204,8 @@ if HAS_TRITON:
         pair = b * HALF + tl.arange(0, HALF)[None, :]
         tl.store(codes_ptr + (k * n + i) * NB2 + pair, (c_e | (c_o << 4)).to(tl.uint8), mask=row_ok & (pair < NB2))
         diag_block = row // QBLOCK
-        tl.store(scales_ptr + (k * n + row) * NBLK + b, up_max.to(tl.bfloat16), mask=(row < n) & (b > diag_block))
-        tl.store(dbus_ptr + k * n + row, up_max, mask=(row < n) & (b == diag_block))
+        tl.store(grid_j_ptr + (k * n + row) * NBLK + b, up_j, mask=(row < n) & (b > diag_block))
+        tl.store(dbus_j_ptr + k * n + row, up_j, mask=(row < n) & (b == diag_block))
 
 
 _TI = 32  # rows per program of the factor kernels
@@ -201,6 +215,7 @@ def dequantize_factor(
     codes: torch.Tensor,
     scales: torch.Tensor,
     dbus: torch.Tensor,
+    scale_exp: torch.Tensor,
     diag: torch.Tensor,
     table: torch.Tensor,
     block_size: int,
@@ -220,8 +235,10 @@ def dequantize_factor(
         codes,
         scales,
         dbus,
+        scale_exp,
         diag,
         table,
+        grid_table(diag.device),
         c,
         c if u is None else u,
         n,
@@ -253,16 +270,21 @@ def requantize_factor(
     with ``"refine"`` the residual ``F - D(Q(F))``; with ``"none"`` zeros.
 
     Returns the stored tensors under the form's keys without the ``factor_`` prefix: codes, scales,
-    diag_block_upper_scale, diag.
+    diag_block_upper_scale, scale_exp, diag. The scales' bytes are written last (``_scale_bytes``), once each
+    factor's largest grid index is known.
     """
     k, n = new_c.shape[:2]
     mode = UPPER_MODES[upper]
     device = new_c.device
     nblk = triton.cdiv(n, block_size)
     codes = torch.empty((k, n, (n + 1) // 2), dtype=torch.uint8, device=device)
-    scales = torch.empty((k, n, nblk), dtype=SCALE_DTYPE, device=device)
-    dbus = torch.zeros((k, n), dtype=torch.float32, device=device)
+    scales = torch.empty((k, n, nblk), dtype=torch.uint8, device=device)
+    dbus = torch.empty((k, n), dtype=torch.uint8, device=device)
+    scale_exp = torch.empty((k,), dtype=torch.int32, device=device)
     diag = torch.empty((k, n), dtype=torch.float32, device=device)
+    grid_j = torch.empty((k, n, nblk), dtype=torch.int32, device=device)  # every block's grid index
+    dbus_j = torch.full((k, n), ZERO_INDEX, dtype=torch.int32, device=device)
+    grid_values = grid_table(device)
     # scratch: unpacked lower codes, and the upper triangle's matrix before its transpose is quantized
     lo_codes = torch.empty((k, n, n), dtype=torch.uint8, device=device)
     err = torch.empty((k, n, n), dtype=torch.float32, device=device) if mode else lo_codes
@@ -274,10 +296,11 @@ def requantize_factor(
         u_old,
         lo_codes,
         err,
-        scales,
+        grid_j,
         diag,
         table,
         mids,
+        grid_values,
         ef_beta,
         1.0 - ef_beta,
         n,
@@ -289,6 +312,20 @@ def requantize_factor(
         **_EXACT,
     )
     _requant_upper[grid](
-        err, lo_codes, codes, scales, dbus, mids, n, (n + 1) // 2, nblk, QBLOCK=block_size, TI=_TI, UPPER=mode, **_EXACT
+        err,
+        lo_codes,
+        codes,
+        grid_j,
+        dbus_j,
+        mids,
+        grid_values,
+        n,
+        (n + 1) // 2,
+        nblk,
+        QBLOCK=block_size,
+        TI=_TI,
+        UPPER=mode,
+        **_EXACT,
     )
-    return {"codes": codes, "scales": scales, "diag_block_upper_scale": dbus, "diag": diag}
+    _scale_bytes[(k,)](grid_j, dbus_j, scales, dbus, scale_exp, scale_exp, n * nblk, n, KEEP=False, CHUNK=1024)
+    return {"codes": codes, "scales": scales, "diag_block_upper_scale": dbus, "scale_exp": scale_exp, "diag": diag}

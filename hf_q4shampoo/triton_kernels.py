@@ -35,7 +35,7 @@ __all__ = [
     "requantize_factor",
 ]
 
-_M_KEYS = {"exp_avg_codes", "exp_avg_scales"}
+_M_KEYS = {"exp_avg_codes", "exp_avg_scales", "exp_avg_scale_exp"}
 _V_KEYS = ({"exp_avg_sq_codes", "exp_avg_sq_max0", "exp_avg_sq_max1"}, {"exp_avg_sq_row", "exp_avg_sq_col"})
 
 

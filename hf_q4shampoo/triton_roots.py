@@ -12,15 +12,19 @@ from .triton_common import HAS_TRITON, tl, triton
 __all__ = ["decode_symmetric"]
 
 if HAS_TRITON:
+    from .triton_common import _scale_of  # defined only where Triton is installed
 
     @triton.jit
     def _decode_symmetric(
         codes_ptr,
         scales_ptr,
+        exp_ptr,
         res_codes_ptr,
         res_scales_ptr,
+        res_exp_ptr,
         diag_ptr,
         table_ptr,
+        grid_ptr,
         out_ptr,
         n,
         NBLK,
@@ -46,14 +50,15 @@ if HAS_TRITON:
         scale_at = (base + r) * NBLK + c // QBLOCK
         byte = tl.load(codes_ptr + byte_at, mask=inside & off, other=0).to(tl.int32)
         code = tl.where(c % 2 == 0, byte & 15, byte >> 4)
-        scale = tl.load(scales_ptr + scale_at, mask=inside & off, other=0.0).to(tl.float32)
+        scale = _scale_of(tl.load(scales_ptr + scale_at, mask=inside & off, other=0), tl.load(exp_ptr + k), grid_ptr)
         value = tl.load(table_ptr + code) * scale
         if REFINE:  # the residual's code, same layout (REFINE=False never reads the two pointers)
             byte = tl.load(res_codes_ptr + byte_at, mask=inside & off, other=0).to(tl.int32)
             code = tl.where(c % 2 == 0, byte & 15, byte >> 4)
-            scale = tl.load(res_scales_ptr + scale_at, mask=inside & off, other=0.0).to(tl.float32)
+            res_exp = tl.load(res_exp_ptr + k)
+            scale = _scale_of(tl.load(res_scales_ptr + scale_at, mask=inside & off, other=0), res_exp, grid_ptr)
             value = value + tl.load(table_ptr + code) * scale
-        d = tl.load(diag_ptr + k.to(tl.int64) * n + i, mask=inside & (i == j), other=0.0)
+        d = tl.load(diag_ptr + k.to(tl.int64) * n + i, mask=inside & (i == j), other=0.0).to(tl.float32)
         value = tl.where(off, value, d)
         dest = out_ptr + k.to(tl.int64) * n * n + i * n + j
         if OUT_BF16:
@@ -65,15 +70,19 @@ if HAS_TRITON:
 def decode_symmetric(
     codes: torch.Tensor,
     scales: torch.Tensor,
+    scale_exp: torch.Tensor,
     diag: torch.Tensor,
     table: torch.Tensor,
+    fractions: torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
     res_codes: torch.Tensor | None = None,
     res_scales: torch.Tensor | None = None,
+    res_scale_exp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``quant.decode_symmetric``: ``(K, n, n)`` roots from their packed 4-bit storage, with the
-    residual's second code added where given."""
+    """Triton version of ``quant.decode_symmetric``: ``(K, n, n)`` roots from their packed 4-bit storage (one-byte
+    log-grid scales; ``fractions``: ``log_scales.fraction_table``), with the residual's second code added where
+    given."""
     k, n = diag.shape
     out = torch.empty((k, n, n), dtype=dtype, device=diag.device)
     tile = 64
@@ -83,10 +92,13 @@ def decode_symmetric(
     _decode_symmetric[grid](
         codes,
         scales,
+        scale_exp.contiguous(),
         res_codes.contiguous() if refine else codes,
         res_scales.contiguous() if refine else scales,
+        res_scale_exp.contiguous() if refine else scale_exp,
         diag.contiguous(),
         table,
+        fractions,
         out,
         n,
         scales.shape[-1],

@@ -12,6 +12,7 @@ LAYERS = {
     "options": -1,  # the option machinery every optimizer's options share
     "capture_guard": -0.5,  # what a CUDA graph capture refuses (caches of host copies call it)
     "config": 0,
+    "log_scales": -0.25,  # the one-byte block scales: quant and the Triton kernels read them
     "quant": 0,
     "linalg": 0,
     "blocking": -0.5,  # parameter -> blocks, pure torch: config reads its split rules

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from old_formats import old_scale_format
 
 from hf_q4shampoo import ConfigError, Q4AdamW, Q4Shampoo, Q4ShampooConfig
 from hf_q4shampoo.config import STATE_LAYOUT_KEYS
@@ -1060,9 +1061,11 @@ def test_as_slice_takes_consecutive_rows_only():
     assert as_slice([3, 5]) is None and as_slice([5, 4]) is None
 
 
-def test_checkpoint_with_fp32_block_scales_loads_with_bf16_scales():
-    # checkpoints from before the block scales were stored in bf16 (2026-12-01) hold fp32 scales: they load with
-    # the scales rounded to bf16, the layout every later step writes, and training goes on
+@pytest.mark.parametrize("old_dtype", [torch.bfloat16, torch.float32])
+def test_checkpoint_with_older_block_scales_loads_with_one_byte_scales(old_dtype):
+    # checkpoints from before the block scales took one byte (2026-12-02) hold bf16 scales, and those from before
+    # 2026-12-01 fp32 ones: they load with each scale at its nearest grid point (within 2.2%), the layout every
+    # later step writes, and training goes on
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 96))
     opt = Q4Shampoo(model.parameters(), update_freq=1, root_freq=2)
@@ -1071,35 +1074,31 @@ def test_checkpoint_with_fp32_block_scales_loads_with_bf16_scales():
             p.grad = torch.randn_like(p)
         opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    scale_keys = []
-
-    def to_fp32(tree, path=""):
-        for key, value in list(tree.items()) if isinstance(tree, dict) else enumerate(tree):
-            if isinstance(value, (dict, list)):
-                to_fp32(value, f"{path}.{key}")
-            elif isinstance(key, str) and key.endswith("_scales"):
-                assert value.dtype == torch.bfloat16, key
-                tree[key] = value.float() * (1 + 2**-12)  # an fp32 scale of the old format: not a bf16 value
-                scale_keys.append(f"{path}.{key}")
-
-    to_fp32(saved["state"])
-    assert any("root_scales" in k for k in scale_keys) and any("exp_avg_scales" in k for k in scale_keys)
+    found = []
+    old_scale_format(saved["state"], old_dtype, found)
+    assert any("root_scales" in k for k in found) and any("exp_avg_scales" in k for k in found)
+    assert any("factor_diag_block_upper_scale" in k for k in found)
     again = Q4Shampoo(model.parameters(), update_freq=1, root_freq=2)
     again.load_state_dict(saved)
+    form = again._form(
+        torch.device("cpu")
+    )  # the same statistics and roots as before the round trip, within the grid's half step
     for p in (model[0].weight, model[1].weight):
-        state = again.state[p]
-        assert state["exp_avg_scales"].dtype == torch.bfloat16
-        region = state["regions"][0]["R"]
-        assert region["root_scales"].dtype == torch.bfloat16 and region["factor_scales"].dtype == torch.bfloat16
-        torch.testing.assert_close(
-            region["root_scales"], opt.state[p]["regions"][0]["R"]["root_scales"], rtol=2**-8, atol=0
-        )
+        state, before = again.state[p], opt.state[p]
+        assert state["exp_avg_scales"].dtype == torch.uint8 and state["exp_avg_scale_exp"].shape == ()
+        region, old = state["regions"][0]["R"], before["regions"][0]["R"]
+        assert region["root_scales"].dtype == torch.uint8 and region["factor_scales"].dtype == torch.uint8
+        for key in ("root_scales", "factor_scales", "factor_diag_block_upper_scale", "factor_scale_exp", "root_diag"):
+            assert torch.equal(region[key], old[key]), key  # grid values go back to the same bytes
+        for key in ("exp_avg_sq_max0", "exp_avg_sq_max1"):
+            assert state[key].dtype == torch.bfloat16 and torch.equal(state[key], before[key]), key
+        torch.testing.assert_close(form.statistics(region), form.statistics(old), rtol=0, atol=0)
     for _ in range(2):
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         again.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert again.state[model[0].weight]["exp_avg_scales"].dtype == torch.bfloat16
+    assert again.state[model[0].weight]["exp_avg_scales"].dtype == torch.uint8
 
 
 def test_eight_bit_roots_skip_a_bad_step_and_resume_exactly():

@@ -274,5 +274,7 @@ def test_eight_bit_roots_bytes_and_fresh_state():
     kinds, kinds4 = form.bytes_by_kind(state), make_form("cholesky_ef", FormSettings.from_options()).bytes_by_kind(four)
     assert kinds["roots"] == 2 * kinds4["roots"]  # the second code is as large as the first
     assert kinds["statistics"] == kinds4["statistics"]
-    assert kinds["scales_diagonals"] == kinds4["scales_diagonals"] + state["root_res_scales"].numel() * 2
+    second = [state[k] for k in ("root_res_scales", "root_res_scale_exp")]  # one byte per block, one int32 per root
+    assert second[0].dtype == torch.uint8 and second[1].shape == (2,)
+    assert kinds["scales_diagonals"] == kinds4["scales_diagonals"] + sum(t.numel() * t.element_size() for t in second)
     assert sum(kinds.values()) == sum(t.numel() * t.element_size() for t in state.values())

@@ -25,16 +25,22 @@ SCRIPT = textwrap.dedent("""
     # root decoder: bit-identical to quant.decode_symmetric, even and odd orders
     for n in (64, 65, 130):
         x = torch.randn(3, n, n, generator=g)
+        # entries over 30 octaves: some blocks lie more than 16 octaves below the largest and are stored as zero
+        s = 2.0 ** torch.randint(-30, 1, (3, n, 1), generator=g)
+        x = s * x * s.mT
         q = quant.quantize_symmetric(x + x.mT)
-        table, gather = quant.symmetric_decode_tables(n, "linear2", torch.device("cpu"))
-        ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32)
-        assert torch.equal(ref, tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32))
+        assert bool((q["scales"] == 0).any()) and bool((q["scales"] == 255).flatten(1).any(1).all())
+        table, fractions, gather = quant.symmetric_decode_tables(n, "linear2", torch.device("cpu"))
+        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
+        ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, torch.float32)
+        assert torch.equal(ref, tk.decode_symmetric(*stored, table, fractions, 64, torch.float32))
         # root_bits=8: the residual's second code added in the same launch, as the torch decoding adds it
         q = quant.quantize_symmetric(x + x.mT, refine=True)
-        residual = (q["res_codes"], q["res_scales"])
-        ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, torch.float32, *residual)
-        got = tk.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, torch.float32, *residual)
-        first_code_only = quant.dequantize_symmetric({k: q[k] for k in ("codes", "scales", "diag")})
+        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
+        residual = [q[key] for key in quant.RESIDUAL_KEYS]
+        ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, torch.float32, *residual)
+        got = tk.decode_symmetric(*stored, table, fractions, 64, torch.float32, *residual)
+        first_code_only = quant.dequantize_symmetric({k: q[k] for k in ("codes", "scales", "scale_exp", "diag")})
         assert torch.equal(ref, got) and not torch.equal(ref, first_code_only)
 
     # gathering tensors by address: torch.stack(...).float(), fp32 and bf16 sources, a partial last block
@@ -137,17 +143,23 @@ SCRIPT = textwrap.dedent("""
         q = quant.quantize_lower_upper(lower, upper)
         diag = torch.rand(2, n, generator=g) + 0.5
         lo, up = quant.dequantize_lower_upper(q, n)
-        c, u = tk.dequantize_factor(q["codes"], q["scales"], q["diag_block_upper_scale"], diag, table, 64, "feedback")
+        stored = (q["codes"], q["scales"], q["diag_block_upper_scale"], q["scale_exp"])
+        c, u = tk.dequantize_factor(*stored, diag, table, 64, "feedback")
         assert torch.equal(c, lo + torch.diag_embed(diag)) and torch.equal(u, up)
-        new_c = torch.tril(torch.randn(2, n, n, generator=g))
+        # rows over 30 octaves: some blocks are flushed to zero, in both paths alike
+        rows = 2.0 ** torch.randint(-30, 1, (2, n, 1), generator=g)
+        new_c, err = torch.tril(torch.randn(2, n, n, generator=g)) * rows, up.mT * rows
         for beta in (0.0, 0.3):
-            x = new_c + up.mT
-            residual = torch.tril(x, -1) - quant.roundtrip_blockwise(torch.tril(x, -1))
-            ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * up.mT + (1 - beta) * residual).mT)
-            got = tk.requantize_factor(new_c, up, table, mids, 64, "feedback", False, beta)
-            assert torch.equal(ref["codes"], got["codes"]) and torch.equal(ref["scales"], got["scales"])
-            assert torch.equal(ref["diag_block_upper_scale"], got["diag_block_upper_scale"])
+            x = new_c + err
+            residual = torch.tril(x, -1) - quant.roundtrip_log_blockwise(torch.tril(x, -1))
+            ref = quant.quantize_lower_upper(torch.tril(x, -1), (beta * err + (1 - beta) * residual).mT)
+            got = tk.requantize_factor(new_c, err.mT, table, mids, 64, "feedback", False, beta)
+            for key in ("codes", "scales", "diag_block_upper_scale", "scale_exp"):
+                assert torch.equal(ref[key], got[key]), key
             assert torch.equal(x.diagonal(dim1=-2, dim2=-1), got["diag"])
+        lo, _ = quant.dequantize_lower_upper(got, n)
+        flushed = (lo == 0).all(-1) & (torch.tril(x, -1) != 0).any(-1)  # rows > 16 octaves below the largest
+        assert bool(flushed.any()) and bool((got["scales"] == 255).flatten(1).any(1).all())
 
     # every factor layout through the form itself: the eager torch code (the oracle) and the kernels (the
     # form's CUDA-only gate opened on the CPU) give bit-identical states after two updates (the first loads
@@ -207,18 +219,22 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from hf_q4shampoo import triton_factor as tk
     from hf_q4shampoo import triton_roots as tr
+    from hf_q4shampoo import triton_common as tc
 
-    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "res_codes_ptr": "*u8", "scales_ptr": "*bf16",
-             "res_scales_ptr": "*bf16", "ef_beta": "fp32", "one_minus_beta": "fp32"}
+    types = {"codes_ptr": "*u8", "lo_codes_ptr": "*u8", "res_codes_ptr": "*u8", "scales_ptr": "*u8",
+             "res_scales_ptr": "*u8", "dbus_ptr": "*u8", "exp_ptr": "*i32", "res_exp_ptr": "*i32",
+             "grid_j_ptr": "*i32", "dbus_j_ptr": "*i32", "row_j_ptr": "*i32", "row_ptr": "*u8", "keep_ptr": "*u8",
+             "ef_beta": "fp32", "one_minus_beta": "fp32"}
     tiles = dict(TI=32)
     variants = [(tk._dequant_factor, dict(UPPER=2, COLUMN=True, **tiles)),
                 (tk._dequant_factor, dict(UPPER=1, COLUMN=True, **tiles)),
                 (tk._requant_lower, dict(UPPER=2, COLUMN=True, **tiles)),
                 (tk._requant_lower, dict(UPPER=1, COLUMN=True, **tiles)),
                 (tk._requant_upper, dict(UPPER=2, **tiles)),
-                (tr._decode_symmetric, dict(OUT_BF16=False, REFINE=True, TILE=64))]
+                (tr._decode_symmetric, dict(OUT_BF16=False, REFINE=True, TILE=64)),
+                (tc._scale_bytes, dict(KEEP=True, CHUNK=1024))]
     for fn, flags in variants:
-        constants = dict(QBLOCK=64, **flags)
+        constants = dict(QBLOCK=64, **flags) if "QBLOCK" in fn.arg_names else flags
         signature = {a: "constexpr" if a in constants else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
                      for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=signature,
