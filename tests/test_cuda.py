@@ -168,8 +168,9 @@ def test_triton_adamw_matches_torch_math(dtype, v):
             got = fast[1][key]
             if ref.dtype == torch.uint8:  # a last-bit difference in a division can flip a code by one
                 assert float((ref != got).float().mean()) < 1e-3, key
-            else:  # block scales: the kernel's fused multiply-adds round differently (measured 1.3e-5)
-                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)
+            else:  # maxima, exponents: the kernel's fused multiply-adds round differently (measured 1.3e-5), and
+                # a bf16 maximum may then round to the neighbouring bf16 value
+                torch.testing.assert_close(got, ref, rtol=2**-8 if ref.dtype == torch.bfloat16 else 1e-4, atol=1e-8)
         for p, q in zip(params, fast[0]):
             rel = float((p.float() - q.float()).norm() / p.float().norm())
             # fp32: the kernel's fused multiply-adds round differently (measured 1.2e-5 after 3 steps, H200)
@@ -182,12 +183,15 @@ def test_triton_root_decoder_matches_torch():
     if not triton_kernels.HAS_TRITON:
         pytest.skip("no Triton")
     for n in (64, 257, 1024):
-        x = torch.randn(5, n, n, device="cuda")
+        s = 2.0 ** torch.randint(-30, 1, (5, n, 1), device="cuda")  # some blocks 16 octaves down: stored as zero
+        x = s * torch.randn(5, n, n, device="cuda") * s.mT
         q = quant.quantize_symmetric(x + x.mT)
-        table, gather = quant.symmetric_decode_tables(n, "linear2", x.device)
+        assert bool((q["scales"] == 0).any())
+        table, fractions, gather = quant.symmetric_decode_tables(n, "linear2", x.device)
+        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
         for dtype in (torch.float32, torch.bfloat16):
-            ref = quant.decode_symmetric(q["codes"], q["scales"], q["diag"], table, gather, 64, dtype)
-            got = triton_kernels.decode_symmetric(q["codes"], q["scales"], q["diag"], table, 64, dtype)
+            ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, dtype)
+            got = triton_kernels.decode_symmetric(*stored, table, fractions, 64, dtype)
             assert torch.equal(ref, got), (n, dtype)
 
 
