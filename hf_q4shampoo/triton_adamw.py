@@ -47,7 +47,7 @@ if HAS_TRITON:
         _scale_of,
     )
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["m_exp_ptr"])  # rows of a stacked (K,) int32: any alignment
     def _pass_a(
         param_ptrs,
         d_ptr,

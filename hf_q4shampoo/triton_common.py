@@ -67,7 +67,7 @@ if HAS_TRITON:
         byte = byte.to(tl.int32)
         return tl.where(byte > 0, _grid_value(byte + exponent - _TOP_CODE, grid_ptr), 0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["exp_ptr", "keep_ptr"])  # rows of stacked (K,) tensors
     def _scale_bytes(
         grid_j_ptr, row_j_ptr, scales_ptr, row_ptr, exp_ptr, keep_ptr, NS, ND, KEEP: tl.constexpr, CHUNK: tl.constexpr
     ):

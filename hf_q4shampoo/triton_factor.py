@@ -48,7 +48,7 @@ if HAS_TRITON:
         byte = tl.load(codes_ptr + row_base + j // 2, mask=valid, other=0).to(tl.int32)
         return tl.where(j % 2 == 0, byte & 15, byte >> 4)
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["exp_ptr"])  # a row of a stacked (K,) int32: any alignment
     def _dequant_factor(
         codes_ptr,
         scales_ptr,

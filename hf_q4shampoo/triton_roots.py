@@ -14,7 +14,7 @@ __all__ = ["decode_symmetric"]
 if HAS_TRITON:
     from .triton_common import _scale_of  # defined only where Triton is installed
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=["exp_ptr", "res_exp_ptr"])  # rows of stacked (K,) int32
     def _decode_symmetric(
         codes_ptr,
         scales_ptr,

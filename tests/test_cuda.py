@@ -169,8 +169,8 @@ def test_triton_adamw_matches_torch_math(dtype, v):
             if ref.dtype == torch.uint8:  # a last-bit difference in a division can flip a code by one
                 assert float((ref != got).float().mean()) < 1e-3, key
             else:  # maxima, exponents: the kernel's fused multiply-adds round differently (measured 1.3e-5), and
-                # a bf16 maximum may then round to the neighbouring bf16 value
-                torch.testing.assert_close(got, ref, rtol=2**-8 if ref.dtype == torch.bfloat16 else 1e-4, atol=1e-8)
+                # a bf16 maximum may then round to the neighbouring bf16 value (up to 2^-7 of it)
+                torch.testing.assert_close(got, ref, rtol=2**-7 if ref.dtype == torch.bfloat16 else 1e-4, atol=1e-8)
         for p, q in zip(params, fast[0]):
             rel = float((p.float() - q.float()).norm() / p.float().norm())
             # fp32: the kernel's fused multiply-adds round differently (measured 1.2e-5 after 3 steps, H200)
