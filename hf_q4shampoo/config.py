@@ -52,6 +52,7 @@ def _state_field(default: Any) -> Any:
 LEGACY_STATE_LAYOUT = {
     "first_order_v": "rank1",
     "first_order_m_map": "dynamic",
+    "first_order_m_block": 128,
     "factor_scaling": "row",
     "factor_upper": "feedback",
     "grafting": "norm",
@@ -86,6 +87,9 @@ class Q4ShampooConfig(OptionsBase):
         first_order_m_map: 4-bit code of the signed moments (Adam's m, SGD's momentum): ``"linear2"``
             (paper 2's Linear-2, default) or ``"dynamic"`` (paper 3's dynamic exponent, which has no -1, so a
             block whose largest entry is negative loses 11% of it at every re-encoding). docs/results.md §4.
+        first_order_m_block: entries per block (one absmax scale) of the 4-bit signed moments: 128 (paper 3), 256
+            (default), 512 or 1024. 256 halves m's scales (GPT-2 small 2.003 -> 1.999 bytes/param, the last lever
+            of issue 14's 2.0 target) at no measured cost (docs/results.md §4.9).
         grafting: how a preconditioned matrix's direction gets its size (Shampoo's roots set only its shape):
             ``"norm"`` (default): per tensor, ``G~ = G^ ||G||_F / ||G^||_F``, then the AdamW (or SGD) step runs on
             ``G~`` (its m and v are moments of ``G~``). ``"adam"`` (Distributed Shampoo's Adam grafting): per
@@ -210,10 +214,10 @@ class Q4ShampooConfig(OptionsBase):
             and before a root (paper 2: 1 and 4).
 
     Options marked as *state* fields (``STATE_LAYOUT_KEYS``: precond, first_order, first_order_bits,
-    first_order_min_quant_numel, first_order_v, first_order_m_map, grafting, max_precond_dim, block_split,
-    max_aspect_ratio, min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits, factor_scaling,
-    factor_upper) decide how the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict`` refuses a
-    checkpoint made with other values of any of them, except where another value of ``first_order_v`` or
+    first_order_min_quant_numel, first_order_v, first_order_m_map, first_order_m_block, grafting, max_precond_dim,
+    block_split, max_aspect_ratio, min_precond_numel, min_quant_numel, quant_map, quant_block_size, root_bits,
+    factor_scaling, factor_upper) decide how the saved state is laid out and decoded; ``Q4Shampoo.load_state_dict``
+    refuses a checkpoint made with other values of any of them, except where another value of ``first_order_v`` or
     ``block_split`` leaves every parameter's state as it was (``SHAPE_DECIDED_KEYS``).
 
     Several GPUs (no effect on the math):
@@ -289,6 +293,7 @@ class Q4ShampooConfig(OptionsBase):
     first_order_min_quant_numel: int = _state_field(4096)
     first_order_v: str = _state_field("one_sided")
     first_order_m_map: str = _state_field("linear2")
+    first_order_m_block: int = _state_field(256)
     grafting: str = _state_field("norm")
     precond: str = _state_field("cholesky_ef")
     update_freq: int | str = "auto"
@@ -409,6 +414,7 @@ _CHOICES: dict[str, tuple] = {
     "first_order_v": ("rank1", "factored", "one_sided"),
     "block_split": SPLITS,
     "first_order_m_map": ("linear2", "dynamic"),
+    "first_order_m_block": (128, 256, 512, 1024),
     "grafting": GRAFTINGS,
     "precond": PRECOND_FORMS,
     "root_method": ROOT_METHODS,

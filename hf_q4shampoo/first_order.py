@@ -112,7 +112,7 @@ def _adamw_math(
     m_new = codes.decode_signed(m, shape, m_map).lerp(d, 1.0 - beta1)
     v_state, v_new = _second_moment(v, d, beta2, quantized)
     update = (m_new / bias1) / (v_new.sqrt() / bias2_sqrt + eps) * lr
-    return codes.encode_signed(m_new, quantized, m_map), v_state, _kept(update, keep)
+    return codes.reencode_signed(m, m_new, quantized, m_map), v_state, _kept(update, keep)
 
 
 def _sgd_math(
@@ -127,7 +127,7 @@ def _sgd_math(
 ):
     new = codes.decode_signed(buf, tuple(d.shape), m_map) * momentum + d
     direction = d + momentum * new if nesterov else new
-    return codes.encode_signed(new, quantized, m_map), _kept(direction * lr, keep)
+    return codes.reencode_signed(buf, new, quantized, m_map), _kept(direction * lr, keep)
 
 
 def _adam_step_math(v: Moments, g: torch.Tensor, bias2_sqrt: torch.Tensor, beta2: float, eps: float, quantized: bool):
@@ -149,7 +149,7 @@ def _momentum_math(
 ):
     """Adam grafting's momentum: ``m <- beta1 m + (1 - beta1) d`` and the update ``lr m / (1 - beta1^t)``."""
     m_new = codes.decode_signed(m, tuple(d.shape), m_map).lerp(d, 1.0 - beta1)
-    return codes.encode_signed(m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
+    return codes.reencode_signed(m, m_new, quantized, m_map), _kept(m_new * (lr / bias1), keep)
 
 
 def _filtered_adam_math(
@@ -170,7 +170,12 @@ def _filtered_adam_math(
     m_new = codes.decode_signed(m, shape, m_map).lerp(g, 1.0 - beta1)
     v_state, v_new = _second_moment(v, g, beta2, quantized)
     filtered = m_new / bias1
-    return codes.encode_signed(m_new, quantized, m_map), v_state, filtered, filtered / (v_new.sqrt() / bias2_sqrt + eps)
+    return (
+        codes.reencode_signed(m, m_new, quantized, m_map),
+        v_state,
+        filtered,
+        filtered / (v_new.sqrt() / bias2_sqrt + eps),
+    )
 
 
 def _host_float(x: float | torch.Tensor) -> float | torch.Tensor:

@@ -37,7 +37,9 @@ from .quant import dequantize_log_blockwise, dequantize_rank1, quantize_log_bloc
 __all__ = [
     "QUANT_MIN_NUMEL",
     "encode_signed",
+    "reencode_signed",
     "decode_signed",
+    "block_of",
     "encode_nonneg",
     "decode_nonneg",
     "V_MODES",
@@ -118,22 +120,36 @@ def moment_bytes_by_kind(state: State, numel: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _encode_blocks(x: torch.Tensor, code: str) -> Moments:
-    """Blocks of 128 over each flattened member of ``x`` (K, ...): packed codes, one-byte log-grid scales and one
-    exponent per member (``log_scales``)."""
-    q = quantize_log_blockwise(x.reshape(x.shape[0], -1), code, SIGNED_BLOCK, exponent_dims=1)
+def _encode_blocks(x: torch.Tensor, code: str, block: int = SIGNED_BLOCK) -> Moments:
+    """Blocks of ``block`` over each flattened member of ``x`` (K, ...): packed codes, one-byte log-grid scales and
+    one exponent per member (``log_scales``)."""
+    q = quantize_log_blockwise(x.reshape(x.shape[0], -1), code, block, exponent_dims=1)
     return {f"_{key}": value for key, value in q.items()}
 
 
+def block_of(m: Moments, numel: int) -> int:
+    """The (power-of-two) block size a stored block-wise moment of ``numel`` entries per member was encoded with,
+    read from its number of scales (a single block decodes alike under any size at least ``numel``)."""
+    per_block = -(-numel // m["_scales"].shape[-1])
+    return 1 << (per_block - 1).bit_length()
+
+
 def _decode_blocks(m: Moments, shape: tuple[int, ...], code: str) -> torch.Tensor:
+    numel = math.prod(shape[1:])
     q = {key[1:]: m[key] for key in ("_codes", "_scales", "_scale_exp")}
-    return dequantize_log_blockwise(q, math.prod(shape[1:]), code, SIGNED_BLOCK).reshape(shape)
+    return dequantize_log_blockwise(q, numel, code, block_of(m, numel)).reshape(shape)
 
 
-def encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
+def encode_signed(x: torch.Tensor, quantized: bool, code: str = "dynamic", block: int = SIGNED_BLOCK) -> Moments:
     if not quantized:
         return {"": x}
-    return _encode_blocks(x, code)
+    return _encode_blocks(x, code, block)
+
+
+def reencode_signed(old: Moments, x: torch.Tensor, quantized: bool, code: str = "dynamic") -> Moments:
+    """:func:`encode_signed` of a new value of the stored moment ``old``, in ``old``'s block size."""
+    block = block_of(old, math.prod(x.shape[1:])) if "_scales" in old else SIGNED_BLOCK
+    return encode_signed(x, quantized, code, block)
 
 
 def decode_signed(m: Moments, shape: tuple[int, ...], code: str = "dynamic") -> torch.Tensor:
@@ -177,10 +193,12 @@ def init_first_order_state(
     v: str = "rank1",
     m_map: str = "dynamic",
     min_quant_dim: int = 0,
+    m_block: int = SIGNED_BLOCK,
 ) -> State:
     """Zero moments for ``p``: 4-bit when ``bits == 4`` and ``p`` has more than ``min_quant_numel`` entries
     and is not thin (:func:`is_thin`); Adam's v factored when ``v == "factored"`` and ``p`` is a large enough
-    matrix (:func:`factored_shape`) that is not thin. A thin tensor's moments are plain fp32."""
+    matrix (:func:`factored_shape`) that is not thin. A thin tensor's moments are plain fp32. ``m_block``: the
+    signed moment's block size (a power of two; later steps keep the one the state was made with)."""
 
     def zeros(*shape: int) -> torch.Tensor:  # one buffer per moment: fp32 moments are updated in place (fused AdamW)
         return torch.zeros((1, *(shape or p.shape)), dtype=torch.float32, device=p.device)
@@ -189,14 +207,14 @@ def init_first_order_state(
     quantized = quantized_moments(p.numel(), bits, min_quant_numel) and not thin
     state: State = {}
     if kind == "adamw":
-        _scatter([state], "exp_avg", encode_signed(zeros(), quantized, m_map))
+        _scatter([state], "exp_avg", encode_signed(zeros(), quantized, m_map, m_block))
         factored = None if thin else factored_shape(tuple(p.shape), v, min_quant_numel)
         if factored is not None:
             _scatter([state], "exp_avg_sq", {"_row": zeros(factored[0]), "_col": zeros(factored[1])})
         else:
             _scatter([state], "exp_avg_sq", encode_nonneg(zeros(), quantized))
     else:
-        _scatter([state], "momentum_buffer", encode_signed(zeros(), quantized, m_map))
+        _scatter([state], "momentum_buffer", encode_signed(zeros(), quantized, m_map, m_block))
     return state
 
 

@@ -450,6 +450,7 @@ class Q4Shampoo(CheckpointMixin, RefreshMixin, DirectionMixin, GraphedUpdateMixi
                 cfg.first_order_min_quant_numel,
                 second_moment_mode(cfg.first_order_v, plan),
                 cfg.first_order_m_map,
+                m_block=cfg.first_order_m_block,
             )
         )
         if plan is not None:

@@ -1,9 +1,10 @@
 """4-bit AdamW of matrices in Triton kernels (``adamw4_step``; oracle: ``first_order._adamw_math``).
 
-Per batch of K matrices of shape (R, C) (paper 3: m block-128 dynamic-exponent, v rank-1 zero-free):
+Per batch of K matrices of shape (R, C) (paper 3: m block-wise (128 entries in the paper; the block size is read
+from the state's number of scales) dynamic-exponent, v rank-1 zero-free):
 
 * pass A, one program per 1024 consecutive entries of one matrix: decode m and v, take the AdamW step
-  (decoupled decay, bias corrections), write the parameter, re-encode m (its 128-blocks lie inside the
+  (decoupled decay, bias corrections), write the parameter, re-encode m (its blocks lie inside the
   program; each block's log-grid scale index goes to a scratch buffer) and write the new v to a scratch buffer;
 * ``triton_common._scale_bytes`` turns m's grid indices into its one-byte scales under each matrix's new
   exponent (``log_scales``);
@@ -29,13 +30,13 @@ import torch
 
 from .capture_guard import refuse_in_capture
 from .log_scales import grid_table
+from .moments import block_of
 from .quant import get_code
 from .triton_common import HAS_TRITON, tl, triton
 
 __all__ = ["adamw4_step"]
 
-BLOCK = 1024  # entries per program: 8 blocks of m, even
-M_BLOCK = 128
+BLOCK = 1024  # entries per program: whole blocks of m (128 to 1024 entries, read from the state), even
 
 
 if HAS_TRITON:
@@ -79,6 +80,7 @@ if HAS_TRITON:
         PARAM_BF16: tl.constexpr,
         FACTORED: tl.constexpr,
         BLOCK: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
         # FACTORED: max0 / max1 hold the new v's row and column factors (v_codes, v_new unused)
         k = tl.program_id(0)
@@ -104,7 +106,7 @@ if HAS_TRITON:
         d_o = tl.load(d_ptr + row_base + odd, mask=in_o, other=0.0)
         # decode m (block-128, the m_map table)
         mbyte = tl.load(m_codes_ptr + k.to(tl.int64) * NB2 + pair, mask=in_pair, other=0).to(tl.int32)
-        m_byte = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // 128, mask=in_e, other=0)
+        m_byte = tl.load(m_scales_ptr + k.to(tl.int64) * NBLK + even // M_BLOCK, mask=in_e, other=0)
         m_scale = _scale_of(m_byte, tl.load(m_exp_ptr + k), grid_ptr)
         m_e = tl.load(m_table_ptr + (mbyte & 15)) * m_scale
         m_o = tl.load(m_table_ptr + (mbyte >> 4)) * m_scale
@@ -143,15 +145,16 @@ if HAS_TRITON:
         if not FACTORED:
             tl.store(v_new_ptr + row_base + even, v_e, mask=in_e)
             tl.store(v_new_ptr + row_base + odd, v_o, mask=in_o)
-        # re-encode m: 64 pairs per 128-block; absmax over the block, nearest code of m / absmax
-        NB: tl.constexpr = HALF // 64
-        a_e = tl.reshape(tl.where(in_e, tl.abs(m_e), 0.0), (NB, 64))
-        a_o = tl.reshape(tl.where(in_o, tl.abs(m_o), 0.0), (NB, 64))
+        # re-encode m: M_BLOCK / 2 pairs per block; absmax over the block, nearest code of m / absmax
+        PAIRS: tl.constexpr = M_BLOCK // 2
+        NB: tl.constexpr = HALF // PAIRS
+        a_e = tl.reshape(tl.where(in_e, tl.abs(m_e), 0.0), (NB, PAIRS))
+        a_o = tl.reshape(tl.where(in_o, tl.abs(m_o), 0.0), (NB, PAIRS))
         grid_j = _grid_index(tl.maximum(tl.max(a_e, axis=1), tl.max(a_o, axis=1)), grid_ptr)
         absmax = _grid_value(grid_j, grid_ptr)  # the block's scale (its stored byte: _scale_bytes, after this pass)
         safe = tl.where(absmax > 0, absmax, 1.0)
-        c_e = _codes_of(tl.reshape(m_e, (NB, 64)) / safe[:, None], m_mids_ptr)
-        c_o = _codes_of(tl.reshape(m_o, (NB, 64)) / safe[:, None], m_mids_ptr)
+        c_e = _codes_of(tl.reshape(m_e, (NB, PAIRS)) / safe[:, None], m_mids_ptr)
+        c_o = _codes_of(tl.reshape(m_o, (NB, PAIRS)) / safe[:, None], m_mids_ptr)
         packed = tl.reshape(c_e | (c_o << 4), (HALF,)).to(tl.uint8)
         tl.store(m_codes_ptr + k.to(tl.int64) * NB2 + pair, packed, mask=in_pair & keep)
         blk = pid * NB + tl.arange(0, NB)
@@ -278,6 +281,7 @@ def adamw4_step(
         PARAM_BF16=params[0].dtype == torch.bfloat16,
         FACTORED=factored,
         BLOCK=BLOCK,
+        M_BLOCK=block_of({"_scales": m_scales}, n),
     )
     nblk = m_scales.shape[-1]
     _scale_bytes[(k,)](m_grid_j, m_grid_j, m_scales, m_scales, m_exp, keep_bytes, nblk, 0, KEEP=True, CHUNK=1024)

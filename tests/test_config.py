@@ -252,7 +252,7 @@ def test_every_malformed_optim_args_value_names_key_and_allowed_values(text, fra
 def test_grafting_is_documented_and_parsed():
     doc = Q4ShampooConfig.__doc__
     assert "grafting: " in doc and '``"norm"`` (default)' in doc and '``"adam"``' in doc
-    assert "first_order_m_map, grafting," in doc  # listed among the state fields
+    assert "first_order_m_block, grafting," in doc  # listed among the state fields
     assert parse_optim_args("grafting=ADAM") == {"grafting": "adam"}
     assert '``"adam_filtered"``' in doc
     assert parse_optim_args("grafting=adam_filtered") == {"grafting": "adam_filtered"}

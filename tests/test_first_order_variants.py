@@ -95,13 +95,13 @@ def test_factored_adam_matches_fp64_oracle(bits, m_map):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    # 4-bit m: the oracle applies the same codec to m after every update (block 128, m_map's code)
+    # 4-bit m: the oracle applies the same codec to m after every update (block 256, m_map's code)
     m_rt = None
     if bits == 4:
 
         def m_rt(x):
-            q = quantize_log_blockwise(x.float().reshape(1, -1), m_map, 128, exponent_dims=1)
-            return dequantize_log_blockwise(q, x.numel(), m_map, 128).double().reshape(x.shape)
+            q = quantize_log_blockwise(x.float().reshape(1, -1), m_map, 256, exponent_dims=1)  # first_order_m_block
+            return dequantize_log_blockwise(q, x.numel(), m_map, 256).double().reshape(x.shape)
 
     ref = _reference_adam_factored(
         start, grads_seq, hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"], m_rt

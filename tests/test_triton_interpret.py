@@ -64,8 +64,10 @@ SCRIPT = textwrap.dedent("""
     K, R, C = 3, 40, 200
     for m_map in ("dynamic", "linear2"):
         params = [torch.randn(R, C, generator=g) for _ in range(K)]
-        states = [fm.init_first_order_state(p, "adamw", 4, m_map=m_map) for p in params]
+        m_block = 128 if m_map == "dynamic" else 256  # paper 3's block, and Q4Shampoo's default
+        states = [fm.init_first_order_state(p, "adamw", 4, m_map=m_map, m_block=m_block) for p in params]
         moments = {k: torch.stack([s[k] for s in states]) for k in fm.first_order_keys(states[0])}
+        assert moments["exp_avg_scales"].shape[-1] == -(-R * C // m_block)
         kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, bits=4, m_map=m_map)
         fo.adamw_batch_step(params, torch.randn(K, R, C, generator=g), moments, step=1, **kw)
         fast_p, fast_m = [p.clone() for p in params], {k: v.clone() for k, v in moments.items()}
