@@ -58,11 +58,13 @@ for part in "$@"; do
           > "$out/first_step_$mode.log" 2>&1; head -1 "$out/first_step_$mode.log"
       done ;;
     launches:*)  # launches:DIR: the steady step's host time on the time-to-target shape, code in DIR vs this tree
+      # (run from inside DIR: `python -m` puts the working directory ahead of PYTHONPATH, so from here both runs
+      # imported this tree's package, until 2026-12-02: perf_notes v27)
       for tree in "${part#launches:}" .; do
-        fresh_caches; tag=$(basename "$(realpath "$tree")")
-        PYTHONPATH=$(realpath "$tree") python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --vocab 8192 \
+        fresh_caches; tag=$(basename "$(realpath "$tree")"); dest=$(realpath "$out")
+        (cd "$tree" && PYTHONPATH=$PWD python -m hf_q4shampoo.bench --optimizers adamw,q4shampoo --vocab 8192 \
           --batch 16 --seq 512 --steps 200 --warmup 20 --optim_args update_freq=8,root_freq=80 \
-          --json "$out/launches_$tag.json" > "$out/launches_$tag.log" 2>&1; tail -3 "$out/launches_$tag.log"
+          --json "$dest/launches_$tag.json" > "$dest/launches_$tag.log" 2>&1); tail -3 "$out/launches_$tag.log"
       done ;;
     graph)  # the issue-11 targets' three schedules on GPT-2 small at the defaults (cuda_graph="auto": the trial decides)
       bench_plain g100 update_freq=100,root_freq=100

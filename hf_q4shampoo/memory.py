@@ -7,7 +7,8 @@ Memory kinds (``MemoryReport.by_kind``):
 ``roots``             stored inverse roots (4-bit codes, or fp32)
 ``error_feedback``    the error-feedback state of ``cholesky_ef`` (half of the shared code buffer)
 ``first_order``       first-order moments (4-bit codes or fp32 tensors)
-``scales_diagonals``  bf16 block scales, exact diagonals, eigenvalues, ridges, rank-1 maxima
+``scales_diagonals``  block scales (one byte, or bf16) and their exponents, diagonals, eigenvalues, ridges,
+                      rank-1 maxima
 ``other``             step counters
 ``indices``           integer positions of sparse stored entries (SparseMFAC's top-k window)
 ``gram``              m x m inner-product matrices (SparseMFAC's ``D = G G^T``, fp64)

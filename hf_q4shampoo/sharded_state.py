@@ -7,7 +7,7 @@ every rank, and ``get_optimizer_state_dict(full_state_dict=True)`` takes plain t
 are. Every rank would then resume from rank 0's statistics: the silent failure other 4-bit optimizers have
 there (torchao's 4-bit AdamW state under ``get_optimizer_state_dict``).
 
-So :func:`wrap` turns every per-rank leaf of a parameter's state (uint8 codes, bf16 scales, fp32 diagonals,
+So :func:`wrap` turns every per-rank leaf of a parameter's state (uint8 codes and scales, int32 exponents, diagonals,
 moments, the skip counter, the integer refresh offsets) into a 1-D DTensor sharded over the parameter's mesh
 dimension: rank r's leaf flattened and zero-padded to the longest that leaf is on any rank, so every shard
 has the same length (DCP's shards follow ``torch.chunk``). The lengths of the other ranks' leaves are not
