@@ -67,42 +67,43 @@ if HAS_TRITON:
         byte = byte.to(tl.int32)
         return tl.where(byte > 0, _grid_value(byte + exponent - _TOP_CODE, grid_ptr), 0.0)
 
+    @triton.jit
+    def _largest_index(top, j_ptr, N, CHUNK: tl.constexpr):
+        """``top`` (CHUNK lanes) raised to the grid indices ``j_ptr[0:N]``. (While loops: Triton's interpreter cannot
+        run a ``range`` over a run-time bound.)"""
+        start = 0
+        while start < N:
+            at = start + tl.arange(0, CHUNK)
+            top = tl.maximum(top, tl.load(j_ptr + at, mask=at < N, other=_ZERO_INDEX))
+            start += CHUNK
+        return top
+
+    @triton.jit
+    def _store_bytes(j_ptr, bytes_ptr, N, exponent, CHUNK: tl.constexpr):
+        """``bytes_ptr[0:N]``: the stored byte of each grid index under ``exponent`` (``log_scales.encode_scales``)."""
+        start = 0
+        while start < N:
+            at = start + tl.arange(0, CHUNK)
+            j = tl.load(j_ptr + at, mask=at < N, other=_ZERO_INDEX)
+            byte = j - exponent + _TOP_CODE
+            tl.store(bytes_ptr + at, tl.where((j != _ZERO_INDEX) & (byte >= 1), byte, 0).to(tl.uint8), mask=at < N)
+            start += CHUNK
+
     @triton.jit(do_not_specialize_on_alignment=["exp_ptr", "keep_ptr"])  # rows of stacked (K,) tensors
     def _scale_bytes(
         grid_j_ptr, row_j_ptr, scales_ptr, row_ptr, exp_ptr, keep_ptr, NS, ND, KEEP: tl.constexpr, CHUNK: tl.constexpr
     ):
         """One matrix per program: its exponent (the largest grid index of its ``NS`` block scales and ``ND`` more,
         e.g. the factor's per-row scales), then every scale's byte ``j - E + 255`` (0: zero, or flushed:
-        ``log_scales.encode_scales``). With ``KEEP``, a member whose flag is 0 keeps its bytes and exponent. (While
-        loops: Triton's interpreter cannot run a ``range`` over a run-time bound.)"""
+        ``log_scales.encode_scales``). With ``KEEP``, a member whose flag is 0 keeps its bytes and exponent."""
         k = tl.program_id(0).to(tl.int64)
         if KEEP:
             if tl.load(keep_ptr + k) == 0:
                 return
         top = tl.full((CHUNK,), _ZERO_INDEX, tl.int32)
-        start = 0
-        while start < NS:
-            at = start + tl.arange(0, CHUNK)
-            top = tl.maximum(top, tl.load(grid_j_ptr + k * NS + at, mask=at < NS, other=_ZERO_INDEX))
-            start += CHUNK
-        start = 0
-        while start < ND:
-            at = start + tl.arange(0, CHUNK)
-            top = tl.maximum(top, tl.load(row_j_ptr + k * ND + at, mask=at < ND, other=_ZERO_INDEX))
-            start += CHUNK
+        top = _largest_index(top, grid_j_ptr + k * NS, NS, CHUNK)
+        top = _largest_index(top, row_j_ptr + k * ND, ND, CHUNK)
         exponent = tl.max(top, axis=0)
         tl.store(exp_ptr + k, exponent)
-        start = 0
-        while start < NS:
-            at = start + tl.arange(0, CHUNK)
-            j = tl.load(grid_j_ptr + k * NS + at, mask=at < NS, other=_ZERO_INDEX)
-            byte = tl.where((j != _ZERO_INDEX) & (j - exponent + _TOP_CODE >= 1), j - exponent + _TOP_CODE, 0)
-            tl.store(scales_ptr + k * NS + at, byte.to(tl.uint8), mask=at < NS)
-            start += CHUNK
-        start = 0
-        while start < ND:
-            at = start + tl.arange(0, CHUNK)
-            j = tl.load(row_j_ptr + k * ND + at, mask=at < ND, other=_ZERO_INDEX)
-            byte = tl.where((j != _ZERO_INDEX) & (j - exponent + _TOP_CODE >= 1), j - exponent + _TOP_CODE, 0)
-            tl.store(row_ptr + k * ND + at, byte.to(tl.uint8), mask=at < ND)
-            start += CHUNK
+        _store_bytes(grid_j_ptr + k * NS, scales_ptr + k * NS, NS, exponent, CHUNK)
+        _store_bytes(row_j_ptr + k * ND, row_ptr + k * ND, ND, exponent, CHUNK)
