@@ -48,6 +48,7 @@ def test_parse_optim_args_types_and_spaces():
         ("nesterov=maybe", "nesterov='maybe' is not true or false"),
         ("ef_beta=1.5", r"ef_beta must be a number in \[0, 1\)"),
         ("root_bits=6", "root_bits=6 is not valid; allowed values: 4, 8, 32"),
+        ("first_order_m_block=64", "first_order_m_block=64 is not valid; allowed values: 128, 256, 512, 1024"),
         ("update_freq", "not of the form key=value"),
     ],
 )

@@ -1133,3 +1133,28 @@ def test_eight_bit_roots_skip_a_bad_step_and_resume_exactly():
     torch.testing.assert_close(q, p, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="root_bits: saved 8, now 4"):
         Q4Shampoo([q], lr=1e-2).load_state_dict(_roundtrip(opt))
+
+
+def test_a_checkpoint_with_other_m_blocks_is_refused_naming_the_option_and_resumes_with_it():
+    # first_order_m_block decides the moments' layout: a checkpoint of paper 3's blocks of 128 (every checkpoint from
+    # before the option, 2026-12-02) is refused by the default 256 with a message naming the option, and loads
+    # when it is passed; its steps keep blocks of 128
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(96, 80))]
+    old = Q4Shampoo(params, update_freq=1, root_freq=2, first_order_m_block=128)
+    for _ in range(2):
+        params[0].grad = torch.randn_like(params[0])
+        old.step()
+    saved = copy.deepcopy(old.state_dict())
+    assert old.state[params[0]]["exp_avg_scales"].shape[-1] == 96 * 80 // 128
+    legacy = dict(
+        saved, q4shampoo_config={k: v for k, v in saved["q4shampoo_config"].items() if k != "first_order_m_block"}
+    )
+    for state_dict in (saved, legacy):
+        with pytest.raises(ConfigError, match="first_order_m_block: saved 128, now 256"):
+            Q4Shampoo(params, update_freq=1, root_freq=2).load_state_dict(state_dict)
+    again = Q4Shampoo(params, update_freq=1, root_freq=2, first_order_m_block=128)
+    again.load_state_dict(legacy)
+    params[0].grad = torch.randn_like(params[0])
+    again.step()
+    assert again.state[params[0]]["exp_avg_scales"].shape[-1] == 96 * 80 // 128 and torch.isfinite(params[0]).all()
