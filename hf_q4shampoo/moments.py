@@ -32,7 +32,13 @@ import re
 
 import torch
 
-from .quant import dequantize_log_blockwise, dequantize_rank1, quantize_log_blockwise, quantize_rank1
+from .quant import (
+    block_size_of,
+    dequantize_log_blockwise,
+    dequantize_rank1,
+    quantize_log_blockwise,
+    quantize_rank1,
+)
 
 __all__ = [
     "QUANT_MIN_NUMEL",
@@ -128,10 +134,8 @@ def _encode_blocks(x: torch.Tensor, code: str, block: int = SIGNED_BLOCK) -> Mom
 
 
 def block_of(m: Moments, numel: int) -> int:
-    """The (power-of-two) block size a stored block-wise moment of ``numel`` entries per member was encoded with,
-    read from its number of scales (a single block decodes alike under any size at least ``numel``)."""
-    per_block = -(-numel // m["_scales"].shape[-1])
-    return 1 << (per_block - 1).bit_length()
+    """The block size a stored block-wise moment of ``numel`` entries per member was encoded with."""
+    return block_size_of(numel, m["_scales"].shape[-1])
 
 
 def _decode_blocks(m: Moments, shape: tuple[int, ...], code: str) -> torch.Tensor:

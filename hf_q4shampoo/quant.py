@@ -49,6 +49,7 @@ __all__ = [
     "SCALE_DTYPE",
     "encode_blockwise",
     "encode_log_blockwise",
+    "block_size_of",
     "quantize_log_blockwise",
     "dequantize_log_blockwise",
     "RESIDUAL_KEYS",
@@ -185,6 +186,13 @@ def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
 
 def _num_blocks(length: int, block_size: int) -> int:
     return math.ceil(length / block_size)
+
+
+def block_size_of(length: int, num_blocks: int) -> int:
+    """The power-of-two block size that cut ``length`` entries into ``num_blocks`` blocks, read back from a stored
+    state's number of scales (a single block decodes alike under any size of at least ``length``)."""
+    per_block = -(-length // num_blocks)
+    return 1 << (per_block - 1).bit_length()
 
 
 def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -30,8 +30,7 @@ import torch
 
 from .capture_guard import refuse_in_capture
 from .log_scales import grid_table
-from .moments import block_of
-from .quant import get_code
+from .quant import block_size_of, get_code
 from .triton_common import HAS_TRITON, tl, triton
 
 __all__ = ["adamw4_step"]
@@ -281,7 +280,7 @@ def adamw4_step(
         PARAM_BF16=params[0].dtype == torch.bfloat16,
         FACTORED=factored,
         BLOCK=BLOCK,
-        M_BLOCK=block_of({"_scales": m_scales}, n),
+        M_BLOCK=block_size_of(n, m_scales.shape[-1]),
     )
     nblk = m_scales.shape[-1]
     _scale_bytes[(k,)](m_grid_j, m_grid_j, m_scales, m_scales, m_exp, keep_bytes, nblk, 0, KEEP=True, CHUNK=1024)
