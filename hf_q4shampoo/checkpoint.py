@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import log_scales
+from . import log_scales, quant
 from .blocking import local_tensor as _local
 from .config import LEGACY_STATE_LAYOUT, SHAPE_DECIDED_KEYS, STATE_LAYOUT_KEYS, ConfigError, Q4ShampooConfig
 from .distributed import DdpSplit, strip_statistics
@@ -361,13 +361,27 @@ def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
             if "ridge" in side and "jitter" not in side:
                 side["jitter"] = torch.ones_like(side["ridge"])
             _scales_to_bytes(side, _SIDE_LOG_SCALED, dims=2)
-            _to_bf16(side, ("root_diag",))
+            _normalise_root_diagonal(side)
     upgrade_moment_scales(state)
 
 
+def _normalise_root_diagonal(side: dict[str, Any]) -> None:
+    """A root diagonal saved in fp32 (before 2026-12-02) as fp16 over its largest entry (``root_diag_scale``;
+    ``quant._normalised_diagonal``): within 2^-11 of each entry until the next refresh."""
+    diag = side.get("root_diag")
+    if not isinstance(diag, torch.Tensor) or "root_diag_scale" in side:
+        return
+    if diag.device.type == "meta":
+        side["root_diag"] = torch.empty(diag.shape, dtype=torch.float16, device="meta")
+        side["root_diag_scale"] = torch.empty(diag.shape[:-1], dtype=torch.float32, device="meta")
+        return
+    stored = quant.normalised_diagonal(torch.diag_embed(diag.float()))
+    side["root_diag"], side["root_diag_scale"] = stored["diag"], stored["diag_scale"]
+
+
 def _to_bf16(state: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """Entries saved in fp32 before they were stored in bf16 (2026-12-02: the roots' diagonals, v's rank-1
-    maxima), rounded to nearest: a root's diagonal until its next refresh, a maximum until the next step."""
+    """Entries saved in fp32 before they were stored in bf16 (2026-12-02: v's rank-1 maxima), rounded to nearest:
+    a maximum until the next step."""
     for key in keys:
         value = state.get(key)
         if isinstance(value, torch.Tensor) and value.dtype == torch.float32:

@@ -18,6 +18,7 @@ from .config import Q4ShampooConfig
 from .kernels import mark_batch_dynamic, maybe_compiled
 from .quant import (
     RESIDUAL_KEYS,
+    SYMMETRIC_KEYS,
     decode_symmetric,
     dequantize_diagreal,
     quantize_diagreal,
@@ -110,10 +111,10 @@ class PreconditionerForm(ABC):
         return self.s.root_bits in (4, 8) and self.quantized(n)
 
     def _store_root(self, root: torch.Tensor, n: int) -> State:
-        """The inverse roots as ``root_bits`` says: fp32 (``root``), or an fp32 diagonal and the strict lower
-        triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_scale_exp`` / ``root_diag``;
-        ``quant.quantize_symmetric``), with ``root_bits=8`` plus a second 4-bit code of what the first one left
-        (``root_res_codes`` / ``root_res_scales`` / ``root_res_scale_exp``)."""
+        """The inverse roots as ``root_bits`` says: fp32 (``root``), or a diagonal (fp16 over an fp32 scale) and the
+        strict lower triangle in 4 bit (``root_codes`` / ``root_scales`` / ``root_scale_exp`` / ``root_diag`` /
+        ``root_diag_scale``; ``quant.quantize_symmetric``), with ``root_bits=8`` plus a second 4-bit code of what
+        the first one left (``root_res_codes`` / ``root_res_scales`` / ``root_res_scale_exp``)."""
         if not self._root_quantized(n):
             return {"root": root.float().contiguous()}
         q = quantize_symmetric(root, self.s.quant_map, self.s.quant_block_size, refine=self.s.root_bits == 8)
@@ -173,8 +174,8 @@ class PreconditionerForm(ABC):
         diag = state["root_diag"]
         n, device = diag.shape[-1], diag.device
         if n < 2:
-            return torch.diag_embed(diag.float()).to(dtype)
-        stored = [state["root_codes"], state["root_scales"], state["root_scale_exp"], diag]
+            return torch.diag_embed(diag.float() * state["root_diag_scale"].unsqueeze(-1)).to(dtype)
+        stored = [state[f"root_{key}"] for key in SYMMETRIC_KEYS]
         residual = [state[f"root_{key}"] for key in RESIDUAL_KEYS] if "root_res_codes" in state else []
         table, fractions, gather = symmetric_decode_tables(n, self.s.quant_map, device)
         block = self.s.quant_block_size
@@ -196,7 +197,7 @@ class PreconditionerForm(ABC):
     def _kind_of(self, key: str) -> str:
         if key.startswith("root"):
             return "roots" if key in ("root", "root_codes", "root_res_codes") else "scales_diagonals"
-        decoders = ("_scales", "_diag", "_upper_scale", "_scale_exp")
+        decoders = ("_scales", "_diag", "_upper_scale", "_scale_exp", "_diag_scale")
         if key.endswith(decoders) or key in ("eigenvalues", "ridge", "diag", "jitter"):
             return "scales_diagonals"
         return "statistics"

@@ -53,6 +53,8 @@ __all__ = [
     "quantize_log_blockwise",
     "dequantize_log_blockwise",
     "RESIDUAL_KEYS",
+    "SYMMETRIC_KEYS",
+    "normalised_diagonal",
     "roundtrip_log_blockwise",
     "decode_blockwise",
     "roundtrip_blockwise",
@@ -392,7 +394,7 @@ def quantize_symmetric(
 
     Only the strict lower triangle is quantized, packed two rows per line (see
     ``_symmetric_layout_cpu``) in blocks of ``block_size`` along the packed rows; the diagonal is kept
-    in bf16 (these are inverse roots: recomputed at every refresh, so no sum accumulates its rounding); block
+    in fp16 divided by its largest entry (``diag``, ``diag_scale``: :func:`normalised_diagonal`); block
     scales are one byte on the log grid (``scales``, ``scale_exp``: module docstring). Decoding
     mirrors the triangle, so the result is exactly symmetric. (The same idea as
     Distributed Shampoo's lossless symmetric packing, applied to 4-bit codes.) With ``refine``, a second 4-bit
@@ -400,24 +402,41 @@ def quantize_symmetric(
     is stored too, and decoding adds it: about 8-bit entries at twice the codes (``root_bits=8``).
     """
     n = x.shape[-1]
-    diag = x.float().diagonal(dim1=-2, dim2=-1).to(SCALE_DTYPE)  # bf16: an inverse root is recomputed, never summed
+    diag = normalised_diagonal(x)
     if n < 2:
         codes = x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8)
         exponent = torch.full(x.shape[:-2], log_scales.ZERO_INDEX, dtype=torch.int32, device=x.device)
-        out = {"codes": codes, "scales": codes.clone(), "scale_exp": exponent, "diag": diag}
+        out = {"codes": codes, "scales": codes.clone(), "scale_exp": exponent, **diag}
         if refine:
             out.update(res_codes=codes.clone(), res_scales=codes.clone(), res_scale_exp=exponent.clone())
         return out
     source, valid, _ = _symmetric_layout(n, x.device)
     flat = x.float().flatten(-2)
     packed = torch.where(valid, flat[..., source], torch.zeros((), device=x.device)).reshape(*x.shape[:-2], n // 2, n)
-    out = {**_log_store(*encode_log_blockwise(packed, code, block_size)), "diag": diag}
+    out = {**_log_store(*encode_log_blockwise(packed, code, block_size)), **diag}
     if refine:
         table = get_code(code, x.device)[0]
         residual = packed - _decode_log(out["codes"], out["scales"], out["scale_exp"], table, block_size, n)
         res = _log_store(*encode_log_blockwise(residual, code, block_size))
         out.update({f"res_{key}": value for key, value in res.items()})
     return out
+
+
+def normalised_diagonal(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The diagonal of symmetric matrices ``(..., n, n)`` as fp16 values in [-1, 1] (``diag``) times one fp32 scale
+    per matrix, its largest absolute entry (``diag_scale``): 2 bytes an entry, 11 significant bits. bf16 (8 bits)
+    cost 8-14% on the ill-conditioned least squares of docs/results.md §4.9, where an inverse root's off-diagonal
+    entries are small beside its diagonal and its diagonal's rounding is the larger error; fp16 alone would overflow
+    or lose precision at the scales roots take."""
+    diag = x.float().diagonal(dim1=-2, dim2=-1)
+    top = diag.abs().amax(-1) if diag.shape[-1] else diag.new_zeros(diag.shape[:-1])
+    scale = torch.where(top > 0, top, torch.ones_like(top))
+    return {"diag": (diag / scale.unsqueeze(-1)).to(torch.float16), "diag_scale": scale}
+
+
+def _diagonal(diag: torch.Tensor, diag_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 diagonal of :func:`normalised_diagonal`'s storage."""
+    return diag.float() * diag_scale.unsqueeze(-1)
 
 
 def _decode_log(
@@ -440,6 +459,7 @@ def decode_symmetric(
     scales: torch.Tensor,
     scale_exp: torch.Tensor,
     diag: torch.Tensor,
+    diag_scale: torch.Tensor,
     table: torch.Tensor,
     fractions: torch.Tensor,
     gather: torch.Tensor,
@@ -455,7 +475,7 @@ def decode_symmetric(
     packed = _decode_log(codes, scales, scale_exp, table, block_size, n, fractions)
     if res_codes is not None:
         packed = packed + _decode_log(res_codes, res_scales, res_scale_exp, table, block_size, n, fractions)
-    flat = torch.cat([packed.flatten(-2), diag.float()], dim=-1)
+    flat = torch.cat([packed.flatten(-2), _diagonal(diag, diag_scale)], dim=-1)
     return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
 
 
@@ -463,6 +483,9 @@ def symmetric_decode_tables(n: int, code: str, device: torch.device) -> tuple[to
     """``(code table, scale-grid fractions, gather index)`` that :func:`decode_symmetric` needs for order ``n``."""
     return get_code(code, device)[0], log_scales.fraction_table(device), _symmetric_layout(n, device)[2]
 
+
+#: the keys of :func:`quantize_symmetric`'s first code and diagonal, in :func:`decode_symmetric`'s argument order
+SYMMETRIC_KEYS = ("codes", "scales", "scale_exp", "diag", "diag_scale")
 
 #: the keys of :func:`quantize_symmetric`'s second code, in :func:`decode_symmetric`'s argument order
 RESIDUAL_KEYS = ("res_codes", "res_scales", "res_scale_exp")
@@ -473,12 +496,11 @@ def dequantize_symmetric(
 ) -> torch.Tensor:
     n = q["diag"].shape[-1]
     if n < 2:
-        return torch.diag_embed(q["diag"].float()).to(dtype)
+        return torch.diag_embed(_diagonal(q["diag"], q["diag_scale"])).to(dtype)
     table, fractions, gather = symmetric_decode_tables(n, code, q["diag"].device)
     residual = [q[key] for key in RESIDUAL_KEYS] if "res_codes" in q else []
-    return decode_symmetric(
-        q["codes"], q["scales"], q["scale_exp"], q["diag"], table, fractions, gather, block_size, dtype, *residual
-    )
+    stored = [q[key] for key in SYMMETRIC_KEYS]
+    return decode_symmetric(*stored, table, fractions, gather, block_size, dtype, *residual)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ __all__ = ["decode_symmetric"]
 if HAS_TRITON:
     from .triton_common import _scale_of  # defined only where Triton is installed
 
-    @triton.jit(do_not_specialize_on_alignment=["exp_ptr", "res_exp_ptr"])  # rows of stacked (K,) int32
+    @triton.jit(do_not_specialize_on_alignment=["exp_ptr", "res_exp_ptr", "diag_scale_ptr"])  # rows of stacked (K,)
     def _decode_symmetric(
         codes_ptr,
         scales_ptr,
@@ -23,6 +23,7 @@ if HAS_TRITON:
         res_scales_ptr,
         res_exp_ptr,
         diag_ptr,
+        diag_scale_ptr,
         table_ptr,
         grid_ptr,
         out_ptr,
@@ -59,6 +60,7 @@ if HAS_TRITON:
             scale = _scale_of(tl.load(res_scales_ptr + scale_at, mask=inside & off, other=0), res_exp, grid_ptr)
             value = value + tl.load(table_ptr + code) * scale
         d = tl.load(diag_ptr + k.to(tl.int64) * n + i, mask=inside & (i == j), other=0.0).to(tl.float32)
+        d = d * tl.load(diag_scale_ptr + k)  # fp16 diagonal over its largest entry (quant.normalised_diagonal)
         value = tl.where(off, value, d)
         dest = out_ptr + k.to(tl.int64) * n * n + i * n + j
         if OUT_BF16:
@@ -72,6 +74,7 @@ def decode_symmetric(
     scales: torch.Tensor,
     scale_exp: torch.Tensor,
     diag: torch.Tensor,
+    diag_scale: torch.Tensor,
     table: torch.Tensor,
     fractions: torch.Tensor,
     block_size: int,
@@ -97,6 +100,7 @@ def decode_symmetric(
         res_scales.contiguous() if refine else scales,
         res_scale_exp.contiguous() if refine else scale_exp,
         diag.contiguous(),
+        diag_scale.contiguous(),
         table,
         fractions,
         out,

@@ -25,7 +25,10 @@ def old_scale_format(tree, dtype, found, path=""):
     if isinstance(tree, dict):
         for key in [k for k in tree if isinstance(k, str) and k.endswith("_scale_exp")]:
             del tree[key]
-        for key in [k for k in tree if isinstance(k, str) and (k == "root_diag" or k.startswith("exp_avg_sq_max"))]:
+        for key in [k for k in tree if isinstance(k, str) and k.startswith("exp_avg_sq_max")]:
             assert tree[key].dtype == torch.bfloat16, key
             tree[key] = tree[key].float()  # fp32 in both older layouts
             found.append(f"{path}.{key}")
+        if "root_diag_scale" in tree:  # an fp32 diagonal in both older layouts
+            tree["root_diag"] = tree["root_diag"].float() * tree.pop("root_diag_scale").unsqueeze(-1)
+            found.append(f"{path}.root_diag")

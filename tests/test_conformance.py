@@ -314,12 +314,20 @@ def test_bf16_parameters_and_a_dtype_change_at_resume(options):
     losses = _train(model, opt, range(STEPS))
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
     # statistics and moments stay fp32 / 4-bit whatever the parameters' dtype; block scales take one byte (with an
-    # int32 exponent per matrix), except the eigen and naive forms' (bf16); the roots' diagonals and v's rank-1
-    # maxima are bf16
+    # int32 exponent per matrix), except the eigen and naive forms' (bf16); v's rank-1 maxima are bf16 and the
+    # roots' diagonals fp16 (over an fp32 scale)
     named = [(k, t.dtype) for s in opt.state.values() for k, t in _named_tensors(s)]
     bf16_keys = {k for k, d in named if d == torch.bfloat16 and not k.endswith("_scales")}
-    assert all(k == "root_diag" or k.startswith("exp_avg_sq_max") for k in bf16_keys), bf16_keys
-    assert {d for k, d in named} <= {torch.float32, torch.bfloat16, torch.uint8, torch.int64, torch.int32}
+    assert all(k.startswith("exp_avg_sq_max") for k in bf16_keys), bf16_keys
+    assert {k for k, d in named if d == torch.float16} <= {"root_diag"}
+    assert {d for k, d in named} <= {
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.uint8,
+        torch.int64,
+        torch.int32,
+    }
     bf16_scales = {k for k, d in named if k.endswith("_scales") and d == torch.bfloat16}
     assert bf16_scales <= {"eigvecs_t_scales", "stats_scales"}, bf16_scales
     # an fp32 run resumed with its parameters cast to bf16 (e.g. a model loaded in another dtype)

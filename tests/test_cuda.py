@@ -188,7 +188,7 @@ def test_triton_root_decoder_matches_torch():
         q = quant.quantize_symmetric(x + x.mT)
         assert bool((q["scales"] == 0).any())
         table, fractions, gather = quant.symmetric_decode_tables(n, "linear2", x.device)
-        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
+        stored = [q[key] for key in quant.SYMMETRIC_KEYS]
         for dtype in (torch.float32, torch.bfloat16):
             ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, dtype)
             got = triton_kernels.decode_symmetric(*stored, table, fractions, 64, dtype)

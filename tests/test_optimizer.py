@@ -1088,7 +1088,14 @@ def test_checkpoint_with_older_block_scales_loads_with_one_byte_scales(old_dtype
         assert state["exp_avg_scales"].dtype == torch.uint8 and state["exp_avg_scale_exp"].shape == ()
         region, old = state["regions"][0]["R"], before["regions"][0]["R"]
         assert region["root_scales"].dtype == torch.uint8 and region["factor_scales"].dtype == torch.uint8
-        for key in ("root_scales", "factor_scales", "factor_diag_block_upper_scale", "factor_scale_exp", "root_diag"):
+        for key in (
+            "root_scales",
+            "factor_scales",
+            "factor_diag_block_upper_scale",
+            "factor_scale_exp",
+            "root_diag",
+            "root_diag_scale",
+        ):
             assert torch.equal(region[key], old[key]), key  # grid values go back to the same bytes
         for key in ("exp_avg_sq_max0", "exp_avg_sq_max1"):
             assert state[key].dtype == torch.bfloat16 and torch.equal(state[key], before[key]), key

@@ -31,16 +31,16 @@ SCRIPT = textwrap.dedent("""
         q = quant.quantize_symmetric(x + x.mT)
         assert bool((q["scales"] == 0).any()) and bool((q["scales"] == 255).flatten(1).any(1).all())
         table, fractions, gather = quant.symmetric_decode_tables(n, "linear2", torch.device("cpu"))
-        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
+        stored = [q[key] for key in quant.SYMMETRIC_KEYS]
         ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, torch.float32)
         assert torch.equal(ref, tk.decode_symmetric(*stored, table, fractions, 64, torch.float32))
         # root_bits=8: the residual's second code added in the same launch, as the torch decoding adds it
         q = quant.quantize_symmetric(x + x.mT, refine=True)
-        stored = (q["codes"], q["scales"], q["scale_exp"], q["diag"])
+        stored = [q[key] for key in quant.SYMMETRIC_KEYS]
         residual = [q[key] for key in quant.RESIDUAL_KEYS]
         ref = quant.decode_symmetric(*stored, table, fractions, gather, 64, torch.float32, *residual)
         got = tk.decode_symmetric(*stored, table, fractions, 64, torch.float32, *residual)
-        first_code_only = quant.dequantize_symmetric({k: q[k] for k in ("codes", "scales", "scale_exp", "diag")})
+        first_code_only = quant.dequantize_symmetric({k: q[k] for k in quant.SYMMETRIC_KEYS})
         assert torch.equal(ref, got) and not torch.equal(ref, first_code_only)
 
     # gathering tensors by address: torch.stack(...).float(), fp32 and bf16 sources, a partial last block
