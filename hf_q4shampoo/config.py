@@ -180,9 +180,9 @@ class Q4ShampooConfig(OptionsBase):
             128 would save 4 MiB (0.03 byte/param) on GPT-2 small with bf16 scales but cost 3.7% on the
             teacher-student task and 3-6% on the hard-conditioning family (docs/results.md §4.5). Block scales take
             one byte each (a log2 grid relative to one exponent per matrix: ``log_scales``).
-        root_bits: 4 (bf16 diagonal + 4-bit off-diagonal, paper 2's DiagReal; decision D4), 8 (the same plus a
-            second 4-bit code of the first one's residual: about 8-bit roots, twice the root codes: GPT-2 small
-            2.06 -> 2.44 bytes/param; since its two codes are decoded in one launch, training time on the
+        root_bits: 4 (fp16 diagonal over an fp32 scale + 4-bit off-diagonal, paper 2's DiagReal; decision D4), 8
+            (the same plus a second 4-bit code of the first one's residual: about 8-bit roots, twice the root codes:
+            GPT-2 small 2.00 -> 2.38 bytes/param; since its two codes are decoded in one launch, training time on the
             time-to-target task as the default's, 46.5 s against 46.8 s, docs/perf_notes.md v25) or 32. With the early
             first root the 4-bit roots are what loses most on the hard-conditioning family, and 8 recovers nearly
             all of fp32 roots' gain there (docs/results.md §4.7); the default stays 4 for memory and speed.

@@ -5,7 +5,7 @@ every statistic and compute every root: more GPUs would add no optimizer through
 memory. Here each matrix parameter gets one *owner* rank (``owner_balance.assign_owners``, balanced by refresh cost and
 the same on every rank). Only the owner keeps the parameter's statistics and error feedback, updates them and
 computes its inverse roots; when roots are refreshed, the owners all-gather the new 4-bit root codes, block
-scales and bf16 diagonals (:meth:`DdpSplit.exchange_roots`), and every rank applies every root itself.
+scales and 2-byte diagonals (:meth:`DdpSplit.exchange_roots`), and every rank applies every root itself.
 
 Why roots and not directions (Distributed Shampoo all-gathers the preconditioned directions every step): a
 stored root is ~0.5 byte per factor entry and changes every ``root_freq`` steps, while a direction is 2-4 bytes
@@ -114,8 +114,8 @@ class DdpSplit:
 
         ``due``: ``(shape group, members)`` whose roots were due this step, for every owner, in the layout's
         order (the same list on every rank). The owners have already refreshed their rows; each piece travels
-        as raw bytes (4-bit codes, one-byte scales and their exponents, bf16 diagonals), so receivers hold exactly the
-        owner's values.
+        as raw bytes (4-bit codes, one-byte scales and their exponents, fp16 diagonals and their scales), so
+        receivers hold exactly the owner's values.
         """
         sections = self._sections(due)
         sizes = [self._payload_bytes(sections.get(r, {})) for r in range(self.world_size)]
