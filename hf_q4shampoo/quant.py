@@ -207,7 +207,8 @@ def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], nb, block_size)
 
 
-#: dtype of every stored block scale (module docstring)
+#: dtype of the bf16 block scales (:func:`quantize_blockwise`: the eigen and naive forms; the other scales take one
+#: byte, :mod:`hf_q4shampoo.log_scales`) and of v's rank-1 maxima
 SCALE_DTYPE = torch.bfloat16
 
 
