@@ -192,12 +192,25 @@ def patch_scale8(up: bool) -> None:
     quant.bf16_round = log_grid
 
 
+def patch_diag32() -> None:
+    """The roots' diagonal kept exactly (fp32 values over a scale of 1) instead of fp16 over its largest entry:
+    what 2-byte diagonals cost (docs/results.md §4.9)."""
+    original = quant.normalised_diagonal
+
+    def exact(diag: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = original(diag)
+        return {"diag": diag.float(), "diag_scale": torch.ones_like(out["diag_scale"])}
+
+    quant.normalised_diagonal = exact
+
+
 def apply(which: str) -> None:
     """Install the patch named ``which`` (``none``: nothing)."""
-    if which not in ("root3", "rootcorr", "refine3", "scale8", "scale8n", "none", *V_TABLES, *V4_NAMES):
+    if which not in ("root3", "rootcorr", "refine3", "scale8", "scale8n", "diag32", "none", *V_TABLES, *V4_NAMES):
         raise SystemExit(
             f"probe: root3 (3-bit roots), rootcorr (roots in correlation form), refine3 (the factor's residual code "
-            f"in 3 bits), scale8 / scale8n (8-bit log block scales, rounded up / to nearest), "
+            f"in 3 bits), scale8 / scale8n (8-bit log block scales, rounded up / to nearest), diag32 (exact root "
+            f"diagonals), "
             f"{', '.join(V_TABLES)} (3-bit v), {', '.join(V4_NAMES)} (4-bit v, log-spaced) or none "
             "(today's codes)"
         )
@@ -205,6 +218,8 @@ def apply(which: str) -> None:
         patch_refine3()
     if which in ("scale8", "scale8n"):
         patch_scale8(up=which == "scale8")
+    if which == "diag32":
+        patch_diag32()
     if which == "root3":
         patch()
     if which == "rootcorr":

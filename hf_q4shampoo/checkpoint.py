@@ -235,7 +235,9 @@ class CheckpointMixin:
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)
                 if is_share and self._statistics_elsewhere(p):
                     strip_statistics(expected)
-                saved = dict(saved_state[saved_id])
+                # a copy on the meta device: the caller's state dict stays as it is, and an older layout is
+                # upgraded in shape only (the real upgrade runs once, on the loaded state)
+                saved = restore_state(saved_state[saved_id], torch.device("meta"))
                 _add_missing_keys(saved, torch.device("meta"))
                 problem = state_mismatch(saved, expected, "")
                 if problem:
@@ -367,7 +369,7 @@ def _add_missing_keys(state: dict[str, Any], device: torch.device) -> None:
 
 def _normalise_root_diagonal(side: dict[str, Any]) -> None:
     """A root diagonal saved in fp32 (before 2026-12-02) as fp16 over its largest entry (``root_diag_scale``;
-    ``quant._normalised_diagonal``): within 2^-11 of each entry until the next refresh."""
+    ``quant.normalised_diagonal``): within 2^-11 of each entry until the next refresh."""
     diag = side.get("root_diag")
     if not isinstance(diag, torch.Tensor) or "root_diag_scale" in side:
         return
@@ -375,7 +377,7 @@ def _normalise_root_diagonal(side: dict[str, Any]) -> None:
         side["root_diag"] = torch.empty(diag.shape, dtype=torch.float16, device="meta")
         side["root_diag_scale"] = torch.empty(diag.shape[:-1], dtype=torch.float32, device="meta")
         return
-    stored = quant.normalised_diagonal(torch.diag_embed(diag.float()))
+    stored = quant.normalised_diagonal(diag)
     side["root_diag"], side["root_diag_scale"] = stored["diag"], stored["diag_scale"]
 
 

@@ -1,8 +1,9 @@
 """One byte per block scale: a point of a log2 grid, relative to an exponent per stored matrix.
 
-The Cholesky factor's and the inverse roots' block scales (``quant.quantize_lower_upper`` /
-``quant.quantize_symmetric``) are stored this way instead of in bf16 (docs/results.md §4.8 measured the grid's
-quality before it was built; docs/perf_notes.md v27 counts the bytes).
+The block scales of the Cholesky factor, the inverse roots and the 4-bit moments
+(``quant.quantize_lower_upper`` / ``quant.quantize_symmetric`` / ``quant.quantize_log_blockwise``) are stored this
+way instead of in bf16 (docs/results.md §4.8 measured the grid's quality before it was built, §4.9 after;
+docs/perf_notes.md v27 counts the bytes).
 
 * The grid: ``g(j) = 2^(j / 16)`` for integer ``j`` (16 points per octave, neighbours 4.4% apart). A block's
   absmax goes to the **nearest** point in log space (within 2.2% either way: a scale below the absmax clips
@@ -57,6 +58,11 @@ def _thresholds() -> torch.Tensor:
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+_BUILDERS = {
+    "fraction": _fractions,
+    "threshold": _thresholds,
+    "grid": lambda: torch.cat([_fractions(), _thresholds()]),
+}
 
 
 def _table(name: str, device: torch.device | str) -> torch.Tensor:
@@ -64,7 +70,7 @@ def _table(name: str, device: torch.device | str) -> torch.Tensor:
     key = (name, device)
     if key not in _TABLES:
         refuse_in_capture(device, f"the scale grid's {name} table copied from host memory")
-        _TABLES[key] = (_fractions() if name == "fraction" else _thresholds()).to(device)
+        _TABLES[key] = _BUILDERS[name]().to(device)
     return _TABLES[key]
 
 
@@ -80,12 +86,7 @@ def mantissa_thresholds(device: torch.device | str) -> torch.Tensor:
 
 def grid_table(device: torch.device | str) -> torch.Tensor:
     """The 32 fp32 values the Triton kernels read: :func:`fraction_table`, then :func:`mantissa_thresholds`."""
-    device = torch.device(device)
-    key = ("grid", device)
-    if key not in _TABLES:
-        refuse_in_capture(device, "the scale grid's table copied from host memory")
-        _TABLES[key] = torch.cat([_fractions(), _thresholds()]).to(device)
-    return _TABLES[key]
+    return _table("grid", device)
 
 
 def grid_index(x: torch.Tensor) -> torch.Tensor:

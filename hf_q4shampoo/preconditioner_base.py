@@ -23,6 +23,7 @@ from .quant import (
     dequantize_diagreal,
     quantize_diagreal,
     quantize_symmetric,
+    stored_diagonal,
     symmetric_decode_tables,
 )
 
@@ -174,7 +175,7 @@ class PreconditionerForm(ABC):
         diag = state["root_diag"]
         n, device = diag.shape[-1], diag.device
         if n < 2:
-            return torch.diag_embed(diag.float() * state["root_diag_scale"].unsqueeze(-1)).to(dtype)
+            return torch.diag_embed(stored_diagonal(diag, state["root_diag_scale"])).to(dtype)
         stored = [state[f"root_{key}"] for key in SYMMETRIC_KEYS]
         residual = [state[f"root_{key}"] for key in RESIDUAL_KEYS] if "root_res_codes" in state else []
         table, fractions, gather = symmetric_decode_tables(n, self.s.quant_map, device)

@@ -310,8 +310,8 @@ class Q4AdamW(GraphedUpdateMixin, torch.optim.Optimizer):
                 saved = state_dict["state"].get(saved_id)
                 if saved is None:
                     continue
-                saved = dict(saved)
-                upgrade_moment_scales(saved)  # bf16 block scales of older checkpoints
+                saved = restore_state(saved, torch.device("meta"))  # a copy: the caller's state dict stays as it is
+                upgrade_moment_scales(saved)  # older checkpoints' bf16 block scales, in shape only
                 local = _local(p)
                 expected: dict[str, Any] = {}
                 self._init_state(torch.empty(local.shape, dtype=local.dtype, device="meta"), expected)

@@ -11,17 +11,17 @@ Conventions (papers.md §3.1, §3.4, §4.2, §6.1):
   ``block_size`` contiguous entries (the last block of a row may be shorter), and every block is
   divided by its largest absolute value. Blocks never span two rows, so eigenvector rows and matrix
   rows are normalised on their own (paper 2 requires blocks inside one eigenvector).
-* Block scales of the Cholesky factor and of the inverse roots (:func:`quantize_lower_upper`,
-  :func:`quantize_symmetric`) take **one byte** each: a point of a log2 grid with 16 points per octave,
-  relative to an exponent per matrix (``scale_exp``), the block's absmax rounded to the nearest point before
-  the block is divided by it (:mod:`hf_q4shampoo.log_scales`; :func:`encode_log_blockwise`).
-* The other block scales (first moment, eigenvectors, the naive form's statistics) are stored in **bf16**.
-  Each is the block's absmax rounded to the nearest bf16 value (:func:`bf16_round`) *before* the block is
-  divided by it, so the stored scale is exactly the one the codes were made with. A normalised value may
-  then exceed 1 by up to 2^-8 (2.2% on the log grid), and takes the end code; so the block's largest entry
-  decodes within that of itself instead of exactly, with no bias (round to nearest: rounding up instead
-  would inflate a momentum's largest entry at every re-encoding). Every other entry's error is the code's
-  own (a code step is 1/7 at best).
+* Block scales of the Cholesky factor, the inverse roots and the 4-bit moments (:func:`quantize_lower_upper`,
+  :func:`quantize_symmetric`, :func:`quantize_log_blockwise`) take **one byte** each: a point of a log2 grid
+  with 16 points per octave, relative to an exponent per matrix (``scale_exp``), the block's absmax rounded to
+  the nearest point (within 2.2%) before the block is divided by it (:mod:`hf_q4shampoo.log_scales`).
+* The other block scales (the eigen form's eigenvectors, the naive form's statistics: :func:`quantize_blockwise`)
+  are stored in **bf16**, each the block's absmax rounded to the nearest bf16 value (:func:`bf16_round`).
+* Either way the stored scale is exactly the one the codes were made with. A normalised value may then exceed 1
+  by the rounding (2^-8 for bf16, 2.2% on the grid) and takes the end code; so the block's largest entry decodes
+  within that of itself instead of exactly, with no bias (round to nearest: rounding up instead would inflate a
+  momentum's largest entry at every re-encoding). Every other entry's error is the code's own (a code step is 1/7
+  at best).
 * Two 4-bit codes share a byte, the even element in the low nibble. Rows are packed separately and
   padded to an even length, so odd row lengths never share a byte between rows (the "odd-order
   hazard" of paper 2's CUDA kernels cannot happen here).
@@ -55,6 +55,7 @@ __all__ = [
     "RESIDUAL_KEYS",
     "SYMMETRIC_KEYS",
     "normalised_diagonal",
+    "stored_diagonal",
     "roundtrip_log_blockwise",
     "decode_blockwise",
     "roundtrip_blockwise",
@@ -214,8 +215,8 @@ SCALE_DTYPE = torch.bfloat16
 
 def bf16_round(x: torch.Tensor) -> torch.Tensor:
     """``x`` (fp32, finite, non-negative) rounded to the nearest bf16 value (ties to even), still as fp32.
-    Integer arithmetic on the bit pattern, so the Triton kernels (``triton_common._bf16_round``) give the same
-    bits as this and as ``x.to(torch.bfloat16)``."""
+    Integer arithmetic on the bit pattern: the same bits as ``x.to(torch.bfloat16)``, which the Triton AdamW's
+    rank-1 maxima go through."""
     bits = x.view(torch.int32)
     return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).view(torch.float32)
 
@@ -226,15 +227,18 @@ def encode_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 6
     Returns ``(indices, absmax)`` with shapes ``x.shape`` and ``(..., ceil(n / block_size))``; ``absmax`` is fp32
     holding bf16 values (module docstring). An all-zero block gets absmax 0 and decodes to exact zeros.
     """
-    n = x.shape[-1]
-    table, mids = get_code(code, x.device)
     blocks = _blocked(x.float(), block_size)
     absmax = bf16_round(blocks.abs().amax(dim=-1))
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = blocks / safe.unsqueeze(-1)
+    return _codes_against(blocks, absmax, code, x.shape), absmax
+
+
+def _codes_against(blocks: torch.Tensor, scale: torch.Tensor, code: str, shape: torch.Size) -> torch.Tensor:
+    """Nearest-code indices of ``blocks`` (``(..., nb, block_size)``) divided by their stored ``scale``, cut back
+    to ``shape`` (a zero scale leaves its all-zero block at the code of 0)."""
+    _, mids = get_code(code, blocks.device)
+    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
     idx = torch.bucketize(normed, mids, out_int32=True)
-    idx = idx.reshape(*x.shape[:-1], -1)[..., :n]
-    return idx, absmax
+    return idx.reshape(*shape[:-1], -1)[..., : shape[-1]]
 
 
 def decode_blockwise(
@@ -263,14 +267,9 @@ def encode_log_blockwise(
     """As :func:`encode_blockwise` with the block absmax on the log grid of :mod:`~hf_q4shampoo.log_scales`:
     returns ``(indices, grid index j)`` (int32 each); the codes are made with the grid scale ``g(j)`` itself
     (whether or not the stored byte later flushes the block to zero)."""
-    n = x.shape[-1]
-    table, mids = get_code(code, x.device)
     blocks = _blocked(x.float(), block_size)
     j = log_scales.grid_index(blocks.abs().amax(dim=-1))
-    scale = log_scales.grid_value(j)
-    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
-    idx = torch.bucketize(normed, mids, out_int32=True)
-    return idx.reshape(*x.shape[:-1], -1)[..., :n], j
+    return _codes_against(blocks, log_scales.grid_value(j), code, x.shape), j
 
 
 def roundtrip_log_blockwise(x: torch.Tensor, code: str = "linear2", block_size: int = 64) -> torch.Tensor:
@@ -403,7 +402,7 @@ def quantize_symmetric(
     is stored too, and decoding adds it: about 8-bit entries at twice the codes (``root_bits=8``).
     """
     n = x.shape[-1]
-    diag = normalised_diagonal(x)
+    diag = normalised_diagonal(x.diagonal(dim1=-2, dim2=-1))
     if n < 2:
         codes = x.new_zeros((*x.shape[:-2], 0, 0), dtype=torch.uint8)
         exponent = torch.full(x.shape[:-2], log_scales.ZERO_INDEX, dtype=torch.int32, device=x.device)
@@ -423,19 +422,19 @@ def quantize_symmetric(
     return out
 
 
-def normalised_diagonal(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The diagonal of symmetric matrices ``(..., n, n)`` as fp16 values in [-1, 1] (``diag``) times one fp32 scale
-    per matrix, its largest absolute entry (``diag_scale``): 2 bytes an entry, 11 significant bits. bf16 (8 bits)
-    cost 8-14% on the ill-conditioned least squares of docs/results.md §4.9, where an inverse root's off-diagonal
-    entries are small beside its diagonal and its diagonal's rounding is the larger error; fp16 alone would overflow
-    or lose precision at the scales roots take."""
-    diag = x.float().diagonal(dim1=-2, dim2=-1)
+def normalised_diagonal(diag: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A diagonal ``(..., n)`` as fp16 values in [-1, 1] (``diag``) times one fp32 scale per matrix, its largest
+    absolute entry (``diag_scale``): 2 bytes an entry, 11 significant bits. bf16 (8 bits) cost 8-14% on the
+    ill-conditioned least squares of docs/results.md §4.9, where an inverse root's off-diagonal entries are small
+    beside its diagonal and its diagonal's rounding is the larger error; fp16 alone would overflow or lose
+    precision at the scales roots take."""
+    diag = diag.float()
     top = diag.abs().amax(-1) if diag.shape[-1] else diag.new_zeros(diag.shape[:-1])
     scale = torch.where(top > 0, top, torch.ones_like(top))
     return {"diag": (diag / scale.unsqueeze(-1)).to(torch.float16), "diag_scale": scale}
 
 
-def _diagonal(diag: torch.Tensor, diag_scale: torch.Tensor) -> torch.Tensor:
+def stored_diagonal(diag: torch.Tensor, diag_scale: torch.Tensor) -> torch.Tensor:
     """fp32 diagonal of :func:`normalised_diagonal`'s storage."""
     return diag.float() * diag_scale.unsqueeze(-1)
 
@@ -476,7 +475,7 @@ def decode_symmetric(
     packed = _decode_log(codes, scales, scale_exp, table, block_size, n, fractions)
     if res_codes is not None:
         packed = packed + _decode_log(res_codes, res_scales, res_scale_exp, table, block_size, n, fractions)
-    flat = torch.cat([packed.flatten(-2), _diagonal(diag, diag_scale)], dim=-1)
+    flat = torch.cat([packed.flatten(-2), stored_diagonal(diag, diag_scale)], dim=-1)
     return flat[..., gather].unflatten(-1, (n, n)).to(dtype)
 
 
@@ -497,7 +496,7 @@ def dequantize_symmetric(
 ) -> torch.Tensor:
     n = q["diag"].shape[-1]
     if n < 2:
-        return torch.diag_embed(_diagonal(q["diag"], q["diag_scale"])).to(dtype)
+        return torch.diag_embed(stored_diagonal(q["diag"], q["diag_scale"])).to(dtype)
     table, fractions, gather = symmetric_decode_tables(n, code, q["diag"].device)
     residual = [q[key] for key in RESIDUAL_KEYS] if "res_codes" in q else []
     stored = [q[key] for key in SYMMETRIC_KEYS]

@@ -1,7 +1,7 @@
 """What the Triton kernel modules share: the optional ``triton`` import (``HAS_TRITON``), the nearest-code
-search of a 4-bit table (``_codes_of``), the rounding of a block scale to bf16 (``_bf16_round``, the 4-bit
-AdamW's m) and the one-byte log-grid scales (``_grid_index`` / ``_grid_value`` / ``_scale_of``: the Cholesky
-factor and the roots; ``log_scales`` is their torch oracle, bit for bit)."""
+search of a 4-bit table (``_codes_of``) and the one-byte log-grid block scales (``_grid_index`` / ``_grid_value``
+/ ``_scale_of`` / ``_scale_bytes``: the Cholesky factor, the roots and the 4-bit AdamW's m; ``log_scales`` is their
+torch oracle, bit for bit)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,6 @@ if HAS_TRITON:
         for i in tl.static_range(15):
             code += (x > tl.load(mids_ptr + i)).to(tl.int32)
         return code
-
-    @triton.jit
-    def _bf16_round(x):
-        """x (fp32, finite, non-negative) rounded to the nearest bf16 value, as fp32: ``quant.bf16_round``'s
-        integer arithmetic, bit for bit."""
-        bits = x.to(tl.int32, bitcast=True)
-        return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _grid_index(x, grid_ptr):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .log_scales import ZERO_INDEX, grid_table
+from .log_scales import grid_table
 from .triton_common import HAS_TRITON, tl, triton
 
 __all__ = ["UPPER_MODES", "dequantize_factor", "requantize_factor"]
@@ -283,7 +283,7 @@ def requantize_factor(
     scale_exp = torch.empty((k,), dtype=torch.int32, device=device)
     diag = torch.empty((k, n), dtype=torch.float32, device=device)
     grid_j = torch.empty((k, n, nblk), dtype=torch.int32, device=device)  # every block's grid index
-    dbus_j = torch.full((k, n), ZERO_INDEX, dtype=torch.int32, device=device)
+    dbus_j = torch.empty((k, n), dtype=torch.int32, device=device)  # written by each row's diagonal-block program
     grid_values = grid_table(device)
     # scratch: unpacked lower codes, and the upper triangle's matrix before its transpose is quantized
     lo_codes = torch.empty((k, n, n), dtype=torch.uint8, device=device)

@@ -1080,9 +1080,9 @@ def test_checkpoint_with_older_block_scales_loads_with_one_byte_scales(old_dtype
     assert any("factor_diag_block_upper_scale" in k for k in found)
     again = Q4Shampoo(model.parameters(), update_freq=1, root_freq=2)
     again.load_state_dict(saved)
-    form = again._form(
-        torch.device("cpu")
-    )  # the same statistics and roots as before the round trip, within the grid's half step
+    # the same statistics and roots as before the round trip, and the caller's state dict left as it was
+    form = again._form(torch.device("cpu"))
+    assert saved["state"][0]["exp_avg_scales"].dtype == old_dtype and "exp_avg_scale_exp" not in saved["state"][0]
     for p in (model[0].weight, model[1].weight):
         state, before = again.state[p], opt.state[p]
         assert state["exp_avg_scales"].dtype == torch.uint8 and state["exp_avg_scale_exp"].shape == ()
