@@ -16,7 +16,8 @@ tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=(clm vit resnet)
 wheels=${WHEELS:-.study_assets/wheels}
 if compgen -G "$wheels/*.whl" > /dev/null; then python -m pip install -q --no-deps --no-index "$wheels"/*.whl; fi
 export PYTHONPATH=${TREE:+$(realpath "$TREE"):}$PWD TOKENIZERS_PARALLELISM=false
-python -c "import hf_q4shampoo; print(hf_q4shampoo.__file__)" > "$out/package.txt"  # which code ran
+# which code ran (-P: as for a script, the working directory does not go ahead of PYTHONPATH)
+python -P -c "import hf_q4shampoo; print(hf_q4shampoo.__file__)" > "$out/package.txt"
 optims=$(echo ${OPTIMS:-adamw q4adamw q4adamw_factor adamw_4bit} | tr ' ' ,)
 for task in "${tasks[@]}"; do
   lr=$(for pair in ${LRS:-clm=1e-3 vit=1e-3 resnet=3e-3}; do [ "${pair%%=*}" = "$task" ] && echo "${pair#*=}"; done)
