@@ -14,8 +14,8 @@ with fp32 factors and roots, so only the momentum's storage differs) on the fami
     graft=norm    our default order (Shampoo of G at ||G||, then AdamW on it), for reference
     exactnorm=1   (dspre) the graft norm from an fp32 M of the raw gradient kept beside U: which of U's two uses, the
                   direction or the norm, the 4-bit error spoils
-    mq=1          the stored momentum (M, U, or norm's m) goes through the 4-bit signed code of the default
-                  (Linear-2, blocks of 256, one-byte scales) after every update; v stays fp32; ``code`` and
+    mq=1          the stored momentum (M, U, or norm's m) keeps the 4-bit signed code of the default (Linear-2,
+                  blocks of 256, one-byte scales); as in the optimizer, a step uses the new value; v stays fp32; ``code`` and
                   ``block`` change the code (``dynamic``) and the block size; ``ef=1`` (dspre) adds an fp32
                   error-feedback buffer to U's rounding (a diagnosis: is the loss the rounding's bias?); ``sr=1``
                   (dspre) rounds U stochastically instead (unbiased, no extra state; fp32 block scales)
@@ -84,6 +84,18 @@ class ProbeShampoo(Mini):
         self.stochastic = int(sr)
         self.gen = torch.Generator().manual_seed(0)
 
+    def _stored(self, u: torch.Tensor, s: dict) -> torch.Tensor:
+        """What the 4-bit state keeps of the new U (rounded to nearest or stochastically; with ``ef``, of U plus
+        the error the last rounding left, which an fp32 buffer keeps: a diagnosis, not a 4-bit state)."""
+        target = u + s["e"] if self.ef and "e" in s else u
+        if self.stochastic:
+            kept = _stochastic_4bit(target, self.code, self.block, self.gen)
+        else:
+            kept = _through_4bit(target, self.code, self.block)
+        if self.ef:
+            s["e"] = target - kept
+        return kept
+
     @torch.no_grad()
     def step(self):
         if not self.pre_momentum:
@@ -103,32 +115,21 @@ class ProbeShampoo(Mini):
                     raise ValueError("the probe's dspre order takes matrices only")
                 s = self.state[p]
                 if not s:
-                    s.update(t=0, u=torch.zeros_like(g), v=torch.zeros_like(g), m=torch.zeros_like(g))
-                    s["f"] = [torch.zeros(n, n) for n in g.shape]
-                    s["r"] = [torch.eye(n) for n in g.shape]
+                    self._init_state(s, g, pre=True, matrix=True)
+                    s["u"] = torch.zeros_like(g)
                 s["t"] += 1
                 t = s["t"]
-                for f, gm in zip(s["f"], (g @ g.T, g.T @ g)):
-                    f.mul_(o["sbeta"]).add_(gm, alpha=1 - o["sbeta"])
-                if t % o["root_freq"] == 0:
-                    old = s["r"]
-                    s["r"] = [self._root(f, t, 0.25) for f in s["f"]]
-                    # U was P_old(M): carry it to P_new(M) = P_new P_old^-1 U
+                old = self._statistics(s, g)
+                if old is not None:  # U was P_old(M): carry it to P_new(M) = P_new P_old^-1 U
                     m = torch.linalg.solve(old[0], torch.linalg.solve(old[1], s["u"].T).T)
                     s["u"] = s["r"][0] @ m @ s["r"][1]
                 s["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 vhat_sqrt = (s["v"] / (1 - b2**t)).sqrt().add_(o["adam_eps"])
-                s["u"].mul_(b1).add_(s["r"][0] @ g @ s["r"][1], alpha=1 - b1)
-                if self.mq:
-                    target = s["u"] + s.get("e", 0.0) if self.ef else s["u"]
-                    if self.stochastic:
-                        s["u"] = _stochastic_4bit(target, self.code, self.block, self.gen)
-                    else:
-                        s["u"] = _through_4bit(target, self.code, self.block)
-                    if self.ef:  # fp32 error feedback: a diagnosis of the rounding's bias, not a 4-bit state
-                        s["e"] = target - s["u"]
+                u = s["u"] * b1 + (1 - b1) * (s["r"][0] @ g @ s["r"][1])
+                # as in the optimizer (and the ds / norm modes here): the step uses the new U, the state keeps its code
+                s["u"] = self._stored(u, s) if self.mq else u
                 s["m"].mul_(b1).add_(g, alpha=1 - b1)
-                u_hat = s["u"] / (1 - b1**t)
+                u_hat = u / (1 - b1**t)
                 if self.exact_norm:
                     m_hat = s["m"] / (1 - b1**t)
                 else:

@@ -85,6 +85,31 @@ class Mini(torch.optim.Optimizer):
             w = w - min(float(w.min()), 0.0) + o["eps"]
         return ((q_ * w.pow(-exponent)) @ q_.T).float()
 
+    def _init_state(self, s: dict, g2: torch.Tensor, pre: bool, matrix: bool) -> None:
+        """A tensor's first state: step count, Adam moments, and (``pre``) factors and identity roots."""
+        o = self.o
+        s["t"] = 0
+        s["m"] = torch.zeros_like(g2)
+        s["v"] = torch.zeros_like(g2)
+        if pre:
+            s["f"] = [torch.eye(n) * (o["eps"] if o["init"] else 0.0) for n in g2.shape]
+            s["r"] = [torch.eye(n) for n in g2.shape]
+        s["k"] = next(self.offsets, 0) if matrix else 0
+
+    def _statistics(self, s: dict, g2: torch.Tensor) -> list[torch.Tensor] | None:
+        """The factors' EMA with this step's gradient, and the roots anew when due (step ``s["t"]``). Returns the
+        roots they replace on a refresh, else None."""
+        o = self.o
+        grams = [g2 @ g2.T, g2.T @ g2] if g2.dim() == 2 else [torch.outer(g2, g2)]
+        for f, gm in zip(s["f"], grams):
+            f.mul_(o["sbeta"]).add_(gm, alpha=1 - o["sbeta"])
+        t = s["t"]
+        if t <= s["k"] or (t - s["k"]) % o["root_freq"]:
+            return None
+        old = s["r"]
+        s["r"] = [self._root(f, t, 1 / (2 * g2.dim())) for f in s["f"]]
+        return old
+
     @torch.no_grad()
     def step(self):
         o = self.o
@@ -101,26 +126,11 @@ class Mini(torch.optim.Optimizer):
                 matrix = g2.dim() == 2 and g2.numel() >= 64
                 pre = matrix or (g2.dim() == 1 and o["vec"])
                 if not s:
-                    s["t"] = 0
-                    s["m"] = torch.zeros_like(g2)
-                    s["v"] = torch.zeros_like(g2)
-                    if pre:
-                        dims = g2.shape
-                        s["f"] = [torch.eye(n) * (o["eps"] if o["init"] else 0.0) for n in dims]
-                        s["r"] = [torch.eye(n) for n in dims]
-                    s["k"] = next(self.offsets, 0) if matrix else 0
+                    self._init_state(s, g2, pre, matrix)
                 s["t"] += 1
                 t = s["t"]
                 if pre:
-                    if g2.dim() == 2:
-                        grams = [g2 @ g2.T, g2.T @ g2]
-                    else:
-                        grams = [torch.outer(g2, g2)]
-                    for f, gm in zip(s["f"], grams):
-                        f.mul_(o["sbeta"]).add_(gm, alpha=1 - o["sbeta"])
-                    if t > s["k"] and (t - s["k"]) % o["root_freq"] == 0:
-                        exponent = 1 / (2 * g2.dim())
-                        s["r"] = [self._root(f, t, exponent) for f in s["f"]]
+                    self._statistics(s, g2)
                 ready = pre and t >= o["root_freq"] + s["k"]
                 s["v"].mul_(b2).addcmul_(g2, g2, value=1 - b2)
                 vhat_sqrt = (s["v"] / (1 - b2**t)).sqrt().add_(o["adam_eps"])
