@@ -15,8 +15,8 @@ with fp32 factors and roots, so only the momentum's storage differs) on the fami
     exactnorm=1   (dspre) the graft norm from an fp32 M of the raw gradient kept beside U: which of U's two uses, the
                   direction or the norm, the 4-bit error spoils
     mq=1          the stored momentum (M, U, or norm's m) keeps the 4-bit signed code of the default (Linear-2,
-                  blocks of 256, one-byte scales); as in the optimizer, a step uses the new value; v stays fp32; ``code`` and
-                  ``block`` change the code (``dynamic``) and the block size; ``ef=1`` (dspre) adds an fp32
+                  blocks of 256, one-byte scales); as in the optimizer, a step uses the new value; v stays fp32;
+                  ``code`` and ``block`` change the code (``dynamic``) and the block size; ``ef=1`` (dspre) adds an fp32
                   error-feedback buffer to U's rounding (a diagnosis: is the loss the rounding's bias?); ``sr=1``
                   (dspre) rounds U stochastically instead (unbiased, no extra state; fp32 block scales)
 
